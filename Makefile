@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine with nothing but Python:
+# the first run creates .venv and installs the package (editable) into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# 8 host devices so that sharding is exercised on a CPU-only machine.
+CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+STAMP := $(VENV)/.meshattn-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(CPU_DEVICES) $(PY) scripts/demo.py $(ARGS)
+
+test: $(STAMP)
+	$(CPU_DEVICES) $(PY) -m pytest -n 2 -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
