@@ -1,0 +1,17 @@
+"""The Attention layer, its settings, masks, RoPE and the Linen bridge."""
+
+from meshattn.layers.attention import KNOWN_KERNELS, Attention
+from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.linen_bridge import attention_as_linen
+from meshattn.layers.masks import (
+    ATTENTION_TYPES, MaskSpec, combine_masks, make_attention_mask, make_causal_mask)
+from meshattn.layers.rope import ROPE_TYPES, RopeSpec, apply_rope
+from meshattn.layers.settings import (
+    DEFAULT_LOGICAL_AXIS_RULES, MODEL_MODES, ActivationAxes, AttentionSettings, ModeAxes)
+
+__all__ = [
+    "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings",
+    "DEFAULT_LOGICAL_AXIS_RULES", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
+    "ModeAxes", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen", "combine_masks",
+    "dot_product_attention", "make_attention_mask", "make_causal_mask",
+]

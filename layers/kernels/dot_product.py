@@ -1,0 +1,151 @@
+"""The reference kernel: plain dot-product attention with every feature.
+
+Every other kernel is tested against this one, and this one against a float64
+NumPy implementation (tests/helpers/numpy_reference.py). It materialises the
+[B, K, G, T, S] logits, so it is for correctness and short sequences.
+
+GQA / MQA never repeat K/V: queries are viewed as [B, T, K, G, H] (query head
+n = k * G + g) and contracted against the K key heads directly.
+
+Order of operations on the logits (the same in every kernel):
+  logits = (q . k) * scale  (+ bias)  -> soft cap c*tanh(logits/c)  -> mask
+  -> softmax over [keys..., sink]  -> drop the sink column  -> dropout.
+A row with no visible key produces zeros (never NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Static options of one attention call (hashable, so jit-friendly)."""
+
+  mask: MaskSpec = MaskSpec()
+  scale: float = 1.0
+  soft_cap: float | None = None
+  float32_qk_product: bool = False
+  float32_logits: bool = False
+  dropout_rate: float = 0.0
+  broadcast_dropout: bool = True
+  precision: jax.lax.Precision | None = None
+
+  def __post_init__(self):
+    if self.soft_cap is not None and self.soft_cap <= 0:
+      raise ValueError(f"attn_logits_soft_cap={self.soft_cap}: must be > 0 (or None/0 to disable)")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+
+
+def to_group_layout(x: jax.Array | None, batch: int, kv_heads: int, q_len: int, kv_len: int,
+                    name: str) -> jax.Array | None:
+  """A user mask/bias broadcastable to [B, N, T, S] -> [B, K, G or 1, T, S]."""
+  if x is None:
+    return None
+  if x.ndim > 4:
+    raise ValueError(f"{name} must be broadcastable to [batch, heads, q_len, kv_len], got shape {x.shape}")
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)  # [b, n, t, s] with broadcastable 1s
+  heads = x.shape[1]
+  x = jnp.broadcast_to(x, (batch, heads, q_len, kv_len))
+  if heads == 1:
+    return x[:, None]  # [B, 1, 1, T, S]
+  if heads % kv_heads:
+    raise ValueError(f"{name} has {heads} heads; expected 1 or num_query_heads")
+  return x.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)  # [B, K, G, T, S]
+
+
+def visible_mask(options: KernelOptions, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                 user_mask) -> jax.Array:
+  """Which (query, key) pairs may attend: [B, 1 or K, 1 or G, T, S] boolean."""
+  allowed = structural_mask(options.mask, q_positions, kv_positions)  # [B, T, S]
+  if q_segment_ids is not None:
+    allowed = allowed & segment_mask(q_segment_ids, kv_segment_ids)  # [B, T, S]
+  allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
+  if user_mask is not None:
+    allowed = allowed & user_mask.astype(bool)
+  return allowed
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    options: KernelOptions,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """Attention of query [B, T, N, H] over key/value [B, S, K, H].
+
+  q_positions [B, T] / kv_positions [B, S] drive the structural mask (a key
+  position < 0 is an empty slot); segment ids [B, T] / [B, S] restrict
+  attention to the same packed segment; `mask` (True = attend) and `bias`
+  broadcast to [B, N, T, S]; `sinks` [N] are per-head sink logits.
+
+  Returns (context [B, T, N, H], weights [B, N, T, S] or None).
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  group = num_heads // kv_heads
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+
+  q = query.reshape(batch, q_len, kv_heads, group, head_dim)  # [B, T, K, G, H]
+  logits = jnp.einsum(
+      "BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
+      preferred_element_type=jnp.float32 if options.float32_qk_product else None)  # [B, K, G, T, S]
+  if options.float32_logits:
+    logits = logits.astype(jnp.float32)
+  logits = logits * jnp.asarray(options.scale, logits.dtype)
+  bias5 = to_group_layout(bias, batch, kv_heads, q_len, kv_len, "bias")
+  if bias5 is not None:
+    logits = logits + bias5.astype(logits.dtype)
+  if options.soft_cap:
+    cap = jnp.asarray(options.soft_cap, logits.dtype)
+    logits = cap * jnp.tanh(logits / cap)
+
+  mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
+  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5)
+  # A large finite negative (not -inf) keeps fully masked rows NaN-free; their
+  # probabilities are zeroed below.
+  logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min / 2)  # [B, K, G, T, S]
+
+  if sinks is not None:
+    sink = sinks.astype(logits.dtype).reshape(1, kv_heads, group, 1, 1)  # [1, K, G, 1, 1]
+    sink = jnp.broadcast_to(sink, logits.shape[:-1] + (1,))  # [B, K, G, T, 1]
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :kv_len]
+  else:
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, T, S]
+  probs = jnp.where(allowed, probs, 0.0)
+
+  if options.dropout_rate > 0.0 and not deterministic:
+    if dropout_rng is None:
+      raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout rng")
+    keep_prob = 1.0 - options.dropout_rate
+    # broadcast_dropout: one mask for every batch element and head, like Flax.
+    shape = (1, 1, 1, q_len, kv_len) if options.broadcast_dropout else probs.shape
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    probs = probs * (keep.astype(probs.dtype) / jnp.asarray(keep_prob, probs.dtype))
+
+  context = jnp.einsum(
+      "BKGTS,BSKH->BTKGH", probs.astype(value.dtype), value,
+      precision=options.precision)  # [B, T, K, G, H]
+  context = context.reshape(batch, q_len, num_heads, value.shape[-1])  # [B, T, N, H]
+  weights = probs.reshape(batch, num_heads, q_len, kv_len) if return_weights else None
+  return context, weights

@@ -1,0 +1,128 @@
+"""Attention masks.
+
+Two kinds live here:
+
+* `MaskSpec`: the structural mask of an attention pattern (causal, full,
+  sliding window, chunked), typed so that a window cannot exist without its
+  size. Kernels build the boolean mask from token *positions*, so the same
+  spec serves training (positions = token index) and decoding against a cache
+  (positions = where each cached token sits in its sequence).
+* Flax-compatible helpers (`make_attention_mask`, `make_causal_mask`,
+  `combine_masks`) for user masks of shape [batch..., heads, q_len, kv_len].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+AttentionType = Literal["global", "local_sliding", "chunk", "full"]
+ATTENTION_TYPES: tuple[str, ...] = ("global", "local_sliding", "chunk", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """The structural mask of one attention layer.
+
+  attention_type:
+    global: causal, key position <= query position.
+    local_sliding: causal and query_pos - key_pos < window: the query at t
+      sees keys t-window+1 .. t, exactly `window` keys (itself included).
+    chunk: causal and both in the same `chunk`-token chunk
+      (key_pos // chunk == query_pos // chunk), as in Llama 4.
+    full: bidirectional, every key.
+  """
+
+  attention_type: AttentionType = "global"
+  window: int | None = None
+  chunk: int | None = None
+
+  def __post_init__(self):
+    if self.attention_type not in ATTENTION_TYPES:
+      raise ValueError(
+          f"attention_type={self.attention_type!r}: allowed {ATTENTION_TYPES}")
+    if self.attention_type == "local_sliding":
+      if self.window is None or self.window <= 0:
+        raise ValueError(
+            "attention_type='local_sliding' needs sliding_window_size > 0, "
+            f"got {self.window}")
+    if self.attention_type == "chunk":
+      if self.chunk is None or self.chunk <= 0:
+        raise ValueError(
+            "attention_type='chunk' needs chunk_attn_window_size > 0, "
+            f"got {self.chunk}")
+
+  @property
+  def is_causal(self) -> bool:
+    return self.attention_type != "full"
+
+
+def structural_mask(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
+  """Boolean mask [B, T, S] from query positions [B, T] and key positions [B, S].
+
+  A key position < 0 marks an empty slot (an unwritten cache entry) and is
+  never attended.
+  """
+  q = q_pos[:, :, None]  # [B, T, 1]
+  k = kv_pos[:, None, :]  # [B, 1, S]
+  mask = k >= 0  # [B, 1, S]
+  if spec.is_causal:
+    mask = mask & (k <= q)
+  if spec.attention_type == "local_sliding":
+    mask = mask & (q - k < spec.window)
+  elif spec.attention_type == "chunk":
+    mask = mask & (q // spec.chunk == k // spec.chunk)
+  return jnp.broadcast_to(mask, (q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]))
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """Packing mask [B, T, S]: same segment, and segment 0 (padding) sees nothing."""
+  q = q_segment_ids[:, :, None]  # [B, T, 1]
+  k = kv_segment_ids[:, None, :]  # [B, 1, S]
+  return (q == k) & (q != 0)
+
+
+# ---- Flax-compatible helpers ---------------------------------------------------
+
+
+def make_attention_mask(
+    query_input: jax.Array,
+    key_input: jax.Array,
+    pairwise_fn: Callable[[jax.Array, jax.Array], jax.Array] = jnp.multiply,
+    extra_batch_dims: int = 0,
+    dtype=jnp.float32,
+) -> jax.Array:
+  """Mask [batch..., 1, len_q, len_kv] from per-token inputs [batch..., len].
+
+  `pairwise_fn(q[..., :, None], k[..., None, :])` decides each pair; the
+  default multiplies, so non-zero (e.g. non-padding) tokens pair up.
+  """
+  mask = pairwise_fn(
+      jnp.expand_dims(query_input, axis=-1), jnp.expand_dims(key_input, axis=-2))
+  mask = jnp.expand_dims(mask, axis=-3)  # the heads axis
+  mask = jnp.expand_dims(mask, axis=tuple(range(extra_batch_dims)))
+  return mask.astype(dtype)
+
+
+def make_causal_mask(x: jax.Array, extra_batch_dims: int = 0, dtype=jnp.float32) -> jax.Array:
+  """Causal mask [batch..., 1, len, len] for inputs [batch..., len]."""
+  idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return make_attention_mask(
+      idxs, idxs, jnp.greater_equal, extra_batch_dims=extra_batch_dims, dtype=dtype)
+
+
+def combine_masks(*masks: jax.Array | None, dtype=jnp.float32) -> jax.Array | None:
+  """Logical AND of the given masks (None entries ignored); None if none given."""
+  present = [m for m in masks if m is not None]
+  if not present:
+    return None
+  ndims = {m.ndim for m in present}
+  if len(ndims) != 1:
+    raise ValueError(f"combine_masks: masks must have the same rank, got ranks {sorted(ndims)}")
+  mask = present[0]
+  for other in present[1:]:
+    mask = jnp.logical_and(mask, other)
+  return mask.astype(dtype)

@@ -1,0 +1,90 @@
+"""Projections and norms whose parameters carry logical axis names.
+
+Each parameter is an `nnx.Param` with `logical_axes` metadata (one logical
+name per dimension); `meshattn.sharding.get_param_shardings` turns those into
+shardings through the logical axis rules, so the layer itself never names a
+mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+default_kernel_init: Initializer = nnx.initializers.lecun_normal()
+default_bias_init: Initializer = nnx.initializers.zeros_init()
+
+
+def _init_flat(init: Initializer, key, in_shape, out_shape, dtype) -> jax.Array:
+  """Initialise a [*in, *out] kernel as a 2-D [prod(in), prod(out)] matrix so
+  fan-in based initialisers see the true fan-in (as Flax's DenseGeneral does)."""
+  flat = init(key, (math.prod(in_shape), math.prod(out_shape)), dtype)
+  return flat.reshape(tuple(in_shape) + tuple(out_shape))
+
+
+class DenseGeneral(nnx.Module):
+  """y[..., *out] = sum over the last len(in_shape) axes of x[..., *in] * kernel[*in, *out]."""
+
+  def __init__(
+      self,
+      in_shape: Sequence[int],
+      out_shape: Sequence[int],
+      *,
+      kernel_axes: Sequence[str | None],
+      rngs: nnx.Rngs,
+      use_bias: bool = False,
+      bias_axes: Sequence[str | None] | None = None,
+      kernel_init: Initializer = default_kernel_init,
+      bias_init: Initializer = default_bias_init,
+      dtype: jnp.dtype | None = None,
+      weight_dtype: jnp.dtype = jnp.float32,
+      precision: jax.lax.Precision | None = None,
+  ):
+    self.in_shape = tuple(in_shape)
+    self.out_shape = tuple(out_shape)
+    if len(kernel_axes) != len(self.in_shape) + len(self.out_shape):
+      raise ValueError(f"kernel_axes {kernel_axes} must name every kernel dimension")
+    self.dtype = dtype
+    self.precision = precision
+    kernel = _init_flat(kernel_init, rngs.params(), self.in_shape, self.out_shape, weight_dtype)
+    self.kernel = nnx.Param(kernel, logical_axes=tuple(kernel_axes))
+    if use_bias:
+      bias = bias_init(rngs.params(), self.out_shape, weight_dtype)
+      axes = tuple(bias_axes) if bias_axes is not None else (None,) * len(self.out_shape)
+      self.bias = nnx.Param(bias, logical_axes=axes)
+    else:
+      self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    if x.shape[-n_in:] != self.in_shape:
+      raise ValueError(f"input feature shape {x.shape[-n_in:]} != expected {self.in_shape}")
+    dtype = self.dtype or jnp.result_type(x, self.kernel[...])
+    kernel = self.kernel[...].astype(dtype)
+    x = x.astype(dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis with a learned scale (QK norm)."""
+
+  def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
+               dtype: jnp.dtype | None = None, weight_dtype: jnp.dtype = jnp.float32):
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), weight_dtype), logical_axes=tuple(scale_axes))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+    out = normed * self.scale[...].astype(jnp.float32)
+    return out.astype(self.dtype or x.dtype)

@@ -1,0 +1,130 @@
+"""Rotary position embeddings: default, Llama 3.1 scaling, YaRN, partial rotary.
+
+Convention: "rotate half". The rotated part of a head (its leading
+`rotary_dim` features) is split into halves x1, x2 and becomes
+(x1*cos - x2*sin, x2*cos + x1*sin); the remaining features pass through
+(partial rotary). Frequencies are computed in float32 from the positions the
+caller gives, so packed sequences whose positions restart at 0 rotate exactly
+like separate sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RopeType = Literal["default", "llama3.1", "yarn", "none"]
+ROPE_TYPES: tuple[str, ...] = ("default", "llama3.1", "yarn", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+  """Everything RoPE needs; `rope_type='none'` turns it off."""
+
+  rope_type: RopeType = "default"
+  min_timescale: float = 1.0
+  max_timescale: float = 10_000.0  # theta
+  partial_rotary_factor: float = 1.0
+  factor: float = 8.0  # llama3.1 / yarn context extension
+  low_freq_factor: float = 1.0  # llama3.1
+  high_freq_factor: float = 4.0  # llama3.1
+  original_max_position_embeddings: int = 8192  # llama3.1 / yarn
+  beta_fast: float = 32.0  # yarn
+  beta_slow: float = 1.0  # yarn
+  attention_factor: float = 0.0  # yarn cos/sin scale; 0 -> 0.1*ln(factor)+1
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r}: allowed {ROPE_TYPES}")
+    if not 0.0 < self.partial_rotary_factor <= 1.0:
+      raise ValueError(
+          f"partial_rotary_factor={self.partial_rotary_factor}: allowed (0, 1]")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rope_type != "none"
+
+  def rotary_dim(self, head_dim: int) -> int:
+    dim = int(head_dim * self.partial_rotary_factor)
+    if dim <= 0 or dim % 2:
+      raise ValueError(
+          f"RoPE rotates int(head_dim * partial_rotary_factor) = {dim} features "
+          f"(head_dim={head_dim}, partial_rotary_factor={self.partial_rotary_factor}); "
+          "it must be even and > 0")
+    return dim
+
+
+def _timescales(spec: RopeSpec, rotary_dim: int) -> np.ndarray:
+  """Per-frequency timescales [rotary_dim // 2], geometric from min to max."""
+  fraction = 2.0 * np.arange(rotary_dim // 2, dtype=np.float64) / rotary_dim
+  return spec.min_timescale * (spec.max_timescale / spec.min_timescale) ** fraction
+
+
+def _llama31_inv_freq(spec: RopeSpec, inv_freq: np.ndarray) -> np.ndarray:
+  """Llama 3.1: keep short wavelengths, divide long ones by `factor`, blend between."""
+  old_len = spec.original_max_position_embeddings
+  wavelen = 2.0 * math.pi / inv_freq
+  low_freq_wavelen = old_len / spec.low_freq_factor
+  high_freq_wavelen = old_len / spec.high_freq_factor
+  smooth = (old_len / wavelen - spec.low_freq_factor) / (
+      spec.high_freq_factor - spec.low_freq_factor)
+  blended = (1.0 - smooth) * inv_freq / spec.factor + smooth * inv_freq
+  return np.where(
+      wavelen < high_freq_wavelen, inv_freq,
+      np.where(wavelen > low_freq_wavelen, inv_freq / spec.factor, blended))
+
+
+def _yarn_inv_freq(spec: RopeSpec, timescale: np.ndarray, rotary_dim: int) -> np.ndarray:
+  """YaRN: dimensions that rotate often over the original context are kept
+  (extrapolated), slow ones are interpolated by `factor`, a linear ramp in
+  dimension index between `beta_fast` and `beta_slow` rotations."""
+  base = spec.max_timescale / spec.min_timescale
+  old_len = spec.original_max_position_embeddings
+
+  def correction_dim(num_rotations: float) -> float:
+    return rotary_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low = max(math.floor(correction_dim(spec.beta_fast)), 0)
+  high = min(math.ceil(correction_dim(spec.beta_slow)), rotary_dim - 1)
+  if low == high:
+    high += 0.001  # avoid a zero-width ramp
+  ramp = np.clip((np.arange(rotary_dim // 2) - low) / (high - low), 0.0, 1.0)
+  extrapolate = 1.0 - ramp  # 1 for fast dimensions, 0 for slow ones
+  inv_freq = 1.0 / timescale
+  return inv_freq / spec.factor * (1.0 - extrapolate) + inv_freq * extrapolate
+
+
+def inverse_frequencies(spec: RopeSpec, head_dim: int) -> tuple[np.ndarray, float]:
+  """(inv_freq [rotary_dim // 2] float64, cos/sin scale) for the spec."""
+  rotary_dim = spec.rotary_dim(head_dim)
+  timescale = _timescales(spec, rotary_dim)
+  inv_freq = 1.0 / timescale
+  scale = 1.0
+  if spec.rope_type == "llama3.1":
+    inv_freq = _llama31_inv_freq(spec, inv_freq)
+  elif spec.rope_type == "yarn":
+    inv_freq = _yarn_inv_freq(spec, timescale, rotary_dim)
+    scale = spec.attention_factor or (0.1 * math.log(spec.factor) + 1.0)
+  return inv_freq, scale
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec) -> jax.Array:
+  """Rotate x [B, T, heads, H] by positions [B, T]; identity when RoPE is off."""
+  if not spec.enabled:
+    return x
+  head_dim = x.shape[-1]
+  rotary_dim = spec.rotary_dim(head_dim)
+  inv_freq, scale = inverse_frequencies(spec, head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, R/2]
+  cos = (jnp.cos(angles) * scale)[:, :, None, :]  # [B, T, 1, R/2]
+  sin = (jnp.sin(angles) * scale)[:, :, None, :]  # [B, T, 1, R/2]
+  xf = x.astype(jnp.float32)
+  half = rotary_dim // 2
+  x1, x2, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]  # [B, T, heads, R/2]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)  # [B, T, heads, H]
+  return rotated.astype(x.dtype)

@@ -1,0 +1,222 @@
+"""Typed, frozen settings of the Attention layer.
+
+`AttentionSettings` is the keyword constructor underneath
+`Attention(config, ...)`: people embedding the layer in their own model build
+it from keyword arguments; YAML users get it from `AttentionSettings.from_config`.
+The config is read here, once; the layer reads only these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from meshattn.layers.masks import MaskSpec
+from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
+from meshattn.layers.rope import RopeSpec
+
+MODEL_MODES: tuple[str, ...] = ("train", "prefill", "autoregressive")
+
+DTYPES: Mapping[str, jnp.dtype] = {
+    "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PRECISIONS: Mapping[str, jax.lax.Precision | None] = {
+    "default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
+
+# Logical axis rules used when the layer is built without a config; the same
+# table as configs/base.yml.
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "context"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("prefill_activation_length", "context"),
+    ("decode_batch", ("data", "fsdp", "autoregressive")),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("cache_batch", ("data", "fsdp", "autoregressive")),
+    ("cache_heads", "tensor"),
+    ("cache_sequence", "context"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationAxes:
+  """Logical names of the activations of one mode."""
+
+  inputs: tuple[str | None, ...]  # inputs and layer output [B, T, D]
+  query: tuple[str | None, ...]  # [B, T, N, H]
+  key: tuple[str | None, ...]  # [B, S, K, H]
+  value: tuple[str | None, ...]  # [B, S, K, H]
+  out: tuple[str | None, ...]  # attention context [B, T, N, H]
+
+  def __post_init__(self):
+    if len(self.inputs) != 3:
+      raise ValueError(f"input axis names need 3 entries [batch, length, embed], got {self.inputs}")
+    for field in ("query", "key", "value", "out"):
+      if len(getattr(self, field)) != 4:
+        raise ValueError(f"{field} axis names need 4 entries [batch, length, heads, head_dim], "
+                         f"got {getattr(self, field)}")
+
+
+def _mode_axes(length: str, batch: str = "activation_batch") -> ActivationAxes:
+  return ActivationAxes(
+      inputs=(batch, length, "activation_embed"),
+      query=(batch, length, "activation_heads", "activation_kv"),
+      key=(batch, length, "activation_kv_heads", "activation_kv"),
+      value=(batch, length, "activation_kv_heads", "activation_kv"),
+      out=(batch, length, "activation_heads", "activation_kv"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeAxes:
+  """Activation logical names for each model_mode (hashable: layer settings are static)."""
+
+  train: ActivationAxes = _mode_axes("activation_length")
+  prefill: ActivationAxes = _mode_axes("prefill_activation_length")
+  autoregressive: ActivationAxes = _mode_axes("decode_length", batch="decode_batch")
+
+  def __getitem__(self, mode: str) -> ActivationAxes:
+    if mode not in MODEL_MODES:
+      raise ValueError(f"model_mode={mode!r}: allowed {MODEL_MODES}")
+    return getattr(self, mode)
+
+_CONFIG_PREFIX = {"train": "", "prefill": "prefill_", "autoregressive": "decode_"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+  """Every knob of the layer. Sizes follow Flax: qkv_features = heads * head_dim."""
+
+  emb_dim: int  # D, features of inputs_q
+  num_query_heads: int  # N
+  num_kv_heads: int | None = None  # K; None = num_query_heads (MHA)
+  head_dim: int | None = None  # H; None = qkv_features // N, or emb_dim // N
+  qkv_features: int | None = None  # Flax-style alternative to head_dim
+  out_features: int | None = None  # None = emb_dim
+  kv_emb_dim: int | None = None  # features of inputs_kv (cross-attention); None = emb_dim
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+  precision: jax.lax.Precision | None = None
+  attention: str = "dot_product"  # kernel name
+  mask: MaskSpec = MaskSpec()
+  attn_logits_soft_cap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  attention_sink: bool = False
+  float32_qk_product: bool = False
+  float32_logits: bool = False
+  dropout_rate: float = 0.0
+  broadcast_dropout: bool = True
+  fused_qkv: bool = False
+  share_kv_projections: bool = False
+  use_bias: bool = False
+  use_qk_norm: bool = False
+  normalization_layer_epsilon: float = 1e-6
+  rope: RopeSpec = RopeSpec()
+  max_target_length: int = 2048
+  max_prefill_predict_length: int = 1024
+  logical_axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_LOGICAL_AXIS_RULES
+  axes: ModeAxes = ModeAxes()
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = default_bias_init
+  # A Flax-signature attention function (query, key, value, bias=, mask=, ...).
+  attention_fn: Callable[..., jax.Array] | None = None
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    n = self.num_query_heads
+    if n < 1:
+      raise ValueError(f"num_query_heads={n}: must be >= 1")
+    if self.num_kv_heads is None:
+      set_("num_kv_heads", n)
+    if self.num_kv_heads < 1 or n % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_query_heads={n}")
+    if self.head_dim is None:
+      features = self.qkv_features or self.emb_dim
+      if features % n:
+        raise ValueError(f"qkv_features={features} must be divisible by num_query_heads={n}")
+      set_("head_dim", features // n)
+    elif self.qkv_features is not None and self.qkv_features != n * self.head_dim:
+      raise ValueError(f"qkv_features={self.qkv_features} != num_query_heads * head_dim = {n * self.head_dim}")
+    if self.rope.enabled:
+      self.rope.rotary_dim(self.head_dim)  # raises if the rotated width is odd
+    if self.fused_qkv and self.share_kv_projections:
+      raise ValueError("fused_qkv and share_kv_projections cannot both be true")
+    if self.fused_qkv and self.kv_emb_dim not in (None, self.emb_dim):
+      raise ValueError("fused_qkv needs inputs_kv with emb_dim features (self-attention)")
+    if self.attn_logits_soft_cap is not None and self.attn_logits_soft_cap <= 0:
+      raise ValueError(f"attn_logits_soft_cap={self.attn_logits_soft_cap}: must be > 0 or None")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+
+  @property
+  def group_size(self) -> int:
+    return self.num_query_heads // self.num_kv_heads
+
+  @property
+  def scale(self) -> float:
+    """Softmax scale, applied at run time (never folded into initialisers)."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @classmethod
+  def from_config(cls, config, *, layer_idx: int = 0, **overrides) -> "AttentionSettings":
+    """Read the layer's settings from a loaded config (configs.load_config).
+
+    `layer_idx` picks this layer's entry of `attention_layer_pattern`.
+    """
+    c = config
+    pattern = tuple(c.attention_layer_pattern)
+    attention_type = pattern[layer_idx % len(pattern)] if pattern else c.attention_type
+    mask = MaskSpec(
+        attention_type,
+        window=c.sliding_window_size if attention_type == "local_sliding" else None,
+        chunk=c.chunk_attn_window_size if attention_type == "chunk" else None)
+    rope = RopeSpec(
+        rope_type=c.rope_type, min_timescale=float(c.rope_min_timescale),
+        max_timescale=float(c.rope_max_timescale), partial_rotary_factor=c.partial_rotary_factor,
+        factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+        high_freq_factor=c.rope_high_freq_factor,
+        original_max_position_embeddings=c.original_max_position_embeddings,
+        beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor)
+    axes = ModeAxes(**{
+        mode: ActivationAxes(*(tuple(c[f"{prefix}{part}_axis_names"])
+                               for part in ("input", "query", "key", "value", "out")))
+        for mode, prefix in _CONFIG_PREFIX.items()})
+    kwargs = dict(
+        emb_dim=c.emb_dim, num_query_heads=c.num_query_heads, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, dtype=DTYPES[c.dtype], weight_dtype=DTYPES[c.weight_dtype],
+        precision=PRECISIONS[c.matmul_precision], attention=c.attention, mask=mask,
+        attn_logits_soft_cap=c.attn_logits_soft_cap or None,
+        query_pre_attn_scalar=c.query_pre_attn_scalar or None,
+        attention_sink=c.attention_sink, float32_qk_product=c.float32_qk_product,
+        float32_logits=c.float32_logits, dropout_rate=c.dropout_rate,
+        broadcast_dropout=c.broadcast_dropout, fused_qkv=c.fused_qkv,
+        share_kv_projections=c.share_kv_projections, use_bias=c.use_bias,
+        use_qk_norm=c.use_qk_norm, normalization_layer_epsilon=c.normalization_layer_epsilon,
+        rope=rope, max_target_length=c.max_target_length,
+        max_prefill_predict_length=c.max_prefill_predict_length,
+        logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes)
+    return cls.with_overrides(kwargs, overrides)
+
+  @classmethod
+  def with_overrides(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> "AttentionSettings":
+    """Build from `base` kwargs plus keyword overrides, naming any unknown keyword."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+      raise TypeError(f"Attention got unknown keyword(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**{**base, **overrides})
+
+
+def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+  """Rules as hashable (name, axes) pairs; axes: str, tuple of str, or None."""
+  out = []
+  for rule in rules:
+    name, axes = rule
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
