@@ -49,4 +49,7 @@ def call_flax_attention_fn(
       query, key, value, bias=bias, mask=allowed, broadcast_dropout=options.broadcast_dropout,
       dropout_rng=dropout_rng, dropout_rate=options.dropout_rate, deterministic=deterministic,
       dtype=dtype, precision=precision)
+  # Flax spreads a row with no visible key uniformly; the layer's contract is zeros.
+  has_key = jnp.any(allowed, axis=-1)  # [B, 1 or N, T]
+  context = context * jnp.swapaxes(has_key, 1, 2)[..., None].astype(context.dtype)  # [B, T, N, H]
   return context, None
