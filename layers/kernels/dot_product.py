@@ -9,7 +9,7 @@ n = k * G + g) and contracted against the K key heads directly.
 
 Order of operations on the logits (the same in every kernel):
   logits = (q . k) * scale  (+ bias)  -> soft cap c*tanh(logits/c)  -> mask
-  -> softmax over [keys..., sink]  -> drop the sink column  -> dropout.
+  -> softmax (float32) over [keys..., sink]  -> drop the sink column  -> dropout.
 A row with no visible key produces zeros (never NaN).
 """
 
@@ -126,8 +126,11 @@ def dot_product_attention(
   # probabilities are zeroed below.
   logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min / 2)  # [B, K, G, T, S]
 
+  # Softmax always runs in float32 (as jax.nn.dot_product_attention does);
+  # float32_logits moves the cast earlier, before scale, bias and soft cap.
+  logits = logits.astype(jnp.float32)
   if sinks is not None:
-    sink = sinks.astype(logits.dtype).reshape(1, kv_heads, group, 1, 1)  # [1, K, G, 1, 1]
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)  # [1, K, G, 1, 1]
     sink = jnp.broadcast_to(sink, logits.shape[:-1] + (1,))  # [B, K, G, T, 1]
     probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :kv_len]
   else:
