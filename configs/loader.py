@@ -40,6 +40,7 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 KV_QUANT_DTYPES = ("int8", "int4")
+KV_QUANT_AXES = ("dkv", "heads_and_dkv")
 
 # ici_<axis>_parallelism / dcn_<axis>_parallelism: one pair per mesh axis.
 _MESH_KEY = re.compile(r"^(ici|dcn)_(.+)_parallelism$")
@@ -486,6 +487,13 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
     if not 1 <= prefill <= target:
         _fail("max_prefill_predict_length", f"must be in [1, max_target_length={target}], got {prefill}")
     _one_of(cfg, "kv_quant_dtype", KV_QUANT_DTYPES)
+    _one_of(cfg, "kv_quant_axis", KV_QUANT_AXES)
+    for key in ("prefill_cache_axis_order", "ar_cache_axis_order"):
+        if sorted(cfg[key]) != [0, 1, 2, 3]:
+            _fail(key, f"must be a permutation of [0, 1, 2, 3] (batch, sequence, kv heads, head_dim), "
+                       f"got {_thaw(cfg[key])!r}")
+    if cfg["use_chunked_prefill"]:
+        _at_least(cfg, "prefill_chunk_size", 1)
 
 
 def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:

@@ -1,0 +1,6 @@
+"""KV caches for prefill / autoregressive decoding, and KV quantization."""
+
+from meshattn.kvcache.cache import CACHE_AXIS_NAMES, KVCache
+from meshattn.kvcache.quant import KV_QUANT_AXES, KVQuant, dequantize, quantize
+
+__all__ = ["CACHE_AXIS_NAMES", "KVCache", "KVQuant", "KV_QUANT_AXES", "dequantize", "quantize"]

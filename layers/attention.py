@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from meshattn.kvcache.cache import KVCache
+from meshattn.layers.cached_step import cached_step, step_positions
 from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
 from meshattn.layers.projections import DenseGeneral, RMSNorm
@@ -77,6 +79,7 @@ class Attention(nnx.Module):
       self.sinks = nnx.Param(jnp.zeros((n,), s.weight_dtype), logical_axes=("q_heads",))
     # Dropout draws from this layer's own stream unless the call passes rngs.
     self.rngs = rngs.fork() if s.dropout_rate > 0 else None
+    self.cache: KVCache | None = nnx.data(None)  # created by init_cache
 
   # ---- helpers ---------------------------------------------------------------
 
@@ -108,6 +111,25 @@ class Attention(nnx.Module):
 
   # ---- call -----------------------------------------------------------------
 
+  def init_cache(self, batch_size: int, max_length: int | None = None, *, for_prefill: bool = False,
+                 ring_buffer: bool | None = None) -> KVCache:
+    """Create this layer's KVCache for `batch_size` slots of up to `max_length` tokens.
+
+    Layout: `ar_cache_axis_order`, or `prefill_cache_axis_order` when
+    `for_prefill` (a cache whose sequences are later `insert`ed into a decode
+    cache). Sliding-window layers get a ring buffer of `sliding_window_size`
+    entries unless `ring_buffer=False` (or `sliding_window_ring_buffer: false`).
+    """
+    s = self.settings
+    ring = s.sliding_window_ring_buffer if ring_buffer is None else ring_buffer
+    window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
+    self.cache = KVCache(
+        batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim, dtype=s.dtype,
+        axis_order=s.prefill_cache_axis_order if for_prefill else s.ar_cache_axis_order,
+        window=window, quant=s.kv_quant, mesh=self.mesh, rules=s.logical_axis_rules,
+        axis_names=s.cache_axis_names)
+    return self.cache
+
   def __call__(
       self,
       inputs_q: jax.Array,
@@ -123,25 +145,74 @@ class Attention(nnx.Module):
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
       sow_weights: bool = False,
+      slots: jax.Array | None = None,
   ) -> jax.Array:
     """Attend inputs_q [..., T, D] over inputs_kv [..., S, D_kv] (default: inputs_q).
 
-    inputs_positions [..., T]: token positions for RoPE (default 0..T-1), so
-      packed sequences restart at 0; inputs_kv_positions [..., S] likewise
-      (default inputs_positions for self-attention, else 0..S-1).
-    decoder_segment_ids [..., T] (and kv_segment_ids [..., S] for
-      cross-attention): packing ids; tokens attend only within their segment,
-      and segment 0 (padding) attends nowhere and outputs zeros.
-    mask / bias: broadcastable to [..., N, T, S] (Flax convention; True keeps).
-    The structural mask (causal / window / chunk) is on token index within
-      the row in train mode.
+    train:
+      inputs_positions [..., T]: token positions for RoPE (default 0..T-1), so
+        packed sequences restart at 0; inputs_kv_positions [..., S] likewise
+        (default inputs_positions for self-attention, else 0..S-1).
+      decoder_segment_ids [..., T] (and kv_segment_ids [..., S] for
+        cross-attention): packing ids; tokens attend only within their
+        segment, and segment 0 (padding) attends nowhere and outputs zeros.
+      mask / bias: broadcastable to [..., N, T, S] (Flax convention; True keeps).
+      The structural mask (causal / window / chunk) is on token index.
+    prefill / autoregressive (self-attention over the KV cache, see init_cache):
+      inputs_q [B, T, D] (T = 1 when autoregressive). Row b continues the
+      sequence in cache slot `slots[b]` (default: row b -> slot b, and then B
+      must equal the cache's batch size) at that slot's current length;
+      decoder_segment_ids marks real tokens (nonzero) vs right padding (0).
+      Autoregressive rows whose slot is empty (length 0) output zeros and
+      leave the slot empty. inputs_positions, if given, only drives RoPE.
     """
-    s = self.settings
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode={model_mode!r}: allowed {MODEL_MODES}")
-    if model_mode != "train":
-      raise ValueError(f"model_mode={model_mode!r} needs the KV cache, which this build does not "
-                       "have yet; only model_mode='train' is supported")
+    if model_mode == "train":
+      if slots is not None:
+        raise ValueError("slots is only used with model_mode='prefill' or 'autoregressive'")
+      return self._train(inputs_q, inputs_kv, inputs_positions, decoder_segment_ids,
+                         inputs_kv_positions=inputs_kv_positions, kv_segment_ids=kv_segment_ids,
+                         mask=mask, bias=bias, deterministic=deterministic, rngs=rngs,
+                         sow_weights=sow_weights)
+    unsupported = {"inputs_kv (cross-attention)": inputs_kv is not None and inputs_kv is not inputs_q,
+                   "inputs_kv_positions": inputs_kv_positions is not None,
+                   "kv_segment_ids": kv_segment_ids is not None, "mask": mask is not None,
+                   "bias": bias is not None, "sow_weights": sow_weights,
+                   "attention_fn": self.settings.attention_fn is not None,
+                   "dropout (deterministic=False)": not deterministic and self.settings.dropout_rate > 0}
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+      raise ValueError(f"model_mode={model_mode!r} does not support {bad}; they apply to train mode")
+    return self._cached(inputs_q, inputs_positions, decoder_segment_ids, model_mode=model_mode,
+                        slots=slots)
+
+  def _qkv(self, x_q, x_kv, self_attention, axes, q_pos, kv_pos):
+    """Project, constrain, QK-norm and rotate: Q [B, T, N, H], K and V [B, S, K, H]."""
+    s = self.settings
+    x_q = self._constrain(x_q, axes.inputs)
+    if not self_attention:
+      x_kv = self._constrain(x_kv, axes.inputs)
+    query, key, value = self._project_qkv(x_q, x_q if self_attention else x_kv)
+    query = checkpoint_name(self._constrain(query, axes.query), "query_proj")  # [B, T, N, H]
+    key = checkpoint_name(self._constrain(key, axes.key), "key_proj")  # [B, S, K, H]
+    value = checkpoint_name(self._constrain(value, axes.value), "value_proj")  # [B, S, K, H]
+    if s.use_qk_norm:
+      query = self.query_norm(query)
+      key = self.key_norm(key)
+    query = apply_rope(query, q_pos, s.rope)  # [B, T, N, H]
+    key = apply_rope(key, kv_pos, s.rope)  # [B, S, K, H]
+    return query, key, value
+
+  def _output(self, context, axes):
+    """Context [B, T, N, H] -> output [B, T, D_out]."""
+    context = checkpoint_name(self._constrain(context, axes.out), "context")  # [B, T, N, H]
+    out = self.out(context)  # [B, T, D_out]
+    return checkpoint_name(self._constrain(out, axes.inputs), "out_proj")
+
+  def _train(self, inputs_q, inputs_kv, inputs_positions, decoder_segment_ids, *,
+             inputs_kv_positions, kv_segment_ids, mask, bias, deterministic, rngs, sow_weights):
+    s = self.settings
     self_attention = inputs_kv is None or inputs_kv is inputs_q
     if inputs_kv is None:
       inputs_kv = inputs_q
@@ -162,13 +233,13 @@ class Attention(nnx.Module):
 
     x_q = flat(inputs_q, 2)  # [B, T, D]
     x_kv = x_q if self_attention else flat(inputs_kv, 2)  # [B, S, D_kv]
+    q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
+    kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
     q_pos = flat(inputs_positions, 1)
-    if q_pos is None:
-      q_pos = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
+    q_pos = q_idx if q_pos is None else q_pos
     kv_pos = flat(inputs_kv_positions, 1)
     if kv_pos is None:
-      kv_pos = q_pos if self_attention else jnp.broadcast_to(
-          jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
+      kv_pos = q_pos if self_attention else kv_idx
     q_seg = flat(decoder_segment_ids, 1)  # [B, T]
     kv_seg = flat(kv_segment_ids, 1) if kv_segment_ids is not None else q_seg  # [B, S]
     if q_seg is not None and kv_seg.shape[-1] != kv_len:
@@ -176,47 +247,70 @@ class Attention(nnx.Module):
     user_mask = _flatten_pairwise(mask, batch_shape, batch)
     user_bias = _flatten_pairwise(bias, batch_shape, batch)
 
-    axes = s.axes[model_mode]
-    x_q = self._constrain(x_q, axes.inputs)
-    if not self_attention:
-      x_kv = self._constrain(x_kv, axes.inputs)
-    query, key, value = self._project_qkv(x_q, x_kv if not self_attention else x_q)
-    query = checkpoint_name(self._constrain(query, axes.query), "query_proj")  # [B, T, N, H]
-    key = checkpoint_name(self._constrain(key, axes.key), "key_proj")  # [B, S, K, H]
-    value = checkpoint_name(self._constrain(value, axes.value), "value_proj")  # [B, S, K, H]
-
-    if s.use_qk_norm:
-      query = self.query_norm(query)
-      key = self.key_norm(key)
-    query = apply_rope(query, q_pos, s.rope)  # [B, T, N, H]
-    key = apply_rope(key, kv_pos, s.rope)  # [B, S, K, H]
-
-    # The structural mask runs on token index in train mode (positions only rotate).
-    q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
-    kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
+    axes = s.axes["train"]
+    query, key, value = self._qkv(x_q, x_kv, self_attention, axes, q_pos, kv_pos)
     dropout_rng = None
     if s.dropout_rate > 0 and not deterministic:
       stream = rngs if rngs is not None else self.rngs
       dropout_rng = stream.dropout()
     sinks = self.sinks[...] if s.attention_sink else None
+    # The structural mask runs on token index in train mode (positions only rotate).
+    kernel_args = dict(options=self._kernel_options(), q_positions=q_idx, kv_positions=kv_idx,
+                       q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=user_mask,
+                       bias=user_bias, dropout_rng=dropout_rng, deterministic=deterministic)
     if s.attention_fn is not None:
-      context, weights = call_flax_attention_fn(
-          s.attention_fn, query, key, value, options=self._kernel_options(), q_positions=q_idx,
-          kv_positions=kv_idx, q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks,
-          mask=user_mask, bias=user_bias, dropout_rng=dropout_rng, deterministic=deterministic,
-          dtype=s.dtype, precision=s.precision)
+      context, weights = call_flax_attention_fn(s.attention_fn, query, key, value, dtype=s.dtype,
+                                                precision=s.precision, **kernel_args)
     else:
-      context, weights = dot_product_attention(
-          query, key, value, options=self._kernel_options(), q_positions=q_idx, kv_positions=kv_idx,
-          q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=user_mask, bias=user_bias,
-          dropout_rng=dropout_rng, deterministic=deterministic, return_weights=sow_weights)
+      context, weights = dot_product_attention(query, key, value, return_weights=sow_weights,
+                                               **kernel_args)
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
-    context = checkpoint_name(self._constrain(context, axes.out), "context")  # [B, T, N, H]
-
-    out = self.out(context)  # [B, T, D_out]
-    out = checkpoint_name(self._constrain(out, axes.inputs), "out_proj")
+    out = self._output(context, axes)  # [B, T, D_out]
     return out.reshape(batch_shape + out.shape[1:])
+
+  def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
+    s = self.settings
+    cache = self.cache
+    if cache is None:
+      raise ValueError(f"model_mode={model_mode!r} needs a KV cache: call init_cache(batch_size, "
+                       "max_length) first")
+    if inputs_q.ndim != 3:
+      raise ValueError(f"model_mode={model_mode!r} takes inputs_q [batch, length, emb_dim], "
+                       f"got shape {inputs_q.shape}")
+    batch, length = inputs_q.shape[:2]
+    if model_mode == "autoregressive" and length != 1:
+      raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
+    if slots is None:
+      if batch != cache.batch_size:
+        raise ValueError(f"inputs batch {batch} != KV cache batch_size {cache.batch_size}; "
+                         "pass slots=[...] to prefill or decode a subset of the cache's slots")
+      rows = jnp.arange(batch, dtype=jnp.int32)
+    else:
+      rows = jnp.atleast_1d(jnp.asarray(slots, jnp.int32))
+      if rows.shape != (batch,):
+        raise ValueError(f"slots has shape {rows.shape}; expected ({batch},), one slot per row")
+      cache.check_slots(rows)
+    valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
+             else decoder_segment_ids != 0)  # [B, T] real tokens (right padding)
+    if model_mode == "autoregressive":
+      valid = valid & (cache.lengths[...][rows] > 0)[:, None]  # empty slots stay empty
+    positions = step_positions(cache, rows, length)  # [B, T]
+    rope_positions = positions if inputs_positions is None else inputs_positions
+
+    axes = s.axes[model_mode]
+    query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rope_positions, rope_positions)
+    sinks = self.sinks[...] if s.attention_sink else None
+    options = self._kernel_options()
+    chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
+    contexts = []
+    for start in range(0, length, chunk):
+      part = slice(start, min(start + chunk, length))
+      contexts.append(cached_step(
+          cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
+          valid=valid[:, part], options=options, sinks=sinks))  # [B, chunk, N, H]
+    context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
+    return self._output(context, axes)
 
 
 def _flatten_pairwise(x: jax.Array | None, batch_shape: tuple[int, ...], batch: int):

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from meshattn.kvcache.cache import CACHE_AXIS_NAMES
+from meshattn.kvcache.quant import KVQuant
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
 from meshattn.layers.rope import RopeSpec
@@ -118,6 +120,14 @@ class AttentionSettings:
   rope: RopeSpec = RopeSpec()
   max_target_length: int = 2048
   max_prefill_predict_length: int = 1024
+  # KV cache (prefill / autoregressive modes).
+  kv_quant: KVQuant | None = None  # None = full-precision cache
+  prefill_cache_axis_order: tuple[int, ...] = (0, 1, 2, 3)
+  ar_cache_axis_order: tuple[int, ...] = (0, 1, 2, 3)
+  use_chunked_prefill: bool = False
+  prefill_chunk_size: int = 256
+  sliding_window_ring_buffer: bool = True
+  cache_axis_names: tuple[str, ...] = CACHE_AXIS_NAMES
   logical_axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_LOGICAL_AXIS_RULES
   axes: ModeAxes = ModeAxes()
   kernel_init: Initializer = default_kernel_init
@@ -151,6 +161,11 @@ class AttentionSettings:
       raise ValueError(f"attn_logits_soft_cap={self.attn_logits_soft_cap}: must be > 0 or None")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+    if self.use_chunked_prefill and self.prefill_chunk_size < 1:
+      raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size}: must be >= 1")
+    for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
+      if sorted(getattr(self, name)) != [0, 1, 2, 3]:
+        raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
 
   @property
   def group_size(self) -> int:
@@ -198,6 +213,12 @@ class AttentionSettings:
         use_qk_norm=c.use_qk_norm, normalization_layer_epsilon=c.normalization_layer_epsilon,
         rope=rope, max_target_length=c.max_target_length,
         max_prefill_predict_length=c.max_prefill_predict_length,
+        kv_quant=KVQuant(c.kv_quant_dtype, c.kv_quant_axis) if c.quantize_kvcache else None,
+        prefill_cache_axis_order=tuple(c.prefill_cache_axis_order),
+        ar_cache_axis_order=tuple(c.ar_cache_axis_order),
+        use_chunked_prefill=c.use_chunked_prefill, prefill_chunk_size=c.prefill_chunk_size,
+        sliding_window_ring_buffer=c.sliding_window_ring_buffer,
+        cache_axis_names=tuple(c.cache_axis_names),
         logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes)
     return cls.with_overrides(kwargs, overrides)
 

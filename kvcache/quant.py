@@ -1,0 +1,71 @@
+"""Symmetric KV quantization (int8 / int4) with per-token scales.
+
+`kv_quant_axis` picks what one scale covers:
+  dkv:            one scale per token per kv head (reduced over head_dim);
+  heads_and_dkv:  one scale per token (reduced over kv heads and head_dim).
+Values are round(x / scale) with scale = max|x| / qmax, so the largest
+entry maps to +-qmax exactly; a zero vector gets scale 1 (not 0) to keep
+dequantization finite. Scales are stored in float32.
+
+Why not aqtp here: aqtp's strength is quantized matmuls with calibration
+and gradient support (training); a KV cache needs only store-time
+quantization and a per-block dequantize on read, which is these few lines,
+and keeping them plain lets every kernel (Pallas included) read the same
+layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+KV_QUANT_DTYPES = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}
+KV_QUANT_AXES = ("dkv", "heads_and_dkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant:
+  """How the cache stores K/V: `dtype` in {int8, int4}, `axis` in KV_QUANT_AXES."""
+
+  dtype: Literal["int8", "int4"] = "int8"
+  axis: Literal["dkv", "heads_and_dkv"] = "dkv"
+
+  def __post_init__(self):
+    if self.dtype not in KV_QUANT_DTYPES:
+      raise ValueError(f"kv_quant_dtype={self.dtype!r}: allowed {tuple(KV_QUANT_DTYPES)}")
+    if self.axis not in KV_QUANT_AXES:
+      raise ValueError(f"kv_quant_axis={self.axis!r}: allowed {KV_QUANT_AXES}")
+
+  @property
+  def storage_dtype(self):
+    return KV_QUANT_DTYPES[self.dtype][0]
+
+  @property
+  def qmax(self) -> int:
+    return KV_QUANT_DTYPES[self.dtype][1]
+
+  @property
+  def bits(self) -> int:
+    return 8 if self.dtype == "int8" else 4
+
+  def scale_shape(self, kv_heads: int) -> int:
+    """Size of the scale's heads dimension: kv_heads (dkv) or 1 (heads_and_dkv)."""
+    return kv_heads if self.axis == "dkv" else 1
+
+
+def quantize(x: jax.Array, quant: KVQuant) -> tuple[jax.Array, jax.Array]:
+  """x [B, S, K, H] -> (values [B, S, K, H] int, scales [B, S, K or 1] float32)."""
+  reduce_axes = (-1,) if quant.axis == "dkv" else (-2, -1)
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=reduce_axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / quant.qmax, 1.0)  # [B, S, K or 1, 1]
+  q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -quant.qmax, quant.qmax)
+  scale = scale[..., 0] if quant.axis == "dkv" else scale[..., 0, 0][..., None]  # [B, S, K or 1]
+  return q.astype(quant.storage_dtype), scale
+
+
+def dequantize(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
+  """values [B, S, K, H], scales [B, S, K or 1] -> [B, S, K, H] in dtype."""
+  return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)
