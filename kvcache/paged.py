@@ -1,0 +1,395 @@
+"""PagedKVCache: a KV cache whose memory is a pool of fixed-size pages shared by all slots.
+
+A contiguous `KVCache` reserves max_length entries for every slot, so memory
+is sized for the longest possible sequence times the batch. Here the K/V live
+in one pool of `num_pages` pages of `tokens_per_page` tokens, and each slot
+owns only the pages its sequence needs so far: short and long sequences share
+the same memory, and a finished sequence's pages go back to the pool at once.
+
+State (`nnx.Cache` variables, so `nnx.jit` carries it like KVCache's):
+  key_pages, value_pages  [P, tokens_per_page, K, H], int8/int4 when
+                          quantized, with key_scale, value_scale
+                          [P, tokens_per_page, K or 1] float32;
+  page_table              [B, max_pages_per_sequence] int32: page holding
+                          logical entries [i*tpp, (i+1)*tpp) of a slot
+                          (-1 = none);
+  page_owner              [P] int32: slot owning each page (-1 = free);
+  lengths                 [B] int32, as in KVCache.
+Logical entry j of a slot is position j of its sequence (no ring buffer:
+`window` is None), stored at page page_table[slot, j // tpp], offset
+j % tpp.
+
+The class has KVCache's duck-typed interface (`block_size`,
+`entry_positions`, `read_block`, `read_all`, `write`, `check_slots`,
+`check_room`, `reset`, `insert`, `lengths`, `capacity`, ...), so
+`cached_step` / `attend_with_cache` use it unchanged: one block is one page.
+
+Pages are handed out by a host-side page manager (`reserve`,
+`reserve_for_step`, `free`, `num_free_pages`, `pages_of`) that runs eagerly,
+outside jit, between steps: allocation is a data-dependent, variable-size
+decision that belongs to the serving loop's scheduler, and the tables it
+touches are tiny. Inside a step nothing is allocated; `check_room` fails the
+step (before any state changes, like KVCache) if a token would land in a
+page that was not reserved, and `write` drops such tokens rather than
+writing them anywhere.
+
+Isolation: a page freed by one sequence and reused by another must never
+leak the first sequence's K/V. Two independent defences:
+  1. `read_block` returns zeros for every entry whose page is not owned (per
+     `page_owner`) by the reading slot, so even a corrupt page table or a
+     masking bug cannot expose another sequence's data;
+  2. `free` zeroes the freed pages' K/V (and resets their scales), so stale
+     data does not survive in the pool at all.
+`write` likewise only writes into pages the written slot owns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meshattn.kvcache.cache import CACHE_AXIS_NAMES, _is_concrete, raise_if
+from meshattn.kvcache.quant import KVQuant, dequantize, quantize
+
+
+class PagedKVCache(nnx.Module):
+  """Paged KV cache for `batch_size` slots of up to `max_length` tokens over a shared page pool."""
+
+  window = None  # no ring buffer: every position has its own entry
+
+  def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, *,
+               num_pages: int, tokens_per_page: int, dtype=jnp.float32,
+               quant: KVQuant | None = None, mesh: jax.sharding.Mesh | None = None, rules=(),
+               axis_names: Sequence[str] = CACHE_AXIS_NAMES):
+    if batch_size < 1 or max_length < 1:
+      raise ValueError(f"PagedKVCache needs batch_size >= 1 and max_length >= 1, "
+                       f"got {batch_size}, {max_length}")
+    if num_pages < 1 or tokens_per_page < 1:
+      raise ValueError(f"PagedKVCache needs num_pages >= 1 and tokens_per_page >= 1, "
+                       f"got {num_pages}, {tokens_per_page}")
+    self.batch_size = batch_size
+    self.max_length = max_length
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.dtype = dtype
+    self.quant = quant
+    self.num_pages = num_pages
+    self.tokens_per_page = tokens_per_page
+    self.max_pages_per_sequence = math.ceil(max_length / tokens_per_page)
+    # Per-slot logical capacity: whole pages, so blocks (= pages) tile it exactly.
+    self.capacity = self.max_pages_per_sequence * tokens_per_page
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self.axis_names = tuple(axis_names)
+    batch_name, _, heads_name, kv_name = self.axis_names
+    # Pages are shared by every slot, so the page axis is never sharded by batch;
+    # heads / head_dim shard as in the contiguous cache.
+    self._pool_names = (None, None, heads_name, kv_name)
+    self._table_names = (batch_name, None)
+    self._owner_names = (None,)
+    pool_shape = (num_pages, tokens_per_page, num_kv_heads, head_dim)
+    store_dtype = quant.storage_dtype if quant else dtype
+    self.key_pages = nnx.Cache(self._place(jnp.zeros(pool_shape, store_dtype), self._pool_names),
+                               logical_axes=self._pool_names)
+    self.value_pages = nnx.Cache(self._place(jnp.zeros(pool_shape, store_dtype), self._pool_names),
+                                 logical_axes=self._pool_names)
+    if quant:
+      scale_shape = (num_pages, tokens_per_page, quant.scale_shape(num_kv_heads))
+      self._scale_names = (None, None, heads_name if quant.axis == "dkv" else None)
+      self.key_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
+                                 logical_axes=self._scale_names)
+      self.value_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
+                                   logical_axes=self._scale_names)
+    self.page_table = nnx.Cache(
+        self._place(jnp.full((batch_size, self.max_pages_per_sequence), -1, jnp.int32),
+                    self._table_names), logical_axes=self._table_names)
+    self.page_owner = nnx.Cache(self._place(jnp.full((num_pages,), -1, jnp.int32), self._owner_names),
+                                logical_axes=self._owner_names)
+    self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), (batch_name,)),
+                             logical_axes=(batch_name,))
+
+  # ---- placement -------------------------------------------------------------
+
+  def _place(self, x: jax.Array, names) -> jax.Array:
+    if self.mesh is None:
+      return x
+    from meshattn.sharding import logical_to_sharding
+    return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
+
+  @property
+  def bytes_per_token(self) -> float:
+    """Cache bytes per cached token (K and V, scales included), as KVCache.bytes_per_token."""
+    if self.quant:
+      values = 2 * self.num_kv_heads * self.head_dim * self.quant.bits / 8
+      return values + 2 * self.quant.scale_shape(self.num_kv_heads) * 4
+    return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+  # ---- positions -------------------------------------------------------------
+
+  def entry_positions(self, lengths: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """Token position held by each logical entry, [b, C] (-1 = empty), for slot lengths [b].
+
+    Entry j holds position j when j < length. `check_room` guarantees every
+    position below a slot's length lies in a page the slot owns (lengths only
+    grow after a checked step, and `free` zeroes the length), so lengths
+    alone suffice for the duck-typed call in `cached_step`; pass `rows` to
+    also mark entries in unallocated pages empty.
+    """
+    j = jnp.arange(self.capacity, dtype=jnp.int32)[None, :]  # [1, C]
+    present = j < lengths[:, None]  # [b, C]
+    if rows is not None:
+      pages = self.page_table[...][rows]  # [b, M]
+      present = present & jnp.repeat(pages >= 0, self.tokens_per_page, axis=1)  # [b, C]
+    return jnp.where(present, j, -1)
+
+  # ---- reading ---------------------------------------------------------------
+
+  def block_size(self, preferred: int = 512) -> int:
+    """One page per block: a block never straddles two pages. (`preferred` is ignored.)"""
+    return self.tokens_per_page
+
+  def _locate(self, rows: jax.Array, positions: jax.Array):
+    """Pool coordinates of logical entries: positions [b, T] of slots rows [b].
+
+    Returns (page [b, T] clamped to a valid id, offset [b, T], owned [b, T]),
+    owned = the entry is in range and its page is allocated to and owned by
+    that slot (the only entries a slot may read or write).
+    """
+    in_range = (positions >= 0) & (positions < self.capacity)  # [b, T]
+    column = jnp.clip(positions // self.tokens_per_page, 0, self.max_pages_per_sequence - 1)
+    table = self.page_table[...][rows]  # [b, M]
+    page = jnp.take_along_axis(table, column, axis=1)  # [b, T]
+    safe = jnp.maximum(page, 0)
+    owned = in_range & (page >= 0) & (self.page_owner[...][safe] == rows[:, None])
+    return safe, positions % self.tokens_per_page, owned
+
+  def read_block(self, rows: jax.Array | None, start, size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Logical entries [start, start+size) of the given rows, dequantized: K, V [b, size, K, H].
+
+    Entries are gathered through the page table (`start` may be traced, any
+    alignment); only this block is materialised in `dtype`. Every entry whose
+    page is unallocated or owned by another slot reads as zeros, so a page
+    can never expose another sequence's data even if masking were wrong.
+    """
+    if rows is None:
+      rows = jnp.arange(self.batch_size, dtype=jnp.int32)
+    rows = jnp.asarray(rows, jnp.int32)
+    positions = start + jnp.arange(size, dtype=jnp.int32)  # [size]
+    positions = jnp.broadcast_to(positions[None, :], (rows.shape[0], size))  # [b, size]
+    page, offset, owned = self._locate(rows, positions)  # [b, size] each
+    out = []
+    for pool, scale in ((self.key_pages, "key_scale"), (self.value_pages, "value_scale")):
+      block = pool[...][page, offset]  # [b, size, K, H]
+      if self.quant:
+        block = dequantize(block, getattr(self, scale)[...][page, offset], dtype)  # scales [b, size, K|1]
+      block = jnp.where(owned[:, :, None, None], block.astype(dtype), jnp.zeros((), dtype))
+      out.append(block)  # [b, size, K, H]
+    return out[0], out[1]
+
+  def read_all(self, dtype) -> tuple[jax.Array, jax.Array]:
+    """Every slot's logical entries as K, V [B, C, K, H] (tests and inspection)."""
+    return self.read_block(None, 0, self.capacity, dtype)
+
+  # ---- writing ---------------------------------------------------------------
+
+  def _scatter(self, pool: jax.Array, updates: jax.Array, flat: jax.Array) -> jax.Array:
+    """pool [P, tpp, ...] <- updates [b, T, ...] at flat entry ids [b, T] (out of range dropped)."""
+    rest = pool.shape[2:]
+    flat_pool = pool.reshape((self.num_pages * self.tokens_per_page,) + rest)  # [P*tpp, ...]
+    flat_pool = flat_pool.at[flat].set(updates.astype(pool.dtype), mode="drop")
+    return flat_pool.reshape(pool.shape)
+
+  def write(self, rows: jax.Array, key: jax.Array, value: jax.Array, positions: jax.Array,
+            valid: jax.Array, new_lengths: jax.Array) -> None:
+    """Store key/value [b, T, K, H] of tokens at `positions` [b, T] into slots `rows` [b].
+
+    Token p of a slot goes to page page_table[slot, p // tpp], offset
+    p % tpp. Only tokens with `valid` [b, T] whose page the slot owns are
+    written; the others are sent to an out-of-range index and dropped, never
+    onto another page. Sets lengths[rows] = new_lengths [b].
+    """
+    rows = jnp.asarray(rows, jnp.int32)
+    page, offset, owned = self._locate(rows, positions)  # [b, T] each
+    keep = valid & owned
+    dropped = self.num_pages * self.tokens_per_page
+    flat = jnp.where(keep, page * self.tokens_per_page + offset, dropped)  # [b, T]
+    if self.quant:
+      key, key_scale = quantize(key, self.quant)  # [b, T, K, H], [b, T, K|1]
+      value, value_scale = quantize(value, self.quant)
+      self.key_scale[...] = self._scatter(self.key_scale[...], key_scale, flat)
+      self.value_scale[...] = self._scatter(self.value_scale[...], value_scale, flat)
+    self.key_pages[...] = self._scatter(self.key_pages[...], key, flat)
+    self.value_pages[...] = self._scatter(self.value_pages[...], value, flat)
+    self.lengths[...] = self.lengths[...].at[rows].set(new_lengths)
+
+  # ---- step checks -----------------------------------------------------------
+
+  def check_slots(self, rows: jax.Array) -> None:
+    raise_if((rows < 0) | (rows >= self.batch_size),
+             lambda: f"PagedKVCache: slot index out of range; slots must be in [0, {self.batch_size})")
+
+  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
+    """Fail (before anything changes) if a slot would outgrow max_length or its reserved pages."""
+    describe = lambda: np.asarray(rows).tolist() if _is_concrete(rows) else "..."
+    raise_if(new_lengths > self.max_length,
+             lambda: f"PagedKVCache: a sequence would grow past max_length={self.max_length} "
+                     f"(slots {describe()}); free the slot or build the cache with a larger max_length")
+    needed_pages = -(-new_lengths // self.tokens_per_page)  # [b] ceil
+    column = jnp.arange(self.max_pages_per_sequence, dtype=jnp.int32)[None, :]  # [1, M]
+    missing = (column < needed_pages[:, None]) & (self.page_table[...][rows] < 0)  # [b, M]
+    raise_if(jnp.any(missing),
+             lambda: f"PagedKVCache: slots {describe()} would write tokens into pages that are not "
+                     f"reserved (new lengths {np.asarray(new_lengths).tolist() if _is_concrete(new_lengths) else '...'}, "
+                     f"{self.tokens_per_page} tokens per page); call reserve(slot, num_tokens) or "
+                     "reserve_for_step(rows, tokens_per_row) before the step")
+
+  # ---- page manager (host side, eager) ---------------------------------------
+
+  def _host(self, name: str) -> np.ndarray:
+    value = getattr(self, name)[...]
+    if not _is_concrete(value):
+      raise ValueError(f"PagedKVCache.{name} is traced: reserve / free / insert manage pages on the "
+                       "host and must be called outside jit, between steps")
+    return np.array(value)
+
+  def _host_slots(self, slot) -> np.ndarray:
+    if not _is_concrete(slot):
+      raise ValueError("PagedKVCache: page management needs concrete slot ids (call it outside jit)")
+    slots = np.atleast_1d(np.asarray(slot)).astype(np.int64).reshape(-1)
+    bad = slots[(slots < 0) | (slots >= self.batch_size)]
+    if bad.size:
+      raise ValueError(f"PagedKVCache: slot {bad.tolist()} out of range; slots must be in "
+                       f"[0, {self.batch_size})")
+    return slots
+
+  def _plan(self, owner: np.ndarray, table: np.ndarray, slots: np.ndarray,
+            totals: np.ndarray) -> None:
+    """Allocate pages in owner/table (numpy, in place) so each slot holds totals tokens.
+
+    Raises before touching the arrays if the pool cannot satisfy all slots.
+    """
+    bad = totals[(totals < 0) | (totals > self.max_length)]
+    if bad.size:
+      raise ValueError(f"PagedKVCache: cannot reserve {bad.tolist()} tokens; a sequence holds 0 to "
+                       f"max_length={self.max_length} tokens")
+    need = {}
+    for slot, total in zip(slots.tolist(), totals.tolist()):
+      need[slot] = max(need.get(slot, 0), -(-total // self.tokens_per_page))
+    wanted = [(slot, col) for slot, pages in sorted(need.items()) for col in range(pages)
+              if table[slot, col] < 0]
+    free_ids = np.flatnonzero(owner == -1)
+    if len(wanted) > len(free_ids):
+      raise ValueError(f"PagedKVCache out of pages: slots {sorted(need)} need {len(wanted)} more "
+                       f"page(s) of {self.tokens_per_page} tokens but only {len(free_ids)} of "
+                       f"num_pages={self.num_pages} are free; free finished sequences or build the "
+                       "cache with more pages")
+    for (slot, col), page in zip(wanted, free_ids):
+      owner[page] = slot
+      table[slot, col] = page
+
+  def _store_tables(self, owner: np.ndarray, table: np.ndarray) -> None:
+    self.page_owner[...] = self._place(jnp.asarray(owner, jnp.int32), self._owner_names)
+    self.page_table[...] = self._place(jnp.asarray(table, jnp.int32), self._table_names)
+
+  def reserve(self, slot: int, num_tokens: int) -> None:
+    """Make `slot` own enough pages for `num_tokens` tokens in total (idempotent; never shrinks).
+
+    Free pages are taken lowest id first. Raises ValueError, with nothing
+    changed, if the pool has too few free pages or num_tokens > max_length.
+    """
+    self._reserve_many(slot, num_tokens)
+
+  def reserve_for_step(self, rows, tokens_per_row) -> None:
+    """Reserve room for `tokens_per_row` (int or [b]) more tokens in each slot of `rows` [b].
+
+    What a serving loop calls before a prefill / decode step: each slot gets
+    pages for lengths[row] + tokens. All slots are reserved or none is.
+    """
+    slots = self._host_slots(rows)
+    lengths = self._host("lengths")
+    tokens = np.broadcast_to(np.asarray(tokens_per_row, np.int64).reshape(-1), slots.shape)
+    self._reserve_many(slots, lengths[slots] + tokens)
+
+  def _reserve_many(self, slot, totals) -> None:
+    slots = self._host_slots(slot)
+    totals = np.broadcast_to(np.asarray(totals, np.int64).reshape(-1), slots.shape)
+    owner, table = self._host("page_owner"), self._host("page_table")
+    before = table.copy()
+    self._plan(owner, table, slots, totals)
+    if not np.array_equal(table, before):
+      self._store_tables(owner, table)
+
+  def free(self, slot) -> None:
+    """Return the pages of `slot` (int or ints) to the pool and forget its sequence.
+
+    page_owner and the slot's page_table row go to -1, its length to 0, and
+    the freed pages' K/V are zeroed (scales reset to 1) so the next owner
+    cannot see them even if reads were not masked by ownership.
+    """
+    slots = self._host_slots(slot)
+    owner, table = self._host("page_owner"), self._host("page_table")
+    pages = np.flatnonzero(np.isin(owner, slots))
+    owner[pages] = -1
+    table[slots] = -1
+    if pages.size:
+      ids = jnp.asarray(pages, jnp.int32)
+      for name in ("key_pages", "value_pages"):
+        pool = getattr(self, name)
+        pool[...] = self._place(pool[...].at[ids].set(0), self._pool_names)
+      if self.quant:
+        for name in ("key_scale", "value_scale"):
+          scale = getattr(self, name)
+          scale[...] = self._place(scale[...].at[ids].set(1.0), self._scale_names)
+    self._store_tables(owner, table)
+    self.lengths[...] = self.lengths[...].at[jnp.asarray(slots, jnp.int32)].set(0)
+
+  def num_free_pages(self) -> int:
+    return int(np.sum(self._host("page_owner") == -1))
+
+  def pages_of(self, slot: int) -> list[int]:
+    """Page ids owned by `slot`, in logical order (entry j of the slot is in pages_of[j // tpp])."""
+    (slot,) = self._host_slots(slot)
+    row = self._host("page_table")[slot]
+    return [int(p) for p in row if p >= 0]
+
+  # ---- slot management (KVCache interface) -------------------------------------
+
+  def reset(self, slot) -> None:
+    """Forget the sequence in `slot`: same as `free` (pages back to the pool)."""
+    self.free(slot)
+
+  def insert(self, slot, source, source_slot=0) -> None:
+    """Copy the sequence in `source_slot` of `source` (KVCache or PagedKVCache) into `slot`.
+
+    The slot's previous sequence is dropped (its pages are freed and zeroed),
+    then pages for the source length are reserved and the entries written by
+    position (requantized if needed). Raises, with nothing changed, if the
+    source is longer than max_length or the pool lacks the pages.
+    """
+    if (source.num_kv_heads, source.head_dim) != (self.num_kv_heads, self.head_dim):
+      raise ValueError(f"insert: source cache has K={source.num_kv_heads}, H={source.head_dim}; "
+                       f"this cache K={self.num_kv_heads}, H={self.head_dim}")
+    slots = self._host_slots(slot)
+    src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
+    if src_rows.shape != slots.shape:
+      raise ValueError(f"insert: {slots.shape[0]} slots but {src_rows.shape[0]} source slots")
+    source.check_slots(src_rows)
+    src_len = source.lengths[...][src_rows]  # [b]
+    rows = jnp.asarray(slots, jnp.int32)
+    raise_if(src_len > self.max_length,
+             lambda: f"PagedKVCache: inserted sequence longer than max_length={self.max_length}")
+    # Dry run on copies: the free + reserve below cannot fail halfway.
+    owner, table = self._host("page_owner"), self._host("page_table")
+    owner[np.isin(owner, slots)] = -1
+    table[slots] = -1
+    self._plan(owner, table, slots, np.asarray(src_len, np.int64))
+    self.free(slots)
+    self._reserve_many(slots, np.asarray(src_len, np.int64))
+    key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
+    positions = source.entry_positions(src_len)  # [b, Cs]
+    self.write(rows, key, value, positions, positions >= 0, src_len)
