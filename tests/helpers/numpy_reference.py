@@ -1,0 +1,403 @@
+"""An independent float64 NumPy implementation of the whole attention layer.
+
+Written from the math (projections, QK RMSNorm, RoPE variants, masked softmax
+with sinks, output projection), not from the JAX code, and deliberately free
+of any `meshattn` import, so that the layer's tests compare against something
+that cannot share its bugs.
+
+Two implementations live here:
+
+* `attention_layer_np`: vectorised (einsum), used by the layer tests.
+* `attention_layer_naive`: explicit Python loops over every (b, n, t, s) and
+  scalar `math` for the RoPE frequencies; slow, only for a tiny self-check of
+  the vectorised one (catches broadcasting / axis-order mistakes in it).
+
+Parameter names follow the layer's `nnx.state(model, nnx.Param)` paths joined
+with dots: `query.kernel` [D, N, H], `key.kernel` / `value.kernel` [Dkv, K, H],
+`out.kernel` [N, H, Dout], biases `query.bias` [N, H], `key.bias` /
+`value.bias` [K, H], `out.bias` [Dout]; fused: `qkv_proj.kernel` [D, K, G+2, H]
+and `qkv_proj.bias` [K, G+2, H] (per kv head k: entries 0..G-1 are the queries
+of heads k*G+g, entry G the key, entry G+1 the value); `query_norm.scale` /
+`key_norm.scale` [H]; `sinks` [N].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
+ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
+
+ROPE_DEFAULTS: dict = dict(
+    type="default", min_timescale=1.0, max_timescale=10_000.0, partial_rotary_factor=1.0,
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=8192, beta_fast=32.0, beta_slow=1.0, attention_factor=0.0)
+
+
+def _rope_settings(rope: Mapping | None) -> dict:
+  r = {**ROPE_DEFAULTS, **(rope or {})}
+  if r["type"] not in ROPE_TYPES:
+    raise ValueError(f"rope type {r['type']!r}")
+  return r
+
+
+# ---- RoPE -----------------------------------------------------------------------
+
+
+def rope_frequencies(rope: Mapping | None, head_dim: int) -> tuple[np.ndarray, float, int]:
+  """(inv_freq [R/2] float64, cos/sin multiplier, R = rotated width)."""
+  r = _rope_settings(rope)
+  rot = int(head_dim * r["partial_rotary_factor"])
+  assert rot > 0 and rot % 2 == 0, rot
+  i = np.arange(rot // 2, dtype=np.float64)
+  lo, hi = float(r["min_timescale"]), float(r["max_timescale"])
+  timescale = lo * (hi / lo) ** (2.0 * i / rot)
+  inv = 1.0 / timescale
+  multiplier = 1.0
+  if r["type"] == "llama3.1":
+    big_l = r["original_max_position_embeddings"]
+    low, high, factor = r["low_freq_factor"], r["high_freq_factor"], r["factor"]
+    wavelen = 2.0 * np.pi / inv
+    smooth = (big_l / wavelen - low) / (high - low)
+    blended = (1.0 - smooth) * inv / factor + smooth * inv
+    short = wavelen < big_l / high  # high frequency: untouched
+    long_ = wavelen > big_l / low  # low frequency: interpolated by `factor`
+    inv = np.where(short, inv, np.where(long_, inv / factor, blended))
+  elif r["type"] == "yarn":
+    base = hi / lo
+    big_l = r["original_max_position_embeddings"]
+
+    def corr(rotations):
+      return rot * math.log(big_l / (rotations * 2.0 * math.pi)) / (2.0 * math.log(base))
+
+    low = max(math.floor(corr(r["beta_fast"])), 0)
+    high = min(math.ceil(corr(r["beta_slow"])), rot - 1)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((i - low) / (high - low), 0.0, 1.0)
+    extrap = 1.0 - ramp
+    inv = inv / r["factor"] * (1.0 - extrap) + inv * extrap
+    multiplier = r["attention_factor"] or (0.1 * math.log(r["factor"]) + 1.0)
+  return inv, multiplier, rot
+
+
+def apply_rope_np(x: np.ndarray, positions: np.ndarray, rope: Mapping | None) -> np.ndarray:
+  """Rotate-half RoPE of x [B, L, heads, H] at positions [B, L]."""
+  r = _rope_settings(rope)
+  if r["type"] == "none":
+    return x
+  inv, multiplier, rot = rope_frequencies(r, x.shape[-1])
+  half = rot // 2
+  angle = np.asarray(positions, np.float64)[:, :, None, None] * inv  # [B, L, 1, R/2]
+  cos, sin = np.cos(angle) * multiplier, np.sin(angle) * multiplier
+  x1, x2 = x[..., :half], x[..., half:rot]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]], axis=-1)
+
+
+def rms_norm_np(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+# ---- masks --------------------------------------------------------------------
+
+
+def structural_visible_np(attention_type: str, q_len: int, kv_len: int, *, window=None,
+                          chunk=None) -> np.ndarray:
+  """[T, S] boolean on token index t (query) and s (key)."""
+  t = np.arange(q_len)[:, None]
+  s = np.arange(kv_len)[None, :]
+  if attention_type == "full":
+    return np.ones((q_len, kv_len), bool)
+  causal = s <= t
+  if attention_type == "global":
+    return causal
+  if attention_type == "local_sliding":
+    return causal & (t - s < window)
+  if attention_type == "chunk":
+    return causal & (t // chunk == s // chunk)
+  raise ValueError(attention_type)
+
+
+def _visible(batch, num_heads, q_len, kv_len, attention_type, window, chunk, segment_ids, mask):
+  vis = np.broadcast_to(
+      structural_visible_np(attention_type, q_len, kv_len, window=window, chunk=chunk),
+      (batch, num_heads, q_len, kv_len))
+  if segment_ids is not None:
+    q_seg, kv_seg = (np.asarray(a) for a in segment_ids)
+    same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)  # [B, T, S]
+    vis = vis & same[:, None]
+  if mask is not None:
+    vis = vis & np.broadcast_to(np.asarray(mask, bool), vis.shape)
+  return vis
+
+
+# ---- the layer ------------------------------------------------------------------
+
+
+def attention_layer_np(
+    params: Mapping[str, np.ndarray],
+    x_q: np.ndarray,
+    x_kv: np.ndarray | None = None,
+    *,
+    num_query_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_positions: np.ndarray,
+    kv_positions: np.ndarray | None = None,
+    segment_ids: tuple[np.ndarray, np.ndarray] | None = None,
+    attention_type: str = "global",
+    window: int | None = None,
+    chunk: int | None = None,
+    soft_cap: float | None = None,
+    scale: float,
+    use_qk_norm: bool = False,
+    eps: float = 1e-6,
+    rope: Mapping | None = None,
+    fused_qkv: bool = False,
+    share_kv: bool = False,
+    use_bias: bool = False,
+    sinks: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(out [B, T, Dout], weights [B, N, T, S]) in float64. See the module docstring."""
+  f64 = lambda a: None if a is None else np.asarray(a, np.float64)
+  p = {name: f64(value) for name, value in params.items()}
+  x_q = f64(x_q)
+  x_kv = x_q if x_kv is None else f64(x_kv)
+  n_heads, kv_heads, h = num_query_heads, num_kv_heads, head_dim
+  assert n_heads % kv_heads == 0
+  group = n_heads // kv_heads
+  batch, q_len = x_q.shape[:2]
+  kv_len = x_kv.shape[1]
+  if kv_positions is None:
+    kv_positions = q_positions
+
+  def maybe_bias(y, name):
+    return y + p[name] if use_bias else y
+
+  if fused_qkv:
+    qkv = maybe_bias(np.einsum("btd,dkjh->btkjh", x_q, p["qkv_proj.kernel"]), "qkv_proj.bias")
+    q = np.empty((batch, q_len, n_heads, h))
+    for n in range(n_heads):
+      q[:, :, n] = qkv[:, :, n // group, n % group]
+    k = qkv[:, :, :, group]
+    v = qkv[:, :, :, group + 1]
+  else:
+    q = maybe_bias(np.einsum("btd,dnh->btnh", x_q, p["query.kernel"]), "query.bias")
+    k = maybe_bias(np.einsum("bsd,dkh->bskh", x_kv, p["key.kernel"]), "key.bias")
+    v = k if share_kv else maybe_bias(np.einsum("bsd,dkh->bskh", x_kv, p["value.kernel"]),
+                                      "value.bias")
+
+  if use_qk_norm:
+    q = rms_norm_np(q, p["query_norm.scale"], eps)
+    k = rms_norm_np(k, p["key_norm.scale"], eps)
+  q = apply_rope_np(q, q_positions, rope)
+  k = apply_rope_np(k, kv_positions, rope)
+
+  vis = _visible(batch, n_heads, q_len, kv_len, attention_type, window, chunk, segment_ids, mask)
+  context, weights = attention_core_np(q, k, v, scale=scale, visible=vis, soft_cap=soft_cap,
+                                       sinks=sinks, bias=bias)
+  out = np.einsum("btnh,nho->bto", context, p["out.kernel"])
+  out = maybe_bias(out, "out.bias")
+  return out, weights
+
+
+def attention_core_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float,
+                      visible: np.ndarray, soft_cap: float | None = None,
+                      sinks: np.ndarray | None = None,
+                      bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """q [B, T, N, H] over k, v [B, S, K, H] (query head n reads kv head n // (N/K)).
+
+  visible: boolean broadcastable to [B, N, T, S]; bias: float, same.
+  Returns (context [B, T, N, H], weights [B, N, T, S]) in float64.
+  """
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  n_heads, kv_heads = q.shape[2], k.shape[2]
+  assert n_heads % kv_heads == 0
+  kv_of_head = np.arange(n_heads) // (n_heads // kv_heads)
+  k_n, v_n = k[:, :, kv_of_head], v[:, :, kv_of_head]  # [B, S, N, H]
+  logits = scale * np.einsum("btnh,bsnh->bnts", q, k_n)  # [B, N, T, S]
+  if bias is not None:
+    logits = logits + np.broadcast_to(np.asarray(bias, np.float64), logits.shape)
+  if soft_cap:
+    logits = soft_cap * np.tanh(logits / soft_cap)
+
+  vis = np.broadcast_to(np.asarray(visible, bool), logits.shape)
+  masked = np.where(vis, logits, -np.inf)
+  row_max = masked.max(axis=-1, keepdims=True)  # -inf on rows with nothing visible
+  if sinks is not None:
+    sink = np.asarray(sinks, np.float64)[None, :, None, None]  # [1, N, 1, 1]
+    row_max = np.maximum(row_max, sink)
+  safe_max = np.where(np.isfinite(row_max), row_max, 0.0)
+  e = np.where(vis, np.exp(np.where(vis, logits, 0.0) - safe_max), 0.0)
+  denom = e.sum(axis=-1, keepdims=True)
+  if sinks is not None:
+    denom = denom + np.exp(sink - safe_max)
+  weights = np.where(denom > 0, e / np.where(denom > 0, denom, 1.0), 0.0)  # [B, N, T, S]
+  context = np.einsum("bnts,bsnh->btnh", weights, v_n)  # [B, T, N, H]
+  return context, weights
+
+
+# ---- naive loops (self-check only) ---------------------------------------------
+
+
+def _inv_freq_scalar(r: dict, i: int, rot: int) -> tuple[float, float]:
+  lo, hi = float(r["min_timescale"]), float(r["max_timescale"])
+  inv = 1.0 / (lo * (hi / lo) ** (2.0 * i / rot))
+  if r["type"] == "llama3.1":
+    big_l, factor = r["original_max_position_embeddings"], r["factor"]
+    low, high = r["low_freq_factor"], r["high_freq_factor"]
+    wavelen = 2.0 * math.pi / inv
+    if wavelen < big_l / high:
+      pass
+    elif wavelen > big_l / low:
+      inv = inv / factor
+    else:
+      smooth = (big_l / wavelen - low) / (high - low)
+      inv = (1.0 - smooth) * inv / factor + smooth * inv
+    return inv, 1.0
+  if r["type"] == "yarn":
+    base, big_l = hi / lo, r["original_max_position_embeddings"]
+    corr = lambda rr: rot * math.log(big_l / (rr * 2.0 * math.pi)) / (2.0 * math.log(base))
+    low = max(math.floor(corr(r["beta_fast"])), 0)
+    high = min(math.ceil(corr(r["beta_slow"])), rot - 1)
+    if low == high:
+      high += 0.001
+    ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+    inv = inv / r["factor"] * ramp + inv * (1.0 - ramp)
+    return inv, r["attention_factor"] or (0.1 * math.log(r["factor"]) + 1.0)
+  return inv, 1.0
+
+
+def _rope_vec(vec, pos, r: dict):
+  if r["type"] == "none":
+    return list(vec)
+  head_dim = len(vec)
+  rot = int(head_dim * r["partial_rotary_factor"])
+  half = rot // 2
+  out = list(vec)
+  for i in range(half):
+    inv, m = _inv_freq_scalar(r, i, rot)
+    a = float(pos) * inv
+    c, s = math.cos(a) * m, math.sin(a) * m
+    out[i] = vec[i] * c - vec[i + half] * s
+    out[i + half] = vec[i + half] * c + vec[i] * s
+  return out
+
+
+def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_heads, head_dim,
+                          q_positions, kv_positions=None, segment_ids=None,
+                          attention_type="global", window=None, chunk=None, soft_cap=None, scale,
+                          use_qk_norm=False, eps=1e-6, rope=None, fused_qkv=False,
+                          share_kv=False, use_bias=False, sinks=None, mask=None, bias=None):
+  """Same contract as `attention_layer_np`, one scalar at a time."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  x_q = np.asarray(x_q, np.float64)
+  x_kv = x_q if x_kv is None else np.asarray(x_kv, np.float64)
+  kv_positions = q_positions if kv_positions is None else kv_positions
+  r = _rope_settings(rope)
+  nh, kh, hd = num_query_heads, num_kv_heads, head_dim
+  g_size = nh // kh
+  b_, t_, d_ = x_q.shape
+  s_, dkv = x_kv.shape[1], x_kv.shape[2]
+
+  def proj(x_vec, kernel, bias_vec, idx):
+    # kernel [D, *idx, H]: one head's vector.
+    out = []
+    for j in range(hd):
+      acc = 0.0
+      for d in range(len(x_vec)):
+        acc += x_vec[d] * kernel[(d,) + idx + (j,)]
+      if use_bias:
+        acc += bias_vec[idx + (j,)]
+      out.append(acc)
+    return out
+
+  def norm(vec, sc):
+    ms = sum(e * e for e in vec) / len(vec)
+    return [e / math.sqrt(ms + eps) * sc[j] for j, e in enumerate(vec)]
+
+  def q_vec(b, t, n):
+    if fused_qkv:
+      vec = proj(x_q[b, t], p["qkv_proj.kernel"], p.get("qkv_proj.bias"), (n // g_size, n % g_size))
+    else:
+      vec = proj(x_q[b, t], p["query.kernel"], p.get("query.bias"), (n,))
+    if use_qk_norm:
+      vec = norm(vec, p["query_norm.scale"])
+    return _rope_vec(vec, q_positions[b][t], r)
+
+  def k_vec(b, s, kk):
+    if fused_qkv:
+      vec = proj(x_q[b, s], p["qkv_proj.kernel"], p.get("qkv_proj.bias"), (kk, g_size))
+    else:
+      vec = proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
+    if use_qk_norm:
+      vec = norm(vec, p["key_norm.scale"])
+    return _rope_vec(vec, kv_positions[b][s], r)
+
+  def v_vec(b, s, kk):
+    if fused_qkv:
+      return proj(x_q[b, s], p["qkv_proj.kernel"], p.get("qkv_proj.bias"), (kk, g_size + 1))
+    if share_kv:
+      return proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
+    return proj(x_kv[b, s], p["value.kernel"], p.get("value.bias"), (kk,))
+
+  def visible(b, n, t, s):
+    if attention_type != "full":
+      if s > t:
+        return False
+      if attention_type == "local_sliding" and t - s >= window:
+        return False
+      if attention_type == "chunk" and t // chunk != s // chunk:
+        return False
+    if segment_ids is not None:
+      qs, ks = segment_ids[0][b][t], segment_ids[1][b][s]
+      if qs != ks or qs == 0:
+        return False
+    if mask is not None and not np.broadcast_to(mask, (b_, nh, t_, s_))[b, n, t, s]:
+      return False
+    return True
+
+  d_out = p["out.kernel"].shape[-1]
+  out = np.zeros((b_, t_, d_out))
+  weights = np.zeros((b_, nh, t_, s_))
+  for b in range(b_):
+    ks = [[k_vec(b, s, kk) for kk in range(kh)] for s in range(s_)]
+    vs = [[v_vec(b, s, kk) for kk in range(kh)] for s in range(s_)]
+    for t in range(t_):
+      ctx = np.zeros((nh, hd))
+      for n in range(nh):
+        qv = q_vec(b, t, n)
+        kk = n // g_size
+        terms = {}
+        for s in range(s_):
+          if not visible(b, n, t, s):
+            continue
+          logit = scale * sum(qv[j] * ks[s][kk][j] for j in range(hd))
+          if bias is not None:
+            logit += float(np.broadcast_to(bias, (b_, nh, t_, s_))[b, n, t, s])
+          if soft_cap:
+            logit = soft_cap * math.tanh(logit / soft_cap)
+          terms[s] = logit
+        extra = [float(sinks[n])] if sinks is not None else []
+        everything = list(terms.values()) + extra
+        if not terms:
+          continue  # nothing visible: zero weights, zero context
+        m = max(everything)
+        z = sum(math.exp(e - m) for e in everything)
+        for s, logit in terms.items():
+          w = math.exp(logit - m) / z
+          weights[b, n, t, s] = w
+          for j in range(hd):
+            ctx[n, j] += w * vs[s][kk][j]
+      for o in range(d_out):
+        acc = p["out.bias"][o] if use_bias else 0.0
+        for n in range(nh):
+          for j in range(hd):
+            acc += ctx[n, j] * p["out.kernel"][n, j, o]
+        out[b, t, o] = acc
+  return out, weights
