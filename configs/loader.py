@@ -494,6 +494,9 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
                        f"got {_thaw(cfg[key])!r}")
     if cfg["use_chunked_prefill"]:
         _at_least(cfg, "prefill_chunk_size", 1)
+    if cfg["paged_kv_cache"]:
+        _at_least(cfg, "num_pages", 1)
+        _at_least(cfg, "tokens_per_page", 1)
 
 
 def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:

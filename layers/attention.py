@@ -25,6 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.kvcache.cache import KVCache
+from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.cached_step import cached_step, step_positions
 from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
@@ -90,8 +91,11 @@ class Attention(nnx.Module):
     """Q [B, T, N, H], K and V [B, S, K, H] before norms and RoPE."""
     s = self.settings
     if s.fused_qkv:
-      if inputs_kv is not inputs_q:
-        raise ValueError("fused_qkv projects self-attention only: pass inputs_kv=None or the same array")
+      if inputs_kv is not inputs_q and (
+          inputs_kv.shape != inputs_q.shape
+          or not isinstance(inputs_kv, jax.core.Tracer) and not jnp.array_equal(inputs_kv, inputs_q)):
+        raise ValueError("fused_qkv projects self-attention only (inputs_kv must be inputs_q); "
+                         "use separate projections for cross-attention")
       qkv = self.qkv_proj(inputs_q)  # [B, T, K, G + 2, H]
       b, t = qkv.shape[:2]
       g = s.group_size
@@ -112,15 +116,24 @@ class Attention(nnx.Module):
   # ---- call -----------------------------------------------------------------
 
   def init_cache(self, batch_size: int, max_length: int | None = None, *, for_prefill: bool = False,
-                 ring_buffer: bool | None = None) -> KVCache:
-    """Create this layer's KVCache for `batch_size` slots of up to `max_length` tokens.
+                 ring_buffer: bool | None = None, paged: bool | None = None) -> KVCache | PagedKVCache:
+    """Create this layer's KV cache for `batch_size` slots of up to `max_length` tokens.
 
     Layout: `ar_cache_axis_order`, or `prefill_cache_axis_order` when
     `for_prefill` (a cache whose sequences are later `insert`ed into a decode
     cache). Sliding-window layers get a ring buffer of `sliding_window_size`
     entries unless `ring_buffer=False` (or `sliding_window_ring_buffer: false`).
+    `paged` (default `paged_kv_cache`) builds a PagedKVCache of `num_pages`
+    pages of `tokens_per_page` tokens instead; its pages are reserved on the
+    host with `cache.reserve_for_step(slots, tokens)` before each step.
     """
     s = self.settings
+    if s.paged_kv_cache if paged is None else paged:
+      self.cache = PagedKVCache(
+          batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim,
+          num_pages=s.num_pages, tokens_per_page=s.tokens_per_page, dtype=s.dtype,
+          quant=s.kv_quant, mesh=self.mesh, rules=s.logical_axis_rules, axis_names=s.cache_axis_names)
+      return self.cache
     ring = s.sliding_window_ring_buffer if ring_buffer is None else ring_buffer
     window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
     self.cache = KVCache(
@@ -239,7 +252,9 @@ class Attention(nnx.Module):
     q_pos = q_idx if q_pos is None else q_pos
     kv_pos = flat(inputs_kv_positions, 1)
     if kv_pos is None:
-      kv_pos = q_pos if self_attention else kv_idx
+      # Decided by shape, not identity: under jit the same array passed twice
+      # arrives as two tracers.
+      kv_pos = q_pos if kv_len == q_len else kv_idx
     q_seg = flat(decoder_segment_ids, 1)  # [B, T]
     kv_seg = flat(kv_segment_ids, 1) if kv_segment_ids is not None else q_seg  # [B, S]
     if q_seg is not None and kv_seg.shape[-1] != kv_len:

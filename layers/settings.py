@@ -128,6 +128,9 @@ class AttentionSettings:
   prefill_chunk_size: int = 256
   sliding_window_ring_buffer: bool = True
   cache_axis_names: tuple[str, ...] = CACHE_AXIS_NAMES
+  paged_kv_cache: bool = False
+  num_pages: int = 64
+  tokens_per_page: int = 16
   logical_axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_LOGICAL_AXIS_RULES
   axes: ModeAxes = ModeAxes()
   kernel_init: Initializer = default_kernel_init
@@ -163,6 +166,8 @@ class AttentionSettings:
       raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
     if self.use_chunked_prefill and self.prefill_chunk_size < 1:
       raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size}: must be >= 1")
+    if self.paged_kv_cache and (self.num_pages < 1 or self.tokens_per_page < 1):
+      raise ValueError(f"num_pages={self.num_pages}, tokens_per_page={self.tokens_per_page}: must be >= 1")
     for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
       if sorted(getattr(self, name)) != [0, 1, 2, 3]:
         raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
@@ -218,7 +223,8 @@ class AttentionSettings:
         ar_cache_axis_order=tuple(c.ar_cache_axis_order),
         use_chunked_prefill=c.use_chunked_prefill, prefill_chunk_size=c.prefill_chunk_size,
         sliding_window_ring_buffer=c.sliding_window_ring_buffer,
-        cache_axis_names=tuple(c.cache_axis_names),
+        cache_axis_names=tuple(c.cache_axis_names), paged_kv_cache=c.paged_kv_cache,
+        num_pages=c.num_pages, tokens_per_page=c.tokens_per_page,
         logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes)
     return cls.with_overrides(kwargs, overrides)
 

@@ -138,13 +138,12 @@ def run(kw: dict, *, seed: int = 0, batch_shape=(B,), q_len=T, kv_len=None, kv_e
   call = {k: (None if v is None else jnp.asarray(v)) for k, v in call.items()}
   xq_j = jnp.asarray(x_q, dtype)
   xkv_j = None if x_kv is None else jnp.asarray(x_kv, dtype)
-  out = model(xq_j, xkv_j, model_mode="train", sow_weights=True, **call)
-  sown = nnx.pop(model, nnx.Intermediate)
+  out, sown = nnx.capture(model, nnx.Intermediate)(xq_j, xkv_j, model_mode="train",
+                                                    sow_weights=True, **call)
   assert out.dtype == dtype
   weights = None
   if kw.get("attention_fn") is None:  # a Flax attention_fn returns no weights
-    weights = sown["attention_weights"][0]
-    weights = weights[...] if hasattr(weights, "value") else weights
+    weights = jax.tree.leaves(sown["attention_weights"])[0]
     assert weights.shape == batch_shape + (model.settings.num_query_heads, q_len, s_len)
 
   # Reference on the flattened batch; inputs exactly as the layer saw them.
@@ -156,7 +155,8 @@ def run(kw: dict, *, seed: int = 0, batch_shape=(B,), q_len=T, kv_len=None, kv_e
     q_pos = np.broadcast_to(np.arange(q_len), (flat_b, q_len))
   kv_pos = flat(kv_positions, 1)
   if kv_pos is None:
-    kv_pos = q_pos if not cross else np.broadcast_to(np.arange(s_len), (flat_b, s_len))
+    # The layer's rule: keys share the query positions when the lengths match.
+    kv_pos = q_pos if s_len == q_len else np.broadcast_to(np.arange(s_len), (flat_b, s_len))
   seg = None
   if segments is not None:
     seg = (flat(segments, 1), flat(kv_segments if kv_segments is not None else segments, 1))
@@ -478,10 +478,6 @@ def test_bfloat16(kv_heads, projection):
 # ---- self-attention must not depend on object identity ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layers/attention.py decides self-attention by `inputs_kv is inputs_q`; under nnx.jit the "
-    "same array passed twice is two tracers, so keys get positions 0..S-1 instead of "
-    "inputs_positions and the result changes"))
 def test_self_attention_same_under_jit_with_inputs_kv_passed_separately():
   """model(x, x, inputs_positions=pos) must give the same value eagerly and
   under nnx.jit when x is handed to the jitted function twice (the reference:
