@@ -59,10 +59,11 @@ def raise_if(condition: jax.Array, message_fn) -> None:
     return
 
   def check(flag):
-    if np.any(flag):
+    if flag:
       raise ValueError(message_fn())
 
-  jax.debug.callback(check, condition)
+  # A replicated scalar: the host callback then needs no gather of a sharded array.
+  jax.debug.callback(check, jnp.any(condition))
 
 
 class KVCache(nnx.Module):

@@ -1,5 +1,7 @@
 """meshattn demo: build the mesh, place the layer, run train-mode forward and
-backward sharded, and check it against the unsharded result.
+backward sharded and check it against the unsharded result; then serve: a
+ragged prefill of prompts of different lengths and several decode steps on
+the mesh, each sequence checked against the train-mode forward.
 
     python scripts/demo.py [key=value ...]      # e.g. dtype=bfloat16 num_kv_heads=1
 
@@ -23,6 +25,8 @@ from meshattn.layers import Attention
 from meshattn.sharding import get_param_specs, logical_to_spec, mesh_shape_string, shard_module
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
+# A quantized KV cache is checked against its stated bound (tests/layers/test_modes.py).
+KV_QUANT_TOLERANCE = {"int8": 2e-2, "int4": 0.25}
 
 
 def default_mesh_overrides(num_devices: int) -> list[str]:
@@ -80,6 +84,42 @@ def train_step(model, x, pos, seg, cotangent):
   return result, (time.perf_counter() - start) * 1e3
 
 
+def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[list[list[str]], float]:
+  """Ragged prefill of `batch` prompts then `steps` decode steps on the mesh;
+  each row checked against the one-device train forward over its own tokens."""
+  prompt_len = cfg.max_prefill_predict_length
+  lengths = [prompt_len - (3 * b) % (prompt_len - 1) for b in range(batch)]  # all different-ish, >= 1
+  x = jax.random.normal(jax.random.key(3), (batch, prompt_len + steps, cfg.emb_dim), jnp.dtype(cfg.dtype))
+  seg = (jnp.arange(prompt_len)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)  # right padding
+
+  @nnx.jit(static_argnames="mode")
+  def call(model, x, seg, mode):
+    return model(x, decoder_segment_ids=seg, model_mode=mode)
+
+  model.init_cache(batch, cfg.max_target_length)
+  start = time.perf_counter()
+  prefill = jax.block_until_ready(call(model, x[:, :prompt_len], seg, "prefill"))
+  prefill_ms = (time.perf_counter() - start) * 1e3
+  decoded, decode_ms = [], []
+  for i in range(steps):
+    start = time.perf_counter()
+    decoded.append(jax.block_until_ready(
+        call(model, x[:, prompt_len + i:prompt_len + i + 1], None, "autoregressive")))
+    decode_ms.append((time.perf_counter() - start) * 1e3)
+  rows, worst = [], 0.0
+  for b in range(min(batch, 4)):
+    n = lengths[b]
+    sequence = jnp.concatenate([x[b:b + 1, :n], x[b:b + 1, prompt_len:]], axis=1)  # [1, n + steps, D]
+    want = reference(sequence, model_mode="train")[0]
+    got = jnp.concatenate([prefill[b, :n]] + [d[b] for d in decoded], axis=0)
+    err = relative_error(got, want)
+    worst = max(worst, err)
+    rows.append([str(b), str(n), str(steps), f"{err:.2e}"])
+  rows.append(["...", f"prefill {prefill_ms:.1f} ms (with compile)",
+               f"decode {decode_ms[-1]:.2f} ms/step", f"cache {model.cache.key[...].sharding.spec}"])
+  return rows, worst
+
+
 def relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
@@ -126,11 +166,16 @@ def main(argv: list[str]) -> int:
   ]
   print_table(f"train step fwd+bwd, sharded vs one device (tolerance {tol:g}, max error relative to max |ref|)",
               ["result", "shape", "dtype", "sharded ms", "1-device ms", "max rel err", "sharding"], rows)
+  serve_rows, serve_err = serving_check(sharded, reference, cfg, batch)
+  serve_tol = max(tol, KV_QUANT_TOLERANCE[cfg.kv_quant_dtype]) if cfg.quantize_kvcache else tol
+  print_table(f"serving: ragged prefill + decode on the mesh vs one-device train forward (tolerance {serve_tol:g})",
+              ["row", "prompt tokens", "decode steps", "max rel err"], serve_rows)
   worst = max(relative_error(out, ref_out), relative_error(gx, ref_gx), grad_err)
-  if worst > tol:
-    print(f"FAIL: max error {worst:.2e} > {tol:g}")
+  if worst > tol or serve_err > serve_tol:
+    print(f"FAIL: train max error {worst:.2e} (tolerance {tol:g}), serving {serve_err:.2e} "
+          f"(tolerance {serve_tol:g})")
     return 1
-  print(f"OK: max error {worst:.2e} <= {tol:g}")
+  print(f"OK: train max error {worst:.2e} <= {tol:g}; serving {serve_err:.2e} <= {serve_tol:g}")
   return 0
 
 
