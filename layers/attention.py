@@ -111,7 +111,8 @@ class Attention(nnx.Module):
     return KernelOptions(
         mask=s.mask, scale=s.scale, soft_cap=s.attn_logits_soft_cap,
         float32_qk_product=s.float32_qk_product, float32_logits=s.float32_logits,
-        dropout_rate=s.dropout_rate, broadcast_dropout=s.broadcast_dropout, precision=s.precision)
+        dropout_rate=s.dropout_rate, broadcast_dropout=s.broadcast_dropout, precision=s.precision,
+        score_mod=s.score_mod, mask_mod=s.mask_mod)
 
   # ---- call -----------------------------------------------------------------
 

@@ -137,6 +137,9 @@ class AttentionSettings:
   bias_init: Initializer = default_bias_init
   # A Flax-signature attention function (query, key, value, bias=, mask=, ...).
   attention_fn: Callable[..., jax.Array] | None = None
+  # FlexAttention-style hooks; prebuilt ones in meshattn.layers.score_mods.
+  score_mod: Callable[..., jax.Array] | None = None
+  mask_mod: Callable[..., jax.Array] | None = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)

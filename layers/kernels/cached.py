@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.dot_product import KernelOptions, mod_indices
 from meshattn.layers.masks import structural_mask
 
 # Masked logits: finite, so rows with nothing visible stay NaN-free.
@@ -31,10 +31,16 @@ def _block_update(carry, q, key, value, q_pos, kv_pos, q_valid, options: KernelO
   m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
                       preferred_element_type=jnp.float32) * options.scale  # [B, K, G, T, S]
+  batch, _, kv_heads, group = q.shape[:4]
+  indices = mod_indices(batch, kv_heads, group, q_pos, kv_pos)
+  if options.score_mod is not None:
+    logits = options.score_mod(logits, *indices).astype(jnp.float32)
   if options.soft_cap:
     logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
   allowed = structural_mask(options.mask, q_pos, kv_pos) & q_valid[:, :, None]  # [B, T, S]
   allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
+  if options.mask_mod is not None:
+    allowed = allowed & options.mask_mod(*indices).astype(bool)
   logits = jnp.where(allowed, logits, _NEG)
   m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, T]
   p = jnp.exp(logits - m_new[..., None]) * allowed  # [B, K, G, T, S]

@@ -8,14 +8,19 @@ GQA / MQA never repeat K/V: queries are viewed as [B, T, K, G, H] (query head
 n = k * G + g) and contracted against the K key heads directly.
 
 Order of operations on the logits (the same in every kernel):
-  logits = (q . k) * scale  (+ bias)  -> soft cap c*tanh(logits/c)  -> mask
+  logits = (q . k) * scale  (+ bias)  -> score_mod  -> soft cap c*tanh(logits/c)
+  -> mask (structural & segments & user mask & mask_mod)
   -> softmax (float32) over [keys..., sink]  -> drop the sink column  -> dropout.
+score_mod(score, batch, head, q_idx, kv_idx) and mask_mod(batch, head, q_idx,
+kv_idx) follow FlexAttention: index arguments are int arrays broadcastable
+against the scores, q_idx / kv_idx are the token positions the masks use.
 A row with no visible key produces zeros (never NaN).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,9 @@ class KernelOptions:
   dropout_rate: float = 0.0
   broadcast_dropout: bool = True
   precision: jax.lax.Precision | None = None
+  # FlexAttention-style hooks (see meshattn.layers.score_mods for prebuilt ones).
+  score_mod: Callable[..., jax.Array] | None = None
+  mask_mod: Callable[..., jax.Array] | None = None
 
   def __post_init__(self):
     if self.soft_cap is not None and self.soft_cap <= 0:
@@ -60,8 +68,18 @@ def to_group_layout(x: jax.Array | None, batch: int, kv_heads: int, q_len: int, 
   return x.reshape(batch, kv_heads, heads // kv_heads, q_len, kv_len)  # [B, K, G, T, S]
 
 
+def mod_indices(batch: int, kv_heads: int, group: int, q_positions, kv_positions):
+  """(batch, head, q_idx, kv_idx) int arrays broadcastable to [B, K, G, T, S]."""
+  b = jnp.arange(batch, dtype=jnp.int32).reshape(batch, 1, 1, 1, 1)
+  head = (jnp.arange(kv_heads, dtype=jnp.int32)[:, None] * group
+          + jnp.arange(group, dtype=jnp.int32)[None, :]).reshape(1, kv_heads, group, 1, 1)
+  q_idx = q_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+  kv_idx = kv_positions[:, None, None, None, :]  # [B, 1, 1, 1, S]
+  return b, head, q_idx, kv_idx
+
+
 def visible_mask(options: KernelOptions, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                 user_mask) -> jax.Array:
+                 user_mask, kv_heads: int = 1, group: int = 1) -> jax.Array:
   """Which (query, key) pairs may attend: [B, 1 or K, 1 or G, T, S] boolean."""
   allowed = structural_mask(options.mask, q_positions, kv_positions)  # [B, T, S]
   if q_segment_ids is not None:
@@ -69,6 +87,9 @@ def visible_mask(options: KernelOptions, q_positions, kv_positions, q_segment_id
   allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
   if user_mask is not None:
     allowed = allowed & user_mask.astype(bool)
+  if options.mask_mod is not None:
+    indices = mod_indices(q_positions.shape[0], kv_heads, group, q_positions, kv_positions)
+    allowed = allowed & options.mask_mod(*indices).astype(bool)
   return allowed
 
 
@@ -116,12 +137,16 @@ def dot_product_attention(
   bias5 = to_group_layout(bias, batch, kv_heads, q_len, kv_len, "bias")
   if bias5 is not None:
     logits = logits + bias5.astype(logits.dtype)
+  if options.score_mod is not None:
+    indices = mod_indices(batch, kv_heads, group, q_positions, kv_positions)
+    logits = options.score_mod(logits, *indices).astype(logits.dtype)
   if options.soft_cap:
     cap = jnp.asarray(options.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
 
   mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
-  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5)
+  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5,
+                         kv_heads, group)
   # A large finite negative (not -inf) keeps fully masked rows NaN-free; their
   # probabilities are zeroed below.
   logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min / 2)  # [B, K, G, T, S]

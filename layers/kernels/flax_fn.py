@@ -29,6 +29,9 @@ def call_flax_attention_fn(
   if options.soft_cap:
     raise ValueError("attention_fn cannot apply attn_logits_soft_cap (not in the Flax signature); "
                      "use the built-in kernels")
+  if options.score_mod is not None:
+    raise ValueError("attention_fn cannot apply score_mod (not in the Flax signature); "
+                     "use the built-in kernels")
   if sinks is not None:
     raise ValueError("attention_fn cannot apply attention_sink (not in the Flax signature); "
                      "use the built-in kernels")
@@ -40,8 +43,9 @@ def call_flax_attention_fn(
   user = None if mask is None else jnp.broadcast_to(
       mask.reshape((1,) * (4 - mask.ndim) + mask.shape), (batch, mask.shape[-3] if mask.ndim >= 3 else 1,
                                                           q_len, kv_len))
-  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, None)
-  allowed = allowed[:, 0]  # [B, 1, T, S]
+  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, None,
+                         kv_heads=num_heads, group=1)  # [B, 1 or N, 1, T, S]: K/V are repeated
+  allowed = allowed[:, :, 0]  # [B, 1 or N, T, S]
   if user is not None:
     allowed = allowed & user.astype(bool)  # [B, 1 or N, T, S]
   query = query * jnp.asarray(options.scale * math.sqrt(head_dim), query.dtype)
