@@ -34,7 +34,8 @@ PRESETS_DIR = CONFIGS_DIR / "models"
 # Allowed values of the enumerated keys. KNOWN_KERNELS is read at validation
 # time (not bound at import), so a kernel registry may rebind it to a longer
 # tuple, e.g. ``loader.KNOWN_KERNELS += ("splash",)``.
-KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "autoselected")
+KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
+DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
 DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
@@ -426,6 +427,7 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
 def _validate_attention(cfg: Mapping[str, Any]) -> None:
     """Kernel, attention types and the window sizes the chosen types need."""
     _one_of(cfg, "attention", KNOWN_KERNELS)
+    _one_of(cfg, "decode_attention", DECODE_KERNELS)
     _one_of(cfg, "attention_type", ATTENTION_TYPES)
     for i, kind in enumerate(cfg["attention_layer_pattern"]):
         if kind not in ATTENTION_TYPES:

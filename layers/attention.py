@@ -16,6 +16,7 @@ constrained. Named checkpoints (`query_proj`, `key_proj`, `value_proj`,
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -27,14 +28,16 @@ from jax.ad_checkpoint import checkpoint_name
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.cached_step import cached_step, step_positions
-from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.kernels import registry
+from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.sharded import sharded_kernel_call
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
 from meshattn.layers.projections import DenseGeneral, RMSNorm
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
 from meshattn.sharding import constrain
 
-KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "autoselected")
+KNOWN_KERNELS: tuple[str, ...] = registry.TRAIN_KERNELS
 
 
 class Attention(nnx.Module):
@@ -47,7 +50,10 @@ class Attention(nnx.Module):
     else:
       settings = AttentionSettings.with_overrides({}, overrides)
     if settings.attention not in KNOWN_KERNELS:
-      raise ValueError(f"attention={settings.attention!r}: allowed {KNOWN_KERNELS}")
+      raise ValueError(f"attention={settings.attention!r}: allowed {KNOWN_KERNELS} "
+                       f"(decode kernels go in decode_attention: {registry.DECODE_KERNELS})")
+    if settings.decode_attention not in registry.DECODE_KERNELS:
+      raise ValueError(f"decode_attention={settings.decode_attention!r}: allowed {registry.DECODE_KERNELS}")
     self.settings = settings
     self.mesh = mesh
     s = settings
@@ -113,6 +119,37 @@ class Attention(nnx.Module):
         float32_qk_product=s.float32_qk_product, float32_logits=s.float32_logits,
         dropout_rate=s.dropout_rate, broadcast_dropout=s.broadcast_dropout, precision=s.precision,
         score_mod=s.score_mod, mask_mod=s.mask_mod)
+
+  # ---- kernel selection -----------------------------------------------------
+
+  def _features(self, mode: str, *, segments=False, mask=False, bias=False, dropout=False,
+                weights=False) -> frozenset[str]:
+    """The registry features this call needs (nothing the layer does is left out)."""
+    s = self.settings
+    kind = {"global": "causal", "local_sliding": "window", "chunk": "chunk", "full": "full"}
+    wanted = {kind[s.mask.attention_type]}
+    flags = {
+        "gqa": s.num_kv_heads < s.num_query_heads, "segment_ids": segments,
+        "soft_cap": s.attn_logits_soft_cap is not None, "sinks": s.attention_sink,
+        "user_mask": mask, "user_bias": bias, "score_mod": s.score_mod is not None,
+        "mask_mod": s.mask_mod is not None, "dropout": dropout, "weights": weights,
+        "backward": mode == "train",
+        "quantized_kv": mode != "train" and s.kv_quant is not None,
+        "paged_kv": mode != "train" and isinstance(self.cache, PagedKVCache)}
+    return frozenset(wanted | {name for name, on in flags.items() if on})
+
+  def _platform(self) -> str:
+    # pallas_interpret runs the TPU Pallas kernels on this host (tests on CPU).
+    return "tpu" if self.settings.pallas_interpret else registry.current_platform()
+
+  def _kernel_fn(self, mode: str, features: frozenset[str]):
+    s = self.settings
+    name = s.attention if mode == "train" else s.decode_attention if mode == "autoregressive" else "dot_product"
+    kernel = registry.select(name, registry.Request(self._platform(), mode, features))
+    fn = kernel.load()
+    if s.pallas_interpret and kernel.platforms == frozenset({"tpu"}):
+      fn = functools.partial(fn, interpret=True)
+    return fn
 
   # ---- call -----------------------------------------------------------------
 
@@ -278,8 +315,17 @@ class Attention(nnx.Module):
       context, weights = call_flax_attention_fn(s.attention_fn, query, key, value, dtype=s.dtype,
                                                 precision=s.precision, **kernel_args)
     else:
-      context, weights = dot_product_attention(query, key, value, return_weights=sow_weights,
-                                               **kernel_args)
+      dropout_on = dropout_rng is not None
+      features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
+                                bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
+      kernel = self._kernel_fn("train", features)
+      if self.mesh is not None and not dropout_on and not sow_weights:
+        # Explicit partitioning; dropout and sown weights run auto-sharded
+        # instead (one shard's RNG stream would repeat on every shard).
+        context, weights = sharded_kernel_call(kernel, self.mesh, s.logical_axis_rules, axes,
+                                               query, key, value, **kernel_args)
+      else:
+        context, weights = kernel(query, key, value, return_weights=sow_weights, **kernel_args)
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
     out = self._output(context, axes)  # [B, T, D_out]

@@ -103,7 +103,9 @@ class AttentionSettings:
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
   precision: jax.lax.Precision | None = None
-  attention: str = "dot_product"  # kernel name
+  attention: str = "dot_product"  # train-mode kernel (registry.TRAIN_KERNELS)
+  decode_attention: str = "dot_product"  # autoregressive kernel (registry.DECODE_KERNELS)
+  pallas_interpret: bool = False  # run Pallas TPU kernels in interpret mode (CPU tests)
   mask: MaskSpec = MaskSpec()
   attn_logits_soft_cap: float | None = None
   query_pre_attn_scalar: float | None = None
@@ -211,7 +213,8 @@ class AttentionSettings:
     kwargs = dict(
         emb_dim=c.emb_dim, num_query_heads=c.num_query_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, dtype=DTYPES[c.dtype], weight_dtype=DTYPES[c.weight_dtype],
-        precision=PRECISIONS[c.matmul_precision], attention=c.attention, mask=mask,
+        precision=PRECISIONS[c.matmul_precision], attention=c.attention,
+        decode_attention=c.decode_attention, pallas_interpret=c.pallas_interpret, mask=mask,
         attn_logits_soft_cap=c.attn_logits_soft_cap or None,
         query_pre_attn_scalar=c.query_pre_attn_scalar or None,
         attention_sink=c.attention_sink, float32_qk_product=c.float32_qk_product,

@@ -1,0 +1,212 @@
+"""The kernel registry: which kernel serves which request.
+
+Each kernel variant declares its platforms, the modes it serves and the
+features it implements. A request names a platform, a mode and the features
+a call needs. An explicitly named kernel that cannot serve the request raises
+ValueError naming the missing features and the kernels that could; only
+`autoselected` chooses, it picks the fastest registered kernel that supports
+everything asked (never dropping a mask, window, soft cap or segment ids),
+and logs its choice.
+
+Config keys: `attention` picks the train-mode kernel, `decode_attention` the
+autoregressive one. Prefill always runs the reference cached path (it must
+also attend over what the cache already holds, e.g. for chunked prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from typing import Callable, Iterable
+
+import jax
+
+logger = logging.getLogger("meshattn.kernels")
+
+FEATURES: tuple[str, ...] = (
+    "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
+    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward")
+PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
+TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
+DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
+
+_ALL_TRAIN = frozenset(FEATURES) - {"quantized_kv", "paged_kv"}
+_ALL_DECODE = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap", "sinks",
+                         "score_mod", "mask_mod", "quantized_kv", "paged_kv"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """What a call needs: platform in PLATFORMS, mode, and feature names from FEATURES."""
+
+  platform: str
+  mode: str
+  features: frozenset[str]
+
+  def __post_init__(self):
+    unknown = set(self.features) - set(FEATURES)
+    if unknown:
+      raise ValueError(f"unknown attention features {sorted(unknown)}; known: {FEATURES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One kernel variant. `impl` is 'module:function', imported on first use so
+  that Pallas / cuDNN code is only loaded where it runs."""
+
+  name: str
+  platforms: frozenset[str]
+  modes: frozenset[str]
+  features: frozenset[str]
+  impl: str
+  description: str
+  available: Callable[[], bool] | None = None
+  # Features the request must have (the paged kernel reads only a paged cache).
+  requires: frozenset[str] = frozenset()
+
+  def missing(self, request: Request) -> set[str]:
+    return set(request.features) - set(self.features)
+
+  def serves(self, request: Request) -> bool:
+    return (request.platform in self.platforms and request.mode in self.modes
+            and not self.missing(request) and self.requires <= request.features
+            and (self.available is None or self.available()))
+
+  def load(self) -> Callable:
+    module, _, function = self.impl.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _cudnn_available() -> bool:
+  try:
+    from meshattn.layers.kernels.flash_gpu import cudnn_available
+  except ImportError:
+    return False
+  return cudnn_available()
+
+
+_REGISTRY: list[Kernel] = []
+
+# Autoselect preference, fastest first, per (platform, mode). Measured on GPU
+# by scripts/bench.py (docs/benchmarks.md); on CPU the plain kernels win.
+AUTOSELECT_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("gpu", "train"): ("flash", "blockwise", "dot_product"),
+    ("tpu", "train"): ("flash", "blockwise", "dot_product"),
+    ("cpu", "train"): ("dot_product", "blockwise"),
+    ("gpu", "autoregressive"): ("paged", "ragged", "dot_product"),
+    ("tpu", "autoregressive"): ("paged", "ragged", "dot_product"),
+    ("cpu", "autoregressive"): ("dot_product", "ragged", "paged"),
+    ("gpu", "prefill"): ("dot_product",),
+    ("tpu", "prefill"): ("dot_product",),
+    ("cpu", "prefill"): ("dot_product",),
+}
+
+
+def register(kernel: Kernel) -> Kernel:
+  """Add a kernel variant (later registrations of the same name and platform win)."""
+  _REGISTRY[:] = [k for k in _REGISTRY if not (
+      k.name == kernel.name and k.platforms & kernel.platforms and k.modes & kernel.modes)]
+  _REGISTRY.append(kernel)
+  return kernel
+
+
+def kernels(name: str | None = None) -> list[Kernel]:
+  return [k for k in _REGISTRY if name is None or k.name == name]
+
+
+def current_platform() -> str:
+  return jax.default_backend() if jax.default_backend() in PLATFORMS else "cpu"
+
+
+def select(name: str, request: Request) -> Kernel:
+  """The kernel variant that serves `request`: the named one, or the fastest
+  that supports everything when name == 'autoselected'."""
+  if name == "autoselected":
+    order = AUTOSELECT_ORDER.get((request.platform, request.mode), ())
+    for candidate in order:
+      for kernel in kernels(candidate):
+        if kernel.serves(request):
+          logger.info("autoselected kernel %r (%s) for %s/%s with %s", kernel.name,
+                      kernel.description, request.platform, request.mode, sorted(request.features))
+          return kernel
+    raise ValueError(f"no registered kernel serves {request.mode} on {request.platform} with "
+                     f"features {sorted(request.features)}")
+  variants = [k for k in kernels(name) if request.platform in k.platforms]
+  if not kernels(name):
+    known = sorted({k.name for k in _REGISTRY} | {"autoselected"})
+    raise ValueError(f"attention kernel {name!r} is unknown; allowed: {known}")
+  if not variants:
+    platforms = sorted({p for k in kernels(name) for p in k.platforms})
+    raise ValueError(f"attention kernel {name!r} does not run on {request.platform} (only on "
+                     f"{platforms}); kernels for {request.platform}: {_names_serving(request)}")
+  for kernel in variants:
+    if request.mode not in kernel.modes:
+      continue
+    missing = kernel.missing(request)
+    if missing:
+      raise ValueError(
+          f"attention kernel {name!r} on {request.platform} does not support {sorted(missing)}; "
+          f"kernels that support this request: {_names_serving(request)}")
+    if not kernel.requires <= request.features:
+      raise ValueError(f"attention kernel {name!r} needs {sorted(kernel.requires - request.features)} "
+                       f"(e.g. a paged KV cache); kernels that serve this request: {_names_serving(request)}")
+    if kernel.available is not None and not kernel.available():
+      raise ValueError(f"attention kernel {name!r} is not available on this {request.platform} "
+                       f"machine; kernels that are: {_names_serving(request)}")
+    return kernel
+  modes = sorted({m for k in variants for m in k.modes})
+  raise ValueError(f"attention kernel {name!r} does not serve model_mode={request.mode!r} (only "
+                   f"{modes}); kernels that do: {_names_serving(request)}")
+
+
+def _names_serving(request: Request) -> list[str]:
+  return sorted({k.name for k in _REGISTRY if k.serves(request)})
+
+
+def feature_table_markdown(platforms: Iterable[str] = PLATFORMS) -> str:
+  """The kernels x features table of the README, generated from the registry."""
+  rows = sorted(_REGISTRY, key=lambda k: (k.name, sorted(k.platforms)))
+  header = "| kernel | platforms | modes | " + " | ".join(FEATURES) + " |"
+  lines = [header, "| " + " | ".join(["---"] * (3 + len(FEATURES))) + " |"]
+  for k in rows:
+    cells = ["yes" if f in k.features else "" for f in FEATURES]
+    lines.append(f"| {k.name} ({k.description}) | {', '.join(sorted(k.platforms))} | "
+                 f"{', '.join(sorted(k.modes))} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# ---- the catalogue ---------------------------------------------------------------
+# Feature sets are stated here (the registry must not import Pallas / cuDNN
+# code to answer a question); tests check them against each module's own
+# *_FEATURES constant.
+
+_K = "meshattn.layers.kernels"
+ALL = frozenset(PLATFORMS)
+SPLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
+                             "backward"})
+CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "backward"})
+BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
+                                "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward"})
+RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
+PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
+
+register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
+                f"{_K}.dot_product:dot_product_attention", "reference einsum"))
+register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _ALL_DECODE,
+                "meshattn.layers.cached_step:cached_step", "reference cached, online softmax"))
+register(Kernel("blockwise", ALL, frozenset({"train"}), BLOCKWISE_FEATURES,
+                f"{_K}.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
+register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATURES,
+                f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash"))
+register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
+                f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available))
+register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
+                f"{_K}.ragged:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
+register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,
+                f"{_K}.paged:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
+                requires=frozenset({"paged_kv"})))
+
+
+if __name__ == "__main__":
+  print(feature_table_markdown())

@@ -1,0 +1,73 @@
+"""Run a train-mode kernel under shard_map with specs from the logical rules.
+
+Each shard computes attention for its slice of batch, query length and
+heads: queries keep the spec of the mode's query axis names; keys/values
+keep their batch and head sharding but are gathered over length (every query
+may need every key: context parallelism by all-gather); positions, segment
+ids, sinks, masks and biases follow the dimension they index.
+
+GQA rule: if the kv heads are not split the same number of ways as the query
+heads (e.g. 2 kv heads on tensor=4), K/V are repeated to one head per query
+head before the kernel, so each shard holds the kv heads of its own query
+heads; this costs K/V memory, so prefer num_kv_heads divisible by tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from meshattn.sharding import logical_to_spec
+
+
+def _axis_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  size = 1
+  for name in names:
+    size *= mesh.shape[name]
+  return size
+
+
+def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, key, value,
+                        **kwargs):
+  """kernel(query [B, T, N, H], key/value [B, S, K, H], **kwargs) under shard_map.
+
+  `axes` is the mode's ActivationAxes. kwargs are the kernel's keyword
+  arguments (options, positions, segment ids, sinks, mask, bias, ...).
+  """
+  q_spec = logical_to_spec(axes.query, rules, mesh, query.shape)  # (batch, length, heads, None)
+  kv_spec = logical_to_spec(axes.key, rules, mesh, key.shape)
+  batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
+  kv_heads = kv_spec[2] if len(kv_spec) > 2 else None
+  if _axis_size(mesh, kv_heads) != _axis_size(mesh, heads) or kv_heads != heads and kv_heads is not None:
+    group = query.shape[2] // key.shape[2]
+    key = jnp.repeat(key, group, axis=2)  # [B, S, N, H]
+    value = jnp.repeat(value, group, axis=2)  # [B, S, N, H]
+  q_spec = P(batch, length, heads, None)
+  kv_spec = P(batch, None, heads, None)
+
+  def pairwise_spec(x):  # mask / bias [B|1, N|1, T|1, S|1]
+    return P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None,
+             length if x.shape[2] > 1 else None, None)
+
+  spec_of = {
+      "q_positions": P(batch, length), "kv_positions": P(batch, None),
+      "q_segment_ids": P(batch, length), "kv_segment_ids": P(batch, None),
+      "sinks": P(heads),
+  }
+  array_args = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) and k != "dropout_rng"}
+  static_args = {k: v for k, v in kwargs.items() if k not in array_args}
+  in_specs = {k: pairwise_spec(v) if k in ("mask", "bias") else spec_of[k]
+              for k, v in array_args.items()}
+
+  def per_shard(query, key, value, arrays):
+    return kernel(query, key, value, **arrays, **static_args)
+
+  fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, in_specs),
+                     out_specs=(q_spec, None), check_vma=False)
+  return fn(query, key, value, array_args)

@@ -1,0 +1,108 @@
+"""The kernel registry: explicit choices that cannot serve a request raise with
+the documented message, autoselect never loses a feature, its choice per
+platform is pinned, and the README's table is the registry's."""
+
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from meshattn.layers import Attention, MaskSpec
+from meshattn.layers.kernels import registry
+from meshattn.layers.kernels.registry import FEATURES, Request, select
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+MASK_FEATURES = ("causal", "full", "window", "chunk")
+
+
+@pytest.fixture(autouse=True)
+def fake_cudnn(monkeypatch):
+  """Selection on 'gpu' is decided as if cuDNN were present (no GPU here)."""
+  for kernel in list(registry._REGISTRY):
+    if kernel.available is not None:
+      monkeypatch.setattr(registry, "_REGISTRY", [
+          k if k is not kernel else registry.Kernel(**{**k.__dict__, "available": lambda: True})
+          for k in registry._REGISTRY])
+
+
+def every_unsupported_pair():
+  for kernel in registry.kernels():
+    for platform in sorted(kernel.platforms):
+      for mode in sorted(kernel.modes):
+        for feature in FEATURES:
+          if feature not in kernel.features:
+            yield kernel.name, platform, mode, feature
+
+
+@pytest.mark.parametrize("name, platform, mode, feature", list(every_unsupported_pair()))
+def test_explicit_kernel_rejects_every_unsupported_feature(name, platform, mode, feature):
+  base = {"causal"} if feature not in MASK_FEATURES else set()
+  base |= registry.kernels(name)[0].requires if name == "paged" else set()
+  request = Request(platform, mode, frozenset(base | {feature}))
+  with pytest.raises(ValueError, match=rf"{name}.*does not support \['{feature}'\]; kernels that support"):
+    select(name, request)
+
+
+def test_mode_and_platform_errors():
+  with pytest.raises(ValueError, match="does not serve model_mode='train'.*dot_product"):
+    select("ragged", Request("cpu", "train", frozenset({"causal"})))
+  with pytest.raises(ValueError, match="does not run on cpu"):
+    select("flash", Request("cpu", "train", frozenset({"causal"})))
+  with pytest.raises(ValueError, match=r"needs \['paged_kv'\]"):
+    select("paged", Request("gpu", "autoregressive", frozenset({"causal"})))
+  with pytest.raises(ValueError, match="unknown; allowed"):
+    select("splashy", Request("cpu", "train", frozenset()))
+
+
+@pytest.mark.parametrize("platform, mode, features, expected", [
+    ("cpu", "train", {"causal"}, "dot_product"),
+    ("cpu", "train", {"causal", "dropout"}, "dot_product"),
+    ("tpu", "train", {"causal", "gqa", "segment_ids", "soft_cap", "backward"}, "flash"),
+    ("tpu", "train", {"causal", "sinks", "backward"}, "blockwise"),
+    ("gpu", "train", {"causal", "gqa", "backward"}, "flash"),
+    ("gpu", "train", {"window", "gqa", "backward"}, "flash"),
+    ("gpu", "train", {"causal", "segment_ids", "backward"}, "blockwise"),
+    ("gpu", "train", {"causal", "soft_cap", "sinks", "backward"}, "blockwise"),
+    ("gpu", "train", {"causal", "dropout", "backward"}, "dot_product"),
+    ("gpu", "autoregressive", {"causal", "gqa"}, "ragged"),
+    ("gpu", "autoregressive", {"causal", "gqa", "paged_kv"}, "paged"),
+    ("gpu", "autoregressive", {"chunk"}, "dot_product"),
+    ("cpu", "autoregressive", {"causal", "paged_kv"}, "dot_product"),
+    ("tpu", "prefill", {"causal", "quantized_kv"}, "dot_product"),
+])
+def test_autoselect_choice_per_platform(platform, mode, features, expected):
+  assert select("autoselected", Request(platform, mode, frozenset(features))).name == expected
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(platform=st.sampled_from(registry.PLATFORMS),
+       mode=st.sampled_from(["train", "prefill", "autoregressive"]),
+       mask=st.sampled_from(MASK_FEATURES),
+       extra=st.sets(st.sampled_from([f for f in FEATURES if f not in MASK_FEATURES])))
+def test_autoselect_never_loses_a_feature(platform, mode, mask, extra):
+  request = Request(platform, mode, frozenset({mask} | extra))
+  try:
+    kernel = select("autoselected", request)
+  except ValueError as error:
+    # Only when no kernel at all supports it; then nothing was silently dropped.
+    assert not any(k.serves(request) for k in registry.kernels()), error
+    return
+  assert request.features <= kernel.features
+  assert platform in kernel.platforms and mode in kernel.modes
+
+
+def test_readme_table_is_generated_from_the_registry():
+  assert registry.feature_table_markdown() in README.read_text()
+
+
+def test_layer_refuses_an_explicit_kernel_missing_a_feature():
+  model = Attention(rngs=nnx.Rngs(params=0, dropout=1), emb_dim=16, num_query_heads=2,
+                    attention="blockwise", dropout_rate=0.1)
+  with pytest.raises(ValueError, match=r"blockwise.*\['dropout'\]"):
+    model(jnp.ones((1, 4, 16)), deterministic=False)
+  with pytest.raises(ValueError, match="decode_attention"):
+    Attention(rngs=nnx.Rngs(0), emb_dim=16, num_query_heads=2, attention="ragged")
+  with pytest.raises(ValueError, match="decode_attention"):
+    Attention(rngs=nnx.Rngs(0), emb_dim=16, num_query_heads=2, decode_attention="flash")
