@@ -1,0 +1,124 @@
+"""cuDNN flash attention (through `jax.nn.dot_product_attention`) behind the reference signature.
+
+`cudnn_attention` takes what `dot_product_attention` takes and returns the
+same numbers where it accepts the inputs; everything else raises ValueError
+naming the feature (the names of `CUDNN_FEATURES`), before any GPU work.
+
+What jax.nn.dot_product_attention(implementation="cudnn") offers, and how the
+reference maps onto it:
+  * scale, bias (added after scaling, like the reference), a boolean mask
+    (True = attend; cuDNN turns it into a large negative bias), is_causal,
+    a left-only sliding window: local_window_size=(window-1, 0) is the
+    reference's "t sees t-window+1 .. t".
+  * GQA / MQA: K < N key heads are taken directly (query head n uses kv head
+    n // G, the reference layout), never repeated.
+  * The gradient is cuDNN's fused backward.
+What it does not offer, hence refused: chunked masks, logit soft cap, sinks,
+score_mod / mask_mod (no logits hook), dropout (not exposed by jax.nn), the
+attention weights, and segment ids (jax.nn only takes per-example lengths,
+which describe right padding, not packed segments; a packing mask as a dense
+`mask` would cost [B, T, S] memory, which the caller can choose explicitly).
+
+Positions must be the token indices (train mode): cuDNN's causal and window
+masks are index based. A query whose user mask hides every key gets zeros, as
+in the reference (cuDNN alone would average the values).
+cuDNN runs float16 / bfloat16 only; float32 inputs raise ValueError.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.flash_tpu import (
+    check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+from meshattn.layers.masks import structural_mask
+
+CUDNN_FEATURES = frozenset({
+    "gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
+
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
+@functools.cache
+def cudnn_available() -> bool:
+  """Whether a GPU backend is present and a tiny cuDNN attention compiles and runs (cached)."""
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError:  # no GPU backend (or JAX_PLATFORMS excludes it)
+    return False
+  try:
+    x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
+    attend = jax.jit(functools.partial(
+        jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
+    jax.block_until_ready(attend(x, x, x))
+    return True
+  except Exception:  # pylint: disable=broad-except  # any failure means "not usable here"
+    return False
+
+
+def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
+  """A mask/bias broadcastable to [B, N, T, S] -> 4-D with full T and S (cuDNN needs them)."""
+  if x.ndim > 4:
+    raise ValueError(f"{name} must be broadcastable to [batch, heads, q_len, kv_len], "
+                     f"got shape {x.shape}")
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)  # [b, n, t, s]
+  return jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len))  # [b, n, T, S]
+
+
+def cudnn_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    options: KernelOptions,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+) -> tuple[jax.Array, None]:
+  """cuDNN attention of query [B, T, N, H] over key/value [B, S, K, H].
+
+  Same arguments and results as `dot_product_attention` (weights are always
+  None); see the module docstring for what is refused and why.
+  """
+  del dropout_rng  # dropout is rejected below; the rng has nothing to do
+  batch, q_len, num_heads, _ = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  requested = requested_features(
+      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
+      bias=bias, deterministic=deterministic, return_weights=return_weights)
+  reject_unsupported("cudnn_attention", CUDNN_FEATURES, requested)
+  check_index_positions(q_positions, kv_positions, q_len, kv_len, "cudnn_attention")
+  check_no_empty_rows(options.mask, q_len, kv_len, "cudnn_attention")
+  if query.dtype not in _CUDNN_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+    raise ValueError("cudnn_attention needs float16 or bfloat16 query/key/value of one dtype, "
+                     f"got {query.dtype}/{key.dtype}/{value.dtype}")
+
+  spec = options.mask
+  window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
+  mask4 = None if mask is None else _to_bnts(mask.astype(bool), q_len, kv_len, "mask")
+  bias4 = None if bias is None else _to_bnts(bias.astype(query.dtype), q_len, kv_len, "bias")
+  context = jax.nn.dot_product_attention(
+      query, key, value, bias=bias4, mask=mask4, scale=options.scale,
+      is_causal=spec.is_causal, local_window_size=window,
+      implementation="cudnn")  # [B, T, N, H]
+  if mask4 is not None:
+    # A row whose user mask hides every visible key is zero in the reference.
+    allowed = structural_mask(spec, q_positions, kv_positions)[:, None] & mask4  # [B, n, T, S]
+    keep = allowed.any(axis=-1).transpose(0, 2, 1)[..., None]  # [B, T, n, 1]
+    context = jnp.where(keep, context, jnp.zeros((), context.dtype))
+  return context, None
