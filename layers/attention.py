@@ -133,7 +133,7 @@ class Attention(nnx.Module):
         "soft_cap": s.attn_logits_soft_cap is not None, "sinks": s.attention_sink,
         "user_mask": mask, "user_bias": bias, "score_mod": s.score_mod is not None,
         "mask_mod": s.mask_mod is not None, "dropout": dropout, "weights": weights,
-        "backward": mode == "train",
+        "backward": mode == "train", "float32": jnp.dtype(s.dtype) == jnp.float32,
         "quantized_kv": mode != "train" and s.kv_quant is not None,
         "paged_kv": mode != "train" and isinstance(self.cache, PagedKVCache)}
     return frozenset(wanted | {name for name, on in flags.items() if on})

@@ -26,14 +26,15 @@ logger = logging.getLogger("meshattn.kernels")
 
 FEATURES: tuple[str, ...] = (
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
-    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward")
+    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward",
+    "float32")
 PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
 TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
 DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
 
 _ALL_TRAIN = frozenset(FEATURES) - {"quantized_kv", "paged_kv"}
 _ALL_DECODE = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap", "sinks",
-                         "score_mod", "mask_mod", "quantized_kv", "paged_kv"})
+                         "score_mod", "mask_mod", "quantized_kv", "paged_kv", "float32"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +185,14 @@ def feature_table_markdown(platforms: Iterable[str] = PLATFORMS) -> str:
 _K = "meshattn.layers.kernels"
 ALL = frozenset(PLATFORMS)
 SPLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
-                             "backward"})
-CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "backward"})
+                             "sinks", "backward", "float32"})
+# cuDNN takes only fp16/bf16 inputs: no "float32".
+CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
 BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
-                                "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward"})
-RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
-PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
+                                "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward",
+                                "float32"})
+RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv", "float32"})
+PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv", "float32"})
 
 register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
                 f"{_K}.dot_product:dot_product_attention", "reference einsum"))

@@ -59,8 +59,9 @@ def test_mode_and_platform_errors():
 @pytest.mark.parametrize("platform, mode, features, expected", [
     ("cpu", "train", {"causal"}, "dot_product"),
     ("cpu", "train", {"causal", "dropout"}, "dot_product"),
-    ("tpu", "train", {"causal", "gqa", "segment_ids", "soft_cap", "backward"}, "flash"),
-    ("tpu", "train", {"causal", "sinks", "backward"}, "blockwise"),
+    ("tpu", "train", {"causal", "gqa", "segment_ids", "soft_cap", "sinks", "backward"}, "flash"),
+    ("tpu", "train", {"causal", "score_mod", "backward"}, "blockwise"),
+    ("gpu", "train", {"causal", "backward", "float32"}, "blockwise"),
     ("gpu", "train", {"causal", "gqa", "backward"}, "flash"),
     ("gpu", "train", {"window", "gqa", "backward"}, "flash"),
     ("gpu", "train", {"causal", "segment_ids", "backward"}, "blockwise"),
@@ -106,3 +107,18 @@ def test_layer_refuses_an_explicit_kernel_missing_a_feature():
     Attention(rngs=nnx.Rngs(0), emb_dim=16, num_query_heads=2, attention="ragged")
   with pytest.raises(ValueError, match="decode_attention"):
     Attention(rngs=nnx.Rngs(0), emb_dim=16, num_query_heads=2, decode_attention="flash")
+
+
+@pytest.mark.parametrize("module, constant, registered", [
+    ("flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
+    ("flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
+    ("blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
+    ("ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
+    ("paged", "PAGED_FEATURES", "PAGED_FEATURES"),
+])
+def test_registered_features_match_each_kernel_module(module, constant, registered):
+  """The registry states features without importing kernels; they must agree."""
+  import importlib
+  declared = getattr(importlib.import_module(f"meshattn.layers.kernels.{module}"), constant)
+  # "float32" (accepts float32 inputs) is a registry-level dtype fact, not in the modules' sets.
+  assert frozenset(declared) - {"float32"} == getattr(registry, registered) - {"float32"}
