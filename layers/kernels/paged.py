@@ -1,0 +1,319 @@
+"""Decode attention over a paged KV cache (kvcache.paged layout), Pallas kernels.
+
+A paged cache keeps K/V in a shared pool key_pages / value_pages
+[P, tpp, K, H]; row b's logical entry j lives in page page_table[b, j // tpp]
+at offset j % tpp, and table entries past the row's pages are -1. As in
+ragged.py, the new token is already in the cache, so row b's single query
+attends over entries [0, lengths[b]); the order of operations (scale, soft
+cap, mask, float32 softmax with a sink that takes mass and adds no value) and
+int8 dequantization per block are the same, and a row with nothing visible
+gives zeros.
+
+Why kernels and not a gather: gathering every row's pages into a contiguous
+[B, maxp * tpp, K, H] copy reads and writes the padded maximum for every
+row. The kernels instead walk each row's own table and touch only its
+ceil(length / tpp) pages, `pages_per_block` pages per step (more pages per
+step = fewer running-max rescales and more loads in flight):
+  backend "gpu"  program (b, k) loads each page id from the table (a scalar
+                 load) and then that page's [tpp, H] tile with a masked load;
+                 the loop's trip count is the row's own number of blocks;
+  backend "tpu"  the page table (flattened) and lengths are scalar-prefetched
+                 and the page BlockSpecs' index_maps look the page ids up, one
+                 input per page slot of a block (the same pool passed
+                 `pages_per_block` times), clamped to the row's last page, so
+                 steps past the row's pages repeat a block index and fetch
+                 nothing new.
+A row never reads a page that is not in its table (GPU: masked loads; TPU:
+ids come from its table) -- with one exception on TPU: a row of length 0
+whose table is empty still has its grid steps, and the pipeline fetches
+page 0 for them (never computed on, the row's output is zeros).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from meshattn.layers.kernels.ragged import (
+    check_kernel_kv, dequantize_or_cast, finish, initial_carry, is_pow2, masked_decode_attention,
+    online_block_update, pad_groups, triton_group, triton_params)
+
+PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+  """pages [P, tpp, ...] -> each row's logical entries [B, maxp * tpp, ...].
+
+  Unallocated table entries (-1) read as zeros without touching any page
+  (an out-of-range index with mode="fill"), not as page P-1 or page 0.
+  """
+  num_pages, tpp = pages.shape[:2]
+  ids = jnp.where(page_table >= 0, page_table, num_pages)  # [B, maxp]; P = no page
+  rows = pages.at[ids].get(mode="fill", fill_value=0)  # [B, maxp, tpp, ...]
+  return rows.reshape((ids.shape[0], ids.shape[1] * tpp) + pages.shape[2:])
+
+
+def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *, scale,
+                           soft_cap=None, sinks=None, key_scale=None, value_scale=None):
+  """Decode attention of query [B, N, H] over paged K/V; returns [B, N, H] in query.dtype.
+
+  key_pages / value_pages [P, tpp, K, H] (float, int8 or int4 with
+  key_scale / value_scale [P, tpp, K or 1]), page_table [B, maxp] (-1 = no
+  page), lengths [B]. The specification: gathers every row's pages (padded
+  to maxp), then masks entries j >= lengths[b] and entries of missing pages.
+  """
+  tpp = key_pages.shape[1]
+  k = gather_pages(key_pages, page_table)  # [B, C, K, H]
+  v = gather_pages(value_pages, page_table)  # [B, C, K, H]
+  ks = None if key_scale is None else gather_pages(key_scale, page_table)  # [B, C, K or 1]
+  vs = None if value_scale is None else gather_pages(value_scale, page_table)
+  k = dequantize_or_cast(k, ks, jnp.float32)
+  v = dequantize_or_cast(v, vs, jnp.float32)
+  capacity = k.shape[1]
+  j = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, C]
+  has_page = jnp.repeat(page_table >= 0, tpp, axis=1)  # [B, C]
+  visible = (j < lengths.astype(jnp.int32)[:, None]) & has_page  # [B, C]
+  return masked_decode_attention(query, k, v, visible, scale=scale, soft_cap=soft_cap, sinks=sinks)
+
+
+# ---- GPU (Triton) kernel -------------------------------------------------------------
+
+
+def _gpu_kernel(*refs, pages_per_block, scale, soft_cap, has_sinks, quantized):
+  """Program (b, k): all query heads of kv head k of row b, over that row's own pages."""
+  from jax.experimental.pallas import triton as plgpu
+
+  refs = list(refs)
+  length_ref, table_ref, q_ref, k_ref, v_ref = refs[:5]  # [1], [maxp], [Gp, H], [P, tpp, H] x2
+  rest = refs[5:]
+  ks_ref = vs_ref = sink_ref = None
+  if quantized:
+    ks_ref, vs_ref, *rest = rest  # [P, tpp] x2
+  if has_sinks:
+    sink_ref, *rest = rest  # [Gp, 1]
+  (o_ref,) = rest  # [Gp, H]
+
+  length = length_ref[0]
+  q = q_ref[...]  # [Gp, H]
+  group, head_dim = q.shape
+  tpp = k_ref.shape[1]
+  max_pages = table_ref.shape[0]
+  num_pages = pl.cdiv(length, tpp)
+
+  def body(i, carry):
+    tiles = []
+    for j in range(pages_per_block):
+      slot = i * pages_per_block + j
+      # Slots past the row's pages load nothing (all-false mask); the clamps
+      # only keep the computed addresses in range.
+      page = jnp.maximum(table_ref[jnp.minimum(slot, max_pages - 1)], 0)
+      start = slot * tpp
+      idx_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1)  # [1, tpp]
+      idx_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0)  # [tpp, 1]
+      valid_row, valid_col = idx_row < length, idx_col < length
+      tile_mask = jnp.broadcast_to(valid_col, (tpp, head_dim))  # [tpp, H]
+      k = plgpu.load(k_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
+      v = plgpu.load(v_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
+      k_scale = v_scale = None
+      if quantized:
+        flat = valid_row[0]  # [tpp]
+        k_scale = plgpu.load(ks_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
+        v_scale = plgpu.load(vs_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
+      tiles.append((k, v, valid_row, valid_col, k_scale, v_scale))
+    return online_block_update(carry, q, tiles, scale=scale, soft_cap=soft_cap)
+
+  carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
+  _, l, acc = lax.fori_loop(0, pl.cdiv(num_pages, pages_per_block), body, carry)
+  o_ref[...] = finish(l, acc).astype(o_ref.dtype)
+
+
+def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
+               key_scale, value_scale, pages_per_block, interpret):
+  batch, num_heads, head_dim = query.shape
+  total_pages, tpp, kv_heads = key_pages.shape[:3]
+  max_pages = page_table.shape[1]
+  group = num_heads // kv_heads
+  padded_group = triton_group(group)
+  if not interpret and not (is_pow2(tpp) and is_pow2(head_dim)):
+    raise ValueError(f"GPU paged decode kernel: tokens_per_page={tpp} and head_dim={head_dim} "
+                     "must be powers of two (Triton tensor shapes)")
+  q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
+  quantized = key_scale is not None
+  pool = (total_pages, tpp, None, head_dim)
+  operands = [lengths.astype(jnp.int32), page_table.astype(jnp.int32), q, key_pages, value_pages]
+  in_specs = [
+      pl.BlockSpec((1,), lambda b, k: (b,)),
+      pl.BlockSpec((None, max_pages), lambda b, k: (b, 0)),
+      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
+      pl.BlockSpec(pool, lambda b, k: (0, 0, k, 0)),
+      pl.BlockSpec(pool, lambda b, k: (0, 0, k, 0)),
+  ]
+  if quantized:
+    for s in (key_scale, value_scale):
+      per_head = s.shape[-1] != 1
+      operands.append(s.astype(jnp.float32))
+      in_specs.append(pl.BlockSpec((total_pages, tpp, None),
+                                   lambda b, k, per_head=per_head: (0, 0, k if per_head else 0)))
+  if sinks is not None:
+    operands.append(sink)
+    in_specs.append(pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0)))
+  kernel = functools.partial(_gpu_kernel, pages_per_block=pages_per_block, scale=float(scale),
+                             soft_cap=float(soft_cap) if soft_cap else None,
+                             has_sinks=sinks is not None, quantized=quantized)
+  out = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, padded_group, head_dim), query.dtype),
+      compiler_params=triton_params(),
+      interpret=interpret,
+      name="paged_decode_gpu",
+  )(*operands)  # [B, K, Gp, H]
+  return out[:, :, :group].reshape(batch, num_heads, head_dim)
+
+
+# ---- TPU (Mosaic) kernel --------------------------------------------------------------
+
+
+def _page_slot(length, i, j, *, tpp: int, pages_per_block: int):
+  """Table column that page slot j of block i reads: clamped into the row's own pages."""
+  num_pages = pl.cdiv(length, tpp)
+  last_block = jnp.maximum(pl.cdiv(num_pages, pages_per_block) - 1, 0)
+  slot = jnp.minimum(i, last_block) * pages_per_block + j
+  return jnp.minimum(slot, jnp.maximum(num_pages - 1, 0))
+
+
+def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, kv_heads, scale, soft_cap,
+                has_sinks, quantized):
+  """Program (b, i): pages_per_block pages of row b for all kv heads; state in scratch."""
+  ppb = pages_per_block
+  refs = list(refs)
+  q_ref = refs[0]  # [K, G, H]
+  k_refs, v_refs = refs[1:1 + ppb], refs[1 + ppb:1 + 2 * ppb]  # [tpp, K, H] each
+  rest = refs[1 + 2 * ppb:]
+  ks_refs = vs_refs = sink_ref = None
+  if quantized:
+    ks_refs, vs_refs, rest = rest[:ppb], rest[ppb:2 * ppb], rest[2 * ppb:]  # [tpp, K or 1] each
+  if has_sinks:
+    sink_ref, *rest = rest  # [K, G, 1]
+  o_ref, m_ref, l_ref, acc_ref = rest  # [K, G, H], [K, G, 1], [K, G, 1], [K, G, H]
+  del table_ref  # used by the index_maps only
+  b, i = pl.program_id(0), pl.program_id(1)
+  length = lengths_ref[b]
+  group, head_dim = q_ref.shape[1], q_ref.shape[2]
+  tpp = k_refs[0].shape[0]
+
+  @pl.when(i == 0)
+  def _init():
+    for kv in range(kv_heads):
+      m, l, acc = initial_carry(sink_ref[kv] if has_sinks else None, group, head_dim)
+      m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+
+  @pl.when(i * ppb * tpp < length)
+  def _update():
+    for kv in range(kv_heads):
+      tiles = []
+      for j in range(ppb):
+        start = (i * ppb + j) * tpp  # logical slot (the page itself may be a clamped repeat)
+        valid_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1) < length  # [1, tpp]
+        valid_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0) < length  # [tpp, 1]
+        k_scale = v_scale = None
+        if quantized:
+          sk = kv if ks_refs[j].shape[1] != 1 else 0
+          k_scale, v_scale = ks_refs[j][:, sk:sk + 1], vs_refs[j][:, sk:sk + 1]  # [tpp, 1]
+        tiles.append((k_refs[j][:, kv, :], v_refs[j][:, kv, :], valid_row, valid_col,
+                      k_scale, v_scale))
+      carry = (m_ref[kv], l_ref[kv], acc_ref[kv])
+      m, l, acc = online_block_update(carry, q_ref[kv], tiles, scale=scale, soft_cap=soft_cap)
+      m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _finish():
+    for kv in range(kv_heads):
+      o_ref[kv] = finish(l_ref[kv], acc_ref[kv]).astype(o_ref.dtype)
+
+
+def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
+               key_scale, value_scale, pages_per_block, interpret):
+  from jax.experimental.pallas import tpu as pltpu
+
+  batch, num_heads, head_dim = query.shape
+  tpp, kv_heads = key_pages.shape[1:3]
+  max_pages = page_table.shape[1]
+  group = num_heads // kv_heads
+  ppb = pages_per_block
+  quantized = key_scale is not None
+
+  def page_map(j, trailing: int):
+    def index_map(b, i, lengths_ref, table_ref):
+      slot = _page_slot(lengths_ref[b], i, j, tpp=tpp, pages_per_block=ppb)
+      page = jnp.maximum(table_ref[b * max_pages + slot], 0)  # -1 only for an empty row
+      return (page, 0) + (0,) * trailing
+    return index_map
+
+  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
+  operands = [q]
+  in_specs = [pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L, T: (b, 0, 0, 0))]
+  for pool in (key_pages, value_pages):
+    for j in range(ppb):
+      operands.append(pool)
+      in_specs.append(pl.BlockSpec((None, tpp, kv_heads, head_dim), page_map(j, 2)))
+  if quantized:
+    for s in (key_scale, value_scale):
+      for j in range(ppb):
+        operands.append(s.astype(jnp.float32))
+        in_specs.append(pl.BlockSpec((None, tpp, s.shape[-1]), page_map(j, 1)))
+  if sinks is not None:
+    operands.append(sinks.astype(jnp.float32).reshape(kv_heads, group, 1))
+    in_specs.append(pl.BlockSpec((kv_heads, group, 1), lambda b, i, L, T: (0, 0, 0)))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(batch, pl.cdiv(max_pages, ppb)),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L, T: (b, 0, 0, 0)),
+      scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
+  kernel = functools.partial(_tpu_kernel, pages_per_block=ppb, kv_heads=kv_heads,
+                             scale=float(scale), soft_cap=float(soft_cap) if soft_cap else None,
+                             has_sinks=sinks is not None, quantized=quantized)
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), query.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+      name="paged_decode_tpu",
+  )(lengths.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), *operands)
+  return out.reshape(batch, num_heads, head_dim)  # [B, N, H]
+
+
+# ---- public entry point -------------------------------------------------------------
+
+
+def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, scale,
+                        soft_cap=None, sinks=None, key_scale=None, value_scale=None,
+                        pages_per_block: int = 1, interpret=False, backend: str = "gpu"):
+  """Pallas paged decode attention; same arguments and result as `paged_decode_reference`.
+
+  pages_per_block >= 1 pages per loop step / grid step. backend "gpu"
+  (Triton) or "tpu" (Mosaic); interpret=True runs either on CPU.
+  """
+  if pages_per_block < 1:
+    raise ValueError(f"pages_per_block={pages_per_block}: must be >= 1")
+  check_kernel_kv(key_pages, value_pages, key_scale, value_scale)
+  if query.shape[1] % key_pages.shape[2]:
+    raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads "
+                     f"{key_pages.shape[2]}")
+  args = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
+              value_scale=value_scale, pages_per_block=pages_per_block, interpret=interpret)
+  if backend == "gpu":
+    return _paged_gpu(query, key_pages, value_pages, page_table, lengths, **args)
+  if backend == "tpu":
+    return _paged_tpu(query, key_pages, value_pages, page_table, lengths, **args)
+  raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")

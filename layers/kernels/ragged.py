@@ -1,0 +1,495 @@
+"""Decode attention over a ragged batch: one query token per sequence, Pallas kernels.
+
+In a decode step every sequence b has written its new token into the cache
+already, so its single query attends over cache entries [0, lengths[b]).
+Lengths differ across the batch by orders of magnitude in serving, and the
+cache is sized for the longest, so a kernel that reads the padded capacity
+spends its memory bandwidth (the whole cost of decode) on nothing. The
+kernels here read only each row's valid blocks: the work of a row is
+proportional to its own length.
+
+Math (the order of operations of dot_product.py): logits = (q . k) * scale,
+soft cap c*tanh(logits/c), mask (j < length, and length-1-j < window for a
+sliding window), float32 softmax over [visible keys..., sink] where the
+per-head sink logit takes probability mass and adds no value. A row with
+nothing visible gives zeros (never NaN). GQA / MQA never repeat K/V: the G
+query heads of one kv head are processed together against that head's keys.
+
+int8 K/V (kvcache.quant layout: scales [B, S, K or 1] per token) are
+dequantized one block at a time inside the kernels, so the cache is never
+copied to full precision. The Pallas kernels take float or int8 K/V (int4
+has no sub-byte load in the Triton lowering); the reference takes any.
+On GPU the int8 tile is cast exactly to the query dtype and the scales are
+applied to the logits / probabilities, so a bfloat16 query keeps bfloat16
+dots; a float32 query with int8 K/V runs float32 (IEEE) dots and is slow.
+
+Three implementations of one function:
+  ragged_decode_reference       pure JAX, the specification (reads the whole
+                                padded cache, then masks);
+  ragged_decode_pallas(backend="gpu")
+                                Triton-style: grid (batch, kv_heads), each
+                                program loops (lax.fori_loop, dynamic trip
+                                count) over only the ceil(length/block_kv)
+                                blocks of its row (from the first block in the
+                                window), with masked loads for the tail block;
+  ragged_decode_pallas(backend="tpu")
+                                Mosaic-style: grid (batch, kv blocks) with the
+                                lengths scalar-prefetched, so the kv-block
+                                index_map clamps to the row's first / last
+                                valid block: blocks outside are the same block
+                                index again, which the pipeline does not fetch.
+Both Pallas variants run on CPU with interpret=True (how the tests check them).
+
+GPU constraints (checked when not interpreting): head_dim and block_kv are
+powers of two, and the G query heads of a kv head are zero-padded to a power
+of two >= 16 (Triton tensor shapes, tl.dot's smallest tile); padding the
+query is cheap, K/V are never padded or copied. One program per (row, kv
+head) and no split over the sequence: a small batch of very long rows
+leaves SMs idle (a split-K variant with a combine step is the next step).
+The TPU variant keeps all kv heads of a row in one program so that each K/V
+block [block_kv, K, H] has full trailing dims (Mosaic tiling); it has only
+been run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Masked logits: finite, so a row with nothing visible stays NaN-free.
+_NEG = -1e30
+
+RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+# ---- shared math ---------------------------------------------------------------
+
+
+def dequantize_or_cast(x: jax.Array, scale: jax.Array | None, dtype) -> jax.Array:
+  """x [..., S, K, H] (int8 or float), scale [..., S, K or 1] or None -> float `dtype`."""
+  if scale is None:
+    return x.astype(dtype)
+  return (x.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
+
+
+def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None, sinks=None):
+  """Softmax attention of query [B, N, H] over key/value [B, S, K, H] (float32) where visible [B, S].
+
+  Shared by the ragged and paged references. Invisible keys / values are
+  replaced by zeros before any arithmetic, so whatever they hold (stale data,
+  NaN) cannot reach the output.
+  """
+  batch, num_heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  group = num_heads // kv_heads
+  key = jnp.where(visible[:, :, None, None], key, 0.0)  # [B, S, K, H]
+  value = jnp.where(visible[:, :, None, None], value, 0.0)  # [B, S, K, H]
+  q = query.astype(jnp.float32).reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
+  logits = jnp.einsum("BKGH,BSKH->BKGS", q, key, precision=_HIGHEST) * scale  # [B, K, G, S]
+  if soft_cap:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  allowed = visible[:, None, None, :]  # [B, 1, 1, S]
+  logits = jnp.where(allowed, logits, _NEG)
+  m = logits.max(-1, keepdims=True)  # [B, K, G, 1]
+  if sinks is not None:
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
+    m = jnp.maximum(m, sink)
+  p = jnp.where(allowed, jnp.exp(logits - m), 0.0)  # [B, K, G, S]
+  denom = p.sum(-1, keepdims=True)  # [B, K, G, 1]
+  if sinks is not None:
+    denom = denom + jnp.exp(sink - m)  # the sink's mass; it contributes no value
+  out = jnp.einsum("BKGS,BSKH->BKGH", p, value, precision=_HIGHEST)  # [B, K, G, H]
+  out = jnp.where(denom > 0, out / jnp.maximum(denom, 1e-30), 0.0)
+  return out.reshape(batch, num_heads, value.shape[-1]).astype(query.dtype)  # [B, N, H]
+
+
+def ragged_visible(lengths: jax.Array, capacity: int, window: int | None) -> jax.Array:
+  """[B, S]: entry j of row b is visible iff j < lengths[b] and lengths[b]-1-j < window."""
+  j = jnp.arange(capacity, dtype=jnp.int32)[None, :]  # [1, S]
+  n = lengths.astype(jnp.int32)[:, None]  # [B, 1]
+  visible = j < n
+  if window is not None:
+    visible = visible & (n - 1 - j < window)
+  return visible
+
+
+def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None, window=None,
+                            sinks=None, key_scale=None, value_scale=None):
+  """Decode attention of query [B, N, H] over key/value [B, S, K, H] for rows of `lengths` [B].
+
+  The specification the Pallas kernels are tested against: plain JAX over
+  the whole padded cache, masked to each row's valid entries (and window).
+  key_scale / value_scale [B, S, K or 1] dequantize int8/int4 K/V. Returns
+  [B, N, H] in query.dtype; a row of length 0 gives zeros.
+  """
+  _check_window(window)
+  visible = ragged_visible(lengths, key.shape[1], window)  # [B, S]
+  k = dequantize_or_cast(key, key_scale, jnp.float32)  # [B, S, K, H]
+  v = dequantize_or_cast(value, value_scale, jnp.float32)  # [B, S, K, H]
+  return masked_decode_attention(query, k, v, visible, scale=scale, soft_cap=soft_cap, sinks=sinks)
+
+
+# ---- the block update every kernel shares ---------------------------------------
+
+
+def online_block_update(carry, q, tiles, *, scale, soft_cap):
+  """One online-softmax step of q [G, H] over a block made of one or more tiles.
+
+  carry = (m [G, 1], l [G, 1], acc [G, H]) in float32. Each tile is
+  (k [bk, H], v [bk, H], valid_row [1, bk], valid_col [bk, 1], k_scale, v_scale):
+  the visibility mask is given twice, laid out for the logits' columns and
+  for the value rows, so no kernel needs a 1-D transpose. Several tiles (the
+  pages of a paged block) share one running-max rescale.
+
+  int8 tiles come with per-token scales in one of two layouts:
+    [1, bk]  (GPU) the scales multiply the logits' columns and the
+             probabilities instead of the tile, and the int8 tile is cast
+             exactly to the query dtype, so a bfloat16 query keeps bfloat16
+             tensor-core dots (a dequantized tile would need float32 dots);
+    [bk, 1]  (TPU) the tile is dequantized to float32 here (no lane <->
+             sublane transpose of the scales).
+  Invisible value rows and probabilities are zeroed: a tile read without a
+  load mask (TPU blocks, the padded tail of a partial block, a clamped page)
+  may hold anything, NaN included.
+  """
+  m, l, acc = carry
+  parts = []
+  for k, v, valid_row, valid_col, k_scale, v_scale in tiles:
+    by_column = k_scale is not None and k_scale.shape[0] == 1
+    if k_scale is not None and not by_column:
+      k = k.astype(jnp.float32) * k_scale  # [bk, H]
+      v = v.astype(jnp.float32) * v_scale  # [bk, H]
+    if by_column or q.dtype == k.dtype:
+      dtype = q.dtype  # int8 -> q.dtype is exact
+    else:
+      dtype = jnp.float32
+    v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H]
+    logits = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
+                             precision=_HIGHEST, preferred_element_type=jnp.float32)  # [G, bk]
+    if by_column:
+      logits = logits * k_scale  # [G, bk] * [1, bk]
+    logits = logits * scale
+    if soft_cap:
+      logits = soft_cap * jnp.tanh(logits / soft_cap)
+    logits = jnp.where(valid_row, logits, _NEG)  # [G, bk]
+    parts.append((logits, v, valid_row, v_scale if by_column else None, dtype))
+  m_new = m
+  for logits, *_ in parts:
+    m_new = jnp.maximum(m_new, logits.max(axis=1, keepdims=True))  # [G, 1]
+  correction = jnp.exp(m - m_new)  # [G, 1]
+  l_new, acc_new = l * correction, acc * correction  # [G, 1], [G, H]
+  for logits, v, valid_row, v_scale, dtype in parts:
+    p = jnp.where(valid_row, jnp.exp(logits - m_new), 0.0)  # [G, bk]
+    l_new = l_new + p.sum(axis=1, keepdims=True)
+    if v_scale is not None:
+      p = jnp.where(valid_row, p * v_scale, 0.0)  # [G, bk] * [1, bk]
+    acc_new = acc_new + lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())),
+                                        precision=_HIGHEST,
+                                        preferred_element_type=jnp.float32)  # [G, H]
+  return m_new, l_new, acc_new
+
+
+def initial_carry(sink, group: int, head_dim: int):
+  """(m, l, acc) before any key: the sink (if any) is the first 'key', with no value."""
+  if sink is None:
+    m = jnp.full((group, 1), _NEG, jnp.float32)
+    l = jnp.zeros((group, 1), jnp.float32)
+  else:
+    m = sink.astype(jnp.float32)  # [G, 1]
+    l = jnp.ones((group, 1), jnp.float32)  # exp(sink - m) = 1
+  return m, l, jnp.zeros((group, head_dim), jnp.float32)
+
+
+def finish(l, acc):
+  """acc / l, and zeros where nothing (not even a sink) was visible."""
+  return jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)
+
+
+# ---- argument checks -------------------------------------------------------------
+
+
+def _check_window(window):
+  if window is not None and window < 1:
+    raise ValueError(f"window={window}: must be >= 1 (or None)")
+
+
+def check_kernel_kv(key, value, key_scale, value_scale):
+  """The Pallas kernels read float or int8 K/V; quantized K/V need their scales."""
+  for name, x, s in (("key", key, key_scale), ("value", value, value_scale)):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      if x.dtype != jnp.int8:
+        raise NotImplementedError(f"{name} dtype {x.dtype}: the Pallas decode kernels read int8 or "
+                                  "float K/V (use the reference for int4)")
+      if s is None:
+        raise ValueError(f"{name} is {x.dtype} but no {name}_scale was given")
+  if (key_scale is None) != (value_scale is None):
+    raise ValueError("key_scale and value_scale must be given together")
+
+
+def is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def triton_group(group: int) -> int:
+  """Query heads per program on GPU: a power of two >= 16 (tl.dot's smallest M tile)."""
+  return max(16, next_pow2(group))
+
+
+def pad_groups(query, kv_heads: int, sinks, padded_group: int):
+  """query [B, N, H] -> [B, K, Gp, H]; sinks [N] -> [K, Gp, 1] (zeros pad; sliced away after)."""
+  batch, num_heads, head_dim = query.shape
+  group = num_heads // kv_heads
+  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))  # [B, K, Gp, H]
+  if sinks is not None:
+    sinks = sinks.astype(jnp.float32).reshape(kv_heads, group)  # [K, G]
+    sinks = jnp.pad(sinks, ((0, 0), (0, padded_group - group)))[..., None]  # [K, Gp, 1]
+  return q, sinks
+
+
+# ---- GPU (Triton) kernel -------------------------------------------------------------
+
+
+def _gpu_kernel(*refs, block_kv, scale, soft_cap, window, has_sinks, quantized):
+  """Program (b, k): all query heads of kv head k of row b, over that row's valid blocks only."""
+  from jax.experimental.pallas import triton as plgpu
+
+  refs = list(refs)
+  length_ref, q_ref, k_ref, v_ref = refs[:4]  # [1], [Gp, H], [S, H], [S, H]
+  rest = refs[4:]
+  ks_ref = vs_ref = sink_ref = None
+  if quantized:
+    ks_ref, vs_ref, *rest = rest  # [S], [S]
+  if has_sinks:
+    sink_ref, *rest = rest  # [Gp, 1]
+  (o_ref,) = rest  # [Gp, H]
+
+  length = length_ref[0]
+  q = q_ref[...]  # [Gp, H]
+  group, head_dim = q.shape
+  lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
+  first = lo // block_kv
+  last = pl.cdiv(length, block_kv)  # dynamic trip count: blocks past the length are never read
+
+  def body(i, carry):
+    start = i * block_kv
+    idx_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
+    idx_col = start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)  # [bk, 1]
+    valid_row = (idx_row < length) & (idx_row >= lo)
+    valid_col = (idx_col < length) & (idx_col >= lo)
+    tile_mask = jnp.broadcast_to(valid_col, (block_kv, head_dim))  # [bk, H]
+    rows = pl.ds(start, block_kv)
+    k = plgpu.load(k_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
+    v = plgpu.load(v_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
+    k_scale = v_scale = None
+    if quantized:
+      flat = valid_row[0]  # [bk]
+      k_scale = plgpu.load(ks_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
+      v_scale = plgpu.load(vs_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
+    return online_block_update(carry, q, [(k, v, valid_row, valid_col, k_scale, v_scale)],
+                               scale=scale, soft_cap=soft_cap)
+
+  carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
+  _, l, acc = lax.fori_loop(first, last, body, carry)
+  o_ref[...] = finish(l, acc).astype(o_ref.dtype)
+
+
+def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
+                value_scale, block_kv, interpret):
+  batch, num_heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  group = num_heads // kv_heads
+  padded_group = triton_group(group)
+  block_kv = min(block_kv, max(16, next_pow2(kv_len)))
+  if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
+    raise ValueError(f"GPU decode kernel: block_kv={block_kv} and head_dim={head_dim} must be "
+                     "powers of two (Triton tensor shapes)")
+  q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
+  quantized = key_scale is not None
+  operands = [lengths.astype(jnp.int32), q, key, value]
+  in_specs = [
+      pl.BlockSpec((1,), lambda b, k: (b,)),
+      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
+      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k: (b, 0, k, 0)),
+      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k: (b, 0, k, 0)),
+  ]
+  if quantized:
+    for s in (key_scale, value_scale):
+      per_head = s.shape[-1] != 1
+      operands.append(s.astype(jnp.float32))
+      in_specs.append(pl.BlockSpec((None, kv_len, None),
+                                   lambda b, k, per_head=per_head: (b, 0, k if per_head else 0)))
+  if sinks is not None:
+    operands.append(sink)
+    in_specs.append(pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0)))
+  kernel = functools.partial(_gpu_kernel, block_kv=block_kv, scale=float(scale),
+                             soft_cap=float(soft_cap) if soft_cap else None, window=window,
+                             has_sinks=sinks is not None, quantized=quantized)
+  out = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, padded_group, head_dim), query.dtype),
+      compiler_params=triton_params(),
+      interpret=interpret,
+      name="ragged_decode_gpu",
+  )(*operands)  # [B, K, Gp, H]
+  return out[:, :, :group].reshape(batch, num_heads, head_dim)
+
+
+def triton_params():
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+# ---- TPU (Mosaic) kernel --------------------------------------------------------------
+
+
+def ragged_block_range(length, block_kv: int, window: int | None):
+  """(first, last) kv-block index holding visible entries of a row (last >= first, both valid)."""
+  last = jnp.maximum(pl.cdiv(length, block_kv) - 1, 0)
+  lo = 0 if window is None else jnp.maximum(length - window, 0)
+  first = jnp.minimum(lo // block_kv, last)
+  return first, last
+
+
+def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window, has_sinks,
+                quantized):
+  """Program (b, i): block i of row b for all kv heads; m / l / acc live in scratch across i."""
+  refs = list(refs)
+  q_ref, k_ref, v_ref = refs[:3]  # [K, G, H], [bk, K, H], [bk, K, H]
+  rest = refs[3:]
+  ks_ref = vs_ref = sink_ref = None
+  if quantized:
+    ks_ref, vs_ref, *rest = rest  # [bk, K or 1]
+  if has_sinks:
+    sink_ref, *rest = rest  # [K, G, 1]
+  o_ref, m_ref, l_ref, acc_ref = rest  # [K, G, H], [K, G, 1], [K, G, 1], [K, G, H]
+  b, i = pl.program_id(0), pl.program_id(1)
+  length = lengths_ref[b]
+  group, head_dim = q_ref.shape[1], q_ref.shape[2]
+
+  @pl.when(i == 0)
+  def _init():
+    for kv in range(kv_heads):
+      m, l, acc = initial_carry(sink_ref[kv] if has_sinks else None, group, head_dim)
+      m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+
+  first, last = ragged_block_range(length, block_kv, window)
+  lo = 0 if window is None else jnp.maximum(length - window, 0)
+
+  @pl.when((i >= first) & (i <= last) & (length > 0))
+  def _update():
+    start = i * block_kv
+    idx_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
+    idx_col = start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)  # [bk, 1]
+    valid_row = (idx_row < length) & (idx_row >= lo)
+    valid_col = (idx_col < length) & (idx_col >= lo)
+    for kv in range(kv_heads):
+      k_scale = v_scale = None
+      if quantized:
+        sk = kv if ks_ref.shape[1] != 1 else 0
+        k_scale = ks_ref[:, sk:sk + 1]  # [bk, 1]
+        v_scale = vs_ref[:, sk:sk + 1]  # [bk, 1]
+      carry = (m_ref[kv], l_ref[kv], acc_ref[kv])
+      tile = (k_ref[:, kv, :], v_ref[:, kv, :], valid_row, valid_col, k_scale, v_scale)
+      m, l, acc = online_block_update(carry, q_ref[kv], [tile], scale=scale, soft_cap=soft_cap)
+      m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _finish():
+    for kv in range(kv_heads):
+      o_ref[kv] = finish(l_ref[kv], acc_ref[kv]).astype(o_ref.dtype)
+
+
+def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
+                value_scale, block_kv, interpret):
+  from jax.experimental.pallas import tpu as pltpu
+
+  batch, num_heads, head_dim = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  group = num_heads // kv_heads
+  block_kv = min(block_kv, kv_len)  # a block larger than the cache is the whole cache
+  num_blocks = pl.cdiv(kv_len, block_kv)
+  quantized = key_scale is not None
+
+  def kv_block(b, i, lengths_ref):
+    # Outside [first, last] the index repeats the nearest valid block, so the
+    # pipeline issues no new DMA there: only the row's visible blocks are read.
+    first, last = ragged_block_range(lengths_ref[b], block_kv, window)
+    return jnp.clip(i, first, last)
+
+  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
+  operands = [q, key, value]
+  in_specs = [
+      pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L: (b, 0, 0, 0)),
+      pl.BlockSpec((None, block_kv, kv_heads, head_dim), lambda b, i, L: (b, kv_block(b, i, L), 0, 0)),
+      pl.BlockSpec((None, block_kv, kv_heads, head_dim), lambda b, i, L: (b, kv_block(b, i, L), 0, 0)),
+  ]
+  if quantized:
+    for s in (key_scale, value_scale):
+      operands.append(s.astype(jnp.float32))
+      in_specs.append(pl.BlockSpec((None, block_kv, s.shape[-1]),
+                                   lambda b, i, L: (b, kv_block(b, i, L), 0)))
+  if sinks is not None:
+    operands.append(sinks.astype(jnp.float32).reshape(kv_heads, group, 1))
+    in_specs.append(pl.BlockSpec((kv_heads, group, 1), lambda b, i, L: (0, 0, 0)))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(batch, num_blocks),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L: (b, 0, 0, 0)),
+      scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
+  kernel = functools.partial(_tpu_kernel, block_kv=block_kv, kv_heads=kv_heads, scale=float(scale),
+                             soft_cap=float(soft_cap) if soft_cap else None, window=window,
+                             has_sinks=sinks is not None, quantized=quantized)
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), query.dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+      name="ragged_decode_tpu",
+  )(lengths.astype(jnp.int32), *operands)  # [B, K, G, H]
+  return out.reshape(batch, num_heads, head_dim)
+
+
+# ---- public entry point -------------------------------------------------------------
+
+
+def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
+                         sinks=None, key_scale=None, value_scale=None, block_kv: int = 128,
+                         interpret=False, backend: str = "gpu"):
+  """Pallas decode attention; same arguments and result as `ragged_decode_reference`.
+
+  backend "gpu" (Triton lowering) or "tpu" (Mosaic lowering). interpret=True
+  runs either on CPU (tests); for "tpu" a `pltpu.InterpretParams()` is also
+  accepted. block_kv: keys per block (GPU: rounded to a power of two no
+  larger than needed; TPU: at most the cache length).
+  """
+  _check_window(window)
+  check_kernel_kv(key, value, key_scale, value_scale)
+  if query.shape[1] % key.shape[2]:
+    raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads {key.shape[2]}")
+  args = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
+              value_scale=value_scale, block_kv=block_kv, interpret=interpret)
+  if backend == "gpu":
+    return _ragged_gpu(query, key, value, lengths, **args)
+  if backend == "tpu":
+    return _ragged_tpu(query, key, value, lengths, **args)
+  raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")

@@ -1,0 +1,359 @@
+"""Decode kernels (ragged and paged): Pallas (interpret mode) vs reference vs float64 NumPy.
+
+The NumPy attention below is written from the math over an explicit list of
+each row's visible keys (not from the JAX code), so the references cannot
+share a masking bug with it; the Pallas kernels are then compared with the
+references. Shapes are tiny and chosen so that lengths include 0, the full
+capacity, 1 and values that are not multiples of the block or the page, and
+the last block of the cache is partial.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.layers.kernels import paged as paged_mod
+from meshattn.layers.kernels import ragged as ragged_mod
+from meshattn.layers.kernels.paged import (
+    PAGED_FEATURES, paged_decode_pallas, paged_decode_reference)
+from meshattn.layers.kernels.ragged import (
+    RAGGED_FEATURES, ragged_decode_pallas, ragged_decode_reference)
+
+N, H = 4, 16
+S = 36  # ragged capacity: not a multiple of BLOCK
+BLOCK = 8
+LENGTHS = np.array([0, S, 13, 1, 27], np.int32)
+SCALE = 0.35
+TPP, MAX_PAGES, NUM_PAGES = 8, 5, 16  # paged: capacity 40, 12 pages used of 16
+PAGED_LENGTHS = np.array([0, 40, 13, 1, 27], np.int32)
+TOL = dict(atol=1e-5, rtol=1e-5)
+KV_HEADS = pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+BACKENDS = pytest.mark.parametrize("backend", ["gpu", "tpu"])
+KV_IDS = {4: "mha", 2: "gqa", 1: "mqa"}
+
+# name -> (window, soft_cap, sinks?, int8 quant axis or None)
+CASES = {
+    "plain": (None, None, False, None),
+    "window": (5, None, False, None),
+    "window_wide": (100, None, False, None),
+    "soft_cap": (None, 1.5, False, None),
+    "sinks": (None, None, True, None),
+    "int8": (None, None, False, "dkv"),
+    "int8_token": (None, None, False, "heads_and_dkv"),
+    "all": (6, 2.0, True, "dkv"),
+    "all_float": (6, 2.0, True, None),
+}
+PAGED_CASES = ("plain", "soft_cap", "sinks", "int8", "int8_token", "all", "all_float")
+
+
+def kernel_matrix(cases):
+  """Every case with GQA, and the all-features cases with MHA and MQA too (keeps the suite fast)."""
+  params = [pytest.param(case, 2, id=f"{case}-gqa") for case in cases]
+  for kv_heads in (4, 1):
+    for case in ("all", "all_float"):
+      params.append(pytest.param(case, kv_heads, id=f"{case}-{KV_IDS[kv_heads]}"))
+  return pytest.mark.parametrize("case, kv_heads", params)
+
+
+# ---- float64 NumPy attention ---------------------------------------------------------
+
+
+def attention_np(q, k, v, visible, *, scale, soft_cap=None, sinks=None):
+  """q [B, N, H], k/v [B, S, K, H] float64, visible [B, S] -> [B, N, H], over visible keys only."""
+  batch, heads, _ = q.shape
+  group = heads // k.shape[2]
+  out = np.zeros(q.shape[:2] + (v.shape[-1],))
+  for b in range(batch):
+    idx = np.flatnonzero(visible[b])
+    for n in range(heads):
+      kv = n // group
+      logits = k[b, idx, kv] @ q[b, n] * scale  # [len]
+      if soft_cap:
+        logits = soft_cap * np.tanh(logits / soft_cap)
+      if sinks is not None:
+        logits = np.append(logits, sinks[n])
+      if logits.size == 0:
+        continue
+      e = np.exp(logits - logits.max())
+      p = e / e.sum()
+      out[b, n] = p[:idx.size] @ v[b, idx, kv]
+  return out
+
+
+def dequant_np(values, scales):
+  return np.asarray(values, np.float64) * np.asarray(scales, np.float64)[..., None]
+
+
+def ragged_visible_np(lengths, capacity, window):
+  vis = np.zeros((len(lengths), capacity), bool)
+  for b, n in enumerate(lengths):
+    for j in range(capacity):
+      vis[b, j] = j < n and (window is None or n - 1 - j < window)
+  return vis
+
+
+# ---- inputs ----------------------------------------------------------------------------
+
+
+def ragged_inputs(case, kv_heads, seed=0, dtype=jnp.float32):
+  """(query, key, value, kwargs, numpy key/value float64, sinks) for one case."""
+  window, soft_cap, with_sinks, axis = CASES[case]
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(len(LENGTHS), N, H)).astype(np.float32)
+  k = rng.normal(size=(len(LENGTHS), S, kv_heads, H)).astype(np.float32)
+  v = rng.normal(size=(len(LENGTHS), S, kv_heads, H)).astype(np.float32)
+  sinks = rng.normal(size=N).astype(np.float32) if with_sinks else None
+  kwargs = dict(scale=SCALE, soft_cap=soft_cap, window=window,
+                sinks=None if sinks is None else jnp.asarray(sinks))
+  if axis:
+    quant = KVQuant("int8", axis)
+    kq, ks = quantize(jnp.asarray(k), quant)
+    vq, vs = quantize(jnp.asarray(v), quant)
+    kwargs.update(key_scale=ks, value_scale=vs)
+    k64, v64 = dequant_np(kq, ks), dequant_np(vq, vs)
+    key, value = kq, vq
+  else:
+    k64, v64 = k.astype(np.float64), v.astype(np.float64)
+    key, value = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+  return jnp.asarray(q, dtype), key, value, kwargs, (q.astype(np.float64), k64, v64, sinks)
+
+
+def to_pages(logical, lengths, rng, fill=0.0):
+  """logical [B, C, ...] -> (pages [P, TPP, ...], page_table [B, MAX_PAGES]) in shuffled page order.
+
+  Row b owns ceil(lengths[b] / TPP) pages, taken from a random permutation of
+  the pool; its other table entries are -1, and unowned pages hold `fill`.
+  """
+  logical = np.asarray(logical)
+  order = rng.permutation(NUM_PAGES)
+  pages = np.full((NUM_PAGES, TPP) + logical.shape[2:], fill, logical.dtype)
+  table = np.full((len(lengths), MAX_PAGES), -1, np.int32)
+  used = 0
+  for b, n in enumerate(lengths):
+    for col in range(-(-int(n) // TPP)):
+      page = order[used]
+      used += 1
+      table[b, col] = page
+      pages[page] = logical[b, col * TPP:(col + 1) * TPP]
+  return pages, table
+
+
+def paged_inputs(case, kv_heads, seed=0, garbage=False):
+  """Paged versions of ragged_inputs (capacity MAX_PAGES * TPP); garbage fills unowned pages."""
+  _, soft_cap, with_sinks, axis = CASES[case]
+  rng = np.random.default_rng(seed)
+  batch, cap = len(PAGED_LENGTHS), MAX_PAGES * TPP
+  q = rng.normal(size=(batch, N, H)).astype(np.float32)
+  k = rng.normal(size=(batch, cap, kv_heads, H)).astype(np.float32)
+  v = rng.normal(size=(batch, cap, kv_heads, H)).astype(np.float32)
+  sinks = rng.normal(size=N).astype(np.float32) if with_sinks else None
+  kwargs = dict(scale=SCALE, soft_cap=soft_cap, sinks=None if sinks is None else jnp.asarray(sinks))
+  if garbage:  # entries past each row's length, inside its own last page
+    for b, n in enumerate(PAGED_LENGTHS):
+      k[b, n:], v[b, n:] = np.nan, np.nan
+  if axis:
+    quant = KVQuant("int8", axis)
+    kq, ks = (np.array(a) for a in quantize(jnp.asarray(np.nan_to_num(k)), quant))
+    vq, vs = (np.array(a) for a in quantize(jnp.asarray(np.nan_to_num(v)), quant))
+    k64, v64 = dequant_np(kq, ks), dequant_np(vq, vs)
+    if garbage:
+      for b, n in enumerate(PAGED_LENGTHS):
+        kq[b, n:], vq[b, n:], ks[b, n:], vs[b, n:] = 127, -127, np.nan, np.nan
+    fill_scale = np.nan if garbage else 1.0
+    perm_seed = rng.integers(1 << 30)
+    key_pages, table = to_pages(kq, PAGED_LENGTHS, np.random.default_rng(perm_seed), 127 if garbage else 0)
+    value_pages, _ = to_pages(vq, PAGED_LENGTHS, np.random.default_rng(perm_seed), -127 if garbage else 0)
+    ks_pages, _ = to_pages(ks, PAGED_LENGTHS, np.random.default_rng(perm_seed), fill_scale)
+    vs_pages, _ = to_pages(vs, PAGED_LENGTHS, np.random.default_rng(perm_seed), fill_scale)
+    kwargs.update(key_scale=jnp.asarray(ks_pages), value_scale=jnp.asarray(vs_pages))
+  else:
+    k64, v64 = k.astype(np.float64), v.astype(np.float64)
+    perm_seed = rng.integers(1 << 30)
+    fill = np.nan if garbage else 0.0
+    key_pages, table = to_pages(k, PAGED_LENGTHS, np.random.default_rng(perm_seed), fill)
+    value_pages, _ = to_pages(v, PAGED_LENGTHS, np.random.default_rng(perm_seed), fill)
+  arrays = (jnp.asarray(q), jnp.asarray(key_pages), jnp.asarray(value_pages), jnp.asarray(table),
+            jnp.asarray(PAGED_LENGTHS))
+  return arrays, kwargs, (q.astype(np.float64), k64, v64, sinks)
+
+
+def numpy_for(case, np_inputs, lengths, capacity, window=None):
+  q64, k64, v64, sinks = np_inputs
+  _, soft_cap, _, _ = CASES[case]
+  visible = ragged_visible_np(lengths, capacity, window)
+  return attention_np(q64, np.nan_to_num(k64), np.nan_to_num(v64), visible, scale=SCALE,
+                      soft_cap=soft_cap, sinks=sinks)
+
+
+# ---- ragged -----------------------------------------------------------------------------
+
+
+def test_feature_sets():
+  allowed = {"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv", "paged_kv"}
+  assert RAGGED_FEATURES <= allowed and PAGED_FEATURES <= allowed
+  assert "paged_kv" in PAGED_FEATURES and "window" in RAGGED_FEATURES
+
+
+@KV_HEADS
+@pytest.mark.parametrize("case", list(CASES))
+def test_ragged_reference_vs_numpy(case, kv_heads):
+  q, k, v, kwargs, np_inputs = ragged_inputs(case, kv_heads)
+  out = ragged_decode_reference(q, k, v, jnp.asarray(LENGTHS), **kwargs)
+  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  np.testing.assert_array_equal(np.asarray(out)[0], 0.0)  # the row of length 0
+
+
+@BACKENDS
+@kernel_matrix(list(CASES))
+def test_ragged_pallas_vs_reference(case, kv_heads, backend):
+  q, k, v, kwargs, np_inputs = ragged_inputs(case, kv_heads)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             backend=backend)
+  assert out.shape == (len(LENGTHS), N, H) and out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+
+
+@BACKENDS
+@pytest.mark.parametrize("block_kv", [16, 64])
+def test_ragged_pallas_block_sizes(block_kv, backend):
+  """A block of 16 (last one partial) and one larger than the whole cache."""
+  q, k, v, kwargs, _ = ragged_inputs("all", 2, seed=3)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=block_kv, interpret=True,
+                             backend=backend)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+
+
+@BACKENDS
+def test_ragged_bfloat16(backend):
+  q, k, v, kwargs, _ = ragged_inputs("all_float", 2, dtype=jnp.bfloat16)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             backend=backend)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", ["all_float", "all", "int8_token"])
+def test_ragged_ignores_entries_past_length(case):
+  """NaN / garbage past each row's length changes nothing, in the reference and both kernels."""
+  q, k, v, kwargs, _ = ragged_inputs(case, 2)
+  lengths = jnp.asarray(LENGTHS)
+  clean = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  past = jnp.arange(S)[None, :] >= lengths[:, None]  # [B, S]
+  if kwargs.get("key_scale") is not None:
+    k = jnp.where(past[..., None, None], jnp.int8(127), k)
+    v = jnp.where(past[..., None, None], jnp.int8(-127), v)
+    kwargs["key_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["key_scale"])
+    kwargs["value_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["value_scale"])
+  else:
+    k = jnp.where(past[..., None, None], jnp.nan, k)
+    v = jnp.where(past[..., None, None], jnp.inf, v)
+  outs = [ragged_decode_reference(q, k, v, lengths, **kwargs)]
+  for backend in ("gpu", "tpu"):
+    outs.append(ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                                     backend=backend))
+  for out in outs:
+    assert np.all(np.isfinite(np.asarray(out)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(clean), **TOL)
+
+
+def test_ragged_tpu_blocks_read_are_the_visible_ones():
+  """The TPU index_map (clamped) visits exactly the blocks that hold visible entries."""
+  for window in (None, 5, 100):
+    for n in range(0, S + 1):
+      first, last = ragged_mod.ragged_block_range(jnp.int32(n), BLOCK, window)
+      fetched = {int(np.clip(i, first, last)) for i in range(-(-S // BLOCK))}
+      visible = np.flatnonzero(ragged_visible_np([n], S, window)[0])
+      expected = set((visible // BLOCK).tolist()) or {0}  # an empty row still maps somewhere
+      assert fetched == expected, (window, n, fetched, expected)
+
+
+def test_ragged_rejects_bad_arguments():
+  q, k, v, kwargs, _ = ragged_inputs("int8", 2)
+  lengths = jnp.asarray(LENGTHS)
+  with pytest.raises(ValueError, match="window"):
+    ragged_decode_reference(q, k, v, lengths, scale=1.0, window=0)
+  with pytest.raises(ValueError, match="key_scale"):
+    ragged_decode_pallas(q, k, v, lengths, scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="backend"):
+    ragged_decode_pallas(q, k, v, lengths, **kwargs, interpret=True, backend="cpu")
+  with pytest.raises(ValueError, match="power"):  # only checked when compiling for Triton
+    ragged_decode_pallas(q[..., :12], k[..., :12], v[..., :12], lengths, **kwargs)
+
+
+# ---- paged ------------------------------------------------------------------------------
+
+
+@KV_HEADS
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_paged_reference_vs_numpy(case, kv_heads):
+  arrays, kwargs, np_inputs = paged_inputs(case, kv_heads)
+  out = paged_decode_reference(*arrays, **kwargs)
+  expected = numpy_for(case, np_inputs, PAGED_LENGTHS, MAX_PAGES * TPP)
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+
+
+@BACKENDS
+@kernel_matrix(PAGED_CASES)
+def test_paged_pallas_vs_reference(case, kv_heads, backend):
+  arrays, kwargs, np_inputs = paged_inputs(case, kv_heads)
+  ref = paged_decode_reference(*arrays, **kwargs)
+  out = paged_decode_pallas(*arrays, **kwargs, interpret=True, backend=backend)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+  expected = numpy_for(case, np_inputs, PAGED_LENGTHS, MAX_PAGES * TPP)
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+
+
+@BACKENDS
+@pytest.mark.parametrize("pages_per_block", [3, 8])
+def test_paged_pallas_pages_per_block(pages_per_block, backend):
+  """Several pages per step (3 does not divide the 5 table columns; 8 exceeds them)."""
+  arrays, kwargs, _ = paged_inputs("all", 2, seed=5)
+  ref = paged_decode_reference(*arrays, **kwargs)
+  out = paged_decode_pallas(*arrays, **kwargs, pages_per_block=pages_per_block, interpret=True,
+                            backend=backend)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+
+
+@pytest.mark.parametrize("case", ["all_float", "all"])
+def test_paged_ignores_other_pages_and_entries_past_length(case):
+  """NaN in pages outside a row's table and past its length changes nothing (no NaN out)."""
+  arrays, kwargs, _ = paged_inputs(case, 2, seed=7, garbage=False)
+  clean = paged_decode_reference(*arrays, **kwargs)
+  arrays, kwargs, _ = paged_inputs(case, 2, seed=7, garbage=True)
+  outs = [paged_decode_reference(*arrays, **kwargs)]
+  for backend in ("gpu", "tpu"):
+    for ppb in (1, 2):
+      outs.append(paged_decode_pallas(*arrays, **kwargs, pages_per_block=ppb, interpret=True,
+                                      backend=backend))
+  for out in outs:
+    assert np.all(np.isfinite(np.asarray(out)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(clean), **TOL)
+
+
+def test_paged_tpu_pages_read_are_the_rows_own():
+  """The TPU index_maps only ever name pages from the row's own table (rows of length > 0)."""
+  _, table = to_pages(np.zeros((len(PAGED_LENGTHS), MAX_PAGES * TPP)), PAGED_LENGTHS,
+                      np.random.default_rng(1))
+  for ppb in (1, 2, 3):
+    for b, n in enumerate(PAGED_LENGTHS):
+      read = set()
+      for i in range(-(-MAX_PAGES // ppb)):
+        for j in range(ppb):
+          slot = int(paged_mod._page_slot(jnp.int32(n), i, j, tpp=TPP, pages_per_block=ppb))
+          read.add(int(table[b, slot]))
+      own = {int(p) for p in table[b] if p >= 0}
+      if n:
+        assert read == own, (ppb, b, read, own)
