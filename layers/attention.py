@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
-from meshattn.layers.cached_step import cached_step, step_positions
+from meshattn.layers.cached_step import cached_step, decode_with_kernel, step_positions
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_kernel_call
@@ -142,14 +142,20 @@ class Attention(nnx.Module):
     # pallas_interpret runs the TPU Pallas kernels on this host (tests on CPU).
     return "tpu" if self.settings.pallas_interpret else registry.current_platform()
 
-  def _kernel_fn(self, mode: str, features: frozenset[str]):
+  def _select(self, mode: str, features: frozenset[str]) -> registry.Kernel:
     s = self.settings
-    name = s.attention if mode == "train" else s.decode_attention if mode == "autoregressive" else "dot_product"
-    kernel = registry.select(name, registry.Request(self._platform(), mode, features))
+    name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
+    return registry.select(name, registry.Request(self._platform(), mode, features))
+
+  def _load(self, kernel: registry.Kernel):
     fn = kernel.load()
-    if s.pallas_interpret and kernel.platforms == frozenset({"tpu"}):
+    if self.settings.pallas_interpret and (kernel.platforms == frozenset({"tpu"})
+                                           or kernel.name in ("ragged", "paged")):
       fn = functools.partial(fn, interpret=True)
     return fn
+
+  def _kernel_fn(self, mode: str, features: frozenset[str]):
+    return self._load(self._select(mode, features))
 
   # ---- call -----------------------------------------------------------------
 
@@ -364,6 +370,14 @@ class Attention(nnx.Module):
     query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rope_positions, rope_positions)
     sinks = self.sinks[...] if s.attention_sink else None
     options = self._kernel_options()
+    if model_mode == "autoregressive":
+      kernel = self._select(model_mode, self._features(model_mode))
+      if kernel.name != "dot_product":
+        context = decode_with_kernel(
+            cache, rows, query, key, value, positions=positions, valid=valid, options=options,
+            sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
+            mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
+        return self._output(context, axes)
     chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
     contexts = []
     for start in range(0, length, chunk):

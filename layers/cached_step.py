@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from meshattn.kvcache.cache import KVCache
 from meshattn.layers.kernels.cached import attend_with_cache
 from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.sharded import sharded_decode_call
 
 
 def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
@@ -50,3 +51,46 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
       sinks=sinks)
   cache.write(rows, key, value, positions, valid, new_lengths)
   return context
+
+
+def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array, *,
+                       positions: jax.Array, valid: jax.Array, options: KernelOptions,
+                       sinks: jax.Array | None, kernel, paged: bool, mesh=None, rules=(),
+                       axes=None) -> jax.Array:
+  """One decode step through a ragged / paged decode kernel: write, then attend.
+
+  query [b, 1, N, H], key/value [b, 1, K, H]. The token is written first, so
+  row b attends over its entries [0, new_length) and the kernel reads only
+  those. A ring buffer holds exactly the window after the write, so it is
+  read whole (min(length, window) entries, no window mask). Returns [b, 1, N, H].
+  """
+  cache.check_slots(rows)
+  start = cache.lengths[...][rows]  # [b]
+  new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
+  cache.check_room(rows, new_lengths)
+  cache.write(rows, key, value, positions, valid, new_lengths)
+  quant = cache.quant is not None
+  shared = dict(scale=options.scale, soft_cap=options.soft_cap, sinks=sinks)
+  if paged:
+    pool = dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
+                key_scale=cache.key_scale[...] if quant else None,
+                value_scale=cache.value_scale[...] if quant else None)  # [P, tpp, K, H]
+    batched = dict(page_table=cache.page_table[...][rows], lengths=new_lengths)  # [b, maxp], [b]
+  else:
+    lengths = new_lengths
+    shared["window"] = options.mask.window if options.mask.attention_type == "local_sliding" else None
+    if cache.window:
+      lengths, shared["window"] = jnp.minimum(new_lengths, cache.capacity), None
+    pool = {}
+    batched = dict(key=cache._to_logical(cache.key[...])[rows],  # [b, C, K, H]
+                   value=cache._to_logical(cache.value[...])[rows],  # [b, C, K, H]
+                   lengths=lengths,
+                   key_scale=cache.key_scale[...][rows] if quant else None,  # [b, C, K or 1]
+                   value_scale=cache.value_scale[...][rows] if quant else None)
+  if mesh is not None:
+    out = sharded_decode_call(kernel, mesh, rules, axes, query[:, 0], batch_args=batched,
+                              pool_args=pool, shared_args=shared)  # [b, N, H]
+  else:
+    out = kernel(query[:, 0], **batched, **pool, **shared)  # [b, N, H]
+  out = jnp.where(valid[:, 0, None, None], out, 0.0)  # rows that wrote nothing output zeros
+  return out[:, None].astype(query.dtype)

@@ -205,9 +205,9 @@ register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATUR
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
                 f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
-                f"{_K}.ragged:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
+                f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,
-                f"{_K}.paged:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
+                f"{_K}.decode:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
                 requires=frozenset({"paged_kv"})))
 
 

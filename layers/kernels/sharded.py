@@ -71,3 +71,45 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   fn = jax.shard_map(per_shard, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, in_specs),
                      out_specs=(q_spec, None), check_vma=False)
   return fn(query, key, value, array_args)
+
+
+def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, *,
+                        batch_args: dict, pool_args: dict, shared_args: dict):
+  """A decode kernel under shard_map: kernel(query [b, N, H], **args) -> [b, N, H].
+
+  batch_args have the batch first ([b, ...], e.g. caches [b, C, K, H],
+  lengths, page tables) and, for 4-D ones, kv heads third; pool_args are page
+  pools [P, tpp, K, H] shared by every row (sharded over kv heads only);
+  shared_args are static keyword arguments. Heads are sharded only when the
+  query and kv heads split the same way (else each shard holds all heads).
+  """
+  q_spec = logical_to_spec(axes.query, rules, mesh, (query.shape[0], 1) + query.shape[1:])
+  kv_heads_entry = logical_to_spec(axes.key, rules, mesh)[2] if len(axes.key) > 2 else None
+  batch = q_spec[0]
+  heads = q_spec[2] if q_spec[2] == kv_heads_entry else None
+
+  def spec(x, batched):
+    if x is None:
+      return None
+    if not batched:  # page pools and scales [P, tpp, K or 1, ...]
+      return P(None, None, heads if x.shape[2] > 1 else None, *([None] * (x.ndim - 3)))
+    entries = [batch] + [None] * (x.ndim - 1)
+    if x.ndim >= 3 and x.shape[2] > 1:
+      entries[2] = heads  # [b, C, K, H] caches and [b, C, K] scales
+    return P(*entries)
+
+  def sinks_spec(x):
+    return None if x is None else P(heads)
+
+  arrays = {**{k: (v, spec(v, True)) for k, v in batch_args.items()},
+            **{k: (v, spec(v, False)) for k, v in pool_args.items()}}
+  sinks = shared_args.pop("sinks", None)
+  names = [k for k, (v, _) in arrays.items() if v is not None]
+
+  def per_shard(query, sinks, *values):
+    return kernel(query, sinks=sinks, **dict(zip(names, values)), **shared_args)
+
+  in_specs = (P(batch, heads, None), sinks_spec(sinks)) + tuple(arrays[k][1] for k in names)
+  fn = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=P(batch, heads, None),
+                     check_vma=False)
+  return fn(query, sinks, *(arrays[k][0] for k in names))

@@ -1,0 +1,53 @@
+"""Decode-kernel entry points for the registry: pick the Pallas kernel where it
+runs (GPU Triton, TPU Mosaic) and the pure-JAX reference elsewhere.
+
+Both read only each sequence's valid keys: row b attends over cache entries
+[0, lengths[b]) (after the step's token has been written).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from meshattn.layers.kernels import paged as paged_kernels
+from meshattn.layers.kernels import ragged as ragged_kernels
+
+
+def _implementation(implementation: str, interpret: bool, key_dtype) -> tuple[str, str]:
+  """(implementation, pallas backend) for this host."""
+  platform = jax.default_backend()
+  if interpret:
+    return "pallas", "tpu"
+  if implementation == "auto":
+    # The Pallas kernels load int8 but not sub-byte int4.
+    pallas_ok = platform in ("gpu", "tpu") and jnp.dtype(key_dtype) != jnp.int4
+    implementation = "pallas" if pallas_ok else "reference"
+  return implementation, "tpu" if platform == "tpu" else "gpu"
+
+
+def ragged_decode(query, key, value, lengths, *, scale, soft_cap=None, window=None, sinks=None,
+                  key_scale=None, value_scale=None, implementation: str = "auto",
+                  interpret: bool = False) -> jax.Array:
+  """query [B, N, H] over key/value [B, S, K, H] entries [0, lengths[b]) -> [B, N, H]."""
+  impl, backend = _implementation(implementation, interpret, key.dtype)
+  kwargs = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
+                value_scale=value_scale)
+  if impl == "reference":
+    return ragged_kernels.ragged_decode_reference(query, key, value, lengths, **kwargs)
+  return ragged_kernels.ragged_decode_pallas(query, key, value, lengths, interpret=interpret,
+                                             backend=backend, **kwargs)
+
+
+def paged_decode(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap=None,
+                 sinks=None, key_scale=None, value_scale=None, implementation: str = "auto",
+                 interpret: bool = False) -> jax.Array:
+  """query [B, N, H] over the pages of each row's page_table [B, maxp] -> [B, N, H]."""
+  impl, backend = _implementation(implementation, interpret, key_pages.dtype)
+  kwargs = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
+                value_scale=value_scale)
+  if impl == "reference":
+    return paged_kernels.paged_decode_reference(query, key_pages, value_pages, page_table, lengths,
+                                                **kwargs)
+  return paged_kernels.paged_decode_pallas(query, key_pages, value_pages, page_table, lengths,
+                                           interpret=interpret, backend=backend, **kwargs)
