@@ -74,7 +74,9 @@ def test_layer_pattern_selects_attention_type():
 
 
 def test_kernel_names_agree_with_config_loader():
-  assert set(KNOWN_KERNELS) == set(config_loader.KNOWN_KERNELS)
+  from meshattn.layers.kernels import registry
+  assert set(KNOWN_KERNELS) == set(config_loader.KNOWN_KERNELS) == set(registry.TRAIN_KERNELS)
+  assert set(config_loader.DECODE_KERNELS) == set(registry.DECODE_KERNELS)
 
 
 @pytest.mark.parametrize("kwargs, match", [
