@@ -6,26 +6,26 @@ Meshes use `AxisType.Auto` for every axis and activations are placed with
 """
 
 from .logical import (
-    LOGICAL_AXES_KEY,
-    constrain,
-    create_sharded,
-    get_param_shardings,
-    get_param_specs,
-    logical_to_sharding,
-    logical_to_spec,
-    shard_module,
+  LOGICAL_AXES_KEY,
+  constrain,
+  create_sharded,
+  get_param_shardings,
+  get_param_specs,
+  logical_to_sharding,
+  logical_to_spec,
+  shard_module,
 )
 from .mesh import create_mesh, mesh_shape_string
 
 __all__ = [
-    "LOGICAL_AXES_KEY",
-    "constrain",
-    "create_mesh",
-    "create_sharded",
-    "get_param_shardings",
-    "get_param_specs",
-    "logical_to_sharding",
-    "logical_to_spec",
-    "mesh_shape_string",
-    "shard_module",
+  "LOGICAL_AXES_KEY",
+  "constrain",
+  "create_mesh",
+  "create_sharded",
+  "get_param_shardings",
+  "get_param_specs",
+  "logical_to_sharding",
+  "logical_to_spec",
+  "mesh_shape_string",
+  "shard_module",
 ]
