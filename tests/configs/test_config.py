@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from meshattn.configs import PRESETS_DIR, Config, ConfigError, list_presets, load_config, validate
-from meshattn.configs import loader
+from meshattn.configs import loader, validation
 
 N = 8  # device count the mesh checks use
 
@@ -310,7 +310,7 @@ def test_validate_accepts_plain_dicts():
 def test_kernel_registry_can_extend_known_kernels(monkeypatch):
   with pytest.raises(ConfigError, match="attention: 'splash'"):
     load("attention=splash")
-  monkeypatch.setattr(loader, "KNOWN_KERNELS", loader.KNOWN_KERNELS + ("splash",))
+  monkeypatch.setattr(validation, "KNOWN_KERNELS", validation.KNOWN_KERNELS + ("splash",))
   assert load("attention=splash").attention == "splash"
 
 

@@ -1,0 +1,264 @@
+"""Cross-key validation of a typed config: every error names its key and
+the allowed values or range (ConfigError, a ValueError)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# Allowed values of the enumerated keys. KNOWN_KERNELS is read at validation
+# time (not bound at import), so a kernel registry may rebind it to a longer
+# tuple, e.g. ``validation.KNOWN_KERNELS += ("splash",)``.
+KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
+DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
+DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
+ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
+KV_QUANT_DTYPES = ("int8", "int4")
+KV_QUANT_AXES = ("dkv", "heads_and_dkv")
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, mistyped, or violates a validation rule."""
+
+
+def _thaw(value: Any) -> Any:
+  """Tuples back to lists: the shape the YAML files and overrides use."""
+  if isinstance(value, tuple):
+    return [_thaw(v) for v in value]
+  return value
+
+
+# --------------------------------------------------------------------------- #
+# Validation (cross-key rules)
+# --------------------------------------------------------------------------- #
+
+
+def _fail(key: str, message: str) -> None:
+  raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(cfg: Mapping[str, Any], key: str, allowed: Sequence[str]) -> None:
+  if cfg[key] not in allowed:
+    _fail(key, f"{cfg[key]!r} is not one of {list(allowed)}")
+
+
+def _at_least(cfg: Mapping[str, Any], key: str, low: float) -> None:
+  if cfg[key] < low:
+    _fail(key, f"must be >= {low}, got {cfg[key]}")
+
+
+def _positive(cfg: Mapping[str, Any], key: str) -> None:
+  if not cfg[key] > 0:
+    _fail(key, f"must be > 0, got {cfg[key]}")
+
+
+def _validate_shape(cfg: Mapping[str, Any]) -> None:
+  """Head counts and widths the projections can be built with."""
+  _at_least(cfg, "emb_dim", 1)
+  _at_least(cfg, "num_query_heads", 1)
+  _at_least(cfg, "num_kv_heads", 1)
+  if cfg["num_query_heads"] % cfg["num_kv_heads"]:
+    _fail(
+      "num_kv_heads",
+      f"{cfg['num_kv_heads']} must divide num_query_heads={cfg['num_query_heads']}",
+    )
+  _at_least(cfg, "head_dim", 1)
+  _one_of(cfg, "dtype", DTYPES)
+  _one_of(cfg, "weight_dtype", DTYPES)
+  _one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
+  if cfg["fused_qkv"] and cfg["share_kv_projections"]:
+    _fail("fused_qkv", "fused_qkv and share_kv_projections cannot both be true")
+  if not cfg["normalization_layer_epsilon"] > 0:
+    _fail("normalization_layer_epsilon", f"must be > 0, got {cfg['normalization_layer_epsilon']}")
+
+
+def _validate_attention(cfg: Mapping[str, Any]) -> None:
+  """Kernel, attention types and the window sizes the chosen types need."""
+  _one_of(cfg, "attention", KNOWN_KERNELS)
+  _one_of(cfg, "decode_attention", DECODE_KERNELS)
+  _one_of(cfg, "attention_type", ATTENTION_TYPES)
+  for i, kind in enumerate(cfg["attention_layer_pattern"]):
+    if kind not in ATTENTION_TYPES:
+      _fail("attention_layer_pattern", f"entry {i} {kind!r} is not one of {list(ATTENTION_TYPES)}")
+  used = {cfg["attention_type"], *cfg["attention_layer_pattern"]}
+  for key, kind in (("sliding_window_size", "local_sliding"), ("chunk_attn_window_size", "chunk")):
+    if cfg[key] < 0:
+      _fail(key, f"must be >= 0, got {cfg[key]}")
+    if kind in used and cfg[key] <= 0:
+      _fail(
+        key,
+        f"must be > 0 when attention_type or attention_layer_pattern uses {kind!r}, got {cfg[key]}",
+      )
+  _at_least(cfg, "attn_logits_soft_cap", 0)
+  _at_least(cfg, "query_pre_attn_scalar", 0)
+  if not 0 <= cfg["dropout_rate"] < 1:
+    _fail("dropout_rate", f"must be in [0, 1), got {cfg['dropout_rate']}")
+
+
+def _validate_rope(cfg: Mapping[str, Any]) -> None:
+  """RoPE rotates pairs of dims, so every rotated width must be even and non-empty."""
+  _one_of(cfg, "rope_type", ROPE_TYPES)
+  rope_type = cfg["rope_type"]
+  factor = cfg["partial_rotary_factor"]
+  if not 0 < factor <= 1:
+    _fail("partial_rotary_factor", f"must be in (0, 1], got {factor}")
+  if rope_type != "none":
+    if cfg["head_dim"] % 2:
+      _fail("head_dim", f"must be even when rope_type={rope_type!r}, got {cfg['head_dim']}")
+    rotary = int(cfg["head_dim"] * factor)
+    if rotary <= 0 or rotary % 2:
+      _fail(
+        "partial_rotary_factor",
+        f"rotary dims int(head_dim * partial_rotary_factor) = {rotary} must be even and > 0",
+      )
+  _positive(cfg, "rope_min_timescale")
+  if not cfg["rope_max_timescale"] > cfg["rope_min_timescale"]:
+    _fail(
+      "rope_max_timescale",
+      f"must be > rope_min_timescale={cfg['rope_min_timescale']}, got {cfg['rope_max_timescale']}",
+    )
+  if rope_type in ("llama3.1", "yarn"):
+    _at_least(cfg, "rope_factor", 1)
+    _at_least(cfg, "original_max_position_embeddings", 1)
+  if rope_type == "llama3.1":
+    _positive(cfg, "rope_low_freq_factor")
+    if not cfg["rope_high_freq_factor"] > cfg["rope_low_freq_factor"]:
+      _fail(
+        "rope_high_freq_factor",
+        f"must be > rope_low_freq_factor={cfg['rope_low_freq_factor']} for llama3.1, "
+        f"got {cfg['rope_high_freq_factor']}",
+      )
+  if rope_type == "yarn" and not cfg["beta_fast"] > cfg["beta_slow"]:
+    _fail("beta_fast", f"must be > beta_slow={cfg['beta_slow']} for yarn, got {cfg['beta_fast']}")
+  _at_least(cfg, "rope_attention_factor", 0)
+
+
+def _validate_lengths(cfg: Mapping[str, Any]) -> None:
+  """Sequence lengths and KV-cache quantization."""
+  _at_least(cfg, "max_target_length", 1)
+  prefill, target = cfg["max_prefill_predict_length"], cfg["max_target_length"]
+  if not 1 <= prefill <= target:
+    _fail(
+      "max_prefill_predict_length", f"must be in [1, max_target_length={target}], got {prefill}"
+    )
+  _one_of(cfg, "kv_quant_dtype", KV_QUANT_DTYPES)
+  _one_of(cfg, "kv_quant_axis", KV_QUANT_AXES)
+  for key in ("prefill_cache_axis_order", "ar_cache_axis_order"):
+    if sorted(cfg[key]) != [0, 1, 2, 3]:
+      _fail(
+        key,
+        f"must be a permutation of [0, 1, 2, 3] (batch, sequence, kv heads, head_dim), "
+        f"got {_thaw(cfg[key])!r}",
+      )
+  if cfg["use_chunked_prefill"]:
+    _at_least(cfg, "prefill_chunk_size", 1)
+  if cfg["paged_kv_cache"]:
+    _at_least(cfg, "num_pages", 1)
+    _at_least(cfg, "tokens_per_page", 1)
+
+
+def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:
+  """The ici/dcn degrees must multiply (with at most one -1 fill each) to the device count."""
+  axes = list(cfg["mesh_axes"])
+  if not axes:
+    _fail("mesh_axes", "must name at least one mesh axis")
+  if not all(isinstance(a, str) for a in axes):
+    _fail("mesh_axes", f"every entry must be a str, got {axes}")
+  duplicates = sorted({a for a in axes if axes.count(a) > 1})
+  if duplicates:
+    _fail("mesh_axes", f"axis names must be unique, repeated: {duplicates}")
+  fixed: dict[str, int] = {}
+  fills: list[str] = []
+  for prefix in ("ici", "dcn"):
+    prefix_fills = []
+    for axis in axes:
+      key = f"{prefix}_{axis}_parallelism"
+      value = cfg.get(key, 1)
+      if value == -1:
+        prefix_fills.append(key)
+      elif value >= 1:
+        fixed[key] = value
+      else:
+        _fail(key, f"must be -1 (fill) or >= 1, got {value}")
+    if len(prefix_fills) > 1:
+      _fail(prefix_fills[1], f"at most one {prefix}_*_parallelism may be -1, got {prefix_fills}")
+    fills += prefix_fills
+
+  devices = _device_count(num_devices)
+  product = math.prod(fixed.values())
+  shown = " * ".join(f"{k}={v}" for k, v in fixed.items() if v != 1) or "all 1"
+  if not fills and product != devices:
+    _fail(
+      next((k for k, v in fixed.items() if v != 1), f"ici_{axes[0]}_parallelism"),
+      f"product of ici_*/dcn_* parallelism ({shown}) = {product} must equal the device count "
+      f"{devices}; set one key to -1 to fill the rest",
+    )
+  if fills and devices % product:
+    _fail(
+      fills[0],
+      f"-1 fill impossible: device count {devices} is not divisible by the product of the "
+      f"other ici_*/dcn_* parallelism ({shown}) = {product}",
+    )
+
+
+def _device_count(num_devices: int | None) -> int:
+  """``num_devices`` if given, else the devices JAX sees (imported late: it is slow to start)."""
+  if num_devices is not None:
+    return num_devices
+  import jax
+
+  return jax.device_count()
+
+
+def _validate_rules(cfg: Mapping[str, Any]) -> None:
+  """logical_axis_rules entries are [name, axes] and only name mesh axes that exist."""
+  axes = list(cfg["mesh_axes"])
+  for rule in cfg["logical_axis_rules"]:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+      _fail(
+        "logical_axis_rules",
+        f"rule {rule!r} must be [logical_name, mesh_axis | [mesh_axes] | null]",
+      )
+    name, target = rule
+    if target is None:
+      continue
+    targets = [target] if isinstance(target, str) else target
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+      _fail("logical_axis_rules", f"rule {list(rule)!r}: axes must be a str, a list of str or null")
+    for mesh_axis in targets:
+      if mesh_axis not in axes:
+        _fail(
+          "logical_axis_rules",
+          f"rule [{name!r}, {_thaw(target)!r}] names mesh axis {mesh_axis!r} "
+          f"not in mesh_axes {axes}",
+        )
+
+
+def _validate_axis_names(cfg: Mapping[str, Any]) -> None:
+  """*_axis_names give one logical name per array dimension: 3 for inputs, 4 for Q/K/V/out."""
+  for key in cfg:
+    if not key.endswith("_axis_names"):
+      continue
+    length = 3 if key.endswith("input_axis_names") else 4
+    names = cfg[key]
+    if len(names) != length or not all(isinstance(n, str) for n in names):
+      _fail(key, f"must be a list of {length} str logical axis names, got {_thaw(names)!r}")
+
+
+def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
+  """Check the cross-key rules of a typed, complete config dict; raise ConfigError on the first failure.
+
+  Separate from parsing so tests and tools can validate a hand-edited dict
+  (e.g. ``{**cfg.to_dict(), "num_kv_heads": 3}``). ``num_devices`` defaults
+  to ``jax.device_count()``.
+  """
+  _validate_shape(cfg)
+  _validate_attention(cfg)
+  _validate_rope(cfg)
+  _validate_lengths(cfg)
+  _validate_mesh(cfg, num_devices)
+  _validate_rules(cfg)
+  _validate_axis_names(cfg)
