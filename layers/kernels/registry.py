@@ -105,9 +105,10 @@ AUTOSELECT_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def register(kernel: Kernel) -> Kernel:
-  """Add a kernel variant (later registrations of the same name and platform win)."""
-  _REGISTRY[:] = [k for k in _REGISTRY if not (
-      k.name == kernel.name and k.platforms & kernel.platforms and k.modes & kernel.modes)]
+  """Add a kernel variant; a name may have several per platform (tried in
+  registration order, e.g. GPU flash: cuDNN, then the Pallas kernel for what
+  cuDNN cannot express). Re-registering the same implementation replaces it."""
+  _REGISTRY[:] = [k for k in _REGISTRY if not (k.name == kernel.name and k.impl == kernel.impl)]
   _REGISTRY.append(kernel)
   return kernel
 
@@ -141,24 +142,31 @@ def select(name: str, request: Request) -> Kernel:
     platforms = sorted({p for k in kernels(name) for p in k.platforms})
     raise ValueError(f"attention kernel {name!r} does not run on {request.platform} (only on "
                      f"{platforms}); kernels for {request.platform}: {_names_serving(request)}")
-  for kernel in variants:
-    if request.mode not in kernel.modes:
-      continue
-    missing = kernel.missing(request)
-    if missing:
-      raise ValueError(
-          f"attention kernel {name!r} on {request.platform} does not support {sorted(missing)}; "
-          f"kernels that support this request: {_names_serving(request)}")
-    if not kernel.requires <= request.features:
+  in_mode = [k for k in variants if request.mode in k.modes]
+  if not in_mode:
+    modes = sorted({m for k in variants for m in k.modes})
+    raise ValueError(f"attention kernel {name!r} does not serve model_mode={request.mode!r} (only "
+                     f"{modes}); kernels that do: {_names_serving(request)}")
+  for kernel in in_mode:
+    if kernel.serves(request):
+      return kernel
+  serving = _names_serving(request)
+  missing_everywhere = set.intersection(*(kernel.missing(request) for kernel in in_mode))
+  if missing_everywhere:
+    raise ValueError(
+        f"attention kernel {name!r} on {request.platform} does not support "
+        f"{sorted(missing_everywhere)}; kernels that support this request: {serving}")
+  for kernel in in_mode:
+    if not kernel.missing(request) and not kernel.requires <= request.features:
       raise ValueError(f"attention kernel {name!r} needs {sorted(kernel.requires - request.features)} "
-                       f"(e.g. a paged KV cache); kernels that serve this request: {_names_serving(request)}")
-    if kernel.available is not None and not kernel.available():
-      raise ValueError(f"attention kernel {name!r} is not available on this {request.platform} "
-                       f"machine; kernels that are: {_names_serving(request)}")
-    return kernel
-  modes = sorted({m for k in variants for m in k.modes})
-  raise ValueError(f"attention kernel {name!r} does not serve model_mode={request.mode!r} (only "
-                   f"{modes}); kernels that do: {_names_serving(request)}")
+                       f"(e.g. a paged KV cache); kernels that serve this request: {serving}")
+  lacking = "; ".join(f"{k.description} lacks {sorted(k.missing(request))}" for k in in_mode
+                      if k.missing(request))
+  if lacking:
+    raise ValueError(f"no variant of attention kernel {name!r} on {request.platform} supports all of "
+                     f"{sorted(request.features)} ({lacking}); kernels that do: {serving}")
+  raise ValueError(f"attention kernel {name!r} is not available on this {request.platform} "
+                   f"machine; kernels that are: {serving}")
 
 
 def _names_serving(request: Request) -> list[str]:
@@ -188,6 +196,9 @@ SPLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segmen
                              "sinks", "backward", "float32"})
 # cuDNN takes only fp16/bf16 inputs: no "float32".
 CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
+# The Pallas GPU flash kernel covers what cuDNN cannot express.
+PALLAS_GPU_FLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids",
+                                       "soft_cap", "sinks", "backward", "float32"})
 BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
                                 "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward",
                                 "float32"})
@@ -204,6 +215,8 @@ register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATUR
                 f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash"))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
                 f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available))
+register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
+                f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)"))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
                 f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,

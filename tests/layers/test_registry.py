@@ -28,12 +28,18 @@ def fake_cudnn(monkeypatch):
 
 
 def every_unsupported_pair():
+  """(name, platform, mode, feature) where no variant of the kernel has the feature."""
+  seen = set()
   for kernel in registry.kernels():
     for platform in sorted(kernel.platforms):
       for mode in sorted(kernel.modes):
+        variants = [k for k in registry.kernels(kernel.name)
+                    if platform in k.platforms and mode in k.modes]
         for feature in FEATURES:
-          if feature not in kernel.features:
-            yield kernel.name, platform, mode, feature
+          case = (kernel.name, platform, mode, feature)
+          if case not in seen and all(feature not in k.features for k in variants):
+            seen.add(case)
+            yield case
 
 
 @pytest.mark.parametrize("name, platform, mode, feature", list(every_unsupported_pair()))
@@ -61,11 +67,12 @@ def test_mode_and_platform_errors():
     ("cpu", "train", {"causal", "dropout"}, "dot_product"),
     ("tpu", "train", {"causal", "gqa", "segment_ids", "soft_cap", "sinks", "backward"}, "flash"),
     ("tpu", "train", {"causal", "score_mod", "backward"}, "blockwise"),
-    ("gpu", "train", {"causal", "backward", "float32"}, "blockwise"),
+    ("gpu", "train", {"causal", "backward", "float32"}, "flash"),
     ("gpu", "train", {"causal", "gqa", "backward"}, "flash"),
     ("gpu", "train", {"window", "gqa", "backward"}, "flash"),
-    ("gpu", "train", {"causal", "segment_ids", "backward"}, "blockwise"),
-    ("gpu", "train", {"causal", "soft_cap", "sinks", "backward"}, "blockwise"),
+    ("gpu", "train", {"causal", "segment_ids", "backward"}, "flash"),
+    ("gpu", "train", {"causal", "soft_cap", "sinks", "backward"}, "flash"),
+    ("gpu", "train", {"causal", "score_mod", "backward"}, "blockwise"),
     ("gpu", "train", {"causal", "dropout", "backward"}, "dot_product"),
     ("gpu", "autoregressive", {"causal", "gqa"}, "ragged"),
     ("gpu", "autoregressive", {"causal", "gqa", "paged_kv"}, "paged"),
@@ -112,6 +119,7 @@ def test_layer_refuses_an_explicit_kernel_missing_a_feature():
 @pytest.mark.parametrize("module, constant, registered", [
     ("flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
     ("flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
+    ("flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", "PALLAS_GPU_FLASH_FEATURES"),
     ("blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
     ("ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
     ("paged", "PAGED_FEATURES", "PAGED_FEATURES"),
@@ -122,3 +130,12 @@ def test_registered_features_match_each_kernel_module(module, constant, register
   declared = getattr(importlib.import_module(f"meshattn.layers.kernels.{module}"), constant)
   # "float32" (accepts float32 inputs) is a registry-level dtype fact, not in the modules' sets.
   assert frozenset(declared) - {"float32"} == getattr(registry, registered) - {"float32"}
+
+
+def test_gpu_flash_variants_cudnn_first_then_pallas():
+  plain = select("flash", Request("gpu", "train", frozenset({"causal", "gqa", "backward"})))
+  assert plain.description == "cuDNN"
+  capped = select("flash", Request("gpu", "train", frozenset({"causal", "soft_cap", "backward"})))
+  assert capped.description == "Pallas GPU (Triton)"
+  with pytest.raises(ValueError, match=r"no variant of attention kernel 'flash'.*cuDNN lacks"):
+    select("flash", Request("gpu", "train", frozenset({"causal", "sinks", "user_mask"})))
