@@ -39,8 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.ragged import (
-    check_kernel_kv, dequantize_or_cast, finish, initial_carry, is_pow2, masked_decode_attention,
-    online_block_update, pad_groups, triton_group, triton_params)
+    unpack_gpu_refs, check_kernel_kv, combine_splits, dequantize_or_cast, finish, initial_carry,
+    is_pow2, masked_decode_attention, online_block_update, pad_groups, resolve_num_splits,
+    split_out_specs, split_range, triton_group, triton_params)
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 
@@ -83,56 +84,78 @@ def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *
 # ---- GPU (Triton) kernel -------------------------------------------------------------
 
 
-def _gpu_kernel(*refs, pages_per_block, scale, soft_cap, has_sinks, quantized):
-  """Program (b, k): all query heads of kv head k of row b, over that row's own pages."""
+def _gpu_block(i, carry, refs, *, q, length, table_ref, pages_per_block, scale, soft_cap,
+               quantized):
+  """Online-softmax update of carry with step i: pages_per_block pages of the row's table."""
   from jax.experimental.pallas import triton as plgpu
 
-  refs = list(refs)
-  length_ref, table_ref, q_ref, k_ref, v_ref = refs[:5]  # [1], [maxp], [Gp, H], [P, tpp, H] x2
-  rest = refs[5:]
-  ks_ref = vs_ref = sink_ref = None
-  if quantized:
-    ks_ref, vs_ref, *rest = rest  # [P, tpp] x2
-  if has_sinks:
-    sink_ref, *rest = rest  # [Gp, 1]
-  (o_ref,) = rest  # [Gp, H]
+  k_ref, v_ref, ks_ref, vs_ref = refs  # [P, tpp, H] x2, [P, tpp] x2 or None
+  head_dim = q.shape[1]
+  tpp = k_ref.shape[1]
+  max_pages = table_ref.shape[0]
+  tiles = []
+  for j in range(pages_per_block):
+    slot = i * pages_per_block + j
+    # Slots past the row's pages load nothing (all-false mask); the clamps
+    # only keep the computed addresses in range.
+    page = jnp.maximum(table_ref[jnp.minimum(slot, max_pages - 1)], 0)
+    start = slot * tpp
+    idx_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1)  # [1, tpp]
+    idx_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0)  # [tpp, 1]
+    valid_row, valid_col = idx_row < length, idx_col < length
+    tile_mask = jnp.broadcast_to(valid_col, (tpp, head_dim))  # [tpp, H]
+    k = plgpu.load(k_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
+    v = plgpu.load(v_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
+    k_scale = v_scale = None
+    if quantized:
+      flat = valid_row[0]  # [tpp]
+      k_scale = plgpu.load(ks_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
+      v_scale = plgpu.load(vs_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
+    tiles.append((k, v, valid_row, valid_col, k_scale, v_scale))
+  return online_block_update(carry, q, tiles, scale=scale, soft_cap=soft_cap)
 
+
+def _gpu_kernel(*refs, pages_per_block, scale, soft_cap, has_sinks, quantized):
+  """Program (b, k): all query heads of kv head k of row b, over that row's own pages."""
+  (length_ref, table_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, (o_ref,) = (
+      unpack_gpu_refs(refs, quantized=quantized, has_sinks=has_sinks, num_prefix=3))
+  # [1], [maxp], [Gp, H]; pools [P, tpp, H]; scales [P, tpp]; sink [Gp, 1]; out [Gp, H]
   length = length_ref[0]
   q = q_ref[...]  # [Gp, H]
   group, head_dim = q.shape
-  tpp = k_ref.shape[1]
-  max_pages = table_ref.shape[0]
-  num_pages = pl.cdiv(length, tpp)
-
-  def body(i, carry):
-    tiles = []
-    for j in range(pages_per_block):
-      slot = i * pages_per_block + j
-      # Slots past the row's pages load nothing (all-false mask); the clamps
-      # only keep the computed addresses in range.
-      page = jnp.maximum(table_ref[jnp.minimum(slot, max_pages - 1)], 0)
-      start = slot * tpp
-      idx_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1)  # [1, tpp]
-      idx_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0)  # [tpp, 1]
-      valid_row, valid_col = idx_row < length, idx_col < length
-      tile_mask = jnp.broadcast_to(valid_col, (tpp, head_dim))  # [tpp, H]
-      k = plgpu.load(k_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
-      v = plgpu.load(v_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
-      k_scale = v_scale = None
-      if quantized:
-        flat = valid_row[0]  # [tpp]
-        k_scale = plgpu.load(ks_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
-        v_scale = plgpu.load(vs_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
-      tiles.append((k, v, valid_row, valid_col, k_scale, v_scale))
-    return online_block_update(carry, q, tiles, scale=scale, soft_cap=soft_cap)
-
+  num_pages = pl.cdiv(length, k_ref.shape[1])
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
+                           table_ref=table_ref, pages_per_block=pages_per_block, scale=scale,
+                           soft_cap=soft_cap, quantized=quantized)
   carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
   _, l, acc = lax.fori_loop(0, pl.cdiv(num_pages, pages_per_block), body, carry)
   o_ref[...] = finish(l, acc).astype(o_ref.dtype)
 
 
+def _gpu_split_kernel(*refs, pages_per_block, num_splits, scale, soft_cap, quantized):
+  """Program (b, k, s): split s of row b's page steps for kv head k; writes float32 partials."""
+  (length_ref, table_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, _, (m_ref, l_ref, acc_ref) = (
+      unpack_gpu_refs(refs, quantized=quantized, has_sinks=False, num_prefix=3))
+  # [1], [maxp], [Gp, H]; pools [P, tpp, H]; scales [P, tpp]; out m, l [Gp, 1], acc [Gp, H]
+  length = length_ref[0]
+  q = q_ref[...]  # [Gp, H]
+  group, head_dim = q.shape
+  num_steps = pl.cdiv(pl.cdiv(length, k_ref.shape[1]), pages_per_block)
+  start, end = split_range(0, num_steps, pl.program_id(2), num_splits)
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
+                           table_ref=table_ref, pages_per_block=pages_per_block, scale=scale,
+                           soft_cap=soft_cap, quantized=quantized)
+  m, l, acc = lax.fori_loop(start, end, body, initial_carry(None, group, head_dim))
+  m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+
+# Tokens one GPU loop step should load when pages_per_block is automatic:
+# the ragged kernel's default block, so a step has as many loads in flight.
+GPU_TOKENS_PER_STEP = 128
+
+
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
-               key_scale, value_scale, pages_per_block, interpret):
+               key_scale, value_scale, pages_per_block, interpret, num_splits=None):
   batch, num_heads, head_dim = query.shape
   total_pages, tpp, kv_heads = key_pages.shape[:3]
   max_pages = page_table.shape[1]
@@ -141,29 +164,49 @@ def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
   if not interpret and not (is_pow2(tpp) and is_pow2(head_dim)):
     raise ValueError(f"GPU paged decode kernel: tokens_per_page={tpp} and head_dim={head_dim} "
                      "must be powers of two (Triton tensor shapes)")
+  if pages_per_block is None:
+    pages_per_block = min(max(1, pl.cdiv(GPU_TOKENS_PER_STEP, tpp)), max_pages)
+  num_splits = resolve_num_splits(num_splits, programs=batch * kv_heads,
+                                  max_blocks=pl.cdiv(max_pages, pages_per_block),
+                                  interpret=interpret)
   q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
   quantized = key_scale is not None
   pool = (total_pages, tpp, None, head_dim)
+  # Index maps take (b, k) or (b, k, split): *_ swallows the split index.
   operands = [lengths.astype(jnp.int32), page_table.astype(jnp.int32), q, key_pages, value_pages]
   in_specs = [
-      pl.BlockSpec((1,), lambda b, k: (b,)),
-      pl.BlockSpec((None, max_pages), lambda b, k: (b, 0)),
-      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
-      pl.BlockSpec(pool, lambda b, k: (0, 0, k, 0)),
-      pl.BlockSpec(pool, lambda b, k: (0, 0, k, 0)),
+      pl.BlockSpec((1,), lambda b, k, *_: (b,)),
+      pl.BlockSpec((None, max_pages), lambda b, k, *_: (b, 0)),
+      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
+      pl.BlockSpec(pool, lambda b, k, *_: (0, 0, k, 0)),
+      pl.BlockSpec(pool, lambda b, k, *_: (0, 0, k, 0)),
   ]
   if quantized:
     for s in (key_scale, value_scale):
-      per_head = s.shape[-1] != 1
-      operands.append(s.astype(jnp.float32))
+      head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
+      operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
       in_specs.append(pl.BlockSpec((total_pages, tpp, None),
-                                   lambda b, k, per_head=per_head: (0, 0, k if per_head else 0)))
+                                   lambda b, k, *_, head=head: (0, 0, head(k))))
+  args = dict(pages_per_block=pages_per_block, scale=float(scale),
+              soft_cap=float(soft_cap) if soft_cap else None, quantized=quantized)
+  if num_splits > 1:
+    out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim)
+    m, l, acc = pl.pallas_call(
+        functools.partial(_gpu_split_kernel, num_splits=num_splits, **args),
+        grid=(batch, kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(),
+        interpret=interpret,
+        name="paged_decode_gpu_split",
+    )(*operands)  # [B, K, P, Gp, 1] x2, [B, K, P, Gp, H]
+    out = combine_splits(m, l, acc, sink, query.dtype)  # [B, K, Gp, H]
+    return out[:, :, :group].reshape(batch, num_heads, head_dim)
   if sinks is not None:
     operands.append(sink)
     in_specs.append(pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0)))
-  kernel = functools.partial(_gpu_kernel, pages_per_block=pages_per_block, scale=float(scale),
-                             soft_cap=float(soft_cap) if soft_cap else None,
-                             has_sinks=sinks is not None, quantized=quantized)
+  kernel = functools.partial(_gpu_kernel, has_sinks=sinks is not None, **args)
   out = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads),
@@ -298,13 +341,21 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 
 def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, scale,
                         soft_cap=None, sinks=None, key_scale=None, value_scale=None,
-                        pages_per_block: int = 1, interpret=False, backend: str = "gpu"):
+                        pages_per_block: int | None = None, interpret=False,
+                        backend: str = "gpu", num_splits: int | None = None):
   """Pallas paged decode attention; same arguments and result as `paged_decode_reference`.
 
-  pages_per_block >= 1 pages per loop step / grid step. backend "gpu"
-  (Triton) or "tpu" (Mosaic); interpret=True runs either on CPU.
+  pages_per_block >= 1 pages per loop step / grid step. None: on GPU enough
+  pages for GPU_TOKENS_PER_STEP tokens a step (one 16-token page a step
+  leaves too few loads in flight), on TPU 1 (each page slot is one more
+  pipelined input there). backend "gpu" (Triton) or "tpu" (Mosaic);
+  interpret=True runs either on CPU. num_splits (GPU only): split-K over each
+  row's page steps, as in `ragged_decode_pallas` (None: automatic, 1 when
+  interpreting).
   """
-  if pages_per_block < 1:
+  if pages_per_block is None and backend != "gpu":
+    pages_per_block = 1
+  if pages_per_block is not None and pages_per_block < 1:
     raise ValueError(f"pages_per_block={pages_per_block}: must be >= 1")
   check_kernel_kv(key_pages, value_pages, key_scale, value_scale)
   if query.shape[1] % key_pages.shape[2]:
@@ -313,7 +364,8 @@ def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, s
   args = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
               value_scale=value_scale, pages_per_block=pages_per_block, interpret=interpret)
   if backend == "gpu":
-    return _paged_gpu(query, key_pages, value_pages, page_table, lengths, **args)
+    return _paged_gpu(query, key_pages, value_pages, page_table, lengths, num_splits=num_splits,
+                      **args)
   if backend == "tpu":
     return _paged_tpu(query, key_pages, value_pages, page_table, lengths, **args)
   raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")

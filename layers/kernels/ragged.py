@@ -32,6 +32,8 @@ Three implementations of one function:
                                 count) over only the ceil(length/block_kv)
                                 blocks of its row (from the first block in the
                                 window), with masked loads for the tail block;
+                                split-K: grid (batch, kv_heads, splits), each
+                                program one contiguous range of those blocks;
   ragged_decode_pallas(backend="tpu")
                                 Mosaic-style: grid (batch, kv blocks) with the
                                 lengths scalar-prefetched, so the kv-block
@@ -44,8 +46,13 @@ GPU constraints (checked when not interpreting): head_dim and block_kv are
 powers of two, and the G query heads of a kv head are zero-padded to a power
 of two >= 16 (Triton tensor shapes, tl.dot's smallest tile); padding the
 query is cheap, K/V are never padded or copied. One program per (row, kv
-head) and no split over the sequence: a small batch of very long rows
-leaves SMs idle (a split-K variant with a combine step is the next step).
+head) leaves SMs idle for a small batch of long rows, so by default the GPU
+kernel splits each row's blocks into `num_splits` contiguous ranges (grid
+(batch, kv_heads, num_splits), split-K / flash-decoding): each program writes
+float32 partials (max, sum, acc) and `combine_splits` merges them in plain
+JAX, the sink joining there once. The split count is chosen from
+batch * kv_heads vs the SM count (`auto_num_splits`); 1 runs the unsplit
+kernel unchanged.
 The TPU variant keeps all kv heads of a row in one program so that each K/V
 block [block_kv, K, H] has full trailing dims (Mosaic tiling); it has only
 been run in interpret mode.
@@ -262,52 +269,154 @@ def pad_groups(query, kv_heads: int, sinks, padded_group: int):
 # ---- GPU (Triton) kernel -------------------------------------------------------------
 
 
-def _gpu_kernel(*refs, block_kv, scale, soft_cap, window, has_sinks, quantized):
-  """Program (b, k): all query heads of kv head k of row b, over that row's valid blocks only."""
+def _gpu_block(i, carry, refs, *, q, length, lo, block_kv, scale, soft_cap, quantized):
+  """Online-softmax update of carry with kv block i of one row (masked loads past its length)."""
   from jax.experimental.pallas import triton as plgpu
 
+  k_ref, v_ref, ks_ref, vs_ref = refs  # [S, H], [S, H], [S] or None, [S] or None
+  head_dim = q.shape[1]
+  start = i * block_kv
+  idx_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
+  idx_col = start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)  # [bk, 1]
+  valid_row = (idx_row < length) & (idx_row >= lo)
+  valid_col = (idx_col < length) & (idx_col >= lo)
+  tile_mask = jnp.broadcast_to(valid_col, (block_kv, head_dim))  # [bk, H]
+  rows = pl.ds(start, block_kv)
+  k = plgpu.load(k_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
+  v = plgpu.load(v_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
+  k_scale = v_scale = None
+  if quantized:
+    flat = valid_row[0]  # [bk]
+    k_scale = plgpu.load(ks_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
+    v_scale = plgpu.load(vs_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
+  return online_block_update(carry, q, [(k, v, valid_row, valid_col, k_scale, v_scale)],
+                             scale=scale, soft_cap=soft_cap)
+
+
+def unpack_gpu_refs(refs, *, quantized, has_sinks, num_prefix):
+  """(prefix refs, k_ref, v_ref, ks_ref, vs_ref, sink_ref, output refs) of a GPU decode kernel."""
   refs = list(refs)
-  length_ref, q_ref, k_ref, v_ref = refs[:4]  # [1], [Gp, H], [S, H], [S, H]
-  rest = refs[4:]
+  prefix, rest = refs[:num_prefix], refs[num_prefix:]
+  k_ref, v_ref, *rest = rest
   ks_ref = vs_ref = sink_ref = None
   if quantized:
-    ks_ref, vs_ref, *rest = rest  # [S], [S]
+    ks_ref, vs_ref, *rest = rest
   if has_sinks:
-    sink_ref, *rest = rest  # [Gp, 1]
-  (o_ref,) = rest  # [Gp, H]
+    sink_ref, *rest = rest
+  return prefix, k_ref, v_ref, ks_ref, vs_ref, sink_ref, rest
 
+
+def _gpu_kernel(*refs, block_kv, scale, soft_cap, window, has_sinks, quantized):
+  """Program (b, k): all query heads of kv head k of row b, over that row's valid blocks only."""
+  (length_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, (o_ref,) = unpack_gpu_refs(
+      refs, quantized=quantized, has_sinks=has_sinks, num_prefix=2)
+  # [1], [Gp, H]; K/V [S, H]; scales [S]; sink [Gp, 1]; out [Gp, H]
   length = length_ref[0]
   q = q_ref[...]  # [Gp, H]
   group, head_dim = q.shape
   lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
   first = lo // block_kv
   last = pl.cdiv(length, block_kv)  # dynamic trip count: blocks past the length are never read
-
-  def body(i, carry):
-    start = i * block_kv
-    idx_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
-    idx_col = start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)  # [bk, 1]
-    valid_row = (idx_row < length) & (idx_row >= lo)
-    valid_col = (idx_col < length) & (idx_col >= lo)
-    tile_mask = jnp.broadcast_to(valid_col, (block_kv, head_dim))  # [bk, H]
-    rows = pl.ds(start, block_kv)
-    k = plgpu.load(k_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
-    v = plgpu.load(v_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
-    k_scale = v_scale = None
-    if quantized:
-      flat = valid_row[0]  # [bk]
-      k_scale = plgpu.load(ks_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
-      v_scale = plgpu.load(vs_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
-    return online_block_update(carry, q, [(k, v, valid_row, valid_col, k_scale, v_scale)],
-                               scale=scale, soft_cap=soft_cap)
-
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
+                           lo=lo, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
+                           quantized=quantized)
   carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
   _, l, acc = lax.fori_loop(first, last, body, carry)
   o_ref[...] = finish(l, acc).astype(o_ref.dtype)
 
 
+def split_range(first, last, split, num_splits: int):
+  """Blocks [start, end) of split `split` when [first, last) is cut into num_splits even ranges.
+
+  Computed from the row's own block range, so a short row gives its later
+  splits empty ranges (start >= end: the program reads nothing).
+  """
+  per_split = pl.cdiv(jnp.maximum(last - first, 0), num_splits)
+  start = first + split * per_split
+  return start, jnp.minimum(start + per_split, last)
+
+
+def _gpu_split_kernel(*refs, block_kv, num_splits, scale, soft_cap, window, quantized):
+  """Program (b, k, s): split s of row b's valid blocks for kv head k; writes unnormalized partials.
+
+  No sink here: partials start from (m=-inf, l=0, acc=0) and the sink joins
+  once, in `combine_splits`.
+  """
+  (length_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, _, (m_ref, l_ref, acc_ref) = (
+      unpack_gpu_refs(refs, quantized=quantized, has_sinks=False, num_prefix=2))
+  # [1], [Gp, H]; K/V [S, H]; scales [S]; out m, l [Gp, 1], acc [Gp, H] (float32)
+  length = length_ref[0]
+  q = q_ref[...]  # [Gp, H]
+  group, head_dim = q.shape
+  lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
+  start, end = split_range(lo // block_kv, pl.cdiv(length, block_kv), pl.program_id(2), num_splits)
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
+                           lo=lo, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
+                           quantized=quantized)
+  m, l, acc = lax.fori_loop(start, end, body, initial_carry(None, group, head_dim))
+  m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+
+
+def combine_splits(m, l, acc, sink, dtype):
+  """Merge split partials m, l [B, K, P, Gp, 1], acc [B, K, P, Gp, H] -> [B, K, Gp, H] in dtype.
+
+  The flash-decoding reduction: rescale each split to the common max and
+  add. The sink [K, Gp, 1] (or None) is one more 'split' with l = 1 and no
+  value, so it is counted exactly once. Empty splits (m = -1e30, l = 0,
+  acc = 0) get weight exp(-1e30 - max) = 0, or 1 times zeros when the whole
+  row is empty, so a row with nothing visible still gives zeros.
+  """
+  m_all = m.max(axis=2)  # [B, K, Gp, 1]
+  if sink is not None:
+    m_all = jnp.maximum(m_all, sink[None])
+  w = jnp.exp(m - m_all[:, :, None])  # [B, K, P, Gp, 1]
+  l_all = (w * l).sum(axis=2)  # [B, K, Gp, 1]
+  acc_all = (w * acc).sum(axis=2)  # [B, K, Gp, H]
+  if sink is not None:
+    l_all = l_all + jnp.exp(sink[None] - m_all)
+  return finish(l_all, acc_all).astype(dtype)
+
+
+# Programs per SM the automatic split count aims for: enough resident
+# programs per SM to keep loads in flight while one waits on another.
+PROGRAMS_PER_SM = 4
+# A split shorter than this many blocks costs more in partial writes and
+# launch than it saves.
+MIN_BLOCKS_PER_SPLIT = 4
+_DEFAULT_SM_COUNT = 132  # H100 SXM, when the device does not say
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the default device (132 when it does not report them)."""
+  try:
+    count = getattr(jax.devices()[0], "core_count", None)
+  except RuntimeError:
+    count = None
+  return int(count) if count else _DEFAULT_SM_COUNT
+
+
+def auto_num_splits(programs: int, max_blocks: int, *, cores: int | None = None) -> int:
+  """Splits per (row, kv head) so the grid has about PROGRAMS_PER_SM programs per SM.
+
+  programs: batch * kv_heads; max_blocks: loop steps of the longest possible
+  row. 1 (the unsplit kernel) when the grid already fills the GPU.
+  """
+  cores = sm_count() if cores is None else cores
+  want = pl.cdiv(PROGRAMS_PER_SM * cores, max(programs, 1))
+  return int(max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT)))
+
+
+def resolve_num_splits(num_splits, *, programs: int, max_blocks: int, interpret: bool) -> int:
+  """num_splits=None: automatic on a GPU, 1 (the unsplit kernel) when interpreting on CPU."""
+  if num_splits is None:
+    return 1 if interpret else auto_num_splits(programs, max_blocks)
+  if num_splits < 1:
+    raise ValueError(f"num_splits={num_splits}: must be >= 1 (or None)")
+  return int(num_splits)
+
+
 def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
-                value_scale, block_kv, interpret):
+                value_scale, block_kv, interpret, num_splits=None):
   batch, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
@@ -316,27 +425,34 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
     raise ValueError(f"GPU decode kernel: block_kv={block_kv} and head_dim={head_dim} must be "
                      "powers of two (Triton tensor shapes)")
+  num_splits = resolve_num_splits(num_splits, programs=batch * kv_heads,
+                                  max_blocks=pl.cdiv(kv_len, block_kv), interpret=interpret)
   q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
   quantized = key_scale is not None
+  # Index maps take (b, k) or (b, k, split): *_ swallows the split index.
   operands = [lengths.astype(jnp.int32), q, key, value]
   in_specs = [
-      pl.BlockSpec((1,), lambda b, k: (b,)),
-      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
-      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k: (b, 0, k, 0)),
-      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k: (b, 0, k, 0)),
+      pl.BlockSpec((1,), lambda b, k, *_: (b,)),
+      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
+      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k, *_: (b, 0, k, 0)),
+      pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k, *_: (b, 0, k, 0)),
   ]
   if quantized:
     for s in (key_scale, value_scale):
-      per_head = s.shape[-1] != 1
-      operands.append(s.astype(jnp.float32))
+      head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
+      operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
       in_specs.append(pl.BlockSpec((None, kv_len, None),
-                                   lambda b, k, per_head=per_head: (b, 0, k if per_head else 0)))
+                                   lambda b, k, *_, head=head: (b, 0, head(k))))
+  args = dict(block_kv=block_kv, scale=float(scale),
+              soft_cap=float(soft_cap) if soft_cap else None, window=window, quantized=quantized)
+  if num_splits > 1:
+    return _ragged_gpu_split(operands, in_specs, sink, num_splits=num_splits, dtype=query.dtype,
+                             interpret=interpret, **args)[:, :, :group].reshape(
+                                 batch, num_heads, head_dim)
   if sinks is not None:
     operands.append(sink)
     in_specs.append(pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0)))
-  kernel = functools.partial(_gpu_kernel, block_kv=block_kv, scale=float(scale),
-                             soft_cap=float(soft_cap) if soft_cap else None, window=window,
-                             has_sinks=sinks is not None, quantized=quantized)
+  kernel = functools.partial(_gpu_kernel, has_sinks=sinks is not None, **args)
   out = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads),
@@ -348,6 +464,34 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
       name="ragged_decode_gpu",
   )(*operands)  # [B, K, Gp, H]
   return out[:, :, :group].reshape(batch, num_heads, head_dim)
+
+
+def split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim):
+  """(out_specs, out_shape) of the float32 partials m, l [B, K, P, Gp, 1] and acc [B, K, P, Gp, H]."""
+  shapes = [(batch, kv_heads, num_splits, padded_group, d) for d in (1, 1, head_dim)]
+  specs = [pl.BlockSpec((None, None, None, padded_group, d), lambda b, k, s: (b, k, s, 0, 0))
+           for d in (1, 1, head_dim)]
+  return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+
+
+def _ragged_gpu_split(operands, in_specs, sink, *, num_splits, dtype, interpret, block_kv, scale,
+                      soft_cap, window, quantized):
+  """Split-K (flash-decoding): grid (B, K, P), then combine_splits -> [B, K, Gp, H]."""
+  batch, kv_heads, padded_group, head_dim = operands[1].shape
+  out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim)
+  kernel = functools.partial(_gpu_split_kernel, block_kv=block_kv, num_splits=num_splits,
+                             scale=scale, soft_cap=soft_cap, window=window, quantized=quantized)
+  m, l, acc = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=triton_params(),
+      interpret=interpret,
+      name="ragged_decode_gpu_split",
+  )(*operands)  # [B, K, P, Gp, 1] x2, [B, K, P, Gp, H]
+  return combine_splits(m, l, acc, sink, dtype)  # [B, K, Gp, H]
 
 
 def triton_params():
@@ -474,13 +618,19 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
 
 def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                          sinks=None, key_scale=None, value_scale=None, block_kv: int = 128,
-                         interpret=False, backend: str = "gpu"):
+                         interpret=False, backend: str = "gpu", num_splits: int | None = None):
   """Pallas decode attention; same arguments and result as `ragged_decode_reference`.
 
   backend "gpu" (Triton lowering) or "tpu" (Mosaic lowering). interpret=True
   runs either on CPU (tests); for "tpu" a `pltpu.InterpretParams()` is also
   accepted. block_kv: keys per block (GPU: rounded to a power of two no
   larger than needed; TPU: at most the cache length).
+
+  num_splits (GPU only): each row's blocks are cut into this many ranges,
+  one program each, and the partials are merged afterwards (split-K /
+  flash-decoding), so a small batch of long rows still fills the GPU.
+  None picks it from batch * kv_heads vs the SM count (`auto_num_splits`);
+  in interpret mode None means 1. 1 is the unsplit kernel.
   """
   _check_window(window)
   check_kernel_kv(key, value, key_scale, value_scale)
@@ -489,7 +639,7 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
   args = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
               value_scale=value_scale, block_kv=block_kv, interpret=interpret)
   if backend == "gpu":
-    return _ragged_gpu(query, key, value, lengths, **args)
+    return _ragged_gpu(query, key, value, lengths, num_splits=num_splits, **args)
   if backend == "tpu":
     return _ragged_tpu(query, key, value, lengths, **args)
   raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")

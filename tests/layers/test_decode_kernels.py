@@ -357,3 +357,102 @@ def test_paged_tpu_pages_read_are_the_rows_own():
       own = {int(p) for p in table[b] if p >= 0}
       if n:
         assert read == own, (ppb, b, read, own)
+
+
+# ---- split-K (flash-decoding) GPU variants ------------------------------------------------
+# BLOCK=8 over S=36 gives 5 blocks: 3 splits cut them 2/2/1, 8 splits leave
+# empty splits for every row, and the rows of length 1 and 0 have at most one
+# non-empty split.
+
+SPLIT_CASES = [("plain", 3), ("window", 3), ("soft_cap", 8), ("sinks", 3), ("int8", 8),
+               ("int8_token", 3), ("all", 3), ("all", 8), ("all_float", 2)]
+
+
+@pytest.mark.parametrize("case, num_splits", SPLIT_CASES,
+                         ids=[f"{c}-p{p}" for c, p in SPLIT_CASES])
+def test_ragged_split_vs_reference(case, num_splits):
+  q, k, v, kwargs, np_inputs = ragged_inputs(case, 2, seed=11)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             num_splits=num_splits)
+  assert out.shape == (len(LENGTHS), N, H) and out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  np.testing.assert_array_equal(np.asarray(out)[0], 0.0)  # the row of length 0
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_ragged_split_heads_and_bfloat16(kv_heads):
+  q, k, v, kwargs, _ = ragged_inputs("all_float", kv_heads, dtype=jnp.bfloat16)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             num_splits=4)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", ["all_float", "int8_token"])
+def test_ragged_split_ignores_entries_past_length(case):
+  """NaN / garbage past each row's length reaches no split's partials."""
+  q, k, v, kwargs, _ = ragged_inputs(case, 2)
+  lengths = jnp.asarray(LENGTHS)
+  clean = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  past = jnp.arange(S)[None, :] >= lengths[:, None]  # [B, S]
+  if kwargs.get("key_scale") is not None:
+    k = jnp.where(past[..., None, None], jnp.int8(127), k)
+    kwargs["key_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["key_scale"])
+    kwargs["value_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["value_scale"])
+  else:
+    k = jnp.where(past[..., None, None], jnp.nan, k)
+    v = jnp.where(past[..., None, None], jnp.inf, v)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             num_splits=3)
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(clean), **TOL)
+
+
+PAGED_SPLIT_CASES = [("plain", 1, 2), ("sinks", 2, 3), ("int8", None, 2), ("int8_token", 1, 5),
+                     ("all", 1, 3), ("all", 2, 8), ("all_float", None, 2)]
+
+
+@pytest.mark.parametrize("case, pages_per_block, num_splits", PAGED_SPLIT_CASES,
+                         ids=[f"{c}-ppb{b}-p{p}" for c, b, p in PAGED_SPLIT_CASES])
+def test_paged_split_vs_reference(case, pages_per_block, num_splits):
+  """Shuffled pages, with NaN in unowned pages and past each row's length (garbage=True)."""
+  arrays, kwargs, np_inputs = paged_inputs(case, 2, seed=13, garbage=True)
+  out = paged_decode_pallas(*arrays, **kwargs, pages_per_block=pages_per_block, interpret=True,
+                            num_splits=num_splits)
+  assert np.all(np.isfinite(np.asarray(out)))
+  expected = numpy_for(case, np_inputs, PAGED_LENGTHS, MAX_PAGES * TPP)
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  np.testing.assert_array_equal(np.asarray(out)[0], 0.0)
+
+
+def test_split_ranges_cover_each_rows_blocks_once():
+  """split_range cuts [first, last) into disjoint ranges covering it (empty ones past the end)."""
+  for first, last in [(0, 0), (0, 1), (0, 5), (2, 5), (3, 40), (7, 7)]:
+    for num_splits in (1, 2, 3, 8):
+      seen = []
+      for split in range(num_splits):
+        start, end = (int(x) for x in ragged_mod.split_range(jnp.int32(first), jnp.int32(last),
+                                                              split, num_splits))
+        seen += list(range(start, end))
+      assert seen == list(range(first, last)), (first, last, num_splits, seen)
+
+
+def test_auto_num_splits():
+  """Fills ~PROGRAMS_PER_SM programs per SM; never splits below MIN_BLOCKS_PER_SPLIT blocks."""
+  auto = ragged_mod.auto_num_splits
+  per_sm, min_blocks = ragged_mod.PROGRAMS_PER_SM, ragged_mod.MIN_BLOCKS_PER_SPLIT
+  assert auto(8 * 8, 256, cores=132) == -(-per_sm * 132 // 64)  # b8 kv32768, 8 kv heads
+  assert auto(64 * 8, 32, cores=132) == min(-(-per_sm * 132 // 512), 32 // min_blocks)
+  assert auto(10_000, 256, cores=132) == 1  # the grid already fills the GPU
+  assert auto(1, 2, cores=132) == 1  # too short to split
+  assert ragged_mod.resolve_num_splits(None, programs=1, max_blocks=999, interpret=True) == 1
+  assert ragged_mod.resolve_num_splits(5, programs=1, max_blocks=1, interpret=False) == 5
+  with pytest.raises(ValueError, match="num_splits"):
+    ragged_mod.resolve_num_splits(0, programs=1, max_blocks=1, interpret=True)
