@@ -379,10 +379,10 @@ def combine_splits(m, l, acc, sink, dtype):
 
 # Programs per SM the automatic split count aims for: enough resident
 # programs per SM to keep loads in flight while one waits on another.
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 # A split shorter than this many blocks costs more in partial writes and
 # launch than it saves.
-MIN_BLOCKS_PER_SPLIT = 4
+MIN_BLOCKS_PER_SPLIT = 16
 _DEFAULT_SM_COUNT = 132  # H100 SXM, when the device does not say
 
 

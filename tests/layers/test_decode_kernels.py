@@ -448,7 +448,7 @@ def test_auto_num_splits():
   """Fills ~PROGRAMS_PER_SM programs per SM; never splits below MIN_BLOCKS_PER_SPLIT blocks."""
   auto = ragged_mod.auto_num_splits
   per_sm, min_blocks = ragged_mod.PROGRAMS_PER_SM, ragged_mod.MIN_BLOCKS_PER_SPLIT
-  assert auto(8 * 8, 256, cores=132) == -(-per_sm * 132 // 64)  # b8 kv32768, 8 kv heads
+  assert auto(8 * 8, 256, cores=132) == min(-(-per_sm * 132 // 64), 256 // min_blocks)  # b8 kv32768
   assert auto(64 * 8, 32, cores=132) == min(-(-per_sm * 132 // 512), 32 // min_blocks)
   assert auto(10_000, 256, cores=132) == 1  # the grid already fills the GPU
   assert auto(1, 2, cores=132) == 1  # too short to split
