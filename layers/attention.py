@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from meshattn.kvcache.cache import KVCache
+from meshattn.kvcache.cache import KVCache, raise_if
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.cached_step import cached_step, decode_with_kernel, step_positions
 from meshattn.layers.kernels import registry
@@ -361,6 +361,10 @@ class Attention(nnx.Module):
       cache.check_slots(rows)
     valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
              else decoder_segment_ids != 0)  # [B, T] real tokens (right padding)
+    # Tokens are appended at consecutive positions, so padding may only trail.
+    raise_if(jnp.any(valid[:, 1:] & ~valid[:, :-1]),
+             lambda: f"model_mode={model_mode!r}: decoder_segment_ids must mark real tokens "
+                     "(nonzero) before padding (0) in every row (right padding only)")
     if model_mode == "autoregressive":
       valid = valid & (cache.lengths[...][rows] > 0)[:, None]  # empty slots stay empty
     positions = step_positions(cache, rows, length)  # [B, T]

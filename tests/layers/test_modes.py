@@ -239,6 +239,10 @@ def test_errors_leave_the_cache_consistent():
     model(x[:, :2], model_mode="autoregressive")
   with pytest.raises(ValueError, match="mask"):
     model(x[:, :1], model_mode="autoregressive", mask=jnp.ones((1, 1, 1, 1), bool))
+  with pytest.raises(ValueError, match="right padding only"):
+    model(x[:1, :3], decoder_segment_ids=jnp.array([[0, 1, 1]]), model_mode="prefill",
+          slots=jnp.array([1]))  # left padding
+  assert_unchanged(before, cache)
   fresh = build(2)
   with pytest.raises(ValueError, match="init_cache"):
     fresh(x[:, :1], model_mode="prefill")
