@@ -16,6 +16,7 @@ constrained. Named checkpoints (`query_proj`, `key_proj`, `value_proj`,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -97,11 +98,11 @@ class Attention(nnx.Module):
     """Q [B, T, N, H], K and V [B, S, K, H] before norms and RoPE."""
     s = self.settings
     if s.fused_qkv:
-      if inputs_kv is not inputs_q and (
-          inputs_kv.shape != inputs_q.shape
-          or not isinstance(inputs_kv, jax.core.Tracer) and not jnp.array_equal(inputs_kv, inputs_q)):
-        raise ValueError("fused_qkv projects self-attention only (inputs_kv must be inputs_q); "
-                         "use separate projections for cross-attention")
+      # Decided by identity: under jit two equal arrays cannot be told apart, so
+      # anything but the query input itself is refused rather than ignored.
+      if inputs_kv is not inputs_q:
+        raise ValueError("fused_qkv projects self-attention only: pass inputs_kv=None (or the "
+                         "inputs_q array itself); use separate projections for cross-attention")
       qkv = self.qkv_proj(inputs_q)  # [B, T, K, G + 2, H]
       b, t = qkv.shape[:2]
       g = s.group_size
@@ -347,6 +348,16 @@ class Attention(nnx.Module):
       raise ValueError(f"model_mode={model_mode!r} takes inputs_q [batch, length, emb_dim], "
                        f"got shape {inputs_q.shape}")
     batch, length = inputs_q.shape[:2]
+    if s.mask.attention_type == "full":
+      # A bidirectional layer's earlier tokens would have to see later ones: a
+      # cache can only serve it as one whole-prompt prefill.
+      if model_mode == "autoregressive" or s.use_chunked_prefill:
+        raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
+                         "chunks; use one prefill call per prompt or a causal attention_type")
+      raise_if(jnp.any(cache.lengths[...][jnp.arange(batch) if slots is None else
+                                           jnp.atleast_1d(jnp.asarray(slots, jnp.int32))] > 0),
+               lambda: "attention_type='full' (bidirectional) prefill must start on an empty "
+                       "slot (one prefill call per prompt)")
     if model_mode == "autoregressive" and length != 1:
       raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
     if slots is None:
@@ -359,6 +370,9 @@ class Attention(nnx.Module):
       if rows.shape != (batch,):
         raise ValueError(f"slots has shape {rows.shape}; expected ({batch},), one slot per row")
       cache.check_slots(rows)
+      ordered = jnp.sort(rows)
+      raise_if(jnp.any(ordered[1:] == ordered[:-1]),
+               lambda: "slots must name each cache slot at most once per call")
     valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
              else decoder_segment_ids != 0)  # [B, T] real tokens (right padding)
     # Tokens are appended at consecutive positions, so padding may only trail.
@@ -377,20 +391,36 @@ class Attention(nnx.Module):
     if model_mode == "autoregressive":
       kernel = self._select(model_mode, self._features(model_mode))
       if kernel.name != "dot_product":
-        context = decode_with_kernel(
+        with _restore_on_error(cache):
+          context = decode_with_kernel(
             cache, rows, query, key, value, positions=positions, valid=valid, options=options,
-            sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
-            mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
+              sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
+              mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
         return self._output(context, axes)
     chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
-    contexts = []
-    for start in range(0, length, chunk):
-      part = slice(start, min(start + chunk, length))
-      contexts.append(cached_step(
-          cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
-          valid=valid[:, part], options=options, sinks=sinks))  # [B, chunk, N, H]
+    # The whole call must fit before the first chunk is written.
+    cache.check_room(rows, cache.lengths[...][rows] + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    with _restore_on_error(cache):
+      contexts = []
+      for start in range(0, length, chunk):
+        part = slice(start, min(start + chunk, length))
+        contexts.append(cached_step(
+            cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
+            valid=valid[:, part], options=options, sinks=sinks))  # [B, chunk, N, H]
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(context, axes)
+
+
+@contextlib.contextmanager
+def _restore_on_error(cache):
+  """Put the cache back as it was if an eager step fails part-way (state
+  updates under jit are only applied on success anyway)."""
+  saved = jax.tree.map(lambda x: x, nnx.state(cache))  # new Variables over the same (immutable) arrays
+  try:
+    yield
+  except Exception:
+    nnx.update(cache, saved)
+    raise
 
 
 def _flatten_pairwise(x: jax.Array | None, batch_shape: tuple[int, ...], batch: int):

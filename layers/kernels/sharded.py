@@ -84,7 +84,9 @@ def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   query and kv heads split the same way (else each shard holds all heads).
   """
   q_spec = logical_to_spec(axes.query, rules, mesh, (query.shape[0], 1) + query.shape[1:])
-  kv_heads_entry = logical_to_spec(axes.key, rules, mesh)[2] if len(axes.key) > 2 else None
+  kv_shape = batch_args["key"].shape if "key" in batch_args else pool_args["key_pages"].shape
+  kv_heads = kv_shape[2]  # caches [b, C, K, H] and pools [P, tpp, K, H] both have K third
+  kv_heads_entry = logical_to_spec(axes.key, rules, mesh, (1, 1, kv_heads, query.shape[-1]))[2]
   batch = q_spec[0]
   heads = q_spec[2] if q_spec[2] == kv_heads_entry else None
 
