@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.masks import MaskSpec
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.ragged import (
-    unpack_gpu_refs, check_kernel_kv, combine_splits, dequantize_or_cast, finish, initial_carry,
+from meshattn.layers.kernels.decode_common import (
+    call_unsplit, check_kernel_kv, combine_splits, dequantize_or_cast, finish, initial_carry,
     is_pow2, masked_decode_attention, online_block_update, pad_groups, resolve_num_splits,
-    split_out_specs, split_range, triton_group, triton_params)
+    split_out_specs, split_range, triton_group, triton_params, unpack_gpu_refs)
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 
@@ -203,20 +203,10 @@ def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
     )(*operands)  # [B, K, P, Gp, 1] x2, [B, K, P, Gp, H]
     out = combine_splits(m, l, acc, sink, query.dtype)  # [B, K, Gp, H]
     return out[:, :, :group].reshape(batch, num_heads, head_dim)
-  if sinks is not None:
-    operands.append(sink)
-    in_specs.append(pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0)))
   kernel = functools.partial(_gpu_kernel, has_sinks=sinks is not None, **args)
-  out = pl.pallas_call(
-      kernel,
-      grid=(batch, kv_heads),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, padded_group, head_dim), query.dtype),
-      compiler_params=triton_params(),
-      interpret=interpret,
-      name="paged_decode_gpu",
-  )(*operands)  # [B, K, Gp, H]
+  out = call_unsplit(kernel, operands, in_specs, sink if sinks is not None else None, batch=batch,
+                     kv_heads=kv_heads, padded_group=padded_group, head_dim=head_dim,
+                     dtype=query.dtype, interpret=interpret, name="paged_decode_gpu")  # [B, K, Gp, H]
   return out[:, :, :group].reshape(batch, num_heads, head_dim)
 
 

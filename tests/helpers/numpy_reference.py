@@ -303,7 +303,7 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
   nh, kh, hd = num_query_heads, num_kv_heads, head_dim
   g_size = nh // kh
   b_, t_, d_ = x_q.shape
-  s_, dkv = x_kv.shape[1], x_kv.shape[2]
+  s_ = x_kv.shape[1]
 
   def proj(x_vec, kernel, bias_vec, idx):
     # kernel [D, *idx, H]: one head's vector.

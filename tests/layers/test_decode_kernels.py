@@ -16,6 +16,7 @@ import pytest
 
 from meshattn.kvcache.quant import KVQuant, quantize
 from meshattn.layers.kernels import paged as paged_mod
+from meshattn.layers.kernels import decode_common
 from meshattn.layers.kernels import ragged as ragged_mod
 from meshattn.layers.kernels.paged import (
     PAGED_FEATURES, paged_decode_pallas, paged_decode_reference)
@@ -438,7 +439,7 @@ def test_split_ranges_cover_each_rows_blocks_once():
     for num_splits in (1, 2, 3, 8):
       seen = []
       for split in range(num_splits):
-        start, end = (int(x) for x in ragged_mod.split_range(jnp.int32(first), jnp.int32(last),
+        start, end = (int(x) for x in decode_common.split_range(jnp.int32(first), jnp.int32(last),
                                                               split, num_splits))
         seen += list(range(start, end))
       assert seen == list(range(first, last)), (first, last, num_splits, seen)
@@ -446,13 +447,13 @@ def test_split_ranges_cover_each_rows_blocks_once():
 
 def test_auto_num_splits():
   """Fills ~PROGRAMS_PER_SM programs per SM; never splits below MIN_BLOCKS_PER_SPLIT blocks."""
-  auto = ragged_mod.auto_num_splits
-  per_sm, min_blocks = ragged_mod.PROGRAMS_PER_SM, ragged_mod.MIN_BLOCKS_PER_SPLIT
+  auto = decode_common.auto_num_splits
+  per_sm, min_blocks = decode_common.PROGRAMS_PER_SM, decode_common.MIN_BLOCKS_PER_SPLIT
   assert auto(8 * 8, 256, cores=132) == min(-(-per_sm * 132 // 64), 256 // min_blocks)  # b8 kv32768
   assert auto(64 * 8, 32, cores=132) == min(-(-per_sm * 132 // 512), 32 // min_blocks)
   assert auto(10_000, 256, cores=132) == 1  # the grid already fills the GPU
   assert auto(1, 2, cores=132) == 1  # too short to split
-  assert ragged_mod.resolve_num_splits(None, programs=1, max_blocks=999, interpret=True) == 1
-  assert ragged_mod.resolve_num_splits(5, programs=1, max_blocks=1, interpret=False) == 5
+  assert decode_common.resolve_num_splits(None, programs=1, max_blocks=999, interpret=True) == 1
+  assert decode_common.resolve_num_splits(5, programs=1, max_blocks=1, interpret=False) == 5
   with pytest.raises(ValueError, match="num_splits"):
-    ragged_mod.resolve_num_splits(0, programs=1, max_blocks=1, interpret=True)
+    decode_common.resolve_num_splits(0, programs=1, max_blocks=1, interpret=True)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-from meshattn.layers import Attention, MaskSpec
+from meshattn.layers import Attention
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.registry import FEATURES, Request, select
 
