@@ -354,10 +354,6 @@ class Attention(nnx.Module):
       if model_mode == "autoregressive" or s.use_chunked_prefill:
         raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
                          "chunks; use one prefill call per prompt or a causal attention_type")
-      raise_if(jnp.any(cache.lengths[...][jnp.arange(batch) if slots is None else
-                                           jnp.atleast_1d(jnp.asarray(slots, jnp.int32))] > 0),
-               lambda: "attention_type='full' (bidirectional) prefill must start on an empty "
-                       "slot (one prefill call per prompt)")
     if model_mode == "autoregressive" and length != 1:
       raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
     if slots is None:
@@ -373,12 +369,18 @@ class Attention(nnx.Module):
       ordered = jnp.sort(rows)
       raise_if(jnp.any(ordered[1:] == ordered[:-1]),
                lambda: "slots must name each cache slot at most once per call")
+    if s.mask.attention_type == "full":
+      raise_if(jnp.any(cache.lengths[...][rows] > 0),
+               lambda: "attention_type='full' (bidirectional) prefill must start on an empty "
+                       "slot (one prefill call per prompt)")
     valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
              else decoder_segment_ids != 0)  # [B, T] real tokens (right padding)
-    # Tokens are appended at consecutive positions, so padding may only trail.
-    raise_if(jnp.any(valid[:, 1:] & ~valid[:, :-1]),
-             lambda: f"model_mode={model_mode!r}: decoder_segment_ids must mark real tokens "
-                     "(nonzero) before padding (0) in every row (right padding only)")
+    # Tokens are appended at consecutive positions, so padding may only trail
+    # (one-token steps cannot be left-padded: no host check on the decode path).
+    if decoder_segment_ids is not None and length > 1:
+      raise_if(jnp.any(valid[:, 1:] & ~valid[:, :-1]),
+               lambda: f"model_mode={model_mode!r}: decoder_segment_ids must mark real tokens "
+                       "(nonzero) before padding (0) in every row (right padding only)")
     if model_mode == "autoregressive":
       valid = valid & (cache.lengths[...][rows] > 0)[:, None]  # empty slots stay empty
     positions = step_positions(cache, rows, length)  # [B, T]
@@ -393,13 +395,15 @@ class Attention(nnx.Module):
       if kernel.name != "dot_product":
         with _restore_on_error(cache):
           context = decode_with_kernel(
-            cache, rows, query, key, value, positions=positions, valid=valid, options=options,
+              cache, rows, query, key, value, positions=positions, valid=valid, options=options,
               sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
               mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
         return self._output(context, axes)
     chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
-    # The whole call must fit before the first chunk is written.
-    cache.check_room(rows, cache.lengths[...][rows] + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    if chunk < length:
+      # The whole call must fit before the first chunk is written (each
+      # cached_step checks only its own chunk).
+      cache.check_room(rows, cache.lengths[...][rows] + jnp.sum(valid, axis=1, dtype=jnp.int32))
     with _restore_on_error(cache):
       contexts = []
       for start in range(0, length, chunk):

@@ -35,8 +35,7 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   cache.check_room(rows, new_lengths)
-  lengths_before = cache.lengths[...][rows]
-  entry_pos_all = cache.entry_positions(lengths_before)  # [b, C]
+  entry_pos_all = cache.entry_positions(start)  # [b, C]
   block = cache.block_size()
 
   def read_block(i):
