@@ -8,14 +8,17 @@ matplotlib is installed) under --out:
 
   prefill  causal attention, forward and forward+backward: ms and TFLOP/s
            (4*b*h*s^2*d forward, halved for causal; forward+backward = 3.5x
-           forward, the FlashAttention convention);
+           forward, the FlashAttention convention); `features` (soft cap;
+           segment ids + sinks) and `long` (long context, peak memory) are
+           in scripts/bench_prefill.py;
   decode   one query token per sequence over a KV cache, uniform and ragged
            lengths, contiguous and paged: ms and GB/s of *valid* K/V bytes
            read, and that as a fraction of the device copy bandwidth
            measured in the same run.
 
 Baselines timed in the same run: jax.nn.dot_product_attention with
-implementation="xla" and "cudnn" (GPU). With --check every kernel is first
+implementation="xla" and "cudnn" (GPU), and tokamax's Mosaic GPU kernel where
+tokamax is installed (Hopper+). With --check every kernel is first
 compared with the reference on the same inputs; one that disagrees is
 reported as MISMATCH and not timed.
 """
@@ -27,7 +30,6 @@ import dataclasses
 import json
 import pathlib
 import sys
-import time
 from typing import Callable
 
 import jax
@@ -37,121 +39,10 @@ import numpy as np
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.masks import MaskSpec
+from meshattn.scripts.bench_common import TOLERANCE, Row, failed, rel_err, time_fn
+from meshattn.scripts.bench_prefill import bench_features, bench_long, bench_prefill
 
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
-
-
-@dataclasses.dataclass
-class Row:
-  section: str
-  kernel: str
-  shape: str
-  ms: float | None
-  rate: float | None  # TFLOP/s or GB/s
-  unit: str
-  ratio: float | None = None  # vs the section's baseline
-  status: str = "ok"
-  max_err: float | None = None
-
-
-def time_fn(fn: Callable, *args, iters: int) -> float:
-  """Median wall time (ms) of a jitted call, after a compile + warm-up call."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return float(np.median(times))
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-# ---- prefill -----------------------------------------------------------------
-
-
-def prefill_kernels(platform: str) -> dict[str, Callable]:
-  """Name -> fn(q [B, T, N, H], k, v [B, S, K, H]) -> out, causal, scale 1/sqrt(H)."""
-  def ours(name):
-    request = registry.Request(platform, "train", frozenset({"causal", "gqa", "backward"}))
-    try:
-      kernel = registry.select(name, request)
-    except ValueError:
-      return None
-    fn = kernel.load()
-
-    def run(q, k, v):
-      b, t = q.shape[:2]
-      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-      options = KernelOptions(mask=MaskSpec("global"), scale=q.shape[-1] ** -0.5)
-      return fn(q, k, v, options=options, q_positions=pos, kv_positions=pos)[0]
-    return run
-
-  def jax_nn(implementation):
-    def run(q, k, v):
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return run
-
-  kernels = {}
-  if platform == "gpu":
-    kernels["jax.nn cudnn"] = jax_nn("cudnn")
-  kernels["jax.nn xla"] = jax_nn("xla")
-  for name in ("dot_product", "blockwise", "flash"):
-    fn = ours(name)
-    if fn is not None:
-      kernels[name] = fn
-  return kernels
-
-
-def bench_prefill(args, platform: str) -> list[Row]:
-  rows = []
-  dtype = jnp.dtype(args.dtype)
-  for b, seq in args.prefill:
-    n, k, h = args.heads, args.kv_heads, args.head_dim
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (b, seq, n, h), dtype)
-    kk = jax.random.normal(keys[1], (b, seq, k, h), dtype)
-    v = jax.random.normal(keys[2], (b, seq, k, h), dtype)
-    cot = jax.random.normal(keys[3], (b, seq, n, h), dtype)
-    flops = 4 * b * n * seq * seq * h / 2  # causal forward
-    shape = f"b{b} s{seq} n{n} k{k} h{h}"
-    kernels = prefill_kernels(platform)
-    reference = None
-    if args.check:
-      # The O(s^2) reference does not fit at long sequences; there blockwise
-      # (itself checked against it at the shorter sizes and in the tests) is the reference.
-      ref_name = "dot_product" if seq <= args.max_reference_seq else "blockwise"
-      reference = jax.jit(kernels[ref_name])(q, kk, v)
-    baseline = {}
-    for name, fn in kernels.items():
-      fwd = jax.jit(fn)
-      grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum((fn(q, k, v) * cot).astype(jnp.float32)),
-                              argnums=(0, 1, 2)))
-      err, status = None, "ok"
-      try:
-        if reference is not None:
-          err = rel_err(fwd(q, kk, v), reference)
-          if err > TOLERANCE[args.dtype]:
-            status = "MISMATCH"
-        for label, f, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3.5 * flops)):
-          if status != "ok":
-            rows.append(Row("prefill " + label, name, shape, None, None, "TFLOP/s", status=status, max_err=err))
-            continue
-          ms = time_fn(f, q, kk, v, iters=args.iters)
-          rate = fl / (ms * 1e-3) / 1e12
-          # Ratios are against cuDNN where it runs (timed first), else the first kernel.
-          if name == "jax.nn cudnn" or label not in baseline:
-            baseline[label] = rate
-          rows.append(Row("prefill " + label, name, shape, ms, rate, "TFLOP/s",
-                          ratio=rate / baseline[label], max_err=err))
-      except Exception as error:  # e.g. OOM for the XLA path at long sequences
-        rows.append(Row("prefill", name, shape, None, None, "TFLOP/s",
-                        status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"))
-  return rows
+__all__ = ["Row", "TOLERANCE", "rel_err", "time_fn", "main"]
 
 
 # ---- decode ------------------------------------------------------------------
@@ -255,8 +146,7 @@ def bench_decode(args, platform: str) -> list[Row]:
           rate = valid_bytes / (ms * 1e-3) / 1e9
           rows.append(Row("decode", name, shape, ms, rate, "GB/s", ratio=rate / bandwidth, max_err=err))
         except Exception as error:
-          rows.append(Row("decode", name, shape, None, None, "GB/s",
-                          status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"))
+          rows.append(Row("decode", name, shape, None, None, "GB/s", status=failed(error)))
   return rows
 
 
@@ -335,8 +225,7 @@ def bench_layer(args, platform: str) -> list[Row]:
     try:
       ms = time_fn(fn, x, iters=args.iters)
     except Exception as error:
-      rows.append(Row("layer fwd+bwd", name, shape, None, None, "TFLOP/s",
-                      status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"))
+      rows.append(Row("layer fwd+bwd", name, shape, None, None, "TFLOP/s", status=failed(error)))
       continue
     rate = flops / (ms * 1e-3) / 1e12
     baseline = baseline or rate
@@ -382,6 +271,10 @@ def parse(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--prefill", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
                  default=[(4, 4096), (1, 16384)], help="BATCHxSEQ entries")
+  p.add_argument("--features-shape", type=lambda s: tuple(int(x) for x in s.split("x")),
+                 default=(4, 4096), help="BATCHxSEQ of the features section")
+  p.add_argument("--long", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
+                 default=[(1, 65536)], help="BATCHxSEQ entries of the long section")
   p.add_argument("--heads", type=int, default=32)
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
@@ -392,7 +285,8 @@ def parse(argv):
   p.add_argument("--emb", type=int, default=4096, help="layer section: model width")
   p.add_argument("--layer-batch", type=int, default=4)
   p.add_argument("--layer-seq", type=int, default=4096)
-  p.add_argument("--sections", nargs="+", default=["prefill", "decode", "layer"])
+  p.add_argument("--sections", nargs="+", default=["prefill", "features", "decode", "layer"],
+                 choices=["prefill", "features", "long", "decode", "layer"])
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--check", action="store_true", help="compare each kernel with the reference first")
   p.add_argument("--max-reference-seq", type=int, default=8192,
@@ -402,6 +296,7 @@ def parse(argv):
   args = p.parse_args(argv)
   if args.cpu_smoke:
     args.prefill, args.heads, args.kv_heads, args.head_dim = [(1, 64)], 4, 2, 32
+    args.features_shape, args.long = (1, 64), [(1, 128)]
     args.emb, args.layer_batch, args.layer_seq = 128, 1, 64
     args.decode, args.tokens_per_page, args.iters, args.dtype = [(4, 64)], 16, 2, "float32"
   return args
@@ -414,6 +309,10 @@ def main(argv: list[str]) -> int:
   rows = []
   if "prefill" in args.sections:
     rows += bench_prefill(args, platform)
+  if "features" in args.sections:
+    rows += bench_features(args, platform)
+  if "long" in args.sections:
+    rows += bench_long(args, platform)
   if "decode" in args.sections:
     rows += bench_decode(args, platform)
   if "layer" in args.sections:

@@ -65,6 +65,10 @@ class Kernel:
   available: Callable[[], bool] | None = None
   # Features the request must have (the paged kernel reads only a paged cache).
   requires: frozenset[str] = frozenset()
+  # Variants of one name are tried in registration order unless this ranks
+  # them per request (higher first): measured speed differs by request, e.g.
+  # forward-only vs forward+backward (scripts/bench.py, docs/benchmarks.md).
+  rank: Callable[[Request], int] | None = None
 
   def missing(self, request: Request) -> set[str]:
     return set(request.features) - set(self.features)
@@ -85,6 +89,26 @@ def _cudnn_available() -> bool:
   except ImportError:
     return False
   return cudnn_available()
+
+
+def _tokamax_available() -> bool:
+  try:
+    from meshattn.layers.kernels.flash_tokamax import tokamax_available
+  except ImportError:
+    return False
+  return tokamax_available()
+
+
+def _tokamax_rank(request: Request) -> int:
+  # H100 bf16, same run (docs/benchmarks.md): tokamax's forward is 1.13x
+  # cuDNN's, its forward+backward 0.87-0.97x: first for forward-only
+  # requests, else in registration order (after cuDNN, before Pallas Triton).
+  return 1 if "backward" not in request.features else 0
+
+
+def _ordered(variants: list[Kernel], request: Request) -> list[Kernel]:
+  """Variants in the order they are tried (stable: registration order breaks ties)."""
+  return sorted(variants, key=lambda k: -(k.rank(request) if k.rank else 0))
 
 
 _REGISTRY: list[Kernel] = []
@@ -127,7 +151,7 @@ def select(name: str, request: Request) -> Kernel:
   if name == "autoselected":
     order = AUTOSELECT_ORDER.get((request.platform, request.mode), ())
     for candidate in order:
-      for kernel in kernels(candidate):
+      for kernel in _ordered(kernels(candidate), request):
         if kernel.serves(request):
           logger.info("autoselected kernel %r (%s) for %s/%s with %s", kernel.name,
                       kernel.description, request.platform, request.mode, sorted(request.features))
@@ -147,7 +171,7 @@ def select(name: str, request: Request) -> Kernel:
     modes = sorted({m for k in variants for m in k.modes})
     raise ValueError(f"attention kernel {name!r} does not serve model_mode={request.mode!r} (only "
                      f"{modes}); kernels that do: {_names_serving(request)}")
-  for kernel in in_mode:
+  for kernel in _ordered(in_mode, request):
     if kernel.serves(request):
       return kernel
   serving = _names_serving(request)
@@ -196,7 +220,9 @@ SPLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segmen
                              "sinks", "backward", "float32"})
 # cuDNN takes only fp16/bf16 inputs: no "float32".
 CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
-# The Pallas GPU flash kernel covers what cuDNN cannot express.
+# tokamax's Mosaic GPU kernel (optional extra, Hopper+): soft cap, no segments / sinks.
+TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
+# The Pallas GPU flash kernel covers what cuDNN and tokamax cannot express.
 PALLAS_GPU_FLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids",
                                        "soft_cap", "sinks", "backward", "float32"})
 BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
@@ -215,6 +241,9 @@ register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATUR
                 f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash"))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
                 f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available))
+register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATURES,
+                f"{_K}.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
+                available=_tokamax_available, rank=_tokamax_rank))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
                 f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)"))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,

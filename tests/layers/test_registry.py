@@ -4,6 +4,7 @@ platform is pinned, and the README's table is the registry's."""
 
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -119,6 +120,7 @@ def test_layer_refuses_an_explicit_kernel_missing_a_feature():
 @pytest.mark.parametrize("module, constant, registered", [
     ("flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
     ("flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
+    ("flash_tokamax", "TOKAMAX_FEATURES", "TOKAMAX_FEATURES"),
     ("flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", "PALLAS_GPU_FLASH_FEATURES"),
     ("blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
     ("ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
@@ -132,10 +134,48 @@ def test_registered_features_match_each_kernel_module(module, constant, register
   assert frozenset(declared) - {"float32"} == getattr(registry, registered) - {"float32"}
 
 
-def test_gpu_flash_variants_cudnn_first_then_pallas():
-  plain = select("flash", Request("gpu", "train", frozenset({"causal", "gqa", "backward"})))
-  assert plain.description == "cuDNN"
-  capped = select("flash", Request("gpu", "train", frozenset({"causal", "soft_cap", "backward"})))
-  assert capped.description == "Pallas GPU (Triton)"
+def test_gpu_flash_variants_ranked_per_request():
+  """Training: cuDNN, then tokamax (soft cap), then Pallas Triton (segments / sinks / chunk);
+  forward-only requests (serving prefill) rank tokamax first (measured faster forward)."""
+  def pick(*features):
+    return select("flash", Request("gpu", "train", frozenset(features))).description
+
+  assert pick("causal", "gqa", "backward") == "cuDNN"
+  assert pick("causal", "gqa") == "tokamax Mosaic GPU"
+  assert pick("causal", "soft_cap", "backward") == "tokamax Mosaic GPU"
+  assert pick("window", "soft_cap") == "tokamax Mosaic GPU"
+  assert pick("causal", "segment_ids", "sinks", "backward") == "Pallas GPU (Triton)"
+  assert pick("chunk", "soft_cap") == "Pallas GPU (Triton)"
+  assert pick("causal", "user_mask", "backward") == "cuDNN"
   with pytest.raises(ValueError, match=r"no variant of attention kernel 'flash'.*cuDNN lacks"):
     select("flash", Request("gpu", "train", frozenset({"causal", "sinks", "user_mask"})))
+
+
+def test_gpu_flash_falls_back_cleanly_without_tokamax(monkeypatch):
+  monkeypatch.setattr(registry, "_REGISTRY", [
+      registry.Kernel(**{**k.__dict__, "available": lambda: False})
+      if k.description == "tokamax Mosaic GPU" else k for k in registry._REGISTRY])
+  for features in ({"causal", "gqa"}, {"causal", "gqa", "backward"}):
+    assert select("flash", Request("gpu", "train", frozenset(features))).description == "cuDNN"
+  capped = select("flash", Request("gpu", "train", frozenset({"causal", "soft_cap", "backward"})))
+  assert capped.description == "Pallas GPU (Triton)"
+  chosen = select("autoselected", Request("gpu", "train", frozenset({"causal", "soft_cap"})))
+  assert chosen.description == "Pallas GPU (Triton)"
+
+
+def test_tokamax_module_imports_and_refuses_without_tokamax():
+  """The adapter imports anywhere; on a machine without tokamax / a Hopper GPU it is
+  unavailable, and it names the features it lacks before any work."""
+  from meshattn.layers.kernels import flash_tokamax
+  from meshattn.layers.kernels.dot_product import KernelOptions
+  from meshattn.layers.masks import MaskSpec
+  if jax.default_backend() == "cpu":
+    assert not flash_tokamax.tokamax_available()
+  x = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+  pos = jnp.arange(8)[None]
+  options = KernelOptions(mask=MaskSpec("chunk", chunk=4), scale=0.25)
+  with pytest.raises(ValueError, match="tokamax_attention does not support chunk"):
+    flash_tokamax.tokamax_attention(x, x, x, options=options, q_positions=pos, kv_positions=pos)
+  with pytest.raises(ValueError, match="float16 or bfloat16"):
+    flash_tokamax.tokamax_attention(x.astype(jnp.float32), x, x, options=KernelOptions(scale=0.25),
+                                    q_positions=pos, kv_positions=pos)

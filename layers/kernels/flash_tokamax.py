@@ -1,0 +1,163 @@
+"""tokamax's Mosaic GPU flash attention (Hopper / Blackwell) behind the reference signature.
+
+tokamax (an optional extra: `pip install meshattn[tokamax]`, needs jax >= 0.9.2
+and an sm90 / sm100 GPU) ships a warp-specialised Mosaic GPU kernel that
+scripts/bench.py measured on an H100 (docs/benchmarks.md) against cuDNN in the
+same run: faster forward (1.13x at b4 s4096), slower forward+backward (0.97x;
+0.87x at b1 s16384), and it takes a logit soft cap, which cuDNN refuses (2.3x
+the Pallas Triton kernel's forward there). The registry therefore ranks it
+first for forward-only requests (serving prefill) and after cuDNN for
+training, and uses it for soft cap; segment ids, sinks and chunked masks stay
+with the Pallas GPU kernel.
+
+What it serves: causal / full / left sliding window masks (index based, so
+positions must be token indices), GQA / MQA without repeating K/V, soft cap,
+gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs.
+
+Compatibility: tokamax 0.0.12 still passes `out_shape=` / `scratch_shapes=`
+to `plgpu.kernel`, which JAX 0.11 renamed to `out_type=` / `scratch_types=`.
+`_patch_tokamax_for_jax` gives tokamax's kernel modules (and only them) a view
+of the Mosaic GPU module that accepts the old names; JAX's module is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import types
+
+import jax
+import jax.numpy as jnp
+
+from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.flash_tpu import (
+    check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+
+TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
+
+_DTYPES = (jnp.float16, jnp.bfloat16)
+# tokamax modules that call plgpu.kernel for attention (forward and backward, sm90 and sm100).
+_KERNEL_MODULES = (
+    "tokamax._src.ops.attention.pallas_mosaic_gpu_kernel_sm90",
+    "tokamax._src.ops.attention.pallas_mosaic_gpu_kernel_sm100",
+    "tokamax._src.ops.attention.pallas_mosaic_gpu_vjp_kernel_sm90",
+    "tokamax._src.ops.attention.pallas_mosaic_gpu_vjp_kernel_sm100",
+)
+
+
+class _RenamedKernelArgs(types.ModuleType):
+  """The Mosaic GPU Pallas module, with `kernel` accepting the pre-0.11 argument names."""
+
+  def __init__(self, module):
+    super().__init__(module.__name__)
+    self._module = module
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+  def kernel(self, *args, out_shape=None, scratch_shapes=None, **kwargs):
+    if out_shape is not None:
+      kwargs["out_type"] = out_shape
+    if scratch_shapes is not None:
+      kwargs["scratch_types"] = scratch_shapes
+    return self._module.kernel(*args, **kwargs)
+
+
+def _patch_tokamax_for_jax() -> None:
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  if "out_shape" in inspect.signature(plgpu.kernel).parameters:
+    return  # this JAX still takes the names tokamax uses
+  view = _RenamedKernelArgs(plgpu)
+  for name in _KERNEL_MODULES:
+    try:
+      module = importlib.import_module(name)
+    except ImportError:
+      continue
+    if getattr(module, "plgpu", None) is plgpu:
+      module.plgpu = view
+
+
+@functools.cache
+def _tokamax():
+  """The tokamax module, patched for this JAX, or None when it is not installed."""
+  try:
+    tokamax = importlib.import_module("tokamax")
+  except Exception:  # pylint: disable=broad-except  # absent, or built for another JAX
+    return None
+  _patch_tokamax_for_jax()
+  return tokamax
+
+
+@functools.cache
+def tokamax_available() -> bool:
+  """Whether tokamax is installed and its Mosaic kernel runs here (Hopper or newer; cached)."""
+  tokamax = _tokamax()
+  if tokamax is None:
+    return False
+  try:
+    device = jax.devices("gpu")[0]
+  except RuntimeError:
+    return False
+  if float(getattr(device, "compute_capability", "0")) < 9.0:
+    return False
+  try:
+    x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
+    attend = jax.jit(functools.partial(tokamax.dot_product_attention, is_causal=True,
+                                       implementation="mosaic"))
+    jax.block_until_ready(attend(x, x, x))
+    return True
+  except Exception:  # pylint: disable=broad-except  # any failure means "not usable here"
+    return False
+
+
+def tokamax_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    options: KernelOptions,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+) -> tuple[jax.Array, None]:
+  """tokamax Mosaic GPU attention of query [B, T, N, H] over key/value [B, S, K, H].
+
+  Same arguments and results as `dot_product_attention` (weights are always
+  None). Features outside TOKAMAX_FEATURES, float32 inputs, or a missing
+  tokamax raise ValueError naming them, before any GPU work.
+  """
+  del dropout_rng  # dropout is refused below
+  num_heads, kv_heads = query.shape[2], key.shape[2]
+  q_len, kv_len = query.shape[1], key.shape[1]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  requested = requested_features(
+      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
+      bias=bias, deterministic=deterministic, return_weights=return_weights)
+  reject_unsupported("tokamax_attention", TOKAMAX_FEATURES, requested)
+  check_index_positions(q_positions, kv_positions, q_len, kv_len, "tokamax_attention")
+  check_no_empty_rows(options.mask, q_len, kv_len, "tokamax_attention")
+  if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+    raise ValueError("tokamax_attention needs float16 or bfloat16 query/key/value of one dtype, "
+                     f"got {query.dtype}/{key.dtype}/{value.dtype}")
+  tokamax = _tokamax()
+  if tokamax is None:
+    raise ValueError("tokamax_attention needs the tokamax package (pip install meshattn[tokamax])")
+
+  spec = options.mask
+  window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
+  context = tokamax.dot_product_attention(
+      query, key, value, scale=options.scale, is_causal=spec.is_causal,
+      local_window_size=window, logits_soft_cap=options.soft_cap or None,
+      implementation="mosaic")  # [B, T, N, H]
+  return context, None
