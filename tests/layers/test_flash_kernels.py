@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers.kernel_checks import rel_err, values_and_grads
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels.flash_gpu import CUDNN_FEATURES, cudnn_attention, cudnn_available
 from meshattn.layers.kernels.flash_tpu import (
@@ -30,11 +31,6 @@ from meshattn.layers.kernels.flash_tpu import (
 B, N, H = 2, 4, 32
 BLOCKS_128 = default_block_sizes(128, 128)  # 128 everywhere, also on 256-token sequences
 SPLASH_TOL = 1e-5  # measured about 1e-6 (f32 accumulation in another order than the reference)
-
-
-def rel_err(got, want) -> float:
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def arange_positions(length: int) -> jax.Array:
@@ -57,20 +53,6 @@ def packed_ids(length: int, cuts: list[tuple[int, int]]) -> np.ndarray:
       ids[b, start:start + size] = seg
       start += size
   return ids
-
-
-def values_and_grads(kernel, q, k, v, cot, *, sinks=None, **kwargs):
-  """(context, (dq, dk, dv[, dsinks])) of sum(context * cot), in one jit."""
-
-  def run(q, k, v, cot, sinks):
-    def attend(q, k, v, sinks):
-      return kernel(q, k, v, sinks=sinks, **kwargs)[0]  # [B, T, N, H]
-
-    context, vjp = jax.vjp(attend, q, k, v, sinks)
-    grads = vjp(cot)
-    return context, grads if sinks is not None else grads[:3]
-
-  return jax.jit(run)(q, k, v, cot, sinks)
 
 
 # ---- Splash vs reference (interpret mode) --------------------------------------------
