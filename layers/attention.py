@@ -326,17 +326,53 @@ class Attention(nnx.Module):
       features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
                                 bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
       kernel = self._kernel_fn("train", features)
-      if self.mesh is not None and not dropout_on and not sow_weights:
-        # Explicit partitioning; dropout and sown weights run auto-sharded
-        # instead (one shard's RNG stream would repeat on every shard).
-        context, weights = sharded_kernel_call(kernel, self.mesh, s.logical_axis_rules, axes,
-                                               query, key, value, **kernel_args)
-      else:
-        context, weights = kernel(query, key, value, return_weights=sow_weights, **kernel_args)
+      # Explicit partitioning; dropout and sown weights run auto-sharded
+      # instead (one shard's RNG stream would repeat on every shard).
+      context, weights = self._call_kernel(kernel, axes, query, key, value,
+                                           shard=not dropout_on and not sow_weights,
+                                           return_weights=sow_weights, **kernel_args)
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
     out = self._output(context, axes)  # [B, T, D_out]
     return out.reshape(batch_shape + out.shape[1:])
+
+  def _call_kernel(self, kernel, axes, query, key, value, *, shard: bool = True,
+                   return_weights: bool = False, **kernel_args):
+    """A train kernel: under shard_map over the mesh (if any and `shard`), else as is."""
+    if self.mesh is not None and shard:
+      return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
+                                 query, key, value, **kernel_args)
+    return kernel(query, key, value, return_weights=return_weights, **kernel_args)
+
+  def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):
+    """Attention for a prefill step on empty slots: the train kernel over the prompt itself.
+
+    Returns fn(query, key, value, valid) -> context [b, T, N, H] for
+    `cached_step`, or None when no train kernel serves the request. The
+    prompt is at positions 0..T-1 and right-padded, so a causal / window /
+    chunk mask never shows a real query a padding key; a bidirectional
+    (`full`) layer excludes padding keys by segment ids (valid 1, padding 0).
+    Padding queries output zeros, as on the cached path.
+    """
+    segments = padded and self.settings.mask.attention_type == "full"
+    features = self._features("train", segments=segments) - {"backward"}
+    try:
+      kernel = self._kernel_fn("train", features)
+    except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
+      return None
+    options = self._kernel_options()
+
+    def attend(query, key, value, valid):
+      b, t = valid.shape
+      idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [b, T] = positions
+      seg = valid.astype(jnp.int32) if segments else None  # [b, T]
+      context, _ = self._call_kernel(
+          kernel, axes, query, key, value, options=options, q_positions=idx, kv_positions=idx,
+          q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks, mask=None, bias=None,
+          dropout_rng=None, deterministic=True)  # [b, T, N, H]
+      return jnp.where(valid[:, :, None, None], context, 0.0).astype(query.dtype)
+
+    return attend
 
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
@@ -404,13 +440,19 @@ class Attention(nnx.Module):
       # The whole call must fit before the first chunk is written (each
       # cached_step checks only its own chunk).
       cache.check_room(rows, cache.lengths[...][rows] + jnp.sum(valid, axis=1, dtype=jnp.int32))
+    # A prompt on empty slots is train-mode attention over itself: the first
+    # chunk may run the train kernel (flash on GPU/TPU) instead of the
+    # blockwise pass over the whole cache (see cached_step).
+    fresh = (self._fresh_prefill_attention(axes, padded=decoder_segment_ids is not None, sinks=sinks)
+             if model_mode == "prefill" else None)
     with _restore_on_error(cache):
       contexts = []
       for start in range(0, length, chunk):
         part = slice(start, min(start + chunk, length))
         contexts.append(cached_step(
             cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
-            valid=valid[:, part], options=options, sinks=sinks))  # [B, chunk, N, H]
+            valid=valid[:, part], options=options, sinks=sinks,
+            fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(context, axes)
 

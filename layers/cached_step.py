@@ -3,9 +3,19 @@
 The step's queries attend over what the cache held before the step plus the
 step's own keys/values (so a chunk never reads entries it is about to
 overwrite in a ring buffer), and only then are the new tokens written.
+
+Fresh prompts: when every row's slot is empty before the step, the step's
+tokens are positions 0..T-1 and attend only over themselves, which is
+train-mode attention over the prompt; a caller may then pass a
+`fresh_attention` (e.g. a flash kernel) that `cached_step` runs instead of
+the blockwise pass over the whole cache capacity. The write is the same
+either way, so the cache ends in the same state.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +24,11 @@ from meshattn.kvcache.cache import KVCache
 from meshattn.layers.kernels.cached import attend_with_cache
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_decode_call
+
+logger = logging.getLogger("meshattn.kernels")
+
+# (query [b, T, N, H], key, value [b, T, K, H], valid [b, T]) -> context [b, T, N, H]
+StepAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
@@ -24,32 +39,69 @@ def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
 
 def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Array,
                 value: jax.Array, *, positions: jax.Array, valid: jax.Array,
-                options: KernelOptions, sinks: jax.Array | None = None) -> jax.Array:
+                options: KernelOptions, sinks: jax.Array | None = None,
+                fresh_attention: StepAttention | None = None) -> jax.Array:
   """Attend query [b, T, N, H] over cache rows + key/value [b, T, K, H]; then store them.
 
   positions [b, T] from `step_positions`; valid [b, T]: real tokens, a
   prefix of each row (right padding). Returns the context [b, T, N, H];
   padding queries give zeros.
+
+  fresh_attention(query, key, value, valid), if given, is used instead when
+  every row's slot is empty before the step (then positions are 0..T-1 and
+  the cache holds nothing to read); it must give the same context. The
+  choice needs no host sync: eagerly it is made on the concrete lengths,
+  under jit by `lax.cond` (both branches compiled, one run). A fresh
+  attention whose kernel refuses these inputs (ValueError while tracing,
+  e.g. a length it cannot tile) is dropped for the reference path.
   """
   cache.check_slots(rows)
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   cache.check_room(rows, new_lengths)
-  entry_pos_all = cache.entry_positions(start)  # [b, C]
   block = cache.block_size()
 
-  def read_block(i):
-    k, v = cache.read_block(rows, i * block, block, query.dtype)  # [b, block, K, H]
-    pos = jax.lax.dynamic_slice_in_dim(entry_pos_all, i * block, block, axis=1)  # [b, block]
-    return k, v, pos
+  def over_cache(query, key, value, valid):
+    entry_pos_all = cache.entry_positions(start)  # [b, C]
 
-  new_positions = jnp.where(valid, positions, -1)  # [b, T]
-  context = attend_with_cache(
-      query, key, value, options=options, q_positions=positions, q_valid=valid,
-      new_positions=new_positions, read_block=read_block, num_blocks=cache.capacity // block,
-      sinks=sinks)
+    def read_block(i):
+      k, v = cache.read_block(rows, i * block, block, query.dtype)  # [b, block, K, H]
+      pos = jax.lax.dynamic_slice_in_dim(entry_pos_all, i * block, block, axis=1)  # [b, block]
+      return k, v, pos
+
+    new_positions = jnp.where(valid, positions, -1)  # [b, T]
+    return attend_with_cache(
+        query, key, value, options=options, q_positions=positions, q_valid=valid,
+        new_positions=new_positions, read_block=read_block, num_blocks=cache.capacity // block,
+        sinks=sinks)  # [b, T, N, H]
+
+  operands = (query, key, value, valid)
+  context = _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_cache, operands)
   cache.write(rows, key, value, positions, valid, new_lengths)
   return context
+
+
+def _fresh_or_cached(all_fresh: jax.Array, fresh: StepAttention | None, cached: StepAttention,
+                     operands: tuple[jax.Array, ...]) -> jax.Array:
+  """fresh(*operands) if all_fresh else cached(*operands), without a host sync under jit."""
+  eager = not isinstance(all_fresh, jax.core.Tracer)
+  # Eagerly a non-fresh step never touches the fresh kernel (not even to trace it).
+  if fresh is None or (eager and not bool(all_fresh)) or not _accepts(fresh, operands):
+    return cached(*operands)
+  if eager:
+    return fresh(*operands)
+  return jax.lax.cond(all_fresh, fresh, cached, *operands)
+
+
+def _accepts(fresh: StepAttention, operands: tuple[jax.Array, ...]) -> bool:
+  """Whether fresh traces on these operands (kernels refuse what they cannot
+  tile with ValueError); tracing only, nothing runs."""
+  try:
+    jax.eval_shape(fresh, *operands)
+  except ValueError as err:
+    logger.info("fresh-prompt prefill kernel refused the inputs (%s); using the cached path", err)
+    return False
+  return True
 
 
 def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array, *,
