@@ -95,11 +95,15 @@ def compare(steps=3, x=None, seg=None, slots=None, cache_batch=None, **kw):
   return fast, got
 
 
-CASES = [("dot_product", 4), ("dot_product", 1), ("blockwise", 2), ("blockwise", 1)]
+# Every mask, both kernels and MHA / GQA / MQA, each pair covered without the full product
+# (each case compiles a prefill and a decode program for two layers).
+CASES = [("dot_product", 4, "global"), ("blockwise", 2, "global"), ("dot_product", 1, "window"),
+         ("blockwise", 2, "window"), ("blockwise", 1, "chunk"), ("dot_product", 2, "chunk"),
+         ("dot_product", 4, "full"), ("blockwise", 1, "full")]
 
 
-@pytest.mark.parametrize("mask", ["global", "window", "chunk", "full"])
-@pytest.mark.parametrize("attention, kv_heads", CASES, ids=[f"{a}-{k}kv" for a, k in CASES])
+@pytest.mark.parametrize("attention, kv_heads, mask", CASES,
+                         ids=[f"{a}-{k}kv-{m}" for a, k, m in CASES])
 def test_fresh_prefill_equals_cached_path(attention, kv_heads, mask):
   """Right-padded rows, soft cap and sinks; then decode (not for bidirectional layers)."""
   _, got = compare(steps=0 if mask == "full" else 3, attention=attention, kv_heads=kv_heads,
