@@ -9,8 +9,11 @@ everything asked (never dropping a mask, window, soft cap or segment ids),
 and logs its choice.
 
 Config keys: `attention` picks the train-mode kernel, `decode_attention` the
-autoregressive one. Prefill always runs the reference cached path (it must
-also attend over what the cache already holds, e.g. for chunked prefill).
+autoregressive one. Prefill of a prompt on empty slots runs the `attention`
+kernel as in train mode (a request without "backward") over the prompt, then
+writes the cache; prefill that continues non-empty slots (and later chunks of
+a chunked prefill), or whose train kernel cannot serve the inputs, runs the
+reference cached path, which also attends over what the cache holds.
 """
 
 from __future__ import annotations
