@@ -1,9 +1,9 @@
 """What the ragged and paged decode kernels share: the reference math, the
-online-softmax block update, argument checks, the split-K (flash-decoding)
-machinery and the Triton call plumbing. See ragged.py for the design."""
+online-softmax block updates, argument checks, the length-aware split-K
+(flash-decoding) layout and the Triton call plumbing. See ragged.py for the
+design."""
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
@@ -57,57 +57,101 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
   return out.reshape(batch, num_heads, value.shape[-1]).astype(query.dtype)  # [B, N, H]
 
 
+# ---- online softmax ------------------------------------------------------------------
+
+
+def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, scale, soft_cap):
+  """One online-softmax step of q [Gp, H] over one GPU tile of keys.
+
+  carry = (m [Gp, 1], l [Gp, 1], acc [Gp, H]) in float32. k, v [bk, H] come
+  from masked loads, so their invalid rows are already zeros (and NaN or
+  stale data there was never read): nothing element-wise touches the tiles
+  here besides the cast the dot needs (and, for int8, the select below).
+  valid_row [1, bk] masks the logits, valid_col [bk, 1] the value rows.
+
+  int8 (or int4) tiles come with per-token scales k_scale, v_scale [1, bk]
+  (float32, zero where invalid). They are never applied to the tiles: the
+  integer tile is cast exactly to the query dtype (|x| <= 127 is exact in
+  bfloat16), so a
+  bfloat16 query keeps bfloat16 tensor-core dots, and
+    q . (s_j k_j) = s_j (q . k_j)    -> the K scales multiply the [Gp, bk] logits,
+    sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j -> the V scales multiply p,
+  which is O(Gp * bk) work instead of O(bk * H). l sums the unscaled p.
+
+  A value tile that needs a cast (int8, or bfloat16 under a float32 query)
+  goes through a select on valid_col after it (a no-op on values: masked
+  rows are zeros already). It is there for Triton's layouts: without it the
+  cast is folded into the dot operand's layout, which reads the [bk, H] int8
+  tile from shared memory one byte per instruction (a token-major 8-bit B
+  operand has no ldmatrix path); with it the tile is read in 16-byte
+  vectors, cast, and re-staged as bfloat16 for ldmatrix.trans (checked in
+  the PTX of Triton 3.9 for sm_90). A tile already in the dots' dtype needs
+  neither: it goes from the async copy straight to ldmatrix.
+  """
+  m, l, acc = carry
+  if k_scale is not None or q.dtype == k.dtype:
+    dtype = q.dtype  # int8 -> q.dtype is exact
+  else:
+    dtype = jnp.float32  # e.g. a float32 query over a bfloat16 cache
+  logits = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
+                           precision=_HIGHEST, preferred_element_type=jnp.float32)  # [Gp, bk]
+  # One [Gp, bk] multiply for both the softmax scale and the K scales.
+  logits = logits * (scale if k_scale is None else k_scale * scale)
+  if soft_cap:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  logits = jnp.where(valid_row, logits, _NEG)  # [Gp, bk]
+  m_new = jnp.maximum(m, logits.max(axis=1, keepdims=True))  # [Gp, 1]
+  correction = jnp.exp(m - m_new)  # [Gp, 1]
+  # Every tile the GPU loops visit holds a visible key, so m_new is finite
+  # after it; the select only guards a caller that breaks that.
+  p = jnp.where(valid_row, jnp.exp(logits - m_new), 0.0)  # [Gp, bk]
+  l_new = l * correction + p.sum(axis=1, keepdims=True)  # [Gp, 1]
+  if v_scale is not None:
+    p = p * v_scale  # [Gp, bk] * [1, bk]
+  if v.dtype != dtype:
+    v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H] (see above)
+  pv = lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())),
+                       precision=_HIGHEST, preferred_element_type=jnp.float32)  # [Gp, H]
+  return m_new, l_new, acc * correction + pv
+
+
 def online_block_update(carry, q, tiles, *, scale, soft_cap):
-  """One online-softmax step of q [G, H] over a block made of one or more tiles.
+  """One online-softmax step of q [G, H] over a block made of one or more tiles (TPU kernels).
 
   carry = (m [G, 1], l [G, 1], acc [G, H]) in float32. Each tile is
   (k [bk, H], v [bk, H], valid_row [1, bk], valid_col [bk, 1], k_scale, v_scale):
   the visibility mask is given twice, laid out for the logits' columns and
   for the value rows, so no kernel needs a 1-D transpose. Several tiles (the
-  pages of a paged block) share one running-max rescale.
-
-  int8 tiles come with per-token scales in one of two layouts:
-    [1, bk]  (GPU) the scales multiply the logits' columns and the
-             probabilities instead of the tile, and the int8 tile is cast
-             exactly to the query dtype, so a bfloat16 query keeps bfloat16
-             tensor-core dots (a dequantized tile would need float32 dots);
-    [bk, 1]  (TPU) the tile is dequantized to float32 here (no lane <->
-             sublane transpose of the scales).
-  Invisible value rows and probabilities are zeroed: a tile read without a
-  load mask (TPU blocks, the padded tail of a partial block, a clamped page)
-  may hold anything, NaN included.
+  pages of a paged block) share one running-max rescale. int8 tiles come
+  with per-token scales [bk, 1] and are dequantized to float32 here (scaling
+  the logits instead would need a lane <-> sublane transpose of the scales).
+  Invisible value rows and probabilities are zeroed: a TPU block (or the
+  padded tail of a partial block, or a clamped page) may hold anything, NaN
+  included.
   """
   m, l, acc = carry
   parts = []
   for k, v, valid_row, valid_col, k_scale, v_scale in tiles:
-    by_column = k_scale is not None and k_scale.shape[0] == 1
-    if k_scale is not None and not by_column:
+    if k_scale is not None:
       k = k.astype(jnp.float32) * k_scale  # [bk, H]
       v = v.astype(jnp.float32) * v_scale  # [bk, H]
-    if by_column or q.dtype == k.dtype:
-      dtype = q.dtype  # int8 -> q.dtype is exact
-    else:
-      dtype = jnp.float32
+    dtype = q.dtype if q.dtype == k.dtype else jnp.float32
     v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H]
     logits = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
                              precision=_HIGHEST, preferred_element_type=jnp.float32)  # [G, bk]
-    if by_column:
-      logits = logits * k_scale  # [G, bk] * [1, bk]
     logits = logits * scale
     if soft_cap:
       logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(valid_row, logits, _NEG)  # [G, bk]
-    parts.append((logits, v, valid_row, v_scale if by_column else None, dtype))
+    parts.append((logits, v, valid_row, dtype))
   m_new = m
   for logits, *_ in parts:
     m_new = jnp.maximum(m_new, logits.max(axis=1, keepdims=True))  # [G, 1]
   correction = jnp.exp(m - m_new)  # [G, 1]
   l_new, acc_new = l * correction, acc * correction  # [G, 1], [G, H]
-  for logits, v, valid_row, v_scale, dtype in parts:
+  for logits, v, valid_row, dtype in parts:
     p = jnp.where(valid_row, jnp.exp(logits - m_new), 0.0)  # [G, bk]
     l_new = l_new + p.sum(axis=1, keepdims=True)
-    if v_scale is not None:
-      p = jnp.where(valid_row, p * v_scale, 0.0)  # [G, bk] * [1, bk]
     acc_new = acc_new + lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())),
                                         precision=_HIGHEST,
                                         preferred_element_type=jnp.float32)  # [G, H]
@@ -130,13 +174,18 @@ def finish(l, acc):
   return jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)
 
 
-def check_kernel_kv(key, value, key_scale, value_scale):
-  """The Pallas kernels read float or int8 K/V; quantized K/V need their scales."""
+# ---- argument checks and shapes -------------------------------------------------------
+
+
+def check_kernel_kv(key, value, key_scale, value_scale, *, allow_int4: bool = False):
+  """The Pallas kernels read float or int8 K/V (int4 where allow_int4); quantized K/V need scales."""
+  allowed = (jnp.int8, jnp.int4) if allow_int4 else (jnp.int8,)
   for name, x, s in (("key", key, key_scale), ("value", value, value_scale)):
     if jnp.issubdtype(x.dtype, jnp.integer):
-      if x.dtype != jnp.int8:
-        raise NotImplementedError(f"{name} dtype {x.dtype}: the Pallas decode kernels read int8 or "
-                                  "float K/V (use the reference for int4)")
+      if x.dtype not in allowed:
+        what = "int8 or int4" if allow_int4 else "int8"
+        raise NotImplementedError(f"{name} dtype {x.dtype}: this Pallas decode kernel reads {what} "
+                                  "or float K/V (use the reference)")
       if s is None:
         raise ValueError(f"{name} is {x.dtype} but no {name}_scale was given")
   if (key_scale is None) != (value_scale is None):
@@ -151,21 +200,80 @@ def next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+def prev_pow2(n: int) -> int:
+  return 1 << (max(n, 1).bit_length() - 1)
+
+
 def triton_group(group: int) -> int:
   """Query heads per program on GPU: a power of two >= 16 (tl.dot's smallest M tile)."""
   return max(16, next_pow2(group))
 
 
-def pad_groups(query, kv_heads: int, sinks, padded_group: int):
-  """query [B, N, H] -> [B, K, Gp, H]; sinks [N] -> [K, Gp, 1] (zeros pad; sliced away after)."""
-  batch, num_heads, head_dim = query.shape
-  group = num_heads // kv_heads
-  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))  # [B, K, Gp, H]
-  if sinks is not None:
-    sinks = sinks.astype(jnp.float32).reshape(kv_heads, group)  # [K, G]
-    sinks = jnp.pad(sinks, ((0, 0), (0, padded_group - group)))[..., None]  # [K, Gp, 1]
-  return q, sinks
+# Shared-memory bytes of one K (or V) tile when the tile size is automatic:
+# 128 bfloat16 keys of head_dim 128. Counted in the dtype the dots run in, not
+# the stored one: an int8 tile is re-staged in shared memory as the query
+# dtype (see gpu_tile_update), so at 256 int8 keys a program needs ~142 KB
+# of shared memory (one program per SM) where 128 keys need ~73 KB (three
+# per SM, as bfloat16) -- Triton 3.9, sm_90, 4 warps, 2 stages. Larger int8
+# tiles are a tuning option (block_kv=256 with num_warps=8).
+GPU_TILE_BYTES = 128 * 128 * 2
+
+
+def auto_tile_keys(head_dim: int, itemsize: int) -> int:
+  """Keys per GPU loop step for GPU_TILE_BYTES of `itemsize` (compute dtype): a power of two in
+  [16, 512]."""
+  return int(min(512, max(16, prev_pow2(GPU_TILE_BYTES // max(head_dim * itemsize, 1)))))
+
+
+def compute_itemsize(query_dtype, kv_dtype) -> int:
+  """Bytes per element of the dots' inputs: int8 K/V are cast to the query dtype, float K/V of
+  another width than the query run in float32."""
+  q, kv = jnp.dtype(query_dtype), jnp.dtype(kv_dtype)
+  if jnp.issubdtype(kv, jnp.integer) or q == kv:
+    return q.itemsize
+  return 4
+
+
+def check_tunables(num_warps, num_stages):
+  for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+    if value is not None and value < 1:
+      raise ValueError(f"{name}={value}: must be >= 1 (or None)")
+  if num_warps is not None and not is_pow2(num_warps):
+    raise ValueError(f"num_warps={num_warps}: must be a power of two")
+
+
+# ---- GPU in-kernel helpers ------------------------------------------------------------
+
+
+def group_index(padded_group: int, width: int):
+  """(rows [Gp, 1], cols [1, width]) int32 indices of a [Gp, width] tile of a [G, width] ref."""
+  rows = lax.broadcasted_iota(jnp.int32, (padded_group, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+  return rows, cols
+
+
+def load_group(ref, group: int, padded_group: int, live=None, other=0):
+  """ref [G, D] -> [Gp, D]: the G query heads of a kv head, zero-padded rows past G.
+
+  Loaded with a mask instead of padding the array in JAX, so no copy of the
+  query (and no extra kernel launch) precedes the call.
+  """
+  from jax.experimental.pallas import triton as plgpu
+  rows, cols = group_index(padded_group, ref.shape[-1])
+  mask = rows < group
+  if live is not None:
+    mask = mask & live
+  return plgpu.load(ref.at[rows, cols], mask=mask, other=other)  # [Gp, D]
+
+
+def store_group(ref, value, group: int, live=None):
+  """value [Gp, D] -> ref [G, D], rows past G (and everything when not `live`) not written."""
+  from jax.experimental.pallas import triton as plgpu
+  rows, cols = group_index(value.shape[0], value.shape[1])
+  mask = rows < group
+  if live is not None:
+    mask = mask & live
+  plgpu.store(ref.at[rows, cols], value.astype(ref.dtype), mask=mask)
 
 
 def unpack_gpu_refs(refs, *, quantized, has_sinks, num_prefix):
@@ -181,45 +289,106 @@ def unpack_gpu_refs(refs, *, quantized, has_sinks, num_prefix):
   return prefix, k_ref, v_ref, ks_ref, vs_ref, sink_ref, rest
 
 
-def split_range(first, last, split, num_splits: int):
-  """Blocks [start, end) of split `split` when [first, last) is cut into num_splits even ranges.
+def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: int,
+                       blocks_per_split: int | None):
+  """The loop of one GPU program over blocks [first, last) of its row, and its stores.
 
-  Computed from the row's own block range, so a short row gives its later
-  splits empty ranges (start >= end: the program reads nothing).
+  blocks_per_split None: the unsplit kernel (one program per (row, kv head)),
+  out_refs = (o [G, H],), normalized output with the sink. Otherwise program
+  (b, k, s) runs blocks split_bounds(first, last, s) and writes float32
+  partials out_refs = (m [G, 1], l [G, 1], acc [G, H]); an empty split (past
+  its row's blocks) loads and stores nothing, and `combine_splits` skips it.
   """
-  per_split = pl.cdiv(jnp.maximum(last - first, 0), num_splits)
-  start = first + split * per_split
-  return start, jnp.minimum(start + per_split, last)
+  padded_group = triton_group(group)
+  head_dim = q_ref.shape[-1]
+  live = None
+  if blocks_per_split is not None:
+    first, last = split_bounds(first, last, pl.program_id(2), blocks_per_split)
+    live = first < last
+  q = load_group(q_ref, group, padded_group, live)  # [Gp, H]
+  sink = None
+  if sink_ref is not None:
+    sink = load_group(sink_ref, group, padded_group)  # [Gp, 1]
+  carry = initial_carry(sink, padded_group, head_dim)
+  m, l, acc = lax.fori_loop(first, last, lambda i, c: body(i, c, q), carry)
+  if blocks_per_split is None:
+    (o_ref,) = out_refs
+    store_group(o_ref, finish(l, acc), group)
+  else:
+    m_ref, l_ref, acc_ref = out_refs
+    store_group(m_ref, m, group, live)
+    store_group(l_ref, l, group, live)
+    store_group(acc_ref, acc, group, live)
 
 
-def combine_splits(m, l, acc, sink, dtype):
-  """Merge split partials m, l [B, K, P, Gp, 1], acc [B, K, P, Gp, H] -> [B, K, Gp, H] in dtype.
+# ---- length-aware split-K ---------------------------------------------------------------
+
+
+def split_bounds(first, last, split, blocks_per_split: int):
+  """Blocks [start, end) of split `split`: a fixed-size range from the row's first block.
+
+  Every split is blocks_per_split long (the last one of a row shorter), so
+  the work per program does not depend on the row's length: a long row gets
+  more programs, not longer ones, and the splits past a short row's blocks
+  are empty (start >= end: the program reads nothing and exits). Works on
+  in-kernel scalars and on [B, P] arrays (`split_nonempty`).
+  """
+  start = first + split * blocks_per_split
+  return start, jnp.minimum(start + blocks_per_split, last)
+
+
+def split_nonempty(first, last, num_splits: int, blocks_per_split: int):
+  """[B, P] bool: split p of row b holds blocks (first, last [B] as in the kernel)."""
+  split = jnp.arange(num_splits, dtype=jnp.int32)[None, :]  # [1, P]
+  start, end = split_bounds(first[:, None], last[:, None], split, blocks_per_split)
+  return start < end
+
+
+def _merge_partials(x, y):
+  """Combiner of two online-softmax partials (m, l, acc): associative, (_NEG, 0, 0) is neutral."""
+  (m1, l1, a1), (m2, l2, a2) = x, y
+  m = jnp.maximum(m1, m2)
+  w1, w2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+  return m, l1 * w1 + l2 * w2, a1 * w1 + a2 * w2
+
+
+def combine_splits(m, l, acc, nonempty, sink, dtype):
+  """Merge split partials m, l [B, K, P, G, 1], acc [B, K, P, G, H] -> [B, K, G, H] in dtype.
 
   The flash-decoding reduction: rescale each split to the common max and
-  add. The sink [K, Gp, 1] (or None) is one more 'split' with l = 1 and no
-  value, so it is counted exactly once. Empty splits (m = -1e30, l = 0,
-  acc = 0) get weight exp(-1e30 - max) = 0, or 1 times zeros when the whole
-  row is empty, so a row with nothing visible still gives zeros.
+  add, written as one variadic reduction over P whose combiner merges two
+  partials (so XLA emits a single pass over the partials, not a max pass
+  and then a weighted-sum pass). nonempty [B, P] says which partials the
+  kernel wrote; the others were never written (they may hold anything, NaN
+  included) and are selected away, not multiplied by zero. The sink
+  [K, G, 1] (or None) is one more partial with l = 1 and no value, so it is
+  counted exactly once. A row with nothing visible (no split, no sink)
+  gives zeros. The partials are small: B K P G (H + 2) floats.
   """
-  m_all = m.max(axis=2)  # [B, K, Gp, 1]
+  written = nonempty[:, None, :, None, None]  # [B, 1, P, 1, 1]
+  shape = acc.shape
+  m = jnp.broadcast_to(jnp.where(written, m, _NEG), shape)  # [B, K, P, G, H]
+  l = jnp.broadcast_to(jnp.where(written, l, 0.0), shape)
+  acc = jnp.where(written, acc, 0.0)
+  zero = jnp.zeros((), jnp.float32)
+  m_all, l_all, acc_all = lax.reduce((m, l, acc), (jnp.float32(_NEG), zero, zero),
+                                     _merge_partials, (2,))  # [B, K, G, H] each
   if sink is not None:
-    m_all = jnp.maximum(m_all, sink[None])
-  w = jnp.exp(m - m_all[:, :, None])  # [B, K, P, Gp, 1]
-  l_all = (w * l).sum(axis=2)  # [B, K, Gp, 1]
-  acc_all = (w * acc).sum(axis=2)  # [B, K, Gp, H]
-  if sink is not None:
-    l_all = l_all + jnp.exp(sink[None] - m_all)
+    m_all, l_all, acc_all = _merge_partials(
+        (m_all, l_all, acc_all), (sink[None], jnp.ones_like(sink[None]), zero))
   return finish(l_all, acc_all).astype(dtype)
 
 
-# Programs per SM the automatic split count aims for: enough resident
-# programs per SM to keep loads in flight while one waits on another.
-PROGRAMS_PER_SM = 8
+# Programs per SM the automatic split layout aims for when every row is at
+# the longest possible length: enough that ragged batches (fewer non-empty
+# programs) still fill the GPU a few times over, and that the last wave is a
+# small part of the whole (each program is at most blocks_per_split blocks).
+PROGRAMS_PER_SM = 16
 
 
-# A split shorter than this many blocks costs more in partial writes and
-# launch than it saves.
-MIN_BLOCKS_PER_SPLIT = 16
+# A split shorter than this many blocks costs more in partial writes, query
+# loads and pipeline fill than it saves.
+MIN_BLOCKS_PER_SPLIT = 8
 
 
 _DEFAULT_SM_COUNT = 132  # H100 SXM, when the device does not say
@@ -235,7 +404,7 @@ def sm_count() -> int:
 
 
 def auto_num_splits(programs: int, max_blocks: int, *, cores: int | None = None) -> int:
-  """Splits per (row, kv head) so the grid has about PROGRAMS_PER_SM programs per SM.
+  """Splits of a longest row so the grid has about PROGRAMS_PER_SM programs per SM.
 
   programs: batch * kv_heads; max_blocks: loop steps of the longest possible
   row. 1 (the unsplit kernel) when the grid already fills the GPU.
@@ -245,41 +414,87 @@ def auto_num_splits(programs: int, max_blocks: int, *, cores: int | None = None)
   return int(max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT)))
 
 
-def resolve_num_splits(num_splits, *, programs: int, max_blocks: int, interpret: bool) -> int:
-  """num_splits=None: automatic on a GPU, 1 (the unsplit kernel) when interpreting on CPU."""
-  if num_splits is None:
-    return 1 if interpret else auto_num_splits(programs, max_blocks)
-  if num_splits < 1:
+def split_layout(max_blocks: int, *, programs: int, num_splits: int | None,
+                 blocks_per_split: int | None, interpret: bool) -> tuple[int, int]:
+  """(blocks_per_split, splits P) of the GPU grid (batch, kv_heads, P); P == 1: unsplit kernel.
+
+  blocks_per_split fixes each program's block range; num_splits instead
+  gives the splits of a longest row (blocks_per_split = ceil(max_blocks /
+  num_splits)); neither: automatic on a GPU (`auto_num_splits`), 1 when
+  interpreting on CPU. max_blocks bounds the loop steps of any row (the
+  cache capacity, or the window), so P = ceil(max_blocks / blocks_per_split)
+  splits cover every row.
+  """
+  max_blocks = max(int(max_blocks), 1)
+  if num_splits is not None and blocks_per_split is not None:
+    raise ValueError("give num_splits or blocks_per_split, not both")
+  if num_splits is not None and num_splits < 1:
     raise ValueError(f"num_splits={num_splits}: must be >= 1 (or None)")
-  return int(num_splits)
+  if blocks_per_split is not None and blocks_per_split < 1:
+    raise ValueError(f"blocks_per_split={blocks_per_split}: must be >= 1 (or None)")
+  if blocks_per_split is None:
+    if num_splits is None:
+      num_splits = 1 if interpret else auto_num_splits(programs, max_blocks)
+    blocks_per_split = pl.cdiv(max_blocks, num_splits)
+  blocks_per_split = min(int(blocks_per_split), max_blocks)
+  return blocks_per_split, pl.cdiv(max_blocks, blocks_per_split)
 
 
-def split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim):
-  """(out_specs, out_shape) of the float32 partials m, l [B, K, P, Gp, 1] and acc [B, K, P, Gp, H]."""
-  shapes = [(batch, kv_heads, num_splits, padded_group, d) for d in (1, 1, head_dim)]
-  specs = [pl.BlockSpec((None, None, None, padded_group, d), lambda b, k, s: (b, k, s, 0, 0))
+def split_out_specs(batch, kv_heads, num_splits, group, head_dim):
+  """(out_specs, out_shape) of the float32 partials m, l [B, K, P, G, 1] and acc [B, K, P, G, H]."""
+  shapes = [(batch, kv_heads, num_splits, group, d) for d in (1, 1, head_dim)]
+  specs = [pl.BlockSpec((None, None, None, group, d), lambda b, k, s: (b, k, s, 0, 0))
            for d in (1, 1, head_dim)]
   return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
 
 
-def triton_params():
+# Triton launch parameters when not given: 4 warps, a 2-stage load pipeline
+# (each stage holds one K and one V tile in shared memory).
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
+
+
+def triton_params(num_warps: int | None = None, num_stages: int | None = None):
   from jax.experimental.pallas import triton as plgpu
-  return plgpu.CompilerParams(num_warps=4, num_stages=2)
+  return plgpu.CompilerParams(num_warps=num_warps or DEFAULT_NUM_WARPS,
+                              num_stages=num_stages or DEFAULT_NUM_STAGES)
 
 
-def call_unsplit(kernel, operands, in_specs, sink, *, batch: int, kv_heads: int,
-                 padded_group: int, head_dim: int, dtype, interpret: bool, name: str):
-  """One program per (row, kv head): the unsplit Triton call, output [B, K, Gp, H]."""
-  if sink is not None:
-    operands = operands + [sink]
-    in_specs = in_specs + [pl.BlockSpec((None, padded_group, 1), lambda b, k: (k, 0, 0))]
-  return pl.pallas_call(
+def call_gpu_decode(kernel, operands, in_specs, sinks, *, batch: int, kv_heads: int, group: int,
+                    head_dim: int, num_splits: int, nonempty, dtype, interpret: bool,
+                    num_warps, num_stages, name: str):
+  """Run a GPU decode kernel: unsplit (num_splits == 1) or split-K and merged.
+
+  Index maps take (b, k) or (b, k, split). Returns [B, K, G, H] in dtype.
+  The query heads are never padded in JAX (the kernels load their G rows
+  into a [Gp, H] tile with a mask) and partials / outputs are stored for the
+  G real rows only.
+  """
+  params = triton_params(num_warps, num_stages)
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
+  if num_splits == 1:
+    if sink is not None:
+      operands = operands + [sink]
+      in_specs = in_specs + [pl.BlockSpec((None, group, 1), lambda b, k: (k, 0, 0))]
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, group, head_dim), lambda b, k: (b, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*operands)  # [B, K, G, H]
+  out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, group, head_dim)
+  m, l, acc = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads),
+      grid=(batch, kv_heads, num_splits),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k: (b, k, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, padded_group, head_dim), dtype),
-      compiler_params=triton_params(),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=params,
       interpret=interpret,
-      name=name,
-  )(*operands)  # [B, K, Gp, H]
+      name=name + "_split",
+  )(*operands)  # [B, K, P, G, 1] x2, [B, K, P, G, H]
+  return combine_splits(m, l, acc, nonempty, sink, dtype)  # [B, K, G, H]

@@ -6,17 +6,22 @@ at offset j % tpp, and table entries past the row's pages are -1. As in
 ragged.py, the new token is already in the cache, so row b's single query
 attends over entries [0, lengths[b]); the order of operations (scale, soft
 cap, mask, float32 softmax with a sink that takes mass and adds no value) and
-int8 dequantization per block are the same, and a row with nothing visible
-gives zeros.
+the int8 scales (on the logits and probabilities, never on the tiles) are
+the same, and a row with nothing visible gives zeros.
 
 Why kernels and not a gather: gathering every row's pages into a contiguous
 [B, maxp * tpp, K, H] copy reads and writes the padded maximum for every
 row. The kernels instead walk each row's own table and touch only its
 ceil(length / tpp) pages, `pages_per_block` pages per step (more pages per
 step = fewer running-max rescales and more loads in flight):
-  backend "gpu"  program (b, k) loads each page id from the table (a scalar
-                 load) and then that page's [tpp, H] tile with a masked load;
-                 the loop's trip count is the row's own number of blocks;
+  backend "gpu"  program (b, k) loads the step's page ids with one vector
+                 load (each id repeated for its tpp tokens) and then the
+                 step's pages_per_block * tpp K/V rows as one [tokens, H]
+                 tile through them (masked past the row's length), so a step
+                 is one dot and one rescale however small the pages; the
+                 loop's trip count is the row's own number of steps, and the
+                 length-aware split-K of ragged.py cuts it into fixed-size
+                 ranges of steps;
   backend "tpu"  the page table (flattened) and lengths are scalar-prefetched
                  and the page BlockSpecs' index_maps look the page ids up, one
                  input per page slot of a block (the same pool passed
@@ -39,9 +44,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_common import (
-    call_unsplit, check_kernel_kv, combine_splits, dequantize_or_cast, finish, initial_carry,
-    is_pow2, masked_decode_attention, online_block_update, pad_groups, resolve_num_splits,
-    split_out_specs, split_range, triton_group, triton_params, unpack_gpu_refs)
+    auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
+    dequantize_or_cast, finish, gpu_decode_program, gpu_tile_update, initial_carry, is_pow2,
+    masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
+    unpack_gpu_refs)
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 
@@ -84,130 +90,114 @@ def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *
 # ---- GPU (Triton) kernel -------------------------------------------------------------
 
 
-def _gpu_block(i, carry, refs, *, q, length, table_ref, pages_per_block, scale, soft_cap,
-               quantized):
-  """Online-softmax update of carry with step i: pages_per_block pages of the row's table."""
+def _gpu_block(i, carry, q, refs, *, length, table_ref, tpp, block_kv, scale, soft_cap):
+  """Online-softmax update of carry with step i: tokens [i * bk, (i + 1) * bk) of the row.
+
+  The step's pages_per_block = bk / tpp pages make one [bk, H] tile (one
+  dot, one rescale) instead of one small tile per page.
+  """
   from jax.experimental.pallas import triton as plgpu
 
-  k_ref, v_ref, ks_ref, vs_ref = refs  # [P, tpp, H] x2, [P, tpp] x2 or None
-  head_dim = q.shape[1]
-  tpp = k_ref.shape[1]
-  max_pages = table_ref.shape[0]
-  tiles = []
-  for j in range(pages_per_block):
-    slot = i * pages_per_block + j
-    # Slots past the row's pages load nothing (all-false mask); the clamps
-    # only keep the computed addresses in range.
-    page = jnp.maximum(table_ref[jnp.minimum(slot, max_pages - 1)], 0)
-    start = slot * tpp
-    idx_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1)  # [1, tpp]
-    idx_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0)  # [tpp, 1]
-    valid_row, valid_col = idx_row < length, idx_col < length
-    tile_mask = jnp.broadcast_to(valid_col, (tpp, head_dim))  # [tpp, H]
-    k = plgpu.load(k_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
-    v = plgpu.load(v_ref.at[page], mask=tile_mask, other=0)  # [tpp, H]
-    k_scale = v_scale = None
-    if quantized:
-      flat = valid_row[0]  # [tpp]
-      k_scale = plgpu.load(ks_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
-      v_scale = plgpu.load(vs_ref.at[page], mask=flat, other=0.0)[None, :]  # [1, tpp]
-    tiles.append((k, v, valid_row, valid_col, k_scale, v_scale))
-  return online_block_update(carry, q, tiles, scale=scale, soft_cap=soft_cap)
+  k_ref, v_ref, ks_ref, vs_ref = refs  # [P * tpp, H] x2, [P * tpp] x2 or None
+  head_dim = k_ref.shape[-1]
+  start = i * block_kv
+  tok = start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # [bk] logical entries
+  tok_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
+  valid = tok < length  # [bk]
+  valid_row = tok_row < length  # [1, bk]
+  # One vector load of the step's page ids (each repeated for its tpp
+  # tokens: the same address within a warp is one transaction), then every
+  # K/V row of the tile is addressed through it. Slots past the row's pages
+  # (-1, or past the table) are masked, never dereferenced.
+  page = plgpu.load(table_ref.at[lax.div(tok, tpp)], mask=valid, other=0)  # [bk]
+  row = jnp.maximum(page, 0) * tpp + lax.rem(tok, tpp)  # [bk] row of the flattened pool
+  cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, H]
+  k = plgpu.load(k_ref.at[row[:, None], cols], mask=valid[:, None], other=0)  # [bk, H]
+  v = plgpu.load(v_ref.at[row[:, None], cols], mask=valid[:, None], other=0)  # [bk, H]
+  k_scale = v_scale = None
+  if ks_ref is not None:
+    k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0.0)[None, :]  # [1, bk]
+    v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0.0)[None, :]  # [1, bk]
+  return gpu_tile_update(carry, q, k, v, valid[:, None], valid_row, k_scale, v_scale,
+                         scale=scale, soft_cap=soft_cap)
 
 
-def _gpu_kernel(*refs, pages_per_block, scale, soft_cap, has_sinks, quantized):
-  """Program (b, k): all query heads of kv head k of row b, over that row's own pages."""
-  (length_ref, table_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, (o_ref,) = (
+def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, soft_cap,
+                has_sinks, quantized):
+  """Program (b, k[, s]): the query heads of kv head k of row b over that row's own pages.
+
+  Unsplit (blocks_per_split None): all the row's steps, normalized output.
+  Split: steps [s * bps, (s + 1) * bps), float32 partials (no sink).
+  """
+  (length_ref, table_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, out_refs = (
       unpack_gpu_refs(refs, quantized=quantized, has_sinks=has_sinks, num_prefix=3))
-  # [1], [maxp], [Gp, H]; pools [P, tpp, H]; scales [P, tpp]; sink [Gp, 1]; out [Gp, H]
-  length = length_ref[0]
-  q = q_ref[...]  # [Gp, H]
-  group, head_dim = q.shape
-  num_pages = pl.cdiv(length, k_ref.shape[1])
-  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
-                           table_ref=table_ref, pages_per_block=pages_per_block, scale=scale,
-                           soft_cap=soft_cap, quantized=quantized)
-  carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
-  _, l, acc = lax.fori_loop(0, pl.cdiv(num_pages, pages_per_block), body, carry)
-  o_ref[...] = finish(l, acc).astype(o_ref.dtype)
-
-
-def _gpu_split_kernel(*refs, pages_per_block, num_splits, scale, soft_cap, quantized):
-  """Program (b, k, s): split s of row b's page steps for kv head k; writes float32 partials."""
-  (length_ref, table_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, _, (m_ref, l_ref, acc_ref) = (
-      unpack_gpu_refs(refs, quantized=quantized, has_sinks=False, num_prefix=3))
-  # [1], [maxp], [Gp, H]; pools [P, tpp, H]; scales [P, tpp]; out m, l [Gp, 1], acc [Gp, H]
-  length = length_ref[0]
-  q = q_ref[...]  # [Gp, H]
-  group, head_dim = q.shape
-  num_steps = pl.cdiv(pl.cdiv(length, k_ref.shape[1]), pages_per_block)
-  start, end = split_range(0, num_steps, pl.program_id(2), num_splits)
-  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
-                           table_ref=table_ref, pages_per_block=pages_per_block, scale=scale,
-                           soft_cap=soft_cap, quantized=quantized)
-  m, l, acc = lax.fori_loop(start, end, body, initial_carry(None, group, head_dim))
-  m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
-
-
-# Tokens one GPU loop step should load when pages_per_block is automatic:
-# the ragged kernel's default block, so a step has as many loads in flight.
-GPU_TOKENS_PER_STEP = 128
+  # [1], [maxp], [G, H]; pools [P * tpp, H]; scales [P * tpp]; sink [G, 1]; outputs
+  length = jnp.minimum(length_ref[0], capacity)  # entries past the table do not exist
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), length=length,
+                           table_ref=table_ref, tpp=tpp, block_kv=block_kv, scale=scale,
+                           soft_cap=soft_cap)
+  gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=0,
+                     last=pl.cdiv(length, block_kv), group=group,
+                     blocks_per_split=blocks_per_split)
 
 
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
-               key_scale, value_scale, pages_per_block, interpret, num_splits=None):
+               key_scale, value_scale, pages_per_block, interpret, num_splits=None,
+               blocks_per_split=None, num_warps=None, num_stages=None):
   batch, num_heads, head_dim = query.shape
   total_pages, tpp, kv_heads = key_pages.shape[:3]
   max_pages = page_table.shape[1]
   group = num_heads // kv_heads
-  padded_group = triton_group(group)
-  if not interpret and not (is_pow2(tpp) and is_pow2(head_dim)):
-    raise ValueError(f"GPU paged decode kernel: tokens_per_page={tpp} and head_dim={head_dim} "
-                     "must be powers of two (Triton tensor shapes)")
   if pages_per_block is None:
-    pages_per_block = min(max(1, pl.cdiv(GPU_TOKENS_PER_STEP, tpp)), max_pages)
-  num_splits = resolve_num_splits(num_splits, programs=batch * kv_heads,
-                                  max_blocks=pl.cdiv(max_pages, pages_per_block),
-                                  interpret=interpret)
-  q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
+    keys = auto_tile_keys(head_dim, compute_itemsize(query.dtype, key_pages.dtype))
+    pages_per_block = min(max(1, keys // tpp), next_pow2(max_pages))
+  block_kv = pages_per_block * tpp  # tokens per loop step
+  if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
+    raise ValueError(f"GPU paged decode kernel: pages_per_block * tokens_per_page = "
+                     f"{pages_per_block} * {tpp} and head_dim={head_dim} must be powers of two "
+                     "(Triton tensor shapes)")
+  capacity = max_pages * tpp
+  bps, splits = split_layout(pl.cdiv(capacity, block_kv), programs=batch * kv_heads,
+                             num_splits=num_splits, blocks_per_split=blocks_per_split,
+                             interpret=interpret)
+  lengths = lengths.astype(jnp.int32)
+  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H] (free: no padding copy)
   quantized = key_scale is not None
-  pool = (total_pages, tpp, None, head_dim)
+  # The pools flattened to rows [P * tpp, K, H] (a free reshape): a token is
+  # one row index, page * tpp + offset.
+  flat = (total_pages * tpp, None, head_dim)
   # Index maps take (b, k) or (b, k, split): *_ swallows the split index.
-  operands = [lengths.astype(jnp.int32), page_table.astype(jnp.int32), q, key_pages, value_pages]
+  operands = [lengths, page_table.astype(jnp.int32), q,
+              key_pages.reshape(total_pages * tpp, kv_heads, head_dim),
+              value_pages.reshape(total_pages * tpp, kv_heads, head_dim)]
   in_specs = [
       pl.BlockSpec((1,), lambda b, k, *_: (b,)),
       pl.BlockSpec((None, max_pages), lambda b, k, *_: (b, 0)),
-      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
-      pl.BlockSpec(pool, lambda b, k, *_: (0, 0, k, 0)),
-      pl.BlockSpec(pool, lambda b, k, *_: (0, 0, k, 0)),
+      pl.BlockSpec((None, None, group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
+      pl.BlockSpec(flat, lambda b, k, *_: (0, k, 0)),
+      pl.BlockSpec(flat, lambda b, k, *_: (0, k, 0)),
   ]
   if quantized:
     for s in (key_scale, value_scale):
       head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
+      s = s.reshape(total_pages * tpp, s.shape[-1])  # [P * tpp, K or 1]
       operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
-      in_specs.append(pl.BlockSpec((total_pages, tpp, None),
-                                   lambda b, k, *_, head=head: (0, 0, head(k))))
-  args = dict(pages_per_block=pages_per_block, scale=float(scale),
-              soft_cap=float(soft_cap) if soft_cap else None, quantized=quantized)
-  if num_splits > 1:
-    out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim)
-    m, l, acc = pl.pallas_call(
-        functools.partial(_gpu_split_kernel, num_splits=num_splits, **args),
-        grid=(batch, kv_heads, num_splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=triton_params(),
-        interpret=interpret,
-        name="paged_decode_gpu_split",
-    )(*operands)  # [B, K, P, Gp, 1] x2, [B, K, P, Gp, H]
-    out = combine_splits(m, l, acc, sink, query.dtype)  # [B, K, Gp, H]
-    return out[:, :, :group].reshape(batch, num_heads, head_dim)
-  kernel = functools.partial(_gpu_kernel, has_sinks=sinks is not None, **args)
-  out = call_unsplit(kernel, operands, in_specs, sink if sinks is not None else None, batch=batch,
-                     kv_heads=kv_heads, padded_group=padded_group, head_dim=head_dim,
-                     dtype=query.dtype, interpret=interpret, name="paged_decode_gpu")  # [B, K, Gp, H]
-  return out[:, :, :group].reshape(batch, num_heads, head_dim)
+      in_specs.append(pl.BlockSpec((total_pages * tpp, None),
+                                   lambda b, k, *_, head=head: (0, head(k))))
+  kernel = functools.partial(
+      _gpu_kernel, tpp=tpp, block_kv=block_kv, blocks_per_split=None if splits == 1 else bps,
+      capacity=capacity, group=group, scale=float(scale),
+      soft_cap=float(soft_cap) if soft_cap else None,
+      has_sinks=splits == 1 and sinks is not None, quantized=quantized)
+  nonempty = None
+  if splits > 1:
+    steps = pl.cdiv(jnp.minimum(lengths, capacity), block_kv)  # [B]
+    nonempty = split_nonempty(jnp.zeros_like(steps), steps, splits, bps)  # [B, P]
+  out = call_gpu_decode(kernel, operands, in_specs, sinks, batch=batch, kv_heads=kv_heads,
+                        group=group, head_dim=head_dim, num_splits=splits, nonempty=nonempty,
+                        dtype=query.dtype, interpret=interpret, num_warps=num_warps,
+                        num_stages=num_stages, name="paged_decode_gpu")  # [B, K, G, H]
+  return out.reshape(batch, num_heads, head_dim)
 
 
 # ---- TPU (Mosaic) kernel --------------------------------------------------------------
@@ -332,22 +322,28 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, scale,
                         soft_cap=None, sinks=None, key_scale=None, value_scale=None,
                         pages_per_block: int | None = None, interpret=False,
-                        backend: str = "gpu", num_splits: int | None = None):
+                        backend: str = "gpu", num_splits: int | None = None,
+                        blocks_per_split: int | None = None, num_warps: int | None = None,
+                        num_stages: int | None = None):
   """Pallas paged decode attention; same arguments and result as `paged_decode_reference`.
 
-  pages_per_block >= 1 pages per loop step / grid step. None: on GPU enough
-  pages for GPU_TOKENS_PER_STEP tokens a step (one 16-token page a step
-  leaves too few loads in flight), on TPU 1 (each page slot is one more
-  pipelined input there). backend "gpu" (Triton) or "tpu" (Mosaic);
-  interpret=True runs either on CPU. num_splits (GPU only): split-K over each
-  row's page steps, as in `ragged_decode_pallas` (None: automatic, 1 when
-  interpreting).
+  pages_per_block >= 1 pages per loop step / grid step. None: on GPU the
+  pages of `auto_tile_keys` tokens (128 tokens at head_dim 128 for a
+  bfloat16 query, as ragged.py's block; one 16-token page a step leaves too
+  few loads in flight), at most the table's width rounded up to a power of
+  two; on TPU 1 (each page slot is one more pipelined input there). On GPU pages_per_block *
+  tokens_per_page must be a power of two (one [tokens, H] tile per step).
+  backend "gpu" (Triton) or "tpu" (Mosaic); interpret=True runs either on
+  CPU. num_splits / blocks_per_split (in loop steps), num_warps, num_stages
+  (GPU only): as in `ragged_decode_pallas`, the split-K layout being
+  length-aware over each row's steps.
   """
   if pages_per_block is None and backend != "gpu":
     pages_per_block = 1
   if pages_per_block is not None and pages_per_block < 1:
     raise ValueError(f"pages_per_block={pages_per_block}: must be >= 1")
   check_kernel_kv(key_pages, value_pages, key_scale, value_scale)
+  check_tunables(num_warps, num_stages)
   if query.shape[1] % key_pages.shape[2]:
     raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads "
                      f"{key_pages.shape[2]}")
@@ -355,7 +351,8 @@ def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, s
               value_scale=value_scale, pages_per_block=pages_per_block, interpret=interpret)
   if backend == "gpu":
     return _paged_gpu(query, key_pages, value_pages, page_table, lengths, num_splits=num_splits,
-                      **args)
+                      blocks_per_split=blocks_per_split, num_warps=num_warps,
+                      num_stages=num_stages, **args)
   if backend == "tpu":
     return _paged_tpu(query, key_pages, value_pages, page_table, lengths, **args)
   raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")

@@ -15,13 +15,16 @@ per-head sink logit takes probability mass and adds no value. A row with
 nothing visible gives zeros (never NaN). GQA / MQA never repeat K/V: the G
 query heads of one kv head are processed together against that head's keys.
 
-int8 K/V (kvcache.quant layout: scales [B, S, K or 1] per token) are
-dequantized one block at a time inside the kernels, so the cache is never
-copied to full precision. The Pallas kernels take float or int8 K/V (int4
-has no sub-byte load in the Triton lowering); the reference takes any.
-On GPU the int8 tile is cast exactly to the query dtype and the scales are
-applied to the logits / probabilities, so a bfloat16 query keeps bfloat16
-dots; a float32 query with int8 K/V runs float32 (IEEE) dots and is slow.
+int8 K/V (kvcache.quant layout: scales [B, S, K or 1] per token, or per
+token and kv head) are read as they are stored, so the cache is never copied
+to full precision. The tiles are never dequantized element-wise: the integer
+tile is cast exactly to the query dtype (a bfloat16 query keeps bfloat16
+tensor-core dots), the K scales multiply the [G, block] logits after the
+q.k dot and the V scales multiply the probabilities before p.v
+(`gpu_tile_update`). The GPU kernel also reads int4 K/V (the Triton
+lowering loads a contiguous int4 row as bytes); the paged and TPU kernels
+take float or int8; the reference takes any. A float32 query with int8 K/V
+runs float32 (IEEE) dots and is slow.
 
 Three implementations of one function:
   ragged_decode_reference       pure JAX, the specification (reads the whole
@@ -33,7 +36,7 @@ Three implementations of one function:
                                 blocks of its row (from the first block in the
                                 window), with masked loads for the tail block;
                                 split-K: grid (batch, kv_heads, splits), each
-                                program one contiguous range of those blocks;
+                                program a fixed-size range of those blocks;
   ragged_decode_pallas(backend="tpu")
                                 Mosaic-style: grid (batch, kv blocks) with the
                                 lengths scalar-prefetched, so the kv-block
@@ -43,16 +46,26 @@ Three implementations of one function:
 Both Pallas variants run on CPU with interpret=True (how the tests check them).
 
 GPU constraints (checked when not interpreting): head_dim and block_kv are
-powers of two, and the G query heads of a kv head are zero-padded to a power
-of two >= 16 (Triton tensor shapes, tl.dot's smallest tile); padding the
-query is cheap, K/V are never padded or copied. One program per (row, kv
-head) leaves SMs idle for a small batch of long rows, so by default the GPU
-kernel splits each row's blocks into `num_splits` contiguous ranges (grid
-(batch, kv_heads, num_splits), split-K / flash-decoding): each program writes
-float32 partials (max, sum, acc) and `combine_splits` merges them in plain
-JAX, the sink joining there once. The split count is chosen from
-batch * kv_heads vs the SM count (`auto_num_splits`); 1 runs the unsplit
-kernel unchanged.
+powers of two. The G query heads of a kv head are processed as a [Gp, H]
+tile, Gp a power of two >= 16 (Triton tensor shapes, tl.dot's smallest
+tile), loaded from the unpadded query with a mask and stored back for the G
+real rows only: nothing is padded or copied in JAX, K/V never.
+
+Work balance (split-K / flash-decoding, length-aware): one program per (row,
+kv head) leaves SMs idle for a small batch of long rows and makes a long row
+one serial program, so by default the grid is (batch, kv_heads, P) and
+program s of a row runs its blocks [first + s * bps, first + (s + 1) * bps)
+-- a fixed number bps of blocks from the row's first visible block. A long
+row gets many programs, a short one few: the programs past a row's last
+block load nothing, store nothing and exit at once, and every other program
+does at most bps blocks, so the last wave of a ragged batch is short. P
+covers the longest possible row (the cache capacity, or the window). Each
+non-empty program writes float32 partials (max, sum, acc) for the G real
+heads; `combine_splits` merges them in plain JAX (the sink joins there once;
+the skipped splits are selected away, the partials are B K P G (H + 2)
+floats). bps comes from batch * kv_heads vs the SM count
+(`auto_num_splits`), or the num_splits / blocks_per_split arguments; P = 1
+runs the unsplit kernel, which writes the normalized output directly.
 The TPU variant keeps all kv heads of a row in one program so that each K/V
 block [block_kv, K, H] has full trailing dims (Mosaic tiling); it has only
 been run in interpret mode.
@@ -68,9 +81,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_common import (
-    call_unsplit, check_kernel_kv, combine_splits, dequantize_or_cast, finish,
-    initial_carry, is_pow2, masked_decode_attention, next_pow2, online_block_update, pad_groups,
-    resolve_num_splits, split_out_specs, split_range, triton_group, triton_params, unpack_gpu_refs)
+    auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
+    dequantize_or_cast, finish, gpu_decode_program, gpu_tile_update, initial_carry, is_pow2,
+    masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
+    unpack_gpu_refs)
 
 
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
@@ -113,89 +127,89 @@ def _check_window(window):
 # ---- GPU (Triton) kernel -------------------------------------------------------------
 
 
-def _gpu_block(i, carry, refs, *, q, length, lo, block_kv, scale, soft_cap, quantized):
+def ragged_row_blocks(length, block_kv: int, window: int | None):
+  """(lo, first, last): row entries from lo are visible; blocks [first, last) hold them.
+
+  Scalars in the kernel, [B] arrays for the merge (which splits were written).
+  """
+  lo = jnp.zeros_like(length) if window is None else jnp.maximum(length - window, 0)
+  return lo, lo // block_kv, pl.cdiv(length, block_kv)
+
+
+def ragged_max_blocks(kv_len: int, block_kv: int, window: int | None) -> int:
+  """Most blocks [first, last) can hold for any length <= kv_len (the split grid's extent)."""
+  blocks = pl.cdiv(kv_len, block_kv)
+  if window is not None:
+    # window consecutive entries touch at most (window - 1) // block_kv + 2 blocks.
+    blocks = min(blocks, (window - 1) // block_kv + 2)
+  return blocks
+
+
+def _gpu_block(i, carry, q, refs, *, length, lo, block_kv, scale, soft_cap):
   """Online-softmax update of carry with kv block i of one row (masked loads past its length)."""
   from jax.experimental.pallas import triton as plgpu
 
   k_ref, v_ref, ks_ref, vs_ref = refs  # [S, H], [S, H], [S] or None, [S] or None
-  head_dim = q.shape[1]
   start = i * block_kv
+  idx = start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # [bk]
   idx_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
-  idx_col = start + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)  # [bk, 1]
-  valid_row = (idx_row < length) & (idx_row >= lo)
-  valid_col = (idx_col < length) & (idx_col >= lo)
-  tile_mask = jnp.broadcast_to(valid_col, (block_kv, head_dim))  # [bk, H]
+  valid = (idx < length) & (idx >= lo)  # [bk]
+  valid_row = (idx_row < length) & (idx_row >= lo)  # [1, bk]
   rows = pl.ds(start, block_kv)
-  k = plgpu.load(k_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
-  v = plgpu.load(v_ref.at[rows, :], mask=tile_mask, other=0)  # [bk, H]
+  # The tail of the last block (and the entries before a window) are masked
+  # loads: never read, so stale data or NaN there cannot reach the output.
+  k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None], other=0)  # [bk, H]
+  v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None], other=0)  # [bk, H]
   k_scale = v_scale = None
-  if quantized:
-    flat = valid_row[0]  # [bk]
-    k_scale = plgpu.load(ks_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
-    v_scale = plgpu.load(vs_ref.at[rows], mask=flat, other=0.0)[None, :]  # [1, bk]
-  return online_block_update(carry, q, [(k, v, valid_row, valid_col, k_scale, v_scale)],
-                             scale=scale, soft_cap=soft_cap)
+  if ks_ref is not None:
+    k_scale = plgpu.load(ks_ref.at[rows], mask=valid, other=0.0)[None, :]  # [1, bk]
+    v_scale = plgpu.load(vs_ref.at[rows], mask=valid, other=0.0)[None, :]  # [1, bk]
+  return gpu_tile_update(carry, q, k, v, valid[:, None], valid_row, k_scale, v_scale,
+                         scale=scale, soft_cap=soft_cap)
 
 
-def _gpu_kernel(*refs, block_kv, scale, soft_cap, window, has_sinks, quantized):
-  """Program (b, k): all query heads of kv head k of row b, over that row's valid blocks only."""
-  (length_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, (o_ref,) = unpack_gpu_refs(
-      refs, quantized=quantized, has_sinks=has_sinks, num_prefix=2)
-  # [1], [Gp, H]; K/V [S, H]; scales [S]; sink [Gp, 1]; out [Gp, H]
-  length = length_ref[0]
-  q = q_ref[...]  # [Gp, H]
-  group, head_dim = q.shape
-  lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
-  first = lo // block_kv
-  last = pl.cdiv(length, block_kv)  # dynamic trip count: blocks past the length are never read
-  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
-                           lo=lo, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
-                           quantized=quantized)
-  carry = initial_carry(sink_ref[...] if has_sinks else None, group, head_dim)
-  _, l, acc = lax.fori_loop(first, last, body, carry)
-  o_ref[...] = finish(l, acc).astype(o_ref.dtype)
+def _gpu_kernel(*refs, block_kv, blocks_per_split, kv_len, group, scale, soft_cap, window,
+                has_sinks, quantized):
+  """Program (b, k[, s]): the query heads of kv head k of row b over that row's valid blocks only.
 
-
-def _gpu_split_kernel(*refs, block_kv, num_splits, scale, soft_cap, window, quantized):
-  """Program (b, k, s): split s of row b's valid blocks for kv head k; writes unnormalized partials.
-
-  No sink here: partials start from (m=-inf, l=0, acc=0) and the sink joins
-  once, in `combine_splits`.
+  Unsplit (blocks_per_split None): all the row's blocks, normalized output.
+  Split: blocks [first + s * bps, first + (s + 1) * bps) of the row,
+  float32 partials (no sink: it joins once, in the merge).
   """
-  (length_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, _, (m_ref, l_ref, acc_ref) = (
-      unpack_gpu_refs(refs, quantized=quantized, has_sinks=False, num_prefix=2))
-  # [1], [Gp, H]; K/V [S, H]; scales [S]; out m, l [Gp, 1], acc [Gp, H] (float32)
-  length = length_ref[0]
-  q = q_ref[...]  # [Gp, H]
-  group, head_dim = q.shape
-  lo = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
-  start, end = split_range(lo // block_kv, pl.cdiv(length, block_kv), pl.program_id(2), num_splits)
-  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), q=q, length=length,
-                           lo=lo, block_kv=block_kv, scale=scale, soft_cap=soft_cap,
-                           quantized=quantized)
-  m, l, acc = lax.fori_loop(start, end, body, initial_carry(None, group, head_dim))
-  m_ref[...], l_ref[...], acc_ref[...] = m, l, acc
+  (length_ref, q_ref), k_ref, v_ref, ks_ref, vs_ref, sink_ref, out_refs = unpack_gpu_refs(
+      refs, quantized=quantized, has_sinks=has_sinks, num_prefix=2)
+  # [1], [G, H]; K/V [S, H]; scales [S]; sink [G, 1]; out [G, H] or m, l [G, 1], acc [G, H]
+  length = jnp.minimum(length_ref[0], kv_len)  # entries past the cache do not exist
+  lo, first, last = ragged_row_blocks(length, block_kv, window)  # dynamic trip count
+  body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), length=length, lo=lo,
+                           block_kv=block_kv, scale=scale, soft_cap=soft_cap)
+  gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=first,
+                     last=last, group=group, blocks_per_split=blocks_per_split)
 
 
 def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
-                value_scale, block_kv, interpret, num_splits=None):
+                value_scale, block_kv, interpret, num_splits=None, blocks_per_split=None,
+                num_warps=None, num_stages=None):
   batch, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
-  padded_group = triton_group(group)
+  if block_kv is None:
+    block_kv = auto_tile_keys(head_dim, compute_itemsize(query.dtype, key.dtype))
   block_kv = min(block_kv, max(16, next_pow2(kv_len)))
   if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
     raise ValueError(f"GPU decode kernel: block_kv={block_kv} and head_dim={head_dim} must be "
                      "powers of two (Triton tensor shapes)")
-  num_splits = resolve_num_splits(num_splits, programs=batch * kv_heads,
-                                  max_blocks=pl.cdiv(kv_len, block_kv), interpret=interpret)
-  q, sink = pad_groups(query, kv_heads, sinks, padded_group)  # [B, K, Gp, H], [K, Gp, 1]
+  bps, splits = split_layout(ragged_max_blocks(kv_len, block_kv, window),
+                             programs=batch * kv_heads, num_splits=num_splits,
+                             blocks_per_split=blocks_per_split, interpret=interpret)
+  lengths = lengths.astype(jnp.int32)
+  q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H] (free: no padding copy)
   quantized = key_scale is not None
   # Index maps take (b, k) or (b, k, split): *_ swallows the split index.
-  operands = [lengths.astype(jnp.int32), q, key, value]
+  operands = [lengths, q, key, value]
   in_specs = [
       pl.BlockSpec((1,), lambda b, k, *_: (b,)),
-      pl.BlockSpec((None, None, padded_group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
+      pl.BlockSpec((None, None, group, head_dim), lambda b, k, *_: (b, k, 0, 0)),
       pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k, *_: (b, 0, k, 0)),
       pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k, *_: (b, 0, k, 0)),
   ]
@@ -205,37 +219,20 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
       operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
       in_specs.append(pl.BlockSpec((None, kv_len, None),
                                    lambda b, k, *_, head=head: (b, 0, head(k))))
-  args = dict(block_kv=block_kv, scale=float(scale),
-              soft_cap=float(soft_cap) if soft_cap else None, window=window, quantized=quantized)
-  if num_splits > 1:
-    return _ragged_gpu_split(operands, in_specs, sink, num_splits=num_splits, dtype=query.dtype,
-                             interpret=interpret, **args)[:, :, :group].reshape(
-                                 batch, num_heads, head_dim)
-  kernel = functools.partial(_gpu_kernel, has_sinks=sinks is not None, **args)
-  out = call_unsplit(kernel, operands, in_specs, sink if sinks is not None else None, batch=batch,
-                     kv_heads=kv_heads, padded_group=padded_group, head_dim=head_dim,
-                     dtype=query.dtype, interpret=interpret, name="ragged_decode_gpu")  # [B, K, Gp, H]
-  return out[:, :, :group].reshape(batch, num_heads, head_dim)
-
-
-def _ragged_gpu_split(operands, in_specs, sink, *, num_splits, dtype, interpret, block_kv, scale,
-                      soft_cap, window, quantized):
-  """Split-K (flash-decoding): grid (B, K, P), then combine_splits -> [B, K, Gp, H]."""
-  batch, kv_heads, padded_group, head_dim = operands[1].shape
-  out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, padded_group, head_dim)
-  kernel = functools.partial(_gpu_split_kernel, block_kv=block_kv, num_splits=num_splits,
-                             scale=scale, soft_cap=soft_cap, window=window, quantized=quantized)
-  m, l, acc = pl.pallas_call(
-      kernel,
-      grid=(batch, kv_heads, num_splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=triton_params(),
-      interpret=interpret,
-      name="ragged_decode_gpu_split",
-  )(*operands)  # [B, K, P, Gp, 1] x2, [B, K, P, Gp, H]
-  return combine_splits(m, l, acc, sink, dtype)  # [B, K, Gp, H]
+  kernel = functools.partial(
+      _gpu_kernel, block_kv=block_kv, blocks_per_split=None if splits == 1 else bps,
+      kv_len=kv_len, group=group, scale=float(scale),
+      soft_cap=float(soft_cap) if soft_cap else None, window=window,
+      has_sinks=splits == 1 and sinks is not None, quantized=quantized)
+  nonempty = None
+  if splits > 1:
+    _, first, last = ragged_row_blocks(jnp.minimum(lengths, kv_len), block_kv, window)
+    nonempty = split_nonempty(first, last, splits, bps)  # [B, P]
+  out = call_gpu_decode(kernel, operands, in_specs, sinks, batch=batch, kv_heads=kv_heads,
+                        group=group, head_dim=head_dim, num_splits=splits, nonempty=nonempty,
+                        dtype=query.dtype, interpret=interpret, num_warps=num_warps,
+                        num_stages=num_stages, name="ragged_decode_gpu")  # [B, K, G, H]
+  return out.reshape(batch, num_heads, head_dim)
 
 
 # ---- TPU (Mosaic) kernel --------------------------------------------------------------
@@ -356,29 +353,45 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
 
 
 def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
-                         sinks=None, key_scale=None, value_scale=None, block_kv: int = 128,
-                         interpret=False, backend: str = "gpu", num_splits: int | None = None):
+                         sinks=None, key_scale=None, value_scale=None,
+                         block_kv: int | None = None, interpret=False, backend: str = "gpu",
+                         num_splits: int | None = None, blocks_per_split: int | None = None,
+                         num_warps: int | None = None, num_stages: int | None = None):
   """Pallas decode attention; same arguments and result as `ragged_decode_reference`.
 
   backend "gpu" (Triton lowering) or "tpu" (Mosaic lowering). interpret=True
   runs either on CPU (tests); for "tpu" a `pltpu.InterpretParams()` is also
-  accepted. block_kv: keys per block (GPU: rounded to a power of two no
-  larger than needed; TPU: at most the cache length).
+  accepted. block_kv: keys per block; None: GPU `auto_tile_keys` (128 keys
+  at head_dim 128 for a bfloat16 query, bfloat16 or int8 K/V: an int8 tile
+  is staged in shared memory as bfloat16, so twice the keys would halve the
+  programs per SM), TPU 128. GPU: rounded to a power of two no larger than
+  needed; TPU: at most the cache length.
 
-  num_splits (GPU only): each row's blocks are cut into this many ranges,
-  one program each, and the partials are merged afterwards (split-K /
-  flash-decoding), so a small batch of long rows still fills the GPU.
-  None picks it from batch * kv_heads vs the SM count (`auto_num_splits`);
-  in interpret mode None means 1. 1 is the unsplit kernel.
+  GPU only (tuning knobs; the TPU kernel ignores them):
+    num_splits / blocks_per_split: split-K (flash-decoding). Program (b, k, s)
+      reads blocks [first + s * bps, first + (s + 1) * bps) of row b (first:
+      the row's first visible block) and writes float32 partials merged
+      afterwards, so long rows get more programs and short rows' extra
+      programs exit at once. blocks_per_split gives bps; num_splits the
+      splits of a longest row (bps = ceil(max_blocks / num_splits)); neither:
+      `auto_num_splits` from batch * kv_heads vs the SM count (1, the unsplit
+      kernel, when interpreting). At most one of the two.
+    num_warps, num_stages: Triton launch parameters (None: 4 and 2).
   """
   _check_window(window)
-  check_kernel_kv(key, value, key_scale, value_scale)
+  # int4 on GPU: the Triton lowering loads a contiguous int4 row as bytes and
+  # splits the nibbles; the paged kernel's gathered rows have no such path.
+  check_kernel_kv(key, value, key_scale, value_scale, allow_int4=backend == "gpu")
+  check_tunables(num_warps, num_stages)
   if query.shape[1] % key.shape[2]:
     raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads {key.shape[2]}")
   args = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
-              value_scale=value_scale, block_kv=block_kv, interpret=interpret)
+              value_scale=value_scale, interpret=interpret)
   if backend == "gpu":
-    return _ragged_gpu(query, key, value, lengths, num_splits=num_splits, **args)
+    return _ragged_gpu(query, key, value, lengths, block_kv=block_kv, num_splits=num_splits,
+                       blocks_per_split=blocks_per_split, num_warps=num_warps,
+                       num_stages=num_stages, **args)
   if backend == "tpu":
-    return _ragged_tpu(query, key, value, lengths, **args)
+    return _ragged_tpu(query, key, value, lengths, block_kv=128 if block_kv is None else block_kv,
+                       **args)
   raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")
