@@ -14,22 +14,29 @@ Order of operations (as in dot_product_attention):
 
 Layout and work split:
   * forward and dq: one program per (query head, block of queries); it loops
-    over the blocks of keys that the mask can reach. Causal, window and chunk
-    masks shrink the loop bounds (fully masked key blocks are never loaded),
-    the per-element mask only trims the diagonal tiles.
-  * dkv: one program per (kv head, block of keys); it loops over the G query
-    heads sharing that kv head and over the reachable query blocks, so dk / dv
-    accumulate in registers and are written once (no atomics).
+    over the blocks of keys that the mask can reach. dkv: one program per (kv
+    head, block of keys); it loops over the G query heads sharing that kv head
+    and over the reachable query blocks, so dk / dv accumulate in registers
+    and are written once (no atomics).
+  * which blocks (flash_bounds.py): causal, window and chunk masks bound the
+    loops in closed form (positions are token indices in train mode, which
+    `check_index_positions` enforces for concrete arrays); segment ids bound
+    them per block from data computed before the pallas_call, for arbitrary
+    (not only contiguous) ids. Fully masked blocks are never loaded.
+  * interior tiles, where the mask allows every pair (below the causal
+    diagonal, inside the window / chunk, inside one segment), skip the
+    per-element mask; only the edge tiles build it from positions and ids.
   * GQA / MQA: the index maps send query head n = k * G + g to kv head k; the
     G query heads of one kv head are neighbouring programs (they share K/V
     tiles through L2). K / V are never repeated in memory.
-  * masks are computed inside the kernel from the position and segment ids
-    of each tile; loop bounds assume positions are token indices (train mode),
-    which `check_index_positions` enforces for concrete arrays.
+  * logits live in log2 units (log2(e) folded into the scale) so the softmax
+    runs on exp2; the soft cap applies to natural-unit logits first, through
+    tanh.approx.f32 for 16-bit inputs on GPU.
   * backward (jax.custom_vjp): residuals are the output and the float32
-    logsumexp [B, N, T]; delta = rowsum(o * do) and d(sinks) =
-    -sum p_sink * delta with p_sink = exp(sink - lse) are cheap [B, N, T]
-    reductions done by XLA outside the kernels.
+    logsumexp [B, N, T] (natural units); delta = rowsum(o * do) and
+    d(sinks) = -sum p_sink * delta with p_sink = exp(sink - lse) are cheap
+    [B, N, T] reductions done by XLA outside the kernels. dq and dkv take
+    their own tiles (block_*_bwd, block_*_dkv) and Triton settings (num_*_bwd).
 All accumulation is float32; bf16 inputs feed bf16 tensor-core dots.
 T and S are padded to the block sizes: padded keys get position -1 (never
 attended) and padded query rows are dropped (their zero cotangent makes them
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from meshattn.layers.kernels import flash_bounds as fb
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, reject_unsupported, requested_features)
@@ -62,11 +71,19 @@ _NEG = -1e30
 # Sinks are handed to the kernel as a tiny [N, _SINK_LANES] tile (Triton
 # blocks must be powers of two >= 1; a reduction of it yields the scalar).
 _SINK_LANES = 16
+# The kernels keep logits in log2 units (natural logits * log2(e)) so the
+# softmax runs on exp2; lse is stored in natural units.
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Everything static about one call: the nondiff argument of the custom VJP."""
+  """Everything static about one call: the nondiff argument of the custom VJP.
+
+  block_* / num_* are the forward's; `backward()` swaps in the dq ones (*_bwd) and
+  `dkv()` the dkv ones.
+  """
 
   spec: MaskSpec
   scale: float
@@ -75,9 +92,32 @@ class _Static:
   block_kv: int
   kv_heads: int
   group: int
+  kv_len: int  # unpadded: the key blocks below kv_len // block_kv hold no padding
   has_segments: bool
   has_sinks: bool
+  fast_tanh: bool  # tanh.approx.f32 (GPU, 16-bit inputs): one MUFU op instead of libdevice tanh
+  num_warps: int
+  num_stages: int
+  block_q_bwd: int  # dq
+  block_kv_bwd: int
+  block_q_dkv: int
+  block_kv_dkv: int
+  num_warps_bwd: int
+  num_stages_bwd: int
   interpret: bool
+
+  @property
+  def has_bounds(self) -> bool:
+    """Whether the kernels get data bounds (flash_bounds) besides the structural ones."""
+    return self.has_segments or self.spec.attention_type == "full"
+
+  def backward(self) -> _Static:
+    return dataclasses.replace(self, block_q=self.block_q_bwd, block_kv=self.block_kv_bwd,
+                               num_warps=self.num_warps_bwd, num_stages=self.num_stages_bwd)
+
+  def dkv(self) -> _Static:
+    return dataclasses.replace(self.backward(), block_q=self.block_q_dkv,
+                               block_kv=self.block_kv_dkv)
 
 
 # ---- Tile helpers (run inside the kernels) ---------------------------------------
@@ -101,12 +141,14 @@ def _tile_mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _logits(st: _Static, q, k):
-  """Scaled, soft-capped float32 logits of one tile and tanh (for the cap's derivative)."""
-  s = _dot(q, k, trans_b=True) * st.scale  # [bq, bkv] f32
+  """Scaled, soft-capped float32 logits of one tile in log2 units, and tanh (for the cap's
+  derivative). The cap applies to natural-unit logits: log2(e) multiplies its output."""
+  s = _dot(q, k, trans_b=True)  # [bq, bkv] f32
   if not st.soft_cap:
-    return s, None
-  t = jnp.tanh(s / st.soft_cap)  # [bq, bkv]
-  return st.soft_cap * t, t
+    return s * (st.scale * _LOG2E), None
+  t = s * (st.scale / st.soft_cap)  # [bq, bkv]
+  t = plgpu.approx_tanh(t) if st.fast_tanh else jnp.tanh(t)
+  return t * (st.soft_cap * _LOG2E), t
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
@@ -115,39 +157,42 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=tf32).astype(jnp.float32)
 
 
-def _kv_bounds(st: _Static, q_block, num_kv_blocks):
-  """[lo, hi) key blocks a query block can see (token-index positions)."""
-  first_q = q_block * st.block_q
-  last_q = first_q + st.block_q - 1
-  kind = st.spec.attention_type
-  if kind == "full":
-    return 0, num_kv_blocks
-  hi = jnp.minimum(lax.div(last_q, st.block_kv) + 1, num_kv_blocks)
-  if kind == "local_sliding":
-    lo = lax.div(jnp.maximum(first_q - st.spec.window + 1, 0), st.block_kv)
-  elif kind == "chunk":
-    lo = lax.div(lax.div(first_q, st.spec.chunk) * st.spec.chunk, st.block_kv)
-  else:
-    lo = 0
-  return lo, hi
+def _tile_loops(ranges, body, carry):
+  """body(j, carry, masked=...) over the blocks [lo, hi) of ranges = (lo, a, c, hi).
+
+  The interior [a, c) runs first without the mask; the edge blocks [lo, a) and
+  [c, hi) share one masked loop (one copy of the masked body, not two).
+  """
+  lo, a, c, hi = ranges
+  carry = lax.fori_loop(a, c, functools.partial(body, masked=False), carry)
+  before = a - lo
+
+  def edge(n, carry):
+    return body(jnp.where(n < before, lo + n, c + n - before), carry, masked=True)
+
+  return lax.fori_loop(0, before + hi - c, edge, carry)
 
 
-def _q_bounds(st: _Static, kv_block, num_q_blocks):
-  """[lo, hi) query blocks that can see a key block (token-index positions)."""
-  first_k = kv_block * st.block_kv
-  last_k = first_k + st.block_kv - 1
-  kind = st.spec.attention_type
-  if kind == "full":
-    return 0, num_q_blocks
-  lo = lax.div(first_k, st.block_q)
-  if kind == "local_sliding":
-    hi = jnp.minimum(lax.div(last_k + st.spec.window - 1, st.block_q) + 1, num_q_blocks)
-  elif kind == "chunk":
-    last_q = (lax.div(last_k, st.spec.chunk) + 1) * st.spec.chunk - 1
-    hi = jnp.minimum(lax.div(last_q, st.block_q) + 1, num_q_blocks)
-  else:
-    hi = num_q_blocks
-  return lo, hi
+def _data_bounds(ref):
+  """The (lo, hi, a, c) scalars of this program's data bounds (or None)."""
+  return None if ref is None else tuple(ref[n] for n in range(4))
+
+
+def _kv_ranges(st: _Static, bounds_ref, q_block, num_kv_blocks: int):
+  """(lo, a, c, hi) key blocks of a query block (forward, dq)."""
+  return fb.loop_ranges(
+      fb.kv_block_range(st.spec, st.block_q, st.block_kv, q_block, num_kv_blocks),
+      fb.kv_block_interior(st.spec, st.block_q, st.block_kv, q_block, st.kv_len // st.block_kv),
+      _data_bounds(bounds_ref))
+
+
+def _q_ranges(st: _Static, bounds_ref, kv_block, num_q_blocks: int):
+  """(lo, a, c, hi) query blocks of a key block (dkv)."""
+  return fb.loop_ranges(
+      fb.q_block_range(st.spec, st.block_q, st.block_kv, kv_block, num_q_blocks),
+      fb.q_block_interior(st.spec, st.block_q, st.block_kv, kv_block, num_q_blocks,
+                          st.kv_len // st.block_kv),
+      _data_bounds(bounds_ref))
 
 
 def _sink_value(sink_ref):
@@ -159,9 +204,8 @@ def _unpack(st: _Static, refs, names):
   refs = list(refs)
   out = {}
   for name in names:
-    if name in ("q_seg", "kv_seg") and not st.has_segments:
-      out[name] = None
-    elif name == "sink" and not st.has_sinks:
+    if ((name in ("q_seg", "kv_seg") and not st.has_segments)
+        or (name == "sink" and not st.has_sinks) or (name == "bounds" and not st.has_bounds)):
       out[name] = None
     else:
       out[name] = refs.pop(0)
@@ -173,8 +217,8 @@ def _unpack(st: _Static, refs, names):
 
 
 def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
-  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "sink", "o", "lse"))
-  q_block = pl.program_id(1)
+  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "bounds", "sink",
+                         "o", "lse"))
   q = r["q"][...]  # [bq, H]
   q_pos = r["q_pos"][...]  # [bq]
   q_seg = None if r["q_seg"] is None else r["q_seg"][...]  # [bq]
@@ -182,215 +226,237 @@ def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
 
   if st.has_sinks:
     # The sink is the first "key": the running max starts at it with mass 1.
-    m = jnp.full((st.block_q,), _sink_value(r["sink"]), jnp.float32)  # [bq]
+    m = jnp.full((st.block_q,), _sink_value(r["sink"]) * _LOG2E, jnp.float32)  # [bq]
     l = jnp.ones((st.block_q,), jnp.float32)  # [bq]
   else:
     m = jnp.full((st.block_q,), _NEG, jnp.float32)  # [bq]
     l = jnp.zeros((st.block_q,), jnp.float32)  # [bq]
   acc = jnp.zeros((st.block_q, head_dim), jnp.float32)  # [bq, H]
 
-  def body(j, carry):
+  def body(j, carry, *, masked):
     acc, m, l = carry
     kv_slice = pl.ds(j * st.block_kv, st.block_kv)
     k = r["k"][kv_slice, :]  # [bkv, H]
     v = r["v"][kv_slice, :]  # [bkv, H]
-    s, _ = _logits(st, q, k)  # [bq, bkv]
-    kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
-    allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
-    s = jnp.where(allowed, s, _NEG)
+    s, _ = _logits(st, q, k)  # [bq, bkv] log2 units
+    if masked:
+      kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
+      allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
+      s = jnp.where(allowed, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [bq]
-    p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)  # [bq, bkv]
-    rescale = jnp.exp(m - m_new)  # [bq]
+    p = jnp.exp2(s - m_new[:, None])  # [bq, bkv]
+    if masked:
+      p = jnp.where(allowed, p, 0.0)
+    rescale = jnp.exp2(m - m_new)  # [bq]
     l = l * rescale + jnp.sum(p, axis=-1)
     acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)  # [bq, H]
     return acc, m_new, l
 
-  lo, hi = _kv_bounds(st, q_block, num_kv_blocks)
-  acc, m, l = lax.fori_loop(lo, hi, body, (acc, m, l))
+  ranges = _kv_ranges(st, r["bounds"], pl.program_id(1), num_kv_blocks)
+  acc, m, l = _tile_loops(ranges, body, (acc, m, l))
   # No visible key and no sink: l == 0, the row is zeros and lse = +inf makes
   # every recomputed probability exp(s - inf) = 0 in the backward.
   has_mass = l > 0.0
   safe_l = jnp.where(has_mass, l, 1.0)
   r["o"][...] = (acc / safe_l[:, None]).astype(r["o"].dtype)  # [bq, H]
-  r["lse"][...] = jnp.where(has_mass, m + jnp.log(safe_l), jnp.inf)  # [bq]
+  r["lse"][...] = jnp.where(has_mass, m * _LN2 + jnp.log(safe_l), jnp.inf)  # [bq] natural units
 
 
-def _common_inputs(st: _Static, q_pos, kv_pos, q_seg, kv_seg, sinks_tile):
+def _common_inputs(st: _Static, q_pos, kv_pos, q_seg, kv_seg, bounds, sinks_tile):
   """The optional per-call arrays in kernel argument order."""
   arrays = [q_pos, kv_pos]
   if st.has_segments:
     arrays += [q_seg, kv_seg]
+  if st.has_bounds:
+    arrays.append(bounds)
   if st.has_sinks:
     arrays.append(sinks_tile)
   return arrays
 
 
-def _compiler_params(st: _Static, head_dim: int):
+def _compiler_params(st: _Static):
   if st.interpret:
     return None
-  return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
-def _per_q_head_specs(st: _Static, q_len: int, kv_len: int, head_dim: int):
+def _per_q_head_specs(st: _Static, kv_len: int, head_dim: int):
   """BlockSpecs of the grid (G, T / bq, B * K): one query head, one query block."""
   kh, bq = st.kv_heads, st.block_q
 
   def head(g, bk):
     return (bk % kh) * st.group + g
 
-  specs = {
+  return {
       "q": pl.BlockSpec((None, bq, None, head_dim), lambda g, i, bk: (bk // kh, i, head(g, bk), 0)),
-      "kv": pl.BlockSpec((None, kv_len, None, head_dim), lambda g, i, bk: (bk // kh, 0, bk % kh, 0)),
+      "kv": pl.BlockSpec((None, kv_len, None, head_dim),
+                         lambda g, i, bk: (bk // kh, 0, bk % kh, 0)),
       "q_vec": pl.BlockSpec((None, bq), lambda g, i, bk: (bk // kh, i)),
       "kv_vec": pl.BlockSpec((None, kv_len), lambda g, i, bk: (bk // kh, 0)),
+      "bounds": pl.BlockSpec((None, 4), lambda g, i, bk: (bk // kh, i)),
       "sink": pl.BlockSpec((None, _SINK_LANES), lambda g, i, bk: (head(g, bk), 0)),
       "row": pl.BlockSpec((None, None, bq), lambda g, i, bk: (bk // kh, head(g, bk), i)),
   }
-  del q_len
-  return specs
 
 
 def _optional_specs(st: _Static, specs):
   out = [specs["q_vec"], specs["kv_vec"]]
   if st.has_segments:
     out += [specs["q_vec"], specs["kv_vec"]]
+  if st.has_bounds:
+    out.append(specs["bounds"])
   if st.has_sinks:
     out.append(specs["sink"])
   return out
 
 
-def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks_tile):
+def _kv_bounds_input(st: _Static, q_len: int, kv_pos, q_seg, kv_seg, ranges):
+  return fb.kv_data_bounds(st.spec, st.block_q, st.block_kv, q_len // st.block_q, kv_pos, q_seg,
+                           kv_seg, ranges)  # [B, nq * 4] or None
+
+
+def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, sinks_tile):
   """o [B, T, N, H], lse [B, N, T] float32 (all lengths already padded)."""
   batch, q_len, num_heads, head_dim = q.shape
   kv_len = k.shape[1]
-  specs = _per_q_head_specs(st, q_len, kv_len, head_dim)
-  grid = (st.group, q_len // st.block_q, batch * st.kv_heads)
-  num_kv_blocks = kv_len // st.block_kv
+  specs = _per_q_head_specs(st, kv_len, head_dim)
+  bounds = _kv_bounds_input(st, q_len, kv_pos, q_seg, kv_seg, ranges)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, num_kv_blocks=num_kv_blocks),
-      grid=grid,
+      functools.partial(_fwd_kernel, st=st, num_kv_blocks=kv_len // st.block_kv),
+      grid=(st.group, q_len // st.block_q, batch * st.kv_heads),
       in_specs=[specs["q"], specs["kv"], specs["kv"]] + _optional_specs(st, specs),
       out_specs=[specs["q"], specs["row"]],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-      compiler_params=_compiler_params(st, head_dim),
+      compiler_params=_compiler_params(st),
       interpret=st.interpret,
       name="flash_pallas_gpu_fwd",
-  )(q, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, sinks_tile))
+  )(q, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, bounds, sinks_tile))
 
 
 # ---- Backward --------------------------------------------------------------------
 
 
-def _probs_and_dlogits(st: _Static, q, k, v, do, lse, delta, allowed):
-  """Recompute p [bq, bkv] and d(raw scaled logits) of one tile.
+def _probs_and_dlogits(st: _Static, q, k, v, do, lse2, delta, allowed):
+  """Recompute p [bq, bkv] and d(raw logits) / scale of one tile (allowed None: no mask).
 
   ds = p * (dp - delta) is the softmax backward (the sink column adds no
   value, so delta = rowsum(o * do) already is sum_j p_j dp_j); the soft cap
-  multiplies by its derivative 1 - tanh^2.
+  multiplies by its derivative 1 - tanh^2. The scale multiplies dq / dk once
+  at the end instead of every tile.
   """
-  s, t = _logits(st, q, k)  # [bq, bkv]
-  p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bkv]
+  s, t = _logits(st, q, k)  # [bq, bkv] log2 units
+  p = jnp.exp2(s - lse2[:, None])  # [bq, bkv]
+  if allowed is not None:
+    p = jnp.where(allowed, p, 0.0)
   dp = _dot(do, v, trans_b=True)  # [bq, bkv]
   ds = p * (dp - delta[:, None])  # [bq, bkv]
   if t is not None:
     ds = ds * (1.0 - t * t)
-  return p, ds * st.scale
+  return p, ds
 
 
 def _dq_kernel(*refs, st: _Static, num_kv_blocks: int):
-  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "do", "lse",
-                         "delta", "dq"))
-  q_block = pl.program_id(1)
+  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "bounds", "do",
+                         "lse", "delta", "dq"))
   q = r["q"][...]  # [bq, H]
   do = r["do"][...]  # [bq, H]
-  lse = r["lse"][...]  # [bq]
+  lse2 = r["lse"][...] * _LOG2E  # [bq]
   delta = r["delta"][...]  # [bq]
   q_pos = r["q_pos"][...]
   q_seg = None if r["q_seg"] is None else r["q_seg"][...]
 
-  def body(j, dq):
+  def body(j, dq, *, masked):
     kv_slice = pl.ds(j * st.block_kv, st.block_kv)
     k = r["k"][kv_slice, :]  # [bkv, H]
     v = r["v"][kv_slice, :]  # [bkv, H]
-    kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
-    allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
-    _, ds = _probs_and_dlogits(st, q, k, v, do, lse, delta, allowed)
+    allowed = None
+    if masked:
+      kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
+      allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
+    _, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
     return dq + _dot(ds.astype(k.dtype), k)  # [bq, H]
 
-  lo, hi = _kv_bounds(st, q_block, num_kv_blocks)
-  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
-  r["dq"][...] = dq.astype(r["dq"].dtype)
+  ranges = _kv_ranges(st, r["bounds"], pl.program_id(1), num_kv_blocks)
+  dq = _tile_loops(ranges, body, jnp.zeros(q.shape, jnp.float32))
+  r["dq"][...] = (dq * st.scale).astype(r["dq"].dtype)
 
 
 def _dkv_kernel(*refs, st: _Static, num_q_blocks: int):
-  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "do", "lse",
-                         "delta", "dk", "dv"))
-  kv_block = pl.program_id(0)
+  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "bounds", "do",
+                         "lse", "delta", "dk", "dv"))
   k = r["k"][...]  # [bkv, H]
   v = r["v"][...]  # [bkv, H]
   kv_pos = r["kv_pos"][...]  # [bkv]
   kv_seg = None if r["kv_seg"] is None else r["kv_seg"][...]
-  lo, hi = _q_bounds(st, kv_block, num_q_blocks)
+  ranges = _q_ranges(st, r["bounds"], pl.program_id(0), num_q_blocks)
 
-  def q_body(i, carry, g):
+  def q_body(i, carry, *, masked, g):
     dk, dv = carry
     q_slice = pl.ds(i * st.block_q, st.block_q)
     q = r["q"][q_slice, g, :]  # [bq, H]
     do = r["do"][q_slice, g, :]  # [bq, H]
-    lse = r["lse"][g, q_slice]  # [bq]
+    lse2 = r["lse"][g, q_slice] * _LOG2E  # [bq]
     delta = r["delta"][g, q_slice]  # [bq]
-    q_seg = None if r["q_seg"] is None else r["q_seg"][q_slice]
-    allowed = _tile_mask(st, r["q_pos"][q_slice], kv_pos, q_seg, kv_seg)  # [bq, bkv]
-    p, ds = _probs_and_dlogits(st, q, k, v, do, lse, delta, allowed)
+    allowed = None
+    if masked:
+      q_seg = None if r["q_seg"] is None else r["q_seg"][q_slice]
+      allowed = _tile_mask(st, r["q_pos"][q_slice], kv_pos, q_seg, kv_seg)  # [bq, bkv]
+    p, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bkv, H]
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [bkv, H]
     return dk, dv
 
   def g_body(g, carry):
-    return lax.fori_loop(lo, hi, functools.partial(q_body, g=g), carry)
+    return _tile_loops(ranges, functools.partial(q_body, g=g), carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)  # [bkv, H]
   dk, dv = lax.fori_loop(0, st.group, g_body, (zeros, zeros))
-  r["dk"][...] = dk.astype(r["dk"].dtype)
+  r["dk"][...] = (dk * st.scale).astype(r["dk"].dtype)
   r["dv"][...] = dv.astype(r["dv"].dtype)
 
 
-def _backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do):
+def _backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse, do):
   """dq [B, T, N, H], dk / dv [B, S, K, H] and delta [B, N, T] (float32)."""
-  batch, q_len, num_heads, head_dim = q.shape
+  batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
+  # d(sinks) is computed outside the kernels.
+  st, dkv_st = (dataclasses.replace(x, has_sinks=False) for x in (st.backward(), st.dkv()))
   kh, g_, bq, bkv = st.kv_heads, st.group, st.block_q, st.block_kv
   delta = jnp.einsum("BTNH,BTNH->BNT", o.astype(jnp.float32),
                      do.astype(jnp.float32))  # [B, N, T]
-  no_sink = dataclasses.replace(st, has_sinks=False)  # d(sinks) is computed outside the kernels
-  optional = _common_inputs(no_sink, q_pos, kv_pos, q_seg, kv_seg, None)
-  params = _compiler_params(st, head_dim)
+  params = _compiler_params(st)
 
-  specs = _per_q_head_specs(st, q_len, kv_len, head_dim)
+  specs = _per_q_head_specs(st, kv_len, head_dim)
+  kv_bounds = _kv_bounds_input(st, q_len, kv_pos, q_seg, kv_seg, ranges)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, num_kv_blocks=kv_len // bkv),
       grid=(g_, q_len // bq, batch * kh),
-      in_specs=([specs["q"], specs["kv"], specs["kv"]] + _optional_specs(no_sink, specs)
+      in_specs=([specs["q"], specs["kv"], specs["kv"]] + _optional_specs(st, specs)
                 + [specs["q"], specs["row"], specs["row"]]),
       out_specs=specs["q"],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=st.interpret,
       name="flash_pallas_gpu_dq",
-  )(q, k, v, *optional, do, lse, delta)
+  )(q, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, kv_bounds, None), do, lse, delta)
 
   # dkv grid (S / bkv, B * K): the G query heads of the kv head are a loop.
+  st, bq, bkv = dkv_st, dkv_st.block_q, dkv_st.block_kv
   q5 = q.reshape(batch, q_len, kh, g_, head_dim)  # [B, T, K, G, H]
   do5 = do.reshape(batch, q_len, kh, g_, head_dim)  # [B, T, K, G, H]
   lse4 = lse.reshape(batch, kh, g_, q_len)  # [B, K, G, T]
   delta4 = delta.reshape(batch, kh, g_, q_len)  # [B, K, G, T]
-  q_all = pl.BlockSpec((None, q_len, None, g_, head_dim), lambda j, bk: (bk // kh, 0, bk % kh, 0, 0))
+  q_all = pl.BlockSpec((None, q_len, None, g_, head_dim),
+                       lambda j, bk: (bk // kh, 0, bk % kh, 0, 0))
   kv_tile = pl.BlockSpec((None, bkv, None, head_dim), lambda j, bk: (bk // kh, j, bk % kh, 0))
   q_vec = pl.BlockSpec((None, q_len), lambda j, bk: (bk // kh, 0))
   kv_vec = pl.BlockSpec((None, bkv), lambda j, bk: (bk // kh, j))
+  bounds = pl.BlockSpec((None, 4), lambda j, bk: (bk // kh, j))
   rows = pl.BlockSpec((None, None, g_, q_len), lambda j, bk: (bk // kh, bk % kh, 0, 0))
-  vec_specs = [q_vec, kv_vec] + ([q_vec, kv_vec] if st.has_segments else [])
+  vec_specs = ([q_vec, kv_vec] + ([q_vec, kv_vec] if st.has_segments else [])
+               + ([bounds] if st.has_bounds else []))
+  q_bounds = fb.q_data_bounds(st.spec, bq, bkv, q_len // bq, kv_pos, q_seg, kv_seg, ranges)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, num_q_blocks=q_len // bq),
       grid=(kv_len // bkv, batch * kh),
@@ -400,8 +466,8 @@ def _backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse
       compiler_params=params,
       interpret=st.interpret,
       name="flash_pallas_gpu_dkv",
-  )(q5, k, v, *optional, do5, lse4, delta4)
-  del num_heads
+  )(q5, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, q_bounds, None), do5, lse4,
+    delta4)
   return dq, dk, dv, delta
 
 
@@ -409,8 +475,8 @@ def _backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
-  return _flash_fwd(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)[0]
+def _flash(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges):
+  return _flash_fwd(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[0]
 
 
 def _sinks_tile(st: _Static, sinks):
@@ -419,14 +485,15 @@ def _sinks_tile(st: _Static, sinks):
   return jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (sinks.shape[0], _SINK_LANES))
 
 
-def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg):
-  o, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, _sinks_tile(st, sinks))
-  return o, (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, o, lse)
+def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges):
+  o, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, _sinks_tile(st, sinks))
+  return o, (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse)
 
 
 def _flash_bwd(st: _Static, res, do):
-  q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, o, lse = res
-  dq, dk, dv, delta = _backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, o, lse, do)
+  q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse = res
+  dq, dk, dv, delta = _backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                        ranges, o, lse, do)
   dsinks = None
   if st.has_sinks:
     # d sink_n = sum_{b,t} p_sink * (0 - delta): the sink column's value is 0.
@@ -434,7 +501,7 @@ def _flash_bwd(st: _Static, res, do):
     dsinks = (-(p_sink * delta).sum(axis=(0, 2))).astype(sinks.dtype)  # [N]
   int_zero = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
   return (dq, dk, dv, dsinks, int_zero(q_pos), int_zero(kv_pos), int_zero(q_seg),
-          int_zero(kv_seg))
+          int_zero(kv_seg), jax.tree.map(int_zero, ranges))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -456,6 +523,11 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _check_pow2(name: str, value: int, low: int, high: int | None = None):
+  if value < low or value & (value - 1) or (high is not None and value > high):
+    raise ValueError(f"{name}={value}: must be a power of two in [{low}, {high or 'inf'}]")
+
+
 def pallas_gpu_flash_attention(
     query: jax.Array,
     key: jax.Array,
@@ -474,15 +546,31 @@ def pallas_gpu_flash_attention(
     return_weights: bool = False,
     block_q: int = 128,
     block_kv: int = 64,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
+    block_q_dkv: int | None = None,
+    block_kv_dkv: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    num_warps_bwd: int | None = None,
+    num_stages_bwd: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, None]:
   """Flash attention of query [B, T, N, H] over key/value [B, S, K, H] in Pallas/Triton.
 
   Same arguments and results as `dot_product_attention` (weights are always
-  None), plus power-of-two tile sizes block_q / block_kv (shrunk to the padded
-  lengths for short inputs) and `interpret` (run the kernels in the Pallas
-  interpreter: any backend, for tests). Features outside
-  PALLAS_GPU_FLASH_FEATURES raise ValueError naming them.
+  None), plus tuning knobs (scripts/tune_flash_pallas_gpu.py sweeps them):
+    block_q / block_kv: forward tiles, powers of two >= 16 (shrunk to the
+      padded lengths for short inputs);
+    block_q_bwd / block_kv_bwd: the dq kernel's tiles (default: the forward's);
+    block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's);
+      each kernel likes a large block of its own rows and a small step over
+      the other side, so dq and dkv may want transposed tiles;
+    num_warps (default 4 for head dim <= 64, else 8) / num_stages: Triton's,
+      forward; num_warps_bwd / num_stages_bwd: dq and dkv (default: forward's).
+  `interpret` runs the kernels in the Pallas interpreter (any backend, for
+  tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming
+  them.
   """
   del dropout_rng  # dropout is refused below
   batch, q_len, num_heads, head_dim = query.shape
@@ -501,18 +589,34 @@ def pallas_gpu_flash_attention(
   if head_dim < 16 or head_dim & (head_dim - 1) or value.shape[-1] != head_dim:
     raise ValueError(f"pallas_gpu_flash_attention needs one power-of-two head dim >= 16 for q, k "
                      f"and v, got {head_dim} / {value.shape[-1]}")
-  for name, size in (("block_q", block_q), ("block_kv", block_kv)):
-    if size < 16 or size & (size - 1):
-      raise ValueError(f"{name}={size}: must be a power of two >= 16")
+  default = lambda x, d: d if x is None else x
+  q_tiles = {"block_q": block_q}
+  q_tiles["block_q_bwd"] = default(block_q_bwd, block_q)
+  q_tiles["block_q_dkv"] = default(block_q_dkv, q_tiles["block_q_bwd"])
+  kv_tiles = {"block_kv": block_kv}
+  kv_tiles["block_kv_bwd"] = default(block_kv_bwd, block_kv)
+  kv_tiles["block_kv_dkv"] = default(block_kv_dkv, kv_tiles["block_kv_bwd"])
+  num_warps = default(num_warps, 4 if head_dim <= 64 else 8)
+  num_warps_bwd = default(num_warps_bwd, num_warps)
+  num_stages_bwd = default(num_stages_bwd, num_stages)
+  for name, size in {**q_tiles, **kv_tiles}.items():
+    _check_pow2(name, size, 16)
+  for name, warps in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd)):
+    _check_pow2(name, warps, 1, 32)
+  if min(num_stages, num_stages_bwd) < 1:
+    raise ValueError(f"num_stages={num_stages} / num_stages_bwd={num_stages_bwd}: must be >= 1")
 
   # Short inputs: shrink the tiles (still powers of two) rather than pad a lot.
-  block_q = min(block_q, max(16, pl.next_power_of_2(q_len)))
-  block_kv = min(block_kv, max(16, pl.next_power_of_2(kv_len)))
-  t_pad, s_pad = _round_up(q_len, block_q), _round_up(kv_len, block_kv)
+  q_tiles = {n: min(b, max(16, pl.next_power_of_2(q_len))) for n, b in q_tiles.items()}
+  kv_tiles = {n: min(b, max(16, pl.next_power_of_2(kv_len))) for n, b in kv_tiles.items()}
+  t_pad = _round_up(q_len, max(q_tiles.values()))  # powers of two: a multiple of each tile
+  s_pad = _round_up(kv_len, max(kv_tiles.values()))
   st = _Static(spec=options.mask, scale=float(options.scale), soft_cap=options.soft_cap or None,
-               block_q=block_q, block_kv=block_kv, kv_heads=kv_heads,
-               group=num_heads // kv_heads, has_segments=q_segment_ids is not None,
-               has_sinks=sinks is not None, interpret=interpret)
+               kv_heads=kv_heads, group=num_heads // kv_heads, kv_len=kv_len,
+               has_segments=q_segment_ids is not None, has_sinks=sinks is not None,
+               fast_tanh=not interpret and jnp.dtype(query.dtype).itemsize < 4,
+               num_warps=num_warps, num_stages=num_stages, num_warps_bwd=num_warps_bwd,
+               num_stages_bwd=num_stages_bwd, interpret=interpret, **q_tiles, **kv_tiles)
 
   q_pos = jnp.broadcast_to(q_positions.astype(jnp.int32), (batch, q_len))  # [B, T]
   kv_pos = jnp.broadcast_to(kv_positions.astype(jnp.int32), (batch, kv_len))  # [B, S]
@@ -521,12 +625,15 @@ def pallas_gpu_flash_attention(
       [q_pos, jnp.broadcast_to(jnp.arange(q_len, t_pad, dtype=jnp.int32), (batch, t_pad - q_len))],
       axis=1)  # [B, T']
   kv_pos = _pad_to(kv_pos, s_pad, 1, -1)  # [B, S']
-  q_seg = kv_seg = None
+  q_seg = kv_seg = ranges = None
   if st.has_segments:
     q_seg = _pad_to(q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
     kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), s_pad, 1, 0)  # [B, S']
+    # Token-level segment ranges, once for forward and backward (O(S log S)).
+    same = q_segment_ids is kv_segment_ids and t_pad == s_pad
+    ranges = fb.segment_ranges(q_seg, kv_seg, same=same)
   q = _pad_to(query, t_pad, 1, 0)  # [B, T', N, H]
   k = _pad_to(key, s_pad, 1, 0)  # [B, S', K, H]
   v = _pad_to(value, s_pad, 1, 0)  # [B, S', K, H]
-  context = _flash(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg)  # [B, T', N, H]
+  context = _flash(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)  # [B, T', N, H]
   return context[:, :q_len], None
