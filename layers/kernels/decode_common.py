@@ -452,6 +452,11 @@ def split_out_specs(batch, kv_heads, num_splits, group, head_dim):
 # (each stage holds one K and one V tile in shared memory).
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
+# Quantized (int8) K/V in the ragged kernel: 64-key tiles and a 3-stage
+# pipeline were the fastest setting at every swept shape on the H100
+# (1.04-1.06x the automatic 128-key, 2-stage choice; docs/benchmarks.md).
+QUANTIZED_TILE_KEYS = 64
+QUANTIZED_NUM_STAGES = 3
 
 
 def triton_params(num_warps: int | None = None, num_stages: int | None = None):

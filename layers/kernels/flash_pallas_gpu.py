@@ -544,16 +544,16 @@ def pallas_gpu_flash_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
-    block_q: int = 128,
+    block_q: int = 64,
     block_kv: int = 64,
-    block_q_bwd: int | None = None,
-    block_kv_bwd: int | None = None,
+    block_q_bwd: int = 128,
+    block_kv_bwd: int = 64,
     block_q_dkv: int | None = None,
     block_kv_dkv: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int = 2,
+    num_warps: int = 4,
+    num_stages: int = 3,
     num_warps_bwd: int | None = None,
-    num_stages_bwd: int | None = None,
+    num_stages_bwd: int = 2,
     interpret: bool = False,
 ) -> tuple[jax.Array, None]:
   """Flash attention of query [B, T, N, H] over key/value [B, S, K, H] in Pallas/Triton.
@@ -562,12 +562,15 @@ def pallas_gpu_flash_attention(
   None), plus tuning knobs (scripts/tune_flash_pallas_gpu.py sweeps them):
     block_q / block_kv: forward tiles, powers of two >= 16 (shrunk to the
       padded lengths for short inputs);
-    block_q_bwd / block_kv_bwd: the dq kernel's tiles (default: the forward's);
+    block_q_bwd / block_kv_bwd: the dq kernel's tiles;
     block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's);
       each kernel likes a large block of its own rows and a small step over
       the other side, so dq and dkv may want transposed tiles;
-    num_warps (default 4 for head dim <= 64, else 8) / num_stages: Triton's,
-      forward; num_warps_bwd / num_stages_bwd: dq and dkv (default: forward's).
+    num_warps / num_stages: Triton's, forward; num_warps_bwd (default 4 for
+      head dim <= 64, else 8) / num_stages_bwd: dq and dkv.
+  The defaults are the H100 sweep's best (b4 s4096 n32 k8 h128 bf16; forward
+  64x64 tiles, 4 warps, 3 stages was best or within 5% for causal, soft cap and
+  segments; docs/benchmarks.md).
   `interpret` runs the kernels in the Pallas interpreter (any backend, for
   tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming
   them.
@@ -591,14 +594,12 @@ def pallas_gpu_flash_attention(
                      f"and v, got {head_dim} / {value.shape[-1]}")
   default = lambda x, d: d if x is None else x
   q_tiles = {"block_q": block_q}
-  q_tiles["block_q_bwd"] = default(block_q_bwd, block_q)
+  q_tiles["block_q_bwd"] = block_q_bwd
   q_tiles["block_q_dkv"] = default(block_q_dkv, q_tiles["block_q_bwd"])
   kv_tiles = {"block_kv": block_kv}
-  kv_tiles["block_kv_bwd"] = default(block_kv_bwd, block_kv)
+  kv_tiles["block_kv_bwd"] = block_kv_bwd
   kv_tiles["block_kv_dkv"] = default(block_kv_dkv, kv_tiles["block_kv_bwd"])
-  num_warps = default(num_warps, 4 if head_dim <= 64 else 8)
-  num_warps_bwd = default(num_warps_bwd, num_warps)
-  num_stages_bwd = default(num_stages_bwd, num_stages)
+  num_warps_bwd = default(num_warps_bwd, 4 if head_dim <= 64 else 8)
   for name, size in {**q_tiles, **kv_tiles}.items():
     _check_pow2(name, size, 16)
   for name, warps in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd)):

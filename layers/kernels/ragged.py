@@ -84,7 +84,7 @@ from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
     dequantize_or_cast, finish, gpu_decode_program, gpu_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
-    unpack_gpu_refs)
+    unpack_gpu_refs, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
 
 
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
@@ -193,6 +193,11 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   batch, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
+  quantized = key_scale is not None
+  if quantized:
+    # Measured best for int8 K/V on the H100 (scripts/tune_decode.py, docs/benchmarks.md).
+    block_kv = QUANTIZED_TILE_KEYS if block_kv is None else block_kv
+    num_stages = QUANTIZED_NUM_STAGES if num_stages is None else num_stages
   if block_kv is None:
     block_kv = auto_tile_keys(head_dim, compute_itemsize(query.dtype, key.dtype))
   block_kv = min(block_kv, max(16, next_pow2(kv_len)))
@@ -204,7 +209,6 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
                              blocks_per_split=blocks_per_split, interpret=interpret)
   lengths = lengths.astype(jnp.int32)
   q = query.reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H] (free: no padding copy)
-  quantized = key_scale is not None
   # Index maps take (b, k) or (b, k, split): *_ swallows the split index.
   operands = [lengths, q, key, value]
   in_specs = [

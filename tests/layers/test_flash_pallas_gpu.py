@@ -46,7 +46,7 @@ class Case:
   soft_cap: float | None = None
   sinks: bool = False
   blocks: tuple[int, int] = (32, 32)  # block_q, block_kv
-  bwd_blocks: tuple[int, int] | None = None  # dq: block_q_bwd, block_kv_bwd (None: forward's)
+  bwd_blocks: tuple[int, int] | None = None  # dq: block_q_bwd, block_kv_bwd (None: the forward tiles)
   dkv_blocks: tuple[int, int] | None = None  # block_q_dkv, block_kv_dkv (None: dq's)
   kv_holes: bool = False  # some key positions -1 (empty slots; full mask only)
 
@@ -136,7 +136,7 @@ def _run_both(case: Case, interpret: bool, dtype=jnp.float32):
     return (out.astype(jnp.float32) * ct.astype(jnp.float32)).sum(), out
 
   bq, bkv = case.blocks
-  bq_bwd, bkv_bwd = case.bwd_blocks or (None, None)
+  bq_bwd, bkv_bwd = case.bwd_blocks or case.blocks
   bq_dkv, bkv_dkv = case.dkv_blocks or (None, None)
   flash = functools.partial(pallas_gpu_flash_attention, block_q=bq, block_kv=bkv,
                             block_q_bwd=bq_bwd, block_kv_bwd=bkv_bwd, block_q_dkv=bq_dkv,
