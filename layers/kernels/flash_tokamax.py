@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import types
 
 import jax
@@ -33,6 +34,8 @@ import jax.numpy as jnp
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+
+logger = logging.getLogger("meshattn.kernels")
 
 TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
 
@@ -83,10 +86,25 @@ def _tokamax():
   """The tokamax module, patched for this JAX, or None when it is not installed."""
   try:
     tokamax = importlib.import_module("tokamax")
-  except Exception:  # pylint: disable=broad-except  # absent, or built for another JAX
+  except Exception as error:  # pylint: disable=broad-except  # absent, or built for another JAX
+    logger.info("tokamax not usable (%s: %s); flash on GPU uses cuDNN / Pallas",
+                type(error).__name__, error)
     return None
   _patch_tokamax_for_jax()
+  _absl_flags_as_library()
   return tokamax
+
+
+def _absl_flags_as_library() -> None:
+  """tokamax reads absl flags, which parse sys.argv on first access and fail on
+  the host program's own options (`--check` -> UnrecognizedFlagError). A
+  program that did not parse absl flags itself gets their defaults instead."""
+  try:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 @functools.cache
@@ -107,7 +125,9 @@ def tokamax_available() -> bool:
                                        implementation="mosaic"))
     jax.block_until_ready(attend(x, x, x))
     return True
-  except Exception:  # pylint: disable=broad-except  # any failure means "not usable here"
+  except Exception as error:  # pylint: disable=broad-except  # any failure: "not usable here"
+    logger.warning("tokamax is installed but its Mosaic kernel failed here (%s: %s); flash on "
+                   "GPU uses cuDNN / Pallas", type(error).__name__, str(error)[:300])
     return False
 
 
