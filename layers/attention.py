@@ -156,7 +156,13 @@ class Attention(nnx.Module):
     return fn
 
   def _kernel_fn(self, mode: str, features: frozenset[str]):
-    return self._load(self._select(mode, features))
+    kernel = self._select(mode, features)
+    fn = self._load(kernel)
+    if kernel.name == "flash":
+      # Flash kernels mask by token index within their query block, so under
+      # shard_map the query length must not be split (see sharded_kernel_call).
+      fn = _IndexMasked(fn)
+    return fn
 
   # ---- call -----------------------------------------------------------------
 
@@ -341,7 +347,9 @@ class Attention(nnx.Module):
     """A train kernel: under shard_map over the mesh (if any and `shard`), else as is."""
     if self.mesh is not None and shard:
       return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
-                                 query, key, value, **kernel_args)
+                                 query, key, value,
+                                 split_length=not isinstance(kernel, _IndexMasked),
+                                 **kernel_args)
     return kernel(query, key, value, return_weights=return_weights, **kernel_args)
 
   def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):
@@ -455,6 +463,16 @@ class Attention(nnx.Module):
             fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(context, axes)
+
+
+class _IndexMasked:
+  """A loaded kernel whose masks use token indices, not the positions it is given."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -98,7 +98,7 @@ def _accepts(fresh: StepAttention, operands: tuple[jax.Array, ...]) -> bool:
   tile with ValueError); tracing only, nothing runs."""
   try:
     jax.eval_shape(fresh, *operands)
-  except ValueError as err:
+  except (ValueError, NotImplementedError) as err:
     logger.info("fresh-prompt prefill kernel refused the inputs (%s); using the cached path", err)
     return False
   return True

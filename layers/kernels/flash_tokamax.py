@@ -12,7 +12,9 @@ with the Pallas GPU kernel.
 
 What it serves: causal / full / left sliding window masks (index based, so
 positions must be token indices), GQA / MQA without repeating K/V, soft cap,
-gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs.
+gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs. Lengths
+that are not a multiple of TOKAMAX_LENGTH_MULTIPLE go to cuDNN (no soft cap)
+or the Pallas GPU kernel instead, so a registry choice never fails on shape.
 
 Compatibility: tokamax 0.0.12 still passes `out_shape=` / `scratch_shapes=`
 to `plgpu.kernel`, which JAX 0.11 renamed to `out_type=` / `scratch_types=`.
@@ -40,6 +42,10 @@ logger = logging.getLogger("meshattn.kernels")
 TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
 
 _DTYPES = (jnp.float16, jnp.bfloat16)
+# tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
+# and window masks unless the length is a multiple of its 128-row tile
+# (checked on the H100); other lengths go to `_fallback`.
+TOKAMAX_LENGTH_MULTIPLE = 128
 # tokamax modules that call plgpu.kernel for attention (forward and backward, sm90 and sm100).
 _KERNEL_MODULES = (
     "tokamax._src.ops.attention.pallas_mosaic_gpu_kernel_sm90",
@@ -84,6 +90,7 @@ def _patch_tokamax_for_jax() -> None:
 @functools.cache
 def _tokamax():
   """The tokamax module, patched for this JAX, or None when it is not installed."""
+  _absl_flags_as_library()
   try:
     tokamax = importlib.import_module("tokamax")
   except Exception as error:  # pylint: disable=broad-except  # absent, or built for another JAX
@@ -91,7 +98,6 @@ def _tokamax():
                 type(error).__name__, error)
     return None
   _patch_tokamax_for_jax()
-  _absl_flags_as_library()
   return tokamax
 
 
@@ -173,6 +179,9 @@ def tokamax_attention(
   tokamax = _tokamax()
   if tokamax is None:
     raise ValueError("tokamax_attention needs the tokamax package (pip install meshattn[tokamax])")
+  if q_len % TOKAMAX_LENGTH_MULTIPLE or kv_len % TOKAMAX_LENGTH_MULTIPLE:
+    return _fallback(query, key, value, options=options, q_positions=q_positions,
+                     kv_positions=kv_positions)
 
   spec = options.mask
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
@@ -181,3 +190,12 @@ def tokamax_attention(
       local_window_size=window, logits_soft_cap=options.soft_cap or None,
       implementation="mosaic")  # [B, T, N, H]
   return context, None
+
+
+def _fallback(query, key, value, **kwargs):
+  """Lengths tokamax cannot tile: cuDNN where it serves the call (no soft cap), else
+  the project's Pallas GPU kernel (every TOKAMAX_FEATURES case)."""
+  from meshattn.layers.kernels import flash_gpu, flash_pallas_gpu  # pylint: disable=import-outside-toplevel
+  if not kwargs["options"].soft_cap and flash_gpu.cudnn_available():
+    return flash_gpu.cudnn_attention(query, key, value, **kwargs)
+  return flash_pallas_gpu.pallas_gpu_flash_attention(query, key, value, **kwargs)

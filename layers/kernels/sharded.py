@@ -34,15 +34,20 @@ def _axis_size(mesh, entry) -> int:
 
 
 def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, key, value,
-                        **kwargs):
+                        *, split_length: bool = True, **kwargs):
   """kernel(query [B, T, N, H], key/value [B, S, K, H], **kwargs) under shard_map.
 
   `axes` is the mode's ActivationAxes. kwargs are the kernel's keyword
   arguments (options, positions, segment ids, sinks, mask, bias, ...).
+  split_length=False keeps the whole query length on every shard: kernels
+  whose masks use the token index inside the call (flash: cuDNN, tokamax,
+  Pallas, splash) would otherwise mask a later shard's queries as if they
+  started at 0; kernels that mask by the positions they are given (dot_product,
+  blockwise) split the length (context parallelism).
   """
   q_spec = logical_to_spec(axes.query, rules, mesh, query.shape)  # (batch, length, heads, None)
   kv_spec = logical_to_spec(axes.key, rules, mesh, key.shape)
-  batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
+  batch, length, heads = q_spec[0], q_spec[1] if split_length else None, q_spec[2]
   kv_heads = kv_spec[2] if len(kv_spec) > 2 else None
   if _axis_size(mesh, kv_heads) != _axis_size(mesh, heads) or kv_heads != heads and kv_heads is not None:
     group = query.shape[2] // key.shape[2]
