@@ -34,25 +34,18 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.masks import MaskSpec
-from meshattn.scripts.bench_common import TOLERANCE, Row, failed, rel_err, time_fn
+from meshattn.scripts.bench_common import (
+    TOLERANCE, Row, copy_bandwidth, failed, rel_err, time_fn, to_pages)
 from meshattn.scripts.bench_prefill import bench_features, bench_long, bench_prefill
 
 __all__ = ["Row", "TOLERANCE", "rel_err", "time_fn", "main"]
 
 
 # ---- decode ------------------------------------------------------------------
-
-
-def copy_bandwidth(nbytes: int, iters: int) -> float:
-  """GB/s of a device-to-device copy of nbytes (read + write counted as 2x)."""
-  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  ms = time_fn(jax.jit(lambda x: x * 1), x, iters=iters)
-  return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def decode_kernels(platform: str) -> dict[str, tuple[Callable, bool]]:
@@ -91,26 +84,12 @@ def decode_kernels(platform: str) -> dict[str, tuple[Callable, bool]]:
   return kernels
 
 
-def to_pages(k, v, lengths, tokens_per_page: int, seed: int = 0):
-  """Scatter [B, S, K, H] caches into a pool of pages in random order."""
-  b, s = k.shape[:2]
-  per_seq = -(-s // tokens_per_page)
-  num_pages = b * per_seq
-  order = np.random.default_rng(seed).permutation(num_pages)
-  table = order.reshape(b, per_seq).astype(np.int32)  # [B, pages]
-  def pool(x):
-    pages = x.reshape(b, per_seq, tokens_per_page, *x.shape[2:])  # [B, p, tpp, K, H]
-    out = jnp.zeros((num_pages,) + pages.shape[2:], x.dtype)
-    return out.at[table.reshape(-1)].set(pages.reshape(-1, *pages.shape[2:]))
-  return pool(k), pool(v), jnp.asarray(table)
-
-
 def bench_decode(args, platform: str) -> list[Row]:
   rows = []
   dtype = jnp.dtype(args.dtype)
   n, k, h = args.heads, args.kv_heads, args.head_dim
   biggest = max(b * s for b, s in args.decode) * k * h * 2 * dtype.itemsize
-  bandwidth = copy_bandwidth(biggest, args.iters)
+  bandwidth = copy_bandwidth(biggest, iters=args.iters)
   rows.append(Row("decode", "device copy", f"{biggest / 2**20:.0f} MiB", None, bandwidth, "GB/s", ratio=1.0))
   for b, s in args.decode:
     keys = jax.random.split(jax.random.key(1), 4)
@@ -121,7 +100,7 @@ def bench_decode(args, platform: str) -> list[Row]:
       lengths = (jax.random.randint(keys[3], (b,), 1, s + 1) if ragged
                  else jnp.full((b,), s, jnp.int32)).astype(jnp.int32)
       valid_bytes = float(jnp.sum(lengths)) * k * h * 2 * dtype.itemsize
-      pages = to_pages(kk, v, lengths, args.tokens_per_page)
+      pages = to_pages(kk, v, args.tokens_per_page)
       shape = f"b{b} kv{s} {'ragged' if ragged else 'uniform'}"
       reference = None
       from meshattn.layers.kernels import decode

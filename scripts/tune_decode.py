@@ -44,12 +44,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from meshattn.kvcache.quant import KVQuant, quantize
 from meshattn.layers.kernels import decode_common
 from meshattn.layers.kernels.paged import paged_decode_pallas
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
+from meshattn.scripts.bench_common import (
+    copy_bandwidth, fmt, rel_err, time_fn, time_synced, to_pages)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,51 +130,9 @@ def config_name(config: dict) -> str:
   return " ".join(f"{short[k]}{v}" for k, v in config.items()) or "auto"
 
 
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def time_call(fn: Callable, args, *, iters: int, reps: int) -> tuple[float, float]:
-  """(ms per call dispatched back to back, best of reps; ms with a sync after each call)."""
-  jax.block_until_ready(fn(*args))
-  best = math.inf
-  for _ in range(reps):
-    start = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - start) * 1e3 / iters)
-  synced = []
-  for _ in range(max(3, iters // 4)):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    synced.append((time.perf_counter() - start) * 1e3)
-  return best, float(np.median(synced))
-
-
-def copy_bandwidth(nbytes: int, *, iters: int, reps: int) -> float:
-  """GB/s of a device-to-device copy of nbytes (read + write counted, as bench.py)."""
-  x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-  ms, _ = time_call(jax.jit(lambda x: x * 1), (x,), iters=iters, reps=reps)
-  return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def to_pages(k, v, tokens_per_page: int, seed: int = 0):
-  """[B, S, K, H] caches -> pools [P, tpp, K, H] in random page order and tables [B, S / tpp]."""
-  b, s = k.shape[:2]
-  per_seq = -(-s // tokens_per_page)
-  num_pages = b * per_seq
-  order = np.random.default_rng(seed).permutation(num_pages)
-  table = jnp.asarray(order.reshape(b, per_seq).astype(np.int32))  # [B, pages]
-  inverse = jnp.asarray(np.argsort(order).astype(np.int32))  # pool page -> logical page
-
-  def pool(x):
-    pad = per_seq * tokens_per_page - s
-    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    pages = x.reshape((num_pages, tokens_per_page) + x.shape[2:])  # logical page order
-    return pages[inverse]  # pool order: pool page p holds logical page inverse[p]
-  return pool(k), pool(v), table
+  """(ms per call dispatched back to back; ms with a sync after each call)."""
+  return time_fn(fn, *args, iters=iters, reps=reps), time_synced(fn, *args, iters=iters)
 
 
 @dataclasses.dataclass
@@ -258,10 +217,6 @@ def geomean_best(rows: list[Row], kernel: str, shapes: list[str]) -> tuple[str, 
     return None
   name = min(scores, key=scores.get)
   return name, scores[name]
-
-
-def fmt(x, spec):
-  return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: list[Row]):

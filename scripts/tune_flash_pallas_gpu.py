@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
 from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
 from meshattn.layers.masks import MaskSpec
-from meshattn.scripts.bench_common import TOLERANCE, rel_err, time_fn
+from meshattn.scripts.bench_common import TOLERANCE, failed, fmt, rel_err, time_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +135,6 @@ def config_name(config: dict) -> str:
             f"s{config['num_stages']}")
   return (f"dq {config['block_q_bwd']}x{config['block_kv_bwd']} dkv {config['block_q_dkv']}x"
           f"{config['block_kv_dkv']} w{config['num_warps_bwd']} s{config['num_stages_bwd']}")
-
-
-def failed(error: Exception) -> str:
-  return f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:100]}"
 
 
 @dataclasses.dataclass
@@ -268,10 +264,6 @@ def time_baseline(args, platform: str) -> dict:
   except Exception as error:  # noqa: BLE001 -- no baseline: the sweep still runs, without ratios
     base["status"] = failed(error)
   return base
-
-
-def fmt(x, spec):
-  return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: list[Row], base_name: str):

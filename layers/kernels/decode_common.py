@@ -115,6 +115,22 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   return m_new, l_new, acc * correction + pv
 
 
+def gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, kv_index, scale_index, valid,
+                         valid_row, *, scale, soft_cap):
+  """Masked loads of one K/V tile (and its int8 scales) at kv_index / scale_index, then
+  gpu_tile_update. valid [bk] keys of the tile; masked entries are never read, so stale
+  data or NaN there cannot reach the output."""
+  from jax.experimental.pallas import triton as plgpu
+  k = plgpu.load(k_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
+  v = plgpu.load(v_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
+  k_scale = v_scale = None
+  if ks_ref is not None:
+    k_scale = plgpu.load(ks_ref.at[scale_index], mask=valid, other=0.0)[None, :]  # [1, bk]
+    v_scale = plgpu.load(vs_ref.at[scale_index], mask=valid, other=0.0)[None, :]  # [1, bk]
+  return gpu_tile_update(carry, q, k, v, valid[:, None], valid_row, k_scale, v_scale,
+                         scale=scale, soft_cap=soft_cap)
+
+
 def online_block_update(carry, q, tiles, *, scale, soft_cap):
   """One online-softmax step of q [G, H] over a block made of one or more tiles (TPU kernels).
 

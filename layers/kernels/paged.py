@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
-    dequantize_or_cast, finish, gpu_decode_program, gpu_tile_update, initial_carry, is_pow2,
+    dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
     unpack_gpu_refs)
 
@@ -112,14 +112,8 @@ def _gpu_block(i, carry, q, refs, *, length, table_ref, tpp, block_kv, scale, so
   page = plgpu.load(table_ref.at[lax.div(tok, tpp)], mask=valid, other=0)  # [bk]
   row = jnp.maximum(page, 0) * tpp + lax.rem(tok, tpp)  # [bk] row of the flattened pool
   cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, H]
-  k = plgpu.load(k_ref.at[row[:, None], cols], mask=valid[:, None], other=0)  # [bk, H]
-  v = plgpu.load(v_ref.at[row[:, None], cols], mask=valid[:, None], other=0)  # [bk, H]
-  k_scale = v_scale = None
-  if ks_ref is not None:
-    k_scale = plgpu.load(ks_ref.at[row], mask=valid, other=0.0)[None, :]  # [1, bk]
-    v_scale = plgpu.load(vs_ref.at[row], mask=valid, other=0.0)[None, :]  # [1, bk]
-  return gpu_tile_update(carry, q, k, v, valid[:, None], valid_row, k_scale, v_scale,
-                         scale=scale, soft_cap=soft_cap)
+  return gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, (row[:, None], cols), row,
+                              valid, valid_row, scale=scale, soft_cap=soft_cap)
 
 
 def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, soft_cap,

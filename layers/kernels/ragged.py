@@ -82,7 +82,7 @@ from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
-    dequantize_or_cast, finish, gpu_decode_program, gpu_tile_update, initial_carry, is_pow2,
+    dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
     unpack_gpu_refs, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
 
@@ -147,8 +147,6 @@ def ragged_max_blocks(kv_len: int, block_kv: int, window: int | None) -> int:
 
 def _gpu_block(i, carry, q, refs, *, length, lo, block_kv, scale, soft_cap):
   """Online-softmax update of carry with kv block i of one row (masked loads past its length)."""
-  from jax.experimental.pallas import triton as plgpu
-
   k_ref, v_ref, ks_ref, vs_ref = refs  # [S, H], [S, H], [S] or None, [S] or None
   start = i * block_kv
   idx = start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # [bk]
@@ -156,16 +154,9 @@ def _gpu_block(i, carry, q, refs, *, length, lo, block_kv, scale, soft_cap):
   valid = (idx < length) & (idx >= lo)  # [bk]
   valid_row = (idx_row < length) & (idx_row >= lo)  # [1, bk]
   rows = pl.ds(start, block_kv)
-  # The tail of the last block (and the entries before a window) are masked
-  # loads: never read, so stale data or NaN there cannot reach the output.
-  k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None], other=0)  # [bk, H]
-  v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None], other=0)  # [bk, H]
-  k_scale = v_scale = None
-  if ks_ref is not None:
-    k_scale = plgpu.load(ks_ref.at[rows], mask=valid, other=0.0)[None, :]  # [1, bk]
-    v_scale = plgpu.load(vs_ref.at[rows], mask=valid, other=0.0)[None, :]  # [1, bk]
-  return gpu_tile_update(carry, q, k, v, valid[:, None], valid_row, k_scale, v_scale,
-                         scale=scale, soft_cap=soft_cap)
+  # The tail of the last block (and the entries before a window) are masked loads.
+  return gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, (rows, slice(None)), rows,
+                              valid, valid_row, scale=scale, soft_cap=soft_cap)
 
 
 def _gpu_kernel(*refs, block_kv, blocks_per_split, kv_len, group, scale, soft_cap, window,

@@ -1,19 +1,12 @@
 """scripts/bench.py keeps working: tiny CPU sizes, every kernel checked against
 the reference before it is timed (the GPU run uses the same code paths)."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+from meshattn.scripts import bench
 
 
 def test_bench_cpu_smoke(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules["bench"] = bench  # dataclasses look their module up there
-  spec.loader.exec_module(bench)
   sections = ["prefill", "features", "long", "decode", "layer"]
   assert bench.main(["--cpu-smoke", "--check", "--out", str(tmp_path), "--sections", *sections]) == 0
   out = capsys.readouterr().out
