@@ -158,9 +158,7 @@ class Attention(nnx.Module):
   def _kernel_fn(self, mode: str, features: frozenset[str]):
     kernel = self._select(mode, features)
     fn = self._load(kernel)
-    if kernel.name == "flash":
-      # Flash kernels mask by token index within their query block, so under
-      # shard_map the query length must not be split (see sharded_kernel_call).
+    if kernel.masks_by_index:  # under shard_map the query length stays whole
       fn = _IndexMasked(fn)
     return fn
 

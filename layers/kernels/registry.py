@@ -72,6 +72,9 @@ class Kernel:
   # them per request (higher first): measured speed differs by request, e.g.
   # forward-only vs forward+backward (scripts/bench.py, docs/benchmarks.md).
   rank: Callable[[Request], int] | None = None
+  # Masks from token indices inside the call, not from the positions it is
+  # given (flash kernels): under shard_map the query length must stay whole.
+  masks_by_index: bool = False
 
   def missing(self, request: Request) -> set[str]:
     return set(request.features) - set(self.features)
@@ -241,14 +244,18 @@ register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _A
 register(Kernel("blockwise", ALL, frozenset({"train"}), BLOCKWISE_FEATURES,
                 f"{_K}.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
 register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATURES,
-                f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash"))
+                f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash",
+                masks_by_index=True))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
-                f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available))
+                f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
+                masks_by_index=True))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATURES,
                 f"{_K}.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
-                available=_tokamax_available, rank=_tokamax_rank))
+                available=_tokamax_available, rank=_tokamax_rank,
+                masks_by_index=True))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
-                f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)"))
+                f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
+                masks_by_index=True))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
                 f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,

@@ -179,3 +179,9 @@ def test_tokamax_module_imports_and_refuses_without_tokamax():
   with pytest.raises(ValueError, match="float16 or bfloat16"):
     flash_tokamax.tokamax_attention(x.astype(jnp.float32), x, x, options=KernelOptions(scale=0.25),
                                     q_positions=pos, kv_positions=pos)
+
+
+def test_index_masked_kernels_are_declared():
+  """Kernels whose masks ignore the given positions keep whole query rows under shard_map."""
+  by_index = {k.description for k in registry.kernels() if k.masks_by_index}
+  assert by_index == {k.description for k in registry.kernels("flash")}
