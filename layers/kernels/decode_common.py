@@ -5,6 +5,8 @@ design."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -60,41 +62,114 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
 # ---- online softmax ------------------------------------------------------------------
 
 
+class Int8Query(NamedTuple):
+  """A [Gp, H] query as two int8 terms: q ~= scale * (hi + lo / INT8_LO_RADIX), per row."""
+  hi: jax.Array  # [Gp, H] int8
+  lo: jax.Array  # [Gp, H] int8
+  scale: jax.Array  # [Gp, 1] float32
+
+
+# The low term's weight: hi + lo / 254 with |lo| <= 127 covers the rounding
+# residual of hi (|y - hi| <= 1/2) to within 1/508 of a hi step.
+INT8_LO_RADIX = 254.0
+
+
+def split_int8(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """y float32 in [-127, 127] -> (hi, lo) int8 with |y - (hi + lo / 254)| <= 1/508."""
+  hi = jnp.floor(y + 0.5)  # round to nearest: |y - hi| <= 1/2, |hi| <= 127
+  lo = jnp.floor((y - hi) * INT8_LO_RADIX + 0.5)  # |lo| <= 127
+  return hi.astype(jnp.int32).astype(jnp.int8), lo.astype(jnp.int32).astype(jnp.int8)
+
+
+def rows_to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x [R, C] float -> (hi, lo int8 [R, C], scale [R, 1] float32), x ~= scale * (hi + lo / 254).
+
+  Per-row symmetric scale max|x| / 127 (1 for an all-zero row), so every
+  element is within max|x| / (127 * 508) ~ 1.6e-5 max|x| of the original.
+  """
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [R, 1]
+  live = amax > 0
+  hi, lo = split_int8(x * jnp.where(live, 127.0 / jnp.where(live, amax, 1.0), 0.0))
+  return hi, lo, jnp.where(live, amax * (1.0 / 127.0), 1.0)
+
+
+def int8_query(q: jax.Array) -> Int8Query:
+  """q [Gp, H] (bfloat16 / float16) -> its two-term int8 form, once per program."""
+  return Int8Query(*rows_to_int8(q))
+
+
+def uses_int8_dots(query_dtype, key_dtype, value_dtype) -> bool:
+  """Whether the GPU decode kernels run both dots on int8 tensor cores (see gpu_tile_update).
+
+  int8 K and V under a 16-bit float query: the two int8 terms of q and of p
+  hold ~16 bits against their row's largest entry, more than the 8
+  significant bits the bfloat16 path rounds p to. A
+  float32 query keeps float32 dots (its precision is the point of asking).
+  """
+  return (jnp.dtype(key_dtype) == jnp.int8 and jnp.dtype(value_dtype) == jnp.int8
+          and jnp.dtype(query_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def _int8_pair_dot(hi, lo, rhs, dims):
+  """(hi + lo / 254) . rhs as two exact int8 x int8 -> int32 dots, in float32."""
+  a = lax.dot_general(hi, rhs, dims, preferred_element_type=jnp.int32)
+  b = lax.dot_general(lo, rhs, dims, preferred_element_type=jnp.int32)
+  return a.astype(jnp.float32) + b.astype(jnp.float32) * (1.0 / INT8_LO_RADIX)
+
+
+_QK = (((1,), (1,)), ((), ()))  # [Gp, H] . [bk, H] -> [Gp, bk]
+_PV = (((1,), (0,)), ((), ()))  # [Gp, bk] . [bk, H] -> [Gp, H]
+
+
 def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, scale, soft_cap):
   """One online-softmax step of q [Gp, H] over one GPU tile of keys.
 
   carry = (m [Gp, 1], l [Gp, 1], acc [Gp, H]) in float32. k, v [bk, H] come
   from masked loads, so their invalid rows are already zeros (and NaN or
-  stale data there was never read): nothing element-wise touches the tiles
-  here besides the cast the dot needs (and, for int8, the select below).
-  valid_row [1, bk] masks the logits, valid_col [bk, 1] the value rows.
+  stale data there was never read). valid_row [1, bk] masks the logits,
+  valid_col [bk, 1] the value rows.
 
-  int8 (or int4) tiles come with per-token scales k_scale, v_scale [1, bk]
-  (float32, zero where invalid). They are never applied to the tiles: the
-  integer tile is cast exactly to the query dtype (|x| <= 127 is exact in
-  bfloat16), so a
-  bfloat16 query keeps bfloat16 tensor-core dots, and
+  Quantized tiles come with per-token scales k_scale, v_scale [1, bk]
+  (float32, zero where invalid). They are never applied to the tiles:
     q . (s_j k_j) = s_j (q . k_j)    -> the K scales multiply the [Gp, bk] logits,
     sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j -> the V scales multiply p,
   which is O(Gp * bk) work instead of O(bk * H). l sums the unscaled p.
 
-  A value tile that needs a cast (int8, or bfloat16 under a float32 query)
-  goes through a select on valid_col after it (a no-op on values: masked
-  rows are zeros already). It is there for Triton's layouts: without it the
-  cast is folded into the dot operand's layout, which reads the [bk, H] int8
-  tile from shared memory one byte per instruction (a token-major 8-bit B
-  operand has no ldmatrix path); with it the tile is read in 16-byte
-  vectors, cast, and re-staged as bfloat16 for ldmatrix.trans (checked in
-  the PTX of Triton 3.9 for sm_90). A tile already in the dots' dtype needs
-  neither: it goes from the async copy straight to ldmatrix.
+  int8 K/V with an `Int8Query` q (`uses_int8_dots`) run both dots on int8
+  tensor cores, and the tiles are used as loaded. q (split once per
+  program) and p * v_scale (split per tile, a scale per row) are each two
+  int8 terms hi + lo / 254 against a row scale, so each dot is two exact
+  int8 x int8 -> int32 dots; the operands are within 1.6e-5 of their row's
+  largest entry, closer than the bfloat16 path's rounding of p (up to 2^-8
+  of each entry). Why: converting the tiles is what bounds this
+  kernel. The bfloat16 path below converts every int8 element, and the
+  value tile, which the p.v dot reads token-major, is also re-staged in
+  shared memory as bfloat16 (an 8-bit B operand has no transposing ldmatrix
+  on sm_90); at 64-key tiles that is about half the loop's instructions
+  (Triton 3.9 SASS; docs/benchmarks.md).
+
+  Otherwise the integer tile is cast exactly to the query dtype (|x| <= 127
+  is exact in bfloat16), so a bfloat16 query keeps bfloat16 tensor-core
+  dots. A value tile that needs a cast (int4, or bfloat16 under a float32
+  query) goes through a select on valid_col after it (a no-op on values):
+  without it Triton folds the cast into the dot operand's layout and reads
+  the tile from shared memory one byte per instruction; with it the tile is
+  read in 16-byte vectors, cast, and re-staged for ldmatrix.trans. A tile
+  already in the dots' dtype goes from the async copy straight to ldmatrix.
   """
   m, l, acc = carry
-  if k_scale is not None or q.dtype == k.dtype:
-    dtype = q.dtype  # int8 -> q.dtype is exact
+  int8_dots = isinstance(q, Int8Query)
+  if int8_dots:
+    logits = _int8_pair_dot(q.hi, q.lo, k, _QK) * q.scale  # [Gp, bk]
+    dtype = None
   else:
-    dtype = jnp.float32  # e.g. a float32 query over a bfloat16 cache
-  logits = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
-                           precision=_HIGHEST, preferred_element_type=jnp.float32)  # [Gp, bk]
+    if k_scale is not None or q.dtype == k.dtype:
+      dtype = q.dtype  # int8 -> q.dtype is exact
+    else:
+      dtype = jnp.float32  # e.g. a float32 query over a bfloat16 cache
+    logits = lax.dot_general(q.astype(dtype), k.astype(dtype), _QK, precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)  # [Gp, bk]
   # One [Gp, bk] multiply for both the softmax scale and the K scales.
   logits = logits * (scale if k_scale is None else k_scale * scale)
   if soft_cap:
@@ -108,10 +183,14 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   l_new = l * correction + p.sum(axis=1, keepdims=True)  # [Gp, 1]
   if v_scale is not None:
     p = p * v_scale  # [Gp, bk] * [1, bk]
-  if v.dtype != dtype:
-    v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H] (see above)
-  pv = lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())),
-                       precision=_HIGHEST, preferred_element_type=jnp.float32)  # [Gp, H]
+  if int8_dots:
+    p_hi, p_lo, p_scale = rows_to_int8(p)  # [Gp, bk] x2, [Gp, 1]
+    pv = _int8_pair_dot(p_hi, p_lo, v, _PV) * p_scale  # [Gp, H]
+  else:
+    if v.dtype != dtype:
+      v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H] (see above)
+    pv = lax.dot_general(p.astype(dtype), v, _PV, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32)  # [Gp, H]
   return m_new, l_new, acc * correction + pv
 
 
@@ -306,7 +385,7 @@ def unpack_gpu_refs(refs, *, quantized, has_sinks, num_prefix):
 
 
 def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: int,
-                       blocks_per_split: int | None):
+                       blocks_per_split: int | None, int8_dots: bool = False):
   """The loop of one GPU program over blocks [first, last) of its row, and its stores.
 
   blocks_per_split None: the unsplit kernel (one program per (row, kv head)),
@@ -314,6 +393,7 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
   (b, k, s) runs blocks split_bounds(first, last, s) and writes float32
   partials out_refs = (m [G, 1], l [G, 1], acc [G, H]); an empty split (past
   its row's blocks) loads and stores nothing, and `combine_splits` skips it.
+  int8_dots: the body gets the query as an `Int8Query`, split here once.
   """
   padded_group = triton_group(group)
   head_dim = q_ref.shape[-1]
@@ -322,6 +402,8 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
     first, last = split_bounds(first, last, pl.program_id(2), blocks_per_split)
     live = first < last
   q = load_group(q_ref, group, padded_group, live)  # [Gp, H]
+  if int8_dots:
+    q = int8_query(q)  # ([Gp, H] int8 x2, [Gp, 1])
   sink = None
   if sink_ref is not None:
     sink = load_group(sink_ref, group, padded_group)  # [Gp, 1]

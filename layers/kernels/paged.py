@@ -47,7 +47,7 @@ from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
     dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
-    unpack_gpu_refs)
+    unpack_gpu_refs, uses_int8_dots)
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 
@@ -132,7 +132,8 @@ def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, 
                            soft_cap=soft_cap)
   gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=0,
                      last=pl.cdiv(length, block_kv), group=group,
-                     blocks_per_split=blocks_per_split)
+                     blocks_per_split=blocks_per_split,
+                     int8_dots=uses_int8_dots(q_ref.dtype, k_ref.dtype, v_ref.dtype))
 
 
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,

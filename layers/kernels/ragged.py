@@ -84,7 +84,7 @@ from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, call_gpu_decode, check_kernel_kv, check_tunables, compute_itemsize,
     dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
-    unpack_gpu_refs, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
+    unpack_gpu_refs, uses_int8_dots, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
 
 
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
@@ -175,7 +175,8 @@ def _gpu_kernel(*refs, block_kv, blocks_per_split, kv_len, group, scale, soft_ca
   body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), length=length, lo=lo,
                            block_kv=block_kv, scale=scale, soft_cap=soft_cap)
   gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=first,
-                     last=last, group=group, blocks_per_split=blocks_per_split)
+                     last=last, group=group, blocks_per_split=blocks_per_split,
+                     int8_dots=uses_int8_dots(q_ref.dtype, k_ref.dtype, v_ref.dtype))
 
 
 def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
