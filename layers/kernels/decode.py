@@ -14,14 +14,21 @@ from meshattn.layers.kernels import paged as paged_kernels
 from meshattn.layers.kernels import ragged as ragged_kernels
 
 
-def _implementation(implementation: str, interpret: bool, key_dtype) -> tuple[str, str]:
-  """(implementation, pallas backend) for this host."""
+def choose_implementation(implementation: str, interpret: bool, key_dtype, *,
+                          paged: bool) -> tuple[str, str]:
+  """(implementation, pallas backend) for this host.
+
+  "auto": the Pallas kernel on GPU and TPU, the reference elsewhere. int4
+  K/V: only the ragged GPU kernel reads them (6-11x the reference on the
+  H100, docs/benchmarks.md); the paged and TPU kernels have no sub-byte
+  load, so int4 there runs the reference.
+  """
   platform = jax.default_backend()
   if interpret:
     return "pallas", "tpu"
   if implementation == "auto":
-    # The Pallas kernels load int8 but not sub-byte int4.
-    pallas_ok = platform in ("gpu", "tpu") and jnp.dtype(key_dtype) != jnp.int4
+    int4_ok = platform == "gpu" and not paged
+    pallas_ok = platform in ("gpu", "tpu") and (jnp.dtype(key_dtype) != jnp.int4 or int4_ok)
     implementation = "pallas" if pallas_ok else "reference"
   return implementation, "tpu" if platform == "tpu" else "gpu"
 
@@ -30,7 +37,7 @@ def ragged_decode(query, key, value, lengths, *, scale, soft_cap=None, window=No
                   key_scale=None, value_scale=None, implementation: str = "auto",
                   interpret: bool = False) -> jax.Array:
   """query [B, N, H] over key/value [B, S, K, H] entries [0, lengths[b]) -> [B, N, H]."""
-  impl, backend = _implementation(implementation, interpret, key.dtype)
+  impl, backend = choose_implementation(implementation, interpret, key.dtype, paged=False)
   kwargs = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
                 value_scale=value_scale)
   if impl == "reference":
@@ -43,7 +50,7 @@ def paged_decode(query, key_pages, value_pages, page_table, lengths, *, scale, s
                  sinks=None, key_scale=None, value_scale=None, implementation: str = "auto",
                  interpret: bool = False) -> jax.Array:
   """query [B, N, H] over the pages of each row's page_table [B, maxp] -> [B, N, H]."""
-  impl, backend = _implementation(implementation, interpret, key_pages.dtype)
+  impl, backend = choose_implementation(implementation, interpret, key_pages.dtype, paged=True)
   kwargs = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
                 value_scale=value_scale)
   if impl == "reference":

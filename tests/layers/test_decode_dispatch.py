@@ -110,3 +110,19 @@ def test_unsupported_decode_requests_are_refused():
   contiguous.init_cache(1, 8)
   with pytest.raises(ValueError, match=r"paged.*needs \['paged_kv'\]"):
     run(contiguous, jnp.ones((1, 1, 32)), "autoregressive")
+
+
+@pytest.mark.parametrize("platform, dtype, paged, want", [
+    ("gpu", jnp.bfloat16, False, ("pallas", "gpu")),
+    ("gpu", jnp.int8, True, ("pallas", "gpu")),
+    ("gpu", jnp.int4, False, ("pallas", "gpu")),  # the ragged GPU kernel reads int4
+    ("gpu", jnp.int4, True, ("reference", "gpu")),  # the paged kernel does not
+    ("tpu", jnp.int8, False, ("pallas", "tpu")),
+    ("tpu", jnp.int4, False, ("reference", "tpu")),
+    ("cpu", jnp.bfloat16, False, ("reference", "gpu")),
+])
+def test_auto_decode_implementation_per_platform(monkeypatch, platform, dtype, paged, want):
+  from meshattn.layers.kernels import decode
+  monkeypatch.setattr(decode.jax, "default_backend", lambda: platform)
+  assert decode.choose_implementation("auto", False, dtype, paged=paged) == want
+  assert decode.choose_implementation("reference", False, dtype, paged=paged)[0] == "reference"
