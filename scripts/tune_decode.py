@@ -76,8 +76,9 @@ KERNELS = ("ragged", "paged", "ragged int8")
 # (16-token pages: 8 pages = 128 tokens); blocks_per_split counts loop steps.
 # Shared memory decides programs per SM (Triton 3.9, sm_90, offline compile):
 # 128 bfloat16 keys at 2 stages ~72 KB (3 per SM), at 3 stages ~136 KB (1);
-# 64 keys at 3 stages ~70 KB (3); int8 is staged as bfloat16 in shared
-# memory, so 256 int8 keys need ~142 KB (1 per SM) and 128 keys ~73 KB (3).
+# 64 keys at 3 stages ~70 KB (3). int8 K/V under a bfloat16 query run int8
+# dots on the tiles as loaded: 64 keys at 3 stages ~40 KB, but 168 registers
+# per thread allow 3 programs per SM (ncu, jax 0.11.2).
 CANDIDATES = {
     "ragged": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16), dict(num_warps=8),
                dict(block_kv=64, num_stages=3), dict(block_kv=64), dict(block_kv=256),

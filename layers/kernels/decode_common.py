@@ -305,12 +305,12 @@ def triton_group(group: int) -> int:
 
 
 # Shared-memory bytes of one K (or V) tile when the tile size is automatic:
-# 128 bfloat16 keys of head_dim 128. Counted in the dtype the dots run in, not
-# the stored one: an int8 tile is re-staged in shared memory as the query
-# dtype (see gpu_tile_update), so at 256 int8 keys a program needs ~142 KB
-# of shared memory (one program per SM) where 128 keys need ~73 KB (three
-# per SM, as bfloat16) -- Triton 3.9, sm_90, 4 warps, 2 stages. Larger int8
-# tiles are a tuning option (block_kv=256 with num_warps=8).
+# 128 bfloat16 keys of head_dim 128, ~73 KB of shared memory per program at
+# 2 stages (three programs per SM; Triton 3.9, sm_90, 4 warps). Counted in
+# the dtype the dots run in, not the stored one: a tile that is cast (int4,
+# or int8 under a float32 query) is re-staged in shared memory in that dtype
+# (see gpu_tile_update). The ragged kernel sizes quantized tiles with
+# QUANTIZED_TILE_KEYS instead.
 GPU_TILE_BYTES = 128 * 128 * 2
 
 
@@ -321,8 +321,9 @@ def auto_tile_keys(head_dim: int, itemsize: int) -> int:
 
 
 def compute_itemsize(query_dtype, kv_dtype) -> int:
-  """Bytes per element of the dots' inputs: int8 K/V are cast to the query dtype, float K/V of
-  another width than the query run in float32."""
+  """Bytes per element of the dots' inputs, as staged in shared memory: integer K/V count at the
+  query's width (the widest they are staged in), float K/V of another width than the query run
+  in float32."""
   q, kv = jnp.dtype(query_dtype), jnp.dtype(kv_dtype)
   if jnp.issubdtype(kv, jnp.integer) or q == kv:
     return q.itemsize
@@ -552,7 +553,9 @@ DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 2
 # Quantized (int8) K/V in the ragged kernel: 64-key tiles and a 3-stage
 # pipeline were the fastest setting at every swept shape on the H100
-# (1.04-1.06x the automatic 128-key, 2-stage choice; docs/benchmarks.md).
+# (1.04-1.06x the automatic 128-key, 2-stage choice; docs/benchmarks.md),
+# and again with int8 dots (third session: 128 keys / 2 stages / 8 warps and
+# 4 stages were slower).
 QUANTIZED_TILE_KEYS = 64
 QUANTIZED_NUM_STAGES = 3
 

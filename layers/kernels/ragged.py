@@ -17,14 +17,16 @@ query heads of one kv head are processed together against that head's keys.
 
 int8 K/V (kvcache.quant layout: scales [B, S, K or 1] per token, or per
 token and kv head) are read as they are stored, so the cache is never copied
-to full precision. The tiles are never dequantized element-wise: the integer
-tile is cast exactly to the query dtype (a bfloat16 query keeps bfloat16
-tensor-core dots), the K scales multiply the [G, block] logits after the
-q.k dot and the V scales multiply the probabilities before p.v
-(`gpu_tile_update`). The GPU kernel also reads int4 K/V (the Triton
-lowering loads a contiguous int4 row as bytes); the paged and TPU kernels
-take float or int8; the reference takes any. A float32 query with int8 K/V
-runs float32 (IEEE) dots and is slow.
+to full precision. The tiles are never dequantized element-wise: the K
+scales multiply the [G, block] logits after the q.k dot and the V scales
+multiply the probabilities before p.v (`gpu_tile_update`). On GPU, int8
+K/V under a bfloat16 / float16 query run both dots on int8 tensor cores
+(q and p * v_scale as two exact int8 terms per row, see
+`gpu_tile_update`); other integer tiles are cast exactly to the query
+dtype (a float32 query then runs float32 IEEE dots, which is slow). The
+GPU kernel also reads int4 K/V (the Triton lowering loads a contiguous
+int4 row as bytes); the paged and TPU kernels take float or int8; the
+reference takes any.
 
 Three implementations of one function:
   ragged_decode_reference       pure JAX, the specification (reads the whole
@@ -357,10 +359,9 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
 
   backend "gpu" (Triton lowering) or "tpu" (Mosaic lowering). interpret=True
   runs either on CPU (tests); for "tpu" a `pltpu.InterpretParams()` is also
-  accepted. block_kv: keys per block; None: GPU `auto_tile_keys` (128 keys
-  at head_dim 128 for a bfloat16 query, bfloat16 or int8 K/V: an int8 tile
-  is staged in shared memory as bfloat16, so twice the keys would halve the
-  programs per SM), TPU 128. GPU: rounded to a power of two no larger than
+  accepted. block_kv: keys per block; None: GPU `auto_tile_keys` for float
+  K/V (128 keys at head_dim 128 for bfloat16) and QUANTIZED_TILE_KEYS (64)
+  for quantized K/V, TPU 128. GPU: rounded to a power of two no larger than
   needed; TPU: at most the cache length.
 
   GPU only (tuning knobs; the TPU kernel ignores them):
