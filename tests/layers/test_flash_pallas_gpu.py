@@ -267,7 +267,11 @@ BOUND_SPECS = [MaskSpec(), MaskSpec("full"), MaskSpec("local_sliding", window=40
 @pytest.mark.parametrize("layout", [None, "mixed", "random"])
 def test_bounds_cover_mask(spec, layout):
   rng = np.random.default_rng(0)
-  for (t, s), (bq, bkv) in [((128, 128), (32, 16)), ((80, 112), (16, 64)), ((112, 72), (16, 32))]:
+  shapes = [((128, 128), (32, 16)), ((80, 112), (16, 64)), ((112, 72), (16, 32))]
+  # Two of the three shapes per layout (each eager check takes ~1.5 s on CPU); over the three
+  # layouts every shape meets every mask twice.
+  skip = [None, "mixed", "random"].index(layout)
+  for (t, s), (bq, bkv) in shapes[:skip] + shapes[skip + 1:]:
     q_seg = kv_seg = kv_positions = None
     if layout == "random":  # ids in any order, pairs anywhere
       q_seg, kv_seg = rng.integers(0, 4, (2, t)), rng.integers(0, 4, (2, s))
