@@ -30,8 +30,10 @@ step = fewer running-max rescales and more loads in flight):
                  nothing new.
 A row never reads a page that is not in its table (GPU: masked loads; TPU:
 ids come from its table) -- with one exception on TPU: a row of length 0
-whose table is empty still has its grid steps, and the pipeline fetches
-page 0 for them (never computed on, the row's output is zeros).
+whose table is empty still has its grid steps, and a -1 slot inside a
+row's length has its block, and the pipeline fetches page 0 for them
+(masked, never computed on). A -1 slot inside the length is a missing
+page on every path: its entries are invisible, as in the reference.
 """
 
 from __future__ import annotations
@@ -103,13 +105,18 @@ def _gpu_block(i, carry, q, refs, *, length, table_ref, tpp, block_kv, scale, so
   start = i * block_kv
   tok = start + lax.broadcasted_iota(jnp.int32, (block_kv,), 0)  # [bk] logical entries
   tok_row = start + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, bk]
-  valid = tok < length  # [bk]
-  valid_row = tok_row < length  # [1, bk]
   # One vector load of the step's page ids (each repeated for its tpp
   # tokens: the same address within a warp is one transaction), then every
-  # K/V row of the tile is addressed through it. Slots past the row's pages
-  # (-1, or past the table) are masked, never dereferenced.
-  page = plgpu.load(table_ref.at[lax.div(tok, tpp)], mask=valid, other=0)  # [bk]
+  # K/V row of the tile is addressed through it. Slots past the row's length
+  # are not looked up; a -1 slot inside it (a missing page) is masked like
+  # them, as in the reference, and never dereferenced. The ids are loaded
+  # twice, laid out for the rows and for the logits' columns, so no 1-D
+  # transpose is needed.
+  page = plgpu.load(table_ref.at[lax.div(tok, tpp)], mask=tok < length, other=-1)  # [bk]
+  page_row = plgpu.load(table_ref.at[lax.div(tok_row, tpp)], mask=tok_row < length,
+                        other=-1)  # [1, bk]
+  valid = page >= 0  # [bk]
+  valid_row = page_row >= 0  # [1, bk]
   row = jnp.maximum(page, 0) * tpp + lax.rem(tok, tpp)  # [bk] row of the flattened pool
   cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)  # [1, H]
   return gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, (row[:, None], cols), row,
@@ -206,8 +213,8 @@ def _page_slot(length, i, j, *, tpp: int, pages_per_block: int):
   return jnp.minimum(slot, jnp.maximum(num_pages - 1, 0))
 
 
-def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, kv_heads, scale, soft_cap,
-                has_sinks, quantized):
+def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, max_pages, kv_heads, scale,
+                soft_cap, has_sinks, quantized):
   """Program (b, i): pages_per_block pages of row b for all kv heads; state in scratch."""
   ppb = pages_per_block
   refs = list(refs)
@@ -220,7 +227,6 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, kv_heads, scale,
   if has_sinks:
     sink_ref, *rest = rest  # [K, G, 1]
   o_ref, m_ref, l_ref, acc_ref = rest  # [K, G, H], [K, G, 1], [K, G, 1], [K, G, H]
-  del table_ref  # used by the index_maps only
   b, i = pl.program_id(0), pl.program_id(1)
   length = lengths_ref[b]
   group, head_dim = q_ref.shape[1], q_ref.shape[2]
@@ -237,9 +243,13 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, kv_heads, scale,
     for kv in range(kv_heads):
       tiles = []
       for j in range(ppb):
-        start = (i * ppb + j) * tpp  # logical slot (the page itself may be a clamped repeat)
-        valid_row = start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1) < length  # [1, tpp]
-        valid_col = start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0) < length  # [tpp, 1]
+        slot = i * ppb + j  # logical slot (the page itself may be a clamped repeat)
+        start = slot * tpp
+        # A -1 slot inside the length is a missing page: the index_map read page 0
+        # for it, which is masked here, as the reference masks it.
+        has_page = table_ref[b * max_pages + jnp.minimum(slot, max_pages - 1)] >= 0
+        valid_row = (start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1) < length) & has_page
+        valid_col = (start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0) < length) & has_page
         k_scale = v_scale = None
         if quantized:
           sk = kv if ks_refs[j].shape[1] != 1 else 0
@@ -270,7 +280,7 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
   def page_map(j, trailing: int):
     def index_map(b, i, lengths_ref, table_ref):
       slot = _page_slot(lengths_ref[b], i, j, tpp=tpp, pages_per_block=ppb)
-      page = jnp.maximum(table_ref[b * max_pages + slot], 0)  # -1 only for an empty row
+      page = jnp.maximum(table_ref[b * max_pages + slot], 0)  # -1: masked in the kernel
       return (page, 0) + (0,) * trailing
     return index_map
 
@@ -297,7 +307,8 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
       scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
                       pltpu.VMEM((kv_heads, group, 1), jnp.float32),
                       pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
-  kernel = functools.partial(_tpu_kernel, pages_per_block=ppb, kv_heads=kv_heads,
+  kernel = functools.partial(_tpu_kernel, pages_per_block=ppb, max_pages=max_pages,
+                             kv_heads=kv_heads,
                              scale=float(scale), soft_cap=float(soft_cap) if soft_cap else None,
                              has_sinks=sinks is not None, quantized=quantized)
   out = pl.pallas_call(

@@ -14,12 +14,12 @@ import pytest
 from meshattn.kvcache.quant import KVQuant, quantize
 from meshattn.layers.kernels import decode_common
 from meshattn.layers.kernels import ragged as ragged_mod
-from meshattn.layers.kernels.paged import paged_decode_pallas
+from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_reference
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 
 from helpers.decode_inputs import (
-    BLOCK, CASES, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP, numpy_for,
-    paged_inputs, ragged_inputs)
+    BACKENDS, BLOCK, CASES, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP,
+    attention_np, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np)
 
 
 # ---- split-K (flash-decoding) GPU variants ------------------------------------------------
@@ -294,4 +294,22 @@ def test_paged_several_pages_per_step_splits(pages_per_block, blocks_per_split):
                             blocks_per_split=blocks_per_split)
   assert np.all(np.isfinite(np.asarray(out)))
   expected = numpy_for("all", np_inputs, PAGED_LENGTHS, MAX_PAGES * TPP)
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+
+
+@BACKENDS
+def test_paged_missing_page_inside_length_is_masked(backend):
+  """A -1 table slot inside a row's length is a missing page: its entries are invisible in the
+  kernels, as in the reference (not read as page 0, which holds another row's keys)."""
+  arrays, kwargs, np_inputs = paged_inputs("plain", 2, seed=5)
+  q, key_pages, value_pages, table, lengths = arrays
+  table = table.at[1, 2].set(-1)  # row 1 (length 40): its third page is missing
+  out = paged_decode_pallas(q, key_pages, value_pages, table, lengths, **kwargs,
+                            pages_per_block=2, interpret=True, backend=backend)
+  ref = paged_decode_reference(q, key_pages, value_pages, table, lengths, **kwargs)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+  q64, k64, v64, sinks = np_inputs
+  visible = ragged_visible_np(PAGED_LENGTHS, MAX_PAGES * TPP, None)
+  visible[1, 2 * TPP:3 * TPP] = False
+  expected = attention_np(q64, k64, v64, visible, scale=SCALE)
   np.testing.assert_allclose(np.asarray(out), expected, **TOL)
