@@ -84,13 +84,17 @@ def split_int8(y: jax.Array) -> tuple[jax.Array, jax.Array]:
 def rows_to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x [R, C] float -> (hi, lo int8 [R, C], scale [R, 1] float32), x ~= scale * (hi + lo / 254).
 
-  Per-row symmetric scale max|x| / 127 (1 for an all-zero row), so every
-  element is within max|x| / (127 * 508) ~ 1.6e-5 max|x| of the original.
+  Per-row symmetric scale max|x| / 127, so every element is within
+  max|x| / (127 * 508) ~ 1.6e-5 max|x| of the original. A row whose largest
+  entry is below 127 x the smallest normal float32 (1.5e-36: zero, or far
+  below anything a softmax keeps) becomes zeros with scale 1: its scale
+  would be subnormal, which XLA and GPUs flush to zero.
   """
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [R, 1]
-  live = amax > 0
-  hi, lo = split_int8(x * jnp.where(live, 127.0 / jnp.where(live, amax, 1.0), 0.0))
+  live = amax >= 127.0 * float(jnp.finfo(jnp.float32).tiny)
+  inv = jnp.where(live, 1.0 / jnp.where(live, amax, 1.0), 0.0)  # [R, 1], finite
+  hi, lo = split_int8((x * inv) * 127.0)  # x * inv in [-1, 1]: no overflow
   return hi, lo, jnp.where(live, amax * (1.0 / 127.0), 1.0)
 
 
