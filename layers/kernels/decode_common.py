@@ -5,12 +5,12 @@ design."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from meshattn.layers.kernels.decode_int8 import Int8Query, int8_pair_dot, int8_query, rows_to_int8
 
 # Masked logits: finite, so a row with nothing visible stays NaN-free.
 _NEG = -1e30
@@ -62,66 +62,6 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
 # ---- online softmax ------------------------------------------------------------------
 
 
-class Int8Query(NamedTuple):
-  """A [Gp, H] query as two int8 terms: q ~= scale * (hi + lo / INT8_LO_RADIX), per row."""
-  hi: jax.Array  # [Gp, H] int8
-  lo: jax.Array  # [Gp, H] int8
-  scale: jax.Array  # [Gp, 1] float32
-
-
-# The low term's weight: hi + lo / 254 with |lo| <= 127 covers the rounding
-# residual of hi (|y - hi| <= 1/2) to within 1/508 of a hi step.
-INT8_LO_RADIX = 254.0
-
-
-def split_int8(y: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """y float32 in [-127, 127] -> (hi, lo) int8 with |y - (hi + lo / 254)| <= 1/508."""
-  hi = jnp.floor(y + 0.5)  # round to nearest: |y - hi| <= 1/2, |hi| <= 127
-  lo = jnp.floor((y - hi) * INT8_LO_RADIX + 0.5)  # |lo| <= 127
-  return hi.astype(jnp.int32).astype(jnp.int8), lo.astype(jnp.int32).astype(jnp.int8)
-
-
-def rows_to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x [R, C] float -> (hi, lo int8 [R, C], scale [R, 1] float32), x ~= scale * (hi + lo / 254).
-
-  Per-row symmetric scale max|x| / 127, so every element is within
-  max|x| / (127 * 508) ~ 1.6e-5 max|x| of the original. A row whose largest
-  entry is below 127 x the smallest normal float32 (1.5e-36: zero, or far
-  below anything a softmax keeps) becomes zeros with scale 1: its scale
-  would be subnormal, which XLA and GPUs flush to zero.
-  """
-  x = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [R, 1]
-  live = amax >= 127.0 * float(jnp.finfo(jnp.float32).tiny)
-  inv = jnp.where(live, 1.0 / jnp.where(live, amax, 1.0), 0.0)  # [R, 1], finite
-  hi, lo = split_int8((x * inv) * 127.0)  # x * inv in [-1, 1]: no overflow
-  return hi, lo, jnp.where(live, amax * (1.0 / 127.0), 1.0)
-
-
-def int8_query(q: jax.Array) -> Int8Query:
-  """q [Gp, H] (bfloat16 / float16) -> its two-term int8 form, once per program."""
-  return Int8Query(*rows_to_int8(q))
-
-
-def uses_int8_dots(query_dtype, key_dtype, value_dtype) -> bool:
-  """Whether the GPU decode kernels run both dots on int8 tensor cores (see gpu_tile_update).
-
-  int8 K and V under a 16-bit float query: the two int8 terms of q and of p
-  hold ~16 bits against their row's largest entry, more than the 8
-  significant bits the bfloat16 path rounds p to. A
-  float32 query keeps float32 dots (its precision is the point of asking).
-  """
-  return (jnp.dtype(key_dtype) == jnp.int8 and jnp.dtype(value_dtype) == jnp.int8
-          and jnp.dtype(query_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
-
-
-def _int8_pair_dot(hi, lo, rhs, dims):
-  """(hi + lo / 254) . rhs as two exact int8 x int8 -> int32 dots, in float32."""
-  a = lax.dot_general(hi, rhs, dims, preferred_element_type=jnp.int32)
-  b = lax.dot_general(lo, rhs, dims, preferred_element_type=jnp.int32)
-  return a.astype(jnp.float32) + b.astype(jnp.float32) * (1.0 / INT8_LO_RADIX)
-
-
 _QK = (((1,), (1,)), ((), ()))  # [Gp, H] . [bk, H] -> [Gp, bk]
 _PV = (((1,), (0,)), ((), ()))  # [Gp, bk] . [bk, H] -> [Gp, H]
 
@@ -165,7 +105,7 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   m, l, acc = carry
   int8_dots = isinstance(q, Int8Query)
   if int8_dots:
-    logits = _int8_pair_dot(q.hi, q.lo, k, _QK) * q.scale  # [Gp, bk]
+    logits = int8_pair_dot(q.hi, q.lo, k, _QK) * q.scale  # [Gp, bk]
     dtype = None
   else:
     if k_scale is not None or q.dtype == k.dtype:
@@ -189,7 +129,7 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
     p = p * v_scale  # [Gp, bk] * [1, bk]
   if int8_dots:
     p_hi, p_lo, p_scale = rows_to_int8(p)  # [Gp, bk] x2, [Gp, 1]
-    pv = _int8_pair_dot(p_hi, p_lo, v, _PV) * p_scale  # [Gp, H]
+    pv = int8_pair_dot(p_hi, p_lo, v, _PV) * p_scale  # [Gp, H]
   else:
     if v.dtype != dtype:
       v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H] (see above)

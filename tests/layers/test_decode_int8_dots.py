@@ -18,6 +18,7 @@ from hypothesis import given, settings, strategies as st
 
 from meshattn.kvcache.quant import KVQuant, quantize
 from meshattn.layers.kernels import decode_common as dc
+from meshattn.layers.kernels import decode_int8
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_visible
 from helpers.decode_inputs import attention_np
 
@@ -27,7 +28,7 @@ from helpers.decode_inputs import attention_np
 def test_rows_to_int8_error_bound(x):
   """|x - s (hi + lo / 254)| <= s / 508 (+ float32 rounding) per row, |hi|, |lo| <= 127; rows
   whose scale would be subnormal (max|x| < 127 x the smallest normal) become zeros, scale 1."""
-  hi, lo, s = (np.asarray(a) for a in dc.rows_to_int8(jnp.asarray(x)))
+  hi, lo, s = (np.asarray(a) for a in decode_int8.rows_to_int8(jnp.asarray(x)))
   assert hi.dtype == lo.dtype == np.int8
   assert np.abs(hi.astype(int)).max() <= 127 and np.abs(lo.astype(int)).max() <= 127
   approx = s * (hi.astype(np.float64) + lo.astype(np.float64) / 254)
@@ -41,11 +42,11 @@ def test_rows_to_int8_error_bound(x):
 def test_which_inputs_use_int8_dots():
   """int8 K and V under a 16-bit float query only: float32 queries keep float32 dots, int4 and
   float caches keep the cast-to-query path."""
-  assert dc.uses_int8_dots(jnp.bfloat16, jnp.int8, jnp.int8)
-  assert dc.uses_int8_dots(jnp.float16, jnp.int8, jnp.int8)
-  assert not dc.uses_int8_dots(jnp.float32, jnp.int8, jnp.int8)
-  assert not dc.uses_int8_dots(jnp.bfloat16, jnp.int4, jnp.int4)
-  assert not dc.uses_int8_dots(jnp.bfloat16, jnp.bfloat16, jnp.bfloat16)
+  assert decode_int8.uses_int8_dots(jnp.bfloat16, jnp.int8, jnp.int8)
+  assert decode_int8.uses_int8_dots(jnp.float16, jnp.int8, jnp.int8)
+  assert not decode_int8.uses_int8_dots(jnp.float32, jnp.int8, jnp.int8)
+  assert not decode_int8.uses_int8_dots(jnp.bfloat16, jnp.int4, jnp.int4)
+  assert not decode_int8.uses_int8_dots(jnp.bfloat16, jnp.bfloat16, jnp.bfloat16)
 
 
 def test_tile_update_int8_dots_match_float64():
@@ -64,7 +65,7 @@ def test_tile_update_int8_dots_match_float64():
   k = jnp.where(valid[:, None], k, 0)
   v = jnp.where(valid[:, None], v, 0)
   carry = dc.initial_carry(None, gp, h)
-  m, l, acc = dc.gpu_tile_update(carry, dc.int8_query(q), k, v, jnp.asarray(valid[:, None]),
+  m, l, acc = dc.gpu_tile_update(carry, decode_int8.int8_query(q), k, v, jnp.asarray(valid[:, None]),
                                  jnp.asarray(valid[None, :]), ks * valid, vs * valid,
                                  scale=scale, soft_cap=None)
   q64 = np.asarray(q, np.float64)
