@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.decode_int8 import Int8Query, int8_pair_dot, int8_query, rows_to_int8
+from meshattn.layers.kernels.decode_int8 import int8_pair_dot, rows_to_int8, uses_int8_pv
 
 # Masked logits: finite, so a row with nothing visible stays NaN-free.
 _NEG = -1e30
@@ -80,40 +80,34 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
     sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j -> the V scales multiply p,
   which is O(Gp * bk) work instead of O(bk * H). l sums the unscaled p.
 
-  int8 K/V with an `Int8Query` q (`uses_int8_dots`) run both dots on int8
-  tensor cores, and the tiles are used as loaded. q (split once per
-  program) and p * v_scale (split per tile, a scale per row) are each two
-  int8 terms hi + lo / 254 against a row scale, so each dot is two exact
-  int8 x int8 -> int32 dots; the operands are within 1.6e-5 of their row's
-  largest entry, closer than the bfloat16 path's rounding of p (up to 2^-8
-  of each entry). Why: converting the tiles is what bounds this
-  kernel. The bfloat16 path below converts every int8 element, and the
-  value tile, which the p.v dot reads token-major, is also re-staged in
-  shared memory as bfloat16 (an 8-bit B operand has no transposing ldmatrix
-  on sm_90); at 64-key tiles that is about half the loop's instructions
-  (Triton 3.9 SASS; docs/benchmarks.md).
+  q.k: an integer K tile is cast exactly to the query dtype (|x| <= 127 is
+  exact in bfloat16), so a bfloat16 query keeps an exact bfloat16
+  tensor-core dot.
 
-  Otherwise the integer tile is cast exactly to the query dtype (|x| <= 127
-  is exact in bfloat16), so a bfloat16 query keeps bfloat16 tensor-core
-  dots. A value tile that needs a cast (int4, or bfloat16 under a float32
-  query) goes through a select on valid_col after it (a no-op on values):
+  p.v: int8 V under a 16-bit query (`uses_int8_pv`) runs on int8 tensor
+  cores with the V tile as loaded: p * v_scale is split per tile into two
+  int8 terms hi + lo / 254 against a per-row scale (`rows_to_int8`), so
+  the dot is two exact int8 x int8 -> int32 dots and p is within 1.6e-5 of
+  its row's largest entry -- closer than the bfloat16 path's rounding of p
+  (up to 2^-8 of each entry). The value tile is neither converted nor
+  re-staged as bfloat16 for it (speed: the same as the bfloat16 path on
+  the H100, docs/benchmarks.md).
+
+  Otherwise a value tile that needs a cast (int8 under a float32 query,
+  int4, or bfloat16 under a float32 query) goes through a select on
+  valid_col after it (a no-op on values):
   without it Triton folds the cast into the dot operand's layout and reads
   the tile from shared memory one byte per instruction; with it the tile is
   read in 16-byte vectors, cast, and re-staged for ldmatrix.trans. A tile
   already in the dots' dtype goes from the async copy straight to ldmatrix.
   """
   m, l, acc = carry
-  int8_dots = isinstance(q, Int8Query)
-  if int8_dots:
-    logits = int8_pair_dot(q.hi, q.lo, k, _QK) * q.scale  # [Gp, bk]
-    dtype = None
+  if k_scale is not None or q.dtype == k.dtype:
+    dtype = q.dtype  # int8 -> q.dtype is exact
   else:
-    if k_scale is not None or q.dtype == k.dtype:
-      dtype = q.dtype  # int8 -> q.dtype is exact
-    else:
-      dtype = jnp.float32  # e.g. a float32 query over a bfloat16 cache
-    logits = lax.dot_general(q.astype(dtype), k.astype(dtype), _QK, precision=_HIGHEST,
-                             preferred_element_type=jnp.float32)  # [Gp, bk]
+    dtype = jnp.float32  # e.g. a float32 query over a bfloat16 cache
+  logits = lax.dot_general(q.astype(dtype), k.astype(dtype), _QK, precision=_HIGHEST,
+                           preferred_element_type=jnp.float32)  # [Gp, bk]
   # One [Gp, bk] multiply for both the softmax scale and the K scales.
   logits = logits * (scale if k_scale is None else k_scale * scale)
   if soft_cap:
@@ -127,7 +121,7 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   l_new = l * correction + p.sum(axis=1, keepdims=True)  # [Gp, 1]
   if v_scale is not None:
     p = p * v_scale  # [Gp, bk] * [1, bk]
-  if int8_dots:
+  if uses_int8_pv(q.dtype, v.dtype):
     p_hi, p_lo, p_scale = rows_to_int8(p)  # [Gp, bk] x2, [Gp, 1]
     pv = int8_pair_dot(p_hi, p_lo, v, _PV) * p_scale  # [Gp, H]
   else:
@@ -330,7 +324,7 @@ def unpack_gpu_refs(refs, *, quantized, has_sinks, num_prefix):
 
 
 def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: int,
-                       blocks_per_split: int | None, int8_dots: bool = False):
+                       blocks_per_split: int | None):
   """The loop of one GPU program over blocks [first, last) of its row, and its stores.
 
   blocks_per_split None: the unsplit kernel (one program per (row, kv head)),
@@ -338,7 +332,6 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
   (b, k, s) runs blocks split_bounds(first, last, s) and writes float32
   partials out_refs = (m [G, 1], l [G, 1], acc [G, H]); an empty split (past
   its row's blocks) loads and stores nothing, and `combine_splits` skips it.
-  int8_dots: the body gets the query as an `Int8Query`, split here once.
   """
   padded_group = triton_group(group)
   head_dim = q_ref.shape[-1]
@@ -347,8 +340,6 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
     first, last = split_bounds(first, last, pl.program_id(2), blocks_per_split)
     live = first < last
   q = load_group(q_ref, group, padded_group, live)  # [Gp, H]
-  if int8_dots:
-    q = int8_query(q)  # ([Gp, H] int8 x2, [Gp, 1])
   sink = None
   if sink_ref is not None:
     sink = load_group(sink_ref, group, padded_group)  # [Gp, 1]

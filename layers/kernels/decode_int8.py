@@ -1,28 +1,20 @@
-"""Two-term int8 operands for the GPU decode kernels' int8 tensor-core dots.
+"""Two-term int8 operands for the GPU decode kernels' int8 p.v dot.
 
-int8 K/V under a 16-bit float query run q.k and p.v as int8 x int8 -> int32
-dots (`decode_common.gpu_tile_update`). The float operand of each dot (q,
-once per program; p * v_scale, once per tile) is written against a per-row
-scale s as two int8 terms, x ~= s * (hi + lo / 254), so each dot is two
-exact integer dots and the operand keeps ~16 bits against its row's largest
-entry -- more than the 8 significant bits of the bfloat16 path.
+With int8 V under a 16-bit float query, `decode_common.gpu_tile_update` runs
+p.v as int8 x int8 -> int32 dots on the V tile as loaded. The probabilities
+(times the V scales) are written against a per-row scale s as two int8
+terms, x ~= s * (hi + lo / 254), so the dot is two exact integer dots and p
+keeps ~16 bits against its row's largest entry -- more than the 8
+significant bits the bfloat16 path rounds it to. q.k stays a bfloat16 dot,
+which is exact for int8 K: a per-row split of q would lose the small
+channels of a query with outlier channels.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-
-class Int8Query(NamedTuple):
-  """A [Gp, H] query as two int8 terms: q ~= scale * (hi + lo / INT8_LO_RADIX), per row."""
-  hi: jax.Array  # [Gp, H] int8
-  lo: jax.Array  # [Gp, H] int8
-  scale: jax.Array  # [Gp, 1] float32
-
 
 # The low term's weight: hi + lo / 254 with |lo| <= 127 covers the rounding
 # residual of hi (|y - hi| <= 1/2) to within 1/508 of a hi step.
@@ -36,37 +28,37 @@ def split_int8(y: jax.Array) -> tuple[jax.Array, jax.Array]:
   return hi.astype(jnp.int32).astype(jnp.int8), lo.astype(jnp.int32).astype(jnp.int8)
 
 
+# Rows whose largest entry is outside [MIN_ROW_MAX, MAX_ROW_MAX] become zeros:
+# below, the scale max / 127 would be subnormal (XLA and GPUs flush it to
+# zero); above, 1 / max would be. p * v_scale stays inside: p <= 1 and
+# v_scale = max|v| / 127 <= 2.7e36.
+MIN_ROW_MAX = 127.0 * float(jnp.finfo(jnp.float32).tiny)  # 1.5e-36
+MAX_ROW_MAX = 1.0 / float(jnp.finfo(jnp.float32).tiny)  # 8.5e37
+
+
 def rows_to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """x [R, C] float -> (hi, lo int8 [R, C], scale [R, 1] float32), x ~= scale * (hi + lo / 254).
 
   Per-row symmetric scale max|x| / 127, so every element is within
   max|x| / (127 * 508) ~ 1.6e-5 max|x| of the original. A row whose largest
-  entry is below 127 x the smallest normal float32 (1.5e-36: zero, or far
-  below anything a softmax keeps) becomes zeros with scale 1: its scale
-  would be subnormal, which XLA and GPUs flush to zero.
+  entry is outside [MIN_ROW_MAX, MAX_ROW_MAX] (zero, or far below anything a
+  softmax keeps) becomes zeros with scale 1.
   """
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [R, 1]
-  live = amax >= 127.0 * float(jnp.finfo(jnp.float32).tiny)
-  inv = jnp.where(live, 1.0 / jnp.where(live, amax, 1.0), 0.0)  # [R, 1], finite
+  live = (amax >= MIN_ROW_MAX) & (amax <= MAX_ROW_MAX)
+  inv = jnp.where(live, 1.0 / jnp.where(live, amax, 1.0), 0.0)  # [R, 1], finite and normal
   hi, lo = split_int8((x * inv) * 127.0)  # x * inv in [-1, 1]: no overflow
   return hi, lo, jnp.where(live, amax * (1.0 / 127.0), 1.0)
 
 
-def int8_query(q: jax.Array) -> Int8Query:
-  """q [Gp, H] (bfloat16 / float16) -> its two-term int8 form, once per program."""
-  return Int8Query(*rows_to_int8(q))
+def uses_int8_pv(query_dtype, value_dtype) -> bool:
+  """Whether the GPU decode kernels run p.v on int8 tensor cores (see gpu_tile_update).
 
-
-def uses_int8_dots(query_dtype, key_dtype, value_dtype) -> bool:
-  """Whether the GPU decode kernels run both dots on int8 tensor cores (see gpu_tile_update).
-
-  int8 K and V under a 16-bit float query: the two int8 terms of q and of p
-  hold ~16 bits against their row's largest entry, more than the 8
-  significant bits the bfloat16 path rounds p to. A
-  float32 query keeps float32 dots (its precision is the point of asking).
+  int8 V under a 16-bit float query. A float32 query keeps float32 dots
+  (its precision is the point of asking); int4 V is cast to the query dtype.
   """
-  return (jnp.dtype(key_dtype) == jnp.int8 and jnp.dtype(value_dtype) == jnp.int8
+  return (jnp.dtype(value_dtype) == jnp.int8
           and jnp.dtype(query_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 

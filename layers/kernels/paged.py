@@ -50,7 +50,6 @@ from meshattn.layers.kernels.decode_common import (
     dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
     unpack_gpu_refs)
-from meshattn.layers.kernels.decode_int8 import uses_int8_dots
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 
@@ -140,8 +139,7 @@ def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, 
                            soft_cap=soft_cap)
   gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=0,
                      last=pl.cdiv(length, block_kv), group=group,
-                     blocks_per_split=blocks_per_split,
-                     int8_dots=uses_int8_dots(q_ref.dtype, k_ref.dtype, v_ref.dtype))
+                     blocks_per_split=blocks_per_split)
 
 
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
@@ -229,9 +227,9 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, max_pages, kv_he
     sink_ref, *rest = rest  # [K, G, 1]
   o_ref, m_ref, l_ref, acc_ref = rest  # [K, G, H], [K, G, 1], [K, G, 1], [K, G, H]
   b, i = pl.program_id(0), pl.program_id(1)
-  length = lengths_ref[b]
-  group, head_dim = q_ref.shape[1], q_ref.shape[2]
   tpp = k_refs[0].shape[0]
+  length = jnp.minimum(lengths_ref[b], max_pages * tpp)  # entries past the table do not exist
+  group, head_dim = q_ref.shape[1], q_ref.shape[2]
 
   @pl.when(i == 0)
   def _init():
@@ -280,7 +278,8 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 
   def page_map(j, trailing: int):
     def index_map(b, i, lengths_ref, table_ref):
-      slot = _page_slot(lengths_ref[b], i, j, tpp=tpp, pages_per_block=ppb)
+      length = jnp.minimum(lengths_ref[b], max_pages * tpp)  # as in the kernel
+      slot = _page_slot(length, i, j, tpp=tpp, pages_per_block=ppb)
       page = jnp.maximum(table_ref[b * max_pages + slot], 0)  # -1: masked in the kernel
       return (page, 0) + (0,) * trailing
     return index_map

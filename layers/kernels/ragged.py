@@ -19,11 +19,11 @@ int8 K/V (kvcache.quant layout: scales [B, S, K or 1] per token, or per
 token and kv head) are read as they are stored, so the cache is never copied
 to full precision. The tiles are never dequantized element-wise: the K
 scales multiply the [G, block] logits after the q.k dot and the V scales
-multiply the probabilities before p.v (`gpu_tile_update`). On GPU, int8
-K/V under a bfloat16 / float16 query run both dots on int8 tensor cores
-(q and p * v_scale as two exact int8 terms per row, see
-`gpu_tile_update`); other integer tiles are cast exactly to the query
-dtype (a float32 query then runs float32 IEEE dots, which is slow). The
+multiply the probabilities before p.v (`gpu_tile_update`). On GPU an
+integer K tile is cast exactly to the query dtype for q.k (a float32
+query then runs float32 IEEE dots, which is slow), and int8 V under a
+bfloat16 / float16 query runs p.v on int8 tensor cores (p * v_scale as two
+exact int8 terms per row, `decode_int8.py`). The
 GPU kernel also reads int4 K/V (the Triton lowering loads a contiguous
 int4 row as bytes); the paged and TPU kernels take float or int8; the
 reference takes any.
@@ -87,7 +87,6 @@ from meshattn.layers.kernels.decode_common import (
     dequantize_or_cast, finish, gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2,
     masked_decode_attention, next_pow2, online_block_update, split_layout, split_nonempty,
     unpack_gpu_refs, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
-from meshattn.layers.kernels.decode_int8 import uses_int8_dots
 
 
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
@@ -178,8 +177,7 @@ def _gpu_kernel(*refs, block_kv, blocks_per_split, kv_len, group, scale, soft_ca
   body = functools.partial(_gpu_block, refs=(k_ref, v_ref, ks_ref, vs_ref), length=length, lo=lo,
                            block_kv=block_kv, scale=scale, soft_cap=soft_cap)
   gpu_decode_program(body, q_ref=q_ref, sink_ref=sink_ref, out_refs=out_refs, first=first,
-                     last=last, group=group, blocks_per_split=blocks_per_split,
-                     int8_dots=uses_int8_dots(q_ref.dtype, k_ref.dtype, v_ref.dtype))
+                     last=last, group=group, blocks_per_split=blocks_per_split)
 
 
 def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,

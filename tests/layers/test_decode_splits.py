@@ -313,3 +313,18 @@ def test_paged_missing_page_inside_length_is_masked(backend):
   visible[1, 2 * TPP:3 * TPP] = False
   expected = attention_np(q64, k64, v64, visible, scale=SCALE)
   np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+
+
+@BACKENDS
+def test_paged_lengths_past_the_table_are_clamped(backend):
+  """A length beyond the table's capacity (max_pages * tpp) means the whole table, as in the
+  reference: no kernel reads the next row's table entries or past the end of the table."""
+  arrays, kwargs, _ = paged_inputs("plain", 2, seed=7)
+  q, key_pages, value_pages, table, lengths = arrays
+  # Row 1 owns a full table; reading past it would take row 2's pages (visible, unmasked).
+  assert int(lengths[1]) == MAX_PAGES * TPP and bool(jnp.all(table[1] >= 0))
+  long = lengths.at[1].set(MAX_PAGES * TPP + 13).at[-1].set(MAX_PAGES * TPP + 100)
+  out = paged_decode_pallas(q, key_pages, value_pages, table, long, **kwargs,
+                            pages_per_block=2, interpret=True, backend=backend)
+  ref = paged_decode_reference(q, key_pages, value_pages, table, long, **kwargs)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
