@@ -156,11 +156,10 @@ class Attention(nnx.Module):
     return fn
 
   def _kernel_fn(self, mode: str, features: frozenset[str]):
+    """(kernel fn, masks_by_index): under shard_map an index-masked kernel keeps the query
+    length whole (registry.Kernel.masks_by_index)."""
     kernel = self._select(mode, features)
-    fn = self._load(kernel)
-    if kernel.masks_by_index:  # under shard_map the query length stays whole
-      fn = _IndexMasked(fn)
-    return fn
+    return self._load(kernel), kernel.masks_by_index
 
   # ---- call -----------------------------------------------------------------
 
@@ -329,11 +328,12 @@ class Attention(nnx.Module):
       dropout_on = dropout_rng is not None
       features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
                                 bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
-      kernel = self._kernel_fn("train", features)
+      kernel, by_index = self._kernel_fn("train", features)
       # Explicit partitioning; dropout and sown weights run auto-sharded
       # instead (one shard's RNG stream would repeat on every shard).
       context, weights = self._call_kernel(kernel, axes, query, key, value,
                                            shard=not dropout_on and not sow_weights,
+                                           split_length=not by_index,
                                            return_weights=sow_weights, **kernel_args)
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
@@ -341,13 +341,14 @@ class Attention(nnx.Module):
     return out.reshape(batch_shape + out.shape[1:])
 
   def _call_kernel(self, kernel, axes, query, key, value, *, shard: bool = True,
-                   return_weights: bool = False, **kernel_args):
-    """A train kernel: under shard_map over the mesh (if any and `shard`), else as is."""
+                   split_length: bool = True, return_weights: bool = False, **kernel_args):
+    """A train kernel: under shard_map over the mesh (if any and `shard`), else as is.
+
+    split_length: whether shard_map may split the query length (False for
+    kernels that mask by token index, see `sharded_kernel_call`)."""
     if self.mesh is not None and shard:
       return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
-                                 query, key, value,
-                                 split_length=not isinstance(kernel, _IndexMasked),
-                                 **kernel_args)
+                                 query, key, value, split_length=split_length, **kernel_args)
     return kernel(query, key, value, return_weights=return_weights, **kernel_args)
 
   def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):
@@ -363,7 +364,7 @@ class Attention(nnx.Module):
     segments = padded and self.settings.mask.attention_type == "full"
     features = self._features("train", segments=segments) - {"backward"}
     try:
-      kernel = self._kernel_fn("train", features)
+      kernel, by_index = self._kernel_fn("train", features)
     except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
       return None
     options = self._kernel_options()
@@ -373,7 +374,8 @@ class Attention(nnx.Module):
       idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [b, T] = positions
       seg = valid.astype(jnp.int32) if segments else None  # [b, T]
       context, _ = self._call_kernel(
-          kernel, axes, query, key, value, options=options, q_positions=idx, kv_positions=idx,
+          kernel, axes, query, key, value, split_length=not by_index, options=options,
+          q_positions=idx, kv_positions=idx,
           q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks, mask=None, bias=None,
           dropout_rng=None, deterministic=True)  # [b, T, N, H]
       return jnp.where(valid[:, :, None, None], context, 0.0).astype(query.dtype)
@@ -461,16 +463,6 @@ class Attention(nnx.Module):
             fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(context, axes)
-
-
-class _IndexMasked:
-  """A loaded kernel whose masks use token indices, not the positions it is given."""
-
-  def __init__(self, fn):
-    self.fn = fn
-
-  def __call__(self, *args, **kwargs):
-    return self.fn(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -83,25 +83,23 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
 
 def _fresh_or_cached(all_fresh: jax.Array, fresh: StepAttention | None, cached: StepAttention,
                      operands: tuple[jax.Array, ...]) -> jax.Array:
-  """fresh(*operands) if all_fresh else cached(*operands), without a host sync under jit."""
+  """fresh(*operands) if all_fresh else cached(*operands), without a host sync under jit.
+
+  A fresh kernel that refuses the operands (ValueError / NotImplementedError
+  while tracing: a shape it cannot tile) falls back to cached; an error of
+  the cached path itself is raised again by that fallback.
+  """
   eager = not isinstance(all_fresh, jax.core.Tracer)
   # Eagerly a non-fresh step never touches the fresh kernel (not even to trace it).
-  if fresh is None or (eager and not bool(all_fresh)) or not _accepts(fresh, operands):
+  if fresh is None or (eager and not bool(all_fresh)):
     return cached(*operands)
-  if eager:
-    return fresh(*operands)
-  return jax.lax.cond(all_fresh, fresh, cached, *operands)
-
-
-def _accepts(fresh: StepAttention, operands: tuple[jax.Array, ...]) -> bool:
-  """Whether fresh traces on these operands (kernels refuse what they cannot
-  tile with ValueError); tracing only, nothing runs."""
   try:
-    jax.eval_shape(fresh, *operands)
+    if eager:
+      return fresh(*operands)
+    return jax.lax.cond(all_fresh, fresh, cached, *operands)
   except (ValueError, NotImplementedError) as err:
     logger.info("fresh-prompt prefill kernel refused the inputs (%s); using the cached path", err)
-    return False
-  return True
+    return cached(*operands)
 
 
 def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array, *,

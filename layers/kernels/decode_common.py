@@ -170,8 +170,8 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
       v = v.astype(jnp.float32) * v_scale  # [bk, H]
     dtype = q.dtype if q.dtype == k.dtype else jnp.float32
     v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H]
-    logits = lax.dot_general(q.astype(dtype), k.astype(dtype), (((1,), (1,)), ((), ())),
-                             precision=_HIGHEST, preferred_element_type=jnp.float32)  # [G, bk]
+    logits = lax.dot_general(q.astype(dtype), k.astype(dtype), _QK, precision=_HIGHEST,
+                             preferred_element_type=jnp.float32)  # [G, bk]
     logits = logits * scale
     if soft_cap:
       logits = soft_cap * jnp.tanh(logits / soft_cap)
@@ -185,8 +185,7 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
   for logits, v, valid_row, dtype in parts:
     p = jnp.where(valid_row, jnp.exp(logits - m_new), 0.0)  # [G, bk]
     l_new = l_new + p.sum(axis=1, keepdims=True)
-    acc_new = acc_new + lax.dot_general(p.astype(dtype), v, (((1,), (0,)), ((), ())),
-                                        precision=_HIGHEST,
+    acc_new = acc_new + lax.dot_general(p.astype(dtype), v, _PV, precision=_HIGHEST,
                                         preferred_element_type=jnp.float32)  # [G, H]
   return m_new, l_new, acc_new
 

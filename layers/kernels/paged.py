@@ -182,7 +182,7 @@ def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
     for s in (key_scale, value_scale):
       head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
       s = s.reshape(total_pages * tpp, s.shape[-1])  # [P * tpp, K or 1]
-      operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
+      operands.append(s.astype(jnp.float32))  # a no-op for the cache's float32
       in_specs.append(pl.BlockSpec((total_pages * tpp, None),
                                    lambda b, k, *_, head=head: (0, head(k))))
   kernel = functools.partial(

@@ -213,7 +213,7 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   if quantized:
     for s in (key_scale, value_scale):
       head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
-      operands.append(s if s.dtype == jnp.float32 else s.astype(jnp.float32))
+      operands.append(s.astype(jnp.float32))  # a no-op for the cache's float32
       in_specs.append(pl.BlockSpec((None, kv_len, None),
                                    lambda b, k, *_, head=head: (b, 0, head(k))))
   kernel = functools.partial(

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 
 N, H = 4, 16
 S = 36  # ragged capacity: not a multiple of BLOCK
@@ -178,3 +179,18 @@ def numpy_for(case, np_inputs, lengths, capacity, window=None):
   visible = ragged_visible_np(lengths, capacity, window)
   return attention_np(q64, np.nan_to_num(k64), np.nan_to_num(v64), visible, scale=SCALE,
                       soft_cap=soft_cap, sinks=sinks)
+
+
+def check_ragged_pallas(case, kv_heads, seed=0, **kernel_kwargs):
+  """The ragged Pallas kernel (interpret mode, block BLOCK) on ragged_inputs(case) against the
+  JAX reference and the float64 NumPy attention; returns its output."""
+  q, k, v, kwargs, np_inputs = ragged_inputs(case, kv_heads, seed=seed)
+  lengths = jnp.asarray(LENGTHS)
+  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
+  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                             **kernel_kwargs)
+  assert out.shape == (len(LENGTHS), N, H) and out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
+  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
+  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  return out

@@ -22,8 +22,8 @@ from meshattn.layers.kernels.ragged import (
     RAGGED_FEATURES, ragged_decode_pallas, ragged_decode_reference)
 
 from helpers.decode_inputs import (
-    BACKENDS, BLOCK, CASES, H, KV_HEADS, LENGTHS, MAX_PAGES, N, PAGED_CASES, PAGED_LENGTHS, S, TOL,
-    TPP, kernel_matrix, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np, to_pages)
+    BACKENDS, BLOCK, CASES, KV_HEADS, LENGTHS, MAX_PAGES, PAGED_CASES, PAGED_LENGTHS, S, TOL,
+    TPP, check_ragged_pallas, kernel_matrix, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np, to_pages)
 
 
 # ---- ragged -----------------------------------------------------------------------------
@@ -48,15 +48,7 @@ def test_ragged_reference_vs_numpy(case, kv_heads):
 @BACKENDS
 @kernel_matrix(list(CASES))
 def test_ragged_pallas_vs_reference(case, kv_heads, backend):
-  q, k, v, kwargs, np_inputs = ragged_inputs(case, kv_heads)
-  lengths = jnp.asarray(LENGTHS)
-  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
-  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
-                             backend=backend)
-  assert out.shape == (len(LENGTHS), N, H) and out.dtype == q.dtype
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
-  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
-  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  check_ragged_pallas(case, kv_heads, backend=backend)
 
 
 @BACKENDS

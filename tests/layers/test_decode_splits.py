@@ -18,8 +18,8 @@ from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_refe
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 
 from helpers.decode_inputs import (
-    BACKENDS, BLOCK, CASES, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP,
-    attention_np, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np)
+    BACKENDS, BLOCK, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP,
+    attention_np, check_ragged_pallas, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np)
 
 
 # ---- split-K (flash-decoding) GPU variants ------------------------------------------------
@@ -35,15 +35,7 @@ SPLIT_CASES = [("plain", 3), ("window", 3), ("soft_cap", 8), ("sinks", 3), ("int
 @pytest.mark.parametrize("case, num_splits", SPLIT_CASES,
                          ids=[f"{c}-p{p}" for c, p in SPLIT_CASES])
 def test_ragged_split_vs_reference(case, num_splits):
-  q, k, v, kwargs, np_inputs = ragged_inputs(case, 2, seed=11)
-  lengths = jnp.asarray(LENGTHS)
-  ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
-  out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
-                             num_splits=num_splits)
-  assert out.shape == (len(LENGTHS), N, H) and out.dtype == q.dtype
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), **TOL)
-  expected = numpy_for(case, np_inputs, LENGTHS, S, CASES[case][0])
-  np.testing.assert_allclose(np.asarray(out), expected, **TOL)
+  out = check_ragged_pallas(case, 2, seed=11, num_splits=num_splits)
   np.testing.assert_array_equal(np.asarray(out)[0], 0.0)  # the row of length 0
 
 

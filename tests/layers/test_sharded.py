@@ -118,18 +118,18 @@ def _index_masked_kernel(query, key, value, *, q_positions, kv_positions, **kwar
 def test_index_masked_kernel_is_not_split_over_context(topology, monkeypatch):
   """A flash-style kernel sees whole query rows under a context-sharded mesh; split, a later
   shard's queries would be masked as if they started at position 0."""
-  from meshattn.layers import attention as attention_module
   mesh = make_mesh(*topology)
   x = jax.random.normal(jax.random.key(1), (4, 16, 32), jnp.float32)  # [B, T, D]
   pos = jnp.broadcast_to(jnp.arange(16), (4, 16))  # train mode: token indices
   reference = build(None, 2)
   want = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(reference, x)
   model = shard_module(build(mesh, 2), mesh, reference.settings.logical_axis_rules)
-  monkeypatch.setattr(Attention, "_kernel_fn", lambda self, mode, features:
-                      attention_module._IndexMasked(_index_masked_kernel))
+  monkeypatch.setattr(Attention, "_kernel_fn",
+                      lambda self, mode, features: (_index_masked_kernel, True))
   got = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(model, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # The same kernel with the query length split over `context` is wrong: the test can fail.
-  monkeypatch.setattr(Attention, "_kernel_fn", lambda self, mode, features: _index_masked_kernel)
+  monkeypatch.setattr(Attention, "_kernel_fn",
+                      lambda self, mode, features: (_index_masked_kernel, False))
   wrong = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(model, x)
   assert not np.allclose(wrong, want, rtol=1e-3, atol=1e-3)
