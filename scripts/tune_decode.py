@@ -80,16 +80,20 @@ KERNELS = ("ragged", "paged", "ragged int8")
 # dots on the tiles as loaded: 64 keys at 3 stages ~40 KB, but 168 registers
 # per thread allow 3 programs per SM (ncu, jax 0.11.2).
 CANDIDATES = {
-    "ragged": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16), dict(num_warps=8),
+    "ragged": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16), dict(num_warps=2),
+               dict(num_warps=8),
                dict(block_kv=64, num_stages=3), dict(block_kv=64), dict(block_kv=256),
                dict(blocks_per_split=32), dict(num_splits=1),
                dict(block_kv=64, num_stages=3, num_warps=8), dict(block_kv=64, num_stages=4),
                dict(num_stages=3)],
-    "paged": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16), dict(num_warps=8),
+    "paged": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16), dict(num_warps=2),
+              dict(num_warps=8),
               dict(pages_per_block=4, num_stages=3), dict(pages_per_block=4),
               dict(pages_per_block=16), dict(blocks_per_split=32), dict(num_splits=1),
               dict(pages_per_block=4, num_stages=3, num_warps=8), dict(num_stages=3)],
-    "ragged int8": [{}, dict(blocks_per_split=4), dict(blocks_per_split=16),
+    "ragged int8": [{}, dict(num_warps=2), dict(num_warps=2, block_kv=128),
+                    dict(num_warps=2, num_stages=4), dict(num_warps=2, blocks_per_split=16),
+                    dict(blocks_per_split=4), dict(blocks_per_split=16),
                     dict(block_kv=256, num_warps=8), dict(block_kv=64, num_stages=3),
                     dict(num_warps=8), dict(block_kv=256), dict(num_stages=3),
                     dict(blocks_per_split=32), dict(block_kv=64, num_stages=4),

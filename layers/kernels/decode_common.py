@@ -84,8 +84,8 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   exact in bfloat16), so a bfloat16 query keeps an exact bfloat16
   tensor-core dot.
 
-  p.v: int8 V under a 16-bit query (`uses_int8_pv`) runs on int8 tensor
-  cores with the V tile as loaded: p * v_scale is split per tile into two
+  p.v: int8 V under a 16-bit query (`uses_int8_pv`: tiles of 32 keys or
+  more) runs on int8 tensor cores with the V tile as loaded: p * v_scale is split per tile into two
   int8 terms hi + lo / 254 against a per-row scale (`rows_to_int8`), so
   the dot is two exact int8 x int8 -> int32 dots and p is within 1.6e-5 of
   its row's largest entry -- closer than the bfloat16 path's rounding of p
@@ -121,7 +121,7 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   l_new = l * correction + p.sum(axis=1, keepdims=True)  # [Gp, 1]
   if v_scale is not None:
     p = p * v_scale  # [Gp, bk] * [1, bk]
-  if uses_int8_pv(q.dtype, v.dtype):
+  if uses_int8_pv(q.dtype, v.dtype, v.shape[0]):
     p_hi, p_lo, p_scale = rows_to_int8(p)  # [Gp, bk] x2, [Gp, 1]
     pv = int8_pair_dot(p_hi, p_lo, v, _PV) * p_scale  # [Gp, H]
   else:

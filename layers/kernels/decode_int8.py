@@ -52,14 +52,22 @@ def rows_to_int8(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return hi, lo, jnp.where(live, amax * (1.0 / 127.0), 1.0)
 
 
-def uses_int8_pv(query_dtype, value_dtype) -> bool:
+# The K extent of an int8 tensor-core MMA (m16n8k32): a p.v dot over fewer
+# keys per tile is not run on int8 (Triton miscompiled 16-key int8 dots on
+# the H200: results far off the reference, docs/benchmarks.md 2026-11-29).
+INT8_DOT_MIN_KEYS = 32
+
+
+def uses_int8_pv(query_dtype, value_dtype, tile_keys: int) -> bool:
   """Whether the GPU decode kernels run p.v on int8 tensor cores (see gpu_tile_update).
 
-  int8 V under a 16-bit float query. A float32 query keeps float32 dots
-  (its precision is the point of asking); int4 V is cast to the query dtype.
+  int8 V under a 16-bit float query, in tiles of at least INT8_DOT_MIN_KEYS
+  keys. A float32 query keeps float32 dots (its precision is the point of
+  asking); int4 V, and smaller tiles, are cast to the query dtype.
   """
   return (jnp.dtype(value_dtype) == jnp.int8
-          and jnp.dtype(query_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+          and jnp.dtype(query_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and tile_keys >= INT8_DOT_MIN_KEYS)
 
 
 def int8_pair_dot(hi, lo, rhs, dims):

@@ -57,11 +57,12 @@ def test_rows_to_int8_extreme_rows():
 def test_which_inputs_use_int8_pv():
   """int8 V under a 16-bit float query only: float32 queries keep float32 dots, int4 and float
   caches keep the cast-to-query path."""
-  assert decode_int8.uses_int8_pv(jnp.bfloat16, jnp.int8)
-  assert decode_int8.uses_int8_pv(jnp.float16, jnp.int8)
-  assert not decode_int8.uses_int8_pv(jnp.float32, jnp.int8)
-  assert not decode_int8.uses_int8_pv(jnp.bfloat16, jnp.int4)
-  assert not decode_int8.uses_int8_pv(jnp.bfloat16, jnp.bfloat16)
+  assert decode_int8.uses_int8_pv(jnp.bfloat16, jnp.int8, 64)
+  assert decode_int8.uses_int8_pv(jnp.float16, jnp.int8, 32)
+  assert not decode_int8.uses_int8_pv(jnp.bfloat16, jnp.int8, 16)  # under the int8 MMA's K
+  assert not decode_int8.uses_int8_pv(jnp.float32, jnp.int8, 64)
+  assert not decode_int8.uses_int8_pv(jnp.bfloat16, jnp.int4, 64)
+  assert not decode_int8.uses_int8_pv(jnp.bfloat16, jnp.bfloat16, 64)
 
 
 @pytest.mark.parametrize("outlier", [None, 3000.0], ids=["plain", "outlier_channel"])
@@ -141,7 +142,7 @@ def test_ragged_int8_pv_within_output_rounding(num_splits, dtype, outlier):
   q = jnp.asarray(q, dtype)
   k, v, ks, vs = _int8_cache(rng, batch, cap, kv_heads, h)
   out = ragged_decode_pallas(q, k, v, lengths, scale=scale, key_scale=ks, value_scale=vs,
-                             block_kv=16, num_splits=num_splits, interpret=True)
+                             block_kv=32, num_splits=num_splits, interpret=True)
   visible = np.asarray(ragged_visible(lengths, cap, None))
   expected = attention_np(np.asarray(q, np.float64), _dequantized(k, ks), _dequantized(v, vs),
                           visible, scale=scale)
@@ -163,7 +164,7 @@ def test_paged_int8_pv_with_missing_pages_and_splits():
   lengths = jnp.asarray([45, 30, 20], jnp.int32)
   q = jnp.asarray(rng.normal(size=(batch, heads, h)), jnp.bfloat16)
   out = paged_decode_pallas(q, pool_k, pool_v, jnp.asarray(table), lengths, scale=h ** -0.5,
-                            key_scale=pool_ks, value_scale=pool_vs, pages_per_block=2,
+                            key_scale=pool_ks, value_scale=pool_vs, pages_per_block=4,
                             blocks_per_split=1, interpret=True)
   table = jnp.asarray(table)
   k = _dequantized(gather_pages(pool_k, table), gather_pages(pool_ks, table))
