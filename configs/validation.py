@@ -18,6 +18,7 @@ ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 KV_QUANT_DTYPES = ("int8", "int4")
 KV_QUANT_AXES = ("dkv", "heads_and_dkv")
+QUANTIZATION_MODES = ("", "int8")  # layers/quantization.py (kept equal by a test)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
   _one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
   if cfg["fused_qkv"] and cfg["share_kv_projections"]:
     _fail("fused_qkv", "fused_qkv and share_kv_projections cannot both be true")
+  _one_of(cfg, "quantization", QUANTIZATION_MODES)
   if not cfg["normalization_layer_epsilon"] > 0:
     _fail("normalization_layer_epsilon", f"must be > 0, got {cfg['normalization_layer_epsilon']}")
 

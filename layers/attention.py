@@ -34,6 +34,7 @@ from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_kernel_call
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
 from meshattn.layers.projections import DenseGeneral, RMSNorm
+from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
 from meshattn.sharding import constrain
@@ -60,8 +61,12 @@ class Attention(nnx.Module):
     s = settings
     n, k, h, d = s.num_query_heads, s.num_kv_heads, s.head_dim, s.emb_dim
     kv_d = s.kv_emb_dim or d
-    dense = dict(rngs=rngs, use_bias=s.use_bias, kernel_init=s.kernel_init, bias_init=s.bias_init,
-                 dtype=s.dtype, weight_dtype=s.weight_dtype, precision=s.precision)
+    quantized = projection_dot_general(s.quantization)  # None unless quantization is set
+    common = dict(rngs=rngs, use_bias=s.use_bias, kernel_init=s.kernel_init,
+                  bias_init=s.bias_init, dtype=s.dtype, weight_dtype=s.weight_dtype,
+                  precision=s.precision)
+    dense = dict(common, dot_general=s.qkv_dot_general or quantized)  # q / k / v
+    dense_out = dict(common, dot_general=s.out_dot_general or quantized)
     if s.fused_qkv:
       # [D, K, G + 2, H]: per kv head, its G query heads then its key and value,
       # so sharding K over `tensor` keeps every group's q/k/v on one shard.
@@ -78,7 +83,7 @@ class Attention(nnx.Module):
                                   bias_axes=("kv_heads", "kv_head_dim"), **dense)
     self.out = DenseGeneral((n, h), (s.out_features or d,),
                             kernel_axes=("q_heads", "kv_head_dim", "embed"), bias_axes=("embed",),
-                            **dense)
+                            **dense_out)
     if s.use_qk_norm:
       norm = dict(epsilon=s.normalization_layer_epsilon, dtype=s.dtype, weight_dtype=s.weight_dtype)
       self.query_norm = RMSNorm(h, **norm)

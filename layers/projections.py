@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+# jax.lax.dot_general's signature: (lhs, rhs, dimension_numbers, precision=None,
+# preferred_element_type=None) -> array. Quantized matmuls (AQT's DotGeneral,
+# `meshattn.layers.quantization`) plug in here.
+DotGeneral = Callable[..., jax.Array]
 default_kernel_init: Initializer = nnx.initializers.lecun_normal()
 default_bias_init: Initializer = nnx.initializers.zeros_init()
 
@@ -28,7 +32,12 @@ def _init_flat(init: Initializer, key, in_shape, out_shape, dtype) -> jax.Array:
 
 
 class DenseGeneral(nnx.Module):
-  """y[..., *out] = sum over the last len(in_shape) axes of x[..., *in] * kernel[*in, *out]."""
+  """y[..., *out] = sum over the last len(in_shape) axes of x[..., *in] * kernel[*in, *out].
+
+  dot_general (default jax.lax.dot_general) computes that contraction; a
+  replacement with the same signature (Flax's `qkv_dot_general` hook) can
+  quantize it.
+  """
 
   def __init__(
       self,
@@ -44,6 +53,7 @@ class DenseGeneral(nnx.Module):
       dtype: jnp.dtype | None = None,
       weight_dtype: jnp.dtype = jnp.float32,
       precision: jax.lax.Precision | None = None,
+      dot_general: DotGeneral | None = None,
   ):
     self.in_shape = tuple(in_shape)
     self.out_shape = tuple(out_shape)
@@ -51,6 +61,7 @@ class DenseGeneral(nnx.Module):
       raise ValueError(f"kernel_axes {kernel_axes} must name every kernel dimension")
     self.dtype = dtype
     self.precision = precision
+    self.dot_general = dot_general or jax.lax.dot_general
     kernel = _init_flat(kernel_init, rngs.params(), self.in_shape, self.out_shape, weight_dtype)
     self.kernel = nnx.Param(kernel, logical_axes=tuple(kernel_axes))
     if use_bias:
@@ -68,7 +79,7 @@ class DenseGeneral(nnx.Module):
     kernel = self.kernel[...].astype(dtype)
     x = x.astype(dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+    y = self.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y

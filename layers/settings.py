@@ -18,6 +18,7 @@ from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
+from meshattn.layers.quantization import check_quantization
 from meshattn.layers.rope import RopeSpec
 
 MODEL_MODES: tuple[str, ...] = ("train", "prefill", "autoregressive")
@@ -119,6 +120,12 @@ class AttentionSettings:
   use_bias: bool = False
   use_qk_norm: bool = False
   normalization_layer_epsilon: float = 1e-6
+  # Projection matmuls: `quantization` ("" or "int8", layers/quantization.py),
+  # or Flax-style hooks with jax.lax.dot_general's signature for the q/k/v
+  # (or fused qkv) projections and the output projection.
+  quantization: str = ""
+  qkv_dot_general: Callable[..., jax.Array] | None = None
+  out_dot_general: Callable[..., jax.Array] | None = None
   rope: RopeSpec = RopeSpec()
   max_target_length: int = 2048
   max_prefill_predict_length: int = 1024
@@ -161,6 +168,10 @@ class AttentionSettings:
       raise ValueError(f"qkv_features={self.qkv_features} != num_query_heads * head_dim = {n * self.head_dim}")
     if self.rope.enabled:
       self.rope.rotary_dim(self.head_dim)  # raises if the rotated width is odd
+    check_quantization(self.quantization)
+    if self.quantization and (self.qkv_dot_general or self.out_dot_general):
+      raise ValueError(f"quantization={self.quantization!r} sets the projections' dot_general; "
+                       "give it or qkv_dot_general / out_dot_general, not both")
     if self.fused_qkv and self.share_kv_projections:
       raise ValueError("fused_qkv and share_kv_projections cannot both be true")
     if self.fused_qkv and self.kv_emb_dim not in (None, self.emb_dim):
@@ -222,6 +233,7 @@ class AttentionSettings:
         broadcast_dropout=c.broadcast_dropout, fused_qkv=c.fused_qkv,
         share_kv_projections=c.share_kv_projections, use_bias=c.use_bias,
         use_qk_norm=c.use_qk_norm, normalization_layer_epsilon=c.normalization_layer_epsilon,
+        quantization=c.quantization,
         rope=rope, max_target_length=c.max_target_length,
         max_prefill_predict_length=c.max_prefill_predict_length,
         kv_quant=KVQuant(c.kv_quant_dtype, c.kv_quant_axis) if c.quantize_kvcache else None,

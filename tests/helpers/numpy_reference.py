@@ -162,8 +162,14 @@ def attention_layer_np(
     sinks: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     bias: np.ndarray | None = None,
+    dense=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(out [B, T, Dout], weights [B, N, T, S]) in float64. See the module docstring."""
+  """(out [B, T, Dout], weights [B, N, T, S]) in float64. See the module docstring.
+
+  dense(x, kernel, n_in) computes each projection (default: a float64
+  tensordot over x's last n_in axes; `int8_dense_np` for quantization="int8").
+  """
+  dense = dense or (lambda x, kernel, n_in: np.tensordot(x, kernel, axes=n_in))
   f64 = lambda a: None if a is None else np.asarray(a, np.float64)
   p = {name: f64(value) for name, value in params.items()}
   x_q = f64(x_q)
@@ -180,17 +186,16 @@ def attention_layer_np(
     return y + p[name] if use_bias else y
 
   if fused_qkv:
-    qkv = maybe_bias(np.einsum("btd,dkjh->btkjh", x_q, p["qkv_proj.kernel"]), "qkv_proj.bias")
+    qkv = maybe_bias(dense(x_q, p["qkv_proj.kernel"], 1), "qkv_proj.bias")  # [B, T, K, G+2, H]
     q = np.empty((batch, q_len, n_heads, h))
     for n in range(n_heads):
       q[:, :, n] = qkv[:, :, n // group, n % group]
     k = qkv[:, :, :, group]
     v = qkv[:, :, :, group + 1]
   else:
-    q = maybe_bias(np.einsum("btd,dnh->btnh", x_q, p["query.kernel"]), "query.bias")
-    k = maybe_bias(np.einsum("bsd,dkh->bskh", x_kv, p["key.kernel"]), "key.bias")
-    v = k if share_kv else maybe_bias(np.einsum("bsd,dkh->bskh", x_kv, p["value.kernel"]),
-                                      "value.bias")
+    q = maybe_bias(dense(x_q, p["query.kernel"], 1), "query.bias")  # [B, T, N, H]
+    k = maybe_bias(dense(x_kv, p["key.kernel"], 1), "key.bias")  # [B, S, K, H]
+    v = k if share_kv else maybe_bias(dense(x_kv, p["value.kernel"], 1), "value.bias")
 
   if use_qk_norm:
     q = rms_norm_np(q, p["query_norm.scale"], eps)
@@ -201,7 +206,7 @@ def attention_layer_np(
   vis = _visible(batch, n_heads, q_len, kv_len, attention_type, window, chunk, segment_ids, mask)
   context, weights = attention_core_np(q, k, v, scale=scale, visible=vis, soft_cap=soft_cap,
                                        sinks=sinks, bias=bias)
-  out = np.einsum("btnh,nho->bto", context, p["out.kernel"])
+  out = dense(context, p["out.kernel"], 2)  # [B, T, Dout]
   out = maybe_bias(out, "out.bias")
   return out, weights
 
@@ -401,3 +406,18 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
             acc += ctx[n, j] * p["out.kernel"][n, j, o]
         out[b, t, o] = acc
   return out, weights
+
+
+def int8_dense_np(x: np.ndarray, kernel: np.ndarray, n_in: int) -> np.ndarray:
+  """quantization="int8" in float64: x's last n_in axes contracted with kernel's first n_in,
+  both operands symmetric int8 against their absolute maximum over the contracted axes (x per
+  token, the kernel per output feature): q = clip(round(a / (amax / 127.5)), -127, 127)."""
+  def quantize(a, axes):
+    step = np.abs(a).max(axis=axes, keepdims=True) / 127.5
+    step = np.where(step > 0, step, 1.0)
+    return np.clip(np.round(a / step), -127, 127), step
+  qx, sx = quantize(np.asarray(x, np.float64), tuple(range(x.ndim - n_in, x.ndim)))
+  qk, sk = quantize(np.asarray(kernel, np.float64), tuple(range(n_in)))
+  y = np.tensordot(qx, qk, axes=n_in)  # [*batch, *out], exact integers
+  sx = sx.reshape(sx.shape[:x.ndim - n_in] + (1,) * (kernel.ndim - n_in))
+  return y * sx * sk.reshape(sk.shape[n_in:])
