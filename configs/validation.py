@@ -18,7 +18,8 @@ ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 KV_QUANT_DTYPES = ("int8", "int4")
 KV_QUANT_AXES = ("dkv", "heads_and_dkv")
-QUANTIZATION_MODES = ("", "int8")  # layers/quantization.py (kept equal by a test)
+QUANTIZATION_MODES = ("", "int8")
+QK_NORM_TYPES = ("rms", "l2", "layernorm")  # layers/projections.py (kept equal by a test)  # layers/quantization.py (kept equal by a test)
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,13 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
   if cfg["fused_qkv"] and cfg["share_kv_projections"]:
     _fail("fused_qkv", "fused_qkv and share_kv_projections cannot both be true")
   _one_of(cfg, "quantization", QUANTIZATION_MODES)
+  _one_of(cfg, "qk_norm_type", QK_NORM_TYPES)
+  _at_least(cfg, "nope_layer_interval", 0)
+  _positive(cfg, "temperature_tuning_floor_scale")
+  if cfg["temperature_tuning"] and not (cfg["nope_layer_interval"] > 0
+                                        or cfg["rope_type"] == "none"):
+    _fail("temperature_tuning", "applies to layers without RoPE: set nope_layer_interval > 0 "
+          "(Llama 4) or rope_type none")
   if not cfg["normalization_layer_epsilon"] > 0:
     _fail("normalization_layer_epsilon", f"must be > 0, got {cfg['normalization_layer_epsilon']}")
 
@@ -127,10 +135,11 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
     _at_least(cfg, "original_max_position_embeddings", 1)
   if rope_type == "llama3.1":
     _positive(cfg, "rope_low_freq_factor")
-    if not cfg["rope_high_freq_factor"] > cfg["rope_low_freq_factor"]:
+    # Equal factors (Llama 4) leave no blended band between the two cut-offs.
+    if not cfg["rope_high_freq_factor"] >= cfg["rope_low_freq_factor"]:
       _fail(
         "rope_high_freq_factor",
-        f"must be > rope_low_freq_factor={cfg['rope_low_freq_factor']} for llama3.1, "
+        f"must be >= rope_low_freq_factor={cfg['rope_low_freq_factor']} for llama3.1, "
         f"got {cfg['rope_high_freq_factor']}",
       )
   if rope_type == "yarn" and not cfg["beta_fast"] > cfg["beta_slow"]:

@@ -33,7 +33,7 @@ from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_kernel_call
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
-from meshattn.layers.projections import DenseGeneral, RMSNorm
+from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
@@ -86,8 +86,8 @@ class Attention(nnx.Module):
                             **dense_out)
     if s.use_qk_norm:
       norm = dict(epsilon=s.normalization_layer_epsilon, dtype=s.dtype, weight_dtype=s.weight_dtype)
-      self.query_norm = RMSNorm(h, **norm)
-      self.key_norm = RMSNorm(h, **norm)
+      self.query_norm = make_qk_norm(s.qk_norm_type, h, **norm)
+      self.key_norm = make_qk_norm(s.qk_norm_type, h, **norm)
     if s.attention_sink:
       self.sinks = nnx.Param(jnp.zeros((n,), s.weight_dtype), logical_axes=("q_heads",))
     # Dropout draws from this layer's own stream unless the call passes rngs.
@@ -268,7 +268,18 @@ class Attention(nnx.Module):
       key = self.key_norm(key)
     query = apply_rope(query, q_pos, s.rope)  # [B, T, N, H]
     key = apply_rope(key, kv_pos, s.rope)  # [B, S, K, H]
+    if s.temperature_tuning:
+      query = self._temperature_tune(query, q_pos)
     return query, key, value
+
+  def _temperature_tune(self, query, positions):
+    """Llama 4's NoPE layers: query [B, T, N, H] times log(floor((p + 1) / floor_scale) + 1) *
+    scale + 1 at position p [B, T] (float32: positions past 256 are not exact in bfloat16)."""
+    s = self.settings
+    p = positions.astype(jnp.float32)
+    scales = jnp.log(jnp.floor((p + 1.0) / s.temperature_tuning_floor_scale) + 1.0)
+    scales = scales * s.temperature_tuning_scale + 1.0  # [B, T]
+    return (query.astype(jnp.float32) * scales[:, :, None, None]).astype(query.dtype)
 
   def _output(self, context, axes):
     """Context [B, T, N, H] -> output [B, T, D_out]."""

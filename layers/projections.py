@@ -86,7 +86,7 @@ class DenseGeneral(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis with a learned scale (QK norm)."""
+  """RMSNorm over the last axis with a learned scale (the default QK norm)."""
 
   def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
                dtype: jnp.dtype | None = None, weight_dtype: jnp.dtype = jnp.float32):
@@ -99,3 +99,48 @@ class RMSNorm(nnx.Module):
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
     out = normed * self.scale[...].astype(jnp.float32)
     return out.astype(self.dtype or x.dtype)
+
+
+class L2Norm(nnx.Module):
+  """x / sqrt(mean(x^2) + eps) over the last axis, no parameters (Llama 4's QK norm)."""
+
+  def __init__(self, *, epsilon: float = 1e-6, dtype: jnp.dtype | None = None):
+    self.epsilon = epsilon
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
+    return normed.astype(self.dtype or x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with a learned scale and no bias (Flax's normalize_qk)."""
+
+  def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
+               dtype: jnp.dtype | None = None, weight_dtype: jnp.dtype = jnp.float32):
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), weight_dtype), logical_axes=tuple(scale_axes))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
+                                     + self.epsilon)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
+
+
+QK_NORM_TYPES: tuple[str, ...] = ("rms", "l2", "layernorm")
+
+
+def make_qk_norm(norm_type: str, features: int, *, epsilon: float, dtype, weight_dtype):
+  """The QK norm of `norm_type`: rms (RMSNorm with a scale), l2 (no parameters), layernorm
+  (scale, no bias)."""
+  if norm_type == "rms":
+    return RMSNorm(features, epsilon=epsilon, dtype=dtype, weight_dtype=weight_dtype)
+  if norm_type == "l2":
+    return L2Norm(epsilon=epsilon, dtype=dtype)
+  if norm_type == "layernorm":
+    return LayerNorm(features, epsilon=epsilon, dtype=dtype, weight_dtype=weight_dtype)
+  raise ValueError(f"qk_norm_type={norm_type!r}: allowed {list(QK_NORM_TYPES)}")

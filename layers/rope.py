@@ -71,8 +71,9 @@ def _llama31_inv_freq(spec: RopeSpec, inv_freq: np.ndarray) -> np.ndarray:
   wavelen = 2.0 * math.pi / inv_freq
   low_freq_wavelen = old_len / spec.low_freq_factor
   high_freq_wavelen = old_len / spec.high_freq_factor
-  smooth = (old_len / wavelen - spec.low_freq_factor) / (
-      spec.high_freq_factor - spec.low_freq_factor)
+  band = spec.high_freq_factor - spec.low_freq_factor
+  # low == high (Llama 4): no band between the two cut-offs, nothing is blended.
+  smooth = (old_len / wavelen - spec.low_freq_factor) / band if band else np.zeros_like(wavelen)
   blended = (1.0 - smooth) * inv_freq / spec.factor + smooth * inv_freq
   return np.where(
       wavelen < high_freq_wavelen, inv_freq,

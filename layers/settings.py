@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
 from meshattn.layers.masks import MaskSpec
-from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
+from meshattn.layers.projections import (
+    QK_NORM_TYPES, Initializer, default_bias_init, default_kernel_init)
 from meshattn.layers.quantization import check_quantization
 from meshattn.layers.rope import RopeSpec
 
@@ -119,7 +120,13 @@ class AttentionSettings:
   share_kv_projections: bool = False
   use_bias: bool = False
   use_qk_norm: bool = False
+  qk_norm_type: str = "rms"  # rms (scale), l2 (no parameters, Llama 4), layernorm (Flax normalize_qk)
   normalization_layer_epsilon: float = 1e-6
+  # Llama 4: queries of a layer without RoPE scaled by
+  # log(floor((position + 1) / floor_scale) + 1) * scale + 1.
+  temperature_tuning: bool = False
+  temperature_tuning_scale: float = 0.1
+  temperature_tuning_floor_scale: float = 8192.0
   # Projection matmuls: `quantization` ("" or "int8", layers/quantization.py),
   # or Flax-style hooks with jax.lax.dot_general's signature for the q/k/v
   # (or fused qkv) projections and the output projection.
@@ -168,6 +175,16 @@ class AttentionSettings:
       raise ValueError(f"qkv_features={self.qkv_features} != num_query_heads * head_dim = {n * self.head_dim}")
     if self.rope.enabled:
       self.rope.rotary_dim(self.head_dim)  # raises if the rotated width is odd
+    if self.qk_norm_type not in QK_NORM_TYPES:
+      raise ValueError(f"qk_norm_type={self.qk_norm_type!r}: allowed {list(QK_NORM_TYPES)}")
+    if self.temperature_tuning and self.rope.enabled:
+      raise ValueError("temperature_tuning scales the queries of layers without RoPE (Llama 4's "
+                       "NoPE layers): this layer has rope_type="
+                       f"{self.rope.rope_type!r}; use rope_type 'none' (in a config: "
+                       "nope_layer_interval)")
+    if not self.temperature_tuning_floor_scale > 0:
+      raise ValueError(f"temperature_tuning_floor_scale={self.temperature_tuning_floor_scale}: "
+                       "must be > 0")
     check_quantization(self.quantization)
     if self.quantization and (self.qkv_dot_general or self.out_dot_general):
       raise ValueError(f"quantization={self.quantization!r} sets the projections' dot_general; "
@@ -201,7 +218,8 @@ class AttentionSettings:
   def from_config(cls, config, *, layer_idx: int = 0, **overrides) -> "AttentionSettings":
     """Read the layer's settings from a loaded config (configs.load_config).
 
-    `layer_idx` picks this layer's entry of `attention_layer_pattern`.
+    `layer_idx` picks this layer's entry of `attention_layer_pattern`, and
+    whether it is a NoPE layer (`nope_layer_interval`).
     """
     c = config
     pattern = tuple(c.attention_layer_pattern)
@@ -217,6 +235,11 @@ class AttentionSettings:
         high_freq_factor=c.rope_high_freq_factor,
         original_max_position_embeddings=c.original_max_position_embeddings,
         beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor)
+    # Llama 4's NoPE layers: every nope_layer_interval-th layer has no RoPE and
+    # no QK norm, and is the only kind temperature tuning applies to.
+    nope = c.nope_layer_interval > 0 and (layer_idx + 1) % c.nope_layer_interval == 0
+    if nope:
+      rope = dataclasses.replace(rope, rope_type="none")
     axes = ModeAxes(**{
         mode: ActivationAxes(*(tuple(c[f"{prefix}{part}_axis_names"])
                                for part in ("input", "query", "key", "value", "out")))
@@ -232,7 +255,11 @@ class AttentionSettings:
         float32_logits=c.float32_logits, dropout_rate=c.dropout_rate,
         broadcast_dropout=c.broadcast_dropout, fused_qkv=c.fused_qkv,
         share_kv_projections=c.share_kv_projections, use_bias=c.use_bias,
-        use_qk_norm=c.use_qk_norm, normalization_layer_epsilon=c.normalization_layer_epsilon,
+        use_qk_norm=c.use_qk_norm and not nope, qk_norm_type=c.qk_norm_type,
+        normalization_layer_epsilon=c.normalization_layer_epsilon,
+        temperature_tuning=c.temperature_tuning and not rope.enabled,
+        temperature_tuning_scale=c.temperature_tuning_scale,
+        temperature_tuning_floor_scale=c.temperature_tuning_floor_scale,
         quantization=c.quantization,
         rope=rope, max_target_length=c.max_target_length,
         max_prefill_predict_length=c.max_prefill_predict_length,

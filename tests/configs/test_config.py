@@ -98,6 +98,9 @@ def test_preset_values():
   scout = load(name="llama4-scout")
   assert scout.attention_layer_pattern == ("chunk", "chunk", "chunk", "global")
   assert scout.chunk_attn_window_size == 8192 and scout.use_qk_norm
+  assert (scout.qk_norm_type, scout.nope_layer_interval, scout.temperature_tuning) == ("l2", 4, True)
+  assert (scout.rope_type, scout.rope_factor, scout.rope_low_freq_factor,
+          scout.rope_high_freq_factor) == ("llama3.1", 16.0, 1.0, 1.0)
   tiny = load()
   assert (tiny.emb_dim, tiny.num_query_heads, tiny.num_kv_heads, tiny.head_dim) == (64, 4, 2, 16)
   assert (tiny.max_target_length, tiny.max_prefill_predict_length) == (64, 32)
@@ -313,3 +316,21 @@ def test_kernel_registry_can_extend_known_kernels(monkeypatch):
     load("attention=splash")
   monkeypatch.setattr(validation, "KNOWN_KERNELS", validation.KNOWN_KERNELS + ("splash",))
   assert load("attention=splash").attention == "splash"
+
+
+def test_nope_layers_follow_the_interval():
+  """nope_layer_interval 4: layers 3, 7, ... have no RoPE, no QK norm (so no norm params) and
+  are the layers temperature tuning applies to; the others keep both."""
+  from flax import nnx
+
+  from meshattn.layers import Attention, AttentionSettings
+
+  cfg = load("nope_layer_interval=4", "temperature_tuning=true", "use_qk_norm=true",
+             "qk_norm_type=layernorm")
+  for layer in range(8):
+    s = AttentionSettings.from_config(cfg, layer_idx=layer)
+    nope = layer % 4 == 3
+    assert (s.rope.enabled, s.use_qk_norm, s.temperature_tuning) == (not nope, not nope, nope)
+  names = lambda layer: {".".join(map(str, k)) for k, _ in nnx.state(
+      Attention(cfg, rngs=nnx.Rngs(0), layer_idx=layer), nnx.Param).flat_state()}
+  assert "query_norm.scale" in names(0) and "query_norm.scale" not in names(3)

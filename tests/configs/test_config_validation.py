@@ -124,8 +124,8 @@ INVALID = {
   "rope_factor_llama": (["rope_type=llama3.1", "rope_factor=0.5"], r"rope_factor: must be >= 1"),
   "rope_factor_yarn": (["rope_type=yarn", "rope_factor=0.5"], r"rope_factor: must be >= 1"),
   "llama_freq_factors": (
-    ["rope_type=llama3.1", "rope_high_freq_factor=1.0"],
-    r"rope_high_freq_factor: must be > rope_low_freq_factor=1.0",
+    ["rope_type=llama3.1", "rope_high_freq_factor=0.5"],
+    r"rope_high_freq_factor: must be >= rope_low_freq_factor=1.0",
   ),
   "llama_low_freq_zero": (
     ["rope_type=llama3.1", "rope_low_freq_factor=0"],
@@ -224,6 +224,17 @@ INVALID = {
   "decode_input_axis_names_length": (
     ["decode_input_axis_names=[a, b, c, d]"],
     r"decode_input_axis_names: must be a list of 3 str",
+  ),
+  "quantization_unknown": (["quantization=fp8"], r"quantization: 'fp8' is not one of \['', 'int8'\]"),
+  "qk_norm_type_unknown": (["qk_norm_type=rmsnorm"], r"qk_norm_type: 'rmsnorm' is not one of"),
+  "nope_interval_negative": (["nope_layer_interval=-1"], r"nope_layer_interval: must be >= 0"),
+  "temperature_floor_zero": (
+    ["temperature_tuning_floor_scale=0.0"],
+    r"temperature_tuning_floor_scale: must be > 0",
+  ),
+  "temperature_without_nope": (
+    ["temperature_tuning=true"],
+    r"temperature_tuning: applies to layers without RoPE",
   ),
   "query_axis_names_length": (
     ["query_axis_names=[a, b, c]"],

@@ -63,6 +63,10 @@ def ref_settings(kw: dict) -> dict:
       num_query_heads=n, num_kv_heads=k, head_dim=h, attention_type=mask.attention_type,
       window=mask.window, chunk=mask.chunk, soft_cap=kw.get("attn_logits_soft_cap"),
       scale=(kw.get("query_pre_attn_scalar") or h) ** -0.5,
-      use_qk_norm=kw.get("use_qk_norm", False), eps=kw.get("normalization_layer_epsilon", 1e-6),
+      use_qk_norm=kw.get("use_qk_norm", False), qk_norm_type=kw.get("qk_norm_type", "rms"),
+      eps=kw.get("normalization_layer_epsilon", 1e-6),
+      temperature=((kw.get("temperature_tuning_scale", 0.1),
+                    kw.get("temperature_tuning_floor_scale", 8192.0))
+                   if kw.get("temperature_tuning") else None),
       rope=rope, fused_qkv=kw.get("fused_qkv", False),
       share_kv=kw.get("share_kv_projections", False), use_bias=kw.get("use_bias", False))

@@ -61,7 +61,8 @@ def rope_frequencies(rope: Mapping | None, head_dim: int) -> tuple[np.ndarray, f
     big_l = r["original_max_position_embeddings"]
     low, high, factor = r["low_freq_factor"], r["high_freq_factor"], r["factor"]
     wavelen = 2.0 * np.pi / inv
-    smooth = (big_l / wavelen - low) / (high - low)
+    with np.errstate(divide="ignore", invalid="ignore"):  # low == high (Llama 4): never blended
+      smooth = (big_l / wavelen - low) / (high - low)
     blended = (1.0 - smooth) * inv / factor + smooth * inv
     short = wavelen < big_l / high  # high frequency: untouched
     long_ = wavelen > big_l / low  # low frequency: interpolated by `factor`
@@ -99,6 +100,24 @@ def apply_rope_np(x: np.ndarray, positions: np.ndarray, rope: Mapping | None) ->
 
 def rms_norm_np(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def qk_norm_np(x: np.ndarray, scale: np.ndarray | None, eps: float, kind: str) -> np.ndarray:
+  """The QK norm over the last axis: rms (with scale), l2 (no scale), layernorm (scale, no
+  bias)."""
+  if kind == "rms":
+    return rms_norm_np(x, scale, eps)
+  if kind == "l2":
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+  assert kind == "layernorm", kind
+  c = x - x.mean(axis=-1, keepdims=True)
+  return c / np.sqrt(np.mean(c * c, axis=-1, keepdims=True) + eps) * scale
+
+
+def temperature_scales_np(positions: np.ndarray, scale: float, floor_scale: float) -> np.ndarray:
+  """Llama 4's query scales at integer positions: log(floor((p + 1) / floor_scale) + 1) * scale
+  + 1."""
+  return np.log(np.floor((np.asarray(positions, np.float64) + 1) / floor_scale) + 1) * scale + 1
 
 
 # ---- masks --------------------------------------------------------------------
@@ -154,8 +173,10 @@ def attention_layer_np(
     soft_cap: float | None = None,
     scale: float,
     use_qk_norm: bool = False,
+    qk_norm_type: str = "rms",
     eps: float = 1e-6,
     rope: Mapping | None = None,
+    temperature: tuple[float, float] | None = None,
     fused_qkv: bool = False,
     share_kv: bool = False,
     use_bias: bool = False,
@@ -198,10 +219,12 @@ def attention_layer_np(
     v = k if share_kv else maybe_bias(dense(x_kv, p["value.kernel"], 1), "value.bias")
 
   if use_qk_norm:
-    q = rms_norm_np(q, p["query_norm.scale"], eps)
-    k = rms_norm_np(k, p["key_norm.scale"], eps)
+    q = qk_norm_np(q, p.get("query_norm.scale"), eps, qk_norm_type)
+    k = qk_norm_np(k, p.get("key_norm.scale"), eps, qk_norm_type)
   q = apply_rope_np(q, q_positions, rope)
   k = apply_rope_np(k, kv_positions, rope)
+  if temperature is not None:  # (scale, floor_scale), on the queries
+    q = q * temperature_scales_np(q_positions, *temperature)[:, :, None, None]
 
   vis = _visible(batch, n_heads, q_len, kv_len, attention_type, window, chunk, segment_ids, mask)
   context, weights = attention_core_np(q, k, v, scale=scale, visible=vis, soft_cap=soft_cap,
@@ -297,8 +320,9 @@ def _rope_vec(vec, pos, r: dict):
 def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_heads, head_dim,
                           q_positions, kv_positions=None, segment_ids=None,
                           attention_type="global", window=None, chunk=None, soft_cap=None, scale,
-                          use_qk_norm=False, eps=1e-6, rope=None, fused_qkv=False,
-                          share_kv=False, use_bias=False, sinks=None, mask=None, bias=None):
+                          use_qk_norm=False, qk_norm_type="rms", eps=1e-6, rope=None,
+                          temperature=None, fused_qkv=False, share_kv=False, use_bias=False,
+                          sinks=None, mask=None, bias=None):
   """Same contract as `attention_layer_np`, one scalar at a time."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   x_q = np.asarray(x_q, np.float64)
@@ -323,7 +347,12 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
     return out
 
   def norm(vec, sc):
+    if qk_norm_type == "layernorm":
+      mean = sum(vec) / len(vec)
+      vec = [e - mean for e in vec]
     ms = sum(e * e for e in vec) / len(vec)
+    if qk_norm_type == "l2":
+      return [e / math.sqrt(ms + eps) for e in vec]
     return [e / math.sqrt(ms + eps) * sc[j] for j, e in enumerate(vec)]
 
   def q_vec(b, t, n):
@@ -332,8 +361,13 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
     else:
       vec = proj(x_q[b, t], p["query.kernel"], p.get("query.bias"), (n,))
     if use_qk_norm:
-      vec = norm(vec, p["query_norm.scale"])
-    return _rope_vec(vec, q_positions[b][t], r)
+      vec = norm(vec, p.get("query_norm.scale"))
+    vec = _rope_vec(vec, q_positions[b][t], r)
+    if temperature is not None:
+      scale_t, floor_t = temperature
+      pos = float(q_positions[b][t])
+      vec = [e * (math.log(math.floor((pos + 1) / floor_t) + 1) * scale_t + 1) for e in vec]
+    return vec
 
   def k_vec(b, s, kk):
     if fused_qkv:
@@ -341,7 +375,7 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
     else:
       vec = proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
     if use_qk_norm:
-      vec = norm(vec, p["key_norm.scale"])
+      vec = norm(vec, p.get("key_norm.scale"))
     return _rope_vec(vec, kv_positions[b][s], r)
 
   def v_vec(b, s, kk):

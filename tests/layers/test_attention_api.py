@@ -212,3 +212,25 @@ def test_linen_bridge_matches_nnx():
     getattr(nnx_model, name).kernel[...] = params[name]["kernel"]
   np.testing.assert_allclose(out, nnx_model(x), rtol=1e-6, atol=1e-6)
   assert flax.__version__  # the bridge is Flax's own nnx.bridge
+
+
+def test_qk_norm_and_temperature_settings_errors():
+  from flax import nnx
+
+  from meshattn.layers import Attention, RopeSpec
+
+  base = dict(emb_dim=32, num_query_heads=4, head_dim=8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"qk_norm_type='rmsnorm': allowed \['rms', 'l2', 'layernorm'\]"):
+    Attention(use_qk_norm=True, qk_norm_type="rmsnorm", **base)
+  with pytest.raises(ValueError, match="temperature_tuning scales the queries of layers without "
+                                       "RoPE .* rope_type='default'"):
+    Attention(temperature_tuning=True, **base)
+  with pytest.raises(ValueError, match="temperature_tuning_floor_scale=0.0: must be > 0"):
+    Attention(temperature_tuning=True, temperature_tuning_floor_scale=0.0,
+              rope=RopeSpec("none"), **base)
+  # The L2 norm has no parameters; layernorm has a scale and no bias.
+  l2 = Attention(use_qk_norm=True, qk_norm_type="l2", **base)
+  ln = Attention(use_qk_norm=True, qk_norm_type="layernorm", **base)
+  keys = lambda m: sorted(".".join(map(str, k)) for k, _ in nnx.state(m, nnx.Param).flat_state())
+  assert keys(l2) == ["key.kernel", "out.kernel", "query.kernel", "value.kernel"]
+  assert "query_norm.scale" in keys(ln) and not any("norm.bias" in k for k in keys(ln))

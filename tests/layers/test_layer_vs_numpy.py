@@ -154,6 +154,12 @@ SELF_CHECK_CASES = {
         fused_qkv=False, share_kv=True, attention_type="global", rope=dict(type="default")),
     "split_norope_full": dict(
         fused_qkv=False, share_kv=False, attention_type="full", rope=dict(type="none")),
+    "split_norope_l2_temperature": dict(
+        fused_qkv=False, share_kv=False, attention_type="global", rope=dict(type="none"),
+        qk_norm_type="l2", temperature=(0.3, 2.0)),
+    "fused_layernorm_default": dict(
+        fused_qkv=True, share_kv=False, attention_type="global", rope=dict(type="default"),
+        qk_norm_type="layernorm"),
 }
 
 
@@ -196,7 +202,8 @@ def test_reference_matches_naive_loops(case):
   kw = dict(num_query_heads=n, num_kv_heads=k, head_dim=h, q_positions=q_pos, kv_positions=kv_pos,
             segment_ids=(q_seg, kv_seg), attention_type=c["attention_type"],
             window=c.get("window"), chunk=c.get("chunk"), soft_cap=1.5, scale=0.37,
-            use_qk_norm=True, eps=1e-6, rope=c["rope"], fused_qkv=c["fused_qkv"],
+            use_qk_norm=True, qk_norm_type=c.get("qk_norm_type", "rms"),
+            temperature=c.get("temperature"), eps=1e-6, rope=c["rope"], fused_qkv=c["fused_qkv"],
             share_kv=c["share_kv"], use_bias=True, sinks=rng.normal(size=n), mask=mask, bias=bias)
   out, w = attention_layer_np(params, x_q, x_kv, **kw)
   out_n, w_n = attention_layer_naive(params, x_q, x_kv, **kw)
@@ -226,6 +233,9 @@ FEATURES = {
     "soft_cap": dict(attn_logits_soft_cap=0.7),
     "sinks": dict(attention_sink=True),
     "qk_norm": dict(use_qk_norm=True, normalization_layer_epsilon=1e-3),
+    "qk_norm_l2": dict(use_qk_norm=True, qk_norm_type="l2"),
+    "qk_norm_layernorm": dict(use_qk_norm=True, qk_norm_type="layernorm",
+                              normalization_layer_epsilon=1e-3),
     "bias": dict(use_bias=True),
     "fused": dict(fused_qkv=True),
     "fused_bias": dict(fused_qkv=True, use_bias=True),
@@ -279,6 +289,9 @@ ROPES = {
     "default_theta_min": RopeSpec("default", min_timescale=2.0, max_timescale=500.0),
     "llama3.1": RopeSpec("llama3.1", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                          original_max_position_embeddings=160),
+    # Llama 4's scaling: low == high frequency factor, nothing blended.
+    "llama4": RopeSpec("llama3.1", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                       original_max_position_embeddings=160),
     "yarn": RopeSpec("yarn", factor=4.0, original_max_position_embeddings=160),
     "yarn_attention_factor": RopeSpec("yarn", factor=4.0, original_max_position_embeddings=160,
                                       beta_fast=16.0, beta_slow=2.0, attention_factor=1.3),
@@ -310,13 +323,23 @@ def test_rope_types_packed(rope, partial):
   _check_padding(res, seg)
 
 
-@pytest.mark.parametrize("rope", ["default", "llama3.1", "yarn"])
+@pytest.mark.parametrize("rope", ["default", "llama3.1", "llama4", "yarn"])
 def test_rope_scattered_positions_full_attention(rope):
   """Bidirectional attention over gapped positions: every relative position
   counts, so any error in the frequencies shows."""
   pos = scattered_positions(np.random.default_rng(3), B, T)
   spec = dataclasses.replace(ROPES[rope], partial_rotary_factor=0.5)
   run(layer_kwargs(rope=spec, mask=MaskSpec("full")), positions=pos)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_temperature_tuning_nope_layer(kv_heads):
+  """Llama 4's NoPE layer: no RoPE, queries scaled by log(floor((p + 1) / 4) + 1) * 0.3 + 1 at
+  gapped positions up to 23 (scales 1 to 1.56), causal."""
+  pos = scattered_positions(np.random.default_rng(5), B, T)
+  run(layer_kwargs(num_kv_heads=kv_heads, rope=RopeSpec("none"), temperature_tuning=True,
+                   temperature_tuning_scale=0.3, temperature_tuning_floor_scale=4.0),
+      positions=pos)
 
 
 def test_padding_without_bias_is_exactly_zero():

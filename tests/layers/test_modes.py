@@ -15,7 +15,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from meshattn.kvcache import KVQuant
-from meshattn.layers import Attention, MaskSpec
+from meshattn.layers import Attention, MaskSpec, RopeSpec
 
 EMB = 32
 QUANT_BOUND = {None: 1e-5, "int8": 2e-2, "int4": 0.25}
@@ -70,6 +70,19 @@ def test_prefill_decode_equals_train(kv_heads, mask):
   want = train(model, x)
   got = prefill_then_decode(model, x, prompt_len=4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama4_layers_prefill_decode_equal_train():
+  """A NoPE layer with temperature tuning (floor_scale 2: the query scale changes every other
+  position, so decode must use the cache position) and a RoPE layer with the weightless L2 QK
+  norm and chunked attention."""
+  x = tokens(2, 11)
+  nope = build(2, rope=RopeSpec("none"), temperature_tuning=True, temperature_tuning_scale=0.5,
+               temperature_tuning_floor_scale=2.0)
+  rope = build(2, use_qk_norm=True, qk_norm_type="l2", mask=MASKS["chunk"])
+  for model in (nope, rope):
+    np.testing.assert_allclose(prefill_then_decode(model, x, prompt_len=4), train(model, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_plain_prefill_decode_equals_train():

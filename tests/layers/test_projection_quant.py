@@ -20,7 +20,7 @@ from helpers.layer_params import randomize, ref_settings
 from helpers.numpy_reference import attention_layer_np, int8_dense_np
 from meshattn.configs import ConfigError, load_config, validation
 from meshattn.layers import Attention, MaskSpec
-from meshattn.layers.projections import DenseGeneral
+from meshattn.layers.projections import QK_NORM_TYPES, DenseGeneral
 from meshattn.layers.quantization import QUANTIZATION_MODES, projection_dot_general
 
 B, T, D = 2, 8, 32
@@ -36,6 +36,7 @@ def _rel(got, want):
 
 def test_config_modes_match_the_layer():
   assert validation.QUANTIZATION_MODES == QUANTIZATION_MODES
+  assert validation.QK_NORM_TYPES == QK_NORM_TYPES
 
 
 def test_dense_int8_matches_numpy_emulation():
