@@ -18,8 +18,8 @@ ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 KV_QUANT_DTYPES = ("int8", "int4")
 KV_QUANT_AXES = ("dkv", "heads_and_dkv")
-QUANTIZATION_MODES = ("", "int8")
-QK_NORM_TYPES = ("rms", "l2", "layernorm")  # layers/projections.py (kept equal by a test)  # layers/quantization.py (kept equal by a test)
+QUANTIZATION_MODES = ("", "int8")  # layers/quantization.py (kept equal by a test)
+QK_NORM_TYPES = ("rms", "l2", "layernorm")  # layers/projections.py (kept equal by a test)
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,9 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
   if cfg["fused_qkv"] and cfg["share_kv_projections"]:
     _fail("fused_qkv", "fused_qkv and share_kv_projections cannot both be true")
   _one_of(cfg, "quantization", QUANTIZATION_MODES)
+  if cfg["quantization"] and cfg["matmul_precision"] != "default":
+    _fail("quantization", f"{cfg['quantization']!r} runs integer matmuls and takes no "
+          f"matmul_precision (got {cfg['matmul_precision']!r}): use matmul_precision default")
   _one_of(cfg, "qk_norm_type", QK_NORM_TYPES)
   _at_least(cfg, "nope_layer_interval", 0)
   _positive(cfg, "temperature_tuning_floor_scale")

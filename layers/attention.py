@@ -263,11 +263,17 @@ class Attention(nnx.Module):
     query = checkpoint_name(self._constrain(query, axes.query), "query_proj")  # [B, T, N, H]
     key = checkpoint_name(self._constrain(key, axes.key), "key_proj")  # [B, S, K, H]
     value = checkpoint_name(self._constrain(value, axes.value), "value_proj")  # [B, S, K, H]
-    if s.use_qk_norm:
+    # Llama 4 applies its L2 norm after RoPE (the same unless RoPE scales,
+    # as YaRN's attention factor does); RMSNorm / LayerNorm go before it.
+    norm_after_rope = s.qk_norm_type == "l2"
+    if s.use_qk_norm and not norm_after_rope:
       query = self.query_norm(query)
       key = self.key_norm(key)
     query = apply_rope(query, q_pos, s.rope)  # [B, T, N, H]
     key = apply_rope(key, kv_pos, s.rope)  # [B, S, K, H]
+    if s.use_qk_norm and norm_after_rope:
+      query = self.query_norm(query)
+      key = self.key_norm(key)
     if s.temperature_tuning:
       query = self._temperature_tune(query, q_pos)
     return query, key, value

@@ -77,7 +77,7 @@ class DenseGeneral(nnx.Module):
       raise ValueError(f"input feature shape {x.shape[-n_in:]} != expected {self.in_shape}")
     dtype = self.dtype or jnp.result_type(x, self.kernel[...])
     kernel = self.kernel[...].astype(dtype)
-    x = x.astype(dtype)
+    x = jnp.asarray(x, dtype)  # also a NumPy input (AQT takes jax arrays only)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = self.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
     if self.bias is not None:

@@ -186,6 +186,9 @@ class AttentionSettings:
       raise ValueError(f"temperature_tuning_floor_scale={self.temperature_tuning_floor_scale}: "
                        "must be > 0")
     check_quantization(self.quantization)
+    if self.quantization and self.precision is not None:
+      raise ValueError(f"quantization={self.quantization!r} runs integer matmuls and takes no "
+                       f"precision (got {self.precision}): leave precision None")
     if self.quantization and (self.qkv_dot_general or self.out_dot_general):
       raise ValueError(f"quantization={self.quantization!r} sets the projections' dot_general; "
                        "give it or qkv_dot_general / out_dot_general, not both")

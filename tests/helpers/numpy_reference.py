@@ -218,11 +218,15 @@ def attention_layer_np(
     k = maybe_bias(dense(x_kv, p["key.kernel"], 1), "key.bias")  # [B, S, K, H]
     v = k if share_kv else maybe_bias(dense(x_kv, p["value.kernel"], 1), "value.bias")
 
-  if use_qk_norm:
+  after_rope = qk_norm_type == "l2"  # Llama 4's order; rms / layernorm come first
+  if use_qk_norm and not after_rope:
     q = qk_norm_np(q, p.get("query_norm.scale"), eps, qk_norm_type)
     k = qk_norm_np(k, p.get("key_norm.scale"), eps, qk_norm_type)
   q = apply_rope_np(q, q_positions, rope)
   k = apply_rope_np(k, kv_positions, rope)
+  if use_qk_norm and after_rope:
+    q = qk_norm_np(q, None, eps, qk_norm_type)
+    k = qk_norm_np(k, None, eps, qk_norm_type)
   if temperature is not None:  # (scale, floor_scale), on the queries
     q = q * temperature_scales_np(q_positions, *temperature)[:, :, None, None]
 
@@ -360,9 +364,11 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
       vec = proj(x_q[b, t], p["qkv_proj.kernel"], p.get("qkv_proj.bias"), (n // g_size, n % g_size))
     else:
       vec = proj(x_q[b, t], p["query.kernel"], p.get("query.bias"), (n,))
-    if use_qk_norm:
+    if use_qk_norm and qk_norm_type != "l2":
       vec = norm(vec, p.get("query_norm.scale"))
     vec = _rope_vec(vec, q_positions[b][t], r)
+    if use_qk_norm and qk_norm_type == "l2":
+      vec = norm(vec, None)
     if temperature is not None:
       scale_t, floor_t = temperature
       pos = float(q_positions[b][t])
@@ -374,9 +380,12 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
       vec = proj(x_q[b, s], p["qkv_proj.kernel"], p.get("qkv_proj.bias"), (kk, g_size))
     else:
       vec = proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
-    if use_qk_norm:
+    if use_qk_norm and qk_norm_type != "l2":
       vec = norm(vec, p.get("key_norm.scale"))
-    return _rope_vec(vec, kv_positions[b][s], r)
+    vec = _rope_vec(vec, kv_positions[b][s], r)
+    if use_qk_norm and qk_norm_type == "l2":
+      vec = norm(vec, None)
+    return vec
 
   def v_vec(b, s, kk):
     if fused_qkv:
@@ -442,16 +451,25 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
   return out, weights
 
 
+def int8_quantize_np(a: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(q, step): symmetric int8 against the absolute maximum over `axes`,
+  q = clip(round(a / (amax / 127.5)), -127, 127), so a ~= q * step."""
+  a = np.asarray(a, np.float64)
+  step = np.abs(a).max(axis=axes, keepdims=True) / 127.5
+  step = np.where(step > 0, step, 1.0)
+  return np.clip(np.round(a / step), -127, 127), step
+
+
+def int8_operands_np(x: np.ndarray, kernel: np.ndarray, n_in: int):
+  """The dequantized operands of quantization="int8": x per token (its last n_in axes), the
+  kernel per output feature (its first n_in axes)."""
+  qx, sx = int8_quantize_np(x, tuple(range(x.ndim - n_in, x.ndim)))
+  qk, sk = int8_quantize_np(kernel, tuple(range(n_in)))
+  return qx * sx, qk * sk
+
+
 def int8_dense_np(x: np.ndarray, kernel: np.ndarray, n_in: int) -> np.ndarray:
   """quantization="int8" in float64: x's last n_in axes contracted with kernel's first n_in,
-  both operands symmetric int8 against their absolute maximum over the contracted axes (x per
-  token, the kernel per output feature): q = clip(round(a / (amax / 127.5)), -127, 127)."""
-  def quantize(a, axes):
-    step = np.abs(a).max(axis=axes, keepdims=True) / 127.5
-    step = np.where(step > 0, step, 1.0)
-    return np.clip(np.round(a / step), -127, 127), step
-  qx, sx = quantize(np.asarray(x, np.float64), tuple(range(x.ndim - n_in, x.ndim)))
-  qk, sk = quantize(np.asarray(kernel, np.float64), tuple(range(n_in)))
-  y = np.tensordot(qx, qk, axes=n_in)  # [*batch, *out], exact integers
-  sx = sx.reshape(sx.shape[:x.ndim - n_in] + (1,) * (kernel.ndim - n_in))
-  return y * sx * sk.reshape(sk.shape[n_in:])
+  both operands quantized (`int8_operands_np`)."""
+  xq, kq = int8_operands_np(x, kernel, n_in)
+  return np.tensordot(xq, kq, axes=n_in)  # [*batch, *out]

@@ -149,6 +149,24 @@ def test_ragged_int8_pv_within_output_rounding(num_splits, dtype, outlier):
   _assert_within_output_rounding(out, expected, dtype)
 
 
+def test_ragged_int8_16_key_tiles_take_the_cast_path():
+  """16-key tiles are under the int8 MMA's K (32), so V is cast to the query dtype instead of
+  running the int8 dot (on the GPU, Triton miscompiled those dots): the result stays within
+  the bfloat16 path's error of float64 attention."""
+  rng = np.random.default_rng(6)
+  batch, heads, kv_heads, cap, h = 3, 8, 2, 40, 32
+  lengths = jnp.asarray([40, 3, 17], jnp.int32)
+  q = jnp.asarray(rng.normal(size=(batch, heads, h)), jnp.bfloat16)
+  k, v, ks, vs = _int8_cache(rng, batch, cap, kv_heads, h)
+  out = ragged_decode_pallas(q, k, v, lengths, scale=h ** -0.5, key_scale=ks, value_scale=vs,
+                             block_kv=16, num_splits=2, interpret=True)
+  visible = np.asarray(ragged_visible(lengths, cap, None))
+  expected = attention_np(np.asarray(q, np.float64), _dequantized(k, ks), _dequantized(v, vs),
+                          visible, scale=h ** -0.5)
+  err = np.abs(np.asarray(out, np.float64) - expected).max() / np.abs(expected).max()
+  assert err < 1e-2, err
+
+
 def test_paged_int8_pv_with_missing_pages_and_splits():
   """The paged GPU kernel on the int8 path (bfloat16 query), split-K, with a -1 slot inside a
   row's length and a row whose every page is missing: float64 over the visible entries."""

@@ -157,6 +157,9 @@ SELF_CHECK_CASES = {
     "split_norope_l2_temperature": dict(
         fused_qkv=False, share_kv=False, attention_type="global", rope=dict(type="none"),
         qk_norm_type="l2", temperature=(0.3, 2.0)),
+    "split_l2_yarn": dict(  # YaRN scales cos/sin: the L2 norm must come after RoPE
+        fused_qkv=False, share_kv=False, attention_type="global", qk_norm_type="l2",
+        rope=dict(type="yarn", factor=4.0, original_max_position_embeddings=160)),
     "fused_layernorm_default": dict(
         fused_qkv=True, share_kv=False, attention_type="global", rope=dict(type="default"),
         qk_norm_type="layernorm"),
@@ -234,6 +237,10 @@ FEATURES = {
     "sinks": dict(attention_sink=True),
     "qk_norm": dict(use_qk_norm=True, normalization_layer_epsilon=1e-3),
     "qk_norm_l2": dict(use_qk_norm=True, qk_norm_type="l2"),
+    # YaRN's attention factor scales q and k: after RoPE, the L2 norm removes it.
+    "qk_norm_l2_yarn": dict(use_qk_norm=True, qk_norm_type="l2",
+                            rope=RopeSpec("yarn", factor=4.0, original_max_position_embeddings=160,
+                                          attention_factor=1.5)),
     "qk_norm_layernorm": dict(use_qk_norm=True, qk_norm_type="layernorm",
                               normalization_layer_epsilon=1e-3),
     "bias": dict(use_bias=True),

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from helpers.layer_params import randomize, ref_settings
-from helpers.numpy_reference import attention_layer_np, int8_dense_np
+from helpers.numpy_reference import attention_layer_np, int8_dense_np, int8_operands_np
 from meshattn.configs import ConfigError, load_config, validation
 from meshattn.layers import Attention, MaskSpec
 from meshattn.layers.projections import QK_NORM_TYPES, DenseGeneral
@@ -114,9 +114,27 @@ def test_out_hook_result_is_used():
   assert not np.any(np.asarray(model(jnp.asarray(_x()))))
 
 
-def test_int8_gradients_follow_the_quantized_forward():
-  """Training through int8 projections: every parameter gets a finite gradient, within a few
-  percent of the float layer's (the backward differentiates the quantized forward)."""
+def test_dense_int8_gradients_use_the_quantized_operands():
+  """The backward of an int8 projection is the float backward of the quantized forward:
+  dx = g . deq(Q(W))^T and dW = deq(Q(x))^T . g, in float64 to float32 rounding. (A plain
+  float backward differs from these by ~1e-2.)"""
+  x, g = _x(shape=(2, 5, 16)), _x(seed=4, shape=(2, 5, 4, 3))
+  kernel = jnp.asarray(_x(seed=5, shape=(16, 4, 3)))
+  loss = lambda x, w: jnp.sum(projection_dot_general("int8")(
+      x, w, (((2,), (0,)), ((), ()))) * g)
+  dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), kernel)
+  xq, wq = int8_operands_np(x, np.asarray(kernel, np.float64), 1)
+  g64 = np.asarray(g, np.float64)
+  want_dx = np.tensordot(g64, wq, axes=([2, 3], [1, 2]))  # [2, 5, 16]
+  want_dw = np.tensordot(xq, g64, axes=([0, 1], [0, 1]))  # [16, 4, 3]
+  assert _rel(dx, want_dx) < 1e-5 and _rel(dw, want_dw) < 1e-5
+  float_dw = np.tensordot(np.asarray(x, np.float64), g64, axes=([0, 1], [0, 1]))
+  assert _rel(dw, float_dw) > 1e-3
+
+
+def test_int8_layer_gradients_are_finite_and_close_to_float():
+  """Through the whole layer: every parameter gets a finite gradient within a few percent of
+  the float layer's."""
   kw = dict(emb_dim=D, num_query_heads=4, num_kv_heads=2, head_dim=8, use_bias=True)
   x = jnp.asarray(_x())
   cot = jnp.asarray(_x(seed=3))
@@ -134,18 +152,25 @@ def test_int8_gradients_follow_the_quantized_forward():
     assert np.max(np.abs(a - b)) <= 5e-2 * np.max(np.abs(b)), jax.tree_util.keystr(path)
 
 
-def test_int8_prefill_decode_equals_train():
+@pytest.mark.parametrize("kv_quant", [None, "int8"], ids=["float_cache", "int8_cache"])
+def test_int8_prefill_decode_equals_train(kv_quant):
   """The cached modes run the same quantized projections (activations are quantized per
-  token, so batching and caching do not change them)."""
+  token, so batching and caching do not change them); with an int8 KV cache too, within the
+  cache's own bound (tests/layers/test_modes.py: 2e-2 of max |ref|)."""
+  from meshattn.kvcache import KVQuant
   model = Attention(rngs=nnx.Rngs(0), emb_dim=D, num_query_heads=4, num_kv_heads=2, head_dim=8,
-                    quantization="int8")
+                    quantization="int8", kv_quant=KVQuant(kv_quant) if kv_quant else None)
   x = jnp.asarray(_x())
   train = nnx.jit(lambda m, x: m(x))(model, x)
   step = nnx.jit(lambda m, x, mode: m(x, model_mode=mode), static_argnames="mode")
   model.init_cache(B, 16)
   outs = [step(model, x[:, :5], "prefill")]
   outs += [step(model, x[:, t:t + 1], "autoregressive") for t in range(5, T)]
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), train, rtol=1e-5, atol=1e-5)
+  got = jnp.concatenate(outs, axis=1)
+  if kv_quant is None:
+    np.testing.assert_allclose(got, train, rtol=1e-5, atol=1e-5)
+  else:
+    assert _rel(got, np.asarray(train, np.float64)) < 2e-2
 
 
 def test_int8_from_config_and_bad_values():
@@ -160,6 +185,19 @@ def test_int8_from_config_and_bad_values():
   with pytest.raises(ValueError, match="not both"):
     Attention(rngs=nnx.Rngs(0), emb_dim=D, num_query_heads=4, quantization="int8",
               qkv_dot_general=jax.lax.dot_general)
+  with pytest.raises(ConfigError, match="quantization: 'int8' runs integer matmuls and takes no "
+                                        "matmul_precision"):
+    load_config("tiny", "quantization=int8", "matmul_precision=highest")
+  with pytest.raises(ValueError, match="takes no precision"):
+    Attention(rngs=nnx.Rngs(0), emb_dim=D, num_query_heads=4, quantization="int8",
+              precision=jax.lax.Precision.HIGHEST)
+
+
+def test_int8_cached_modes_take_numpy_inputs():
+  model = Attention(rngs=nnx.Rngs(0), emb_dim=D, num_query_heads=4, num_kv_heads=2, head_dim=8,
+                    quantization="int8")
+  model.init_cache(B, 16)
+  assert model(_x(), model_mode="prefill").shape == (B, T, D)
 
 
 @pytest.mark.parametrize("topology", [(2, 2, 1, 2), (1, 2, 1, 4)], ids=["d2f2t2", "f2t4"])
