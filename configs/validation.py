@@ -127,6 +127,15 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
         "partial_rotary_factor",
         f"rotary dims int(head_dim * partial_rotary_factor) = {rotary} must be even and > 0",
       )
+    if cfg["use_mrope"]:
+      sections = cfg["mrope_section"]
+      if not sections or any(not isinstance(n, int) or n < 1 for n in sections):
+        _fail("mrope_section", f"use_mrope needs positive integers, got {_thaw(sections)}")
+      if sum(sections) != rotary // 2:
+        _fail("mrope_section", f"{_thaw(sections)} sums to {sum(sections)}; it must cover the "
+              f"{rotary // 2} rotated frequencies (rotary dims // 2)")
+  elif cfg["use_mrope"]:
+    _fail("use_mrope", "needs RoPE: rope_type is 'none'")
   _positive(cfg, "rope_min_timescale")
   if not cfg["rope_max_timescale"] > cfg["rope_min_timescale"]:
     _fail(

@@ -318,9 +318,9 @@ class Attention(nnx.Module):
     x_kv = x_q if self_attention else flat(inputs_kv, 2)  # [B, S, D_kv]
     q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
     kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
-    q_pos = flat(inputs_positions, 1)
-    q_pos = q_idx if q_pos is None else q_pos
-    kv_pos = flat(inputs_kv_positions, 1)
+    q_pos = self._flat_positions(inputs_positions, batch_shape, "inputs_positions")
+    q_pos = q_idx if q_pos is None else q_pos  # [B, T] or MRoPE [n, B, T]
+    kv_pos = self._flat_positions(inputs_kv_positions, batch_shape, "inputs_kv_positions")
     if kv_pos is None:
       # Decided by shape, not identity: under jit the same array passed twice
       # arrives as two tracers.
@@ -404,6 +404,23 @@ class Attention(nnx.Module):
 
     return attend
 
+  def _flat_positions(self, positions, batch_shape, name):
+    """RoPE positions [batch..., L] -> [B, L] (leading dims broadcast), or with MRoPE the
+    streams [n, batch..., L] -> [n, B, L]."""
+    if positions is None:
+      return None
+    batch = math.prod(batch_shape)
+    sections = self.settings.rope.mrope_section
+    streams = () if positions.ndim <= len(batch_shape) + 1 else (len(sections),)
+    if streams and (not sections or positions.ndim != len(batch_shape) + 2
+                    or positions.shape[0] != len(sections)):
+      raise ValueError(f"{name} has shape {positions.shape}: expected [batch..., length]"
+                       + (f" or [{len(sections)}, batch..., length] (MRoPE streams)" if sections
+                          else " (position streams need use_mrope / mrope_section)"))
+    length = positions.shape[-1]
+    positions = jnp.broadcast_to(positions, streams + tuple(batch_shape) + (length,))
+    return positions.reshape(streams + (batch, length))
+
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
     cache = self.cache
@@ -450,7 +467,13 @@ class Attention(nnx.Module):
     if model_mode == "autoregressive":
       valid = valid & (cache.lengths[...][rows] > 0)[:, None]  # empty slots stay empty
     positions = step_positions(cache, rows, length)  # [B, T]
-    rope_positions = positions if inputs_positions is None else inputs_positions
+    rope_positions = positions
+    if inputs_positions is not None:  # [B, T], or MRoPE streams [n, B, T]
+      rope_positions = self._flat_positions(jnp.asarray(inputs_positions), (batch,),
+                                            "inputs_positions")
+      if rope_positions.shape[-1] != length:
+        raise ValueError(f"inputs_positions has shape {inputs_positions.shape}: its last axis "
+                         f"must be the input length {length}")
 
     axes = s.axes[model_mode]
     query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rope_positions, rope_positions)

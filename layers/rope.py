@@ -1,4 +1,4 @@
-"""Rotary position embeddings: default, Llama 3.1 scaling, YaRN, partial rotary.
+"""Rotary position embeddings: default, Llama 3.1 scaling, YaRN, partial rotary, MRoPE.
 
 Convention: "rotate half". The rotated part of a head (its leading
 `rotary_dim` features) is split into halves x1, x2 and becomes
@@ -6,6 +6,13 @@ Convention: "rotate half". The rotated part of a head (its leading
 (partial rotary). Frequencies are computed in float32 from the positions the
 caller gives, so packed sequences whose positions restart at 0 rotate exactly
 like separate sequences.
+
+MRoPE (Qwen2-VL's multimodal RoPE, `mrope_section`): positions come as
+several streams [n, B, T] (temporal, height, width) and frequency i of the
+rotated half rotates by the stream of the section it falls in: with
+sections (16, 24, 24), frequencies 0-15 follow the temporal positions, 16-39
+the heights and 40-63 the widths. Text tokens, whose streams are equal, may
+pass plain [B, T] positions: that is the same rotation.
 """
 
 from __future__ import annotations
@@ -37,10 +44,15 @@ class RopeSpec:
   beta_fast: float = 32.0  # yarn
   beta_slow: float = 1.0  # yarn
   attention_factor: float = 0.0  # yarn cos/sin scale; 0 -> 0.1*ln(factor)+1
+  # MRoPE: frequencies per position stream, summing to rotary_dim // 2; () = off.
+  mrope_section: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r}: allowed {ROPE_TYPES}")
+    if self.mrope_section and (self.rope_type == "none"
+                               or any(int(n) != n or n < 1 for n in self.mrope_section)):
+      raise ValueError(f"mrope_section={self.mrope_section}: positive integers, with RoPE on")
     if not 0.0 < self.partial_rotary_factor <= 1.0:
       raise ValueError(
           f"partial_rotary_factor={self.partial_rotary_factor}: allowed (0, 1]")
@@ -48,6 +60,16 @@ class RopeSpec:
   @property
   def enabled(self) -> bool:
     return self.rope_type != "none"
+
+  def check(self, head_dim: int) -> None:
+    """Raise unless this RoPE fits heads of head_dim (even rotated width; MRoPE sections that
+    cover its frequencies)."""
+    if not self.enabled:
+      return
+    half = self.rotary_dim(head_dim) // 2
+    if self.mrope_section and sum(self.mrope_section) != half:
+      raise ValueError(f"mrope_section={self.mrope_section} sums to {sum(self.mrope_section)}; "
+                       f"it must cover the {half} rotated frequencies (rotary_dim // 2)")
 
   def rotary_dim(self, head_dim: int) -> int:
     dim = int(head_dim * self.partial_rotary_factor)
@@ -114,14 +136,31 @@ def inverse_frequencies(spec: RopeSpec, head_dim: int) -> tuple[np.ndarray, floa
   return inv_freq, scale
 
 
+def frequency_positions(positions: jax.Array, spec: RopeSpec, num_freqs: int) -> jax.Array:
+  """Each frequency's positions [B, T, R/2] from positions [B, T] (one stream) or, with
+  MRoPE, [n, B, T] (stream j drives the frequencies of section j)."""
+  positions = positions.astype(jnp.float32)
+  if positions.ndim == 2:
+    return jnp.broadcast_to(positions[..., None], positions.shape + (num_freqs,))
+  sections = spec.mrope_section
+  if positions.ndim != 3 or not sections or positions.shape[0] != len(sections):
+    raise ValueError(f"positions of shape {positions.shape}: expected [batch, length]"
+                     + (f" or [{len(sections)}, batch, length] (mrope_section={sections})"
+                        if sections else " (MRoPE streams need mrope_section)"))
+  stream = np.repeat(np.arange(len(sections)), sections)  # [R/2] stream of each frequency
+  return jnp.moveaxis(positions[stream], 0, -1)  # [B, T, R/2]
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, spec: RopeSpec) -> jax.Array:
-  """Rotate x [B, T, heads, H] by positions [B, T]; identity when RoPE is off."""
+  """Rotate x [B, T, heads, H] by positions [B, T] (or MRoPE streams [n, B, T]); identity when
+  RoPE is off."""
   if not spec.enabled:
     return x
   head_dim = x.shape[-1]
   rotary_dim = spec.rotary_dim(head_dim)
   inv_freq, scale = inverse_frequencies(spec, head_dim)
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, R/2]
+  pos = frequency_positions(positions, spec, rotary_dim // 2)  # [B, T, R/2]
+  angles = pos * jnp.asarray(inv_freq, jnp.float32)  # [B, T, R/2]
   cos = (jnp.cos(angles) * scale)[:, :, None, :]  # [B, T, 1, R/2]
   sin = (jnp.sin(angles) * scale)[:, :, None, :]  # [B, T, 1, R/2]
   xf = x.astype(jnp.float32)

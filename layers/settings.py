@@ -174,7 +174,7 @@ class AttentionSettings:
     elif self.qkv_features is not None and self.qkv_features != n * self.head_dim:
       raise ValueError(f"qkv_features={self.qkv_features} != num_query_heads * head_dim = {n * self.head_dim}")
     if self.rope.enabled:
-      self.rope.rotary_dim(self.head_dim)  # raises if the rotated width is odd
+      self.rope.check(self.head_dim)  # odd rotated width, MRoPE sections that do not cover it
     if self.qk_norm_type not in QK_NORM_TYPES:
       raise ValueError(f"qk_norm_type={self.qk_norm_type!r}: allowed {list(QK_NORM_TYPES)}")
     if self.temperature_tuning and self.rope.enabled:
@@ -237,12 +237,13 @@ class AttentionSettings:
         factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
         high_freq_factor=c.rope_high_freq_factor,
         original_max_position_embeddings=c.original_max_position_embeddings,
-        beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor)
+        beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor,
+        mrope_section=tuple(c.mrope_section) if c.use_mrope else ())
     # Llama 4's NoPE layers: every nope_layer_interval-th layer has no RoPE and
     # no QK norm, and is the only kind temperature tuning applies to.
     nope = c.nope_layer_interval > 0 and (layer_idx + 1) % c.nope_layer_interval == 0
     if nope:
-      rope = dataclasses.replace(rope, rope_type="none")
+      rope = dataclasses.replace(rope, rope_type="none", mrope_section=())
     axes = ModeAxes(**{
         mode: ActivationAxes(*(tuple(c[f"{prefix}{part}_axis_names"])
                                for part in ("input", "query", "key", "value", "out")))

@@ -34,7 +34,8 @@ ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 ROPE_DEFAULTS: dict = dict(
     type="default", min_timescale=1.0, max_timescale=10_000.0, partial_rotary_factor=1.0,
     factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-    original_max_position_embeddings=8192, beta_fast=32.0, beta_slow=1.0, attention_factor=0.0)
+    original_max_position_embeddings=8192, beta_fast=32.0, beta_slow=1.0, attention_factor=0.0,
+    mrope_section=())
 
 
 def _rope_settings(rope: Mapping | None) -> dict:
@@ -85,14 +86,25 @@ def rope_frequencies(rope: Mapping | None, head_dim: int) -> tuple[np.ndarray, f
   return inv, multiplier, rot
 
 
+def mrope_streams_np(sections) -> np.ndarray:
+  """[R/2]: the position stream each rotated frequency follows under MRoPE."""
+  return np.concatenate([np.full(n, j) for j, n in enumerate(sections)]).astype(int)
+
+
 def apply_rope_np(x: np.ndarray, positions: np.ndarray, rope: Mapping | None) -> np.ndarray:
-  """Rotate-half RoPE of x [B, L, heads, H] at positions [B, L]."""
+  """Rotate-half RoPE of x [B, L, heads, H] at positions [B, L], or MRoPE streams [n, B, L]
+  (frequency i rotates by the stream of its mrope_section)."""
   r = _rope_settings(rope)
   if r["type"] == "none":
     return x
   inv, multiplier, rot = rope_frequencies(r, x.shape[-1])
   half = rot // 2
-  angle = np.asarray(positions, np.float64)[:, :, None, None] * inv  # [B, L, 1, R/2]
+  pos = np.asarray(positions, np.float64)
+  if pos.ndim == 3:
+    pos = np.moveaxis(pos[mrope_streams_np(r["mrope_section"])], 0, -1)  # [B, L, R/2]
+  else:
+    pos = pos[..., None]  # [B, L, 1]
+  angle = pos[:, :, None, :] * inv  # [B, L, 1, R/2]
   cos, sin = np.cos(angle) * multiplier, np.sin(angle) * multiplier
   x1, x2 = x[..., :half], x[..., half:rot]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]], axis=-1)
@@ -314,11 +326,19 @@ def _rope_vec(vec, pos, r: dict):
   out = list(vec)
   for i in range(half):
     inv, m = _inv_freq_scalar(r, i, rot)
-    a = float(pos) * inv
+    # MRoPE: pos holds one position per stream; frequency i follows its section's stream.
+    p_i = pos[mrope_streams_np(r["mrope_section"])[i]] if np.ndim(pos) else pos
+    a = float(p_i) * inv
     c, s = math.cos(a) * m, math.sin(a) * m
     out[i] = vec[i] * c - vec[i + half] * s
     out[i + half] = vec[i + half] * c + vec[i] * s
   return out
+
+
+def _pos_at(positions, b, t):
+  """The position of token (b, t): a scalar, or the MRoPE streams' [n] positions."""
+  positions = np.asarray(positions)
+  return positions[b, t] if positions.ndim == 2 else positions[:, b, t]
 
 
 def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_heads, head_dim,
@@ -366,7 +386,7 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
       vec = proj(x_q[b, t], p["query.kernel"], p.get("query.bias"), (n,))
     if use_qk_norm and qk_norm_type != "l2":
       vec = norm(vec, p.get("query_norm.scale"))
-    vec = _rope_vec(vec, q_positions[b][t], r)
+    vec = _rope_vec(vec, _pos_at(q_positions, b, t), r)
     if use_qk_norm and qk_norm_type == "l2":
       vec = norm(vec, None)
     if temperature is not None:
@@ -382,7 +402,7 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
       vec = proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
     if use_qk_norm and qk_norm_type != "l2":
       vec = norm(vec, p.get("key_norm.scale"))
-    vec = _rope_vec(vec, kv_positions[b][s], r)
+    vec = _rope_vec(vec, _pos_at(kv_positions, b, s), r)
     if use_qk_norm and qk_norm_type == "l2":
       vec = norm(vec, None)
     return vec
