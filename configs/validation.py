@@ -10,7 +10,7 @@ from typing import Any
 # Allowed values of the enumerated keys. KNOWN_KERNELS is read at validation
 # time (not bound at import), so a kernel registry may rebind it to a longer
 # tuple, e.g. ``validation.KNOWN_KERNELS += ("splash",)``.
-KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
+KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "ring", "autoselected")
 DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
 DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")

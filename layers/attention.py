@@ -161,10 +161,11 @@ class Attention(nnx.Module):
     return fn
 
   def _kernel_fn(self, mode: str, features: frozenset[str]):
-    """(kernel fn, masks_by_index): under shard_map an index-masked kernel keeps the query
-    length whole (registry.Kernel.masks_by_index)."""
+    """(kernel fn, length layout): how shard_map splits the sequence for it
+    (registry.Kernel.length_layout: an index-masked kernel keeps the query length whole, the
+    ring kernel keeps K/V split too)."""
     kernel = self._select(mode, features)
-    return self._load(kernel), kernel.masks_by_index
+    return self._load(kernel), kernel.length_layout
 
   # ---- call -----------------------------------------------------------------
 
@@ -350,27 +351,29 @@ class Attention(nnx.Module):
       dropout_on = dropout_rng is not None
       features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
                                 bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
-      kernel, by_index = self._kernel_fn("train", features)
+      kernel, layout = self._kernel_fn("train", features)
       # Explicit partitioning; dropout and sown weights run auto-sharded
       # instead (one shard's RNG stream would repeat on every shard).
       context, weights = self._call_kernel(kernel, axes, query, key, value,
                                            shard=not dropout_on and not sow_weights,
-                                           split_length=not by_index,
-                                           return_weights=sow_weights, **kernel_args)
+                                           layout=layout, return_weights=sow_weights,
+                                           **kernel_args)
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
     out = self._output(context, axes)  # [B, T, D_out]
     return out.reshape(batch_shape + out.shape[1:])
 
   def _call_kernel(self, kernel, axes, query, key, value, *, shard: bool = True,
-                   split_length: bool = True, return_weights: bool = False, **kernel_args):
+                   layout: str = "split", return_weights: bool = False, **kernel_args):
     """A train kernel: under shard_map over the mesh (if any and `shard`), else as is.
 
-    split_length: whether shard_map may split the query length (False for
-    kernels that mask by token index, see `sharded_kernel_call`)."""
+    layout (registry.Kernel.length_layout): "split" splits the query length
+    and gathers K/V, "whole" keeps the query length on every shard (kernels
+    that mask by token index), "ring" splits K/V too (see `sharded_kernel_call`)."""
     if self.mesh is not None and shard:
       return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
-                                 query, key, value, split_length=split_length, **kernel_args)
+                                 query, key, value, split_length=layout != "whole",
+                                 ring=layout == "ring", **kernel_args)
     return kernel(query, key, value, return_weights=return_weights, **kernel_args)
 
   def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):
@@ -386,7 +389,7 @@ class Attention(nnx.Module):
     segments = padded and self.settings.mask.attention_type == "full"
     features = self._features("train", segments=segments) - {"backward"}
     try:
-      kernel, by_index = self._kernel_fn("train", features)
+      kernel, layout = self._kernel_fn("train", features)
     except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
       return None
     options = self._kernel_options()
@@ -396,7 +399,7 @@ class Attention(nnx.Module):
       idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [b, T] = positions
       seg = valid.astype(jnp.int32) if segments else None  # [b, T]
       context, _ = self._call_kernel(
-          kernel, axes, query, key, value, split_length=not by_index, options=options,
+          kernel, axes, query, key, value, layout=layout, options=options,
           q_positions=idx, kv_positions=idx,
           q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks, mask=None, bias=None,
           dropout_rng=None, deterministic=True)  # [b, T, N, H]

@@ -32,7 +32,7 @@ FEATURES: tuple[str, ...] = (
     "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward",
     "float32")
 PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
-TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "autoselected")
+TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "ring", "autoselected")
 DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
 
 _ALL_TRAIN = frozenset(FEATURES) - {"quantized_kv", "paged_kv"}
@@ -75,6 +75,16 @@ class Kernel:
   # Masks from token indices inside the call, not from the positions it is
   # given (flash kernels): under shard_map the query length must stay whole.
   masks_by_index: bool = False
+  # Ring attention: under shard_map K/V stay split over the length axes like
+  # the queries, and the kernel passes them around (takes `axis_name`).
+  ring: bool = False
+
+  @property
+  def length_layout(self) -> str:
+    """How shard_map splits the sequence for this kernel: "whole" (the query length stays on
+    every shard), "ring" (queries and K/V split, rotated by the kernel) or "split" (queries
+    split, K/V gathered)."""
+    return "whole" if self.masks_by_index else "ring" if self.ring else "split"
 
   def missing(self, request: Request) -> set[str]:
     return set(request.features) - set(self.features)
@@ -234,6 +244,9 @@ PALLAS_GPU_FLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk
 BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
                                 "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward",
                                 "float32"})
+# Ring attention (context parallelism by passing K/V around the shards).
+RING_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
+                           "sinks", "backward", "float32"})
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv", "float32"})
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv", "float32"})
 
@@ -256,6 +269,8 @@ register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATU
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
                 f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
                 masks_by_index=True))
+register(Kernel("ring", ALL, frozenset({"train"}), RING_FEATURES,
+                f"{_K}.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
                 f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,

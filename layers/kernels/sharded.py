@@ -34,7 +34,7 @@ def _axis_size(mesh, entry) -> int:
 
 
 def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, key, value,
-                        *, split_length: bool = True, **kwargs):
+                        *, split_length: bool = True, ring: bool = False, **kwargs):
   """kernel(query [B, T, N, H], key/value [B, S, K, H], **kwargs) under shard_map.
 
   `axes` is the mode's ActivationAxes. kwargs are the kernel's keyword
@@ -44,6 +44,10 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   Pallas, splash) would otherwise mask a later shard's queries as if they
   started at 0; kernels that mask by the positions they are given (dot_product,
   blockwise) split the length (context parallelism).
+  ring=True (ring attention, kernels/ring.py): K/V, their positions and
+  segment ids stay split over the length axes like the queries, and the
+  kernel gets `axis_name` (those axes, None when the length is not split)
+  to pass them around.
   """
   q_spec = logical_to_spec(axes.query, rules, mesh, query.shape)  # (batch, length, heads, None)
   kv_spec = logical_to_spec(axes.key, rules, mesh, key.shape)
@@ -53,16 +57,19 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
     group = query.shape[2] // key.shape[2]
     key = jnp.repeat(key, group, axis=2)  # [B, S, N, H]
     value = jnp.repeat(value, group, axis=2)  # [B, S, N, H]
+  kv_length = length if ring else None
   q_spec = P(batch, length, heads, None)
-  kv_spec = P(batch, None, heads, None)
+  kv_spec = P(batch, kv_length, heads, None)
+  if ring:
+    kwargs = dict(kwargs, axis_name=length)
 
   def pairwise_spec(x):  # mask / bias [B|1, N|1, T|1, S|1]
     return P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None,
              length if x.shape[2] > 1 else None, None)
 
   spec_of = {
-      "q_positions": P(batch, length), "kv_positions": P(batch, None),
-      "q_segment_ids": P(batch, length), "kv_segment_ids": P(batch, None),
+      "q_positions": P(batch, length), "kv_positions": P(batch, kv_length),
+      "q_segment_ids": P(batch, length), "kv_segment_ids": P(batch, kv_length),
       "sinks": P(heads),
   }
   array_args = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) and k != "dropout_rng"}

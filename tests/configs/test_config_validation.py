@@ -55,7 +55,7 @@ INVALID = {
   ),
   "attention_kernel": (
     ["attention=splash"],
-    r"attention: 'splash' is not one of \['dot_product', 'blockwise', 'flash', 'autoselected'\]",
+    r"attention: 'splash' is not one of \['dot_product', 'blockwise', 'flash', 'ring', 'autoselected'\]",
   ),
   "decode_attention_kernel": (
     ["decode_attention=flash"],

@@ -1,0 +1,141 @@
+"""Ring attention: context parallelism that never gathers K/V.
+
+Under shard_map with the sequence split over `axis_name` (P shards, shard i
+holding query block i and K/V block i), every shard attends its queries to
+the K/V block it holds, then passes that block, with its positions and
+segment ids, to the next shard (`lax.ppermute`, i -> i + 1). After P - 1
+passes every query has seen every key block exactly once. Partial results
+are merged with the online-softmax rule (running max m, sum l, unnormalised
+accumulator), so each shard keeps one K/V block and one [T/P, S/P] logits
+tile instead of the whole K/V and a [T/P, S] tile (the all-gather path,
+`sharded.py`). XLA can overlap each pass with the next block's compute.
+
+Masks come from the global positions that travel with each block, so
+causal, window, chunk and segment masks are exact across shards; a block a
+query cannot see costs its compute (no load balancing: with a causal mask
+the last shard does the most work).
+
+Backward: reverse-mode autodiff of the scan. Each step is rematerialised
+(`jax.checkpoint`), so the backward pass keeps the K/V block of every step
+(what the all-gather path holds anyway) but no logits; the transpose of
+ppermute sends the K/V gradients back around the ring.
+
+Outside shard_map (axis_name None) it is one step over the local K/V.
+Math and order of operations: those of dot_product.py (scale, soft cap,
+mask, float32 softmax over [keys, sink]). Not supported: user masks and
+biases, score_mod / mask_mod, dropout, returned weights (the registry
+routes those elsewhere).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from meshattn.layers.kernels.dot_product import KernelOptions, visible_mask
+
+_NEG = -1e30  # finite: a query with nothing visible yet stays NaN-free
+
+
+def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):
+  """Unnormalised attention of q5 [B, T, K, G, H] over one K/V block [B, S, K, H].
+
+  Returns m, l [B, K, G, T] (float32 max / sum over the block's visible keys)
+  and acc [B, T, K, G, H] (float32, probabilities times values).
+  """
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q5, k, precision=options.precision,
+                      preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+  logits = logits * options.scale
+  if options.soft_cap:
+    logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
+  allowed = visible_mask(options, q_pos, kv_pos, q_seg, kv_seg, None)  # [B, 1, 1, T, S]
+  logits = jnp.where(allowed, logits, _NEG)
+  m = logits.max(axis=-1)  # [B, K, G, T]
+  p = jnp.where(allowed, jnp.exp(logits - m[..., None]), 0.0)  # [B, K, G, T, S]
+  acc = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, precision=options.precision,
+                   preferred_element_type=jnp.float32)  # [B, T, K, G, H]
+  return m, p.sum(axis=-1), acc
+
+
+def _merge(a, b):
+  """Two online-softmax partials (m, l [B, K, G, T], acc [B, T, K, G, H]) -> one."""
+  (m1, l1, acc1), (m2, l2, acc2) = a, b
+  m = jnp.maximum(m1, m2)
+  w1, w2 = jnp.exp(m1 - m), jnp.exp(m2 - m)  # [B, K, G, T]
+  to_acc = lambda w: jnp.moveaxis(w, 3, 1)[..., None]  # [B, T, K, G, 1]
+  return m, l1 * w1 + l2 * w2, acc1 * to_acc(w1) + acc2 * to_acc(w2)
+
+
+def _ring_size(axis_name) -> int:
+  return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def ring_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    options: KernelOptions,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sinks: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+    axis_name: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, None]:
+  """Attention of this shard's query [B, T, N, H] over the whole ring's key/value, of which
+  this shard holds [B, S, K, H] (positions and segment ids likewise: the block's own).
+
+  axis_name: the mesh axis (or axes) the sequence is split over; None = no
+  ring. Returns (context [B, T, N, H], None).
+  """
+  unsupported = {"mask": mask is not None, "bias": bias is not None,
+                 "score_mod": options.score_mod is not None,
+                 "mask_mod": options.mask_mod is not None, "return_weights": return_weights,
+                 "dropout": options.dropout_rate > 0 and not deterministic}
+  bad = [name for name, on in unsupported.items() if on]
+  if bad:
+    raise NotImplementedError(f"ring attention does not support {bad} (use blockwise or "
+                              "dot_product)")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  batch, q_len, num_heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  group = num_heads // kv_heads
+  q5 = query.reshape(batch, q_len, kv_heads, group, head_dim)  # [B, T, K, G, H]
+  # What travels around the ring: the block and the positions / ids that mask it.
+  block = (key, value, kv_positions) + (() if q_segment_ids is None else (kv_segment_ids,))
+
+  def attend(kv_block):
+    k, v, kv_pos, *kv_seg = kv_block
+    return _block(q5, k, v, q_positions, kv_pos, q_segment_ids, kv_seg[0] if kv_seg else None,
+                  options)
+
+  attend = jax.checkpoint(attend)  # the backward recomputes each step's logits
+  partial = attend(block)
+  size = _ring_size(axis_name)
+  if size > 1:
+    perm = [(i, (i + 1) % size) for i in range(size)]
+
+    def step(carry, _):
+      partial, kv_block = carry
+      kv_block = jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), kv_block)
+      return (_merge(partial, attend(kv_block)), kv_block), None
+
+    (partial, _), _ = lax.scan(step, (partial, block), None, length=size - 1)
+  m, l, acc = partial
+  if sinks is not None:  # one more partial: probability mass, no value
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
+    sink = jnp.broadcast_to(sink, m.shape)  # [B, K, G, T]
+    m, l, acc = _merge((m, l, acc), (sink, jnp.ones_like(l), jnp.zeros_like(acc)))
+  l = jnp.moveaxis(l, 3, 1)[..., None]  # [B, T, K, G, 1]
+  context = jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)  # [B, T, K, G, H]
+  return context.reshape(batch, q_len, num_heads, value.shape[-1]).astype(query.dtype), None
