@@ -129,7 +129,8 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
       )
     if cfg["use_mrope"]:
       sections = cfg["mrope_section"]
-      if not sections or any(not isinstance(n, int) or n < 1 for n in sections):
+      if not sections or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                             for n in sections):
         _fail("mrope_section", f"use_mrope needs positive integers, got {_thaw(sections)}")
       if sum(sections) != rotary // 2:
         _fail("mrope_section", f"{_thaw(sections)} sums to {sum(sections)}; it must cover the "

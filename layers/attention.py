@@ -275,8 +275,8 @@ class Attention(nnx.Module):
     if s.use_qk_norm and norm_after_rope:
       query = self.query_norm(query)
       key = self.key_norm(key)
-    if s.temperature_tuning:
-      query = self._temperature_tune(query, q_pos)
+    if s.temperature_tuning:  # MRoPE streams: the temporal one (a NoPE layer has no rotation)
+      query = self._temperature_tune(query, q_pos[0] if q_pos.ndim == 3 else q_pos)
     return query, key, value
 
   def _temperature_tune(self, query, positions):
@@ -413,12 +413,11 @@ class Attention(nnx.Module):
     if positions is None:
       return None
     batch = math.prod(batch_shape)
-    sections = self.settings.rope.mrope_section
-    streams = () if positions.ndim <= len(batch_shape) + 1 else (len(sections),)
-    if streams and (not sections or positions.ndim != len(batch_shape) + 2
-                    or positions.shape[0] != len(sections)):
+    n = self.settings.num_position_streams
+    streams = () if positions.ndim <= len(batch_shape) + 1 else (n,)
+    if streams and (n == 1 or positions.ndim != len(batch_shape) + 2 or positions.shape[0] != n):
       raise ValueError(f"{name} has shape {positions.shape}: expected [batch..., length]"
-                       + (f" or [{len(sections)}, batch..., length] (MRoPE streams)" if sections
+                       + (f" or [{n}, batch..., length] (MRoPE streams)" if n > 1
                           else " (position streams need use_mrope / mrope_section)"))
     length = positions.shape[-1]
     positions = jnp.broadcast_to(positions, streams + tuple(batch_shape) + (length,))

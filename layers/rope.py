@@ -50,9 +50,11 @@ class RopeSpec:
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r}: allowed {ROPE_TYPES}")
-    if self.mrope_section and (self.rope_type == "none"
-                               or any(int(n) != n or n < 1 for n in self.mrope_section)):
-      raise ValueError(f"mrope_section={self.mrope_section}: positive integers, with RoPE on")
+    sections = tuple(self.mrope_section)
+    if sections and (self.rope_type == "none" or any(
+        isinstance(n, bool) or not float(n).is_integer() or n < 1 for n in sections)):
+      raise ValueError(f"mrope_section={sections}: positive integers, with RoPE on")
+    object.__setattr__(self, "mrope_section", tuple(int(n) for n in sections))  # hashable
     if not 0.0 < self.partial_rotary_factor <= 1.0:
       raise ValueError(
           f"partial_rotary_factor={self.partial_rotary_factor}: allowed (0, 1]")

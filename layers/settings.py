@@ -134,6 +134,10 @@ class AttentionSettings:
   qkv_dot_general: Callable[..., jax.Array] | None = None
   out_dot_general: Callable[..., jax.Array] | None = None
   rope: RopeSpec = RopeSpec()
+  # Position streams inputs_positions carries ([n, batch..., T] when n > 1):
+  # None = len(rope.mrope_section) or 1. A config sets it on every layer of
+  # an MRoPE model, so its NoPE layers take the same positions.
+  position_streams: int | None = None
   max_target_length: int = 2048
   max_prefill_predict_length: int = 1024
   # KV cache (prefill / autoregressive modes).
@@ -175,6 +179,11 @@ class AttentionSettings:
       raise ValueError(f"qkv_features={self.qkv_features} != num_query_heads * head_dim = {n * self.head_dim}")
     if self.rope.enabled:
       self.rope.check(self.head_dim)  # odd rotated width, MRoPE sections that do not cover it
+    sections = len(self.rope.mrope_section)
+    if self.position_streams is not None and (self.position_streams < 1 or (
+        sections and self.position_streams != sections)):
+      raise ValueError(f"position_streams={self.position_streams}: must be >= 1"
+                       + (f" and equal the {sections} mrope_section entries" if sections else ""))
     if self.qk_norm_type not in QK_NORM_TYPES:
       raise ValueError(f"qk_norm_type={self.qk_norm_type!r}: allowed {list(QK_NORM_TYPES)}")
     if self.temperature_tuning and self.rope.enabled:
@@ -207,6 +216,11 @@ class AttentionSettings:
     for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
       if sorted(getattr(self, name)) != [0, 1, 2, 3]:
         raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
+
+  @property
+  def num_position_streams(self) -> int:
+    """n when inputs_positions are [n, batch..., T] streams (MRoPE), 1 for [batch..., T]."""
+    return self.position_streams or len(self.rope.mrope_section) or 1
 
   @property
   def group_size(self) -> int:
@@ -265,6 +279,7 @@ class AttentionSettings:
         temperature_tuning_scale=c.temperature_tuning_scale,
         temperature_tuning_floor_scale=c.temperature_tuning_floor_scale,
         quantization=c.quantization,
+        position_streams=len(c.mrope_section) if c.use_mrope else None,
         rope=rope, max_target_length=c.max_target_length,
         max_prefill_predict_length=c.max_prefill_predict_length,
         kv_quant=KVQuant(c.kv_quant_dtype, c.kv_quant_axis) if c.quantize_kvcache else None,

@@ -3,12 +3,14 @@
 Under shard_map with the sequence split over `axis_name` (P shards, shard i
 holding query block i and K/V block i), every shard attends its queries to
 the K/V block it holds, then passes that block, with its positions and
-segment ids, to the next shard (`lax.ppermute`, i -> i + 1). After P - 1
-passes every query has seen every key block exactly once. Partial results
+segment ids, to the next shard (`lax.ppermute`, i -> i + 1); the pass is
+issued before the block's attention and does not depend on it, so XLA can
+overlap the two. After P - 1 passes every query has seen every key block
+exactly once. Partial results
 are merged with the online-softmax rule (running max m, sum l, unnormalised
 accumulator), so each shard keeps one K/V block and one [T/P, S/P] logits
 tile instead of the whole K/V and a [T/P, S] tile (the all-gather path,
-`sharded.py`). XLA can overlap each pass with the next block's compute.
+`sharded.py`).
 
 Masks come from the global positions that travel with each block, so
 causal, window, chunk and segment masks are exact across shards; a block a
@@ -16,13 +18,16 @@ query cannot see costs its compute (no load balancing: with a causal mask
 the last shard does the most work).
 
 Backward: reverse-mode autodiff of the scan. Each step is rematerialised
-(`jax.checkpoint`), so the backward pass keeps the K/V block of every step
-(what the all-gather path holds anyway) but no logits; the transpose of
-ppermute sends the K/V gradients back around the ring.
+(`jax.checkpoint`), so the backward pass keeps the K/V block and float32
+partial of every step (about the gathered K/V plus P partials [B, T/P, N,
+H]) but no logits; the transpose of ppermute sends the K/V gradients back
+around the ring.
 
 Outside shard_map (axis_name None) it is one step over the local K/V.
 Math and order of operations: those of dot_product.py (scale, soft cap,
-mask, float32 softmax over [keys, sink]). Not supported: user masks and
+mask, float32 softmax over [keys, sink]), except that the logits are always
+float32 (dot_product keeps bf16 logits unless float32_qk_product /
+float32_logits), so bf16 results differ from it by bf16 rounding. Not supported: user masks and
 biases, score_mod / mask_mod, dropout, returned weights (the registry
 routes those elsewhere).
 """
@@ -120,18 +125,24 @@ def ring_attention(
                   options)
 
   attend = jax.checkpoint(attend)  # the backward recomputes each step's logits
-  partial = attend(block)
   size = _ring_size(axis_name)
   if size > 1:
     perm = [(i, (i + 1) % size) for i in range(size)]
 
     def step(carry, _):
       partial, kv_block = carry
-      kv_block = jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), kv_block)
-      return (_merge(partial, attend(kv_block)), kv_block), None
+      # Sent before, and independent of, this block's attention: the two can overlap.
+      received = jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), kv_block)
+      return (_merge(partial, attend(kv_block)), received), None
 
-    (partial, _), _ = lax.scan(step, (partial, block), None, length=size - 1)
-  m, l, acc = partial
+    nothing = (jnp.full((batch, kv_heads, group, q_len), _NEG, jnp.float32),
+               jnp.zeros((batch, kv_heads, group, q_len), jnp.float32),
+               jnp.zeros((batch, q_len, kv_heads, group, value.shape[-1]), jnp.float32))
+    (partial, block), _ = lax.scan(step, (nothing, block), None, length=size - 1)
+    # Steps 0 .. P-2 attended the blocks they passed on; the last block arrives at the end.
+    m, l, acc = _merge(partial, attend(block))
+  else:
+    m, l, acc = attend(block)
   if sinks is not None:  # one more partial: probability mass, no value
     sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
     sink = jnp.broadcast_to(sink, m.shape)  # [B, K, G, T]

@@ -57,6 +57,9 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
     group = query.shape[2] // key.shape[2]
     key = jnp.repeat(key, group, axis=2)  # [B, S, N, H]
     value = jnp.repeat(value, group, axis=2)  # [B, S, N, H]
+  # The ring splits K/V like the queries; a key length the shards do not
+  # divide (cross-attention) is gathered, and the ring is then one local step.
+  ring = ring and length is not None and key.shape[1] % _axis_size(mesh, length) == 0
   kv_length = length if ring else None
   q_spec = P(batch, length, heads, None)
   kv_spec = P(batch, kv_length, heads, None)

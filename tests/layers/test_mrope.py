@@ -45,6 +45,32 @@ def test_apply_rope_sections():
   np.testing.assert_array_equal(mrope_streams_np((2, 3, 3)), [0, 0, 1, 1, 1, 2, 2, 2])
 
 
+def _hf_mrope_np(x, pos, sections, theta=10000.0):
+  """Qwen2-VL's formula as Hugging Face writes it (apply_multimodal_rotary_pos_emb): cos/sin
+  per stream over the duplicated [freqs, freqs] layout, split into sections * 2 chunks, chunk i
+  taken from stream i % 3, then x * cos + rotate_half(x) * sin."""
+  head_dim = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)  # [H/2]
+  freqs = np.asarray(pos, np.float64)[..., None] * inv  # [3, B, T, H/2]
+  emb = np.concatenate([freqs, freqs], axis=-1)  # [3, B, T, H]
+  bounds = np.cumsum(list(sections) * 2)[:-1]
+  pick = lambda table: np.concatenate(
+      [chunk[i % 3] for i, chunk in enumerate(np.split(table, bounds, axis=-1))], axis=-1)
+  cos, sin = pick(np.cos(emb))[:, :, None], pick(np.sin(emb))[:, :, None]  # [B, T, 1, H]
+  half = head_dim // 2
+  rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def test_matches_hugging_face_formula():
+  x = np.random.default_rng(9).normal(size=(B, T, 2, 16))
+  pos = streams(10)
+  got = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), RopeSpec(mrope_section=(2, 3, 3)))
+  np.testing.assert_allclose(got, _hf_mrope_np(x, pos, (2, 3, 3)), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(apply_rope_np(x, pos, dict(mrope_section=(2, 3, 3))),
+                             _hf_mrope_np(x, pos, (2, 3, 3)), rtol=1e-12, atol=1e-12)
+
+
 def test_reference_matches_naive_loops():
   rng = np.random.default_rng(2)
   b, t, d, n, k, h = 2, 4, 6, 4, 2, 8
@@ -91,8 +117,10 @@ def test_extra_batch_dims_and_cached_modes():
   x = jnp.asarray(np.random.default_rng(6).normal(size=(B, T, D)), jnp.float32)
   pos = jnp.asarray(streams(7))
   train = nnx.jit(lambda m, x, p: m(x, inputs_positions=p))(model, x, pos)
-  both = model(jnp.stack([x, x]), inputs_positions=jnp.stack([pos, pos], axis=1))
-  np.testing.assert_allclose(both, jnp.stack([train, train]), rtol=1e-5, atol=1e-5)
+  x2, pos2 = jnp.asarray(np.random.default_rng(8).normal(size=(B, T, D)), jnp.float32), pos[::-1]
+  other = model(x2, inputs_positions=pos2)
+  both = model(jnp.stack([x, x2]), inputs_positions=jnp.stack([pos, pos2], axis=1))
+  np.testing.assert_allclose(both, jnp.stack([train, other]), rtol=1e-5, atol=1e-5)
 
   step = nnx.jit(lambda m, x, p, mode: m(x, inputs_positions=p, model_mode=mode),
                  static_argnames="mode")
@@ -120,7 +148,24 @@ def test_errors_name_the_argument():
     load_config("tiny", "use_mrope=true", "rope_type=none")
   cfg = load_config("tiny", "head_dim=8", "use_mrope=true", "mrope_section=[2, 1, 1]")
   assert Attention(cfg, rngs=nnx.Rngs(0)).settings.rope.mrope_section == (2, 1, 1)
-  # A NoPE layer of an MRoPE model drops the sections with RoPE.
-  nope = load_config("tiny", "head_dim=8", "use_mrope=true", "mrope_section=[2, 1, 1]",
-                     "nope_layer_interval=2")
-  assert Attention(nope, rngs=nnx.Rngs(0), layer_idx=1).settings.rope.mrope_section == ()
+  assert RopeSpec(mrope_section=[2, 1, 1]).mrope_section == (2, 1, 1)  # hashable
+  with pytest.raises(ValueError, match="positive integers"):
+    RopeSpec(mrope_section=(True, 1, 2))
+  with pytest.raises(ConfigError, match="mrope_section: use_mrope needs positive integers"):
+    load_config("tiny", "head_dim=8", "use_mrope=true", "mrope_section=[true, 1, 2]")
+
+
+def test_nope_layers_of_an_mrope_model_take_the_streams():
+  """A NoPE layer of an MRoPE model has no rotation but takes the same [3, B, T] positions;
+  its temperature tuning follows the temporal stream."""
+  cfg = load_config("tiny", "head_dim=8", "use_mrope=true", "mrope_section=[2, 1, 1]",
+                    "nope_layer_interval=2", "temperature_tuning=true",
+                    "temperature_tuning_floor_scale=2.0")
+  nope = Attention(cfg, rngs=nnx.Rngs(0), layer_idx=1)
+  assert nope.settings.rope.mrope_section == () and nope.settings.temperature_tuning
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(B, T, cfg.emb_dim)), jnp.float32)
+  pos = jnp.asarray(streams(12))
+  np.testing.assert_allclose(nope(x, inputs_positions=pos), nope(x, inputs_positions=pos[0]),
+                             rtol=1e-6, atol=1e-6)
+  # The temporal stream matters (temperature), the others do not (no rotation).
+  assert not np.allclose(nope(x, inputs_positions=pos), nope(x, inputs_positions=pos[1]))

@@ -135,8 +135,10 @@ def test_registry_and_refusals():
 
 
 def test_layer_passes_split_blocks_around_the_ring(monkeypatch):
-  """Each shard's kernel call holds T / P keys and gets the context axis (duplicated whole K/V
-  would give the same softmax, so the shapes are checked, not only the values)."""
+  """Through the registry (Kernel.load imports the function at call time): each shard's kernel
+  call holds T / P keys and gets the context axis. Duplicated whole K/V would give the same
+  softmax, so the shapes are checked, not only the values."""
+  from meshattn.layers.kernels import ring as ring_module
   mesh = make_mesh(1, 4, 2)
   seen = []
 
@@ -144,8 +146,50 @@ def test_layer_passes_split_blocks_around_the_ring(monkeypatch):
     seen.append((query.shape[1], key.shape[1], kwargs.get("axis_name")))
     return ring_attention(query, key, value, **kwargs)
 
-  monkeypatch.setattr(Attention, "_kernel_fn", lambda self, mode, features: (spy, "ring"))
+  monkeypatch.setattr(ring_module, "ring_attention", spy)
   model = shard_module(_build(mesh, 2, attention="ring"), mesh,
                        _build(None, 2).settings.logical_axis_rules)
   model(jax.random.normal(jax.random.key(1), (4, 16, 32), jnp.float32))
   assert seen == [(4, 4, "context")]
+
+
+@pytest.mark.parametrize("kv_len", [8, 12], ids=["ring", "gathered"])
+def test_cross_attention(kv_len):
+  """Keys of another length: split and rotated when the 4 shards divide it (8), gathered when
+  they do not (12)."""
+  mesh = make_mesh(1, 4, 2)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 32), jnp.float32)
+  kv = jax.random.normal(jax.random.key(2), (4, kv_len, 32), jnp.float32)
+  kw = dict(mask=MaskSpec("full"))
+  reference = _build(None, 2, **kw)
+  want = reference(x, kv)
+  ring = shard_module(_build(mesh, 2, attention="ring", **kw), mesh,
+                      reference.settings.logical_axis_rules)
+  np.testing.assert_allclose(nnx.jit(lambda m, x, kv: m(x, kv))(ring, x, kv), want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_segments_and_sinks_under_shard_map():
+  """bfloat16 inputs, packed segments crossing shard boundaries and sinks, the kernel alone on
+  4 shards, against the reference in float32 (bf16 rounding of inputs and output: 2e-2)."""
+  mesh = make_mesh(1, 4, 2)
+  q, k, v, idx = _inputs(2)
+  seg = jnp.asarray([[1] * 5 + [2] * 9 + [0] * 2] * 2, jnp.int32)
+  sinks = jnp.linspace(-1.0, 1.0, 4)
+  options = KernelOptions(mask=MaskSpec("global"), scale=0.3, soft_cap=2.5)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  want, _ = dot_product_attention(bf(q).astype(jnp.float32), bf(k).astype(jnp.float32),
+                                  bf(v).astype(jnp.float32), options=options, q_positions=idx,
+                                  kv_positions=idx, q_segment_ids=seg, kv_segment_ids=seg,
+                                  sinks=sinks)
+
+  def shard(q, k, v, idx, seg):
+    return ring_attention(q, k, v, options=options, q_positions=idx, kv_positions=idx,
+                          q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks,
+                          axis_name="context")[0]
+
+  seq = P(None, "context")
+  got = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(seq,) * 5, out_specs=seq,
+                              check_vma=False))(bf(q), bf(k), bf(v), idx, seg)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
