@@ -5,7 +5,6 @@ RoPE, and only a stream's own frequencies move when that stream changes."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
