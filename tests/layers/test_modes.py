@@ -203,22 +203,23 @@ def test_insert_and_reset_round_trip():
   x = tokens(2, 8)
   layer = build(2, prefill_cache_axis_order=(1, 2, 0, 3), ar_cache_axis_order=(2, 0, 1, 3))
   prefill_cache = layer.init_cache(1, 16, for_prefill=True)
-  layer(x[1:2, :5], model_mode="prefill")
+  run(layer, x[1:2, :5], "prefill")
   decode_cache = layer.init_cache(2, 16)
-  layer(x[0:1, :3], model_mode="prefill", slots=jnp.array([0]))
+  run(layer, x[0:1, :3], "prefill", slots=jnp.array([0]))
   decode_cache.insert(1, prefill_cache, 0)
   np.testing.assert_array_equal(decode_cache.lengths[...], [3, 5])
-  out = layer(x[:, 6:7], model_mode="autoregressive")
+  out = run(layer, x[:, 6:7], "autoregressive")
 
   in_place = build(2)
   in_place.init_cache(2, 16)
-  in_place(x[0:1, :3], model_mode="prefill", slots=jnp.array([0]))
-  in_place(x[1:2, :5], model_mode="prefill", slots=jnp.array([1]))
-  np.testing.assert_allclose(out, in_place(x[:, 6:7], model_mode="autoregressive"), rtol=1e-6, atol=1e-6)
+  run(in_place, x[0:1, :3], "prefill", slots=jnp.array([0]))
+  run(in_place, x[1:2, :5], "prefill", slots=jnp.array([1]))
+  np.testing.assert_allclose(out, run(in_place, x[:, 6:7], "autoregressive"), rtol=1e-6,
+                             atol=1e-6)
 
   decode_cache.reset(1)
   np.testing.assert_array_equal(decode_cache.lengths[...], [4, 0])
-  idle = layer(x[:, 7:8], model_mode="autoregressive")
+  idle = run(layer, x[:, 7:8], "autoregressive")
   np.testing.assert_array_equal(idle[1], 0.0)  # an empty slot outputs zeros and stays empty
   np.testing.assert_array_equal(decode_cache.lengths[...], [5, 0])
 
