@@ -33,6 +33,7 @@ from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_kernel_call
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
+from meshattn.layers.positions import flatten_positions, temperature_tune
 from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
@@ -276,17 +277,10 @@ class Attention(nnx.Module):
       query = self.query_norm(query)
       key = self.key_norm(key)
     if s.temperature_tuning:  # MRoPE streams: the temporal one (a NoPE layer has no rotation)
-      query = self._temperature_tune(query, q_pos[0] if q_pos.ndim == 3 else q_pos)
+      query = temperature_tune(query, q_pos[0] if q_pos.ndim == 3 else q_pos,
+                               scale=s.temperature_tuning_scale,
+                               floor_scale=s.temperature_tuning_floor_scale)
     return query, key, value
-
-  def _temperature_tune(self, query, positions):
-    """Llama 4's NoPE layers: query [B, T, N, H] times log(floor((p + 1) / floor_scale) + 1) *
-    scale + 1 at position p [B, T] (float32: positions past 256 are not exact in bfloat16)."""
-    s = self.settings
-    p = positions.astype(jnp.float32)
-    scales = jnp.log(jnp.floor((p + 1.0) / s.temperature_tuning_floor_scale) + 1.0)
-    scales = scales * s.temperature_tuning_scale + 1.0  # [B, T]
-    return (query.astype(jnp.float32) * scales[:, :, None, None]).astype(query.dtype)
 
   def _output(self, context, axes):
     """Context [B, T, N, H] -> output [B, T, D_out]."""
@@ -319,9 +313,10 @@ class Attention(nnx.Module):
     x_kv = x_q if self_attention else flat(inputs_kv, 2)  # [B, S, D_kv]
     q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
     kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
-    q_pos = self._flat_positions(inputs_positions, batch_shape, "inputs_positions")
+    streams = s.num_position_streams
+    q_pos = flatten_positions(inputs_positions, batch_shape, streams, "inputs_positions")
     q_pos = q_idx if q_pos is None else q_pos  # [B, T] or MRoPE [n, B, T]
-    kv_pos = self._flat_positions(inputs_kv_positions, batch_shape, "inputs_kv_positions")
+    kv_pos = flatten_positions(inputs_kv_positions, batch_shape, streams, "inputs_kv_positions")
     if kv_pos is None:
       # Decided by shape, not identity: under jit the same array passed twice
       # arrives as two tracers.
@@ -407,22 +402,6 @@ class Attention(nnx.Module):
 
     return attend
 
-  def _flat_positions(self, positions, batch_shape, name):
-    """RoPE positions [batch..., L] -> [B, L] (leading dims broadcast), or with MRoPE the
-    streams [n, batch..., L] -> [n, B, L]."""
-    if positions is None:
-      return None
-    batch = math.prod(batch_shape)
-    n = self.settings.num_position_streams
-    streams = () if positions.ndim <= len(batch_shape) + 1 else (n,)
-    if streams and (n == 1 or positions.ndim != len(batch_shape) + 2 or positions.shape[0] != n):
-      raise ValueError(f"{name} has shape {positions.shape}: expected [batch..., length]"
-                       + (f" or [{n}, batch..., length] (MRoPE streams)" if n > 1
-                          else " (position streams need use_mrope / mrope_section)"))
-    length = positions.shape[-1]
-    positions = jnp.broadcast_to(positions, streams + tuple(batch_shape) + (length,))
-    return positions.reshape(streams + (batch, length))
-
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
     cache = self.cache
@@ -471,8 +450,8 @@ class Attention(nnx.Module):
     positions = step_positions(cache, rows, length)  # [B, T]
     rope_positions = positions
     if inputs_positions is not None:  # [B, T], or MRoPE streams [n, B, T]
-      rope_positions = self._flat_positions(jnp.asarray(inputs_positions), (batch,),
-                                            "inputs_positions")
+      rope_positions = flatten_positions(jnp.asarray(inputs_positions), (batch,),
+                                         s.num_position_streams, "inputs_positions")
       if rope_positions.shape[-1] != length:
         raise ValueError(f"inputs_positions has shape {inputs_positions.shape}: its last axis "
                          f"must be the input length {length}")
