@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from meshattn.layers import Attention, MaskSpec
 
-SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=8, deadline=None, derandomize=True)
 EMB = 16
 
 
