@@ -367,8 +367,7 @@ class Attention(nnx.Module):
     that mask by token index), "ring" splits K/V too (see `sharded_kernel_call`)."""
     if self.mesh is not None and shard:
       return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
-                                 query, key, value, split_length=layout != "whole",
-                                 ring=layout == "ring", **kernel_args)
+                                 query, key, value, layout=layout, **kernel_args)
     return kernel(query, key, value, return_weights=return_weights, **kernel_args)
 
   def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):

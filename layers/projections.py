@@ -85,6 +85,12 @@ class DenseGeneral(nnx.Module):
     return y
 
 
+def _rms_normalize(x: jax.Array, epsilon: float) -> jax.Array:
+  """x / sqrt(mean(x^2) + epsilon) over the last axis, in float32."""
+  xf = x.astype(jnp.float32)
+  return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis with a learned scale (the default QK norm)."""
 
@@ -95,9 +101,7 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((features,), weight_dtype), logical_axes=tuple(scale_axes))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-    out = normed * self.scale[...].astype(jnp.float32)
+    out = _rms_normalize(x, self.epsilon) * self.scale[...].astype(jnp.float32)
     return out.astype(self.dtype or x.dtype)
 
 
@@ -109,9 +113,7 @@ class L2Norm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.epsilon)
-    return normed.astype(self.dtype or x.dtype)
+    return _rms_normalize(x, self.epsilon).astype(self.dtype or x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -125,9 +127,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
-    centred = xf - jnp.mean(xf, axis=-1, keepdims=True)
-    normed = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True)
-                                     + self.epsilon)
+    normed = _rms_normalize(xf - jnp.mean(xf, axis=-1, keepdims=True), self.epsilon)
     return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
 
 

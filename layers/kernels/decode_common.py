@@ -85,8 +85,8 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   tensor-core dot.
 
   p.v: int8 V under a 16-bit query (`uses_int8_pv`: tiles of 32 keys or
-  more) runs on int8 tensor cores with the V tile as loaded: p * v_scale is split per tile into two
-  int8 terms hi + lo / 254 against a per-row scale (`rows_to_int8`), so
+  more) runs on int8 tensor cores with the V tile as loaded: p * v_scale is
+  split per tile into two int8 terms hi + lo / 254 against a per-row scale (`rows_to_int8`), so
   the dot is two exact int8 x int8 -> int32 dots and p is within 1.6e-5 of
   its row's largest entry -- closer than the bfloat16 path's rounding of p
   (up to 2^-8 of each entry). The value tile is neither converted nor

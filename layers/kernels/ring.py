@@ -6,11 +6,10 @@ the K/V block it holds, then passes that block, with its positions and
 segment ids, to the next shard (`lax.ppermute`, i -> i + 1); the pass is
 issued before the block's attention and does not depend on it, so XLA can
 overlap the two. After P - 1 passes every query has seen every key block
-exactly once. Partial results
-are merged with the online-softmax rule (running max m, sum l, unnormalised
-accumulator), so each shard keeps one K/V block and one [T/P, S/P] logits
-tile instead of the whole K/V and a [T/P, S] tile (the all-gather path,
-`sharded.py`).
+exactly once. Partial results are merged with the online-softmax rule
+(running max m, sum l, unnormalised accumulator), so each shard keeps one
+K/V block and one [T/P, S/P] logits tile instead of the whole K/V and a
+[T/P, S] tile (the all-gather path, `sharded.py`).
 
 Masks come from the global positions that travel with each block, so
 causal, window, chunk and segment masks are exact across shards; a block a
@@ -27,9 +26,9 @@ Outside shard_map (axis_name None) it is one step over the local K/V.
 Math and order of operations: those of dot_product.py (scale, soft cap,
 mask, float32 softmax over [keys, sink]), except that the logits are always
 float32 (dot_product keeps bf16 logits unless float32_qk_product /
-float32_logits), so bf16 results differ from it by bf16 rounding. Not supported: user masks and
-biases, score_mod / mask_mod, dropout, returned weights (the registry
-routes those elsewhere).
+float32_logits), so bf16 results differ from it by bf16 rounding. Not
+supported: user masks and biases, score_mod / mask_mod, dropout, returned
+weights (the registry routes those elsewhere).
 """
 
 from __future__ import annotations

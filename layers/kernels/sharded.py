@@ -34,24 +34,24 @@ def _axis_size(mesh, entry) -> int:
 
 
 def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, key, value,
-                        *, split_length: bool = True, ring: bool = False, **kwargs):
+                        *, layout: str = "split", **kwargs):
   """kernel(query [B, T, N, H], key/value [B, S, K, H], **kwargs) under shard_map.
 
   `axes` is the mode's ActivationAxes. kwargs are the kernel's keyword
   arguments (options, positions, segment ids, sinks, mask, bias, ...).
-  split_length=False keeps the whole query length on every shard: kernels
-  whose masks use the token index inside the call (flash: cuDNN, tokamax,
-  Pallas, splash) would otherwise mask a later shard's queries as if they
-  started at 0; kernels that mask by the positions they are given (dot_product,
-  blockwise) split the length (context parallelism).
-  ring=True (ring attention, kernels/ring.py): K/V, their positions and
-  segment ids stay split over the length axes like the queries, and the
-  kernel gets `axis_name` (those axes, None when the length is not split)
-  to pass them around.
+  layout (registry.Kernel.length_layout):
+    "split": kernels that mask by the positions they are given (dot_product,
+      blockwise) split the query length and gather K/V (context parallelism);
+    "whole": kernels whose masks use the token index inside the call (flash:
+      cuDNN, tokamax, Pallas, splash) keep the whole query length on every
+      shard, or a later shard's queries would be masked as if they started at 0;
+    "ring" (kernels/ring.py): K/V, their positions and segment ids stay split
+      over the length axes like the queries, and the kernel gets `axis_name`
+      (those axes) to pass them around.
   """
   q_spec = logical_to_spec(axes.query, rules, mesh, query.shape)  # (batch, length, heads, None)
   kv_spec = logical_to_spec(axes.key, rules, mesh, key.shape)
-  batch, length, heads = q_spec[0], q_spec[1] if split_length else None, q_spec[2]
+  batch, length, heads = q_spec[0], q_spec[1] if layout != "whole" else None, q_spec[2]
   kv_heads = kv_spec[2] if len(kv_spec) > 2 else None
   if _axis_size(mesh, kv_heads) != _axis_size(mesh, heads) or kv_heads != heads and kv_heads is not None:
     group = query.shape[2] // key.shape[2]
@@ -59,7 +59,8 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
     value = jnp.repeat(value, group, axis=2)  # [B, S, N, H]
   # The ring splits K/V like the queries; a key length the shards do not
   # divide (cross-attention) is gathered, and the ring is then one local step.
-  ring = ring and length is not None and key.shape[1] % _axis_size(mesh, length) == 0
+  ring = (layout == "ring" and length is not None
+          and key.shape[1] % _axis_size(mesh, length) == 0)
   kv_length = length if ring else None
   q_spec = P(batch, length, heads, None)
   kv_spec = P(batch, kv_length, heads, None)
