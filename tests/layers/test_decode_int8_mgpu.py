@@ -1,0 +1,83 @@
+"""The experimental Mosaic GPU int8 decode kernel (layers/kernels/decode_int8_mgpu.py).
+
+Its numbers are checked on a Hopper GPU by scripts/bench_int8_mgpu.py
+(against ragged_decode_reference, before timing). Here, on CPU: the query
+split it relies on, against float64 NumPy; that the kernel still lowers to
+Mosaic GPU for CUDA (jax.export, no GPU needed) for MHA, GQA and a 16-head
+group at both tilings; and that bad arguments are refused before any work.
+"""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from meshattn.layers.kernels import decode_int8_mgpu as mgpu
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_split_query_reconstructs_rows(group):
+  rng = np.random.default_rng(group)
+  q = rng.standard_normal((2, 3, group, 128))
+  q[0, 0, 0, :5] *= 300.0  # outlier channels: the small ones must survive
+  q[1, 2, -1] = 0.0  # an all-zero row
+  q = q.astype(np.float32)
+  terms, row_scale = mgpu.split_query(jnp.asarray(q))
+  terms, row_scale = np.asarray(terms, np.float64), np.asarray(row_scale, np.float64)
+  assert terms.shape == (2, 3, 48, 128) and row_scale.shape == (2, 3, 16)
+  assert np.abs(terms).max() <= 127
+  n = mgpu.PADDED_GROUP
+  hi, mid, lo = terms[:, :, :n], terms[:, :, n:2 * n], terms[:, :, 2 * n:]
+  r = mgpu.Q_RADIX
+  recon = row_scale[..., None] * (hi + mid / r + lo / r ** 2)  # [2, 3, 16, 128]
+  amax = np.abs(q.astype(np.float64)).max(-1, keepdims=True)  # [2, 3, G, 1]
+  err = np.abs(recon[:, :, :group] - q.astype(np.float64))
+  # s / (2 R^2) from the split, plus float32 rounding of y = q / s (|y| <= 127).
+  bound = amax / 127.0 * (0.5 / r ** 2 + 127.0 * 2.0 ** -23)
+  assert np.all(err <= bound + 1e-30)
+  # Small channels of the outlier row keep their value to ~1e-7 of the row max.
+  np.testing.assert_allclose(recon[0, 0, 0, 5:], q[0, 0, 0, 5:], atol=float(amax[0, 0, 0, 0]) * 1e-7)
+  assert np.all(terms[:, :, group:n] == 0) and np.all(row_scale[:, :, group:] == 0)
+  assert np.all(recon[1, 2, group - 1] == 0)
+
+
+def _lower(group: int, **kw):
+  b, s, k, h = 2, 512, 2, 128
+  args = [jax.ShapeDtypeStruct((b, k, group, h), jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
+          jax.ShapeDtypeStruct((b, k, s), jnp.float32), jax.ShapeDtypeStruct((b, k, s), jnp.float32)]
+  fn = jax.jit(lambda *a: mgpu.int8_decode_mgpu(*a, scale=h ** -0.5, **kw))
+  exported = export.export(fn, platforms=["cuda"])(*args)
+  assert exported.out_avals[0].shape == (b, k, group, h)
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("group,kw", [(1, {}), (4, {}), (16, dict(block_kv=128, stages=2))])
+def test_kernel_lowers_for_cuda(group, kw):
+  module = _lower(group, **kw)
+  assert "mosaic_gpu" in module
+
+
+def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None):
+  scale_shape = scale_shape or (b, k, s)
+  return (jnp.zeros((b, k, g, h), q_dtype), jnp.zeros((b, s, k, h), kv_dtype),
+          jnp.zeros((b, s, k, h), kv_dtype), jnp.ones(scale_shape, jnp.float32),
+          jnp.ones(scale_shape, jnp.float32))
+
+
+@pytest.mark.parametrize("args,kw,match", [
+    (_args(g=17), {}, "at most 16 query heads"),
+    (_args(q_dtype=jnp.float32), {}, "query must be bfloat16 or float16"),
+    (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
+    (_args(scale_shape=(1, 256, 2)), {}, r"key_scale must be float32 \[B, K, S\]"),
+    (_args(h=96), {}, "head_dim must be a multiple of 64"),
+    (_args(s=200), {}, "multiple of block_kv=64"),
+    (_args(s=128), dict(stages=3), "at least stages=3"),
+    (_args(), dict(block_kv=32), "block_kv must be 64 or 128"),
+    (_args(), dict(ablation="fast"), "ablation must be one of"),
+])
+def test_bad_arguments_are_refused(args, kw, match):
+  with pytest.raises(ValueError, match=match):
+    mgpu.int8_decode_mgpu(*args, scale=0.1, **kw)
