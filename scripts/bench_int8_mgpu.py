@@ -3,14 +3,14 @@
     JAX_PLATFORMS=cuda,cpu python scripts/bench_int8_mgpu.py --out $OUT [--shapes 64x4096 ...]
 
 Hopper only. Shapes are bench.py's decode shapes (32 query heads, 8 kv
-heads, head_dim 128, full-length rows), given as BATCHxKV_LEN. For each
-shape, in one run: the landed bfloat16 Triton kernel (the baseline of every
-ratio), the landed Triton int8 kernel, and the Mosaic GPU kernel at several
-tilings. The Mosaic kernel is timed twice: with head-major scales made
-beforehand (its input layout), and with the transpose from the cache's
-token-major scales inside the timed call. Each kernel is first checked
-against the reference (ragged_decode_reference over the same int8 cache)
-and not timed if it disagrees. --ablations adds, at the first shape,
+heads, head_dim 128), given as BATCHxKV_LEN for full-length rows or
+BATCHxMAXr for lengths uniform in [1, MAX]. For each shape, in one run: the
+landed bfloat16 Triton kernel (the baseline of every ratio), the landed
+Triton int8 kernel, and the Mosaic GPU kernel at several tilings and split
+counts (its time includes the transpose of the cache's token-major scales).
+Each kernel is first checked against the reference (ragged_decode_reference
+over the same int8 cache) and not timed if it disagrees; the Mosaic kernel
+is also checked with attention sinks. --ablations adds, at the first shape,
 variants that leave a stage out (their results are wrong on purpose) to
 show where the time goes. Prints a table; writes bench_int8_mgpu.json.
 """
@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.quant import KVQuant, quantize
-from meshattn.layers.kernels.decode_int8_mgpu import int8_decode_mgpu
+from meshattn.layers.kernels.decode_int8_mgpu import auto_splits, int8_decode_mgpu
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import failed, rel_err, time_fn
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-TILINGS = ((64, 3), (64, 4), (128, 2))  # (block_kv, stages)
+TILINGS = ((64, 3), (64, 4), (128, 2))  # (block_kv, stages), automatic splits
 ABLATIONS = (("TMA stream only", "tma_only"), ("no V conversion", "no_v_conversion"))
 # Relative error against the reference above which a kernel is not timed
 # (bfloat16 p and output rounding: the landed kernels give ~4e-3).
@@ -45,25 +45,23 @@ def _inputs(batch: int, kv_len: int):
   return q, k, v
 
 
-def bench_shape(batch: int, kv_len: int, *, ablations: bool) -> list[dict]:
+def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
+                splits: list[int] | None = None) -> list[dict]:
   q, k, v = _inputs(batch, kv_len)
   lengths = jnp.full((batch,), kv_len, jnp.int32)
+  if ragged:
+    lengths = jax.random.randint(jax.random.key(2), (batch,), 1, kv_len + 1, jnp.int32)
   kq, ks = quantize(k, KVQuant("int8"))  # [B, S, K, H] int8, [B, S, K] f32
   vq, vs = quantize(v, KVQuant("int8"))
-  ks_hm, vs_hm = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)  # [B, K, S]
   scale = HEAD_DIM ** -0.5
-  group = HEADS // KV_HEADS
   iters = max(20, 200 * 64 * 4096 // (batch * kv_len))
   ref = ragged_decode_reference(q, kq, vq, lengths, scale=scale, key_scale=ks, value_scale=vs)
+  sinks = jax.random.normal(jax.random.key(3), (HEADS,), jnp.float32)
+  ref_sinks = ragged_decode_reference(q, kq, vq, lengths, scale=scale, key_scale=ks,
+                                      value_scale=vs, sinks=sinks)
 
-  def mgpu(transpose_scales: bool, **kw):
-    def f(q, k, v, a, c):
-      if transpose_scales:
-        a, c = jnp.swapaxes(a, 1, 2), jnp.swapaxes(c, 1, 2)
-      out = int8_decode_mgpu(q.reshape(batch, KV_HEADS, group, HEAD_DIM), k, v, a, c,
-                             scale=scale, **kw)
-      return out.reshape(batch, HEADS, HEAD_DIM)
-    return jax.jit(f)
+  def mgpu(**kw):
+    return jax.jit(lambda q, k, v, l, a, c: int8_decode_mgpu(q, k, v, l, a, c, scale=scale, **kw))
 
   bf16 = jax.jit(lambda q, k, v, l: ragged_decode_pallas(q, k, v, l, scale=scale))
   triton = jax.jit(lambda q, k, v, l, a, c: ragged_decode_pallas(
@@ -71,17 +69,17 @@ def bench_shape(batch: int, kv_len: int, *, ablations: bool) -> list[dict]:
   base_ms = time_fn(bf16, q, k, v, lengths, iters=iters)
   rows = [dict(kernel="triton bf16 (baseline)", ms=base_ms, x=1.0,
                err=rel_err(bf16(q, k, v, lengths), ref))]
-  candidates = [("triton int8", triton, (q, kq, vq, lengths, ks, vs), True)]
+  args = (q, kq, vq, lengths, ks, vs)
+  auto = auto_splits(batch * KV_HEADS, kv_len // 64)
+  candidates = [("triton int8", triton, True)]
   for bk, st in TILINGS:
-    candidates.append((f"mgpu int8 bk{bk} st{st}", mgpu(False, block_kv=bk, stages=st),
-                       (q, kq, vq, ks_hm, vs_hm), True))
-    candidates.append((f"  + scale transpose", mgpu(True, block_kv=bk, stages=st),
-                       (q, kq, vq, ks, vs), True))
+    candidates.append((f"mgpu int8 bk{bk} st{st}", mgpu(block_kv=bk, stages=st), True))
+  for p in splits or [2 * auto]:
+    candidates.append((f"mgpu int8 bk64 st4 splits {p}", mgpu(num_splits=p), True))
   if ablations:
     for name, which in ABLATIONS:
-      candidates.append((f"ablation: {name}", mgpu(False, ablation=which),
-                         (q, kq, vq, ks_hm, vs_hm), False))
-  for name, fn, args, check in candidates:
+      candidates.append((f"ablation: {name}", mgpu(ablation=which), False))
+  for name, fn, check in candidates:
     row = dict(kernel=name)
     try:
       err = rel_err(fn(*args), ref)
@@ -94,8 +92,15 @@ def bench_shape(batch: int, kv_len: int, *, ablations: bool) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - a row per failure, the run goes on
       row["status"] = failed(e)
     rows.append(row)
+  try:
+    err = rel_err(jax.jit(lambda *a: int8_decode_mgpu(*a, scale=scale, sinks=sinks))(*args),
+                  ref_sinks)
+    rows.append(dict(kernel="mgpu int8 with sinks (checked only)", err=err,
+                     status="ok" if err <= TOLERANCE else "disagrees with the reference"))
+  except Exception as e:  # noqa: BLE001
+    rows.append(dict(kernel="mgpu int8 with sinks (checked only)", status=failed(e)))
   for row in rows:
-    row.update(batch=batch, kv_len=kv_len)
+    row.update(batch=batch, kv_len=kv_len, ragged=ragged)
   return rows
 
 
@@ -105,20 +110,25 @@ def print_table(rows: list[dict]) -> None:
     ms = f"{r['ms']:.4f}" if "ms" in r else "-"
     x = f"{r['x']:.3f}" if "x" in r else "-"
     err = f"{r['err']:.1e}" if "err" in r else "-"
-    line = f"b{r['batch']} kv{r['kv_len']:<8d} {r['kernel']:34s} {ms:>8s} {x:>7s} {err:>8s}"
+    shape = f"b{r['batch']} {'max' if r['ragged'] else 'kv'}{r['kv_len']}"
+    line = f"{shape:14s} {r['kernel']:34s} {ms:>8s} {x:>7s} {err:>8s}"
     print(line + (f"  {r['status']}" if "status" in r else ""))
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, required=True)
-  parser.add_argument("--shapes", nargs="+", default=["64x4096", "64x8192", "8x32768"])
+  parser.add_argument("--shapes", nargs="+",
+                      default=["64x4096", "64x8192", "8x32768", "64x8192r", "64x4096r"])
   parser.add_argument("--ablations", action="store_true")
+  parser.add_argument("--splits", nargs="*", type=int,
+                      help="split counts to try at bk64 st4 (default: twice the automatic one)")
   args = parser.parse_args(argv)
   rows = []
   for i, shape in enumerate(args.shapes):
-    batch, kv_len = (int(x) for x in shape.split("x"))
-    rows += bench_shape(batch, kv_len, ablations=args.ablations and i == 0)
+    batch, kv_len = (int(x) for x in shape.rstrip("r").split("x"))
+    rows += bench_shape(batch, kv_len, shape.endswith("r"), ablations=args.ablations and i == 0,
+                        splits=args.splits)
   device = jax.devices()[0]
   print(f"{device.device_kind}, jax {jax.__version__}")
   print_table(rows)

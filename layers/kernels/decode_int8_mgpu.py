@@ -4,10 +4,18 @@ Not routed by the registry. The int8 KV decode target of issue 5 (1.6x the
 bfloat16 kernel) is not met by the landed Triton kernel, which is bound by
 issuing instructions (docs/benchmarks.md, 2026-11-29). This kernel is the
 next attempt, kept with its benchmark (scripts/bench_int8_mgpu.py) so the
-next step starts from a working, checked kernel. On the H200 it runs 1.29-1.35x
-the bfloat16 kernel against the Triton int8 kernel's 1.14-1.15x (uniform
-lengths, b64 kv4096 / kv8192); docs/benchmarks.md ("2026-11-29, second
-session") has the table, the ablations and what is left.
+next step starts from a working kernel checked against the reference. It
+has `ragged_decode_reference`'s contract for int8 caches: row lengths,
+split-K, attention sinks.
+
+On the H200 (docs/benchmarks.md, "2026-11-29, second session"):
+- Its core, over full rows with head-major scales prepared outside, runs
+  1.32-1.35x the bfloat16 kernel. The Triton int8 kernel runs 1.14-1.15x.
+- With the cache's token-major scales, lengths and the split merge, as here,
+  it is 1.19-1.28x at uniform lengths (Triton int8: 1.12-1.14x). At ragged
+  lengths it is 0.81x with the automatic splits and 1.01x with 4 (Triton
+  int8: 1.04x), and the split count cannot be chosen without the lengths.
+  That is why it is not routed.
 
 How it differs from the Triton kernel:
 
@@ -25,11 +33,10 @@ How it differs from the Triton kernel:
 - One warpgroup only issues TMA copies, the other computes (warp
   specialisation), so the loads of later tiles overlap the chain.
 
-Scope: full-length rows (no lengths, splits, soft cap, sinks or window),
-int8 K and V with per-token-per-head float32 scales stored head-major
-[B, K, S], a 16-bit query, at most 16 query heads per kv head.
+Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
+at most 16 query heads per kv head, head_dim a multiple of 64, a cache
+length that is a multiple of the tile; no soft cap or window.
 """
-
 from __future__ import annotations
 
 import functools
@@ -40,6 +47,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from meshattn.layers.kernels import decode_common
 
 # Query heads per kv head are padded to this many columns (wgmma N, and 32
 # bytes of bfloat16 p^T per key so the p tile can be swizzled).
@@ -75,13 +84,18 @@ def split_query(query: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.concatenate(terms, axis=2), row_scale  # [B, K, 48, H]
 
 
-def _kernel(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref, scoped, *,
-            block_kv: int, steps: int, stages: int, head_dim: int, ablation: str | None):
+def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, ml_ref_out,
+            scoped, *, block_kv: int, blocks_per_split: int, stages: int, head_dim: int,
+            ablation: str | None):
   smem, barriers = scoped
-  qt_smem, cs_smem, k_smem, v_smem, ks_smem, vs_smem, vb_smem, p_smem, o_smem = smem
+  qt_smem, cs_smem, k_smem, v_smem, ks_smem, vs_smem, vb_smem, p_smem, o_smem, ml_smem = smem
   q_bar, k_bar, v_bar, ks_bar, vs_bar, k_free, v_free = barriers
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
+  split = lax.axis_index("split")
+  length = len_ref[b]
+  first = split * blocks_per_split  # this program's blocks: [first, first + steps)
+  steps = jnp.clip(pl.cdiv(length, block_kv) - first, 0, blocks_per_split)
   n = PADDED_GROUP
   row = plgpu.Layout.WGMMA.reduce(1)  # a [bk] vector along the key rows
   col = plgpu.Layout.WGMMA.reduce(0)  # a [16] vector along the query columns
@@ -99,6 +113,8 @@ def _kernel(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref, scoped, *,
     def body(step, carry):
       acc, m, l = carry  # [H, 16] f32, [16], [16]
       slot = lax.rem(step, stages)
+      key_index = plgpu.broadcasted_iota(jnp.int32, (block_kv, n), 0, layout=plgpu.Layout.WGMMA)
+      valid = key_index + (first + step) * block_kv < length  # [bk, 16]: keys past the row's end
       if ablation == "tma_only":
         for bar in (k_bar, ks_bar, v_bar, vs_bar):
           plgpu.barrier_wait(bar.at[slot])
@@ -133,11 +149,15 @@ def _kernel(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref, scoped, *,
       dots = hi + (mid + lo * (1.0 / Q_RADIX)) * (1.0 / Q_RADIX)  # [bk, 16]
       logits = (dots * lax.broadcast_in_dim(k_scale, dots.shape, [0])
                 * lax.broadcast_in_dim(col_scale, dots.shape, [1]))  # [bk, 16], log2 units
+      # Every processed tile has a valid key, so m_new stays finite.
+      logits = jnp.where(valid, logits, -jnp.inf)
       m_new = jnp.maximum(m, logits.max(axis=0))  # [16]
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, logits.shape, [1]))  # [bk, 16]
       l = l * alpha + p.sum(axis=0)
-      p_smem[...] = (p * lax.broadcast_in_dim(v_scale, p.shape, [0])).astype(jnp.bfloat16)
+      # Selected, not multiplied: scales past the row's end may be anything.
+      pv_weights = jnp.where(valid, p * lax.broadcast_in_dim(v_scale, p.shape, [0]), 0.0)
+      p_smem[...] = pv_weights.astype(jnp.bfloat16)
       plgpu.commit_smem()
 
       def pv(acc_ref):
@@ -151,25 +171,29 @@ def _kernel(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref, scoped, *,
 
     acc = plgpu.layout_cast(jnp.zeros((head_dim, n), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col)
-    l = plgpu.layout_cast(jnp.full((n,), 1.0 if ablation == "tma_only" else 0.0,
-                                   jnp.float32), col)
+    l = plgpu.layout_cast(jnp.zeros((n,), jnp.float32), col)
     acc, m, l = lax.fori_loop(0, steps, body, (acc, m, l))
-    o_smem[...] = acc / lax.broadcast_in_dim(l, acc.shape, [1])  # [H, 16]
+    # Unnormalised partials for combine_splits: acc^T [H, 16], and m (natural
+    # log units) and l broadcast over 64 rows (a TMA copy moves whole tiles).
+    o_smem[...] = acc
+    ml_smem[0] = lax.broadcast_in_dim(m * (1.0 / LOG2E), (64, n), [1])
+    ml_smem[1] = lax.broadcast_in_dim(l, (64, n), [1])
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, h])
+    plgpu.copy_smem_to_gmem(o_smem, acc_ref_out.at[b, h, split])
+    plgpu.copy_smem_to_gmem(ml_smem, ml_ref_out.at[b, h, split])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(lax.axis_index("wg") == 1)
   def _memory():
     def issue(step, slot):
-      keys = pl.ds(step * block_kv, block_kv)
+      keys = pl.ds((first + step) * block_kv, block_kv)
       plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(ks_ref.at[b, h, keys], ks_smem.at[slot], ks_bar.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
       plgpu.copy_gmem_to_smem(vs_ref.at[b, h, keys], vs_smem.at[slot], vs_bar.at[slot])
 
     for i in range(stages):
-      issue(i, i)
+      pl.when(i < steps)(functools.partial(issue, i, i))
 
     @pl.loop(0, steps - stages)
     def _(i):
@@ -186,48 +210,97 @@ def _tiled(shape, dtype, swizzle: int):
       plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)))
 
 
-def int8_decode_mgpu(query, key, value, key_scale, value_scale, *, scale: float,
-                     block_kv: int = 64, stages: int = 3, ablation: str | None = None):
-  """Decode attention over full-length int8 K/V (Hopper, Mosaic GPU).
+def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
+  """Splits of a longest row: as many as keep the grid within one wave of resident programs.
 
-  query [B, K, G, H] bfloat16/float16 with G <= 16; key, value [B, S, K, H]
-  int8; key_scale, value_scale [B, K, S] float32 (head-major: one TMA copy
-  per tile). S a multiple of block_kv, with at least `stages` blocks.
-  Returns [B, K, G, H] float32.
+  Two programs are resident per SM (110 registers for 2 x 128 threads).
+  Measured on the H200 (docs/benchmarks.md): b8 x 8 heads at kv32768 ran
+  fastest with 4 splits (256 programs, one wave; 9 splits, just over two
+  waves, took 1.3x as long), b64 x 8 heads at kv4096 unsplit (512
+  programs). Ragged rows leave programs idle and want more splits than
+  this (b64 max8192: 4); pass num_splits for them.
   """
+  cores = decode_common.sm_count() if cores is None else cores
+  fit = (RESIDENT_PER_SM * cores) // max(programs, 1)
+  return int(max(1, min(fit, max_blocks // decode_common.MIN_BLOCKS_PER_SPLIT)))
+
+
+RESIDENT_PER_SM = 2
+
+
+def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
+                    block_kv: int, stages: int, ablation: str | None) -> None:
+  """Raise ValueError naming the argument unless the kernel serves this request."""
   batch, kv_len, kv_heads, head_dim = key.shape
-  group = query.shape[2]
-  if query.shape != (batch, kv_heads, group, head_dim):
-    raise ValueError(f"query must be [B, K, G, H] = [{batch}, {kv_heads}, G, {head_dim}], "
-                     f"got {query.shape}")
+  if query.ndim != 3 or query.shape[0] != batch or query.shape[2] != head_dim \
+      or query.shape[1] % kv_heads:
+    raise ValueError(f"query must be [B, N, H] = [{batch}, N, {head_dim}] with N a multiple "
+                     f"of the {kv_heads} kv heads, got {query.shape}")
+  group = query.shape[1] // kv_heads
   if jnp.dtype(query.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise ValueError(f"query must be bfloat16 or float16, got {query.dtype}")
   if key.dtype != jnp.int8 or value.dtype != jnp.int8 or value.shape != key.shape:
     raise ValueError(f"key and value must be int8 of one shape, got {key.dtype} {key.shape}, "
                      f"{value.dtype} {value.shape}")
+  if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be integer [B] = [{batch}], got {lengths.dtype} {lengths.shape}")
   for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
-    if s.shape != (batch, kv_heads, kv_len) or s.dtype != jnp.float32:
-      raise ValueError(f"{name} must be float32 [B, K, S] = {(batch, kv_heads, kv_len)}, "
-                       f"got {s.dtype} {s.shape}")
+    if s is None or s.shape != (batch, kv_len, kv_heads) or s.dtype != jnp.float32:
+      got = None if s is None else f"{s.dtype} {s.shape}"
+      raise ValueError(f"{name} must be float32 [B, S, K] = {(batch, kv_len, kv_heads)} "
+                       f"(per token and head), got {got}")
+  if sinks is not None and sinks.shape != (query.shape[1],):
+    raise ValueError(f"sinks must be [N] = [{query.shape[1]}], got {sinks.shape}")
   if group > PADDED_GROUP:
     raise ValueError(f"at most {PADDED_GROUP} query heads per kv head, got {group}")
   if head_dim % 64:
     raise ValueError(f"head_dim must be a multiple of 64, got {head_dim}")
   if block_kv not in (64, 128):
     raise ValueError(f"block_kv must be 64 or 128, got {block_kv}")
-  if stages < 1 or kv_len % block_kv or kv_len // block_kv < stages:
-    raise ValueError(f"kv length {kv_len} must be a multiple of block_kv={block_kv} "
-                     f"with at least stages={stages} >= 1 blocks")
+  if stages < 1 or kv_len % block_kv:
+    raise ValueError(f"the cache length {kv_len} must be a multiple of block_kv={block_kv}, "
+                     f"and stages={stages} >= 1")
   if ablation not in ABLATIONS:
     raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-  n = PADDED_GROUP
-  terms, row_scale = split_query(query)  # [B, K, 48, H], [B, K, 16]
-  col_scale = jnp.pad(row_scale * (scale * LOG2E), ((0, 0), (0, 0), (0, n)))  # [B, K, 32]
 
-  kernel = functools.partial(_kernel, block_kv=block_kv, steps=kv_len // block_kv,
+
+def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scale: float,
+                     sinks=None, num_splits: int | None = None, block_kv: int = 64,
+                     stages: int = 4, ablation: str | None = None):
+  """Decode attention over an int8 cache (Hopper, Mosaic GPU); `ragged_decode_reference`'s contract.
+
+  query [B, N, H] bfloat16/float16 (N = K * G, G <= 16); key, value
+  [B, S, K, H] int8 with S a multiple of block_kv; lengths [B]: row b
+  attends to keys [0, lengths[b]); key_scale, value_scale [B, S, K] float32
+  (the int8 cache's per-token-per-head layout; transposed here to [B, K, S]
+  for one TMA copy per tile); sinks [N] or None. num_splits: splits of a
+  longest row (split-K, merged by `decode_common.combine_splits`); None:
+  `auto_splits`. Returns [B, N, H] in query.dtype; a row of length 0 gives
+  zeros (or the sink's zero value).
+  """
+  check_arguments(query, key, value, lengths, key_scale, value_scale, sinks,
+                  block_kv=block_kv, stages=stages, ablation=ablation)
+  batch, kv_len, kv_heads, head_dim = key.shape
+  heads = query.shape[1]
+  group = heads // kv_heads
+  n = PADDED_GROUP
+  max_blocks = kv_len // block_kv
+  if num_splits is None:
+    num_splits = auto_splits(batch * kv_heads, max_blocks)
+  if num_splits < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+  blocks_per_split = pl.cdiv(max_blocks, num_splits)
+  num_splits = pl.cdiv(max_blocks, blocks_per_split)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)  # [B]
+  terms, row_scale = split_query(query.reshape(batch, kv_heads, group, head_dim))
+  col_scale = jnp.pad(row_scale * (scale * LOG2E), ((0, 0), (0, 0), (0, n)))  # [B, K, 32]
+  ks_hm = jnp.swapaxes(key_scale, 1, 2)  # [B, K, S]
+  vs_hm = jnp.swapaxes(value_scale, 1, 2)
+
+  kernel = functools.partial(_kernel, block_kv=block_kv, blocks_per_split=blocks_per_split,
                              stages=stages, head_dim=head_dim, ablation=ablation)
 
-  def entry(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref):
+  def entry(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out, ml_out):
     smem = (
         _tiled((Q_TERMS * n, head_dim), jnp.int8, 128),  # qt_smem
         plgpu.SMEM((2 * n,), jnp.float32),  # cs_smem
@@ -237,7 +310,8 @@ def int8_decode_mgpu(query, key, value, key_scale, value_scale, *, scale: float,
         plgpu.SMEM((stages, block_kv), jnp.float32),  # vs_smem
         _tiled((block_kv, head_dim), jnp.bfloat16, 32),  # vb_smem: V as bfloat16
         _tiled((block_kv, n), jnp.bfloat16, 32),  # p_smem: p * v_scale
-        _tiled((head_dim, n), jnp.float32, 64),  # o_smem
+        _tiled((head_dim, n), jnp.float32, 64),  # o_smem: acc^T
+        _tiled((2, 64, n), jnp.float32, 64),  # ml_smem: m, l
     )
     barriers = (
         plgpu.Barrier(num_barriers=2),  # q_bar
@@ -245,22 +319,30 @@ def int8_decode_mgpu(query, key, value, key_scale, value_scale, *, scale: float,
         *(plgpu.Barrier(num_arrivals=1, num_barriers=stages) for _ in range(2)),  # k, v free
     )
     pl.run_scoped(
-        lambda *args: kernel(qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, out_ref,
-                             (args[:len(smem)], args[len(smem):])),
+        lambda *args: kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out,
+                             ml_out, (args[:len(smem)], args[len(smem):])),
         *smem, *barriers, collective_axes="wg")
 
-  out = plgpu.kernel(
+  acc, ml = plgpu.kernel(
       entry,
-      out_type=jax.ShapeDtypeStruct((batch, kv_heads, head_dim, n), jnp.float32),
-      grid=(kv_heads, batch),
-      grid_names=("heads", "batch"),
+      out_type=(jax.ShapeDtypeStruct((batch, kv_heads, num_splits, head_dim, n), jnp.float32),
+                jax.ShapeDtypeStruct((batch, kv_heads, num_splits, 2, 64, n), jnp.float32)),
+      grid=(kv_heads, batch, num_splits),
+      grid_names=("heads", "batch", "split"),
       num_threads=2,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True,
-          # Safe here: threads only write vb/p/o_smem, which only wgmma and
+          # Safe here: threads only write vb/p/o/ml_smem, which only wgmma and
           # TMA read, after commit_smem; TMA-written buffers are only read.
           unsafe_no_auto_barriers=True,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(terms, col_scale, key, value, key_scale, value_scale)  # [B, K, H, 16]
-  return jnp.swapaxes(out, 2, 3)[:, :, :group]  # [B, K, G, H]
+  )(lengths, terms, col_scale, key, value, ks_hm, vs_hm)
+  acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
+  m = ml[:, :, :, 0, 0, :group, None]  # [B, K, P, G, 1]
+  l = ml[:, :, :, 1, 0, :group, None]
+  first_block = jnp.arange(num_splits) * blocks_per_split  # [P]
+  nonempty = pl.cdiv(lengths, block_kv)[:, None] > first_block[None, :]  # [B, P]
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
+  out = decode_common.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, G, H]
+  return out.reshape(batch, heads, head_dim)

@@ -1,10 +1,12 @@
 """The experimental Mosaic GPU int8 decode kernel (layers/kernels/decode_int8_mgpu.py).
 
 Its numbers are checked on a Hopper GPU by scripts/bench_int8_mgpu.py
-(against ragged_decode_reference, before timing). Here, on CPU: the query
-split it relies on, against float64 NumPy; that the kernel still lowers to
-Mosaic GPU for CUDA (jax.export, no GPU needed) for MHA, GQA and a 16-head
-group at both tilings; and that bad arguments are refused before any work.
+(against ragged_decode_reference, with and without sinks, uniform and ragged
+lengths, before timing). Here, on CPU: the query split it relies on, against
+float64 NumPy; that the kernel still lowers to Mosaic GPU for CUDA
+(jax.export, no GPU needed) for MHA, GQA and a 16-head group, both tilings,
+split and unsplit, with sinks; and that bad arguments are refused before
+any work.
 """
 
 import numpy as np
@@ -45,37 +47,51 @@ def test_split_query_reconstructs_rows(group):
 
 def _lower(group: int, **kw):
   b, s, k, h = 2, 512, 2, 128
-  args = [jax.ShapeDtypeStruct((b, k, group, h), jnp.bfloat16),
+  args = [jax.ShapeDtypeStruct((b, k * group, h), jnp.bfloat16),
           jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
-          jax.ShapeDtypeStruct((b, k, s), jnp.float32), jax.ShapeDtypeStruct((b, k, s), jnp.float32)]
+          jax.ShapeDtypeStruct((b,), jnp.int32),
+          jax.ShapeDtypeStruct((b, s, k), jnp.float32), jax.ShapeDtypeStruct((b, s, k), jnp.float32)]
   fn = jax.jit(lambda *a: mgpu.int8_decode_mgpu(*a, scale=h ** -0.5, **kw))
   exported = export.export(fn, platforms=["cuda"])(*args)
-  assert exported.out_avals[0].shape == (b, k, group, h)
+  assert exported.out_avals[0].shape == (b, k * group, h)
   return exported.mlir_module()
 
 
-@pytest.mark.parametrize("group,kw", [(1, {}), (4, {}), (16, dict(block_kv=128, stages=2))])
+@pytest.mark.parametrize("group,kw", [
+    (1, {}),
+    (4, dict(num_splits=3, sinks=jnp.zeros((8,), jnp.float32))),
+    (16, dict(block_kv=128, stages=2, num_splits=2)),
+])
 def test_kernel_lowers_for_cuda(group, kw):
   module = _lower(group, **kw)
   assert "mosaic_gpu" in module
 
 
-def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None):
-  scale_shape = scale_shape or (b, k, s)
-  return (jnp.zeros((b, k, g, h), q_dtype), jnp.zeros((b, s, k, h), kv_dtype),
-          jnp.zeros((b, s, k, h), kv_dtype), jnp.ones(scale_shape, jnp.float32),
-          jnp.ones(scale_shape, jnp.float32))
+def test_auto_splits_fill_one_wave():
+  assert mgpu.auto_splits(64 * 8, 64, cores=132) == 1  # 512 programs: already ~2 waves
+  assert mgpu.auto_splits(8 * 8, 512, cores=132) == 4  # 64 programs -> 256 <= 264 resident
+  assert mgpu.auto_splits(8, 8, cores=132) == 1  # too few blocks to split
+
+
+def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
+          lengths_shape=None):
+  scale_shape = scale_shape or (b, s, k)
+  return (jnp.zeros((b, k * g, h), q_dtype), jnp.zeros((b, s, k, h), kv_dtype),
+          jnp.zeros((b, s, k, h), kv_dtype), jnp.zeros(lengths_shape or (b,), jnp.int32),
+          jnp.ones(scale_shape, jnp.float32), jnp.ones(scale_shape, jnp.float32))
 
 
 @pytest.mark.parametrize("args,kw,match", [
     (_args(g=17), {}, "at most 16 query heads"),
     (_args(q_dtype=jnp.float32), {}, "query must be bfloat16 or float16"),
     (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
-    (_args(scale_shape=(1, 256, 2)), {}, r"key_scale must be float32 \[B, K, S\]"),
+    (_args(scale_shape=(1, 2, 256)), {}, r"key_scale must be float32 \[B, S, K\]"),
+    (_args(lengths_shape=(2,)), {}, r"lengths must be integer \[B\]"),
     (_args(h=96), {}, "head_dim must be a multiple of 64"),
     (_args(s=200), {}, "multiple of block_kv=64"),
-    (_args(s=128), dict(stages=3), "at least stages=3"),
     (_args(), dict(block_kv=32), "block_kv must be 64 or 128"),
+    (_args(), dict(sinks=jnp.zeros((3,))), r"sinks must be \[N\]"),
+    (_args(), dict(num_splits=0), "num_splits must be >= 1"),
     (_args(), dict(ablation="fast"), "ablation must be one of"),
 ])
 def test_bad_arguments_are_refused(args, kw, match):
