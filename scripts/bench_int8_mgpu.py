@@ -10,7 +10,8 @@ Triton int8 kernel, and the Mosaic GPU kernel at several tilings and split
 counts (its time includes the transpose of the cache's token-major scales).
 Each kernel is first checked against the reference (ragged_decode_reference
 over the same int8 cache) and not timed if it disagrees; the Mosaic kernel
-is also checked with attention sinks. --ablations adds, at the first shape,
+is also checked with attention sinks, and at the first shape with edge row
+lengths (empty, around tile boundaries, full, past the cache) and 3 splits. --ablations adds, at the first shape,
 variants that leave a stage out (their results are wrong on purpose) to
 show where the time goes. Prints a table; writes bench_int8_mgpu.json.
 """
@@ -33,8 +34,13 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TILINGS = ((64, 3), (64, 4), (128, 2))  # (block_kv, stages), automatic splits
 ABLATIONS = (("TMA stream only", "tma_only"), ("no V conversion", "no_v_conversion"))
 # Relative error against the reference above which a kernel is not timed
-# (bfloat16 p and output rounding: the landed kernels give ~4e-3).
-TOLERANCE = 2e-2
+# (bfloat16 p and output rounding: the kernels give 2e-3 to 6e-3). The edge
+# lengths below make an off-by-one key show: one key of a 64-key row moves
+# the output by about 1/64.
+TOLERANCE = 1e-2
+# Row lengths at tile and split boundaries, empty rows and rows past the
+# cache, checked (not timed) with sinks and 3 splits at the first shape.
+EDGE_LENGTHS = (0, 1, 63, 64, 65, 127, 128, 129)
 
 
 def _inputs(batch: int, kv_len: int):
@@ -46,7 +52,7 @@ def _inputs(batch: int, kv_len: int):
 
 
 def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
-                splits: list[int] | None = None) -> list[dict]:
+                splits: list[int] | None = None, edge_lengths: bool = False) -> list[dict]:
   q, k, v = _inputs(batch, kv_len)
   lengths = jnp.full((batch,), kv_len, jnp.int32)
   if ragged:
@@ -57,8 +63,6 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
   iters = max(20, 200 * 64 * 4096 // (batch * kv_len))
   ref = ragged_decode_reference(q, kq, vq, lengths, scale=scale, key_scale=ks, value_scale=vs)
   sinks = jax.random.normal(jax.random.key(3), (HEADS,), jnp.float32)
-  ref_sinks = ragged_decode_reference(q, kq, vq, lengths, scale=scale, key_scale=ks,
-                                      value_scale=vs, sinks=sinks)
 
   def mgpu(**kw):
     return jax.jit(lambda q, k, v, l, a, c: int8_decode_mgpu(q, k, v, l, a, c, scale=scale, **kw))
@@ -92,15 +96,25 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
     except Exception as e:  # noqa: BLE001 - a row per failure, the run goes on
       row["status"] = failed(e)
     rows.append(row)
-  try:
-    err = rel_err(jax.jit(lambda *a: int8_decode_mgpu(*a, scale=scale, sinks=sinks))(*args),
-                  ref_sinks)
-    rows.append(dict(kernel="mgpu int8 with sinks (checked only)", err=err,
-                     status="ok" if err <= TOLERANCE else "disagrees with the reference"))
-  except Exception as e:  # noqa: BLE001
-    rows.append(dict(kernel="mgpu int8 with sinks (checked only)", status=failed(e)))
+  checks = [("mgpu int8 with sinks (checked only)", lengths, dict(sinks=sinks))]
+  if edge_lengths:
+    edge = jnp.array([EDGE_LENGTHS[i % len(EDGE_LENGTHS)] for i in range(batch)], jnp.int32)
+    edge = edge.at[-2:].set(jnp.array([kv_len, kv_len + 100], jnp.int32))
+    checks.append(("mgpu int8 edge lengths, sinks, 3 splits", edge,
+                   dict(sinks=sinks, num_splits=3)))
+  for name, lens, kw in checks:
+    try:
+      want = ragged_decode_reference(q, kq, vq, lens, scale=scale, key_scale=ks,
+                                     value_scale=vs, sinks=kw["sinks"])
+      got = jax.jit(lambda *a, kw=kw: int8_decode_mgpu(*a, scale=scale, **kw))(
+          q, kq, vq, lens, ks, vs)
+      err = rel_err(got, want)
+      rows.append(dict(kernel=name, err=err,
+                       status="ok" if err <= TOLERANCE else "disagrees with the reference"))
+    except Exception as e:  # noqa: BLE001
+      rows.append(dict(kernel=name, status=failed(e)))
   for row in rows:
-    row.update(batch=batch, kv_len=kv_len, ragged=ragged)
+    row.update(batch=batch, kv_len=kv_len, ragged=ragged, auto_splits=auto)
   return rows
 
 
@@ -128,7 +142,7 @@ def main(argv=None) -> None:
   for i, shape in enumerate(args.shapes):
     batch, kv_len = (int(x) for x in shape.rstrip("r").split("x"))
     rows += bench_shape(batch, kv_len, shape.endswith("r"), ablations=args.ablations and i == 0,
-                        splits=args.splits)
+                        splits=args.splits, edge_lengths=i == 0)
   device = jax.devices()[0]
   print(f"{device.device_kind}, jax {jax.__version__}")
   print_table(rows)

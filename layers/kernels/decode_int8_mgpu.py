@@ -10,9 +10,10 @@ split-K, attention sinks.
 
 On the H200 (docs/benchmarks.md, "2026-11-29, second session"):
 - Its core, over full rows with head-major scales prepared outside, runs
-  1.32-1.35x the bfloat16 kernel. The Triton int8 kernel runs 1.14-1.15x.
+  1.32-1.35x the bfloat16 kernel at b64 kv4096 / kv8192. The Triton int8
+  kernel runs 1.14-1.15x there.
 - With the cache's token-major scales, lengths and the split merge, as here,
-  it is 1.19-1.28x at uniform lengths (Triton int8: 1.12-1.14x). At ragged
+  it is 1.19-1.27x at uniform lengths (Triton int8: 1.12-1.14x). At ragged
   lengths it is 0.81x with the automatic splits and 1.01x with 4 (Triton
   int8: 1.04x), and the split count cannot be chosen without the lengths.
   That is why it is not routed.
@@ -34,8 +35,9 @@ How it differs from the Triton kernel:
   specialisation), so the loads of later tiles overlap the chain.
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
-at most 16 query heads per kv head, head_dim a multiple of 64, a cache
-length that is a multiple of the tile; no soft cap or window.
+at most 16 query heads per kv head, head_dim a multiple of 128 (the int8
+tiles are 128-byte swizzled rows), a cache length that is a multiple of the
+tile; no soft cap or window.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ def split_query(query: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Each row y = q / s with s = max|q| / 127 is written as hi + mid / 254 +
   lo / 254^2 with |hi|, |mid|, |lo| <= 127: the error is at most
-  s / (2 * 254^2), about 6e-8 of the row's largest entry. Padding rows (and
+  s / (2 * 254^2), about 6e-8 of the row's largest entry, plus the float32
+  rounding of q / s (up to 127 * 2^-24 s): about 1.4e-7 in all. Padding rows (and
   all-zero rows) get zero terms; padding rows get scale 0.
   """
   g = query.shape[2]
@@ -213,7 +216,8 @@ def _tiled(shape, dtype, swizzle: int):
 def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
   """Splits of a longest row: as many as keep the grid within one wave of resident programs.
 
-  Two programs are resident per SM (110 registers for 2 x 128 threads).
+  Two programs are resident per SM (110-116 registers for 2 x 128 threads,
+  and 112 KB of shared memory at the default tiling).
   Measured on the H200 (docs/benchmarks.md): b8 x 8 heads at kv32768 ran
   fastest with 4 splits (256 programs, one wave; 9 splits, just over two
   waves, took 1.3x as long), b64 x 8 heads at kv4096 unsplit (512
@@ -231,6 +235,8 @@ RESIDENT_PER_SM = 2
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
                     block_kv: int, stages: int, ablation: str | None) -> None:
   """Raise ValueError naming the argument unless the kernel serves this request."""
+  if key.ndim != 4:
+    raise ValueError(f"key must be [B, S, K, H], got shape {key.shape}")
   batch, kv_len, kv_heads, head_dim = key.shape
   if query.ndim != 3 or query.shape[0] != batch or query.shape[2] != head_dim \
       or query.shape[1] % kv_heads:
@@ -253,8 +259,8 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
     raise ValueError(f"sinks must be [N] = [{query.shape[1]}], got {sinks.shape}")
   if group > PADDED_GROUP:
     raise ValueError(f"at most {PADDED_GROUP} query heads per kv head, got {group}")
-  if head_dim % 64:
-    raise ValueError(f"head_dim must be a multiple of 64, got {head_dim}")
+  if head_dim % 128:
+    raise ValueError(f"head_dim must be a multiple of 128 (128-byte int8 tiles), got {head_dim}")
   if block_kv not in (64, 128):
     raise ValueError(f"block_kv must be 64 or 128, got {block_kv}")
   if stages < 1 or kv_len % block_kv:

@@ -36,7 +36,8 @@ def test_split_query_reconstructs_rows(group):
   recon = row_scale[..., None] * (hi + mid / r + lo / r ** 2)  # [2, 3, 16, 128]
   amax = np.abs(q.astype(np.float64)).max(-1, keepdims=True)  # [2, 3, G, 1]
   err = np.abs(recon[:, :, :group] - q.astype(np.float64))
-  # s / (2 R^2) from the split, plus float32 rounding of y = q / s (|y| <= 127).
+  # s / (2 R^2) from the split, plus float32 rounding of y = q / s (|y| <= 127),
+  # as split_query's docstring states.
   bound = amax / 127.0 * (0.5 / r ** 2 + 127.0 * 2.0 ** -23)
   assert np.all(err <= bound + 1e-30)
   # Small channels of the outlier row keep their value to ~1e-7 of the row max.
@@ -45,8 +46,8 @@ def test_split_query_reconstructs_rows(group):
   assert np.all(recon[1, 2, group - 1] == 0)
 
 
-def _lower(group: int, **kw):
-  b, s, k, h = 2, 512, 2, 128
+def _lower(group: int, h: int = 128, **kw):
+  b, s, k = 2, 512, 2
   args = [jax.ShapeDtypeStruct((b, k * group, h), jnp.bfloat16),
           jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
           jax.ShapeDtypeStruct((b,), jnp.int32),
@@ -61,6 +62,7 @@ def _lower(group: int, **kw):
     (1, {}),
     (4, dict(num_splits=3, sinks=jnp.zeros((8,), jnp.float32))),
     (16, dict(block_kv=128, stages=2, num_splits=2)),
+    (4, dict(h=256)),
 ])
 def test_kernel_lowers_for_cuda(group, kw):
   module = _lower(group, **kw)
@@ -87,9 +89,11 @@ def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, 
     (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
     (_args(scale_shape=(1, 2, 256)), {}, r"key_scale must be float32 \[B, S, K\]"),
     (_args(lengths_shape=(2,)), {}, r"lengths must be integer \[B\]"),
-    (_args(h=96), {}, "head_dim must be a multiple of 64"),
+    (_args(h=64), {}, "head_dim must be a multiple of 128"),
+    (_args(h=192), {}, "head_dim must be a multiple of 128"),
     (_args(s=200), {}, "multiple of block_kv=64"),
     (_args(), dict(block_kv=32), "block_kv must be 64 or 128"),
+    ((_args()[0], jnp.zeros((1, 256, 256), jnp.int8), *_args()[2:]), {}, r"key must be \[B, S, K, H\]"),
     (_args(), dict(sinks=jnp.zeros((3,))), r"sinks must be \[N\]"),
     (_args(), dict(num_splits=0), "num_splits must be >= 1"),
     (_args(), dict(ablation="fast"), "ablation must be one of"),
