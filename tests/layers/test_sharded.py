@@ -5,6 +5,8 @@ parameters placed by the logical rules, and compares with the same layer on
 one device. Parameter placements are checked against what the rules say.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,17 +57,28 @@ def inputs():
   return x, pos, seg
 
 
+LAYER_KW = dict(mask=MaskSpec("local_sliding", window=5), attention_sink=True, use_qk_norm=True)
+
+
+@functools.cache
+def unsharded_result(kv_heads):
+  """(rules, out, d/dx, d/dparams) of the unsharded layer: one run per head layout, shared
+  by the topologies (each xdist worker computes it once)."""
+  x, pos, seg = inputs()
+  reference = build(None, kv_heads, **LAYER_KW)
+  out, g_x, g_p = loss_and_grads(reference, x, pos, seg)
+  return (reference.settings.logical_axis_rules, np.asarray(out), np.asarray(g_x),
+          jax.tree.map(np.asarray, g_p))
+
+
 @pytest.mark.parametrize("kv_heads", [8, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("topology", TOPOLOGIES, ids=lambda t: "d%df%dc%dt%d" % t)
 def test_sharded_matches_unsharded(topology, kv_heads):
   mesh = make_mesh(*topology)
   x, pos, seg = inputs()
-  mask = MaskSpec("local_sliding", window=5)
-  reference = build(None, kv_heads, mask=mask, attention_sink=True, use_qk_norm=True)
-  ref_out, ref_gx, ref_gp = loss_and_grads(reference, x, pos, seg)
+  rules, ref_out, ref_gx, ref_gp = unsharded_result(kv_heads)
 
-  model = shard_module(build(mesh, kv_heads, mask=mask, attention_sink=True, use_qk_norm=True),
-                       mesh, reference.settings.logical_axis_rules)
+  model = shard_module(build(mesh, kv_heads, **LAYER_KW), mesh, rules)
   out, g_x, g_p = loss_and_grads(model, x, pos, seg)
 
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
