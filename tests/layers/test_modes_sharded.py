@@ -1,6 +1,8 @@
 """Prefill and decode on the 8-device mesh equal single-device decode, for the
 contiguous and the paged cache; the cache lands where the rules say."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,19 +50,35 @@ def serve(model, prompts, seg, steps, paged):
   return jnp.concatenate(outs, axis=1), cache
 
 
+CACHE_KW = {"contiguous": {}, "paged": dict(paged_kv_cache=True, num_pages=24, tokens_per_page=4),
+            "int8": dict(kv_quant=KVQuant("int8"))}
+
+
+def requests():
+  prompts = jax.random.normal(jax.random.key(1), (4, 6, 32))  # [B, P, D]
+  seg = (jnp.arange(6)[None] < jnp.array([[6], [2], [4], [5]])).astype(jnp.int32)  # ragged
+  return prompts, seg
+
+
+@functools.cache
+def single_device_outputs(cache_kind):
+  """The single-device layer's outputs [B, P + 3, D]: one run per cache kind, shared by the
+  meshes (each xdist worker computes it once)."""
+  reference = build(None, **CACHE_KW[cache_kind])
+  reference.sinks[...] = jnp.linspace(-1, 1, 8)
+  want, _ = serve(reference, *requests(), 3, paged=cache_kind == "paged")
+  return np.asarray(want)
+
+
 @pytest.mark.parametrize("sizes", [dict(data=2, tensor=4), dict(data=4, tensor=2),
                                    dict(fsdp=2, autoregressive=2, tensor=2)],
                          ids=["d2t4", "d4t2", "f2a2t2"])
 @pytest.mark.parametrize("cache_kind", ["contiguous", "paged", "int8"])
 def test_sharded_decode_equals_single_device(sizes, cache_kind):
   mesh = mesh_of(**sizes)
-  kw = {"contiguous": {}, "paged": dict(paged_kv_cache=True, num_pages=24, tokens_per_page=4),
-        "int8": dict(kv_quant=KVQuant("int8"))}[cache_kind]
-  prompts = jax.random.normal(jax.random.key(1), (4, 6, 32))  # [B, P, D]
-  seg = (jnp.arange(6)[None] < jnp.array([[6], [2], [4], [5]])).astype(jnp.int32)  # ragged
-  reference = build(None, **kw)
-  reference.sinks[...] = jnp.linspace(-1, 1, 8)
-  want, _ = serve(reference, prompts, seg, 3, paged=cache_kind == "paged")
+  kw = CACHE_KW[cache_kind]
+  prompts, seg = requests()
+  want = single_device_outputs(cache_kind)
 
   model = build(mesh, **kw)
   model.sinks[...] = jnp.linspace(-1, 1, 8)
