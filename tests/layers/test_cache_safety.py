@@ -100,10 +100,14 @@ def test_sharded_ragged_decode_with_kv_heads_not_dividing_tensor():
   kw = dict(num_query_heads=8, num_kv_heads=2, decode_attention="ragged")
   x = jax.random.normal(jax.random.key(1), (2, 7, 32))
 
+  @nnx.jit(static_argnames="mode")
+  def step(model, x, mode):  # jitted: eager dispatch over 8 devices is slow
+    return model(x, model_mode=mode)
+
   def serve(model):
     model.init_cache(2, 8)
-    outs = [model(x[:, :5], model_mode="prefill")]
-    outs += [model(x[:, t:t + 1], model_mode="autoregressive") for t in (5, 6)]
+    outs = [step(model, x[:, :5], "prefill"), step(model, x[:, 5:6], "autoregressive")]
+    outs.append(model(x[:, 6:7], model_mode="autoregressive"))  # and one eager step
     return jnp.concatenate(outs, axis=1)
 
   want = serve(build(**kw))
