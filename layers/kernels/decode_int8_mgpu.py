@@ -295,8 +295,9 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
     num_splits = auto_splits(batch * kv_heads, max_blocks)
   if num_splits < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-  blocks_per_split = pl.cdiv(max_blocks, num_splits)
-  num_splits = pl.cdiv(max_blocks, blocks_per_split)
+  blocks_per_split, num_splits = decode_common.split_layout(
+      max_blocks, programs=batch * kv_heads, num_splits=num_splits, blocks_per_split=None,
+      interpret=False)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)  # [B]
   terms, row_scale = split_query(query.reshape(batch, kv_heads, group, head_dim))
   col_scale = jnp.pad(row_scale * (scale * LOG2E), ((0, 0), (0, 0), (0, n)))  # [B, K, 32]
@@ -347,8 +348,8 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
   m = ml[:, :, :, 0, 0, :group, None]  # [B, K, P, G, 1]
   l = ml[:, :, :, 1, 0, :group, None]
-  first_block = jnp.arange(num_splits) * blocks_per_split  # [P]
-  nonempty = pl.cdiv(lengths, block_kv)[:, None] > first_block[None, :]  # [B, P]
+  nonempty = decode_common.split_nonempty(jnp.zeros_like(lengths), pl.cdiv(lengths, block_kv),
+                                          num_splits, blocks_per_split)  # [B, P]
   sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
   out = decode_common.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, G, H]
   return out.reshape(batch, heads, head_dim)
