@@ -113,17 +113,15 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
     # a TMA copy must move a multiple of 128 bytes here.
     col_scale = plgpu.load(cs_smem.at[pl.ds(0, n)], (), layout=col)
 
-    def body(step, carry):
-      acc, m, l = carry  # [H, 16] f32, [16], [16]
+    def body(step, carry, *, masked: bool):
+      acc, m, l_part = carry  # [H, 16] f32, [16], [bk, 16] (l before its sum over keys)
       slot = lax.rem(step, stages)
-      key_index = plgpu.broadcasted_iota(jnp.int32, (block_kv, n), 0, layout=plgpu.Layout.WGMMA)
-      valid = key_index + (first + step) * block_kv < length  # [bk, 16]: keys past the row's end
       if ablation == "tma_only":
         for bar in (k_bar, ks_bar, v_bar, vs_bar):
           plgpu.barrier_wait(bar.at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
         plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m, l
+        return acc, m, l_part
 
       plgpu.barrier_wait(k_bar.at[slot])
 
@@ -152,30 +150,40 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
       dots = hi + (mid + lo * (1.0 / Q_RADIX)) * (1.0 / Q_RADIX)  # [bk, 16]
       logits = (dots * lax.broadcast_in_dim(k_scale, dots.shape, [0])
                 * lax.broadcast_in_dim(col_scale, dots.shape, [1]))  # [bk, 16], log2 units
-      # Every processed tile has a valid key, so m_new stays finite.
-      logits = jnp.where(valid, logits, -jnp.inf)
+      if masked:
+        # Keys past the row's end. Every processed tile has a valid key, so
+        # m_new stays finite.
+        key_index = plgpu.broadcasted_iota(jnp.int32, (block_kv, n), 0,
+                                           layout=plgpu.Layout.WGMMA)
+        valid = key_index + (first + step) * block_kv < length  # [bk, 16]
+        logits = jnp.where(valid, logits, -jnp.inf)
       m_new = jnp.maximum(m, logits.max(axis=0))  # [16]
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, logits.shape, [1]))  # [bk, 16]
-      l = l * alpha + p.sum(axis=0)
-      # Selected, not multiplied: scales past the row's end may be anything.
-      pv_weights = jnp.where(valid, p * lax.broadcast_in_dim(v_scale, p.shape, [0]), 0.0)
+      # The sum over keys crosses warps; it is done once, after the loop.
+      l_part = l_part * lax.broadcast_in_dim(alpha, p.shape, [1]) + p
+      pv_weights = p * lax.broadcast_in_dim(v_scale, p.shape, [0])
+      if masked:
+        # Selected, not multiplied: scales past the row's end may be anything.
+        pv_weights = jnp.where(valid, pv_weights, 0.0)
       p_smem[...] = pv_weights.astype(jnp.bfloat16)
       plgpu.commit_smem()
 
       def pv(acc_ref):
-        # [H, bk] bf16 (V^T, read transposed) x [bk, 16] bf16 -> [H, 16] f32.
+        # acc^T += [H, bk] bf16 (V^T, read transposed) x [bk, 16] bf16.
         plgpu.wgmma(acc_ref, vb_smem.transpose((1, 0)), p_smem)
-        return acc_ref[...]
 
-      tile_acc = pl.run_scoped(pv, plgpu.ACC((head_dim, n), jnp.float32))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1]) + tile_acc
-      return acc, m_new, l
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc * lax.broadcast_in_dim(alpha, acc.shape, [1])))
+      return acc, m_new, l_part
 
     acc = plgpu.layout_cast(jnp.zeros((head_dim, n), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col)
-    l = plgpu.layout_cast(jnp.zeros((n,), jnp.float32), col)
-    acc, m, l = lax.fori_loop(0, steps, body, (acc, m, l))
+    l_part = plgpu.layout_cast(jnp.zeros((block_kv, n), jnp.float32), plgpu.Layout.WGMMA)
+    # Only the last tile can run past the row's end: the others skip the mask.
+    last = jnp.maximum(steps - 1, 0)
+    carry = lax.fori_loop(0, last, functools.partial(body, masked=False), (acc, m, l_part))
+    acc, m, l_part = lax.fori_loop(last, steps, functools.partial(body, masked=True), carry)
+    l = l_part.sum(axis=0)  # [16]
     # Unnormalised partials for combine_splits: acc^T [H, 16], and m (natural
     # log units) and l broadcast over 64 rows (a TMA copy moves whole tiles).
     o_smem[...] = acc
@@ -233,7 +241,8 @@ RESIDENT_PER_SM = 2
 
 
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
-                    block_kv: int, stages: int, ablation: str | None) -> None:
+                    block_kv: int, stages: int, ablation: str | None,
+                    scales_head_major: bool = False) -> None:
   """Raise ValueError naming the argument unless the kernel serves this request."""
   if key.ndim != 4:
     raise ValueError(f"key must be [B, S, K, H], got shape {key.shape}")
@@ -250,11 +259,12 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
                      f"{value.dtype} {value.shape}")
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be integer [B] = [{batch}], got {lengths.dtype} {lengths.shape}")
+  want, dims = (((batch, kv_heads, kv_len), "[B, K, S]") if scales_head_major
+                else ((batch, kv_len, kv_heads), "[B, S, K]"))
   for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
-    if s is None or s.shape != (batch, kv_len, kv_heads) or s.dtype != jnp.float32:
+    if s is None or s.shape != want or s.dtype != jnp.float32:
       got = None if s is None else f"{s.dtype} {s.shape}"
-      raise ValueError(f"{name} must be float32 [B, S, K] = {(batch, kv_len, kv_heads)} "
-                       f"(per token and head), got {got}")
+      raise ValueError(f"{name} must be float32 {dims} = {want} (per token and head), got {got}")
   if sinks is not None and sinks.shape != (query.shape[1],):
     raise ValueError(f"sinks must be [N] = [{query.shape[1]}], got {sinks.shape}")
   if group > PADDED_GROUP:
@@ -272,7 +282,8 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
 
 def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scale: float,
                      sinks=None, num_splits: int | None = None, block_kv: int = 64,
-                     stages: int = 4, ablation: str | None = None):
+                     stages: int = 4, scales_head_major: bool = False,
+                     ablation: str | None = None):
   """Decode attention over an int8 cache (Hopper, Mosaic GPU); `ragged_decode_reference`'s contract.
 
   query [B, N, H] bfloat16/float16 (N = K * G, G <= 16); key, value
@@ -281,11 +292,13 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   (the int8 cache's per-token-per-head layout; transposed here to [B, K, S]
   for one TMA copy per tile); sinks [N] or None. num_splits: splits of a
   longest row (split-K, merged by `decode_common.combine_splits`); None:
-  `auto_splits`. Returns [B, N, H] in query.dtype; a row of length 0 gives
+  `auto_splits`. scales_head_major: the scales are given as [B, K, S]
+  (no transpose here). Returns [B, N, H] in query.dtype; a row of length 0 gives
   zeros (or the sink's zero value).
   """
   check_arguments(query, key, value, lengths, key_scale, value_scale, sinks,
-                  block_kv=block_kv, stages=stages, ablation=ablation)
+                  block_kv=block_kv, stages=stages, ablation=ablation,
+                  scales_head_major=scales_head_major)
   batch, kv_len, kv_heads, head_dim = key.shape
   heads = query.shape[1]
   group = heads // kv_heads
@@ -301,8 +314,11 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)  # [B]
   terms, row_scale = split_query(query.reshape(batch, kv_heads, group, head_dim))
   col_scale = jnp.pad(row_scale * (scale * LOG2E), ((0, 0), (0, 0), (0, n)))  # [B, K, 32]
-  ks_hm = jnp.swapaxes(key_scale, 1, 2)  # [B, K, S]
-  vs_hm = jnp.swapaxes(value_scale, 1, 2)
+  if scales_head_major:
+    ks_hm, vs_hm = key_scale, value_scale  # [B, K, S]
+  else:
+    ks_hm = jnp.swapaxes(key_scale, 1, 2)  # [B, K, S]
+    vs_hm = jnp.swapaxes(value_scale, 1, 2)
 
   kernel = functools.partial(_kernel, block_kv=block_kv, blocks_per_split=blocks_per_split,
                              stages=stages, head_dim=head_dim, ablation=ablation)

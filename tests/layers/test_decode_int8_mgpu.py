@@ -48,10 +48,11 @@ def test_split_query_reconstructs_rows(group):
 
 def _lower(group: int, h: int = 128, **kw):
   b, s, k = 2, 512, 2
+  scales = (b, k, s) if kw.get("scales_head_major") else (b, s, k)
   args = [jax.ShapeDtypeStruct((b, k * group, h), jnp.bfloat16),
           jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
           jax.ShapeDtypeStruct((b,), jnp.int32),
-          jax.ShapeDtypeStruct((b, s, k), jnp.float32), jax.ShapeDtypeStruct((b, s, k), jnp.float32)]
+          jax.ShapeDtypeStruct(scales, jnp.float32), jax.ShapeDtypeStruct(scales, jnp.float32)]
   fn = jax.jit(lambda *a: mgpu.int8_decode_mgpu(*a, scale=h ** -0.5, **kw))
   exported = export.export(fn, platforms=["cuda"])(*args)
   assert exported.out_avals[0].shape == (b, k * group, h)
@@ -63,6 +64,7 @@ def _lower(group: int, h: int = 128, **kw):
     (4, dict(num_splits=3, sinks=jnp.zeros((8,), jnp.float32))),
     (16, dict(block_kv=128, stages=2, num_splits=2)),
     (4, dict(h=256)),
+    (4, dict(scales_head_major=True, num_splits=2)),
 ])
 def test_kernel_lowers_for_cuda(group, kw):
   module = _lower(group, **kw)
@@ -88,6 +90,7 @@ def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, 
     (_args(q_dtype=jnp.float32), {}, "query must be bfloat16 or float16"),
     (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
     (_args(scale_shape=(1, 2, 256)), {}, r"key_scale must be float32 \[B, S, K\]"),
+    (_args(), dict(scales_head_major=True), r"key_scale must be float32 \[B, K, S\]"),
     (_args(lengths_shape=(2,)), {}, r"lengths must be integer \[B\]"),
     (_args(h=64), {}, "head_dim must be a multiple of 128"),
     (_args(h=192), {}, "head_dim must be a multiple of 128"),
