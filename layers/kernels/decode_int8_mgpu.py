@@ -1,22 +1,18 @@
-"""Experimental: int8 KV decode on Hopper, written for Mosaic GPU (Pallas `plgpu`).
+"""Int8 KV decode on Hopper, written for Mosaic GPU (Pallas `plgpu`).
 
-Not routed by the registry. The int8 KV decode target of issue 5 (1.6x the
-bfloat16 kernel) is not met by the landed Triton kernel, which is bound by
-issuing instructions (docs/benchmarks.md, 2026-11-29). This kernel is the
-next attempt, kept with its benchmark (scripts/bench_int8_mgpu.py) so the
-next step starts from a working kernel checked against the reference. It
-has `ragged_decode_reference`'s contract for int8 caches: row lengths,
-split-K, attention sinks.
+It has `ragged_decode_reference`'s contract for int8 caches: row lengths,
+split-K, attention sinks. `decode.ragged_decode` routes int8 caches within
+its scope (`serves`) to it on Hopper GPUs. Its benchmark is
+scripts/bench_int8_mgpu.py, which checks it against the reference before
+timing it.
 
-On the H200 (docs/benchmarks.md, "2026-11-29, second session"):
-- Its core, over full rows with head-major scales prepared outside, runs
-  1.32-1.35x the bfloat16 kernel at b64 kv4096 / kv8192. The Triton int8
-  kernel runs 1.14-1.15x there.
-- With the cache's token-major scales, lengths and the split merge, as here,
-  it is 1.19-1.27x at uniform lengths (Triton int8: 1.12-1.14x). At ragged
-  lengths it is 0.81x with the automatic splits and 1.01x with 4 (Triton
-  int8: 1.04x), and the split count cannot be chosen without the lengths.
-  That is why it is not routed.
+On the H200 (docs/benchmarks.md, "2026-11-30"), against the landed
+bfloat16 Triton kernel in the same run, unsplit: 1.42x at b64 kv4096,
+1.50x at b64 kv8192; 1.51x at b8 kv32768 (4 splits). The Triton int8
+kernel: 1.11-1.14x. Given the scales head-major ([B, K, S],
+`scales_head_major`), which saves two transposes of the cache's
+token-major scales: 1.55x / 1.62x / 1.65x. The row lengths are not known
+when the split count is chosen; `auto_splits` explains the choice.
 
 How it differs from the Triton kernel:
 
@@ -28,11 +24,18 @@ How it differs from the Triton kernel:
   three terms sit side by side in N, so the dot is exact integer arithmetic.
 - The softmax runs on [bk, 16] (keys x padded query heads): 8 values per
   thread per 64 keys, where the Triton kernel pads the 4 heads to a 16-row dot.
-- V is converted to bfloat16 once per tile and p.v runs transposed,
-  acc^T = V^T p^T [H, 16], with V^T read by the tensor cores from shared
-  memory (16-bit operands may be MN-major; int8 ones may not).
-- One warpgroup only issues TMA copies, the other computes (warp
-  specialisation), so the loads of later tiles overlap the chain.
+  Its sum over keys crosses warps, so it is kept per thread and reduced once
+  after the loop; the key mask runs on a row's last tile only.
+- p.v runs transposed, acc^T += V^T p^T [H, 16], with V^T read by the tensor
+  cores from shared memory as bfloat16 (16-bit operands may be MN-major;
+  int8 ones may not), accumulating into acc.
+- Two warpgroups: the compute one, and one that issues the TMA copies and
+  converts each V tile to bfloat16 a tile ahead (two V buffers), so the
+  compute chain does neither.
+
+Budget: 92 registers per thread and about 108 KB of shared memory at the
+default tiling (bk 64, 3 stages), so two programs share an SM. More stages,
+or a third V buffer, cost the second program (4 stages: 0.75x as fast).
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
 at most 16 query heads per kv head, head_dim a multiple of 128 (the int8
@@ -92,7 +95,7 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
             ablation: str | None):
   smem, barriers = scoped
   qt_smem, cs_smem, k_smem, v_smem, ks_smem, vs_smem, vb_smem, p_smem, o_smem, ml_smem = smem
-  q_bar, k_bar, v_bar, ks_bar, vs_bar, k_free, v_free = barriers
+  q_bar, k_bar, v_bar, ks_bar, vs_bar, k_free, vb_ready, vb_free = barriers
   b = lax.axis_index("batch")
   h = lax.axis_index("heads")
   split = lax.axis_index("split")
@@ -117,32 +120,29 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
       acc, m, l_part = carry  # [H, 16] f32, [16], [bk, 16] (l before its sum over keys)
       slot = lax.rem(step, stages)
       if ablation == "tma_only":
-        for bar in (k_bar, ks_bar, v_bar, vs_bar):
+        for bar in (k_bar, ks_bar, vs_bar):
           plgpu.barrier_wait(bar.at[slot])
         plgpu.barrier_arrive(k_free.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+        plgpu.barrier_wait(vb_ready.at[lax.rem(step, 2)])
+        pl.when(step > 0)(lambda: plgpu.barrier_arrive(vb_free.at[lax.rem(step + 1, 2)]))
         return acc, m, l_part
 
       plgpu.barrier_wait(k_bar.at[slot])
 
-      def qk_and_convert_v(acc_ref):
-        # [bk, H] int8 x [H, 48] int8 -> [bk, 48] int32, exact; asynchronous.
+      def qk(acc_ref):
+        # [bk, H] int8 x [H, 48] int8 -> [bk, 48] int32, exact.
         plgpu.wgmma(acc_ref, k_smem.at[slot], qt_smem.transpose((1, 0)))
-        # While the tensor cores run: V [bk, H] int8 -> bfloat16 (exact).
-        # The 8-bit layout loads 4 bytes per instruction.
-        plgpu.barrier_wait(v_bar.at[slot])
-        if ablation != "no_v_conversion":
-          v = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA_8BIT)
-          vb_smem[...] = v.astype(jnp.bfloat16)
         return acc_ref[...]
 
-      s_int = pl.run_scoped(qk_and_convert_v, plgpu.ACC((block_kv, Q_TERMS * n), jnp.int32))
+      # Reading the logits waits for every tensor-core op, so the previous
+      # tile's p.v is done: its V buffer goes back to the converting warpgroup.
+      s_int = pl.run_scoped(qk, plgpu.ACC((block_kv, Q_TERMS * n), jnp.int32))
+      pl.when(step > 0)(lambda: plgpu.barrier_arrive(vb_free.at[lax.rem(step + 1, 2)]))
       plgpu.barrier_wait(ks_bar.at[slot])
       plgpu.barrier_wait(vs_bar.at[slot])
       k_scale = plgpu.load(ks_smem.at[slot], (), layout=row)  # [bk]
       v_scale = plgpu.load(vs_smem.at[slot], (), layout=row)  # [bk]
       plgpu.barrier_arrive(k_free.at[slot])
-      plgpu.barrier_arrive(v_free.at[slot])
 
       hi = s_int[:, 0:n].astype(jnp.float32)  # [bk, 16]
       mid = s_int[:, n:2 * n].astype(jnp.float32)
@@ -169,9 +169,12 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
       p_smem[...] = pv_weights.astype(jnp.bfloat16)
       plgpu.commit_smem()
 
+      vslot = lax.rem(step, 2)
+      plgpu.barrier_wait(vb_ready.at[vslot])
+
       def pv(acc_ref):
         # acc^T += [H, bk] bf16 (V^T, read transposed) x [bk, 16] bf16.
-        plgpu.wgmma(acc_ref, vb_smem.transpose((1, 0)), p_smem)
+        plgpu.wgmma(acc_ref, vb_smem.at[vslot].transpose((1, 0)), p_smem)
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc * lax.broadcast_in_dim(alpha, acc.shape, [1])))
       return acc, m_new, l_part
@@ -184,11 +187,11 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
     carry = lax.fori_loop(0, last, functools.partial(body, masked=False), (acc, m, l_part))
     acc, m, l_part = lax.fori_loop(last, steps, functools.partial(body, masked=True), carry)
     l = l_part.sum(axis=0)  # [16]
-    # Unnormalised partials for combine_splits: acc^T [H, 16], and m (natural
-    # log units) and l broadcast over 64 rows (a TMA copy moves whole tiles).
+    # Unnormalised partials for combine_splits: acc^T [H, 16], m (natural log
+    # units) and l.
     o_smem[...] = acc
-    ml_smem[0] = lax.broadcast_in_dim(m * (1.0 / LOG2E), (64, n), [1])
-    ml_smem[1] = lax.broadcast_in_dim(l, (64, n), [1])
+    ml_smem[0] = m * (1.0 / LOG2E)
+    ml_smem[1] = l
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, acc_ref_out.at[b, h, split])
     plgpu.copy_smem_to_gmem(ml_smem, ml_ref_out.at[b, h, split])
@@ -206,13 +209,26 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
     for i in range(stages):
       pl.when(i < steps)(functools.partial(issue, i, i))
 
-    @pl.loop(0, steps - stages)
-    def _(i):
-      slot = lax.rem(i, stages)
-      # A slot's K and V are released together, after its scales are read.
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      issue(i + stages, slot)
+    # This warpgroup also converts V to bfloat16, a tile ahead of the compute
+    # warpgroup (two V buffers), so the compute chain never waits on it.
+    @pl.loop(0, steps)
+    def _(j):
+      slot = lax.rem(j, stages)
+      vslot = lax.rem(j, 2)
+      plgpu.barrier_wait(v_bar.at[slot])
+      pl.when(j >= 2)(lambda: plgpu.barrier_wait(vb_free.at[vslot]))
+      if ablation is None:
+        v = plgpu.load(v_smem.at[slot], (), layout=plgpu.Layout.WGMMA_8BIT)  # [bk, H] int8
+        vb_smem.at[vslot][...] = v.astype(jnp.bfloat16)  # exact
+        plgpu.commit_smem()
+      plgpu.barrier_arrive(vb_ready.at[vslot])
+
+      # The slot's V is in registers; K and the scales are free once the
+      # compute warpgroup has read them.
+      @pl.when(j + stages < steps)
+      def _refill():
+        plgpu.barrier_wait(k_free.at[slot])
+        issue(j + stages, slot)
 
 
 def _tiled(shape, dtype, swizzle: int):
@@ -221,23 +237,48 @@ def _tiled(shape, dtype, swizzle: int):
       plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)))
 
 
-def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
-  """Splits of a longest row: as many as keep the grid within one wave of resident programs.
+# Programs resident per SM: 92 registers for 2 x 128 threads, and about
+# 108 KB of shared memory at the default tiling.
+RESIDENT_PER_SM = 2
 
-  Two programs are resident per SM (110-116 registers for 2 x 128 threads,
-  and 112 KB of shared memory at the default tiling).
-  Measured on the H200 (docs/benchmarks.md): b8 x 8 heads at kv32768 ran
-  fastest with 4 splits (256 programs, one wave; 9 splits, just over two
-  waves, took 1.3x as long), b64 x 8 heads at kv4096 unsplit (512
-  programs). Ragged rows leave programs idle and want more splits than
-  this (b64 max8192: 4); pass num_splits for them.
+
+def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
+  """Splits of a longest row: enough to fill one wave of resident programs, and at least 2.
+
+  The row lengths are not known here. Measured on the H200
+  (docs/benchmarks.md, 2026-11-30), against the bfloat16 kernel:
+  - b8 x 8 heads at kv32768 runs fastest with 4 splits (256 programs, one
+    wave): 1.51x; 2 splits leave half the SMs idle (1.15x), and 9, just
+    over two waves, took 1.3x as long as 4 in an earlier run.
+  - b64 x 8 heads (512 programs, about two waves) at full length runs
+    fastest unsplit (1.42x at kv4096, 1.50x at kv8192), but at lengths
+    uniform in [1, 8192] unsplit is 0.98x: short rows leave programs idle
+    at the end. 2 splits give 1.32x / 1.43x full and 1.10x ragged (4
+    splits: 1.24x / 1.38x and 1.14x). 2 is the choice for unknown lengths.
   """
   cores = decode_common.sm_count() if cores is None else cores
-  fit = (RESIDENT_PER_SM * cores) // max(programs, 1)
+  fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 2)
   return int(max(1, min(fit, max_blocks // decode_common.MIN_BLOCKS_PER_SPLIT)))
 
 
-RESIDENT_PER_SM = 2
+@functools.cache
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x: wgmma)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def serves(query, key, value, lengths, key_scale, value_scale, sinks, *, soft_cap=None,
+           window=None) -> bool:
+  """Whether this kernel takes the request at its defaults: its scope, on a Hopper GPU."""
+  if soft_cap is not None or window is not None or not on_hopper():
+    return False
+  try:
+    check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, block_kv=64,
+                    stages=3, ablation=None)
+  except ValueError:
+    return False
+  return True
 
 
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
@@ -282,7 +323,7 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
 
 def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scale: float,
                      sinks=None, num_splits: int | None = None, block_kv: int = 64,
-                     stages: int = 4, scales_head_major: bool = False,
+                     stages: int = 3, scales_head_major: bool = False,
                      ablation: str | None = None):
   """Decode attention over an int8 cache (Hopper, Mosaic GPU); `ragged_decode_reference`'s contract.
 
@@ -331,15 +372,17 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
         _tiled((stages, block_kv, head_dim), jnp.int8, 128),  # v_smem
         plgpu.SMEM((stages, block_kv), jnp.float32),  # ks_smem
         plgpu.SMEM((stages, block_kv), jnp.float32),  # vs_smem
-        _tiled((block_kv, head_dim), jnp.bfloat16, 32),  # vb_smem: V as bfloat16
+        _tiled((2, block_kv, head_dim), jnp.bfloat16, 32),  # vb_smem: V as bfloat16
         _tiled((block_kv, n), jnp.bfloat16, 32),  # p_smem: p * v_scale
         _tiled((head_dim, n), jnp.float32, 64),  # o_smem: acc^T
-        _tiled((2, 64, n), jnp.float32, 64),  # ml_smem: m, l
+        plgpu.SMEM((2, n), jnp.float32),  # ml_smem: m, l
     )
     barriers = (
         plgpu.Barrier(num_barriers=2),  # q_bar
         *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),  # k, v, ks, vs arrived
-        *(plgpu.Barrier(num_arrivals=1, num_barriers=stages) for _ in range(2)),  # k, v free
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # k_free
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # vb_ready
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),  # vb_free
     )
     pl.run_scoped(
         lambda *args: kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out,
@@ -349,7 +392,7 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   acc, ml = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((batch, kv_heads, num_splits, head_dim, n), jnp.float32),
-                jax.ShapeDtypeStruct((batch, kv_heads, num_splits, 2, 64, n), jnp.float32)),
+                jax.ShapeDtypeStruct((batch, kv_heads, num_splits, 2, n), jnp.float32)),
       grid=(kv_heads, batch, num_splits),
       grid_names=("heads", "batch", "split"),
       num_threads=2,
@@ -362,8 +405,8 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )(lengths, terms, col_scale, key, value, ks_hm, vs_hm)
   acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
-  m = ml[:, :, :, 0, 0, :group, None]  # [B, K, P, G, 1]
-  l = ml[:, :, :, 1, 0, :group, None]
+  m = ml[:, :, :, 0, :group, None]  # [B, K, P, G, 1]
+  l = ml[:, :, :, 1, :group, None]
   nonempty = decode_common.split_nonempty(jnp.zeros_like(lengths), pl.cdiv(lengths, block_kv),
                                           num_splits, blocks_per_split)  # [B, P]
   sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from meshattn.layers.kernels import decode
 from meshattn.layers.kernels import decode_int8_mgpu as mgpu
 
 
@@ -71,10 +72,44 @@ def test_kernel_lowers_for_cuda(group, kw):
   assert "mosaic_gpu" in module
 
 
-def test_auto_splits_fill_one_wave():
-  assert mgpu.auto_splits(64 * 8, 64, cores=132) == 1  # 512 programs: already ~2 waves
+def test_auto_splits_fill_one_wave_and_split_at_least_twice():
+  assert mgpu.auto_splits(64 * 8, 64, cores=132) == 2  # 512 programs: ~2 waves, lengths unknown
   assert mgpu.auto_splits(8 * 8, 512, cores=132) == 4  # 64 programs -> 256 <= 264 resident
   assert mgpu.auto_splits(8, 8, cores=132) == 1  # too few blocks to split
+  assert mgpu.auto_splits(64 * 8, 16, cores=132) == 2
+
+
+def _decode_args(kv_dtype=jnp.int8, scale_heads=2, h=128, s=256):
+  b, k, g = 2, 2, 4
+  sds = jax.ShapeDtypeStruct
+  return (sds((b, k * g, h), jnp.bfloat16), sds((b, s, k, h), kv_dtype), sds((b, s, k, h), kv_dtype),
+          sds((b,), jnp.int32), sds((b, s, scale_heads), jnp.float32),
+          sds((b, s, scale_heads), jnp.float32))
+
+
+def test_ragged_decode_routes_int8_to_this_kernel_on_hopper(monkeypatch):
+  monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+
+  def lowered(args, **kw):
+    fn = jax.jit(lambda q, k, v, l, ks, vs: decode.ragged_decode(
+        q, k, v, l, scale=0.1, key_scale=ks, value_scale=vs, implementation="pallas", **kw))
+    # The Triton call has no export compatibility guarantee; lowering is all we need.
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    return export.export(fn, platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+
+  assert "mosaic_gpu" in lowered(_decode_args())
+  # Outside its scope the Triton kernel takes the request: per-token scales
+  # shared by the heads, head_dim 64, a soft cap, a cache length off the tile.
+  for args, kw in ((_decode_args(scale_heads=1), {}), (_decode_args(h=64), {}),
+                   (_decode_args(), dict(soft_cap=30.0)), (_decode_args(s=200), {})):
+    module = lowered(args, **kw)
+    assert "mosaic_gpu" not in module and "triton" in module.lower()
+
+
+def test_not_routed_off_hopper():
+  assert not mgpu.on_hopper()  # CPU here
+  q, k, v, l, ks, vs = (jnp.zeros(a.shape, a.dtype) for a in _decode_args())
+  assert not mgpu.serves(q, k, v, l, ks, vs, None)
 
 
 def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
