@@ -23,7 +23,8 @@ from meshattn.layers.kernels.ragged import (
 
 from helpers.decode_inputs import (
     BACKENDS, BLOCK, CASES, KV_HEADS, LENGTHS, MAX_PAGES, PAGED_CASES, PAGED_LENGTHS, S, TOL,
-    TPP, check_ragged_pallas, kernel_matrix, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np, to_pages)
+    TPP, check_ragged_pallas, kernel_matrix, numpy_for, paged_inputs, ragged_inputs, ragged_pallas,
+    ragged_visible_np, to_pages)
 
 
 # ---- ragged -----------------------------------------------------------------------------
@@ -91,9 +92,9 @@ def test_ragged_ignores_entries_past_length(case):
     k = jnp.where(past[..., None, None], jnp.nan, k)
     v = jnp.where(past[..., None, None], jnp.inf, v)
   outs = [ragged_decode_reference(q, k, v, lengths, **kwargs)]
-  for backend in ("gpu", "tpu"):
-    outs.append(ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
-                                     backend=backend))
+  for backend in ("gpu", "tpu"):  # the configurations of test_ragged_pallas_vs_reference[case-gqa]
+    outs.append(ragged_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+                              backend=backend))
   for out in outs:
     assert np.all(np.isfinite(np.asarray(out)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(clean), **TOL)

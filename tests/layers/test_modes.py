@@ -162,9 +162,14 @@ def test_ragged_prefill_with_padding_then_decode():
   prefill_out = run(model, prompts, "prefill", segment_ids=seg)
   decoded = [run(model, new[:, i:i + 1], "autoregressive") for i in range(steps)]
   np.testing.assert_array_equal(model.cache.lengths[...], np.array(lengths) + steps)
+  # Each row's own sequence (prompt, then its decoded tokens), zero-filled at the end to one
+  # length: attention is causal (chunk mask), so the fill cannot change positions
+  # < n + steps, and one jitted train call serves every row (not one eager call per length).
+  sequences = jnp.stack([jnp.pad(jnp.concatenate([prompts[b, :n], new[b]]), ((0, prompts.shape[1] - n), (0, 0)))
+                         for b, n in enumerate(lengths)])  # [B, P + steps, D]
+  wants = train(model, sequences)
   for b, n in enumerate(lengths):
-    sequence = jnp.concatenate([prompts[b:b + 1, :n], new[b:b + 1]], axis=1)  # [1, n + steps, D]
-    want = model(sequence, model_mode="train")
+    want = wants[b:b + 1]
     np.testing.assert_allclose(prefill_out[b, :n], want[0, :n], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(prefill_out[b, n:], 0.0)  # padding rows output zeros
     for i in range(steps):
