@@ -3,7 +3,9 @@
 The cache owns, as `nnx.Cache` variables,
   key, value    [B, C, K, H] permuted by `axis_order` (the memory layout),
                 int8/int4 when quantized, with
-  key_scale, value_scale [B, C, K or 1] float32 scales;
+  key_scale, value_scale [B, K or 1, C] float32 scales, head-major: each
+                head's scales contiguous over the tokens, as the ragged
+                decode kernels read them;
   lengths       [B] int32: tokens written to each slot so far, i.e. the
                 position of that slot's next token.
 C (capacity) is max_length, or the sliding window for a ring buffer: a
@@ -110,8 +112,9 @@ class KVCache(nnx.Module):
     self.value = nnx.Cache(self._place(jnp.zeros(storage_shape, store_dtype), storage_names),
                            logical_axes=storage_names)
     if quant:
-      scale_shape = (batch_size, self.capacity, quant.scale_shape(num_kv_heads))
-      scale_names = self.axis_names[:2] + (self.axis_names[2] if quant.axis == "dkv" else None,)
+      scale_shape = (batch_size, quant.scale_shape(num_kv_heads), self.capacity)
+      scale_names = (self.axis_names[0], self.axis_names[2] if quant.axis == "dkv" else None,
+                     self.axis_names[1])
       self.key_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), scale_names),
                                  logical_axes=scale_names)
       self.value_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), scale_names),
@@ -175,10 +178,10 @@ class KVCache(nnx.Module):
       if rows is not None:
         block = block[rows]
       if self.quant:
-        scales = jax.lax.dynamic_slice_in_dim(getattr(self, scale)[...], start, size, axis=1)
+        scales = jax.lax.dynamic_slice_in_dim(getattr(self, scale)[...], start, size, axis=2)
         if rows is not None:
           scales = scales[rows]
-        block = dequantize(block, scales, dtype)
+        block = dequantize(block, jnp.swapaxes(scales, 1, 2), dtype)  # scales [b, size, K or 1]
       out.append(block.astype(dtype))
     return out[0], out[1]
 
@@ -232,8 +235,9 @@ class KVCache(nnx.Module):
 
   @staticmethod
   def _scatter_scale(stored, updates, rows, index):
-    def write_row(row, upd, idx):
-      return row.at[idx].set(upd, mode="drop")
+    """stored [B, K or 1, C] <- updates [b, T, K or 1] at (rows[b], index[b, t])."""
+    def write_row(row, upd, idx):  # [K or 1, C], [T, K or 1], [T]
+      return row.at[:, idx].set(upd.T, mode="drop")
 
     written = jax.vmap(write_row)(stored[rows], updates, index)
     return stored.at[rows].set(written)

@@ -66,6 +66,16 @@ def quantize(x: jax.Array, quant: KVQuant) -> tuple[jax.Array, jax.Array]:
   return q.astype(quant.storage_dtype), scale
 
 
+def scales_by_head(scales: jax.Array) -> jax.Array:
+  """Token-major scales [B, S, K or 1] (as `quantize` returns them) -> [B, K or 1, S].
+
+  The contiguous cache stores this layout: each head's scales lie contiguous
+  over the tokens, as the ragged decode kernels read them (one copy per tile,
+  no transpose per step).
+  """
+  return jnp.swapaxes(scales, -1, -2)
+
+
 def dequantize(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
   """values [B, S, K, H], scales [B, S, K or 1] -> [B, S, K, H] in dtype."""
   return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)

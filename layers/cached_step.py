@@ -134,7 +134,7 @@ def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array,
     batched = dict(key=cache._to_logical(cache.key[...])[rows],  # [b, C, K, H]
                    value=cache._to_logical(cache.value[...])[rows],  # [b, C, K, H]
                    lengths=lengths,
-                   key_scale=cache.key_scale[...][rows] if quant else None,  # [b, C, K or 1]
+                   key_scale=cache.key_scale[...][rows] if quant else None,  # [b, K or 1, C]
                    value_scale=cache.value_scale[...][rows] if quant else None)
   if mesh is not None:
     out = sharded_decode_call(kernel, mesh, rules, axes, query[:, 0], batch_args=batched,

@@ -131,10 +131,11 @@ def bench_decode(args, platform: str) -> list[Row]:
 
 def bench_int8_decode(q, k, v, lengths, shape, valid_bytes, bandwidth, args) -> list[Row]:
   """The ragged Pallas kernel over an int8 cache vs the same kernel over bf16."""
-  from meshattn.kvcache.quant import KVQuant, quantize
+  from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
   from meshattn.layers.kernels import decode
   kq, ks = quantize(k, KVQuant("int8"))
   vq, vs = quantize(v, KVQuant("int8"))
+  ks, vs = scales_by_head(ks), scales_by_head(vs)  # [B, K, S], as the cache stores them
   scale = q.shape[-1] ** -0.5
   plain = jax.jit(lambda q, k, v, l: decode.ragged_decode(q, k, v, l, scale=scale))
   quant = jax.jit(lambda q, k, v, l, ks, vs: decode.ragged_decode(q, k, v, l, scale=scale,

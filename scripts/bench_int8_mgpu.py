@@ -6,10 +6,9 @@ Hopper only. Shapes are bench.py's decode shapes (32 query heads, 8 kv
 heads, head_dim 128), given as BATCHxKV_LEN for full-length rows or
 BATCHxMAXr for lengths uniform in [1, MAX]. For each shape, in one run: the
 landed bfloat16 Triton kernel (the baseline of every ratio), the landed
-Triton int8 kernel, and the Mosaic GPU kernel at two tilings and given
-split counts (its time includes the transpose of the cache's token-major
-scales), and once more given head-major scales, as a cache could store
-them. Each kernel is first checked against the reference
+Triton int8 kernel, and the Mosaic GPU kernel at two tilings (automatic
+splits) and at given split counts, all over the cache's layout (scales
+head-major [B, K, S]). Each kernel is first checked against the reference
 (ragged_decode_reference over the same int8 cache) and not timed if it
 disagrees; the Mosaic kernel is also checked with attention sinks, and at
 the first shape with edge row lengths (empty, around tile boundaries,
@@ -27,7 +26,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels.decode_int8_mgpu import auto_splits, int8_decode_mgpu
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import failed, rel_err, time_fn
@@ -61,6 +60,7 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
     lengths = jax.random.randint(jax.random.key(2), (batch,), 1, kv_len + 1, jnp.int32)
   kq, ks = quantize(k, KVQuant("int8"))  # [B, S, K, H] int8, [B, S, K] f32
   vq, vs = quantize(v, KVQuant("int8"))
+  ks, vs = scales_by_head(ks), scales_by_head(vs)  # [B, K, S], as the cache stores them
   scale = HEAD_DIM ** -0.5
   iters = max(20, 200 * 64 * 4096 // (batch * kv_len))
   ref = ragged_decode_reference(q, kq, vq, lengths, scale=scale, key_scale=ks, value_scale=vs)
@@ -82,24 +82,18 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
     candidates.append((f"mgpu int8 bk{bk} st{st}", mgpu(block_kv=bk, stages=st), True))
   for p in splits or [2 * auto]:
     candidates.append((f"mgpu int8 splits {p}", mgpu(num_splits=p), True))
-  # The scales head-major, as a cache could store them: no transpose in the call.
-  hm = jax.jit(lambda q, k, v, l, a, c: int8_decode_mgpu(q, k, v, l, a, c, scale=scale,
-                                                         scales_head_major=True))
-  ks_hm, vs_hm = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)  # [B, K, S]
-  candidates.append(("mgpu int8, head-major scales", hm, True))
   if ablations:
     for name, which in ABLATIONS:
       candidates.append((f"ablation: {name}", mgpu(ablation=which), False))
   for name, fn, check in candidates:
     row = dict(kernel=name)
-    call_args = (*args[:4], ks_hm, vs_hm) if fn is hm else args
     try:
-      err = rel_err(fn(*call_args), ref)
+      err = rel_err(fn(*args), ref)
       row["err"] = err
       if check and not err <= TOLERANCE:
         row["status"] = f"disagrees with the reference (rel err {err:.1e}): not timed"
       else:
-        row["ms"] = time_fn(fn, *call_args, iters=iters)
+        row["ms"] = time_fn(fn, *args, iters=iters)
         row["x"] = base_ms / row["ms"]
     except Exception as e:  # noqa: BLE001 - a row per failure, the run goes on
       row["status"] = failed(e)

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels import decode_common
 from meshattn.layers.kernels.paged import paged_decode_pallas
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
@@ -175,6 +175,7 @@ def make_problem(shape: Shape, *, heads, kv_heads, head_dim, dtype, tpp, interpr
   quant = KVQuant("int8")
   kq, ks = quantize(k, quant)
   vq, vs = quantize(v, quant)
+  ks, vs = scales_by_head(ks), scales_by_head(vs)  # [B, K, S], as the cache stores them
   ref8 = jax.jit(lambda q, k, v, l, ks, vs: ragged_decode_reference(
       q, k, v, l, scale=scale, key_scale=ks, value_scale=vs))(q, kq, vq, lengths, ks, vs)
   int8_bytes = tokens * kv_heads * (head_dim + 4) * 2  # int8 values + float32 scales

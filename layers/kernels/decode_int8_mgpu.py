@@ -6,13 +6,12 @@ its scope (`serves`) to it on Hopper GPUs. Its benchmark is
 scripts/bench_int8_mgpu.py, which checks it against the reference before
 timing it.
 
-On the H200 (docs/benchmarks.md, "2026-11-30"), against the landed
-bfloat16 Triton kernel in the same run, unsplit: 1.42x at b64 kv4096,
-1.50x at b64 kv8192; 1.51x at b8 kv32768 (4 splits). The Triton int8
-kernel: 1.11-1.14x. Given the scales head-major ([B, K, S],
-`scales_head_major`), which saves two transposes of the cache's
-token-major scales: 1.55x / 1.62x / 1.65x. The row lengths are not known
-when the split count is chosen; `auto_splits` explains the choice.
+On the H200 (docs/benchmarks.md, "2026-11-30"), against the bfloat16
+Triton kernel in the same run, with `auto_splits`: 1.44x at b64 kv4096,
+1.55x at b64 kv8192, 1.66x at b8 kv32768, 1.26x / 1.14x at b64 with
+lengths uniform in [1, 8192] / [1, 4096]. The Triton int8 kernel:
+1.15-1.18x and 1.08x / 1.06x. Unsplit, b64 kv4096 runs 1.57x; the TMA
+stream alone (an ablation) 1.60x.
 
 How it differs from the Triton kernel:
 
@@ -33,7 +32,7 @@ How it differs from the Triton kernel:
   converts each V tile to bfloat16 a tile ahead (two V buffers), so the
   compute chain does neither.
 
-Budget: 92 registers per thread and about 108 KB of shared memory at the
+Budget: 92 registers per thread and about 100 KB of shared memory at the
 default tiling (bk 64, 3 stages), so two programs share an SM. More stages,
 or a third V buffer, cost the second program (4 stages: 0.75x as fast).
 
@@ -238,7 +237,7 @@ def _tiled(shape, dtype, swizzle: int):
 
 
 # Programs resident per SM: 92 registers for 2 x 128 threads, and about
-# 108 KB of shared memory at the default tiling.
+# 100 KB of shared memory at the default tiling.
 RESIDENT_PER_SM = 2
 
 
@@ -248,13 +247,13 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
   The row lengths are not known here. Measured on the H200
   (docs/benchmarks.md, 2026-11-30), against the bfloat16 kernel:
   - b8 x 8 heads at kv32768 runs fastest with 4 splits (256 programs, one
-    wave): 1.51x; 2 splits leave half the SMs idle (1.15x), and 9, just
-    over two waves, took 1.3x as long as 4 in an earlier run.
+    wave): 1.66x; unsplit 0.64x, 2 splits 1.24x (SMs left idle).
   - b64 x 8 heads (512 programs, about two waves) at full length runs
-    fastest unsplit (1.42x at kv4096, 1.50x at kv8192), but at lengths
-    uniform in [1, 8192] unsplit is 0.98x: short rows leave programs idle
-    at the end. 2 splits give 1.32x / 1.43x full and 1.10x ragged (4
-    splits: 1.24x / 1.38x and 1.14x). 2 is the choice for unknown lengths.
+    fastest unsplit: 1.57x at kv4096, 1.61x at kv8192 (2 splits: 1.44x,
+    1.55x). At lengths uniform in [1, 8192] / [1, 4096] unsplit gives
+    1.10x / 1.07x (short rows leave programs idle at the end), 2 splits
+    1.25x / 1.13x, 4 splits 1.31x / 1.12x. 2 is the choice for unknown
+    lengths.
   """
   cores = decode_common.sm_count() if cores is None else cores
   fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 2)
@@ -282,8 +281,7 @@ def serves(query, key, value, lengths, key_scale, value_scale, sinks, *, soft_ca
 
 
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
-                    block_kv: int, stages: int, ablation: str | None,
-                    scales_head_major: bool = False) -> None:
+                    block_kv: int, stages: int, ablation: str | None) -> None:
   """Raise ValueError naming the argument unless the kernel serves this request."""
   if key.ndim != 4:
     raise ValueError(f"key must be [B, S, K, H], got shape {key.shape}")
@@ -300,12 +298,12 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
                      f"{value.dtype} {value.shape}")
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be integer [B] = [{batch}], got {lengths.dtype} {lengths.shape}")
-  want, dims = (((batch, kv_heads, kv_len), "[B, K, S]") if scales_head_major
-                else ((batch, kv_len, kv_heads), "[B, S, K]"))
+  want = (batch, kv_heads, kv_len)
   for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
     if s is None or s.shape != want or s.dtype != jnp.float32:
       got = None if s is None else f"{s.dtype} {s.shape}"
-      raise ValueError(f"{name} must be float32 {dims} = {want} (per token and head), got {got}")
+      raise ValueError(f"{name} must be float32 [B, K, S] = {want} (per token and head, "
+                       f"head-major as the cache stores it), got {got}")
   if sinks is not None and sinks.shape != (query.shape[1],):
     raise ValueError(f"sinks must be [N] = [{query.shape[1]}], got {sinks.shape}")
   if group > PADDED_GROUP:
@@ -323,23 +321,20 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
 
 def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scale: float,
                      sinks=None, num_splits: int | None = None, block_kv: int = 64,
-                     stages: int = 3, scales_head_major: bool = False,
-                     ablation: str | None = None):
+                     stages: int = 3, ablation: str | None = None):
   """Decode attention over an int8 cache (Hopper, Mosaic GPU); `ragged_decode_reference`'s contract.
 
   query [B, N, H] bfloat16/float16 (N = K * G, G <= 16); key, value
   [B, S, K, H] int8 with S a multiple of block_kv; lengths [B]: row b
-  attends to keys [0, lengths[b]); key_scale, value_scale [B, S, K] float32
-  (the int8 cache's per-token-per-head layout; transposed here to [B, K, S]
-  for one TMA copy per tile); sinks [N] or None. num_splits: splits of a
-  longest row (split-K, merged by `decode_common.combine_splits`); None:
-  `auto_splits`. scales_head_major: the scales are given as [B, K, S]
-  (no transpose here). Returns [B, N, H] in query.dtype; a row of length 0 gives
-  zeros (or the sink's zero value).
+  attends to keys [0, lengths[b]); key_scale, value_scale [B, K, S] float32
+  (per token and head, head-major as the cache stores them: one TMA copy
+  per tile); sinks [N] or None. num_splits: splits of a longest row
+  (split-K, merged by `decode_common.combine_splits`); None: `auto_splits`.
+  Returns [B, N, H] in query.dtype; a row of length 0 gives zeros (or the
+  sink's zero value).
   """
   check_arguments(query, key, value, lengths, key_scale, value_scale, sinks,
-                  block_kv=block_kv, stages=stages, ablation=ablation,
-                  scales_head_major=scales_head_major)
+                  block_kv=block_kv, stages=stages, ablation=ablation)
   batch, kv_len, kv_heads, head_dim = key.shape
   heads = query.shape[1]
   group = heads // kv_heads
@@ -355,11 +350,6 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)  # [B]
   terms, row_scale = split_query(query.reshape(batch, kv_heads, group, head_dim))
   col_scale = jnp.pad(row_scale * (scale * LOG2E), ((0, 0), (0, 0), (0, n)))  # [B, K, 32]
-  if scales_head_major:
-    ks_hm, vs_hm = key_scale, value_scale  # [B, K, S]
-  else:
-    ks_hm = jnp.swapaxes(key_scale, 1, 2)  # [B, K, S]
-    vs_hm = jnp.swapaxes(value_scale, 1, 2)
 
   kernel = functools.partial(_kernel, block_kv=block_kv, blocks_per_split=blocks_per_split,
                              stages=stages, head_dim=head_dim, ablation=ablation)
@@ -403,7 +393,7 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
           # TMA read, after commit_smem; TMA-written buffers are only read.
           unsafe_no_auto_barriers=True,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(lengths, terms, col_scale, key, value, ks_hm, vs_hm)
+  )(lengths, terms, col_scale, key, value, key_scale, value_scale)
   acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
   m = ml[:, :, :, 0, :group, None]  # [B, K, P, G, 1]
   l = ml[:, :, :, 1, :group, None]

@@ -111,14 +111,27 @@ def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None,
 
   The specification the Pallas kernels are tested against: plain JAX over
   the whole padded cache, masked to each row's valid entries (and window).
-  key_scale / value_scale [B, S, K or 1] dequantize int8/int4 K/V. Returns
-  [B, N, H] in query.dtype; a row of length 0 gives zeros.
+  key_scale / value_scale [B, K or 1, S] (head-major, as the contiguous
+  cache stores them) dequantize int8/int4 K/V. Returns [B, N, H] in
+  query.dtype; a row of length 0 gives zeros.
   """
   _check_window(window)
+  check_scales(key, key_scale, value_scale)
   visible = ragged_visible(lengths, key.shape[1], window)  # [B, S]
-  k = dequantize_or_cast(key, key_scale, jnp.float32)  # [B, S, K, H]
-  v = dequantize_or_cast(value, value_scale, jnp.float32)  # [B, S, K, H]
+  token_major = [None if s is None else jnp.swapaxes(s, 1, 2) for s in (key_scale, value_scale)]
+  k = dequantize_or_cast(key, token_major[0], jnp.float32)  # [B, S, K, H]
+  v = dequantize_or_cast(value, token_major[1], jnp.float32)  # [B, S, K, H]
   return masked_decode_attention(query, k, v, visible, scale=scale, soft_cap=soft_cap, sinks=sinks)
+
+
+def check_scales(key, key_scale, value_scale) -> None:
+  """Scales of key [B, S, K, H] must be float [B, K or 1, S] (head-major); else ValueError."""
+  batch, kv_len, kv_heads = key.shape[:3]
+  for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
+    if s is not None and (s.ndim != 3 or s.shape[0] != batch or s.shape[2] != kv_len
+                          or s.shape[1] not in (kv_heads, 1)):
+      raise ValueError(f"{name} must be [B, K or 1, S] = [{batch}, {kv_heads} or 1, {kv_len}] "
+                       f"(head-major, as the cache stores it), got {s.shape}")
 
 
 def _check_window(window):
@@ -211,11 +224,11 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
       pl.BlockSpec((None, kv_len, None, head_dim), lambda b, k, *_: (b, 0, k, 0)),
   ]
   if quantized:
-    for s in (key_scale, value_scale):
-      head = (lambda k: k) if s.shape[-1] != 1 else (lambda k: 0)
+    for s in (key_scale, value_scale):  # [B, K or 1, S]: a row of one head is contiguous
+      head = (lambda k: k) if s.shape[1] != 1 else (lambda k: 0)
       operands.append(s.astype(jnp.float32))  # a no-op for the cache's float32
-      in_specs.append(pl.BlockSpec((None, kv_len, None),
-                                   lambda b, k, *_, head=head: (b, 0, head(k))))
+      in_specs.append(pl.BlockSpec((None, None, kv_len),
+                                   lambda b, k, *_, head=head: (b, head(k), 0)))
   kernel = functools.partial(
       _gpu_kernel, block_kv=block_kv, blocks_per_split=None if splits == 1 else bps,
       kv_len=kv_len, group=group, scale=float(scale),
@@ -251,7 +264,7 @@ def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window,
   rest = refs[3:]
   ks_ref = vs_ref = sink_ref = None
   if quantized:
-    ks_ref, vs_ref, *rest = rest  # [bk, K or 1]
+    ks_ref, vs_ref, *rest = rest  # [K or 1, bk]
   if has_sinks:
     sink_ref, *rest = rest  # [K, G, 1]
   o_ref, m_ref, l_ref, acc_ref = rest  # [K, G, H], [K, G, 1], [K, G, 1], [K, G, H]
@@ -278,9 +291,9 @@ def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window,
     for kv in range(kv_heads):
       k_scale = v_scale = None
       if quantized:
-        sk = kv if ks_ref.shape[1] != 1 else 0
-        k_scale = ks_ref[:, sk:sk + 1]  # [bk, 1]
-        v_scale = vs_ref[:, sk:sk + 1]  # [bk, 1]
+        sk = kv if ks_ref.shape[0] != 1 else 0
+        k_scale = ks_ref[sk, :][:, None]  # [bk, 1]
+        v_scale = vs_ref[sk, :][:, None]  # [bk, 1]
       carry = (m_ref[kv], l_ref[kv], acc_ref[kv])
       tile = (k_ref[:, kv, :], v_ref[:, kv, :], valid_row, valid_col, k_scale, v_scale)
       m, l, acc = online_block_update(carry, q_ref[kv], [tile], scale=scale, soft_cap=soft_cap)
@@ -317,10 +330,10 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
       pl.BlockSpec((None, block_kv, kv_heads, head_dim), lambda b, i, L: (b, kv_block(b, i, L), 0, 0)),
   ]
   if quantized:
-    for s in (key_scale, value_scale):
+    for s in (key_scale, value_scale):  # [B, K or 1, S]
       operands.append(s.astype(jnp.float32))
-      in_specs.append(pl.BlockSpec((None, block_kv, s.shape[-1]),
-                                   lambda b, i, L: (b, kv_block(b, i, L), 0)))
+      in_specs.append(pl.BlockSpec((None, s.shape[1], block_kv),
+                                   lambda b, i, L: (b, 0, kv_block(b, i, L))))
   if sinks is not None:
     operands.append(sinks.astype(jnp.float32).reshape(kv_heads, group, 1))
     in_specs.append(pl.BlockSpec((kv_heads, group, 1), lambda b, i, L: (0, 0, 0)))
@@ -378,6 +391,7 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
   # int4 on GPU: the Triton lowering loads a contiguous int4 row as bytes and
   # splits the nibbles; the paged kernel's gathered rows have no such path.
   check_kernel_kv(key, value, key_scale, value_scale, allow_int4=backend == "gpu")
+  check_scales(key, key_scale, value_scale)
   check_tunables(num_warps, num_stages)
   if query.shape[1] % key.shape[2]:
     raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads {key.shape[2]}")

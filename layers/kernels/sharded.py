@@ -94,7 +94,8 @@ def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   """A decode kernel under shard_map: kernel(query [b, N, H], **args) -> [b, N, H].
 
   batch_args have the batch first ([b, ...], e.g. caches [b, C, K, H],
-  lengths, page tables) and, for 4-D ones, kv heads third; pool_args are page
+  lengths, page tables), kv heads third in 4-D ones and second in the 3-D
+  scales [b, K or 1, C]; pool_args are page
   pools [P, tpp, K, H] shared by every row (sharded over kv heads only);
   shared_args are static keyword arguments. Heads are sharded only when the
   query and kv heads split the same way (else each shard holds all heads).
@@ -112,8 +113,9 @@ def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
     if not batched:  # page pools and scales [P, tpp, K or 1, ...]
       return P(None, None, heads if x.shape[2] > 1 else None, *([None] * (x.ndim - 3)))
     entries = [batch] + [None] * (x.ndim - 1)
-    if x.ndim >= 3 and x.shape[2] > 1:
-      entries[2] = heads  # [b, C, K, H] caches and [b, C, K] scales
+    head_axis = 1 if x.ndim == 3 else 2  # [b, K, C] scales, [b, C, K, H] caches
+    if x.ndim >= 3 and x.shape[head_axis] > 1:
+      entries[head_axis] = heads
     return P(*entries)
 
   def sinks_spec(x):

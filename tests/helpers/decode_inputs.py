@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 
 N, H = 4, 16
@@ -115,7 +115,7 @@ def ragged_inputs(case, kv_heads, seed=0, dtype=jnp.float32):
     quant = KVQuant("int8", axis)
     kq, ks = quantize(jnp.asarray(k), quant)
     vq, vs = quantize(jnp.asarray(v), quant)
-    kwargs.update(key_scale=ks, value_scale=vs)
+    kwargs.update(key_scale=scales_by_head(ks), value_scale=scales_by_head(vs))  # [B, K|1, S]
     k64, v64 = dequant_np(kq, ks), dequant_np(vq, vs)
     key, value = kq, vq
   else:

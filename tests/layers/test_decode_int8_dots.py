@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels import decode_common as dc
 from meshattn.layers.kernels import decode_int8
 from meshattn.layers.kernels.paged import gather_pages, paged_decode_pallas
@@ -141,7 +141,8 @@ def test_ragged_int8_pv_within_output_rounding(num_splits, dtype, outlier):
     scale = 1.0 / outlier  # keeps the logits O(10)
   q = jnp.asarray(q, dtype)
   k, v, ks, vs = _int8_cache(rng, batch, cap, kv_heads, h)
-  out = ragged_decode_pallas(q, k, v, lengths, scale=scale, key_scale=ks, value_scale=vs,
+  out = ragged_decode_pallas(q, k, v, lengths, scale=scale, key_scale=scales_by_head(ks),
+                             value_scale=scales_by_head(vs),
                              block_kv=32, num_splits=num_splits, interpret=True)
   visible = np.asarray(ragged_visible(lengths, cap, None))
   expected = attention_np(np.asarray(q, np.float64), _dequantized(k, ks), _dequantized(v, vs),
@@ -158,7 +159,8 @@ def test_ragged_int8_16_key_tiles_take_the_cast_path():
   lengths = jnp.asarray([40, 3, 17], jnp.int32)
   q = jnp.asarray(rng.normal(size=(batch, heads, h)), jnp.bfloat16)
   k, v, ks, vs = _int8_cache(rng, batch, cap, kv_heads, h)
-  out = ragged_decode_pallas(q, k, v, lengths, scale=h ** -0.5, key_scale=ks, value_scale=vs,
+  out = ragged_decode_pallas(q, k, v, lengths, scale=h ** -0.5, key_scale=scales_by_head(ks),
+                             value_scale=scales_by_head(vs),
                              block_kv=16, num_splits=2, interpret=True)
   visible = np.asarray(ragged_visible(lengths, cap, None))
   expected = attention_np(np.asarray(q, np.float64), _dequantized(k, ks), _dequantized(v, vs),

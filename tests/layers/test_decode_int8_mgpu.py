@@ -49,7 +49,7 @@ def test_split_query_reconstructs_rows(group):
 
 def _lower(group: int, h: int = 128, **kw):
   b, s, k = 2, 512, 2
-  scales = (b, k, s) if kw.get("scales_head_major") else (b, s, k)
+  scales = (b, k, s)
   args = [jax.ShapeDtypeStruct((b, k * group, h), jnp.bfloat16),
           jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
           jax.ShapeDtypeStruct((b,), jnp.int32),
@@ -65,7 +65,6 @@ def _lower(group: int, h: int = 128, **kw):
     (4, dict(num_splits=3, sinks=jnp.zeros((8,), jnp.float32))),
     (16, dict(block_kv=128, stages=2, num_splits=2)),
     (4, dict(h=256)),
-    (4, dict(scales_head_major=True, num_splits=2)),
 ])
 def test_kernel_lowers_for_cuda(group, kw):
   module = _lower(group, **kw)
@@ -83,8 +82,8 @@ def _decode_args(kv_dtype=jnp.int8, scale_heads=2, h=128, s=256):
   b, k, g = 2, 2, 4
   sds = jax.ShapeDtypeStruct
   return (sds((b, k * g, h), jnp.bfloat16), sds((b, s, k, h), kv_dtype), sds((b, s, k, h), kv_dtype),
-          sds((b,), jnp.int32), sds((b, s, scale_heads), jnp.float32),
-          sds((b, s, scale_heads), jnp.float32))
+          sds((b,), jnp.int32), sds((b, scale_heads, s), jnp.float32),
+          sds((b, scale_heads, s), jnp.float32))
 
 
 def test_ragged_decode_routes_int8_to_this_kernel_on_hopper(monkeypatch):
@@ -114,7 +113,7 @@ def test_not_routed_off_hopper():
 
 def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
           lengths_shape=None):
-  scale_shape = scale_shape or (b, s, k)
+  scale_shape = scale_shape or (b, k, s)
   return (jnp.zeros((b, k * g, h), q_dtype), jnp.zeros((b, s, k, h), kv_dtype),
           jnp.zeros((b, s, k, h), kv_dtype), jnp.zeros(lengths_shape or (b,), jnp.int32),
           jnp.ones(scale_shape, jnp.float32), jnp.ones(scale_shape, jnp.float32))
@@ -124,8 +123,7 @@ def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, 
     (_args(g=17), {}, "at most 16 query heads"),
     (_args(q_dtype=jnp.float32), {}, "query must be bfloat16 or float16"),
     (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
-    (_args(scale_shape=(1, 2, 256)), {}, r"key_scale must be float32 \[B, S, K\]"),
-    (_args(), dict(scales_head_major=True), r"key_scale must be float32 \[B, K, S\]"),
+    (_args(scale_shape=(1, 256, 2)), {}, r"key_scale must be float32 \[B, K, S\]"),
     (_args(lengths_shape=(2,)), {}, r"lengths must be integer \[B\]"),
     (_args(h=64), {}, "head_dim must be a multiple of 128"),
     (_args(h=192), {}, "head_dim must be a multiple of 128"),

@@ -86,8 +86,8 @@ def test_ragged_ignores_entries_past_length(case):
   if kwargs.get("key_scale") is not None:
     k = jnp.where(past[..., None, None], jnp.int8(127), k)
     v = jnp.where(past[..., None, None], jnp.int8(-127), v)
-    kwargs["key_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["key_scale"])
-    kwargs["value_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["value_scale"])
+    kwargs["key_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["key_scale"])  # [B, K|1, S]
+    kwargs["value_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["value_scale"])
   else:
     k = jnp.where(past[..., None, None], jnp.nan, k)
     v = jnp.where(past[..., None, None], jnp.inf, v)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels import decode_common
 from meshattn.layers.kernels import ragged as ragged_mod
 from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_reference
@@ -60,8 +60,8 @@ def test_ragged_split_ignores_entries_past_length(case):
   past = jnp.arange(S)[None, :] >= lengths[:, None]  # [B, S]
   if kwargs.get("key_scale") is not None:
     k = jnp.where(past[..., None, None], jnp.int8(127), k)
-    kwargs["key_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["key_scale"])
-    kwargs["value_scale"] = jnp.where(past[..., None], jnp.nan, kwargs["value_scale"])
+    kwargs["key_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["key_scale"])  # [B, K|1, S]
+    kwargs["value_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["value_scale"])
   else:
     k = jnp.where(past[..., None, None], jnp.nan, k)
     v = jnp.where(past[..., None, None], jnp.inf, v)
@@ -169,7 +169,8 @@ def test_ragged_int8_scales_after_the_dot(axis, dtype, block_kv, num_splits):
   quant = KVQuant("int8", axis)
   k, ks = quantize(jnp.asarray(rng.normal(size=(len(lengths), cap, kv_heads, H)) * spread), quant)
   v, vs = quantize(jnp.asarray(rng.normal(size=(len(lengths), cap, kv_heads, H)) * spread), quant)
-  kwargs = dict(scale=SCALE, soft_cap=3.0, key_scale=ks, value_scale=vs)
+  kwargs = dict(scale=SCALE, soft_cap=3.0, key_scale=scales_by_head(ks),
+                value_scale=scales_by_head(vs))
   ref = ragged_decode_reference(q, k, v, lengths, **kwargs)
   out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=block_kv, interpret=True,
                              num_splits=num_splits)
@@ -200,7 +201,8 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   k4, ks = quantize(k, quant)
   v4, vs = quantize(v, quant)
   lengths = jnp.asarray(LENGTHS)
-  kwargs = dict(scale=SCALE, soft_cap=2.0, window=20, key_scale=ks, value_scale=vs)
+  kwargs = dict(scale=SCALE, soft_cap=2.0, window=20, key_scale=scales_by_head(ks),
+                value_scale=scales_by_head(vs))
   ref = ragged_decode_reference(q, k4, v4, lengths, **kwargs)
   out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, interpret=True,
                              num_splits=num_splits)
@@ -214,8 +216,9 @@ def test_int4_refused_where_no_kernel_path():
   k4, ks = quantize(k, KVQuant("int4"))
   v4, vs = quantize(v, KVQuant("int4"))
   with pytest.raises(NotImplementedError, match="int4"):
-    ragged_decode_pallas(q, k4, v4, jnp.asarray(LENGTHS), scale=SCALE, key_scale=ks,
-                         value_scale=vs, interpret=True, backend="tpu")
+    ragged_decode_pallas(q, k4, v4, jnp.asarray(LENGTHS), scale=SCALE,
+                         key_scale=scales_by_head(ks), value_scale=scales_by_head(vs),
+                         interpret=True, backend="tpu")
   (q, key_pages, _, table, lengths), _, _ = paged_inputs("plain", 2)
   pk, pks = quantize(key_pages, KVQuant("int4"))
   with pytest.raises(NotImplementedError, match="int4"):
