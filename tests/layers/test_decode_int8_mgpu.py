@@ -81,7 +81,8 @@ def test_auto_splits_fill_one_wave_and_split_at_least_twice():
 def _decode_args(kv_dtype=jnp.int8, scale_heads=2, h=128, s=256):
   b, k, g = 2, 2, 4
   sds = jax.ShapeDtypeStruct
-  return (sds((b, k * g, h), jnp.bfloat16), sds((b, s, k, h), kv_dtype), sds((b, s, k, h), kv_dtype),
+  return (sds((b, k * g, h), jnp.bfloat16), sds((b, s, k, h), kv_dtype),
+          sds((b, s, k, h), kv_dtype),
           sds((b,), jnp.int32), sds((b, scale_heads, s), jnp.float32),
           sds((b, scale_heads, s), jnp.float32))
 

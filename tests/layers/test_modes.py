@@ -165,7 +165,8 @@ def test_ragged_prefill_with_padding_then_decode():
   # Each row's own sequence (prompt, then its decoded tokens), zero-filled at the end to one
   # length: attention is causal (chunk mask), so the fill cannot change positions
   # < n + steps, and one jitted train call serves every row (not one eager call per length).
-  sequences = jnp.stack([jnp.pad(jnp.concatenate([prompts[b, :n], new[b]]), ((0, prompts.shape[1] - n), (0, 0)))
+  pad = [((0, prompts.shape[1] - n), (0, 0)) for n in lengths]
+  sequences = jnp.stack([jnp.pad(jnp.concatenate([prompts[b, :n], new[b]]), pad[b])
                          for b, n in enumerate(lengths)])  # [B, P + steps, D]
   wants = train(model, sequences)
   for b, n in enumerate(lengths):
