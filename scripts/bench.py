@@ -130,7 +130,7 @@ def bench_decode(args, platform: str) -> list[Row]:
 
 
 def bench_int8_decode(q, k, v, lengths, shape, valid_bytes, bandwidth, args) -> list[Row]:
-  """The ragged Pallas kernel over an int8 cache vs the same kernel over bf16."""
+  """`ragged_decode` over an int8 cache (the Mosaic kernel where routed, else Triton) vs bf16."""
   from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
   from meshattn.layers.kernels import decode
   kq, ks = quantize(k, KVQuant("int8"))
@@ -143,7 +143,7 @@ def bench_int8_decode(q, k, v, lengths, shape, valid_bytes, bandwidth, args) -> 
   ms_plain = time_fn(plain, q, k, v, lengths, iters=args.iters)
   ms_quant = time_fn(quant, q, kq, vq, lengths, ks, vs, iters=args.iters)
   err = rel_err(quant(q, kq, vq, lengths, ks, vs), plain(q, k, v, lengths))
-  return [Row("decode int8", "ragged (pallas) int8 KV", shape, ms_quant,
+  return [Row("decode int8", "ragged_decode int8 KV", shape, ms_quant,
               valid_bytes / (ms_plain * 1e-3) / 1e9, "GB/s (bf16-equivalent)",
               ratio=ms_plain / ms_quant, max_err=err,
               status="ok" if err < 5e-2 else "MISMATCH")]

@@ -156,8 +156,10 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
   the visibility mask is given twice, laid out for the logits' columns and
   for the value rows, so no kernel needs a 1-D transpose. Several tiles (the
   pages of a paged block) share one running-max rescale. int8 tiles come
-  with per-token scales [bk, 1] and are dequantized to float32 here (scaling
-  the logits instead would need a lane <-> sublane transpose of the scales).
+  with per-token scales laid out as their cache stores them: [bk, 1] (page
+  pools, token-major) dequantize K and V here; [1, bk] (the contiguous
+  cache, head-major) scale the logits' columns and the probabilities
+  instead, so neither layout needs a lane <-> sublane transpose.
   Invisible value rows and probabilities are zeroed: a TPU block (or the
   padded tail of a partial block, or a clamped page) may hold anything, NaN
   included.
@@ -165,26 +167,29 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
   m, l, acc = carry
   parts = []
   for k, v, valid_row, valid_col, k_scale, v_scale in tiles:
-    if k_scale is not None:
+    by_column = k_scale is not None and k_scale.shape[0] == 1 and k.shape[0] > 1  # [1, bk]
+    if k_scale is not None and not by_column:
       k = k.astype(jnp.float32) * k_scale  # [bk, H]
       v = v.astype(jnp.float32) * v_scale  # [bk, H]
     dtype = q.dtype if q.dtype == k.dtype else jnp.float32
     v = jnp.where(valid_col, v.astype(dtype), jnp.zeros((), dtype))  # [bk, H]
     logits = lax.dot_general(q.astype(dtype), k.astype(dtype), _QK, precision=_HIGHEST,
                              preferred_element_type=jnp.float32)  # [G, bk]
-    logits = logits * scale
+    logits = logits * (k_scale * scale if by_column else scale)
     if soft_cap:
       logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(valid_row, logits, _NEG)  # [G, bk]
-    parts.append((logits, v, valid_row, dtype))
+    parts.append((logits, v, valid_row, dtype, v_scale if by_column else None))
   m_new = m
   for logits, *_ in parts:
     m_new = jnp.maximum(m_new, logits.max(axis=1, keepdims=True))  # [G, 1]
   correction = jnp.exp(m - m_new)  # [G, 1]
   l_new, acc_new = l * correction, acc * correction  # [G, 1], [G, H]
-  for logits, v, valid_row, dtype in parts:
+  for logits, v, valid_row, dtype, v_scale in parts:
     p = jnp.where(valid_row, jnp.exp(logits - m_new), 0.0)  # [G, bk]
     l_new = l_new + p.sum(axis=1, keepdims=True)
+    if v_scale is not None:  # selected, not multiplied: scales past the end may be NaN
+      p = jnp.where(valid_row, p * v_scale, 0.0)  # [G, bk] * [1, bk]
     acc_new = acc_new + lax.dot_general(p.astype(dtype), v, _PV, precision=_HIGHEST,
                                         preferred_element_type=jnp.float32)  # [G, H]
   return m_new, l_new, acc_new

@@ -2,7 +2,8 @@
 
 It has `ragged_decode_reference`'s contract for int8 caches: row lengths,
 split-K, attention sinks. `decode.ragged_decode` routes int8 caches within
-its scope (`serves`) to it on Hopper GPUs. Its benchmark is
+its scope to it on the devices where it was measured faster than the
+Triton int8 kernel (`serves`, `MEASURED_FASTER_ON`). Its benchmark is
 scripts/bench_int8_mgpu.py, which checks it against the reference before
 timing it.
 
@@ -260,6 +261,15 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
   return int(max(1, min(fit, max_blocks // decode_common.MIN_BLOCKS_PER_SPLIT)))
 
 
+# Devices where this kernel was measured faster than the Triton int8 kernel
+# (docs/benchmarks.md, 2026-11-30). It runs on any Hopper GPU (wgmma, TMA),
+# but other parts (the H100) keep the Triton kernel until measured.
+MEASURED_FASTER_ON = ("NVIDIA H200",)
+# head_dim it was measured at; 256 lowers but fits one program per SM, which
+# auto_splits does not assume.
+MEASURED_HEAD_DIM = 128
+
+
 @functools.cache
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x: wgmma)."""
@@ -267,10 +277,19 @@ def on_hopper() -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
+@functools.cache
+def measured_faster_here() -> bool:
+  """Whether the default device is one where this kernel beat the Triton int8 kernel."""
+  return on_hopper() and jax.devices()[0].device_kind in MEASURED_FASTER_ON
+
+
 def serves(query, key, value, lengths, key_scale, value_scale, sinks, *, soft_cap=None,
            window=None) -> bool:
-  """Whether this kernel takes the request at its defaults: its scope, on a Hopper GPU."""
-  if soft_cap is not None or window is not None or not on_hopper():
+  """Whether `ragged_decode` routes this request here: the kernel's scope, at head_dim 128,
+  on a device where it was measured faster than the Triton int8 kernel."""
+  if soft_cap is not None or window is not None or not measured_faster_here():
+    return False
+  if key.ndim != 4 or key.shape[-1] != MEASURED_HEAD_DIM:
     return False
   try:
     check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, block_kv=64,
@@ -308,8 +327,9 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
     raise ValueError(f"sinks must be [N] = [{query.shape[1]}], got {sinks.shape}")
   if group > PADDED_GROUP:
     raise ValueError(f"at most {PADDED_GROUP} query heads per kv head, got {group}")
-  if head_dim % 128:
-    raise ValueError(f"head_dim must be a multiple of 128 (128-byte int8 tiles), got {head_dim}")
+  if head_dim not in (128, 256):
+    raise ValueError(f"head_dim must be 128 or 256 (128-byte int8 tiles; from 384 on the tiles "
+                     f"exceed shared memory), got {head_dim}")
   if block_kv not in (64, 128):
     raise ValueError(f"block_kv must be 64 or 128, got {block_kv}")
   if stages < 1 or kv_len % block_kv:

@@ -292,8 +292,8 @@ def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window,
       k_scale = v_scale = None
       if quantized:
         sk = kv if ks_ref.shape[0] != 1 else 0
-        k_scale = ks_ref[sk, :][:, None]  # [bk, 1]
-        v_scale = vs_ref[sk, :][:, None]  # [bk, 1]
+        k_scale = ks_ref[sk:sk + 1, :]  # [1, bk]: scales the logits' columns, no transpose
+        v_scale = vs_ref[sk:sk + 1, :]  # [1, bk]
       carry = (m_ref[kv], l_ref[kv], acc_ref[kv])
       tile = (k_ref[:, kv, :], v_ref[:, kv, :], valid_row, valid_col, k_scale, v_scale)
       m, l, acc = online_block_update(carry, q_ref[kv], [tile], scale=scale, soft_cap=soft_cap)
@@ -315,6 +315,10 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   block_kv = min(block_kv, kv_len)  # a block larger than the cache is the whole cache
   num_blocks = pl.cdiv(kv_len, block_kv)
   quantized = key_scale is not None
+  if quantized and not interpret and block_kv % 128 and block_kv != kv_len:
+    # The head-major scales' block [K or 1, block_kv] has the keys in lanes.
+    raise ValueError(f"block_kv={block_kv}: with quantized K/V the TPU kernel needs a multiple "
+                     "of 128 (the scales' lane dimension) or the whole cache")
 
   def kv_block(b, i, lengths_ref):
     # Outside [first, last] the index repeats the nearest valid block, so the

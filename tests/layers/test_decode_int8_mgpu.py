@@ -87,8 +87,8 @@ def _decode_args(kv_dtype=jnp.int8, scale_heads=2, h=128, s=256):
           sds((b, scale_heads, s), jnp.float32))
 
 
-def test_ragged_decode_routes_int8_to_this_kernel_on_hopper(monkeypatch):
-  monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+def test_ragged_decode_routes_int8_to_this_kernel_where_measured(monkeypatch):
+  monkeypatch.setattr(mgpu, "measured_faster_here", lambda: True)
 
   def lowered(args, **kw):
     fn = jax.jit(lambda q, k, v, l, ks, vs: decode.ragged_decode(
@@ -99,17 +99,24 @@ def test_ragged_decode_routes_int8_to_this_kernel_on_hopper(monkeypatch):
 
   assert "mosaic_gpu" in lowered(_decode_args())
   # Outside its scope the Triton kernel takes the request: per-token scales
-  # shared by the heads, head_dim 64, a soft cap, a cache length off the tile.
+  # shared by the heads, head_dim 64, 256 (unmeasured) and 512 (over shared
+  # memory), a soft cap, a cache length off the tile.
   for args, kw in ((_decode_args(scale_heads=1), {}), (_decode_args(h=64), {}),
+                   (_decode_args(h=256), {}), (_decode_args(h=512), {}),
                    (_decode_args(), dict(soft_cap=30.0)), (_decode_args(s=200), {})):
     module = lowered(args, **kw)
     assert "mosaic_gpu" not in module and "triton" in module.lower()
 
 
-def test_not_routed_off_hopper():
-  assert not mgpu.on_hopper()  # CPU here
+def test_not_routed_off_hopper(monkeypatch):
+  assert not mgpu.on_hopper() and not mgpu.measured_faster_here()  # CPU here
   q, k, v, l, ks, vs = (jnp.zeros(a.shape, a.dtype) for a in _decode_args())
   assert not mgpu.serves(q, k, v, l, ks, vs, None)
+  # A Hopper part it was not measured on keeps the Triton kernel.
+  monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+  mgpu.measured_faster_here.cache_clear()
+  assert not mgpu.measured_faster_here()  # the CPU's device kind is not in the list
+  mgpu.measured_faster_here.cache_clear()
 
 
 def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
@@ -126,8 +133,9 @@ def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, 
     (_args(kv_dtype=jnp.bfloat16), {}, "key and value must be int8"),
     (_args(scale_shape=(1, 256, 2)), {}, r"key_scale must be float32 \[B, K, S\]"),
     (_args(lengths_shape=(2,)), {}, r"lengths must be integer \[B\]"),
-    (_args(h=64), {}, "head_dim must be a multiple of 128"),
-    (_args(h=192), {}, "head_dim must be a multiple of 128"),
+    (_args(h=64), {}, "head_dim must be 128 or 256"),
+    (_args(h=192), {}, "head_dim must be 128 or 256"),
+    (_args(h=384), {}, "head_dim must be 128 or 256"),
     (_args(s=200), {}, "multiple of block_kv=64"),
     (_args(), dict(block_kv=32), "block_kv must be 64 or 128"),
     ((_args()[0], jnp.zeros((1, 256, 256), jnp.int8), *_args()[2:]), {}, r"key must be \[B, S, K, H\]"),

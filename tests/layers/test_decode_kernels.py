@@ -10,6 +10,8 @@ the last block of the cache is partial.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,6 +124,14 @@ def test_ragged_rejects_bad_arguments():
     ragged_decode_pallas(q, k, v, lengths, **kwargs, interpret=True, backend="cpu")
   with pytest.raises(ValueError, match="power"):  # only checked when compiling for Triton
     ragged_decode_pallas(q[..., :12], k[..., :12], v[..., :12], lengths, **kwargs)
+  # Scales in the token-major layout `quantize` returns: the cache and kernels take [B, K|1, S].
+  token_major = {**kwargs, "key_scale": jnp.swapaxes(kwargs["key_scale"], 1, 2),
+                 "value_scale": jnp.swapaxes(kwargs["value_scale"], 1, 2)}
+  for call in (ragged_decode_reference, functools.partial(ragged_decode_pallas, interpret=True)):
+    with pytest.raises(ValueError, match=r"key_scale must be \[B, K or 1, S\]"):
+      call(q, k, v, lengths, **token_major)
+  with pytest.raises(ValueError, match="multiple of 128"):  # only checked when compiling for TPU
+    ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=16, backend="tpu")
 
 
 # ---- paged ------------------------------------------------------------------------------
