@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels import decode_common
+from meshattn.layers.kernels import decode_splits
 from meshattn.layers.kernels.paged import paged_decode_pallas
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import (
@@ -266,7 +266,7 @@ def main(argv: list[str]) -> int:
     print(f"platform {platform}: the sweep needs a GPU (or --cpu-smoke)")
     return 2
   device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({platform}, {decode_common.sm_count()} SMs), "
+  print(f"device: {device.device_kind} ({platform}, {decode_splits.sm_count()} SMs), "
         f"jax {jax.__version__}")
   shapes = SMOKE_SHAPES if interpret else (QUICK_SHAPES if args.quick else GPU_SHAPES)
   candidates = (SMOKE_CANDIDATES if interpret else
@@ -325,7 +325,7 @@ def main(argv: list[str]) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   meta = {"device": device.device_kind, "platform": platform, "jax": jax.__version__,
-          "sm_count": decode_common.sm_count(), "copy_gbps": bandwidth,
+          "sm_count": decode_splits.sm_count(), "copy_gbps": bandwidth,
           "interpret": interpret, "args": vars(args)}
   path = out / "tune_decode.json"
   path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows],

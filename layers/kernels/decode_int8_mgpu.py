@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from meshattn.layers.kernels import decode_common
+from meshattn.layers.kernels import decode_splits
 
 # Query heads per kv head are padded to this many columns (wgmma N, and 32
 # bytes of bfloat16 p^T per key so the p tile can be swizzled).
@@ -256,9 +256,9 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
     1.25x / 1.13x, 4 splits 1.31x / 1.12x. 2 is the choice for unknown
     lengths.
   """
-  cores = decode_common.sm_count() if cores is None else cores
+  cores = decode_splits.sm_count() if cores is None else cores
   fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 2)
-  return int(max(1, min(fit, max_blocks // decode_common.MIN_BLOCKS_PER_SPLIT)))
+  return int(max(1, min(fit, max_blocks // decode_splits.MIN_BLOCKS_PER_SPLIT)))
 
 
 # Devices where this kernel was measured faster than the Triton int8 kernel
@@ -349,7 +349,7 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   attends to keys [0, lengths[b]); key_scale, value_scale [B, K, S] float32
   (per token and head, head-major as the cache stores them: one TMA copy
   per tile); sinks [N] or None. num_splits: splits of a longest row
-  (split-K, merged by `decode_common.combine_splits`); None: `auto_splits`.
+  (split-K, merged by `decode_splits.combine_splits`); None: `auto_splits`.
   Returns [B, N, H] in query.dtype; a row of length 0 gives zeros (or the
   sink's zero value).
   """
@@ -364,7 +364,7 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
     num_splits = auto_splits(batch * kv_heads, max_blocks)
   if num_splits < 1:
     raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-  blocks_per_split, num_splits = decode_common.split_layout(
+  blocks_per_split, num_splits = decode_splits.split_layout(
       max_blocks, programs=batch * kv_heads, num_splits=num_splits, blocks_per_split=None,
       interpret=False)
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)  # [B]
@@ -417,8 +417,8 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
   m = ml[:, :, :, 0, :group, None]  # [B, K, P, G, 1]
   l = ml[:, :, :, 1, :group, None]
-  nonempty = decode_common.split_nonempty(jnp.zeros_like(lengths), pl.cdiv(lengths, block_kv),
+  nonempty = decode_splits.split_nonempty(jnp.zeros_like(lengths), pl.cdiv(lengths, block_kv),
                                           num_splits, blocks_per_split)  # [B, P]
   sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
-  out = decode_common.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, G, H]
+  out = decode_splits.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, G, H]
   return out.reshape(batch, heads, head_dim)

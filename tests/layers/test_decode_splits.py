@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels import decode_common
+from meshattn.layers.kernels import decode_common, decode_splits
 from meshattn.layers.kernels import ragged as ragged_mod
 from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_reference
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
@@ -98,14 +98,14 @@ def test_split_bounds_cover_each_rows_blocks_once():
       assert np.all(ends - starts <= bps)
       seen = [j for start, end in zip(starts, ends) for j in range(start, end)]
       assert seen == list(range(first, last)), (first, last, bps, seen)
-      ne = decode_common.split_nonempty(jnp.array([first]), jnp.array([last]), num_splits + 2, bps)
+      ne = decode_splits.split_nonempty(jnp.array([first]), jnp.array([last]), num_splits + 2, bps)
       assert int(ne.sum()) == -(-(last - first) // bps)  # one program per bps blocks, no more
 
 
 def test_auto_num_splits():
   """Fills ~PROGRAMS_PER_SM programs per SM; never splits below MIN_BLOCKS_PER_SPLIT blocks."""
-  auto = decode_common.auto_num_splits
-  per_sm, min_blocks = decode_common.PROGRAMS_PER_SM, decode_common.MIN_BLOCKS_PER_SPLIT
+  auto = decode_splits.auto_num_splits
+  per_sm, min_blocks = decode_splits.PROGRAMS_PER_SM, decode_splits.MIN_BLOCKS_PER_SPLIT
   assert auto(8 * 8, 256, cores=132) == min(-(-per_sm * 132 // 64), 256 // min_blocks)  # b8 kv32768
   assert auto(64 * 8, 32, cores=132) == min(-(-per_sm * 132 // 512), 32 // min_blocks)
   assert auto(100_000, 256, cores=132) == 1  # the grid already fills the GPU
@@ -113,14 +113,14 @@ def test_auto_num_splits():
 
 
 def test_split_layout():
-  layout = decode_common.split_layout
+  layout = decode_splits.split_layout
   assert layout(999, programs=1, num_splits=None, blocks_per_split=None, interpret=True) == (999, 1)
   assert layout(5, programs=1, num_splits=3, blocks_per_split=None, interpret=False) == (2, 3)
   assert layout(5, programs=1, num_splits=8, blocks_per_split=None, interpret=False) == (1, 5)
   assert layout(5, programs=1, num_splits=None, blocks_per_split=2, interpret=True) == (2, 3)
   assert layout(5, programs=1, num_splits=None, blocks_per_split=50, interpret=True) == (5, 1)
   bps, splits = layout(256, programs=64, num_splits=None, blocks_per_split=None, interpret=False)
-  assert splits * bps >= 256 and splits == -(-256 // bps) and bps >= decode_common.MIN_BLOCKS_PER_SPLIT
+  assert splits * bps >= 256 and splits == -(-256 // bps) and bps >= decode_splits.MIN_BLOCKS_PER_SPLIT
   for bad in (dict(num_splits=0), dict(blocks_per_split=0), dict(num_splits=2, blocks_per_split=2)):
     kwargs = dict(num_splits=None, blocks_per_split=None) | bad
     with pytest.raises(ValueError, match="num_splits|blocks_per_split"):
@@ -256,13 +256,13 @@ def test_combine_splits_ignores_unwritten_partials():
   l = rng.uniform(0.5, 2.0, size=m.shape).astype(np.float32)
   acc = rng.normal(size=(batch, kv_heads, splits, group, head_dim)).astype(np.float32)
   nonempty = np.array([[True, True, False, False], [False] * 4, [True, False, True, True]])
-  want = decode_common.combine_splits(
+  want = decode_splits.combine_splits(
       jnp.asarray(np.where(nonempty[:, None, :, None, None], m, -1e30)),
       jnp.asarray(np.where(nonempty[:, None, :, None, None], l, 0.0)),
       jnp.asarray(np.where(nonempty[:, None, :, None, None], acc, 0.0)),
       jnp.ones_like(jnp.asarray(nonempty)), None, jnp.float32)
   garbage = ~nonempty[:, None, :, None, None]
-  got = decode_common.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
+  got = decode_splits.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
                                      jnp.asarray(np.where(garbage, np.inf, l)),
                                      jnp.asarray(np.where(garbage, np.nan, acc)),
                                      jnp.asarray(nonempty), None, jnp.float32)
@@ -270,7 +270,7 @@ def test_combine_splits_ignores_unwritten_partials():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
   np.testing.assert_array_equal(np.asarray(got)[1], 0.0)  # nothing written: zeros
   sink = jnp.asarray(rng.normal(size=(kv_heads, group, 1)), jnp.float32)
-  with_sink = decode_common.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
+  with_sink = decode_splits.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
                                            jnp.asarray(l), jnp.asarray(acc), jnp.asarray(nonempty),
                                            sink, jnp.float32)
   np.testing.assert_array_equal(np.asarray(with_sink)[1], 0.0)  # only the sink: no value

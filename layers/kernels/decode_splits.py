@@ -1,0 +1,186 @@
+"""Length-aware split-K (flash-decoding) for the GPU decode kernels: which blocks each
+program reads, how many splits a grid gets, the merge of the partials, and the
+Triton call that runs a decode kernel unsplit or split and merged. See ragged.py
+for the design."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from meshattn.layers.kernels.decode_common import _NEG, finish, split_bounds
+
+
+# ---- length-aware split-K ---------------------------------------------------------------
+
+
+def split_nonempty(first, last, num_splits: int, blocks_per_split: int):
+  """[B, P] bool: split p of row b holds blocks (first, last [B] as in the kernel)."""
+  split = jnp.arange(num_splits, dtype=jnp.int32)[None, :]  # [1, P]
+  start, end = split_bounds(first[:, None], last[:, None], split, blocks_per_split)
+  return start < end
+
+
+def _merge_partials(x, y):
+  """Combiner of two online-softmax partials (m, l, acc): associative, (_NEG, 0, 0) is neutral."""
+  (m1, l1, a1), (m2, l2, a2) = x, y
+  m = jnp.maximum(m1, m2)
+  w1, w2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
+  return m, l1 * w1 + l2 * w2, a1 * w1 + a2 * w2
+
+
+def combine_splits(m, l, acc, nonempty, sink, dtype):
+  """Merge split partials m, l [B, K, P, G, 1], acc [B, K, P, G, H] -> [B, K, G, H] in dtype.
+
+  The flash-decoding reduction: rescale each split to the common max and
+  add, written as one variadic reduction over P whose combiner merges two
+  partials (so XLA emits a single pass over the partials, not a max pass
+  and then a weighted-sum pass). nonempty [B, P] says which partials the
+  kernel wrote; the others were never written (they may hold anything, NaN
+  included) and are selected away, not multiplied by zero. The sink
+  [K, G, 1] (or None) is one more partial with l = 1 and no value, so it is
+  counted exactly once. A row with nothing visible (no split, no sink)
+  gives zeros. The partials are small: B K P G (H + 2) floats.
+  """
+  written = nonempty[:, None, :, None, None]  # [B, 1, P, 1, 1]
+  shape = acc.shape
+  m = jnp.broadcast_to(jnp.where(written, m, _NEG), shape)  # [B, K, P, G, H]
+  l = jnp.broadcast_to(jnp.where(written, l, 0.0), shape)
+  acc = jnp.where(written, acc, 0.0)
+  zero = jnp.zeros((), jnp.float32)
+  m_all, l_all, acc_all = lax.reduce((m, l, acc), (jnp.float32(_NEG), zero, zero),
+                                     _merge_partials, (2,))  # [B, K, G, H] each
+  if sink is not None:
+    m_all, l_all, acc_all = _merge_partials(
+        (m_all, l_all, acc_all), (sink[None], jnp.ones_like(sink[None]), zero))
+  return finish(l_all, acc_all).astype(dtype)
+
+
+# Programs per SM the automatic split layout aims for when every row is at
+# the longest possible length: enough that ragged batches (fewer non-empty
+# programs) still fill the GPU a few times over, and that the last wave is a
+# small part of the whole (each program is at most blocks_per_split blocks).
+PROGRAMS_PER_SM = 16
+
+
+# A split shorter than this many blocks costs more in partial writes, query
+# loads and pipeline fill than it saves.
+MIN_BLOCKS_PER_SPLIT = 8
+
+
+_DEFAULT_SM_COUNT = 132  # H100 SXM, when the device does not say
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the default device (132 when it does not report them)."""
+  try:
+    count = getattr(jax.devices()[0], "core_count", None)
+  except RuntimeError:
+    count = None
+  return int(count) if count else _DEFAULT_SM_COUNT
+
+
+def auto_num_splits(programs: int, max_blocks: int, *, cores: int | None = None) -> int:
+  """Splits of a longest row so the grid has about PROGRAMS_PER_SM programs per SM.
+
+  programs: batch * kv_heads; max_blocks: loop steps of the longest possible
+  row. 1 (the unsplit kernel) when the grid already fills the GPU.
+  """
+  cores = sm_count() if cores is None else cores
+  want = pl.cdiv(PROGRAMS_PER_SM * cores, max(programs, 1))
+  return int(max(1, min(want, max_blocks // MIN_BLOCKS_PER_SPLIT)))
+
+
+def split_layout(max_blocks: int, *, programs: int, num_splits: int | None,
+                 blocks_per_split: int | None, interpret: bool) -> tuple[int, int]:
+  """(blocks_per_split, splits P) of the GPU grid (batch, kv_heads, P); P == 1: unsplit kernel.
+
+  blocks_per_split fixes each program's block range; num_splits instead
+  gives the splits of a longest row (blocks_per_split = ceil(max_blocks /
+  num_splits)); neither: automatic on a GPU (`auto_num_splits`), 1 when
+  interpreting on CPU. max_blocks bounds the loop steps of any row (the
+  cache capacity, or the window), so P = ceil(max_blocks / blocks_per_split)
+  splits cover every row.
+  """
+  max_blocks = max(int(max_blocks), 1)
+  if num_splits is not None and blocks_per_split is not None:
+    raise ValueError("give num_splits or blocks_per_split, not both")
+  if num_splits is not None and num_splits < 1:
+    raise ValueError(f"num_splits={num_splits}: must be >= 1 (or None)")
+  if blocks_per_split is not None and blocks_per_split < 1:
+    raise ValueError(f"blocks_per_split={blocks_per_split}: must be >= 1 (or None)")
+  if blocks_per_split is None:
+    if num_splits is None:
+      num_splits = 1 if interpret else auto_num_splits(programs, max_blocks)
+    blocks_per_split = pl.cdiv(max_blocks, num_splits)
+  blocks_per_split = min(int(blocks_per_split), max_blocks)
+  return blocks_per_split, pl.cdiv(max_blocks, blocks_per_split)
+
+
+def split_out_specs(batch, kv_heads, num_splits, group, head_dim):
+  """(out_specs, out_shape) of the float32 partials m, l [B, K, P, G, 1] and acc [B, K, P, G, H]."""
+  shapes = [(batch, kv_heads, num_splits, group, d) for d in (1, 1, head_dim)]
+  specs = [pl.BlockSpec((None, None, None, group, d), lambda b, k, s: (b, k, s, 0, 0))
+           for d in (1, 1, head_dim)]
+  return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+
+
+# Triton launch parameters when not given: 4 warps, a 2-stage load pipeline
+# (each stage holds one K and one V tile in shared memory).
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 2
+# Quantized (int8) K/V in the ragged kernel: 64-key tiles and a 3-stage
+# pipeline were the fastest setting at every swept shape on the H100
+# (1.04-1.06x the automatic 128-key, 2-stage choice; docs/benchmarks.md),
+# and again with int8 dots (third session: 128 keys / 2 stages / 8 warps and
+# 4 stages were slower).
+QUANTIZED_TILE_KEYS = 64
+QUANTIZED_NUM_STAGES = 3
+
+
+def triton_params(num_warps: int | None = None, num_stages: int | None = None):
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps or DEFAULT_NUM_WARPS,
+                              num_stages=num_stages or DEFAULT_NUM_STAGES)
+
+
+def call_gpu_decode(kernel, operands, in_specs, sinks, *, batch: int, kv_heads: int, group: int,
+                    head_dim: int, num_splits: int, nonempty, dtype, interpret: bool,
+                    num_warps, num_stages, name: str):
+  """Run a GPU decode kernel: unsplit (num_splits == 1) or split-K and merged.
+
+  Index maps take (b, k) or (b, k, split). Returns [B, K, G, H] in dtype.
+  The query heads are never padded in JAX (the kernels load their G rows
+  into a [Gp, H] tile with a mask) and partials / outputs are stored for the
+  G real rows only.
+  """
+  params = triton_params(num_warps, num_stages)
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
+  if num_splits == 1:
+    if sink is not None:
+      operands = operands + [sink]
+      in_specs = in_specs + [pl.BlockSpec((None, group, 1), lambda b, k: (k, 0, 0))]
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, group, head_dim), lambda b, k: (b, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+    )(*operands)  # [B, K, G, H]
+  out_specs, out_shape = split_out_specs(batch, kv_heads, num_splits, group, head_dim)
+  m, l, acc = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=params,
+      interpret=interpret,
+      name=name + "_split",
+  )(*operands)  # [B, K, P, G, 1] x2, [B, K, P, G, H]
+  return combine_splits(m, l, acc, nonempty, sink, dtype)  # [B, K, G, H]
