@@ -36,6 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from meshattn.layers.kernels.online_softmax import NEG
 from meshattn.layers.kernels.dot_product import (
     KernelOptions, mod_indices, to_group_layout, visible_mask)
 
@@ -43,9 +44,6 @@ BLOCKWISE_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
     "user_bias", "score_mod", "mask_mod", "backward"})
 
-# Masked logits: finite, so rows with nothing visible stay NaN-free; their
-# probabilities are forced to zero explicitly, never left to exp() underflow.
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -148,7 +146,7 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
     m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1), shape)
     l0 = jnp.ones(shape, jnp.float32)
   else:
-    m0 = jnp.full(shape, _NEG, jnp.float32)
+    m0 = jnp.full(shape, NEG, jnp.float32)
     l0 = jnp.zeros(shape, jnp.float32)
   acc0 = jnp.zeros(shape + (value_dim,), jnp.float32)
 
@@ -165,7 +163,7 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
         m, l, acc = carry  # [B, K, G, t], [B, K, G, t], [B, K, G, t, Hv]
         logits = _scores(cfg, _raw_scores(q_blk, k_blk, cfg.options), bias_blk, score_consts,
                          indices).astype(jnp.float32)  # [B, K, G, t, s]
-        logits = jnp.where(allowed, logits, _NEG)
+        logits = jnp.where(allowed, logits, NEG)
         m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, t]
         p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)  # [B, K, G, t, s]
         correction = jnp.exp(m - m_new)  # [B, K, G, t]
@@ -254,7 +252,7 @@ def _attention_bwd(cfg, residuals, d_out):
                                             merge_consts(dc), indices)
         raw = _raw_scores(q_blk, k_blk, cfg.options)  # [B, K, G, t, s]
         scores, score_vjp = jax.vjp(score, raw, bias_blk if bias_diff else None, diff_consts)
-        logits = jnp.where(allowed, scores.astype(jnp.float32), _NEG)  # [B, K, G, t, s]
+        logits = jnp.where(allowed, scores.astype(jnp.float32), NEG)  # [B, K, G, t, s]
         p = jnp.where(allowed, jnp.exp(logits - lse_blk[..., None]), 0.0)  # [B, K, G, t, s]
         dv = dv + jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), do_blk,
                              precision=cfg.options.precision,

@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.dot_product import KernelOptions, mod_indices
+from meshattn.layers.kernels.online_softmax import NEG, finish
 from meshattn.layers.masks import structural_mask
-
-# Masked logits: finite, so rows with nothing visible stay NaN-free.
-_NEG = -1e30
 
 # (start index) -> key, value [B, block, K, H] and positions [B, block]
 BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
@@ -41,7 +39,7 @@ def _block_update(carry, q, key, value, q_pos, kv_pos, q_valid, options: KernelO
   allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
   if options.mask_mod is not None:
     allowed = allowed & options.mask_mod(*indices).astype(bool)
-  logits = jnp.where(allowed, logits, _NEG)
+  logits = jnp.where(allowed, logits, NEG)
   m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, T]
   p = jnp.exp(logits - m_new[..., None]) * allowed  # [B, K, G, T, S]
   correction = jnp.exp(m - m_new)  # [B, K, G, T]
@@ -80,7 +78,7 @@ def attend_with_cache(
     m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1), shape)
     l0 = jnp.ones(shape, jnp.float32)  # the sink's own exp(sink - m0)
   else:
-    m0 = jnp.full(shape, _NEG, jnp.float32)
+    m0 = jnp.full(shape, NEG, jnp.float32)
     l0 = jnp.zeros(shape, jnp.float32)
   carry = (m0, l0, jnp.zeros(shape + (new_value.shape[-1],), jnp.float32))
   update = lambda c, k, v, kv_pos: _block_update(c, q, k, v, q_positions, kv_pos, q_valid, options)
@@ -91,6 +89,6 @@ def attend_with_cache(
 
   carry, _ = jax.lax.scan(cache_step, carry, jnp.arange(num_blocks))
   m, l, acc = update(carry, new_key, new_value, new_positions)
-  context = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)  # [B, K, G, T, H]
+  context = finish(l[..., None], acc)  # [B, K, G, T, H]
   context = jnp.transpose(context, (0, 3, 1, 2, 4)).reshape(batch, q_len, num_heads, -1)
   return context.astype(query.dtype)

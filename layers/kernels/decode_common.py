@@ -11,9 +11,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_int8 import int8_pair_dot, rows_to_int8, uses_int8_pv
+from meshattn.layers.kernels.online_softmax import NEG, finish
 
-# Masked logits: finite, so a row with nothing visible stays NaN-free.
-_NEG = -1e30
 
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -45,7 +44,7 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
   if soft_cap:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
   allowed = visible[:, None, None, :]  # [B, 1, 1, S]
-  logits = jnp.where(allowed, logits, _NEG)
+  logits = jnp.where(allowed, logits, NEG)
   m = logits.max(-1, keepdims=True)  # [B, K, G, 1]
   if sinks is not None:
     sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
@@ -55,7 +54,7 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
   if sinks is not None:
     denom = denom + jnp.exp(sink - m)  # the sink's mass; it contributes no value
   out = jnp.einsum("BKGS,BSKH->BKGH", p, value, precision=_HIGHEST)  # [B, K, G, H]
-  out = jnp.where(denom > 0, out / jnp.maximum(denom, 1e-30), 0.0)
+  out = finish(denom, out)
   return out.reshape(batch, num_heads, value.shape[-1]).astype(query.dtype)  # [B, N, H]
 
 
@@ -112,7 +111,7 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   logits = logits * (scale if k_scale is None else k_scale * scale)
   if soft_cap:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
-  logits = jnp.where(valid_row, logits, _NEG)  # [Gp, bk]
+  logits = jnp.where(valid_row, logits, NEG)  # [Gp, bk]
   m_new = jnp.maximum(m, logits.max(axis=1, keepdims=True))  # [Gp, 1]
   correction = jnp.exp(m - m_new)  # [Gp, 1]
   # Every tile the GPU loops visit holds a visible key, so m_new is finite
@@ -178,7 +177,7 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
     logits = logits * (k_scale * scale if by_column else scale)
     if soft_cap:
       logits = soft_cap * jnp.tanh(logits / soft_cap)
-    logits = jnp.where(valid_row, logits, _NEG)  # [G, bk]
+    logits = jnp.where(valid_row, logits, NEG)  # [G, bk]
     parts.append((logits, v, valid_row, dtype, v_scale if by_column else None))
   m_new = m
   for logits, *_ in parts:
@@ -198,17 +197,13 @@ def online_block_update(carry, q, tiles, *, scale, soft_cap):
 def initial_carry(sink, group: int, head_dim: int):
   """(m, l, acc) before any key: the sink (if any) is the first 'key', with no value."""
   if sink is None:
-    m = jnp.full((group, 1), _NEG, jnp.float32)
+    m = jnp.full((group, 1), NEG, jnp.float32)
     l = jnp.zeros((group, 1), jnp.float32)
   else:
     m = sink.astype(jnp.float32)  # [G, 1]
     l = jnp.ones((group, 1), jnp.float32)  # exp(sink - m) = 1
   return m, l, jnp.zeros((group, head_dim), jnp.float32)
 
-
-def finish(l, acc):
-  """acc / l, and zeros where nothing (not even a sink) was visible."""
-  return jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)
 
 
 # ---- argument checks and shapes -------------------------------------------------------

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.decode_common import _NEG, finish, split_bounds
+from meshattn.layers.kernels.decode_common import split_bounds
+from meshattn.layers.kernels.online_softmax import NEG, finish
 
 
 # ---- length-aware split-K ---------------------------------------------------------------
@@ -24,7 +25,7 @@ def split_nonempty(first, last, num_splits: int, blocks_per_split: int):
 
 
 def _merge_partials(x, y):
-  """Combiner of two online-softmax partials (m, l, acc): associative, (_NEG, 0, 0) is neutral."""
+  """Combiner of two online-softmax partials (m, l, acc): associative, (NEG, 0, 0) is neutral."""
   (m1, l1, a1), (m2, l2, a2) = x, y
   m = jnp.maximum(m1, m2)
   w1, w2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
@@ -46,11 +47,11 @@ def combine_splits(m, l, acc, nonempty, sink, dtype):
   """
   written = nonempty[:, None, :, None, None]  # [B, 1, P, 1, 1]
   shape = acc.shape
-  m = jnp.broadcast_to(jnp.where(written, m, _NEG), shape)  # [B, K, P, G, H]
+  m = jnp.broadcast_to(jnp.where(written, m, NEG), shape)  # [B, K, P, G, H]
   l = jnp.broadcast_to(jnp.where(written, l, 0.0), shape)
   acc = jnp.where(written, acc, 0.0)
   zero = jnp.zeros((), jnp.float32)
-  m_all, l_all, acc_all = lax.reduce((m, l, acc), (jnp.float32(_NEG), zero, zero),
+  m_all, l_all, acc_all = lax.reduce((m, l, acc), (jnp.float32(NEG), zero, zero),
                                      _merge_partials, (2,))  # [B, K, G, H] each
   if sink is not None:
     m_all, l_all, acc_all = _merge_partials(

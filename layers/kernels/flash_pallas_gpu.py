@@ -59,15 +59,13 @@ from meshattn.layers.kernels import flash_bounds as fb
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, reject_unsupported, requested_features)
+from meshattn.layers.kernels.online_softmax import NEG
 from meshattn.layers.masks import MaskSpec
 
 PALLAS_GPU_FLASH_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "backward",
     "float32"})
 
-# Masked logits: finite, so max() over a fully masked tile stays finite; the
-# probabilities of masked entries are zeroed explicitly, never by underflow.
-_NEG = -1e30
 # Sinks are handed to the kernel as a tiny [N, _SINK_LANES] tile (Triton
 # blocks must be powers of two >= 1; a reduction of it yields the scalar).
 _SINK_LANES = 16
@@ -229,7 +227,7 @@ def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
     m = jnp.full((st.block_q,), _sink_value(r["sink"]) * _LOG2E, jnp.float32)  # [bq]
     l = jnp.ones((st.block_q,), jnp.float32)  # [bq]
   else:
-    m = jnp.full((st.block_q,), _NEG, jnp.float32)  # [bq]
+    m = jnp.full((st.block_q,), NEG, jnp.float32)  # [bq]
     l = jnp.zeros((st.block_q,), jnp.float32)  # [bq]
   acc = jnp.zeros((st.block_q, head_dim), jnp.float32)  # [bq, H]
 
@@ -242,7 +240,7 @@ def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
     if masked:
       kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
       allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
-      s = jnp.where(allowed, s, _NEG)
+      s = jnp.where(allowed, s, NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [bq]
     p = jnp.exp2(s - m_new[:, None])  # [bq, bkv]
     if masked:

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meshattn.layers.kernels.dot_product import KernelOptions, visible_mask
-
-_NEG = -1e30  # finite: a query with nothing visible yet stays NaN-free
+from meshattn.layers.kernels.online_softmax import NEG, finish
 
 
 def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):
@@ -54,7 +53,7 @@ def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):
   if options.soft_cap:
     logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
   allowed = visible_mask(options, q_pos, kv_pos, q_seg, kv_seg, None)  # [B, 1, 1, T, S]
-  logits = jnp.where(allowed, logits, _NEG)
+  logits = jnp.where(allowed, logits, NEG)
   m = logits.max(axis=-1)  # [B, K, G, T]
   p = jnp.where(allowed, jnp.exp(logits - m[..., None]), 0.0)  # [B, K, G, T, S]
   acc = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, precision=options.precision,
@@ -134,7 +133,7 @@ def ring_attention(
       received = jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), kv_block)
       return (_merge(partial, attend(kv_block)), received), None
 
-    nothing = (jnp.full((batch, kv_heads, group, q_len), _NEG, jnp.float32),
+    nothing = (jnp.full((batch, kv_heads, group, q_len), NEG, jnp.float32),
                jnp.zeros((batch, kv_heads, group, q_len), jnp.float32),
                jnp.zeros((batch, q_len, kv_heads, group, value.shape[-1]), jnp.float32))
     (partial, block), _ = lax.scan(step, (nothing, block), None, length=size - 1)
@@ -147,5 +146,5 @@ def ring_attention(
     sink = jnp.broadcast_to(sink, m.shape)  # [B, K, G, T]
     m, l, acc = _merge((m, l, acc), (sink, jnp.ones_like(l), jnp.zeros_like(acc)))
   l = jnp.moveaxis(l, 3, 1)[..., None]  # [B, T, K, G, 1]
-  context = jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)  # [B, T, K, G, H]
+  context = finish(l, acc)  # [B, T, K, G, H]
   return context.reshape(batch, q_len, num_heads, value.shape[-1]).astype(query.dtype), None
