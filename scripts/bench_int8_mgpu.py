@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels.decode_int8_mgpu import auto_splits, int8_decode_mgpu
+from meshattn.layers.kernels.decode_int8_mgpu import BLOCK_KV, auto_splits, int8_decode_mgpu
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import failed, rel_err, time_fn
 
@@ -76,7 +76,7 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
   rows = [dict(kernel="triton bf16 (baseline)", ms=base_ms, x=1.0,
                err=rel_err(bf16(q, k, v, lengths), ref))]
   args = (q, kq, vq, lengths, ks, vs)
-  auto = auto_splits(batch * KV_HEADS, kv_len // 64)
+  auto = auto_splits(batch * KV_HEADS, kv_len // BLOCK_KV)
   candidates = [("triton int8", triton, True)]
   for bk, st in TILINGS:
     candidates.append((f"mgpu int8 bk{bk} st{st}", mgpu(block_kv=bk, stages=st), True))

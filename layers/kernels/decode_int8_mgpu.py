@@ -38,9 +38,9 @@ default tiling (bk 64, 3 stages), so two programs share an SM. More stages,
 or a third V buffer, cost the second program (4 stages: 0.75x as fast).
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
-at most 16 query heads per kv head, head_dim a multiple of 128 (the int8
-tiles are 128-byte swizzled rows), a cache length that is a multiple of the
-tile; no soft cap or window.
+at most 16 query heads per kv head, head_dim 128 or 256 (the int8 tiles are
+128-byte swizzled rows; 384 and up exceed shared memory), a cache length
+that is a multiple of the tile; no soft cap or window.
 """
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ PADDED_GROUP = 16
 Q_TERMS = 3
 Q_RADIX = 254.0
 LOG2E = math.log2(math.e)
+# Default tiling: 64-key tiles, 3 stages (two programs per SM; see Budget).
+BLOCK_KV = 64
+STAGES = 3
 # Ablations for scripts/bench_int8_mgpu.py; both give wrong results on purpose.
 ABLATIONS = (None, "tma_only", "no_v_conversion")
 
@@ -289,14 +292,12 @@ def serves(query, key, value, lengths, key_scale, value_scale, sinks, *, soft_ca
   on a device where it was measured faster than the Triton int8 kernel."""
   if soft_cap is not None or window is not None or not measured_faster_here():
     return False
-  if key.ndim != 4 or key.shape[-1] != MEASURED_HEAD_DIM:
-    return False
   try:
-    check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, block_kv=64,
-                    stages=3, ablation=None)
+    check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, block_kv=BLOCK_KV,
+                    stages=STAGES, ablation=None)
   except ValueError:
     return False
-  return True
+  return key.shape[-1] == MEASURED_HEAD_DIM
 
 
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
@@ -340,8 +341,8 @@ def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *
 
 
 def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scale: float,
-                     sinks=None, num_splits: int | None = None, block_kv: int = 64,
-                     stages: int = 3, ablation: str | None = None):
+                     sinks=None, num_splits: int | None = None, block_kv: int = BLOCK_KV,
+                     stages: int = STAGES, ablation: str | None = None):
   """Decode attention over an int8 cache (Hopper, Mosaic GPU); `ragged_decode_reference`'s contract.
 
   query [B, N, H] bfloat16/float16 (N = K * G, G <= 16); key, value

@@ -47,15 +47,19 @@ def test_split_query_reconstructs_rows(group):
   assert np.all(recon[1, 2, group - 1] == 0)
 
 
+def _avals(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
+           lengths_shape=None):
+  """(query, key, value, lengths, key_scale, value_scale) shapes of one call (head-major scales)."""
+  sds = jax.ShapeDtypeStruct
+  scales = sds(scale_shape or (b, k, s), jnp.float32)
+  return (sds((b, k * g, h), q_dtype), sds((b, s, k, h), kv_dtype), sds((b, s, k, h), kv_dtype),
+          sds(lengths_shape or (b,), jnp.int32), scales, scales)
+
+
 def _lower(group: int, h: int = 128, **kw):
   b, s, k = 2, 512, 2
-  scales = (b, k, s)
-  args = [jax.ShapeDtypeStruct((b, k * group, h), jnp.bfloat16),
-          jax.ShapeDtypeStruct((b, s, k, h), jnp.int8), jax.ShapeDtypeStruct((b, s, k, h), jnp.int8),
-          jax.ShapeDtypeStruct((b,), jnp.int32),
-          jax.ShapeDtypeStruct(scales, jnp.float32), jax.ShapeDtypeStruct(scales, jnp.float32)]
   fn = jax.jit(lambda *a: mgpu.int8_decode_mgpu(*a, scale=h ** -0.5, **kw))
-  exported = export.export(fn, platforms=["cuda"])(*args)
+  exported = export.export(fn, platforms=["cuda"])(*_avals(b, s, k, group, h))
   assert exported.out_avals[0].shape == (b, k * group, h)
   return exported.mlir_module()
 
@@ -78,13 +82,8 @@ def test_auto_splits_fill_one_wave_and_split_at_least_twice():
   assert mgpu.auto_splits(64 * 8, 16, cores=132) == 2
 
 
-def _decode_args(kv_dtype=jnp.int8, scale_heads=2, h=128, s=256):
-  b, k, g = 2, 2, 4
-  sds = jax.ShapeDtypeStruct
-  return (sds((b, k * g, h), jnp.bfloat16), sds((b, s, k, h), kv_dtype),
-          sds((b, s, k, h), kv_dtype),
-          sds((b,), jnp.int32), sds((b, scale_heads, s), jnp.float32),
-          sds((b, scale_heads, s), jnp.float32))
+def _decode_args(scale_heads=2, h=128, s=256):
+  return _avals(b=2, s=s, h=h, scale_shape=(2, scale_heads, s))
 
 
 def test_ragged_decode_routes_int8_to_this_kernel_where_measured(monkeypatch):
@@ -110,8 +109,7 @@ def test_ragged_decode_routes_int8_to_this_kernel_where_measured(monkeypatch):
 
 def test_not_routed_off_hopper(monkeypatch):
   assert not mgpu.on_hopper() and not mgpu.measured_faster_here()  # CPU here
-  q, k, v, l, ks, vs = (jnp.zeros(a.shape, a.dtype) for a in _decode_args())
-  assert not mgpu.serves(q, k, v, l, ks, vs, None)
+  assert not mgpu.serves(*_args(b=2), None)
   # A Hopper part it was not measured on keeps the Triton kernel.
   monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
   mgpu.measured_faster_here.cache_clear()
@@ -119,12 +117,11 @@ def test_not_routed_off_hopper(monkeypatch):
   mgpu.measured_faster_here.cache_clear()
 
 
-def _args(b=1, s=256, k=2, g=4, h=128, q_dtype=jnp.bfloat16, kv_dtype=jnp.int8, scale_shape=None,
-          lengths_shape=None):
-  scale_shape = scale_shape or (b, k, s)
-  return (jnp.zeros((b, k * g, h), q_dtype), jnp.zeros((b, s, k, h), kv_dtype),
-          jnp.zeros((b, s, k, h), kv_dtype), jnp.zeros(lengths_shape or (b,), jnp.int32),
-          jnp.ones(scale_shape, jnp.float32), jnp.ones(scale_shape, jnp.float32))
+def _args(**kw):
+  """Arrays of `_avals(**kw)`: zeros, and unit scales."""
+  avals = _avals(**kw)
+  return (*(jnp.zeros(a.shape, a.dtype) for a in avals[:4]),
+          *(jnp.ones(a.shape, a.dtype) for a in avals[4:]))
 
 
 @pytest.mark.parametrize("args,kw,match", [
