@@ -3,8 +3,9 @@
     JAX_PLATFORMS=cuda,cpu python scripts/bench_int8_mgpu.py --out $OUT [--shapes 64x4096 ...]
 
 Hopper only. Shapes are bench.py's decode shapes (32 query heads, 8 kv
-heads, head_dim 128), given as BATCHxKV_LEN for full-length rows or
-BATCHxMAXr for lengths uniform in [1, MAX]. For each shape, in one run: the
+heads, head_dim 128), given as BATCHxKV_LEN for full-length rows,
+BATCHxMAXr for lengths uniform in [1, MAX], or BATCHxMAXs for skewed rows
+(every 8th row MAX long, the others MAX / 16). For each shape, in one run: the
 landed bfloat16 Triton kernel (the baseline of every ratio), the landed
 Triton int8 kernel, and the Mosaic GPU kernel at two tilings (automatic
 splits) and at given split counts, all over the cache's layout (scales
@@ -52,12 +53,22 @@ def _inputs(batch: int, kv_len: int):
   return q, k, v
 
 
-def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
+LENGTHS = {"": "full", "r": "uniform", "s": "skewed"}  # shape suffix -> row lengths
+
+
+def row_lengths(batch: int, kv_len: int, kind: str) -> jax.Array:
+  """[B] int32 row lengths: full, uniform in [1, kv_len], or skewed (1 row in 8 full)."""
+  if kind == "uniform":
+    return jax.random.randint(jax.random.key(2), (batch,), 1, kv_len + 1, jnp.int32)
+  if kind == "skewed":
+    return jnp.where(jnp.arange(batch) % 8 == 0, kv_len, kv_len // 16).astype(jnp.int32)
+  return jnp.full((batch,), kv_len, jnp.int32)
+
+
+def bench_shape(batch: int, kv_len: int, kind: str, *, ablations: bool,
                 splits: list[int] | None = None, edge_lengths: bool = False) -> list[dict]:
   q, k, v = _inputs(batch, kv_len)
-  lengths = jnp.full((batch,), kv_len, jnp.int32)
-  if ragged:
-    lengths = jax.random.randint(jax.random.key(2), (batch,), 1, kv_len + 1, jnp.int32)
+  lengths = row_lengths(batch, kv_len, kind)
   kq, ks = quantize(k, KVQuant("int8"))  # [B, S, K, H] int8, [B, S, K] f32
   vq, vs = quantize(v, KVQuant("int8"))
   ks, vs = scales_by_head(ks), scales_by_head(vs)  # [B, K, S], as the cache stores them
@@ -116,7 +127,7 @@ def bench_shape(batch: int, kv_len: int, ragged: bool, *, ablations: bool,
     except Exception as e:  # noqa: BLE001
       rows.append(dict(kernel=name, status=failed(e)))
   for row in rows:
-    row.update(batch=batch, kv_len=kv_len, ragged=ragged, auto_splits=auto)
+    row.update(batch=batch, kv_len=kv_len, lengths=kind, auto_splits=auto)
   return rows
 
 
@@ -126,7 +137,7 @@ def print_table(rows: list[dict]) -> None:
     ms = f"{r['ms']:.4f}" if "ms" in r else "-"
     x = f"{r['x']:.3f}" if "x" in r else "-"
     err = f"{r['err']:.1e}" if "err" in r else "-"
-    shape = f"b{r['batch']} {'max' if r['ragged'] else 'kv'}{r['kv_len']}"
+    shape = f"b{r['batch']} {dict(full='kv', uniform='max', skewed='skew')[r['lengths']]}{r['kv_len']}"
     line = f"{shape:14s} {r['kernel']:34s} {ms:>8s} {x:>7s} {err:>8s}"
     print(line + (f"  {r['status']}" if "status" in r else ""))
 
@@ -135,15 +146,18 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--shapes", nargs="+",
-                      default=["64x4096", "64x8192", "8x32768", "64x8192r", "64x4096r"])
+                      default=["64x4096", "64x8192", "8x32768", "64x8192r", "64x4096r",
+                               "64x4096s"])
   parser.add_argument("--ablations", action="store_true")
   parser.add_argument("--splits", nargs="*", type=int,
-                      help="split counts to try at bk64 st4 (default: twice the automatic one)")
+                      help="split counts to try at the default tiling (default: twice the "
+                           "automatic one)")
   args = parser.parse_args(argv)
   rows = []
   for i, shape in enumerate(args.shapes):
-    batch, kv_len = (int(x) for x in shape.rstrip("r").split("x"))
-    rows += bench_shape(batch, kv_len, shape.endswith("r"), ablations=args.ablations and i == 0,
+    size, suffix = shape.rstrip("rs"), shape[len(shape.rstrip("rs")):]
+    batch, kv_len = (int(x) for x in size.split("x"))
+    rows += bench_shape(batch, kv_len, LENGTHS[suffix], ablations=args.ablations and i == 0,
                         splits=args.splits, edge_lengths=i == 0)
   device = jax.devices()[0]
   print(f"{device.device_kind}, jax {jax.__version__}")

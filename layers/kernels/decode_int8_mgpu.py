@@ -16,12 +16,13 @@ stream alone (an ablation) 1.60x.
 
 How it differs from the Triton kernel:
 
-- Logits are computed transposed, S^T = K q^T [bk, 48], on int8 tensor cores
+- Logits are computed transposed, S^T = K q^T [bk, 32], on int8 tensor cores
   straight from the TMA-loaded K tile (wgmma wants both int8 operands
-  K-contiguous, which K [bk, H] and the query terms [48, H] are). The query
-  is split per row into three int8 terms, q ~= s (hi + mid / 254 + lo / 254^2),
-  which keeps about 24 bits of each row against its largest entry; the
-  three terms sit side by side in N, so the dot is exact integer arithmetic.
+  K-contiguous, which K [bk, H] and the query terms [32, H] are). The query
+  is split per row into two int8 terms, q ~= s (hi + mid / 254), which
+  keeps about 16 bits of each row against its largest entry (see
+  `split_query`); the terms sit side by side in N, so the dot is exact
+  integer arithmetic.
 - The softmax runs on [bk, 16] (keys x padded query heads): 8 values per
   thread per 64 keys, where the Triton kernel pads the 4 heads to a 16-row dot.
   Its sum over keys crosses warps, so it is kept per thread and reduced once
@@ -58,8 +59,8 @@ from meshattn.layers.kernels import decode_splits
 # Query heads per kv head are padded to this many columns (wgmma N, and 32
 # bytes of bfloat16 p^T per key so the p tile can be swizzled).
 PADDED_GROUP = 16
-# The three int8 terms of the query: q ~= s * (hi + mid / R + lo / R^2).
-Q_TERMS = 3
+# The two int8 terms of the query: q ~= s * (hi + mid / R).
+Q_TERMS = 2
 Q_RADIX = 254.0
 LOG2E = math.log2(math.e)
 # Default tiling: 64-key tiles, 3 stages (two programs per SM; see Budget).
@@ -70,13 +71,16 @@ ABLATIONS = (None, "tma_only", "no_v_conversion")
 
 
 def split_query(query: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """query [B, K, G, H] float -> (terms [B, K, 3 * 16, H] int8, row scale [B, K, 16] f32).
+  """query [B, K, G, H] float -> (terms [B, K, 2 * 16, H] int8, row scale [B, K, 16] f32).
 
-  Each row y = q / s with s = max|q| / 127 is written as hi + mid / 254 +
-  lo / 254^2 with |hi|, |mid|, |lo| <= 127: the error is at most
-  s / (2 * 254^2), about 6e-8 of the row's largest entry, plus the float32
-  rounding of q / s (up to 127 * 2^-24 s): about 1.4e-7 in all. Padding rows (and
-  all-zero rows) get zero terms; padding rows get scale 0.
+  Each row y = q / s with s = max|q| / 127 is written as hi + mid / 254
+  with |hi|, |mid| <= 127: the error is at most s / (2 * 254), 1.6e-5 of
+  the row's largest entry. That is finer than the bfloat16 query's own
+  rounding for every entry above 1% of the row's largest, and 250 times
+  finer than the int8 keys it meets (each key is rounded to 1/254 of its
+  largest entry). A third term (error 6e-8) cost 1.5% of the kernel's
+  speed and changed no measured error. Padding rows (and all-zero rows)
+  get zero terms; padding rows get scale 0.
   """
   g = query.shape[2]
   q = query.astype(jnp.float32)
@@ -84,22 +88,21 @@ def split_query(query: jax.Array) -> tuple[jax.Array, jax.Array]:
   scale = jnp.where(amax > 0, amax / 127.0, 1.0)
   y = q / scale  # [B, K, G, H] in [-127, 127]
   hi = jnp.round(y)
-  r = (y - hi) * Q_RADIX  # |r| <= 127
-  mid = jnp.round(r)
-  lo = jnp.round((r - mid) * Q_RADIX)
+  mid = jnp.round((y - hi) * Q_RADIX)  # |mid| <= 127
   pad = ((0, 0), (0, 0), (0, PADDED_GROUP - g), (0, 0))
-  terms = [jnp.pad(t.astype(jnp.int8), pad) for t in (hi, mid, lo)]
+  terms = [jnp.pad(t.astype(jnp.int8), pad) for t in (hi, mid)]
   row_scale = jnp.pad(scale[..., 0], pad[:3])  # [B, K, 16]
-  return jnp.concatenate(terms, axis=2), row_scale  # [B, K, 48, H]
+  return jnp.concatenate(terms, axis=2), row_scale  # [B, K, 32, H]
 
 
-def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, ml_ref_out,
-            scoped, *, block_kv: int, blocks_per_split: int, stages: int, head_dim: int,
+def _kernel(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out,
+            ml_ref_out, scoped, *, block_kv: int, blocks_per_split: int, stages: int, head_dim: int,
             ablation: str | None):
   smem, barriers = scoped
   qt_smem, cs_smem, k_smem, v_smem, ks_smem, vs_smem, vb_smem, p_smem, o_smem, ml_smem = smem
   q_bar, k_bar, v_bar, ks_bar, vs_bar, k_free, vb_ready, vb_free = barriers
-  b = lax.axis_index("batch")
+  # Rows launch longest first (order_ref, see `launch_order`).
+  b = order_ref[lax.axis_index("batch")]
   h = lax.axis_index("heads")
   split = lax.axis_index("split")
   length = len_ref[b]
@@ -119,8 +122,8 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
     # a TMA copy must move a multiple of 128 bytes here.
     col_scale = plgpu.load(cs_smem.at[pl.ds(0, n)], (), layout=col)
 
-    def body(step, carry, *, masked: bool):
-      acc, m, l_part = carry  # [H, 16] f32, [16], [bk, 16] (l before its sum over keys)
+    def body(step, carry, acc_ref, *, masked: bool):
+      m, l_part = carry  # [16], [bk, 16] (l before its sum over keys)
       slot = lax.rem(step, stages)
       if ablation == "tma_only":
         for bar in (k_bar, ks_bar, vs_bar):
@@ -128,17 +131,18 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
         plgpu.barrier_arrive(k_free.at[slot])
         plgpu.barrier_wait(vb_ready.at[lax.rem(step, 2)])
         pl.when(step > 0)(lambda: plgpu.barrier_arrive(vb_free.at[lax.rem(step + 1, 2)]))
-        return acc, m, l_part
+        return carry
 
       plgpu.barrier_wait(k_bar.at[slot])
 
       def qk(acc_ref):
-        # [bk, H] int8 x [H, 48] int8 -> [bk, 48] int32, exact.
+        # [bk, H] int8 x [H, 32] int8 -> [bk, 32] int32, exact.
         plgpu.wgmma(acc_ref, k_smem.at[slot], qt_smem.transpose((1, 0)))
         return acc_ref[...]
 
       # Reading the logits waits for every tensor-core op, so the previous
-      # tile's p.v is done: its V buffer goes back to the converting warpgroup.
+      # tile's p.v (left running, see below) is done: its V buffer goes back
+      # to the converting warpgroup, and p_smem may be rewritten.
       s_int = pl.run_scoped(qk, plgpu.ACC((block_kv, Q_TERMS * n), jnp.int32))
       pl.when(step > 0)(lambda: plgpu.barrier_arrive(vb_free.at[lax.rem(step + 1, 2)]))
       plgpu.barrier_wait(ks_bar.at[slot])
@@ -149,8 +153,7 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
 
       hi = s_int[:, 0:n].astype(jnp.float32)  # [bk, 16]
       mid = s_int[:, n:2 * n].astype(jnp.float32)
-      lo = s_int[:, 2 * n:3 * n].astype(jnp.float32)
-      dots = hi + (mid + lo * (1.0 / Q_RADIX)) * (1.0 / Q_RADIX)  # [bk, 16]
+      dots = hi + mid * (1.0 / Q_RADIX)  # [bk, 16]
       logits = (dots * lax.broadcast_in_dim(k_scale, dots.shape, [0])
                 * lax.broadcast_in_dim(col_scale, dots.shape, [1]))  # [bk, 16], log2 units
       if masked:
@@ -175,20 +178,26 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
       vslot = lax.rem(step, 2)
       plgpu.barrier_wait(vb_ready.at[vslot])
 
-      def pv(acc_ref):
-        # acc^T += [H, bk] bf16 (V^T, read transposed) x [bk, 16] bf16.
-        plgpu.wgmma(acc_ref, vb_smem.at[vslot].transpose((1, 0)), p_smem)
+      # acc^T = acc^T * alpha + [H, bk] bf16 (V^T, read transposed) x [bk, 16]
+      # bf16. The product is not waited for here: the next tile's q.k runs
+      # behind it, and reading those logits waits for both.
+      acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(alpha, acc_ref.shape, [1])
+      plgpu.wgmma(acc_ref, vb_smem.at[vslot].transpose((1, 0)), p_smem)
+      return m_new, l_part
 
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc * lax.broadcast_in_dim(alpha, acc.shape, [1])))
-      return acc, m_new, l_part
-
-    acc = plgpu.layout_cast(jnp.zeros((head_dim, n), jnp.float32), plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((n,), -jnp.inf, jnp.float32), col)
     l_part = plgpu.layout_cast(jnp.zeros((block_kv, n), jnp.float32), plgpu.Layout.WGMMA)
     # Only the last tile can run past the row's end: the others skip the mask.
     last = jnp.maximum(steps - 1, 0)
-    carry = lax.fori_loop(0, last, functools.partial(body, masked=False), (acc, m, l_part))
-    acc, m, l_part = lax.fori_loop(last, steps, functools.partial(body, masked=True), carry)
+
+    def tiles(acc_ref):  # acc_ref: [H, 16] f32 accumulator, zeroed
+      carry = lax.fori_loop(0, last, functools.partial(body, acc_ref=acc_ref, masked=False),
+                            (m, l_part))
+      carry = lax.fori_loop(last, steps, functools.partial(body, acc_ref=acc_ref, masked=True),
+                            carry)
+      return acc_ref[...], *carry
+
+    acc, m, l_part = pl.run_scoped(tiles, plgpu.ACC((head_dim, n), jnp.float32))
     l = l_part.sum(axis=0)  # [16]
     # Unnormalised partials for combine_splits: acc^T [H, 16], m (natural log
     # units) and l.
@@ -202,15 +211,21 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
 
   @pl.when(lax.axis_index("wg") == 1)
   def _memory():
-    def issue(step, slot):
+    def issue_v(step, slot):
+      keys = pl.ds((first + step) * block_kv, block_kv)
+      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
+
+    def issue_rest(step, slot):
       keys = pl.ds((first + step) * block_kv, block_kv)
       plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
       plgpu.copy_gmem_to_smem(ks_ref.at[b, h, keys], ks_smem.at[slot], ks_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h], v_smem.at[slot], v_bar.at[slot])
       plgpu.copy_gmem_to_smem(vs_ref.at[b, h, keys], vs_smem.at[slot], vs_bar.at[slot])
 
     for i in range(stages):
-      pl.when(i < steps)(functools.partial(issue, i, i))
+      @pl.when(i < steps)
+      def _prologue(i=i):
+        issue_rest(i, i)
+        issue_v(i, i)
 
     # This warpgroup also converts V to bfloat16, a tile ahead of the compute
     # warpgroup (two V buffers), so the compute chain never waits on it.
@@ -225,13 +240,14 @@ def _kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_ref_out, 
         vb_smem.at[vslot][...] = v.astype(jnp.bfloat16)  # exact
         plgpu.commit_smem()
       plgpu.barrier_arrive(vb_ready.at[vslot])
+      # The slot's V is converted: its refill goes out now, a tile before K's.
+      pl.when(j + stages < steps)(lambda: issue_v(j + stages, slot))
 
-      # The slot's V is in registers; K and the scales are free once the
-      # compute warpgroup has read them.
+      # K and the scales are free once the compute warpgroup has read them.
       @pl.when(j + stages < steps)
       def _refill():
         plgpu.barrier_wait(k_free.at[slot])
-        issue(j + stages, slot)
+        issue_rest(j + stages, slot)
 
 
 def _tiled(shape, dtype, swizzle: int):
@@ -246,22 +262,35 @@ RESIDENT_PER_SM = 2
 
 
 def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
-  """Splits of a longest row: enough to fill one wave of resident programs, and at least 2.
+  """Splits of a longest row: enough to fill one wave of resident programs; 1 once the
+  grid fills a wave.
 
-  The row lengths are not known here. Measured on the H200
-  (docs/benchmarks.md, 2026-11-30), against the bfloat16 kernel:
-  - b8 x 8 heads at kv32768 runs fastest with 4 splits (256 programs, one
-    wave): 1.66x; unsplit 0.64x, 2 splits 1.24x (SMs left idle).
-  - b64 x 8 heads (512 programs, about two waves) at full length runs
-    fastest unsplit: 1.57x at kv4096, 1.61x at kv8192 (2 splits: 1.44x,
-    1.55x). At lengths uniform in [1, 8192] / [1, 4096] unsplit gives
-    1.10x / 1.07x (short rows leave programs idle at the end), 2 splits
-    1.25x / 1.13x, 4 splits 1.31x / 1.12x. 2 is the choice for unknown
-    lengths.
+  The row lengths are not known here; `launch_order` balances ragged rows
+  instead. Measured on the H200 (docs/benchmarks.md, 2026-11-30, second
+  entry), against the bfloat16 kernel:
+  - b8 x 8 heads at kv32768 (64 programs) needs 4 splits to fill the
+    wave: 1.63x.
+  - b64 x 8 heads (512 programs, about two waves), rows longest first:
+    unsplit 1.58x at kv4096 and 1.54x / 1.57x at lengths uniform in
+    [1, 4096] / [1, 8192]; 2 splits 1.50x, 1.35x, 1.56x (the merge and
+    the shorter programs cost more than they balance). With one row in 8
+    full and the others 1/16 of it, unsplit 0.94x, 2 splits 0.90x.
   """
   cores = decode_splits.sm_count() if cores is None else cores
-  fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 2)
+  fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 1)
   return int(max(1, min(fit, max_blocks // decode_splits.MIN_BLOCKS_PER_SPLIT)))
+
+
+def launch_order(lengths: jax.Array) -> jax.Array:
+  """[B] int32: the rows by decreasing length (ties in row order), the order programs launch in.
+
+  Programs start in grid order as SMs free up, so launching the longest
+  rows first is longest-processing-time-first scheduling: the short rows
+  fill the gaps at the end instead of a long row starting last and running
+  alone. On the H200 this took b64 at lengths uniform in [1, 4096] from
+  1.07x to 1.54x the bfloat16 kernel, unsplit (docs/benchmarks.md).
+  """
+  return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
 
 
 # Devices where this kernel was measured faster than the Triton int8 kernel
@@ -375,7 +404,7 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   kernel = functools.partial(_kernel, block_kv=block_kv, blocks_per_split=blocks_per_split,
                              stages=stages, head_dim=head_dim, ablation=ablation)
 
-  def entry(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out, ml_out):
+  def entry(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out, ml_out):
     smem = (
         _tiled((Q_TERMS * n, head_dim), jnp.int8, 128),  # qt_smem
         plgpu.SMEM((2 * n,), jnp.float32),  # cs_smem
@@ -396,16 +425,18 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
         plgpu.Barrier(num_arrivals=1, num_barriers=2),  # vb_free
     )
     pl.run_scoped(
-        lambda *args: kernel(len_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, acc_out,
-                             ml_out, (args[:len(smem)], args[len(smem):])),
+        lambda *args: kernel(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref,
+                             acc_out, ml_out, (args[:len(smem)], args[len(smem):])),
         *smem, *barriers, collective_axes="wg")
 
   acc, ml = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((batch, kv_heads, num_splits, head_dim, n), jnp.float32),
                 jax.ShapeDtypeStruct((batch, kv_heads, num_splits, 2, n), jnp.float32)),
-      grid=(kv_heads, batch, num_splits),
-      grid_names=("heads", "batch", "split"),
+      # The last grid axis varies fastest in launch order: every head of a
+      # row, then the next row (longest first), then the next split.
+      grid=(num_splits, batch, kv_heads),
+      grid_names=("split", "batch", "heads"),
       num_threads=2,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
@@ -414,12 +445,14 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
           # TMA read, after commit_smem; TMA-written buffers are only read.
           unsafe_no_auto_barriers=True,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(lengths, terms, col_scale, key, value, key_scale, value_scale)
-  acc = jnp.swapaxes(acc, 3, 4)[:, :, :, :group]  # [B, K, P, G, H]
-  m = ml[:, :, :, 0, :group, None]  # [B, K, P, G, 1]
-  l = ml[:, :, :, 1, :group, None]
+  )(lengths, launch_order(lengths), terms, col_scale, key, value, key_scale, value_scale)
+  # The merge runs in the kernel's transposed layout: acc^T [B, K, P, H, G],
+  # m and l [B, K, P, 1, G]; only the merged [B, K, H, G] is transposed.
+  acc = acc[..., :group]  # [B, K, P, H, G]
+  m = ml[:, :, :, 0:1, :group]  # [B, K, P, 1, G]
+  l = ml[:, :, :, 1:2, :group]
   nonempty = decode_splits.split_nonempty(jnp.zeros_like(lengths), pl.cdiv(lengths, block_kv),
                                           num_splits, blocks_per_split)  # [B, P]
-  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, group, 1)
-  out = decode_splits.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, G, H]
-  return out.reshape(batch, heads, head_dim)
+  sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, 1, group)
+  out = decode_splits.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, H, G]
+  return jnp.swapaxes(out, 2, 3).reshape(batch, heads, head_dim)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode_common import split_bounds
@@ -24,38 +23,32 @@ def split_nonempty(first, last, num_splits: int, blocks_per_split: int):
   return start < end
 
 
-def _merge_partials(x, y):
-  """Combiner of two online-softmax partials (m, l, acc): associative, (NEG, 0, 0) is neutral."""
-  (m1, l1, a1), (m2, l2, a2) = x, y
-  m = jnp.maximum(m1, m2)
-  w1, w2 = jnp.exp(m1 - m), jnp.exp(m2 - m)
-  return m, l1 * w1 + l2 * w2, a1 * w1 + a2 * w2
-
-
 def combine_splits(m, l, acc, nonempty, sink, dtype):
-  """Merge split partials m, l [B, K, P, G, 1], acc [B, K, P, G, H] -> [B, K, G, H] in dtype.
+  """Merge split partials over axis 2 (P) -> acc's shape without that axis, in dtype.
 
-  The flash-decoding reduction: rescale each split to the common max and
-  add, written as one variadic reduction over P whose combiner merges two
-  partials (so XLA emits a single pass over the partials, not a max pass
-  and then a weighted-sum pass). nonempty [B, P] says which partials the
-  kernel wrote; the others were never written (they may hold anything, NaN
-  included) and are selected away, not multiplied by zero. The sink
-  [K, G, 1] (or None) is one more partial with l = 1 and no value, so it is
-  counted exactly once. A row with nothing visible (no split, no sink)
-  gives zeros. The partials are small: B K P G (H + 2) floats.
+  The flash-decoding reduction. acc is [B, K, P, ...] in either layout a
+  kernel writes ([B, K, P, G, H] or, transposed, [B, K, P, H, G]); m and l
+  have acc's shape with size 1 on the head_dim axis, so the weights are
+  computed once per (row, head, split) on these small arrays and the one
+  pass over acc is a weighted sum in acc's own layout (no transpose, no exp
+  per element). nonempty [B, P] says which partials the kernel wrote; the
+  others were never written (they may hold anything, NaN included) and are
+  selected away, not multiplied by zero. The sink (broadcastable to m
+  without B and P, or None) is one more partial with l = 1 and no value, so
+  it is counted exactly once. A row with nothing visible (no split, no sink)
+  gives zeros.
   """
-  written = nonempty[:, None, :, None, None]  # [B, 1, P, 1, 1]
-  shape = acc.shape
-  m = jnp.broadcast_to(jnp.where(written, m, NEG), shape)  # [B, K, P, G, H]
-  l = jnp.broadcast_to(jnp.where(written, l, 0.0), shape)
-  acc = jnp.where(written, acc, 0.0)
-  zero = jnp.zeros((), jnp.float32)
-  m_all, l_all, acc_all = lax.reduce((m, l, acc), (jnp.float32(NEG), zero, zero),
-                                     _merge_partials, (2,))  # [B, K, G, H] each
+  written = nonempty.reshape(nonempty.shape + (1,) * (acc.ndim - 3))  # [B, P, 1, 1]
+  written = jnp.expand_dims(written, 1)  # [B, 1, P, 1, 1]
+  m = jnp.where(written, m, NEG)  # [B, K, P, ...] with 1 on head_dim
+  m_all = jnp.max(m, axis=2)  # [B, K, ...]
   if sink is not None:
-    m_all, l_all, acc_all = _merge_partials(
-        (m_all, l_all, acc_all), (sink[None], jnp.ones_like(sink[None]), zero))
+    m_all = jnp.maximum(m_all, sink)
+  weight = jnp.where(written, jnp.exp(m - jnp.expand_dims(m_all, 2)), 0.0)  # m's shape
+  l_all = jnp.sum(weight * jnp.where(written, l, 0.0), axis=2)  # [B, K, ...]
+  if sink is not None:
+    l_all = l_all + jnp.exp(sink - m_all)
+  acc_all = jnp.sum(jnp.where(written, acc, 0.0) * weight, axis=2)  # acc without P
   return finish(l_all, acc_all).astype(dtype)
 
 

@@ -276,6 +276,46 @@ def test_combine_splits_ignores_unwritten_partials():
   np.testing.assert_array_equal(np.asarray(with_sink)[1], 0.0)  # only the sink: no value
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["GH", "HG"])
+@pytest.mark.parametrize("with_sink", [False, True], ids=["", "sink"])
+def test_combine_splits_matches_float64_softmax(transposed, with_sink):
+  """Partials of a softmax over 4 splits (one unwritten, holding NaN) merge to the whole
+  softmax, computed in float64, in both layouts the kernels write: [.., G, H] and [.., H, G]."""
+  rng = np.random.default_rng(31)
+  batch, kv_heads, splits, group, head_dim, per_split = 2, 3, 4, 4, 8, 5
+  logits = 3.0 * rng.standard_normal((batch, kv_heads, splits, group, per_split))
+  values = rng.standard_normal((batch, kv_heads, splits, per_split, head_dim))
+  nonempty = np.array([[True, True, False, True], [True, True, True, True]])
+  m = logits.max(-1, keepdims=True)  # [B, K, P, G, 1]
+  e = np.exp(logits - m)
+  l = e.sum(-1, keepdims=True)
+  acc = e @ values  # [B, K, P, G, H]
+  acc = np.where(nonempty[:, None, :, None, None], acc, np.nan)
+  m = np.where(nonempty[:, None, :, None, None], m, np.nan)
+  sink = rng.standard_normal((kv_heads, group, 1)) if with_sink else None
+  seen = np.moveaxis(logits, 2, 3).reshape(batch, kv_heads, group, splits * per_split)
+  seen_v = values.reshape(batch, kv_heads, splits * per_split, head_dim)
+  keep = np.repeat(nonempty, per_split, axis=1)[:, None, None, :]  # [B, 1, 1, P * S]
+  seen = np.where(keep, seen, -np.inf)
+  if with_sink:
+    seen = np.concatenate([seen, np.broadcast_to(sink, (batch,) + sink.shape)], -1)
+    seen_v = np.concatenate([seen_v, np.zeros((batch, kv_heads, 1, head_dim))], 2)
+  weights = np.exp(seen - seen.max(-1, keepdims=True))
+  want = (weights / weights.sum(-1, keepdims=True)) @ seen_v  # [B, K, G, H]
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  if transposed:
+    t = lambda x: np.swapaxes(x, -1, -2)
+    got = decode_splits.combine_splits(
+        f32(t(m)), f32(t(l)), f32(t(acc)), jnp.asarray(nonempty),
+        None if sink is None else f32(t(sink)), jnp.float32)
+    got = np.swapaxes(np.asarray(got), -1, -2)
+  else:
+    got = np.asarray(decode_splits.combine_splits(
+        f32(m), f32(l), f32(acc), jnp.asarray(nonempty), None if sink is None else f32(sink),
+        jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 PAGED_STEP_CASES = [(2, 1), (2, 2), (4, None), (4, 1)]
 
 
