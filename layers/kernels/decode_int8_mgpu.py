@@ -165,7 +165,14 @@ def _kernel(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, ac
                                            layout=plgpu.Layout.WGMMA)
         valid = key_index + (first + step) * block_kv < length  # [bk, 16]
         logits = jnp.where(valid, logits, -jnp.inf)
-      m_new = jnp.maximum(m, logits.max(axis=0))  # [16]
+      # The max over keys crosses warps; taken in bfloat16 it moves two
+      # values per shuffle and per shared-memory slot (4-5% faster, H200).
+      # m is only the reference the exponents are taken against: any value
+      # used consistently for p, l and alpha gives the same softmax, and
+      # rounding it (2^-9 relative) leaves p <= 2^(|m| / 512): at most 2^64
+      # for logits below 2^15 in magnitude (log2 units), far inside float32.
+      tile_max = logits.astype(jnp.bfloat16).max(axis=0).astype(jnp.float32)  # [16]
+      m_new = jnp.maximum(m, tile_max)
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, logits.shape, [1]))  # [bk, 16]
       # The sum over keys crosses warps; it is done once, after the loop.
