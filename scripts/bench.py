@@ -89,7 +89,7 @@ def bench_decode(args, platform: str) -> list[Row]:
   dtype = jnp.dtype(args.dtype)
   n, k, h = args.heads, args.kv_heads, args.head_dim
   biggest = max(b * s for b, s in args.decode) * k * h * 2 * dtype.itemsize
-  bandwidth = copy_bandwidth(biggest, iters=args.iters)
+  bandwidth = copy_bandwidth(biggest, iters=args.decode_iters)
   rows.append(Row("decode", "device copy", f"{biggest / 2**20:.0f} MiB", None, bandwidth, "GB/s", ratio=1.0))
   for b, s in args.decode:
     keys = jax.random.split(jax.random.key(1), 4)
@@ -121,7 +121,7 @@ def bench_decode(args, platform: str) -> list[Row]:
           if status != "ok":
             rows.append(Row("decode", name, shape, None, None, "GB/s", status=status, max_err=err))
             continue
-          ms = time_fn(call, q, kk, v, lengths, pages, iters=args.iters)
+          ms = time_fn(call, q, kk, v, lengths, pages, iters=args.decode_iters)
           rate = valid_bytes / (ms * 1e-3) / 1e9
           rows.append(Row("decode", name, shape, ms, rate, "GB/s", ratio=rate / bandwidth, max_err=err))
         except Exception as error:
@@ -140,8 +140,8 @@ def bench_int8_decode(q, k, v, lengths, shape, valid_bytes, bandwidth, args) -> 
   plain = jax.jit(lambda q, k, v, l: decode.ragged_decode(q, k, v, l, scale=scale))
   quant = jax.jit(lambda q, k, v, l, ks, vs: decode.ragged_decode(q, k, v, l, scale=scale,
                                                                   key_scale=ks, value_scale=vs))
-  ms_plain = time_fn(plain, q, k, v, lengths, iters=args.iters)
-  ms_quant = time_fn(quant, q, kq, vq, lengths, ks, vs, iters=args.iters)
+  ms_plain = time_fn(plain, q, k, v, lengths, iters=args.decode_iters)
+  ms_quant = time_fn(quant, q, kq, vq, lengths, ks, vs, iters=args.decode_iters)
   err = rel_err(quant(q, kq, vq, lengths, ks, vs), plain(q, k, v, lengths))
   return [Row("decode int8", "ragged_decode int8 KV", shape, ms_quant,
               valid_bytes / (ms_plain * 1e-3) / 1e9, "GB/s (bf16-equivalent)",
@@ -268,6 +268,10 @@ def parse(argv):
   p.add_argument("--sections", nargs="+", default=["prefill", "features", "decode", "layer"],
                  choices=["prefill", "features", "long", "decode", "layer"])
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--decode-iters", type=int, default=200,
+                 help="calls per timed sample in the decode section: its kernels take 0.1-0.5 ms, "
+                      "and 10-call samples swung by up to 20%% between runs on the H200 "
+                      "(docs/bench/2026-11-30-h200-decode-iters.txt)")
   p.add_argument("--check", action="store_true", help="compare each kernel with the reference first")
   p.add_argument("--max-reference-seq", type=int, default=8192,
                  help="longest sequence the O(s^2) reference checks against")
@@ -279,6 +283,7 @@ def parse(argv):
     args.features_shape, args.long = (1, 64), [(1, 128)]
     args.emb, args.layer_batch, args.layer_seq = 128, 1, 64
     args.decode, args.tokens_per_page, args.iters, args.dtype = [(4, 64)], 16, 2, "float32"
+    args.decode_iters = 2
   return args
 
 

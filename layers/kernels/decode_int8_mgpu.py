@@ -7,12 +7,13 @@ Triton int8 kernel (`serves`, `MEASURED_FASTER_ON`). Its benchmark is
 scripts/bench_int8_mgpu.py, which checks it against the reference before
 timing it.
 
-On the H200 (docs/benchmarks.md, "2026-11-30"), against the bfloat16
-Triton kernel in the same run, with `auto_splits`: 1.44x at b64 kv4096,
-1.55x at b64 kv8192, 1.66x at b8 kv32768, 1.26x / 1.14x at b64 with
-lengths uniform in [1, 8192] / [1, 4096]. The Triton int8 kernel:
-1.15-1.18x and 1.08x / 1.06x. Unsplit, b64 kv4096 runs 1.57x; the TMA
-stream alone (an ablation) 1.60x.
+On the H200 (docs/benchmarks.md, "2026-11-30, second entry"), against the
+bfloat16 Triton kernel in the same run, with `auto_splits`: 1.69x at b64
+kv4096, 1.74x at b64 kv8192, 1.71x at b8 kv32768, 1.65x / 1.60x at b64
+with lengths uniform in [1, 8192] / [1, 4096], 0.96x with one row in 8 at
+4096 and the rest at 256 (a latency-bound batch). The Triton int8 kernel:
+1.14-1.17x, 1.07x / 1.07x, 0.94x. The TMA stream alone (an ablation)
+runs 1.82x at b64 kv4096.
 
 How it differs from the Triton kernel:
 
@@ -25,20 +26,26 @@ How it differs from the Triton kernel:
   integer arithmetic.
 - The softmax runs on [bk, 16] (keys x padded query heads): 8 values per
   thread per 64 keys, where the Triton kernel pads the 4 heads to a 16-row dot.
-  Its sum over keys crosses warps, so it is kept per thread and reduced once
-  after the loop; the key mask runs on a row's last tile only.
+  Its sums over keys cross warps: the sum is kept per thread and reduced
+  once after the loop, the running max is reduced in bfloat16 (two values
+  per shuffle); the key mask runs on a row's last tile only.
 - p.v runs transposed, acc^T += V^T p^T [H, 16], with V^T read by the tensor
   cores from shared memory as bfloat16 (16-bit operands may be MN-major;
-  int8 ones may not), accumulating into acc.
+  int8 ones may not), accumulating into acc; it is left running behind
+  the next tile's q.k.
 - Two warpgroups: the compute one, and one that issues the TMA copies and
   converts each V tile to bfloat16 a tile ahead (two V buffers), so the
-  compute chain does neither.
+  compute chain does neither. A V slot is refilled as soon as it is
+  converted, K's once the compute warpgroup has read it.
+- No split-K once the grid fills a wave: rows launch longest first
+  (`launch_order`), which balances ragged batches without the partials and
+  their merge.
 
-Budget: under 128 registers per thread and about 80 KB of shared memory
-at the default tiling (bk 64, 2 stages), so two programs share an SM. V's
-early refill keeps 2 stages fed: they ran 1-3% faster than 3 on every
-measured shape. More stages, or a third V buffer, cost the second program
-(4 stages: 0.75x as fast).
+Budget: 83 registers per thread (ptxas) and about 80 KB of shared memory
+at the default tiling (bk 64, 2 stages), so two programs share an SM.
+With V's early refill 2 stages ran 0.3-3% faster than 3 in 11 of 12
+shape-runs (two runs of six shapes). More stages, or a third V buffer,
+cost the second program (4 stages: 0.75x as fast).
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
 at most 16 query heads per kv head, head_dim 128 or 256 (the int8 tiles are
@@ -277,12 +284,12 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
   instead. Measured on the H200 (docs/benchmarks.md, 2026-11-30, second
   entry), against the bfloat16 kernel:
   - b8 x 8 heads at kv32768 (64 programs) needs 4 splits to fill the
-    wave: 1.63x.
+    wave: 1.72x (unsplit 0.76x, 2 splits 1.41x).
   - b64 x 8 heads (512 programs, about two waves), rows longest first:
-    unsplit 1.58x at kv4096 and 1.54x / 1.57x at lengths uniform in
-    [1, 4096] / [1, 8192]; 2 splits 1.50x, 1.35x, 1.56x (the merge and
+    unsplit 1.69x at kv4096 and 1.60x / 1.65x at lengths uniform in
+    [1, 4096] / [1, 8192]; 2 splits 1.60x, 1.42x, 1.63x (the merge and
     the shorter programs cost more than they balance). With one row in 8
-    full and the others 1/16 of it, unsplit 0.94x, 2 splits 0.90x.
+    full and the others 1/16 of it, unsplit 1.00x, 2 splits 0.94x.
   """
   cores = decode_splits.sm_count() if cores is None else cores
   fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 1)
@@ -296,7 +303,8 @@ def launch_order(lengths: jax.Array) -> jax.Array:
   rows first is longest-processing-time-first scheduling: the short rows
   fill the gaps at the end instead of a long row starting last and running
   alone. On the H200 this took b64 at lengths uniform in [1, 4096] from
-  1.07x to 1.54x the bfloat16 kernel, unsplit (docs/benchmarks.md).
+  1.07x to 1.54x the bfloat16 kernel, unsplit, in one A/B run
+  (docs/benchmarks.md).
   """
   return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
 
