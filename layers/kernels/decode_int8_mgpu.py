@@ -244,7 +244,7 @@ def _kernel(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, ac
         issue_v(i, i)
 
     # This warpgroup also converts V to bfloat16, a tile ahead of the compute
-    # warpgroup (two V buffers), so the compute chain never waits on it.
+    # warpgroup (two V buffers), so the conversion is off the compute chain.
     @pl.loop(0, steps)
     def _(j):
       slot = lax.rem(j, stages)
