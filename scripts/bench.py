@@ -269,9 +269,9 @@ def parse(argv):
                  choices=["prefill", "features", "long", "decode", "layer"])
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--decode-iters", type=int, default=200,
-                 help="calls per timed sample in the decode section: its kernels take 0.1-0.5 ms, "
-                      "and 10-call samples swung by up to 20%% between runs on the H200 "
-                      "(docs/bench/2026-11-30-h200-decode-iters.txt)")
+                 help="calls per timed sample in the decode section: its kernels take 0.1-0.5 ms; "
+                      "at 10-20 calls per sample readings spread up to 20%% between runs on the "
+                      "H200, at 200 within 1.2%% (docs/benchmarks.md, 2026-11-30 second entry)")
   p.add_argument("--check", action="store_true", help="compare each kernel with the reference first")
   p.add_argument("--max-reference-seq", type=int, default=8192,
                  help="longest sequence the O(s^2) reference checks against")

@@ -40,10 +40,10 @@ def ragged_decode(query, key, value, lengths, *, scale, soft_cap=None, window=No
   """query [B, N, H] over key/value [B, S, K, H] entries [0, lengths[b]) -> [B, N, H].
 
   On the H200, an int8 cache within its scope goes to the Mosaic GPU kernel
-  (decode_int8_mgpu.serves: 1.25-1.44x the Triton int8 kernel's speed at
-  full lengths, 1.08-1.17x at ragged lengths, automatic splits,
-  docs/benchmarks.md 2026-11-30); everything else, and other Hopper parts
-  until measured, to the Triton one.
+  (decode_int8_mgpu.serves: 1.45-1.54x the Triton int8 kernel's speed at
+  full and uniformly ragged lengths, 1.03x on a skewed, latency-bound batch;
+  docs/benchmarks.md, 2026-11-30 second entry); everything else, and other
+  Hopper parts until measured, to the Triton one.
   """
   impl, backend = choose_implementation(implementation, interpret, key.dtype, paged=False)
   kwargs = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,

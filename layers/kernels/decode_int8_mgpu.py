@@ -43,8 +43,8 @@ How it differs from the Triton kernel:
 
 Budget: 83 registers per thread (ptxas) and about 80 KB of shared memory
 at the default tiling (bk 64, 2 stages), so two programs share an SM.
-With V's early refill 2 stages ran 0.3-3% faster than 3 in 11 of 12
-shape-runs (two runs of six shapes). More stages, or a third V buffer,
+With V's early refill, 2 stages beat 3 in 17 of 18 shape-runs (three
+runs of six shapes) by 0.3-4.8%, and lost one, the skewed batch, by 3.7%. More stages, or a third V buffer,
 cost the second program (4 stages: 0.75x as fast).
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
@@ -87,8 +87,8 @@ def split_query(query: jax.Array) -> tuple[jax.Array, jax.Array]:
   the row's largest entry. That is finer than the bfloat16 query's own
   rounding for every entry above 1% of the row's largest, and 250 times
   finer than the int8 keys it meets (each key is rounded to 1/254 of its
-  largest entry). A third term (error 6e-8) cost 1.5% of the kernel's
-  speed and changed no measured error. Padding rows (and all-zero rows)
+  largest entry). A third term (error 6e-8) cost 1.2-1.9% of the kernel's
+  speed at b64 (none at b8 kv32768) and changed no measured error. Padding rows (and all-zero rows)
   get zero terms; padding rows get scale 0.
   """
   g = query.shape[2]
@@ -173,7 +173,7 @@ def _kernel(len_ref, order_ref, qt_ref, cs_ref, k_ref, v_ref, ks_ref, vs_ref, ac
         valid = key_index + (first + step) * block_kv < length  # [bk, 16]
         logits = jnp.where(valid, logits, -jnp.inf)
       # The max over keys crosses warps; taken in bfloat16 it moves two
-      # values per shuffle and per shared-memory slot (4-5% faster, H200).
+      # values per shuffle and per shared-memory slot (3-6% faster, H200).
       # m is only the reference the exponents are taken against: any value
       # used consistently for p, l and alpha gives the same softmax, and
       # rounding it (2^-9 relative) leaves p <= 2^(|m| / 512): at most 2^64
@@ -277,8 +277,8 @@ RESIDENT_PER_SM = 2
 
 
 def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int:
-  """Splits of a longest row: enough to fill one wave of resident programs; 1 once the
-  grid fills a wave.
+  """Splits of a longest row: enough to fill one wave of resident programs (at least 2 below
+  a wave); 1 once the grid fills a wave.
 
   The row lengths are not known here; `launch_order` balances ragged rows
   instead. Measured on the H200 (docs/benchmarks.md, 2026-11-30, second
@@ -292,7 +292,10 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
     full and the others 1/16 of it, unsplit 1.00x, 2 splits 0.94x.
   """
   cores = decode_splits.sm_count() if cores is None else cores
-  fit = max((RESIDENT_PER_SM * cores) // max(programs, 1), 1)
+  resident = RESIDENT_PER_SM * cores
+  # Below a wave, at least 2: a grid of 133-263 programs (not measured since
+  # the longest-first order) would otherwise leave SMs with one program.
+  fit = 1 if programs >= resident else max(resident // max(programs, 1), 2)
   return int(max(1, min(fit, max_blocks // decode_splits.MIN_BLOCKS_PER_SPLIT)))
 
 

@@ -80,6 +80,7 @@ def test_kernel_lowers_for_cuda(group, kw):
 def test_auto_splits_fill_one_wave():
   assert mgpu.auto_splits(64 * 8, 64, cores=132) == 1  # 512 programs: ~2 waves already
   assert mgpu.auto_splits(132 * 2, 64, cores=132) == 1  # exactly one wave
+  assert mgpu.auto_splits(136, 64, cores=132) == 2  # half a wave: not left half empty
   assert mgpu.auto_splits(8 * 8, 512, cores=132) == 4  # 64 programs -> 256 <= 264 resident
   assert mgpu.auto_splits(8 * 8, 16, cores=132) == 2  # at most one split per 8 blocks
   assert mgpu.auto_splits(8, 8, cores=132) == 1  # too few blocks to split

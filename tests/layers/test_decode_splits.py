@@ -248,32 +248,36 @@ def test_ragged_length_aware_splits(blocks_per_split, window):
   assert np.all(np.asarray(out)[0] == 0.0) or kwargs["sinks"] is not None
 
 
-def test_combine_splits_ignores_unwritten_partials():
-  """Splits the kernel skipped hold garbage (here NaN / inf) and must not reach the output."""
+@pytest.mark.parametrize("transposed", [False, True], ids=["GH", "HG"])
+def test_combine_splits_ignores_unwritten_partials(transposed):
+  """Splits the kernel skipped hold garbage (here NaN / inf) and must not reach the output, in
+  both layouts the kernels write ([.., G, H] and, transposed, [.., H, G])."""
   rng = np.random.default_rng(23)
   batch, kv_heads, splits, group, head_dim = 3, 2, 4, 2, 8
   m = rng.normal(size=(batch, kv_heads, splits, group, 1)).astype(np.float32)
   l = rng.uniform(0.5, 2.0, size=m.shape).astype(np.float32)
   acc = rng.normal(size=(batch, kv_heads, splits, group, head_dim)).astype(np.float32)
   nonempty = np.array([[True, True, False, False], [False] * 4, [True, False, True, True]])
-  want = decode_splits.combine_splits(
-      jnp.asarray(np.where(nonempty[:, None, :, None, None], m, -1e30)),
-      jnp.asarray(np.where(nonempty[:, None, :, None, None], l, 0.0)),
-      jnp.asarray(np.where(nonempty[:, None, :, None, None], acc, 0.0)),
-      jnp.ones_like(jnp.asarray(nonempty)), None, jnp.float32)
-  garbage = ~nonempty[:, None, :, None, None]
-  got = decode_splits.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
-                                     jnp.asarray(np.where(garbage, np.inf, l)),
-                                     jnp.asarray(np.where(garbage, np.nan, acc)),
-                                     jnp.asarray(nonempty), None, jnp.float32)
-  assert np.all(np.isfinite(np.asarray(got)))
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
-  np.testing.assert_array_equal(np.asarray(got)[1], 0.0)  # nothing written: zeros
-  sink = jnp.asarray(rng.normal(size=(kv_heads, group, 1)), jnp.float32)
-  with_sink = decode_splits.combine_splits(jnp.asarray(np.where(garbage, np.nan, m)),
-                                           jnp.asarray(l), jnp.asarray(acc), jnp.asarray(nonempty),
-                                           sink, jnp.float32)
-  np.testing.assert_array_equal(np.asarray(with_sink)[1], 0.0)  # only the sink: no value
+  lay = (lambda x: np.swapaxes(x, -1, -2)) if transposed else (lambda x: x)
+
+  def combine(m, l, acc, written, sink=None):
+    out = decode_splits.combine_splits(
+        *(jnp.asarray(lay(x)) for x in (m, l, acc)), jnp.asarray(written),
+        None if sink is None else jnp.asarray(lay(sink)), jnp.float32)
+    return lay(np.asarray(out))  # [B, K, G, H]
+
+  keep = nonempty[:, None, :, None, None]
+  want = combine(np.where(keep, m, -1e30), np.where(keep, l, 0.0), np.where(keep, acc, 0.0),
+                 np.ones_like(nonempty))
+  got = combine(np.where(keep, m, np.nan), np.where(keep, l, np.inf), np.where(keep, acc, np.nan),
+                nonempty)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, **TOL)
+  np.testing.assert_array_equal(got[1], 0.0)  # nothing written: zeros
+  sink = rng.normal(size=(kv_heads, group, 1)).astype(np.float32)
+  with_sink = combine(np.where(keep, m, np.nan), np.where(keep, l, np.inf), acc, nonempty, sink)
+  np.testing.assert_array_equal(with_sink[1], 0.0)  # only the sink: no value
+  assert np.all(np.isfinite(with_sink))
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["GH", "HG"])
