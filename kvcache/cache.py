@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache.quant import KVQuant, dequantize, quantize
+from meshattn.kvcache.quant import KVQuant, dequantize, quantize, scales_by_token
 
 CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
@@ -181,7 +181,7 @@ class KVCache(nnx.Module):
         scales = jax.lax.dynamic_slice_in_dim(getattr(self, scale)[...], start, size, axis=2)
         if rows is not None:
           scales = scales[rows]
-        block = dequantize(block, jnp.swapaxes(scales, 1, 2), dtype)  # scales [b, size, K or 1]
+        block = dequantize(block, scales_by_token(scales), dtype)  # scales [b, K or 1, size]
       out.append(block.astype(dtype))
     return out[0], out[1]
 

@@ -76,6 +76,12 @@ def scales_by_head(scales: jax.Array) -> jax.Array:
   return jnp.swapaxes(scales, -1, -2)
 
 
+def scales_by_token(scales: jax.Array) -> jax.Array:
+  """Head-major scales [B, K or 1, S] (as the contiguous cache stores them) -> [B, S, K or 1],
+  the layout `dequantize` takes; the inverse of `scales_by_head`."""
+  return jnp.swapaxes(scales, -1, -2)
+
+
 def dequantize(values: jax.Array, scales: jax.Array, dtype) -> jax.Array:
   """values [B, S, K, H], scales [B, S, K or 1] -> [B, S, K, H] in dtype."""
   return (values.astype(jnp.float32) * scales[..., None]).astype(dtype)

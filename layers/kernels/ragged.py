@@ -82,6 +82,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from meshattn.kvcache.quant import scales_by_token
 from meshattn.layers.kernels.decode_common import (
     auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
     gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2, masked_decode_attention,
@@ -120,7 +121,7 @@ def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None,
   _check_window(window)
   check_scales(key, key_scale, value_scale)
   visible = ragged_visible(lengths, key.shape[1], window)  # [B, S]
-  token_major = [None if s is None else jnp.swapaxes(s, 1, 2) for s in (key_scale, value_scale)]
+  token_major = [None if s is None else scales_by_token(s) for s in (key_scale, value_scale)]
   k = dequantize_or_cast(key, token_major[0], jnp.float32)  # [B, S, K, H]
   v = dequantize_or_cast(value, token_major[1], jnp.float32)  # [B, S, K, H]
   return masked_decode_attention(query, k, v, visible, scale=scale, soft_cap=soft_cap, sinks=sinks)
