@@ -17,10 +17,10 @@ Every slot is its own sequence (ragged batch). Positions of the cached
 entries are derived from `lengths`, and an entry whose position is -1 is
 empty; kernels mask on positions, so a slot never sees stale entries.
 
-Errors are raised before anything changes: eagerly as ValueError when the
-lengths are concrete, and inside jit through a host callback whose failure
-aborts the step (functional state updates are then never applied). Writes
-that would land out of range are dropped, never wrapped onto other data.
+A step the cache cannot serve is rejected with nothing changed (see
+`step_checks`): eagerly it raises `StepRejected`; under jit it gates its
+writes, records the reason in `rejected` and the host raises after the step.
+Writes that would land out of range are dropped, never wrapped onto other data.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.quant import KVQuant, dequantize, quantize, scales_by_token
+from meshattn.kvcache.step_checks import Rejection, explain, fold, is_concrete, raise_now
 
 CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
@@ -47,38 +48,26 @@ def _check_axis_order(axis_order: Sequence[int]) -> tuple[int, ...]:
 
 
 def _is_concrete(*xs) -> bool:
-  return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-@functools.cache
-def _host_callbacks_available() -> bool:
-  """Host callbacks need a CPU device, absent when JAX_PLATFORMS excludes cpu."""
-  try:
-    return bool(jax.devices("cpu"))
-  except RuntimeError:
-    return False
+  return is_concrete(*xs)
 
 
 def raise_if(condition: jax.Array, message_fn) -> None:
-  """Raise ValueError(message_fn(*values)) if `condition` holds.
+  """Raise ValueError(message_fn()) now if `condition` is concrete and holds anywhere.
 
-  Eager: checked now. Traced: checked on the host when the step runs, which
-  aborts the step before its state updates are applied.
+  For host-side (eager) operations; traced steps use `step_checks` instead.
   """
-  if _is_concrete(condition):
-    if bool(np.any(np.asarray(condition))):
-      raise ValueError(message_fn())
-    return
+  if _is_concrete(condition) and bool(np.any(np.asarray(condition))):
+    raise ValueError(message_fn())
 
-  if not _host_callbacks_available():
-    return  # no CPU backend (JAX_PLATFORMS without cpu): out-of-range writes are still dropped
 
-  def check(flag):
-    if flag:
-      raise ValueError(message_fn())
-
-  # A replicated scalar: the host callback then needs no gather of a sharded array.
-  jax.debug.callback(check, jnp.any(condition))
+@functools.partial(jax.jit, static_argnames="batch_axis")
+def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int):
+  """Zero the K/V of slots rows [b], set their scales to 1 and lengths to 0: one dispatch."""
+  where = tuple(rows if a == batch_axis else slice(None) for a in range(key.ndim))
+  key = key.at[where].set(0, mode="drop")
+  value = value.at[where].set(0, mode="drop")
+  scales = tuple(s.at[rows].set(1.0, mode="drop") for s in scales)
+  return key, value, lengths.at[rows].set(0, mode="drop"), scales
 
 
 class KVCache(nnx.Module):
@@ -121,6 +110,8 @@ class KVCache(nnx.Module):
                                    logical_axes=scale_names)
     self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), self.axis_names[:1]),
                              logical_axes=self.axis_names[:1])
+    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
+    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
 
   # ---- placement -------------------------------------------------------------
 
@@ -132,8 +123,8 @@ class KVCache(nnx.Module):
 
   # ---- layout helpers ----------------------------------------------------------
 
-  def _to_logical(self, stored: jax.Array) -> jax.Array:
-    """Storage layout -> [B, C, K, H]."""
+  def logical_view(self, stored: jax.Array) -> jax.Array:
+    """Storage layout -> [B, C, K, H] (free for the default order; a transpose otherwise)."""
     return jnp.transpose(stored, np.argsort(self.axis_order))
 
   @property
@@ -174,7 +165,7 @@ class KVCache(nnx.Module):
     out = []
     for stored, scale in ((self.key, "key_scale"), (self.value, "value_scale")):
       block = jax.lax.dynamic_slice_in_dim(stored[...], start, size, axis=seq_axis)
-      block = self._to_logical(block)  # [B, size, K, H]
+      block = self.logical_view(block)  # [B, size, K, H]
       if rows is not None:
         block = block[rows]
       if self.quant:
@@ -192,24 +183,23 @@ class KVCache(nnx.Module):
   # ---- writing ---------------------------------------------------------------
 
   def _scatter(self, stored: jax.Array, updates: jax.Array, rows: jax.Array, index: jax.Array):
-    """stored (storage layout) <- updates [b, T, ...rest] at (rows[b], index[b, t]).
+    """stored (storage layout) <- updates [b, T, K, H] at (rows[b], index[b, t]), in place.
 
-    `updates` is in logical order over the stored array's axes; index entries
-    == capacity are dropped.
+    One scatter of the b*T written entries (index == capacity is dropped): the
+    rest of the cache is neither read nor copied, so with the buffer donated
+    a decode step moves one token per row.
     """
-    batch_axis = self.axis_order.index(0)
-    row_order = [a for a in self.axis_order if a != 0]
-
-    def write_row(row, upd, idx):
-      upd = jnp.transpose(upd, [a - 1 for a in row_order])
-      where = tuple(idx if a == 1 else slice(None) for a in row_order)
-      return row.at[where].set(upd.astype(row.dtype), mode="drop")
-
-    selected = jnp.take(stored, rows, axis=batch_axis)
-    written = jax.vmap(write_row, in_axes=(batch_axis, 0, 0), out_axes=batch_axis)(
-        selected, updates, index)
-    where = tuple(rows if a == batch_axis else slice(None) for a in range(stored.ndim))
-    return stored.at[where].set(written)
+    batch_axis, seq_axis = self.axis_order.index(0), self.axis_order.index(1)
+    rest = [a for a in self.axis_order if a > 1]  # kv heads / head_dim in storage order
+    upd = jnp.transpose(updates, (0, 1, *rest)).astype(stored.dtype)  # [b, T, rest...]
+    where = [slice(None)] * stored.ndim
+    where[batch_axis] = rows[:, None]  # [b, 1]
+    where[seq_axis] = index  # [b, T]
+    if abs(batch_axis - seq_axis) == 1:
+      # Adjacent advanced indices put their broadcast (b, T) where the first of them is.
+      first = min(batch_axis, seq_axis)
+      upd = jnp.moveaxis(upd, (0, 1), (first, first + 1))
+    return stored.at[tuple(where)].set(upd, mode="drop")
 
   def write(self, rows: jax.Array, key: jax.Array, value: jax.Array, positions: jax.Array,
             valid: jax.Array, new_lengths: jax.Array) -> None:
@@ -235,30 +225,50 @@ class KVCache(nnx.Module):
 
   @staticmethod
   def _scatter_scale(stored, updates, rows, index):
-    """stored [B, K or 1, C] <- updates [b, T, K or 1] at (rows[b], index[b, t])."""
-    def write_row(row, upd, idx):  # [K or 1, C], [T, K or 1], [T]
-      return row.at[:, idx].set(upd.T, mode="drop")
+    """stored [B, K or 1, C] <- updates [b, T, K or 1] at (rows[b], index[b, t]), in place."""
+    return stored.at[rows[:, None], :, index].set(updates, mode="drop")
 
-    written = jax.vmap(write_row)(stored[rows], updates, index)
-    return stored.at[rows].set(written)
+  # ---- step checks -------------------------------------------------------------
+
+  def step_conditions(self, rows: jax.Array, new_lengths: jax.Array) -> dict[Rejection, jax.Array]:
+    """What would reject a step writing slots rows [b] up to new_lengths [b] (see step_checks)."""
+    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
+            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length}
+
+  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
+    detail = {}
+    if rows is not None and _is_concrete(rows):
+      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
+    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
+                   kind=type(self).__name__, detail=detail)
+
+  def check_slots(self, rows: jax.Array) -> None:
+    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
+    bits = fold({Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size)})
+    raise_now(bits, lambda b: self.explain(b, rows))
+
+  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
+    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
+    bits = fold(self.step_conditions(rows, new_lengths))
+    raise_now(bits, lambda b: self.explain(b, rows))
 
   # ---- slot management ---------------------------------------------------------
 
-  def check_slots(self, rows: jax.Array) -> None:
-    raise_if((rows < 0) | (rows >= self.batch_size),
-             lambda: f"KVCache: slot index out of range; slots must be in [0, {self.batch_size})")
-
-  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
-    raise_if(new_lengths > self.max_length,
-             lambda: f"KVCache: a sequence would grow past max_length={self.max_length} "
-                     f"(slots {np.asarray(rows).tolist() if _is_concrete(rows) else '...'}); "
-                     "reset the slot or build the cache with a larger max_length")
-
   def reset(self, slot) -> None:
-    """Forget the sequence in `slot` (int or int array); its entries read as empty."""
+    """Forget the sequence in `slot` (int or int array) and clear its entries.
+
+    The length goes to 0 and the slot's K/V to zeros (scales to 1): kernels
+    never read past a length, and clearing means a NaN or a secret of the
+    previous occupant cannot survive into the next one at all.
+    """
     rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
     self.check_slots(rows)
-    self.lengths[...] = self.lengths[...].at[rows].set(0)
+    scales = (self.key_scale[...], self.value_scale[...]) if self.quant else ()
+    key, value, lengths, scales = _clear_rows(self.key[...], self.value[...], self.lengths[...],
+                                              scales, rows, batch_axis=self.axis_order.index(0))
+    self.key[...], self.value[...], self.lengths[...] = key, value, lengths
+    if self.quant:
+      self.key_scale[...], self.value_scale[...] = scales
 
   def insert(self, slot, source: "KVCache", source_slot=0) -> None:
     """Copy the sequence in `source_slot` of `source` into `slot` of this cache.
@@ -275,6 +285,7 @@ class KVCache(nnx.Module):
     source.check_slots(src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
+    self.reset(rows)  # nothing of the slot's previous sequence survives past the inserted one
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
     positions = source.entry_positions(src_len)  # [b, Cs]
     self.write(rows, key, value, positions, positions >= 0, src_len)

@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES, _is_concrete, raise_if
+from meshattn.kvcache.step_checks import Rejection, explain, fold, raise_now
 from meshattn.kvcache.quant import KVQuant, dequantize, quantize
 
 
@@ -112,6 +113,8 @@ class PagedKVCache(nnx.Module):
                                 logical_axes=self._owner_names)
     self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), (batch_name,)),
                              logical_axes=(batch_name,))
+    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
+    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
 
   # ---- placement -------------------------------------------------------------
 
@@ -229,24 +232,41 @@ class PagedKVCache(nnx.Module):
 
   # ---- step checks -----------------------------------------------------------
 
-  def check_slots(self, rows: jax.Array) -> None:
-    raise_if((rows < 0) | (rows >= self.batch_size),
-             lambda: f"PagedKVCache: slot index out of range; slots must be in [0, {self.batch_size})")
-
-  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
-    """Fail (before anything changes) if a slot would outgrow max_length or its reserved pages."""
-    describe = lambda: np.asarray(rows).tolist() if _is_concrete(rows) else "..."
-    raise_if(new_lengths > self.max_length,
-             lambda: f"PagedKVCache: a sequence would grow past max_length={self.max_length} "
-                     f"(slots {describe()}); free the slot or build the cache with a larger max_length")
+  def step_conditions(self, rows: jax.Array, new_lengths: jax.Array) -> dict[Rejection, jax.Array]:
+    """What would reject a step writing slots rows [b] up to new_lengths [b] (see step_checks):
+    a slot out of range, past max_length, or a token landing in a page it does not own."""
+    safe_rows = jnp.clip(rows, 0, self.batch_size - 1)
     needed_pages = -(-new_lengths // self.tokens_per_page)  # [b] ceil
     column = jnp.arange(self.max_pages_per_sequence, dtype=jnp.int32)[None, :]  # [1, M]
-    missing = (column < needed_pages[:, None]) & (self.page_table[...][rows] < 0)  # [b, M]
-    raise_if(jnp.any(missing),
-             lambda: f"PagedKVCache: slots {describe()} would write tokens into pages that are not "
-                     f"reserved (new lengths {np.asarray(new_lengths).tolist() if _is_concrete(new_lengths) else '...'}, "
-                     f"{self.tokens_per_page} tokens per page); call reserve(slot, num_tokens) or "
-                     "reserve_for_step(rows, tokens_per_row) before the step")
+    table = self.page_table[...][safe_rows]  # [b, M]
+    owner = self.page_owner[...][jnp.maximum(table, 0)]  # [b, M]
+    owned = (table >= 0) & (owner == safe_rows[:, None])  # [b, M]
+    missing = (column < needed_pages[:, None]) & ~owned  # [b, M]
+    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
+            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length,
+            Rejection.PAGES_NOT_RESERVED: missing}
+
+  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
+    detail = {}
+    if rows is not None and _is_concrete(rows):
+      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
+      lengths = ("" if new_lengths is None or not _is_concrete(new_lengths)
+                 else f", new lengths {np.asarray(new_lengths).tolist()}")
+      detail[Rejection.PAGES_NOT_RESERVED] = (
+          f"slots {np.asarray(rows).tolist()}{lengths}, {self.tokens_per_page} tokens per page")
+    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
+                   kind="PagedKVCache", detail=detail)
+
+  def check_slots(self, rows: jax.Array) -> None:
+    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
+    bits = fold({Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size)})
+    raise_now(bits, lambda b: self.explain(b, rows))
+
+  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
+    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit
+    max_length or the slots' reserved pages."""
+    bits = fold(self.step_conditions(rows, new_lengths))
+    raise_now(bits, lambda b: self.explain(b, rows, new_lengths))
 
   # ---- page manager (host side, eager) ---------------------------------------
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from meshattn.kvcache.cache import KVCache, raise_if
+from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.cached_step import cached_step, decode_with_kernel, step_positions
 from meshattn.layers.kernels import registry
@@ -38,6 +38,7 @@ from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
+from meshattn.layers.step_inputs import plan_step, record
 from meshattn.sharding import constrain
 
 KNOWN_KERNELS: tuple[str, ...] = registry.TRAIN_KERNELS
@@ -236,6 +237,10 @@ class Attention(nnx.Module):
     """
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode={model_mode!r}: allowed {MODEL_MODES}")
+    for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+      if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{name} must be floating-point activations [batch..., length, "
+                         f"features], got dtype {jnp.result_type(x)} (embed token ids first)")
     if model_mode == "train":
       if slots is not None:
         raise ValueError("slots is only used with model_mode='prefill' or 'autoregressive'")
@@ -321,10 +326,16 @@ class Attention(nnx.Module):
       # Decided by shape, not identity: under jit the same array passed twice
       # arrives as two tracers.
       kv_pos = q_pos if kv_len == q_len else kv_idx
+    for name, ids, want in (("decoder_segment_ids", decoder_segment_ids, q_len),
+                            ("kv_segment_ids", kv_segment_ids, kv_len)):
+      if ids is not None and (jnp.ndim(ids) < 1 or jnp.shape(ids)[-1] != want):
+        raise ValueError(f"{name} has shape {jnp.shape(ids)}; its last axis must be the "
+                         f"{'query' if name[0] == 'd' else 'key'} length {want} ([batch..., {want}])")
     q_seg = flat(decoder_segment_ids, 1)  # [B, T]
     kv_seg = flat(kv_segment_ids, 1) if kv_segment_ids is not None else q_seg  # [B, S]
     if q_seg is not None and kv_seg.shape[-1] != kv_len:
-      raise ValueError("cross-attention with decoder_segment_ids needs kv_segment_ids [..., S]")
+      raise ValueError(f"cross-attention (key length {kv_len} != query length {q_len}) with "
+                       "decoder_segment_ids also needs kv_segment_ids [batch..., S]")
     user_mask = _flatten_pairwise(mask, batch_shape, batch)
     user_bias = _flatten_pairwise(bias, batch_shape, batch)
 
@@ -407,46 +418,11 @@ class Attention(nnx.Module):
     if cache is None:
       raise ValueError(f"model_mode={model_mode!r} needs a KV cache: call init_cache(batch_size, "
                        "max_length) first")
-    if inputs_q.ndim != 3:
-      raise ValueError(f"model_mode={model_mode!r} takes inputs_q [batch, length, emb_dim], "
-                       f"got shape {inputs_q.shape}")
+    # Checked once for the whole call (every chunk included) before anything is written.
+    plan = plan_step(s, cache, inputs_q, decoder_segment_ids, slots, model_mode)
+    rows, valid = plan.rows, plan.valid
     batch, length = inputs_q.shape[:2]
-    if s.mask.attention_type == "full":
-      # A bidirectional layer's earlier tokens would have to see later ones: a
-      # cache can only serve it as one whole-prompt prefill.
-      if model_mode == "autoregressive" or s.use_chunked_prefill:
-        raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
-                         "chunks; use one prefill call per prompt or a causal attention_type")
-    if model_mode == "autoregressive" and length != 1:
-      raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
-    if slots is None:
-      if batch != cache.batch_size:
-        raise ValueError(f"inputs batch {batch} != KV cache batch_size {cache.batch_size}; "
-                         "pass slots=[...] to prefill or decode a subset of the cache's slots")
-      rows = jnp.arange(batch, dtype=jnp.int32)
-    else:
-      rows = jnp.atleast_1d(jnp.asarray(slots, jnp.int32))
-      if rows.shape != (batch,):
-        raise ValueError(f"slots has shape {rows.shape}; expected ({batch},), one slot per row")
-      cache.check_slots(rows)
-      ordered = jnp.sort(rows)
-      raise_if(jnp.any(ordered[1:] == ordered[:-1]),
-               lambda: "slots must name each cache slot at most once per call")
-    if s.mask.attention_type == "full":
-      raise_if(jnp.any(cache.lengths[...][rows] > 0),
-               lambda: "attention_type='full' (bidirectional) prefill must start on an empty "
-                       "slot (one prefill call per prompt)")
-    valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
-             else decoder_segment_ids != 0)  # [B, T] real tokens (right padding)
-    # Tokens are appended at consecutive positions, so padding may only trail
-    # (one-token steps cannot be left-padded: no host check on the decode path).
-    if decoder_segment_ids is not None and length > 1:
-      raise_if(jnp.any(valid[:, 1:] & ~valid[:, :-1]),
-               lambda: f"model_mode={model_mode!r}: decoder_segment_ids must mark real tokens "
-                       "(nonzero) before padding (0) in every row (right padding only)")
-    if model_mode == "autoregressive":
-      valid = valid & (cache.lengths[...][rows] > 0)[:, None]  # empty slots stay empty
-    positions = step_positions(cache, rows, length)  # [B, T]
+    positions = step_positions(cache, jnp.clip(rows, 0, cache.batch_size - 1), length)  # [B, T]
     rope_positions = positions
     if inputs_positions is not None:  # [B, T], or MRoPE streams [n, B, T]
       rope_positions = flatten_positions(jnp.asarray(inputs_positions), (batch,),
@@ -466,13 +442,10 @@ class Attention(nnx.Module):
           context = decode_with_kernel(
               cache, rows, query, key, value, positions=positions, valid=valid, options=options,
               sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
-              mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
+              all_slots=plan.all_slots, mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
+          record(cache, plan, self.mesh)
         return self._output(context, axes)
     chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
-    if chunk < length:
-      # The whole call must fit before the first chunk is written (each
-      # cached_step checks only its own chunk).
-      cache.check_room(rows, cache.lengths[...][rows] + jnp.sum(valid, axis=1, dtype=jnp.int32))
     # A prompt on empty slots is train-mode attention over itself: the first
     # chunk may run the train kernel (flash on GPU/TPU) instead of the
     # blockwise pass over the whole cache (see cached_step).
@@ -486,6 +459,7 @@ class Attention(nnx.Module):
             cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
             valid=valid[:, part], options=options, sinks=sinks,
             fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
+      record(cache, plan, self.mesh)
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(context, axes)
 

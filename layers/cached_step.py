@@ -54,11 +54,12 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
   under jit by `lax.cond` (both branches compiled, one run). A fresh
   attention whose kernel refuses these inputs (ValueError while tracing,
   e.g. a length it cannot tile) is dropped for the reference path.
+
+  The caller has checked the step (`step_checks`) and cleared `valid` if it
+  was rejected, so a rejected step writes nothing and keeps every length.
   """
-  cache.check_slots(rows)
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
-  cache.check_room(rows, new_lengths)
   block = cache.block_size()
 
   def over_cache(query, key, value, valid):
@@ -104,42 +105,54 @@ def _fresh_or_cached(all_fresh: jax.Array, fresh: StepAttention | None, cached: 
 
 def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array, *,
                        positions: jax.Array, valid: jax.Array, options: KernelOptions,
-                       sinks: jax.Array | None, kernel, paged: bool, mesh=None, rules=(),
-                       axes=None) -> jax.Array:
+                       sinks: jax.Array | None, kernel, paged: bool, all_slots: bool = False,
+                       mesh=None, rules=(), axes=None) -> jax.Array:
   """One decode step through a ragged / paged decode kernel: write, then attend.
 
-  query [b, 1, N, H], key/value [b, 1, K, H]. The token is written first, so
-  row b attends over its entries [0, new_length) and the kernel reads only
-  those. A ring buffer holds exactly the window after the write, so it is
-  read whole (min(length, window) entries, no window mask). Returns [b, 1, N, H].
+  query [b, 1, N, H], key/value [b, 1, K, H]; rows [b] the slots (checked by
+  the caller, `valid` cleared if the step was rejected). The token is written
+  first, so row b attends over its entries [0, new_length) and the kernel
+  reads only those. A ring buffer holds exactly the window after the write,
+  so it is read whole (min(length, window) entries, no window mask).
+
+  The contiguous cache is handed to the kernel as it is stored, never
+  gathered by rows: with `all_slots` (rows = 0..B-1) directly; otherwise the
+  queries are scattered into a [B, N, H] batch whose other rows have length
+  0 (the kernels skip them) and the outputs gathered back. Returns [b, 1, N, H].
   """
-  cache.check_slots(rows)
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
-  cache.check_room(rows, new_lengths)
   cache.write(rows, key, value, positions, valid, new_lengths)
   quant = cache.quant is not None
   shared = dict(scale=options.scale, soft_cap=options.soft_cap, sinks=sinks)
+  q = query[:, 0]  # [b, N, H]
   if paged:
     pool = dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
                 key_scale=cache.key_scale[...] if quant else None,
-                value_scale=cache.value_scale[...] if quant else None)  # [P, tpp, K, H]
-    batched = dict(page_table=cache.page_table[...][rows], lengths=new_lengths)  # [b, maxp], [b]
+                value_scale=cache.value_scale[...] if quant else None,  # [P, tpp, K, H]
+                page_owner=cache.page_owner[...])  # [P]: kernels read only the row's own pages
+    batched = dict(page_table=cache.page_table[...][rows], lengths=new_lengths,  # [b, M], [b]
+                   slots=rows)  # [b]
   else:
-    lengths = new_lengths
+    if not all_slots:
+      selected = jnp.zeros((cache.batch_size,), bool).at[rows].set(True, mode="drop")  # [B]
+      q = jnp.zeros((cache.batch_size,) + q.shape[1:], q.dtype).at[rows].set(q, mode="drop")
+    lengths = jnp.where(selected, cache.lengths[...], 0) if not all_slots else new_lengths  # [B]
     shared["window"] = options.mask.window if options.mask.attention_type == "local_sliding" else None
     if cache.window:
-      lengths, shared["window"] = jnp.minimum(new_lengths, cache.capacity), None
+      lengths, shared["window"] = jnp.minimum(lengths, cache.capacity), None
     pool = {}
-    batched = dict(key=cache._to_logical(cache.key[...])[rows],  # [b, C, K, H]
-                   value=cache._to_logical(cache.value[...])[rows],  # [b, C, K, H]
+    batched = dict(key=cache.logical_view(cache.key[...]),  # [B, C, K, H]
+                   value=cache.logical_view(cache.value[...]),  # [B, C, K, H]
                    lengths=lengths,
-                   key_scale=cache.key_scale[...][rows] if quant else None,  # [b, K or 1, C]
-                   value_scale=cache.value_scale[...][rows] if quant else None)
+                   key_scale=cache.key_scale[...] if quant else None,  # [B, K or 1, C]
+                   value_scale=cache.value_scale[...] if quant else None)
   if mesh is not None:
-    out = sharded_decode_call(kernel, mesh, rules, axes, query[:, 0], batch_args=batched,
-                              pool_args=pool, shared_args=shared)  # [b, N, H]
+    out = sharded_decode_call(kernel, mesh, rules, axes, q, batch_args=batched,
+                              pool_args=pool, shared_args=shared)  # [B or b, N, H]
   else:
-    out = kernel(query[:, 0], **batched, **pool, **shared)  # [b, N, H]
+    out = kernel(q, **batched, **pool, **shared)  # [B or b, N, H]
+  if not paged and not all_slots:
+    out = out[jnp.clip(rows, 0, cache.batch_size - 1)]  # [b, N, H]
   out = jnp.where(valid[:, 0, None, None], out, 0.0)  # rows that wrote nothing output zeros
   return out[:, None].astype(query.dtype)

@@ -1,0 +1,142 @@
+"""Inputs of a prefill / decode call: validated, then checked against the cache.
+
+`plan_step` is the one place a cached call's inputs are judged. Wrong shapes,
+dtypes or modes raise `ValueError` at once (they are static). What depends on
+values (slots, lengths, pages, padding) is folded into rejection bits
+(`kvcache.step_checks`): eagerly they raise `StepRejected` before anything
+is written; under jit the step is gated on them and the host raises after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meshattn.kvcache.step_checks import (
+    Rejection, StepRejected, fold, host_callbacks_available, is_concrete, raise_now)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """What a checked step may do."""
+  rows: jax.Array  # [b] int32: the cache slot each row continues
+  all_slots: bool  # rows are 0..B-1 in order (no `slots` given)
+  valid: jax.Array  # [b, T] bool: tokens to attend and write; all False if rejected
+  bits: jax.Array  # int32 scalar: Rejection bits, 0 = served
+  ok: jax.Array  # bool scalar: bits == 0
+
+
+_host_raises = threading.local()
+
+
+@contextlib.contextmanager
+def host_raises_after_step():
+  """While tracing inside `serving.jit_step`: the host turns rejection bits into
+  the exception after the step, so the step needs no host callback."""
+  previous = getattr(_host_raises, "on", False)
+  _host_raises.on = True
+  try:
+    yield
+  finally:
+    _host_raises.on = previous
+
+
+def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode) -> None:
+  """Shape / dtype / mode errors: raised at once, in every mode (they are known when tracing)."""
+  if inputs_q.ndim != 3:
+    raise ValueError(f"model_mode={model_mode!r} takes inputs_q [batch, length, emb_dim], "
+                     f"got shape {inputs_q.shape}")
+  batch, length = inputs_q.shape[:2]
+  if settings.mask.attention_type == "full" and (model_mode == "autoregressive"
+                                                 or settings.use_chunked_prefill):
+    # A bidirectional layer's earlier tokens would have to see later ones: a
+    # cache can only serve it as one whole-prompt prefill.
+    raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
+                     "chunks; use one prefill call per prompt or a causal attention_type")
+  if model_mode == "autoregressive" and length != 1:
+    raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
+  if model_mode == "prefill" and length > settings.max_prefill_predict_length:
+    raise ValueError(f"prefill of {length} tokens: longer than max_prefill_predict_length="
+                     f"{settings.max_prefill_predict_length}; split the prompt into several "
+                     "prefill calls (or set use_chunked_prefill) or raise that key")
+  if decoder_segment_ids is not None:
+    seg = jnp.asarray(decoder_segment_ids)
+    if seg.shape != (batch, length):
+      raise ValueError(f"decoder_segment_ids has shape {tuple(seg.shape)}; in model_mode="
+                       f"{model_mode!r} it must be [batch, length] = ({batch}, {length}), one id "
+                       "per input token (nonzero = real, 0 = right padding)")
+    if not (jnp.issubdtype(seg.dtype, jnp.integer) or seg.dtype == jnp.bool_):
+      raise ValueError(f"decoder_segment_ids must be integers (or bool), got dtype {seg.dtype}")
+  if slots is None:
+    if batch != cache.batch_size:
+      raise ValueError(f"inputs batch {batch} != KV cache batch_size {cache.batch_size}; "
+                       "pass slots=[...] to prefill or decode a subset of the cache's slots")
+  else:
+    slots = jnp.asarray(slots)
+    if not jnp.issubdtype(slots.dtype, jnp.integer):
+      raise ValueError(f"slots must be integer cache slot ids, got dtype {slots.dtype}")
+    if jnp.atleast_1d(slots).shape != (batch,):
+      raise ValueError(f"slots has shape {tuple(slots.shape)}; expected ({batch},), one slot per row")
+
+
+def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode) -> StepPlan:
+  """Validate a cached call's inputs and check it against the cache (see module doc)."""
+  _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
+  batch, length = inputs_q.shape[:2]
+  if slots is None:
+    rows = jnp.arange(batch, dtype=jnp.int32)
+  else:
+    rows = jnp.atleast_1d(jnp.asarray(slots)).astype(jnp.int32)  # [b]
+  valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
+           else jnp.asarray(decoder_segment_ids) != 0)  # [b, T] real tokens (right padding)
+  safe_rows = jnp.clip(rows, 0, cache.batch_size - 1)
+  start = cache.lengths[...][safe_rows]  # [b]
+  if model_mode == "autoregressive":
+    valid = valid & (start > 0)[:, None]  # empty slots stay empty
+  new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
+  conditions = cache.step_conditions(rows, new_lengths)
+  if slots is not None:
+    ordered = jnp.sort(rows)
+    conditions[Rejection.DUPLICATE_SLOT] = ordered[1:] == ordered[:-1]
+  if decoder_segment_ids is not None and length > 1:
+    # Tokens are appended at consecutive positions, so padding may only trail.
+    conditions[Rejection.LEFT_PADDING] = valid[:, 1:] & ~valid[:, :-1]
+  if settings.mask.attention_type == "full":
+    conditions[Rejection.BIDIRECTIONAL_NOT_EMPTY] = start > 0
+  bits = fold(conditions)
+  raise_now(bits, lambda b: cache.explain(b, rows, new_lengths))
+  ok = bits == 0
+  return StepPlan(rows=rows, all_slots=slots is None, valid=valid & ok, bits=bits, ok=ok)
+
+
+def record(cache, plan: StepPlan, mesh) -> None:
+  """Store the step's rejection bits in the cache (read by the host after the step).
+
+  A traced step outside `serving.jit_step` on one device also raises from a
+  host callback, as a plain `nnx.jit` caller expects: one device has no
+  collective to leave waiting. On a multi-device mesh it never does (a raise
+  there aborts the process); the caller reads the bits (`raise_if_rejected`).
+  """
+  cache.rejected[...] = plan.bits
+  if is_concrete(plan.bits) or getattr(_host_raises, "on", False):
+    return
+  single_device = mesh is None or mesh.size == 1
+  if single_device and host_callbacks_available():
+    message = lambda bits: cache.explain(int(bits))
+
+    def check(bits):
+      if bits:
+        raise StepRejected(message(bits))
+
+    jax.debug.callback(check, plan.bits)
+
+
+def describe_rejection(cache) -> str | None:
+  """The message for a cache whose last step was rejected, else None (host side)."""
+  bits = int(np.asarray(cache.rejected[...]))
+  return cache.explain(bits) if bits else None

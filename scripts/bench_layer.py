@@ -1,0 +1,264 @@
+"""The layer's serving steps against their parts, timed in one run (the `layer` section).
+
+    python scripts/bench_layer.py [--decode 64x4096 8x32768] [--caches contiguous paged int8]
+    python scripts/bench_layer.py --cpu-smoke        # tiny shapes, seconds
+
+Llama 3 8B attention shapes (emb 4096, 32 query / 8 kv heads, head_dim 128),
+bf16, every slot filled to the given length. Rows:
+
+  decode  `jit_step` (the documented serving pattern: compiled once, module
+          donated, rejected steps raise, which reads one int32 per step),
+          the same without the host check (`nnx.jit` + donation), and 16
+          steps inside one `jax.jit` (`lax.scan`), against the parts: the
+          layer's own decode kernel on the cache + the four projections + the
+          one-token cache write, each timed alone and summed.
+  prefill b8: fresh prompts (resets included) against the train-mode
+          forward of the same tokens, and a 512-token chunk over 3584 cached
+          tokens against projections + a flash-class pass (cuDNN on GPU,
+          non-causal over all 4096 keys: an upper bound) + the 512-token write.
+
+ratio = step / parts (or / train forward). Writes layer.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meshattn.configs import load_config
+from meshattn.layers import Attention
+from meshattn.layers.kernels import registry
+from meshattn.layers.serving import jit_step
+from meshattn.layers.step_inputs import host_raises_after_step
+from meshattn.scripts.bench_common import fmt, time_fn
+
+CACHE_KEYS = {"contiguous": (), "int8": ("quantize_kvcache=true", "kv_quant_dtype=int8"),
+              "paged": ("paged_kv_cache=true",)}
+SCAN_STEPS = 16
+
+
+def build(dims: dict, cache_kind: str, batch: int, capacity: int, tpp: int):
+  keys = [f"{k}={v}" for k, v in dims.items()] + list(CACHE_KEYS[cache_kind])
+  if cache_kind == "paged":
+    keys += [f"tokens_per_page={tpp}", f"num_pages={batch * -(-capacity // tpp)}"]
+  cfg = load_config("llama3-8b", "dtype=bfloat16", "decode_attention=autoselected",
+                    "attention=autoselected", f"max_prefill_predict_length={capacity}", *keys)
+  attn = Attention(cfg, rngs=nnx.Rngs(0))
+  attn.init_cache(batch, capacity)
+  return attn
+
+
+def fill(attn, lengths: int) -> None:
+  """Every slot holds `lengths` random tokens (written through the cache's own write)."""
+  cache = attn.cache
+  b, s = cache.batch_size, lengths
+  if hasattr(cache, "reserve"):
+    cache.reserve_for_step(np.arange(b), s)
+  shape = (b, s, cache.num_kv_heads, cache.head_dim)
+  k = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
+  v = jax.random.normal(jax.random.key(2), shape, jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  write = nnx.jit(lambda c, *a: c.write(*a), donate_argnums=0)
+  write(cache, jnp.arange(b, dtype=jnp.int32), k, v, pos, jnp.ones((b, s), bool),
+        jnp.full((b,), s, jnp.int32))
+
+
+def set_lengths(attn, n: int) -> None:
+  attn.cache.lengths[...] = jnp.full_like(attn.cache.lengths[...], n)
+
+
+def decode_parts(attn, x) -> dict[str, float]:
+  """The step's parts, each timed alone: kernel on the cache, projections, one-token write."""
+  s = attn.settings
+  cache = attn.cache
+  b = x.shape[0]
+  selected = attn._select("autoregressive", attn._features("autoregressive"))
+  if selected.name == "dot_product":  # the cached reference path (CPU): time the ragged reference
+    selected = registry.select("paged" if hasattr(cache, "page_table") else "ragged",
+                               registry.Request("cpu", "autoregressive", selected_features(attn)))
+  kernel = attn._load(selected)
+  q = jnp.ones((b, s.num_query_heads, s.head_dim), s.dtype)
+  quant = cache.quant is not None
+  common = dict(scale=s.scale, soft_cap=s.attn_logits_soft_cap, sinks=None)
+  lengths = cache.lengths[...]
+  if hasattr(cache, "page_table"):
+    args = dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
+                page_table=cache.page_table[...], lengths=lengths,
+                page_owner=cache.page_owner[...], slots=jnp.arange(b, dtype=jnp.int32),
+                key_scale=cache.key_scale[...] if quant else None,
+                value_scale=cache.value_scale[...] if quant else None)
+  else:
+    args = dict(key=cache.key[...], value=cache.value[...], lengths=lengths, window=None,
+                key_scale=cache.key_scale[...] if quant else None,
+                value_scale=cache.value_scale[...] if quant else None)
+  kernel_ms = time_fn(jax.jit(lambda q, a: kernel(q, **a, **common)), q, args, iters=50)
+
+  @nnx.jit
+  def project(attn, x):
+    query, key, value = attn._project_qkv(x, x)
+    return attn.out(query), key, value
+
+  proj_ms = time_fn(project, attn, x, iters=50)
+  rows = jnp.arange(b, dtype=jnp.int32)
+  kv = jnp.ones((b, 1, s.num_kv_heads, s.head_dim), s.dtype)
+  pos = cache.lengths[...][:, None]
+  write = nnx.jit(lambda c, k, p: c.write(rows, k, k, p, jnp.ones((b, 1), bool), p[:, 0]),
+                  donate_argnums=0)
+  write_ms = time_fn(write, cache, kv, pos, iters=50)
+  return dict(kernel=kernel_ms, projections=proj_ms, write=write_ms)
+
+
+def selected_features(attn):
+  return attn._features("autoregressive")
+
+
+def scan_steps(attn, xs):
+  """SCAN_STEPS decode steps inside one jax.jit over the split state (donated)."""
+  graphdef, state = nnx.split(attn)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def run(state, xs):
+    def body(state, x):
+      model = nnx.merge(graphdef, state)
+      y = model(x, model_mode="autoregressive")
+      return nnx.state(model), y
+    with host_raises_after_step():  # the caller reads `rejected` (no callback per step)
+      return jax.lax.scan(body, state, xs)
+
+  return graphdef, state, run
+
+
+def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> list[dict]:
+  b, kv = (int(n) for n in shape.split("x"))
+  room = max(2 * (2 + 5 * iters), (2 + 5 * 2) * SCAN_STEPS) + 8  # time_fn: 2 warm-up + 5 reps
+  attn = build(dims, cache_kind, b, kv + room, tpp)
+  fill(attn, kv)
+  if cache_kind == "paged":
+    attn.cache.reserve_for_step(np.arange(b), room)
+  x = jax.random.normal(jax.random.key(3), (b, 1, attn.settings.emb_dim), attn.settings.dtype)
+  step = jit_step(lambda m, x: m(x, model_mode="autoregressive"))
+  step_ms = time_fn(step, attn, x, iters=iters)
+  plain = nnx.jit(lambda m, x: m(x, model_mode="autoregressive"), donate_argnums=0)
+  plain_ms = time_fn(plain, attn, x, iters=iters)
+  set_lengths(attn, kv)
+  graphdef, state, run = scan_steps(attn, None)
+  xs = jnp.broadcast_to(x, (SCAN_STEPS,) + x.shape)
+  holder = {"state": state}
+
+  def scanned(xs):
+    holder["state"], ys = run(holder["state"], xs)
+    return ys
+
+  scan_ms = time_fn(scanned, xs, iters=2) / SCAN_STEPS
+  attn = nnx.merge(graphdef, holder["state"])
+  set_lengths(attn, kv)
+  parts = decode_parts(attn, x)
+  total = sum(parts.values())
+  name = f"b{b} kv{kv}"
+  return [dict(section="decode", cache=cache_kind, shape=name, what=what, ms=ms, ratio=ms / total)
+          for what, ms in (("jit_step", step_ms), ("nnx.jit, no host check", plain_ms),
+                           (f"lax.scan x{SCAN_STEPS}", scan_ms))] + [
+      dict(section="decode", cache=cache_kind, shape=name, what=f"part: {k}", ms=v, ratio=None)
+      for k, v in parts.items()] + [
+      dict(section="decode", cache=cache_kind, shape=name, what="parts total", ms=total, ratio=1.0)]
+
+
+def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list[dict]:
+  attn = build(dims, "contiguous", batch, prompt, 16)
+  d = attn.settings.emb_dim
+  x = jax.random.normal(jax.random.key(4), (batch, prompt, d), attn.settings.dtype)
+  step = jit_step(lambda m, x: m(x, model_mode="prefill"))
+  slots = list(range(batch))
+
+  def fresh(x):
+    for slot in slots:  # as a serving loop frees finished slots one by one
+      attn.cache.reset(slot)
+    return step(attn, x)
+
+  fresh_ms = time_fn(fresh, x, iters=iters)
+  train = nnx.jit(lambda m, x: m(x, model_mode="train"))
+  train_ms = time_fn(train, attn, x, iters=iters)
+  cached = prompt - chunk
+
+  def chunk_step(x):
+    set_lengths(attn, cached)
+    return step(attn, x)
+
+  chunk_ms = time_fn(chunk_step, x[:, :chunk], iters=iters)
+  s = attn.settings
+
+  @nnx.jit
+  def project(attn, x):
+    query, key, value = attn._project_qkv(x, x)
+    return attn.out(query), key, value
+
+  proj_ms = time_fn(project, attn, x[:, :chunk], iters=iters)
+  q = jnp.ones((batch, chunk, s.num_query_heads, s.head_dim), s.dtype)
+  k = jnp.ones((batch, prompt, s.num_kv_heads, s.head_dim), s.dtype)
+  impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  flash = jax.jit(lambda q, k: jax.nn.dot_product_attention(q, k, k, implementation=impl))
+  flash_ms = time_fn(flash, q, k, iters=iters)
+  rows = jnp.arange(batch, dtype=jnp.int32)
+  pos = cached + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
+  kvs = jnp.ones((batch, chunk, s.num_kv_heads, s.head_dim), s.dtype)
+  write = nnx.jit(lambda c, k: c.write(rows, k, k, pos, jnp.ones(pos.shape, bool), pos[:, -1] + 1),
+                  donate_argnums=0)
+  write_ms = time_fn(write, attn.cache, kvs, iters=iters)
+  parts = proj_ms + flash_ms + write_ms
+  name = f"b{batch} {chunk} over {cached}"
+  return [
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}", what="fresh prefill "
+           f"(+{batch} resets)", ms=fresh_ms, ratio=fresh_ms / train_ms),
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}", what="train forward",
+           ms=train_ms, ratio=1.0),
+      dict(section="prefill", cache="contiguous", shape=name, what="chunk step", ms=chunk_ms,
+           ratio=chunk_ms / parts),
+      dict(section="prefill", cache="contiguous", shape=name, what="parts: proj + "
+           f"{impl} + write", ms=parts, ratio=1.0)]
+
+
+def print_table(rows: list[dict]) -> None:
+  print(f"{'section':8} {'cache':10} {'shape':22} {'what':28} {'ms':>9} {'ratio':>7}")
+  for r in rows:
+    print(f"{r['section']:8} {r['cache']:10} {r['shape']:22} {r['what']:28} "
+          f"{fmt(r['ms'], '9.3f')} {fmt(r['ratio'], '7.2f')}")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--decode", nargs="*", default=["64x4096", "8x32768"])
+  parser.add_argument("--caches", nargs="*", default=list(CACHE_KEYS))
+  parser.add_argument("--prefill", default="8x4096x512", help="batch x prompt x chunk ('' = skip)")
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--tokens-per-page", type=int, default=64)
+  parser.add_argument("--out", default="bench_out")
+  parser.add_argument("--cpu-smoke", action="store_true")
+  args = parser.parse_args(argv)
+  dims = {}
+  if args.cpu_smoke:
+    dims = dict(emb_dim=64, num_query_heads=4, num_kv_heads=2, head_dim=16)
+    args.decode, args.prefill, args.iters, args.tokens_per_page = ["2x32"], "2x32x8", 2, 8
+  rows = []
+  for shape in args.decode:
+    for kind in args.caches:
+      rows += bench_decode(dims, shape, kind, args.iters, args.tokens_per_page)
+  if args.prefill:
+    b, p, c = (int(n) for n in args.prefill.split("x"))
+    rows += bench_prefill(dims, b, p, c, args.iters)
+  print(f"# layer steps vs parts, {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print_table(rows)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "layer.json").write_text(json.dumps(rows, indent=1))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
