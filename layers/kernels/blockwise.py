@@ -18,7 +18,9 @@ Every feature matches dot_product_attention, in the same order of operations:
   -> mask (structural & segments & user mask & mask_mod)
   -> float32 softmax over [keys..., sink], the sink taking mass but no value.
 GQA / MQA never repeat K/V (queries viewed [B, T, K, G, H]). A row with no
-visible key gives zeros and finite (zero) gradients. Dropout and returning
+visible key gives zeros and finite (zero) gradients. Masks select, never
+multiply: what an invisible token holds (NaN, inf) reaches neither a visible
+output nor a gradient (online_softmax.py). Dropout and returning
 the weights are not supported (they need the full probability matrix) and
 raise; the kernel registry declares BLOCKWISE_FEATURES.
 
@@ -36,7 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.online_softmax import NEG
+from meshattn.layers.kernels.online_softmax import NEG, hide, live_keys, live_queries
 from meshattn.layers.kernels.dot_product import (
     KernelOptions, mod_indices, to_group_layout, visible_mask)
 
@@ -105,6 +107,16 @@ def _allowed(cfg: _Config, q_pos, kv_pos, q_seg, kv_seg, mask_blk, mask_consts, 
   return allowed
 
 
+def _hide_tile(allowed, q_blk, k_blk, v_blk):
+  """The tile's q [B, t, K, G, H], k, v [B, s, K, H] with the rows no pair of it uses zeroed.
+
+  Padding tokens and empty slots may hold NaN / inf; a mask multiplied in
+  (p = 0 against V = NaN, dLogits = 0 against K or Q = NaN) would leak them.
+  """
+  live_k = live_keys(allowed)  # [B, s, 1|K, 1]
+  return hide(q_blk, live_queries(allowed)), hide(k_blk, live_k), hide(v_blk, live_k)
+
+
 class _Tiles:
   """Slices the padded inputs into the (i-th query block, j-th key block) tile."""
 
@@ -161,7 +173,8 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
 
       def update(carry):
         m, l, acc = carry  # [B, K, G, t], [B, K, G, t], [B, K, G, t, Hv]
-        logits = _scores(cfg, _raw_scores(q_blk, k_blk, cfg.options), bias_blk, score_consts,
+        q_t, k_t, v_t = _hide_tile(allowed, q_blk, k_blk, v_blk)
+        logits = _scores(cfg, _raw_scores(q_t, k_t, cfg.options), bias_blk, score_consts,
                          indices).astype(jnp.float32)  # [B, K, G, t, s]
         logits = jnp.where(allowed, logits, NEG)
         m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, t]
@@ -169,7 +182,7 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
         correction = jnp.exp(m - m_new)  # [B, K, G, t]
         l_new = l * correction + p.sum(-1)
         acc_new = acc * correction[..., None] + jnp.einsum(
-            "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_blk, precision=cfg.options.precision,
+            "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_t, precision=cfg.options.precision,
             preferred_element_type=jnp.float32)  # [B, K, G, t, Hv]
         return m_new, l_new, acc_new
 
@@ -242,30 +255,34 @@ def _attention_bwd(cfg, residuals, d_out):
       bias_blk, mask_blk = tiles.pair(i, j)
       indices = mod_indices(batch, kv_heads, group, qp, kp)
       allowed = _allowed(cfg, qp, kp, qs, ks, mask_blk, mask_consts, indices)  # [B, 1|K, 1|G, t, s]
-      do_blk = _slice(d_out, i * bq, bq, 1)  # [B, t, K, G, Hv]
       lse_blk = _slice(lse, i * bq, bq, 3)  # [B, K, G, t]
-      delta_blk = _slice(delta, i * bq, bq, 3)  # [B, K, G, t]
 
       def compute(inner):
         dk, dv, dq, d_consts = inner
+        q_t, k_t, v_t = _hide_tile(allowed, q_blk, k_blk, v_blk)
+        # A query that sees nothing in this tile may come with a NaN cotangent
+        # (a padding row): its dO is zeroed, or p^T dO would carry it to dv; its
+        # NaN delta is selected away in d_logits below.
+        do_blk = hide(_slice(d_out, i * bq, bq, 1), live_queries(allowed))  # [B, t, K, G, Hv]
         score = lambda raw, bb, dc: _scores(cfg, raw, bb if bias_diff else bias_blk,
                                             merge_consts(dc), indices)
-        raw = _raw_scores(q_blk, k_blk, cfg.options)  # [B, K, G, t, s]
+        raw = _raw_scores(q_t, k_t, cfg.options)  # [B, K, G, t, s]
         scores, score_vjp = jax.vjp(score, raw, bias_blk if bias_diff else None, diff_consts)
         logits = jnp.where(allowed, scores.astype(jnp.float32), NEG)  # [B, K, G, t, s]
         p = jnp.where(allowed, jnp.exp(logits - lse_blk[..., None]), 0.0)  # [B, K, G, t, s]
         dv = dv + jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(v.dtype), do_blk,
                              precision=cfg.options.precision,
                              preferred_element_type=jnp.float32)  # [B, s, K, Hv]
-        dp = jnp.einsum("BTKGH,BSKH->BKGTS", do_blk, v_blk, precision=cfg.options.precision,
+        dp = jnp.einsum("BTKGH,BSKH->BKGTS", do_blk, v_t, precision=cfg.options.precision,
                         preferred_element_type=jnp.float32)  # [B, K, G, t, s]
-        d_logits = p * (dp - delta_blk[..., None])  # [B, K, G, t, s]
+        delta_blk = _slice(delta, i * bq, bq, 3)[..., None]  # [B, K, G, t, 1]
+        d_logits = jnp.where(allowed, p * (dp - delta_blk), 0.0)  # [B, K, G, t, s]
         d_raw, d_bias, d_c = score_vjp(d_logits.astype(scores.dtype))  # d_raw [B, K, G, t, s]
-        dq_blk = jnp.einsum("BKGTS,BSKH->BTKGH", d_raw, k_blk, precision=cfg.options.precision,
+        dq_blk = jnp.einsum("BKGTS,BSKH->BTKGH", d_raw, k_t, precision=cfg.options.precision,
                             preferred_element_type=jnp.float32)  # [B, t, K, G, H]
         dq = jax.lax.dynamic_update_slice_in_dim(
             dq, _slice(dq, i * bq, bq, 1) + dq_blk, i * bq, 1)  # [B, T, K, G, H]
-        dk = dk + jnp.einsum("BKGTS,BTKGH->BSKH", d_raw, q_blk, precision=cfg.options.precision,
+        dk = dk + jnp.einsum("BKGTS,BTKGH->BSKH", d_raw, q_t, precision=cfg.options.precision,
                              preferred_element_type=jnp.float32)  # [B, s, K, H]
         d_consts = [a + b.astype(jnp.float32) for a, b in zip(d_consts, d_c)]
         d_bias = d_bias.astype(jnp.float32) if bias_diff else None

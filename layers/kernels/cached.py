@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.dot_product import KernelOptions, mod_indices
-from meshattn.layers.kernels.online_softmax import NEG, finish
+from meshattn.layers.kernels.online_softmax import NEG, finish, hide, live_keys, live_queries
 from meshattn.layers.masks import structural_mask
 
 # (start index) -> key, value [B, block, K, H] and positions [B, block]
@@ -25,29 +25,40 @@ BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def _block_update(carry, q, key, value, q_pos, kv_pos, q_valid, options: KernelOptions):
-  """One online-softmax step over a block of keys; carry = (m, l, acc)."""
+  """One online-softmax step over a block of keys; carry = (m, l, acc).
+
+  Entries no query of the step sees (past a slot's length, position -1; a
+  padding token of the step) may hold anything, a previous occupant's NaN
+  included: they are selected away, never multiplied by a mask
+  (online_softmax.py).
+  """
   m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
-                      preferred_element_type=jnp.float32) * options.scale  # [B, K, G, T, S]
   batch, _, kv_heads, group = q.shape[:4]
   indices = mod_indices(batch, kv_heads, group, q_pos, kv_pos)
-  if options.score_mod is not None:
-    logits = options.score_mod(logits, *indices).astype(jnp.float32)
-  if options.soft_cap:
-    logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
   allowed = structural_mask(options.mask, q_pos, kv_pos) & q_valid[:, :, None]  # [B, T, S]
   allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
   if options.mask_mod is not None:
     allowed = allowed & options.mask_mod(*indices).astype(bool)
+  live_q = live_queries(allowed)  # [B, T, 1|K, 1|G, 1]
+  live_k = live_keys(allowed)  # [B, S, 1|K, 1]
+  q, key, value = hide(q, live_q), hide(key, live_k), hide(value, live_k)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
+                      preferred_element_type=jnp.float32) * options.scale  # [B, K, G, T, S]
+  if options.score_mod is not None:
+    logits = options.score_mod(logits, *indices).astype(jnp.float32)
+  if options.soft_cap:
+    logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
   logits = jnp.where(allowed, logits, NEG)
   m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, T]
-  p = jnp.exp(logits - m_new[..., None]) * allowed  # [B, K, G, T, S]
+  p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)  # [B, K, G, T, S]
   correction = jnp.exp(m - m_new)  # [B, K, G, T]
   l_new = l * correction + p.sum(-1)
-  acc_new = acc * correction[..., None] + jnp.einsum(
-      "BKGTS,BSKH->BKGTH", p.astype(value.dtype), value, precision=options.precision,
-      preferred_element_type=jnp.float32)  # [B, K, G, T, H]
-  return m_new, l_new, acc_new
+  pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(value.dtype), value, precision=options.precision,
+                  preferred_element_type=jnp.float32)  # [B, K, G, T, H]
+  # Zero forward for a query that sees nothing here; the select keeps its
+  # cotangent (NaN on a padding row, say) out of dv = p^T dO.
+  pv = jnp.where(jnp.moveaxis(live_q, 1, 3), pv, 0.0)  # [B, K, G, T, H]
+  return m_new, l_new, acc * correction[..., None] + pv
 
 
 def attend_with_cache(

@@ -14,7 +14,9 @@ Order of operations on the logits (the same in every kernel):
 score_mod(score, batch, head, q_idx, kv_idx) and mask_mod(batch, head, q_idx,
 kv_idx) follow FlexAttention: index arguments are int arrays broadcastable
 against the scores, q_idx / kv_idx are the token positions the masks use.
-A row with no visible key produces zeros (never NaN).
+A row with no visible key produces zeros (never NaN). Whatever an invisible
+token holds (NaN, inf) never reaches a visible output or its gradients: masks
+select (jnp.where), they never multiply (see online_softmax.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from meshattn.layers.kernels.online_softmax import hide, live_keys, live_queries
 from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
 
 
@@ -127,7 +130,15 @@ def dot_product_attention(
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
 
-  q = query.reshape(batch, q_len, kv_heads, group, head_dim)  # [B, T, K, G, H]
+  mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
+  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5,
+                         kv_heads, group)  # [B, 1|K, 1|G, T, S]
+  # Rows no pair uses (padding, empty slots) may hold NaN / inf: zeroed by a
+  # select, or 0 * NaN would reach p @ V, dq and dk (online_softmax.py).
+  live_q = live_queries(allowed)  # [B, T, 1|K, 1|G, 1]
+  live_k = live_keys(allowed)  # [B, S, 1|K, 1]
+  key, value = hide(key, live_k), hide(value, live_k)  # [B, S, K, H]
+  q = hide(query.reshape(batch, q_len, kv_heads, group, head_dim), live_q)  # [B, T, K, G, H]
   logits = jnp.einsum(
       "BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
       preferred_element_type=jnp.float32 if options.float32_qk_product else None)  # [B, K, G, T, S]
@@ -144,9 +155,6 @@ def dot_product_attention(
     cap = jnp.asarray(options.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
 
-  mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
-  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5,
-                         kv_heads, group)
   # A large finite negative (not -inf) keeps fully masked rows NaN-free; their
   # probabilities are zeroed below.
   logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min / 2)  # [B, K, G, T, S]
@@ -174,6 +182,9 @@ def dot_product_attention(
   context = jnp.einsum(
       "BKGTS,BSKH->BTKGH", probs.astype(value.dtype), value,
       precision=options.precision)  # [B, T, K, G, H]
+  # Already zero forward. The select zeroes the cotangent of a query that sees
+  # nothing: a NaN sent back to a padding row would reach dv through p^T dO.
+  context = hide(context, live_q)  # [B, T, K, G, H]
   context = context.reshape(batch, q_len, num_heads, value.shape[-1])  # [B, T, N, H]
   weights = probs.reshape(batch, num_heads, q_len, kv_len) if return_weights else None
   return context, weights

@@ -22,7 +22,10 @@ What the reference does and how it maps onto splash:
     lax.map in interpret mode, whose TPU interpreter cannot batch a kernel).
   * segment ids: splash attends within equal ids, padding (id 0) included,
     whereas the reference gives padding queries zeros; those rows (and any
-    query whose segment has no visible key) are zeroed afterwards.
+    query whose segment has no visible key) are zeroed afterwards. Padding
+    may hold NaN / inf, which splash would multiply into p @ V by a zero p:
+    the q, k, v of tokens no real token pairs with are zeroed (a select)
+    before the call.
 The gradient is splash's own (custom_vjp with Pallas backward kernels).
 
 Numerics: splash accumulates q.k and p.v in float32 whatever the input dtype,
@@ -222,6 +225,13 @@ def rows_with_keys(spec: MaskSpec, q_positions, kv_positions, q_segment_ids,
   return allowed.any(axis=-1)  # [B, T]
 
 
+def keys_with_rows(q_segment_ids, kv_segment_ids) -> jax.Array:
+  """[B, S] True where some query shares a key's (non-zero) segment; as rows_with_keys."""
+  if _same_ids(q_segment_ids, kv_segment_ids):
+    return kv_segment_ids != 0  # [B, S]
+  return segment_mask(q_segment_ids, kv_segment_ids).any(axis=1)  # [B, S]
+
+
 def splash_attention(
     query: jax.Array,
     key: jax.Array,
@@ -274,9 +284,20 @@ def splash_attention(
   v = value.transpose(0, 2, 1, 3)  # [B, K, S, H]
   if mqa:
     k, v = k[:, 0], v[:, 0]  # [B, S, H]
-  segments = (None if q_segment_ids is None else
-              splash.SegmentIds(q=q_segment_ids.astype(jnp.int32),
-                                kv=kv_segment_ids.astype(jnp.int32)))  # [B, T] / [B, S]
+  segments = None
+  if q_segment_ids is not None:
+    segments = splash.SegmentIds(q=q_segment_ids.astype(jnp.int32),
+                                 kv=kv_segment_ids.astype(jnp.int32))  # [B, T] / [B, S]
+    # Splash zeroes the p of a masked pair but still multiplies it into p @ V
+    # (0 * NaN = NaN), and lets padding attend to padding: the tokens no real
+    # token pairs with are zeroed by a select first, so whatever they hold
+    # reaches no visible output or gradient (as in online_softmax.py).
+    live_q = rows_with_keys(options.mask, q_positions, kv_positions, q_segment_ids,
+                            kv_segment_ids)  # [B, T]
+    live_k = keys_with_rows(q_segment_ids, kv_segment_ids)  # [B, S]
+    q = jnp.where(live_q[:, None, :, None], q, jnp.zeros((), q.dtype))  # [B, N, T, H]
+    live_k = live_k[:, :, None] if mqa else live_k[:, None, :, None]  # [B, S, 1] / [B, 1, S, 1]
+    k, v = (jnp.where(live_k, x, jnp.zeros((), x.dtype)) for x in (k, v))
 
   def one_example(q, k, v, segments):
     return kernel(q, k, v, segment_ids=segments, sinks=sinks)  # [N, T, H]
@@ -289,7 +310,6 @@ def splash_attention(
     context = jax.vmap(one_example)(q, k, v, segments)  # [B, N, T, H]
   context = context.transpose(0, 2, 1, 3)  # [B, T, N, H]
   if q_segment_ids is not None:
-    keep = rows_with_keys(options.mask, q_positions, kv_positions, q_segment_ids,
-                          kv_segment_ids)  # [B, T]
-    context = jnp.where(keep[:, :, None, None], context, jnp.zeros((), context.dtype))
+    # Also zeroes those rows' cotangents before splash's backward sees them.
+    context = jnp.where(live_q[:, :, None, None], context, jnp.zeros((), context.dtype))
   return context.astype(query.dtype), None

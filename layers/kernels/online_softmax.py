@@ -1,12 +1,39 @@
-"""What every online-softmax kernel here shares: the masked logit and the last step."""
+"""What every online-softmax kernel here shares: the masked logit, hiding invisible entries, and
+the last step."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 # Masked logits: finite, so a row with nothing visible stays NaN-free (its
 # probabilities are zeroed explicitly, never left to exp() underflow).
 NEG = -1e30
+
+# Invisible entries (a padding token's q/k/v, a cache entry past its slot's
+# length, a stale ring entry) may hold anything: NaN, inf, a previous
+# sequence's data. Masking by multiplication leaks them (0 * NaN = NaN in
+# p @ V, in dq = dLogits @ K, in dk = dLogits^T Q), so every kernel selects
+# instead: logits of invisible pairs are replaced (jnp.where, never an added
+# bias), and the rows of Q, K, V that no pair of a tile uses are replaced by
+# zeros before they enter a product. A key visible to some query of the tile
+# is left as it is: its value is real. The VJP of a select gives the
+# unselected branch a zero cotangent, so the backward is safe too.
+
+
+def live_keys(allowed: jax.Array) -> jax.Array:
+  """[B, 1|K, 1|G, T, S] visibility -> [B, S, 1|K, 1]: keys some query of the tile sees."""
+  return jnp.moveaxis(allowed.any(axis=(2, 3)), 1, 2)[..., None]
+
+
+def live_queries(allowed: jax.Array) -> jax.Array:
+  """[B, 1|K, 1|G, T, S] visibility -> [B, T, 1|K, 1|G, 1]: queries that see some key of it."""
+  return jnp.moveaxis(allowed.any(axis=-1), 3, 1)[..., None]
+
+
+def hide(x: jax.Array, live: jax.Array) -> jax.Array:
+  """x where `live` (broadcast against it), else zeros: nothing invisible enters a product."""
+  return jnp.where(live, x, jnp.zeros((), x.dtype))
 
 
 def finish(l, acc):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meshattn.layers.kernels.dot_product import KernelOptions, visible_mask
-from meshattn.layers.kernels.online_softmax import NEG, finish
+from meshattn.layers.kernels.online_softmax import NEG, finish, hide, live_keys, live_queries
 
 
 def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):
@@ -46,19 +46,27 @@ def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):
 
   Returns m, l [B, K, G, T] (float32 max / sum over the block's visible keys)
   and acc [B, T, K, G, H] (float32, probabilities times values).
+
+  Rows of q, k, v that no pair of the block uses (padding, empty slots) are
+  zeroed by a select before any product, and so is the block's acc of a query
+  that sees nothing here (its cotangent), so a NaN / inf they hold reaches
+  no visible output or gradient (online_softmax.py).
   """
+  allowed = visible_mask(options, q_pos, kv_pos, q_seg, kv_seg, None)  # [B, 1, 1, T, S]
+  live_q = live_queries(allowed)  # [B, T, 1, 1, 1]
+  live_k = live_keys(allowed)  # [B, S, 1, 1]
+  q5, k, v = hide(q5, live_q), hide(k, live_k), hide(v, live_k)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q5, k, precision=options.precision,
                       preferred_element_type=jnp.float32)  # [B, K, G, T, S]
   logits = logits * options.scale
   if options.soft_cap:
     logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
-  allowed = visible_mask(options, q_pos, kv_pos, q_seg, kv_seg, None)  # [B, 1, 1, T, S]
   logits = jnp.where(allowed, logits, NEG)
   m = logits.max(axis=-1)  # [B, K, G, T]
   p = jnp.where(allowed, jnp.exp(logits - m[..., None]), 0.0)  # [B, K, G, T, S]
   acc = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, precision=options.precision,
                    preferred_element_type=jnp.float32)  # [B, T, K, G, H]
-  return m, p.sum(axis=-1), acc
+  return m, p.sum(axis=-1), hide(acc, live_q)
 
 
 def _merge(a, b):
