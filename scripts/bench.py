@@ -71,9 +71,9 @@ def decode_kernels(platform: str) -> dict[str, tuple[Callable, bool]]:
 
   def paged_fn(impl):
     def run(q, k, v, lengths, paged):
-      key_pages, value_pages, table = paged
-      return decode.paged_decode(q, key_pages, value_pages, table, lengths, scale=q.shape[-1] ** -0.5,
-                                 implementation=impl)
+      key_pages, value_pages, table, page_owner, slots = paged
+      return decode.paged_decode(q, key_pages, value_pages, table, lengths, page_owner=page_owner,
+                                 slots=slots, scale=q.shape[-1] ** -0.5, implementation=impl)
     return run
 
   kernels["ragged (reference)"] = (ragged("reference"), False)
@@ -100,7 +100,10 @@ def bench_decode(args, platform: str) -> list[Row]:
       lengths = (jax.random.randint(keys[3], (b,), 1, s + 1) if ragged
                  else jnp.full((b,), s, jnp.int32)).astype(jnp.int32)
       valid_bytes = float(jnp.sum(lengths)) * k * h * 2 * dtype.itemsize
-      pages = to_pages(kk, v, args.tokens_per_page)
+      key_pages, value_pages, table = to_pages(kk, v, args.tokens_per_page)
+      slots = jnp.arange(b, dtype=jnp.int32)  # row i is slot i, owning the pages of its table
+      owner = jnp.full(key_pages.shape[:1], -1, jnp.int32).at[table].set(slots[:, None])  # [P]
+      pages = (key_pages, value_pages, table, owner, slots)
       shape = f"b{b} kv{s} {'ragged' if ragged else 'uniform'}"
       reference = None
       from meshattn.layers.kernels import decode

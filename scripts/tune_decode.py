@@ -166,11 +166,14 @@ def make_problem(shape: Shape, *, heads, kv_heads, head_dim, dtype, tpp, interpr
     return jax.jit(lambda q, k, v, l: ragged_decode_pallas(q, k, v, l, **common, **config))
 
   key_pages, value_pages, table = to_pages(k, v, tpp)
+  slots = jnp.arange(b, dtype=jnp.int32)  # row i is slot i, owning the pages of its table
+  owner = jnp.full(key_pages.shape[:1], -1, jnp.int32).at[table].set(slots[:, None])  # [P]
   # The paged reference is the ragged one on the same logical cache (checked
   # equal by the tests); gathering pages here would only cost memory.
 
   def paged(config):
-    return jax.jit(lambda q, kp, vp, t, l: paged_decode_pallas(q, kp, vp, t, l, **common, **config))
+    return jax.jit(lambda q, kp, vp, t, l, o, s: paged_decode_pallas(
+        q, kp, vp, t, l, page_owner=o, slots=s, **common, **config))
 
   quant = KVQuant("int8")
   kq, ks = quantize(k, quant)
@@ -186,7 +189,7 @@ def make_problem(shape: Shape, *, heads, kv_heads, head_dim, dtype, tpp, interpr
 
   return Problem(shape, lengths, {
       "ragged": (ragged, (q, k, v, lengths), ref, float_bytes),
-      "paged": (paged, (q, key_pages, value_pages, table, lengths), ref, float_bytes),
+      "paged": (paged, (q, key_pages, value_pages, table, lengths, owner, slots), ref, float_bytes),
       "ragged int8": (ragged8, (q, kq, vq, lengths, ks, vs), ref8, int8_bytes),
   })
 

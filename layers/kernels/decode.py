@@ -59,13 +59,17 @@ def ragged_decode(query, key, value, lengths, *, scale, soft_cap=None, window=No
                                              backend=backend, **kwargs)
 
 
-def paged_decode(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap=None,
-                 sinks=None, key_scale=None, value_scale=None, implementation: str = "auto",
-                 interpret: bool = False) -> jax.Array:
-  """query [B, N, H] over the pages of each row's page_table [B, maxp] -> [B, N, H]."""
+def paged_decode(query, key_pages, value_pages, page_table, lengths, *, page_owner, slots, scale,
+                 soft_cap=None, sinks=None, key_scale=None, value_scale=None,
+                 implementation: str = "auto", interpret: bool = False) -> jax.Array:
+  """query [B, N, H] over the pages of each row's page_table [B, maxp] -> [B, N, H].
+
+  Row b reads only pages its slot slots[b] owns per page_owner [P] (see paged.py), on every
+  implementation.
+  """
   impl, backend = choose_implementation(implementation, interpret, key_pages.dtype, paged=True)
-  kwargs = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
-                value_scale=value_scale)
+  kwargs = dict(page_owner=page_owner, slots=slots, scale=scale, soft_cap=soft_cap, sinks=sinks,
+                key_scale=key_scale, value_scale=value_scale)
   if impl == "reference":
     return paged_kernels.paged_decode_reference(query, key_pages, value_pages, page_table, lengths,
                                                 **kwargs)

@@ -28,12 +28,24 @@ step = fewer running-max rescales and more loads in flight):
                  `pages_per_block` times), clamped to the row's last page, so
                  steps past the row's pages repeat a block index and fetch
                  nothing new.
-A row never reads a page that is not in its table (GPU: masked loads; TPU:
-ids come from its table) -- with one exception on TPU: a row of length 0
-whose table is empty still has its grid steps, and a -1 slot inside a
-row's length has its block, and the pipeline fetches page 0 for them
-(masked, never computed on). A -1 slot inside the length is a missing
-page on every path: its entries are invisible, as in the reference.
+Page ownership: a row reads only pages its slot owns, whatever the page
+table says (a corrupt table, or a bug upstream, must not expose another
+sequence's K/V). Every entry point takes the pool's `page_owner` [P] (the
+slot owning each page, -1 = free; kvcache.paged keeps it) and `slots` [B]
+(the cache slot of each row) and first replaces every table entry that its
+row does not own -- a page of another slot, a free page, an id outside
+[0, P) -- by -1 (`owned_page_table`: one owner lookup per table entry, a
+[B, maxp] int32 op ahead of the kernels, so their loops gain no dependent
+load). The rule is written once, here; every path (reference, GPU, TPU,
+float and int8) then reads that table, where a -1 entry inside a row's
+length is a missing page: its entries are invisible, as in the reference
+and in kvcache.paged's `read_block`.
+A row never reads a page outside its owned table (GPU: masked loads; TPU:
+ids come from it) -- with one exception on TPU: a row of length 0 whose
+table is empty still has its grid steps, and a -1 slot inside a row's
+length has its block, and the pipeline fetches page 0 for them (selected
+away, never computed on: whatever page 0 holds, NaN included, cannot reach
+the output).
 """
 
 from __future__ import annotations
@@ -67,15 +79,54 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
   return rows.reshape((ids.shape[0], ids.shape[1] * tpp) + pages.shape[2:])
 
 
-def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *, scale,
-                           soft_cap=None, sinks=None, key_scale=None, value_scale=None):
+def owned_pages(page_table: jax.Array, page_owner: jax.Array, slots: jax.Array) -> jax.Array:
+  """[B, maxp] bool: table entry (b, i) names a page of the pool that slot slots[b] owns.
+
+  page_table [B, maxp], page_owner [P] (-1 = free), slots [B]. An id outside
+  [0, P) owns nothing (it is never used as an index), and a free page
+  belongs to no slot, not even to a row whose slot is -1.
+  """
+  page_table, page_owner = jnp.asarray(page_table), jnp.asarray(page_owner)
+  slots = jnp.asarray(slots).astype(page_owner.dtype)
+  num_pages = page_owner.shape[0]
+  in_pool = (page_table >= 0) & (page_table < num_pages)  # [B, maxp]
+  owner = page_owner[jnp.where(in_pool, page_table, 0)]  # [B, maxp]: one lookup per page
+  return in_pool & (owner >= 0) & (owner == slots[:, None])
+
+
+def owned_page_table(page_table, page_owner, slots) -> jax.Array:
+  """page_table [B, maxp] int32 with -1 (a missing page) for every entry its row does not own."""
+  return jnp.where(owned_pages(page_table, page_owner, slots), page_table, -1).astype(jnp.int32)
+
+
+def check_ownership_args(key_pages, page_table, page_owner, slots):
+  """page_owner [P] and slots [B] integer arrays matching the pool and the table."""
+  for name, x, shape in (("page_owner", page_owner, key_pages.shape[:1]),
+                         ("slots", slots, page_table.shape[:1])):
+    dtype = None if x is None else jnp.asarray(x).dtype
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array (the paged kernels read only pages "
+                       f"each row's slot owns), got {dtype}")
+    if tuple(jnp.shape(x)) != tuple(shape):
+      raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; expected {tuple(shape)} "
+                       "(page_owner: one slot per pool page; slots: one per table row)")
+
+
+def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *, page_owner,
+                           slots, scale, soft_cap=None, sinks=None, key_scale=None,
+                           value_scale=None):
   """Decode attention of query [B, N, H] over paged K/V; returns [B, N, H] in query.dtype.
 
   key_pages / value_pages [P, tpp, K, H] (float, int8 or int4 with
   key_scale / value_scale [P, tpp, K or 1]), page_table [B, maxp] (-1 = no
-  page), lengths [B]. The specification: gathers every row's pages (padded
-  to maxp), then masks entries j >= lengths[b] and entries of missing pages.
+  page), lengths [B], page_owner [P] (slot owning each page, -1 = free),
+  slots [B] (row b's cache slot). The specification: gathers every row's
+  owned pages (padded to maxp; pages it does not own read as zeros, never
+  touched), then masks entries j >= lengths[b] and entries of pages the row
+  does not own or that are missing.
   """
+  check_ownership_args(key_pages, page_table, page_owner, slots)
+  page_table = owned_page_table(page_table, page_owner, slots)  # [B, maxp]
   tpp = key_pages.shape[1]
   k = gather_pages(key_pages, page_table)  # [B, C, K, H]
   v = gather_pages(value_pages, page_table)  # [B, C, K, H]
@@ -109,8 +160,9 @@ def _gpu_block(i, carry, q, refs, *, length, table_ref, tpp, block_kv, scale, so
   # One vector load of the step's page ids (each repeated for its tpp
   # tokens: the same address within a warp is one transaction), then every
   # K/V row of the tile is addressed through it. Slots past the row's length
-  # are not looked up; a -1 slot inside it (a missing page) is masked like
-  # them, as in the reference, and never dereferenced. The ids are loaded
+  # are not looked up; a -1 slot inside it (a missing page, or one the row's
+  # slot does not own: `owned_page_table`) is masked like them, as in the
+  # reference, and never dereferenced. The ids are loaded
   # twice, laid out for the rows and for the logits' columns, so no 1-D
   # transpose is needed.
   page = plgpu.load(table_ref.at[lax.div(tok, tpp)], mask=tok < length, other=-1)  # [bk]
@@ -146,6 +198,7 @@ def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, 
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
                key_scale, value_scale, pages_per_block, interpret, num_splits=None,
                blocks_per_split=None, num_warps=None, num_stages=None):
+  """The GPU kernel over page_table [B, maxp] as `owned_page_table` left it (-1: not readable)."""
   batch, num_heads, head_dim = query.shape
   total_pages, tpp, kv_heads = key_pages.shape[:3]
   max_pages = page_table.shape[1]
@@ -245,8 +298,8 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, max_pages, kv_he
       for j in range(ppb):
         slot = i * ppb + j  # logical slot (the page itself may be a clamped repeat)
         start = slot * tpp
-        # A -1 slot inside the length is a missing page: the index_map read page 0
-        # for it, which is masked here, as the reference masks it.
+        # A -1 slot inside the length is a missing (or not owned) page: the
+        # index_map read page 0 for it, which is masked here, as the reference masks it.
         has_page = table_ref[b * max_pages + jnp.minimum(slot, max_pages - 1)] >= 0
         valid_row = (start + lax.broadcasted_iota(jnp.int32, (1, tpp), 1) < length) & has_page
         valid_col = (start + lax.broadcasted_iota(jnp.int32, (tpp, 1), 0) < length) & has_page
@@ -268,6 +321,7 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, max_pages, kv_he
 
 def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
                key_scale, value_scale, pages_per_block, interpret):
+  """The TPU kernel over page_table [B, maxp] as `owned_page_table` left it (-1: not readable)."""
   from jax.experimental.pallas import tpu as pltpu
 
   batch, num_heads, head_dim = query.shape
@@ -326,13 +380,14 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 # ---- public entry point -------------------------------------------------------------
 
 
-def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, scale,
-                        soft_cap=None, sinks=None, key_scale=None, value_scale=None,
+def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, page_owner, slots,
+                        scale, soft_cap=None, sinks=None, key_scale=None, value_scale=None,
                         pages_per_block: int | None = None, interpret=False,
                         backend: str = "gpu", num_splits: int | None = None,
                         blocks_per_split: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None):
-  """Pallas paged decode attention; same arguments and result as `paged_decode_reference`.
+  """Pallas paged decode attention; same arguments and result as `paged_decode_reference`
+  (page ownership included: the kernels get `owned_page_table`).
 
   pages_per_block >= 1 pages per loop step / grid step. None: on GPU the
   pages of `auto_tile_keys` tokens (128 tokens at head_dim 128 for a
@@ -354,12 +409,14 @@ def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, s
   if query.shape[1] % key_pages.shape[2]:
     raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads "
                      f"{key_pages.shape[2]}")
+  check_ownership_args(key_pages, page_table, page_owner, slots)
+  if backend not in ("gpu", "tpu"):
+    raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")
+  table = owned_page_table(page_table, page_owner, slots)  # [B, maxp]
   args = dict(scale=scale, soft_cap=soft_cap, sinks=sinks, key_scale=key_scale,
               value_scale=value_scale, pages_per_block=pages_per_block, interpret=interpret)
   if backend == "gpu":
-    return _paged_gpu(query, key_pages, value_pages, page_table, lengths, num_splits=num_splits,
+    return _paged_gpu(query, key_pages, value_pages, table, lengths, num_splits=num_splits,
                       blocks_per_split=blocks_per_split, num_warps=num_warps,
                       num_stages=num_stages, **args)
-  if backend == "tpu":
-    return _paged_tpu(query, key_pages, value_pages, page_table, lengths, **args)
-  raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")
+  return _paged_tpu(query, key_pages, value_pages, table, lengths, **args)

@@ -94,9 +94,11 @@ def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   """A decode kernel under shard_map: kernel(query [b, N, H], **args) -> [b, N, H].
 
   batch_args have the batch first ([b, ...], e.g. caches [b, C, K, H],
-  lengths, page tables), kv heads third in 4-D ones and second in the 3-D
-  scales [b, K or 1, C]; pool_args are page
-  pools [P, tpp, K, H] shared by every row (sharded over kv heads only);
+  lengths, page tables, the rows' cache slots), kv heads third in 4-D ones
+  and second in the 3-D scales [b, K or 1, C]; pool_args are shared by every
+  row: page pools [P, tpp, K, H] and their scales (sharded over kv heads
+  only) and page_owner [P] (replicated: a shard's rows may name any page,
+  so every shard checks ownership against the whole pool);
   shared_args are static keyword arguments. Heads are sharded only when the
   query and kv heads split the same way (else each shard holds all heads).
   """
@@ -110,7 +112,10 @@ def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   def spec(x, batched):
     if x is None:
       return None
-    if not batched:  # page pools and scales [P, tpp, K or 1, ...]
+    if not batched:
+      if x.ndim < 3:  # page_owner [P]
+        return P(*([None] * x.ndim))
+      # page pools and scales [P, tpp, K or 1, ...]
       return P(None, None, heads if x.shape[2] > 1 else None, *([None] * (x.ndim - 3)))
     entries = [batch] + [None] * (x.ndim - 1)
     head_axis = 1 if x.ndim == 3 else 2  # [b, K, C] scales, [b, C, K, H] caches

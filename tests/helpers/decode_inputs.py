@@ -23,6 +23,9 @@ LENGTHS = np.array([0, S, 13, 1, 27], np.int32)
 SCALE = 0.35
 TPP, MAX_PAGES, NUM_PAGES = 8, 5, 16  # paged: capacity 40, 12 pages used of 16
 PAGED_LENGTHS = np.array([0, 40, 13, 1, 27], np.int32)
+# The cache slot of each paged row: not the row index, so a kernel that compared page owners
+# with row indices would fail.
+PAGED_SLOTS = np.array([3, 0, 4, 2, 1], np.int32)
 TOL = dict(atol=1e-5, rtol=1e-5)
 KV_HEADS = pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 BACKENDS = pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -144,8 +147,19 @@ def to_pages(logical, lengths, rng, fill=0.0):
   return pages, table
 
 
+def page_owners(table, slots=PAGED_SLOTS, num_pages=NUM_PAGES):
+  """page_owner [P] int32 of a page table [B, maxp]: slots[b] for row b's pages, -1 for free."""
+  owner = np.full(num_pages, -1, np.int32)
+  for b, row in enumerate(np.asarray(table)):
+    owner[row[row >= 0]] = slots[b]
+  return owner
+
+
 def paged_inputs(case, kv_heads, seed=0, garbage=False):
-  """Paged versions of ragged_inputs (capacity MAX_PAGES * TPP); garbage fills unowned pages."""
+  """Paged versions of ragged_inputs (capacity MAX_PAGES * TPP); garbage fills unowned pages.
+
+  kwargs carry the ownership arguments: row b is slot PAGED_SLOTS[b], owning its table's pages.
+  """
   _, soft_cap, with_sinks, axis = CASES[case]
   rng = np.random.default_rng(seed)
   batch, cap = len(PAGED_LENGTHS), MAX_PAGES * TPP
@@ -180,6 +194,7 @@ def paged_inputs(case, kv_heads, seed=0, garbage=False):
     value_pages, _ = to_pages(v, PAGED_LENGTHS, np.random.default_rng(perm_seed), fill)
   arrays = (jnp.asarray(q), jnp.asarray(key_pages), jnp.asarray(value_pages), jnp.asarray(table),
             jnp.asarray(PAGED_LENGTHS))
+  kwargs.update(page_owner=jnp.asarray(page_owners(table)), slots=jnp.asarray(PAGED_SLOTS))
   return arrays, kwargs, (q.astype(np.float64), k64, v64, sinks)
 
 

@@ -23,7 +23,7 @@ from meshattn.layers.kernels import decode_int8
 from meshattn.layers.kernels.paged import gather_pages, paged_decode_pallas
 from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_visible
 
-from helpers.decode_inputs import attention_np
+from helpers.decode_inputs import attention_np, page_owners
 
 
 @settings(max_examples=100, deadline=None)
@@ -183,9 +183,12 @@ def test_paged_int8_pv_with_missing_pages_and_splits():
   table[2, :] = -1  # row 2: no page at all, though its length says 20
   lengths = jnp.asarray([45, 30, 20], jnp.int32)
   q = jnp.asarray(rng.normal(size=(batch, heads, h)), jnp.bfloat16)
-  out = paged_decode_pallas(q, pool_k, pool_v, jnp.asarray(table), lengths, scale=h ** -0.5,
-                            key_scale=pool_ks, value_scale=pool_vs, pages_per_block=4,
-                            blocks_per_split=1, interpret=True)
+  slots = np.arange(batch, dtype=np.int32)
+  out = paged_decode_pallas(q, pool_k, pool_v, jnp.asarray(table), lengths,
+                            page_owner=jnp.asarray(page_owners(table, slots, num_pages)),
+                            slots=jnp.asarray(slots), scale=h ** -0.5, key_scale=pool_ks,
+                            value_scale=pool_vs, pages_per_block=4, blocks_per_split=1,
+                            interpret=True)
   table = jnp.asarray(table)
   k = _dequantized(gather_pages(pool_k, table), gather_pages(pool_ks, table))
   v = _dequantized(gather_pages(pool_v, table), gather_pages(pool_vs, table))

@@ -219,10 +219,11 @@ def test_int4_refused_where_no_kernel_path():
     ragged_decode_pallas(q, k4, v4, jnp.asarray(LENGTHS), scale=SCALE,
                          key_scale=scales_by_head(ks), value_scale=scales_by_head(vs),
                          interpret=True, backend="tpu")
-  (q, key_pages, _, table, lengths), _, _ = paged_inputs("plain", 2)
+  (q, key_pages, _, table, lengths), kwargs, _ = paged_inputs("plain", 2)
   pk, pks = quantize(key_pages, KVQuant("int4"))
   with pytest.raises(NotImplementedError, match="int4"):
-    paged_decode_pallas(q, pk, pk, table, lengths, scale=SCALE, key_scale=pks, value_scale=pks,
+    paged_decode_pallas(q, pk, pk, table, lengths, page_owner=kwargs["page_owner"],
+                        slots=kwargs["slots"], scale=SCALE, key_scale=pks, value_scale=pks,
                         interpret=True)
 
 
