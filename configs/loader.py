@@ -149,11 +149,47 @@ def _suggest(key: str, known: Sequence[str] | Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- #
 
 
+class _DuplicateKey(yaml.YAMLError):
+  """A mapping names one key twice (lines are 1-based)."""
+
+  def __init__(self, key: Any, line: int, first_line: int):
+    super().__init__(f"key {key!r} on line {line} repeats line {first_line}")
+    self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """yaml.safe_load that raises on a key repeated within one mapping instead of keeping the last
+  (a second `rope_factor:` further down a preset would silently win)."""
+
+  def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+      if key_node.tag == "tag:yaml.org,2002:merge":
+        continue  # `<<: *anchor` entries are meant to be overridden by the explicit keys
+      key = self.construct_object(key_node, deep=deep)
+      try:
+        hash(key)
+      except TypeError:
+        continue  # an unhashable key: SafeLoader's own error reports it below
+      line = key_node.start_mark.line + 1
+      if key in first:
+        raise _DuplicateKey(key, line, first[key])
+      first[key] = line
+    return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(stream: Any) -> Any:
+  return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def _read_yaml(path: pathlib.Path) -> dict[str, Any]:
   """One YAML file as a dict; an empty file is an empty dict."""
   try:
     with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+      data = _load_yaml(f)
+  except _DuplicateKey as e:
+    raise ConfigError(f"{e.key}: set twice in {path}, on line {e.first_line} and line {e.line}; "
+                      "a key may appear once per file") from e
   except yaml.YAMLError as e:
     raise ConfigError(f"{path}: not valid YAML: {e}") from e
   if data is None:
@@ -246,7 +282,9 @@ def _parse_override(override: str | Mapping[str, Any]) -> dict[str, Any]:
   if not sep or not key:
     raise ConfigError(f"override {override!r} is not of the form key=value")
   try:
-    value = yaml.safe_load(raw)
+    value = _load_yaml(raw)
+  except _DuplicateKey as e:
+    raise ConfigError(f"override {key}: {e.key!r} is set twice in {raw!r}") from e
   except yaml.YAMLError as e:
     raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
   return {key: value}

@@ -1,10 +1,12 @@
-"""Cross-key validation of a typed config: every error names its key and
-the allowed values or range (ConfigError, a ValueError)."""
+"""Validation of a typed config: the rules of one value (shared with the
+keyword constructors, check_values) and the cross-key rules (validate). Every
+error names its key and the allowed values or range (ConfigError, a ValueError)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # Allowed values of the enumerated keys. KNOWN_KERNELS is read at validation
@@ -24,6 +26,32 @@ QK_NORM_TYPES = ("rms", "l2", "layernorm")  # layers/projections.py (kept equal 
 
 class ConfigError(ValueError):
   """A config key is unknown, mistyped, or violates a validation rule."""
+
+
+# Rules of one value, written once and read by both paths: validate() below
+# (YAML files, key=value overrides, Config.replace) and the keyword constructors
+# (layers/settings.py AttentionSettings, layers/rope.py RopeSpec), whose field
+# names are the config keys (RopeSpec's carry its name as a prefix).
+#
+# Every float value must be finite unless its key is listed here (nan never is):
+# no key allows inf today, since each float is a size, rate or factor that an
+# inf turns into NaN outputs rather than into a meaningful limit.
+ALLOWS_INF: frozenset[str] = frozenset()
+# Integer sizes that are >= 1 whenever given (a keyword left None takes its
+# derived default); 0 would only fail later as a division or an empty array.
+POSITIVE_INTS: tuple[str, ...] = (
+  "emb_dim", "num_query_heads", "num_kv_heads", "head_dim", "max_target_length",
+  "max_prefill_predict_length", "prefill_chunk_size", "num_pages", "tokens_per_page",
+  "original_max_position_embeddings",
+  # keyword-only (AttentionSettings): Flax-style sizes and MRoPE position streams
+  "qkv_features", "out_features", "kv_emb_dim", "position_streams",
+)
+# Floats that are > 0, or "unset": 0 in a config (base.yml), None or 0 as a
+# keyword. Value: what unset means, for the error message.
+POSITIVE_OR_UNSET: Mapping[str, str] = {
+  "attn_logits_soft_cap": "no soft cap",
+  "query_pre_attn_scalar": "softmax scale head_dim**-0.5",
+}
 
 
 def _thaw(value: Any) -> Any:
@@ -57,17 +85,41 @@ def _positive(cfg: Mapping[str, Any], key: str) -> None:
     _fail(key, f"must be > 0, got {cfg[key]}")
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_values(items: Iterable[tuple[str, Any]], owner: str = "") -> None:
+  """Apply the one-value rules (ALLOWS_INF, POSITIVE_INTS, POSITIVE_OR_UNSET) to (key, value)
+  pairs; raise ConfigError naming ``owner.key`` (or ``key``) and what is allowed.
+
+  Rules go by key name and value type, not by where the value came from, so a
+  config dict and a dataclass's fields are checked alike.
+  """
+  for key, value in items:
+    name = f"{owner}.{key}" if owner else key
+    if value is None:
+      continue
+    if _is_number(value) and not isinstance(value, numbers.Integral):
+      if math.isnan(value) or (math.isinf(value) and key not in ALLOWS_INF):
+        _fail(name, f"must be a finite number, got {value}")
+    if key in POSITIVE_INTS:
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        _fail(name, f"must be an integer >= 1, got {value!r}")
+      if value < 1:
+        _fail(name, f"must be >= 1, got {value}")
+    if key in POSITIVE_OR_UNSET and not (_is_number(value) and value >= 0):
+      _fail(name, f"must be > 0, or 0 (None as a keyword) for {POSITIVE_OR_UNSET[key]}, "
+            f"got {value!r}")
+
+
 def _validate_shape(cfg: Mapping[str, Any]) -> None:
   """Head counts and widths the projections can be built with."""
-  _at_least(cfg, "emb_dim", 1)
-  _at_least(cfg, "num_query_heads", 1)
-  _at_least(cfg, "num_kv_heads", 1)
   if cfg["num_query_heads"] % cfg["num_kv_heads"]:
     _fail(
       "num_kv_heads",
       f"{cfg['num_kv_heads']} must divide num_query_heads={cfg['num_query_heads']}",
     )
-  _at_least(cfg, "head_dim", 1)
   _one_of(cfg, "dtype", DTYPES)
   _one_of(cfg, "weight_dtype", DTYPES)
   _one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
@@ -105,8 +157,6 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
         key,
         f"must be > 0 when attention_type or attention_layer_pattern uses {kind!r}, got {cfg[key]}",
       )
-  _at_least(cfg, "attn_logits_soft_cap", 0)
-  _at_least(cfg, "query_pre_attn_scalar", 0)
   if not 0 <= cfg["dropout_rate"] < 1:
     _fail("dropout_rate", f"must be in [0, 1), got {cfg['dropout_rate']}")
 
@@ -145,7 +195,6 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
     )
   if rope_type in ("llama3.1", "yarn"):
     _at_least(cfg, "rope_factor", 1)
-    _at_least(cfg, "original_max_position_embeddings", 1)
   if rope_type == "llama3.1":
     _positive(cfg, "rope_low_freq_factor")
     # Equal factors (Llama 4) leave no blended band between the two cut-offs.
@@ -162,7 +211,6 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
 
 def _validate_lengths(cfg: Mapping[str, Any]) -> None:
   """Sequence lengths and KV-cache quantization."""
-  _at_least(cfg, "max_target_length", 1)
   prefill, target = cfg["max_prefill_predict_length"], cfg["max_target_length"]
   if not 1 <= prefill <= target:
     _fail(
@@ -177,11 +225,6 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
         f"must be a permutation of [0, 1, 2, 3] (batch, sequence, kv heads, head_dim), "
         f"got {_thaw(cfg[key])!r}",
       )
-  if cfg["use_chunked_prefill"]:
-    _at_least(cfg, "prefill_chunk_size", 1)
-  if cfg["paged_kv_cache"]:
-    _at_least(cfg, "num_pages", 1)
-    _at_least(cfg, "tokens_per_page", 1)
 
 
 def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:
@@ -279,6 +322,7 @@ def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
   (e.g. ``{**cfg.to_dict(), "num_kv_heads": 3}``). ``num_devices`` defaults
   to ``jax.device_count()``.
   """
+  check_values(cfg.items())
   _validate_shape(cfg)
   _validate_attention(cfg)
   _validate_rope(cfg)

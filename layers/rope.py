@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meshattn.configs.validation import check_values
+
 RopeType = Literal["default", "llama3.1", "yarn", "none"]
 ROPE_TYPES: tuple[str, ...] = ("default", "llama3.1", "yarn", "none")
 
@@ -43,11 +45,15 @@ class RopeSpec:
   original_max_position_embeddings: int = 8192  # llama3.1 / yarn
   beta_fast: float = 32.0  # yarn
   beta_slow: float = 1.0  # yarn
+  # yarn: round the ramp's ends to whole dimensions (floor / ceil), as the YaRN paper's code
+  # does; False keeps them fractional (gpt-oss: HF rope_scaling `truncate: false`).
+  truncate: bool = True
   attention_factor: float = 0.0  # yarn cos/sin scale; 0 -> 0.1*ln(factor)+1
   # MRoPE: frequencies per position stream, summing to rotary_dim // 2; () = off.
   mrope_section: tuple[int, ...] = ()
 
   def __post_init__(self):
+    check_values(((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)), "RopeSpec")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r}: allowed {ROPE_TYPES}")
     sections = tuple(self.mrope_section)
@@ -107,15 +113,18 @@ def _llama31_inv_freq(spec: RopeSpec, inv_freq: np.ndarray) -> np.ndarray:
 def _yarn_inv_freq(spec: RopeSpec, timescale: np.ndarray, rotary_dim: int) -> np.ndarray:
   """YaRN: dimensions that rotate often over the original context are kept
   (extrapolated), slow ones are interpolated by `factor`, a linear ramp in
-  dimension index between `beta_fast` and `beta_slow` rotations."""
+  dimension index between `beta_fast` and `beta_slow` rotations (its ends
+  rounded outwards to whole dimensions when `truncate`)."""
   base = spec.max_timescale / spec.min_timescale
   old_len = spec.original_max_position_embeddings
 
   def correction_dim(num_rotations: float) -> float:
     return rotary_dim * math.log(old_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
-  low = max(math.floor(correction_dim(spec.beta_fast)), 0)
-  high = min(math.ceil(correction_dim(spec.beta_slow)), rotary_dim - 1)
+  low, high = correction_dim(spec.beta_fast), correction_dim(spec.beta_slow)
+  if spec.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
   if low == high:
     high += 0.001  # avoid a zero-width ramp
   ramp = np.clip((np.arange(rotary_dim // 2) - low) / (high - low), 0.0, 1.0)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from meshattn.configs.validation import POSITIVE_OR_UNSET, check_values
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
 from meshattn.layers.masks import MaskSpec
@@ -109,6 +110,7 @@ class AttentionSettings:
   decode_attention: str = "dot_product"  # autoregressive kernel (registry.DECODE_KERNELS)
   pallas_interpret: bool = False  # run Pallas TPU kernels in interpret mode (CPU tests)
   mask: MaskSpec = MaskSpec()
+  # > 0, or unset (None or 0, as in a config): no cap / softmax scale head_dim**-0.5.
   attn_logits_soft_cap: float | None = None
   query_pre_attn_scalar: float | None = None
   attention_sink: bool = False
@@ -163,13 +165,16 @@ class AttentionSettings:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
+    # The config's one-value rules (finite floats, sizes >= 1, > 0 or unset), by field name.
+    check_values((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+    for name in POSITIVE_OR_UNSET:
+      if getattr(self, name) == 0:
+        set_(name, None)  # one spelling of "unset" for the layer and the kernels
     n = self.num_query_heads
-    if n < 1:
-      raise ValueError(f"num_query_heads={n}: must be >= 1")
     if self.num_kv_heads is None:
       set_("num_kv_heads", n)
-    if self.num_kv_heads < 1 or n % self.num_kv_heads:
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_query_heads={n}")
+    if n % self.num_kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_query_heads={n}")
     if self.head_dim is None:
       features = self.qkv_features or self.emb_dim
       if features % n:
@@ -180,10 +185,9 @@ class AttentionSettings:
     if self.rope.enabled:
       self.rope.check(self.head_dim)  # odd rotated width, MRoPE sections that do not cover it
     sections = len(self.rope.mrope_section)
-    if self.position_streams is not None and (self.position_streams < 1 or (
-        sections and self.position_streams != sections)):
-      raise ValueError(f"position_streams={self.position_streams}: must be >= 1"
-                       + (f" and equal the {sections} mrope_section entries" if sections else ""))
+    if self.position_streams is not None and sections and self.position_streams != sections:
+      raise ValueError(f"position_streams={self.position_streams}: must equal the {sections} "
+                       "mrope_section entries")
     if self.qk_norm_type not in QK_NORM_TYPES:
       raise ValueError(f"qk_norm_type={self.qk_norm_type!r}: allowed {list(QK_NORM_TYPES)}")
     if self.temperature_tuning and self.rope.enabled:
@@ -205,14 +209,8 @@ class AttentionSettings:
       raise ValueError("fused_qkv and share_kv_projections cannot both be true")
     if self.fused_qkv and self.kv_emb_dim not in (None, self.emb_dim):
       raise ValueError("fused_qkv needs inputs_kv with emb_dim features (self-attention)")
-    if self.attn_logits_soft_cap is not None and self.attn_logits_soft_cap <= 0:
-      raise ValueError(f"attn_logits_soft_cap={self.attn_logits_soft_cap}: must be > 0 or None")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
-    if self.use_chunked_prefill and self.prefill_chunk_size < 1:
-      raise ValueError(f"prefill_chunk_size={self.prefill_chunk_size}: must be >= 1")
-    if self.paged_kv_cache and (self.num_pages < 1 or self.tokens_per_page < 1):
-      raise ValueError(f"num_pages={self.num_pages}, tokens_per_page={self.tokens_per_page}: must be >= 1")
     for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
       if sorted(getattr(self, name)) != [0, 1, 2, 3]:
         raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
@@ -251,7 +249,8 @@ class AttentionSettings:
         factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
         high_freq_factor=c.rope_high_freq_factor,
         original_max_position_embeddings=c.original_max_position_embeddings,
-        beta_fast=c.beta_fast, beta_slow=c.beta_slow, attention_factor=c.rope_attention_factor,
+        beta_fast=c.beta_fast, beta_slow=c.beta_slow, truncate=c.rope_truncate,
+        attention_factor=c.rope_attention_factor,
         mrope_section=tuple(c.mrope_section) if c.use_mrope else ())
     # Llama 4's NoPE layers: every nope_layer_interval-th layer has no RoPE and
     # no QK norm, and is the only kind temperature tuning applies to.
@@ -267,8 +266,8 @@ class AttentionSettings:
         head_dim=c.head_dim, dtype=DTYPES[c.dtype], weight_dtype=DTYPES[c.weight_dtype],
         precision=PRECISIONS[c.matmul_precision], attention=c.attention,
         decode_attention=c.decode_attention, pallas_interpret=c.pallas_interpret, mask=mask,
-        attn_logits_soft_cap=c.attn_logits_soft_cap or None,
-        query_pre_attn_scalar=c.query_pre_attn_scalar or None,
+        attn_logits_soft_cap=c.attn_logits_soft_cap,
+        query_pre_attn_scalar=c.query_pre_attn_scalar,
         attention_sink=c.attention_sink, float32_qk_product=c.float32_qk_product,
         float32_logits=c.float32_logits, dropout_rate=c.dropout_rate,
         broadcast_dropout=c.broadcast_dropout, fused_qkv=c.fused_qkv,

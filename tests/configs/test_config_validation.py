@@ -108,8 +108,14 @@ INVALID = {
     r"chunk_attn_window_size: must be > 0",
   ),
   "chunk_window_negative": (["chunk_attn_window_size=-4"], r"chunk_attn_window_size: must be >= 0"),
-  "soft_cap_negative": (["attn_logits_soft_cap=-1.0"], r"attn_logits_soft_cap: must be >= 0"),
-  "query_scalar_negative": (["query_pre_attn_scalar=-1"], r"query_pre_attn_scalar: must be >= 0"),
+  "soft_cap_negative": (
+    ["attn_logits_soft_cap=-1.0"],
+    r"attn_logits_soft_cap: must be > 0, or 0 \(None as a keyword\) for no soft cap, got -1.0",
+  ),
+  "query_scalar_negative": (
+    ["query_pre_attn_scalar=-1"],
+    r"query_pre_attn_scalar: must be > 0, or 0 .* for softmax scale head_dim\*\*-0.5",
+  ),
   "dropout_one": (["dropout_rate=1.0"], r"dropout_rate: must be in \[0, 1\)"),
   "dropout_negative": (["dropout_rate=-0.1"], r"dropout_rate: must be in \[0, 1\)"),
   "rope_type": (
@@ -147,10 +153,7 @@ INVALID = {
     r"kv_quant_dtype: 'fp8' is not one of \['int8', 'int4'\]",
   ),
   "max_target_length": (["max_target_length=0"], r"max_target_length: must be >= 1"),
-  "prefill_zero": (
-    ["max_prefill_predict_length=0"],
-    r"max_prefill_predict_length: must be in \[1, max_target_length=64\]",
-  ),
+  "prefill_zero": (["max_prefill_predict_length=0"], r"max_prefill_predict_length: must be >= 1"),
   "prefill_too_long": (
     ["max_prefill_predict_length=65"],
     r"max_prefill_predict_length: must be in \[1, max_target_length=64\]",
