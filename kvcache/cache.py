@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.quant import KVQuant, dequantize, quantize, scales_by_token
-from meshattn.kvcache.step_checks import Rejection, explain, fold, is_concrete, raise_now
+from meshattn.kvcache.step_checks import (
+    Rejection, StepRejected, explain, fold, is_concrete, raise_now)
 
 CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
@@ -60,7 +61,7 @@ def raise_if(condition: jax.Array, message_fn) -> None:
     raise ValueError(message_fn())
 
 
-@functools.partial(jax.jit, static_argnames="batch_axis")
+@functools.partial(jax.jit, static_argnames="batch_axis", donate_argnums=(0, 1, 2, 3))
 def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int):
   """Zero the K/V of slots rows [b], set their scales to 1 and lengths to 0: one dispatch."""
   where = tuple(rows if a == batch_axis else slice(None) for a in range(key.ndim))
@@ -244,8 +245,10 @@ class KVCache(nnx.Module):
 
   def check_slots(self, rows: jax.Array) -> None:
     """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
-    bits = fold({Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size)})
-    raise_now(bits, lambda b: self.explain(b, rows))
+    if _is_concrete(rows):  # on the host: no device op, no wait
+      host = np.asarray(rows)
+      if np.any((host < 0) | (host >= self.batch_size)):
+        raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
 
   def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
     """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
@@ -261,14 +264,20 @@ class KVCache(nnx.Module):
     never read past a length, and clearing means a NaN or a secret of the
     previous occupant cannot survive into the next one at all.
     """
-    rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
+    # Host ints stay on the host for the check (a device array would make it wait for the
+    # steps in flight); the clear itself is one dispatch that updates the buffers in place.
+    rows = np.atleast_1d(np.asarray(slot)) if _is_concrete(slot) else jnp.atleast_1d(slot)
     self.check_slots(rows)
+    rows = jnp.asarray(rows, jnp.int32)
     scales = (self.key_scale[...], self.value_scale[...]) if self.quant else ()
     key, value, lengths, scales = _clear_rows(self.key[...], self.value[...], self.lengths[...],
                                               scales, rows, batch_axis=self.axis_order.index(0))
-    self.key[...], self.value[...], self.lengths[...] = key, value, lengths
+    # set_value, not `[...] =`: the old buffers were donated and cannot be read any more.
+    for variable, array in zip((self.key, self.value, self.lengths), (key, value, lengths)):
+      variable.set_value(array)
     if self.quant:
-      self.key_scale[...], self.value_scale[...] = scales
+      self.key_scale.set_value(scales[0])
+      self.value_scale.set_value(scales[1])
 
   def insert(self, slot, source: "KVCache", source_slot=0) -> None:
     """Copy the sequence in `source_slot` of `source` into `slot` of this cache.

@@ -38,6 +38,7 @@ from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
+from meshattn.layers.serving import structure_changed
 from meshattn.layers.step_inputs import plan_step, record
 from meshattn.sharding import constrain
 
@@ -184,6 +185,7 @@ class Attention(nnx.Module):
     host with `cache.reserve_for_step(slots, tokens)` before each step.
     """
     s = self.settings
+    structure_changed()  # serving steps bound to this module must split it again
     if s.paged_kv_cache if paged is None else paged:
       self.cache = PagedKVCache(
           batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim,

@@ -6,10 +6,11 @@
 Llama 3 8B attention shapes (emb 4096, 32 query / 8 kv heads, head_dim 128),
 bf16, every slot filled to the given length. Rows:
 
-  decode  `jit_step` (the documented serving pattern: compiled once, module
-          donated, rejected steps raise, which reads one int32 per step),
-          the same without the host check (`nnx.jit` + donation), and 16
-          steps inside one `jax.jit` (`lax.scan`), against the parts: the
+  decode  `jit_step` (the documented serving pattern: split once, compiled
+          once, donated, rejected steps raise, which reads one int32 per
+          step), the same with check=False (no wait per step), a plain
+          `nnx.jit` with donation, and 16 steps inside one `jax.jit`
+          (`lax.scan`), against the parts: the
           layer's own decode kernel on the cache + the four projections + the
           one-token cache write, each timed alone and summed.
   prefill b8: fresh prompts (resets included) against the train-mode
@@ -49,7 +50,8 @@ def build(dims: dict, cache_kind: str, batch: int, capacity: int, tpp: int):
   if cache_kind == "paged":
     keys += [f"tokens_per_page={tpp}", f"num_pages={batch * -(-capacity // tpp)}"]
   cfg = load_config("llama3-8b", "dtype=bfloat16", "decode_attention=autoselected",
-                    "attention=autoselected", f"max_prefill_predict_length={capacity}", *keys)
+                    "attention=autoselected", f"max_target_length={max(capacity, 8192)}",
+                    f"max_prefill_predict_length={capacity}", *keys)
   attn = Attention(cfg, rngs=nnx.Rngs(0))
   attn.init_cache(batch, capacity)
   return attn
@@ -100,19 +102,20 @@ def decode_parts(attn, x) -> dict[str, float]:
                 value_scale=cache.value_scale[...] if quant else None)
   kernel_ms = time_fn(jax.jit(lambda q, a: kernel(q, **a, **common)), q, args, iters=50)
 
-  @nnx.jit
-  def project(attn, x):
-    query, key, value = attn._project_qkv(x, x)
-    return attn.out(query), key, value
-
-  proj_ms = time_fn(project, attn, x, iters=50)
+  proj_ms = time_fn(jit_step(project, donate=False, check=False), attn, x, iters=50)
   rows = jnp.arange(b, dtype=jnp.int32)
   kv = jnp.ones((b, 1, s.num_kv_heads, s.head_dim), s.dtype)
   pos = cache.lengths[...][:, None]
-  write = nnx.jit(lambda c, k, p: c.write(rows, k, k, p, jnp.ones((b, 1), bool), p[:, 0]),
-                  donate_argnums=0)
+  write = jit_step(lambda c, k, p: c.write(rows, k, k, p, jnp.ones((b, 1), bool), p[:, 0]),
+                   check=False)
   write_ms = time_fn(write, cache, kv, pos, iters=50)
   return dict(kernel=kernel_ms, projections=proj_ms, write=write_ms)
+
+
+def project(attn, x):
+  """The layer's four projections (q, k, v in; out on the query's shape)."""
+  query, key, value = attn._project_qkv(x, x)
+  return attn.out(query), key, value
 
 
 def selected_features(attn):
@@ -137,16 +140,17 @@ def scan_steps(attn, xs):
 
 def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> list[dict]:
   b, kv = (int(n) for n in shape.split("x"))
-  room = max(2 * (2 + 5 * iters), (2 + 5 * 2) * SCAN_STEPS) + 8  # time_fn: 2 warm-up + 5 reps
+  room = max(2 * (2 + 5 * iters) + 8, (2 + 5 * 2) * SCAN_STEPS) + 8  # time_fn: 2 warm-up + 5 reps
   attn = build(dims, cache_kind, b, kv + room, tpp)
   fill(attn, kv)
   if cache_kind == "paged":
     attn.cache.reserve_for_step(np.arange(b), room)
   x = jax.random.normal(jax.random.key(3), (b, 1, attn.settings.emb_dim), attn.settings.dtype)
-  step = jit_step(lambda m, x: m(x, model_mode="autoregressive"))
-  step_ms = time_fn(step, attn, x, iters=iters)
-  plain = nnx.jit(lambda m, x: m(x, model_mode="autoregressive"), donate_argnums=0)
-  plain_ms = time_fn(plain, attn, x, iters=iters)
+  decode = lambda m, x: m(x, model_mode="autoregressive")
+  step_ms = time_fn(jit_step(decode), attn, x, iters=iters)
+  unchecked_ms = time_fn(jit_step(decode, check=False), attn, x, iters=iters)
+  set_lengths(attn, kv)
+  plain_ms = time_fn(nnx.jit(decode, donate_argnums=0), attn, x, iters=iters)
   set_lengths(attn, kv)
   graphdef, state, run = scan_steps(attn, None)
   xs = jnp.broadcast_to(x, (SCAN_STEPS,) + x.shape)
@@ -163,7 +167,8 @@ def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> lis
   total = sum(parts.values())
   name = f"b{b} kv{kv}"
   return [dict(section="decode", cache=cache_kind, shape=name, what=what, ms=ms, ratio=ms / total)
-          for what, ms in (("jit_step", step_ms), ("nnx.jit, no host check", plain_ms),
+          for what, ms in (("jit_step", step_ms), ("jit_step, check=False", unchecked_ms),
+                       ("nnx.jit (donated)", plain_ms),
                            (f"lax.scan x{SCAN_STEPS}", scan_ms))] + [
       dict(section="decode", cache=cache_kind, shape=name, what=f"part: {k}", ms=v, ratio=None)
       for k, v in parts.items()] + [
@@ -183,7 +188,7 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
     return step(attn, x)
 
   fresh_ms = time_fn(fresh, x, iters=iters)
-  train = nnx.jit(lambda m, x: m(x, model_mode="train"))
+  train = jit_step(lambda m, x: m(x, model_mode="train"), donate=False, check=False)
   train_ms = time_fn(train, attn, x, iters=iters)
   cached = prompt - chunk
 
@@ -194,12 +199,7 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
   chunk_ms = time_fn(chunk_step, x[:, :chunk], iters=iters)
   s = attn.settings
 
-  @nnx.jit
-  def project(attn, x):
-    query, key, value = attn._project_qkv(x, x)
-    return attn.out(query), key, value
-
-  proj_ms = time_fn(project, attn, x[:, :chunk], iters=iters)
+  proj_ms = time_fn(jit_step(project, donate=False, check=False), attn, x[:, :chunk], iters=iters)
   q = jnp.ones((batch, chunk, s.num_query_heads, s.head_dim), s.dtype)
   k = jnp.ones((batch, prompt, s.num_kv_heads, s.head_dim), s.dtype)
   impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
@@ -208,8 +208,8 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
   rows = jnp.arange(batch, dtype=jnp.int32)
   pos = cached + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
   kvs = jnp.ones((batch, chunk, s.num_kv_heads, s.head_dim), s.dtype)
-  write = nnx.jit(lambda c, k: c.write(rows, k, k, pos, jnp.ones(pos.shape, bool), pos[:, -1] + 1),
-                  donate_argnums=0)
+  write = jit_step(lambda c, k: c.write(rows, k, k, pos, jnp.ones(pos.shape, bool), pos[:, -1] + 1),
+                   check=False)
   write_ms = time_fn(write, attn.cache, kvs, iters=iters)
   parts = proj_ms + flash_ms + write_ms
   name = f"b{batch} {chunk} over {cached}"

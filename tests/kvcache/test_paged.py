@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.quant import KVQuant
+from meshattn.kvcache.step_checks import Rejection, fold
 from meshattn.layers.cached_step import cached_step, step_positions
 from meshattn.layers.kernels.dot_product import KernelOptions
 
@@ -126,23 +127,28 @@ def test_check_room_needs_reserved_pages():
     cache.check_room(rows, jnp.array([11, 0]))  # capacity is 12, max_length 10
 
 
-def test_step_without_reserve_fails_under_jit_and_changes_nothing():
+def test_step_without_reserve_is_flagged_under_jit_and_writes_no_page():
+  """Under jit the step's check is a flag (the layer gates the step on it; a raise there
+  would abort a sharded program); a token whose page is not reserved is never written."""
   cache = PagedKVCache(2, 8, 1, 4, num_pages=4, tokens_per_page=2)
 
   @nnx.jit
   def decode(cache, x):
     rows = jnp.arange(2, dtype=jnp.int32)
-    return cached_step(cache, rows, x, x, x, positions=step_positions(cache, rows, 1),
-                       valid=jnp.ones((2, 1), bool), options=KernelOptions())
+    new_lengths = cache.lengths[...] + 1
+    bits = fold(cache.step_conditions(rows, new_lengths))
+    cached_step(cache, rows, x, x, x, positions=step_positions(cache, rows, 1),
+                valid=jnp.ones((2, 1), bool), options=KernelOptions())
+    return bits
 
   x = jnp.ones((2, 1, 1, 4), jnp.float32)
   for _ in range(2):
     cache.reserve_for_step(jnp.arange(2), 1)
-    jax.block_until_ready(decode(cache, x))
-  before = tables(cache)
-  with pytest.raises(Exception, match="reserve"):  # page 2 of each slot is not reserved
-    jax.block_until_ready(decode(cache, x))
-  assert_unchanged(cache, before)
+    assert int(decode(cache, x)) == 0
+  pools = [np.asarray(cache.key_pages[...]), np.asarray(cache.value_pages[...])]
+  assert int(decode(cache, x)) == Rejection.PAGES_NOT_RESERVED  # page 2 of each slot is missing
+  np.testing.assert_array_equal(np.asarray(cache.key_pages[...]), pools[0])
+  np.testing.assert_array_equal(np.asarray(cache.value_pages[...]), pools[1])
 
 
 # ---- 2. stateful model test -------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Where a serving step's time goes: XLA's cost analysis and a profiler trace.
+
+    python scripts/profile_layer_step.py --out DIR [--decode 64x4096] [--prefill 8x4096x512]
+
+For the decode step, the fresh prefill and the chunked prefill of
+scripts/bench_layer.py (Llama 3 8B attention, bf16): prints the bytes and
+FLOPs XLA counts for the compiled step and the device time of its ten
+costliest kernels (from a `jax.profiler` trace written under DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from meshattn.layers.serving import jit_step
+from meshattn.scripts.bench_layer import build, fill, set_lengths
+
+
+def top_kernels(trace_dir: pathlib.Path, count: int = 10) -> list[tuple[str, float, int]]:
+  """(name, total us, calls) of the longest device events in the newest trace."""
+  files = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))
+  if not files:
+    return []
+  events = json.loads(gzip.open(files[-1]).read())["traceEvents"]
+  device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and "/device:" in str(e.get("args", {}).get("name", ""))}
+  total, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device_pids:
+      total[e["name"]] += e.get("dur", 0)
+      calls[e["name"]] += 1
+  return [(name, us, calls[name]) for name, us in total.most_common(count)]
+
+
+def profile(name: str, fn, args, out: pathlib.Path, reset=None, runs: int = 5) -> None:
+  jax.block_until_ready(fn(*args))
+  trace_dir = out / name
+  jax.profiler.start_trace(str(trace_dir))
+  for _ in range(runs):
+    if reset:
+      reset()
+    y = fn(*args)
+  jax.block_until_ready(y)
+  jax.profiler.stop_trace()
+  print(f"\n## {name}: device kernels over {runs} steps (us per step)")
+  for kernel, us, calls in top_kernels(trace_dir):
+    print(f"{us / runs:10.1f}  x{calls // runs:<3} {kernel[:110]}")
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="profile_out")
+  parser.add_argument("--decode", default="64x4096")
+  parser.add_argument("--prefill", default="8x4096x512")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  b, kv = (int(n) for n in args.decode.split("x"))
+  attn = build({}, "contiguous", b, kv + 64, 16)
+  fill(attn, kv)
+  x = jax.random.normal(jax.random.key(0), (b, 1, attn.settings.emb_dim), attn.settings.dtype)
+  step = jit_step(lambda m, x: m(x, model_mode="autoregressive"), check=False)
+  profile(f"decode_b{b}_kv{kv}", step, (attn, x), out, reset=lambda: set_lengths(attn, kv))
+  b, p, c = (int(n) for n in args.prefill.split("x"))
+  attn = build({}, "contiguous", b, p, 16)
+  x = jax.random.normal(jax.random.key(1), (b, p, attn.settings.emb_dim), attn.settings.dtype)
+  prefill = jit_step(lambda m, x: m(x, model_mode="prefill"), check=False)
+  profile(f"fresh_prefill_b{b}_s{p}", prefill, (attn, x), out, reset=lambda: set_lengths(attn, 0))
+  profile(f"chunk_b{b}_{c}_over_{p - c}", prefill, (attn, x[:, :c]), out,
+          reset=lambda: set_lengths(attn, p - c))
+  train = jit_step(lambda m, x: m(x, model_mode="train"), check=False, donate=False)
+  profile(f"train_b{b}_s{p}", train, (attn, x), out)
+
+
+if __name__ == "__main__":
+  main()
