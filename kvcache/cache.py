@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache.quant import KVQuant, dequantize, quantize, scales_by_token
+from meshattn.kvcache.quant import (
+    KVQuant, dequantize, from_cache_basis, quantize, scales_by_token, to_cache_basis)
 from meshattn.kvcache.step_checks import (
     Rejection, StepRejected, explain, fold, is_concrete, raise_now)
 
@@ -296,5 +297,7 @@ class KVCache(nnx.Module):
     self.check_room(rows, src_len)
     self.reset(rows)  # nothing of the slot's previous sequence survives past the inserted one
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
+    # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
+    key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
     self.write(rows, key, value, positions, positions >= 0, src_len)

@@ -55,7 +55,7 @@ from flax import nnx
 
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES, _is_concrete, raise_if
 from meshattn.kvcache.step_checks import Rejection, explain, fold, raise_now
-from meshattn.kvcache.quant import KVQuant, dequantize, quantize
+from meshattn.kvcache.quant import KVQuant, dequantize, from_cache_basis, quantize, to_cache_basis
 
 
 class PagedKVCache(nnx.Module):
@@ -411,5 +411,7 @@ class PagedKVCache(nnx.Module):
     self.free(slots)
     self._reserve_many(slots, np.asarray(src_len, np.int64))
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
+    # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
+    key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
     self.write(rows, key, value, positions, positions >= 0, src_len)

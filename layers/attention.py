@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
 from meshattn.layers.cached_step import cached_step, decode_with_kernel, step_positions
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
@@ -435,6 +436,9 @@ class Attention(nnx.Module):
 
     axes = s.axes[model_mode]
     query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rope_positions, rope_positions)
+    # A quantized cache holds K/V in a rotated basis (kvcache.quant): the step attends there
+    # (the logits are unchanged) and the context comes back at the end.
+    query, key, value = (to_cache_basis(t, cache.quant) for t in (query, key, value))
     sinks = self.sinks[...] if s.attention_sink else None
     options = self._kernel_options()
     if model_mode == "autoregressive":
@@ -446,7 +450,7 @@ class Attention(nnx.Module):
               sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
               all_slots=plan.all_slots, mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
           record(cache, plan, self.mesh)
-        return self._output(context, axes)
+        return self._output(from_cache_basis(context, cache.quant), axes)
     chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
     # A prompt on empty slots is train-mode attention over itself: the first
     # chunk may run the train kernel (flash on GPU/TPU) instead of the
@@ -463,7 +467,7 @@ class Attention(nnx.Module):
             fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
       record(cache, plan, self.mesh)
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
-    return self._output(context, axes)
+    return self._output(from_cache_basis(context, cache.quant), axes)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,77 @@
+"""Quantized KV on activations with outlier channels (issue 14, part 6).
+
+Real LLM keys carry a few channels far larger than the rest. With one input
+feature scaled x20 the per-token int8 / int4 scales used to be set by the
+outlier (int8 decode erred 4.5% of max |ref|, int4 72%); the layer now works
+in a rotated basis whenever the cache is quantized (kvcache.quant), and the
+stated bounds hold: int8 < 2e-2, int4 < 0.25 of max |reference|, prefill +
+decode against the unquantized train forward, on the reference, ragged and
+paged paths. Also: an outlier channel placed directly in K (after the
+projection) and the rotation itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meshattn.kvcache import KVQuant
+from meshattn.kvcache.quant import from_cache_basis, rotation, to_cache_basis
+from meshattn.layers import Attention
+
+BOUND = {"int8": 2e-2, "int4": 0.25}
+EMB, PROMPT, TOTAL = 64, 6, 10
+
+
+def rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.max(np.abs(got - want)) / np.max(np.abs(want))
+
+
+def outlier_inputs(batch=2):
+  x = jax.random.normal(jax.random.key(0), (batch, TOTAL, EMB))
+  return x.at[..., 5].multiply(20.0)  # one outlier input feature
+
+
+def serve(model, x, paged):
+  cache = model.init_cache(x.shape[0], TOTAL)
+  rows = np.arange(x.shape[0])
+  if paged:
+    cache.reserve_for_step(rows, TOTAL)
+  outs = [model(x[:, :PROMPT], model_mode="prefill")]
+  for t in range(PROMPT, TOTAL):
+    outs.append(model(x[:, t:t + 1], model_mode="autoregressive"))
+  return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("decode,paged", [("dot_product", False), ("ragged", False),
+                                          ("paged", True)])
+def test_bounds_hold_with_an_outlier_input_feature(dtype, decode, paged):
+  extra = dict(paged_kv_cache=True, num_pages=8, tokens_per_page=4) if paged else {}
+  model = Attention(emb_dim=EMB, num_query_heads=4, num_kv_heads=2, head_dim=32,
+                    kv_quant=KVQuant(dtype), decode_attention=decode, rngs=nnx.Rngs(1), **extra)
+  x = outlier_inputs()
+  want = model(x)  # train forward: no cache, no quantization
+  assert rel(serve(model, x, paged), want) < BOUND[dtype]
+
+
+def test_an_outlier_key_channel():
+  """A channel of K itself 20x the rest (a k-projection column scaled), int8 and int4."""
+  for dtype in BOUND:
+    model = Attention(emb_dim=EMB, num_query_heads=4, num_kv_heads=2, head_dim=32,
+                      kv_quant=KVQuant(dtype), rngs=nnx.Rngs(2))
+    kernel = model.key.kernel[...]
+    model.key.kernel[...] = kernel.at[:, :, 7].multiply(20.0)  # [D, K, H]: channel 7
+    x = jax.random.normal(jax.random.key(3), (2, TOTAL, EMB))
+    assert rel(serve(model, x, False), model(x)) < BOUND[dtype], dtype
+
+
+@pytest.mark.parametrize("head_dim", [16, 24, 128])
+def test_rotation_is_orthogonal_and_round_trips(head_dim):
+  r = rotation(head_dim)
+  np.testing.assert_allclose(r @ r.T, np.eye(head_dim), atol=1e-12)
+  x = jax.random.normal(jax.random.key(4), (2, 3, head_dim))
+  quant = KVQuant("int8")
+  np.testing.assert_allclose(from_cache_basis(to_cache_basis(x, quant), quant), x, atol=1e-5)
+  assert to_cache_basis(x, None) is x  # an unquantized cache stores the plain basis
