@@ -106,8 +106,8 @@ class AttentionSettings:
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
   precision: jax.lax.Precision | None = None
-  attention: str = "dot_product"  # train-mode kernel (registry.TRAIN_KERNELS)
-  decode_attention: str = "dot_product"  # autoregressive kernel (registry.DECODE_KERNELS)
+  attention: str = "autoselected"  # train-mode kernel (registry.TRAIN_KERNELS)
+  decode_attention: str = "autoselected"  # autoregressive kernel (registry.DECODE_KERNELS)
   pallas_interpret: bool = False  # run Pallas TPU kernels in interpret mode (CPU tests)
   mask: MaskSpec = MaskSpec()
   # > 0, or unset (None or 0, as in a config): no cap / softmax scale head_dim**-0.5.

@@ -22,6 +22,7 @@ from flax import nnx
 
 from meshattn.configs import load_config
 from meshattn.layers import Attention
+from meshattn.layers.serving import jit_step
 from meshattn.sharding import get_param_specs, logical_to_spec, mesh_shape_string, shard_module
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
@@ -92,16 +93,24 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
   x = jax.random.normal(jax.random.key(3), (batch, prompt_len + steps, cfg.emb_dim), jnp.dtype(cfg.dtype))
   seg = (jnp.arange(prompt_len)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)  # right padding
 
-  @nnx.jit(static_argnames="mode")
+  # The serving pattern (README "Serving"): a step compiled once, the cache updated in
+  # place, a step the cache cannot serve raised as StepRejected with nothing changed.
+  @jit_step(static_argnames="mode")
   def call(model, x, seg, mode):
     return model(x, decoder_segment_ids=seg, model_mode=mode)
 
-  model.init_cache(batch, cfg.max_target_length)
+  cache = model.init_cache(batch, cfg.max_target_length)
+  paged = hasattr(cache, "reserve_for_step")
+  slots = np.arange(batch)
+  if paged:  # pages for every row's prompt, reserved on the host before the step
+    cache.reserve_for_step(slots, np.asarray(lengths))
   start = time.perf_counter()
   prefill = jax.block_until_ready(call(model, x[:, :prompt_len], seg, "prefill"))
   prefill_ms = (time.perf_counter() - start) * 1e3
   decoded, decode_ms = [], []
   for i in range(steps):
+    if paged:
+      cache.reserve_for_step(slots, 1)
     start = time.perf_counter()
     decoded.append(jax.block_until_ready(
         call(model, x[:, prompt_len + i:prompt_len + i + 1], None, "autoregressive")))
@@ -116,7 +125,7 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
     worst = max(worst, err)
     rows.append([str(b), str(n), str(steps), f"{err:.2e}"])
   rows.append(["...", f"prefill {prefill_ms:.1f} ms (with compile)",
-               f"decode {decode_ms[-1]:.2f} ms/step", f"cache {model.cache.key[...].sharding.spec}"])
+               f"decode {decode_ms[-1]:.2f} ms/step", f"cache {(cache.key_pages if paged else cache.key)[...].sharding.spec}"])
   return rows, worst
 
 
