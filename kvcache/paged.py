@@ -120,7 +120,7 @@ class PagedKVCache(nnx.Module):
 
   def _place(self, x: jax.Array, names) -> jax.Array:
     if self.mesh is None:
-      return x
+      return jnp.asarray(x)
     from meshattn.sharding import logical_to_sharding
     return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
 
@@ -271,10 +271,19 @@ class PagedKVCache(nnx.Module):
   # ---- page manager (host side, eager) ---------------------------------------
 
   def _host(self, name: str) -> np.ndarray:
+    """A host copy of a table, the same on every process.
+
+    The page manager runs in every process (they run the same program), so each
+    needs the whole table; when it spans other processes' devices it is gathered
+    (a collective every process joins, as it joins the step).
+    """
     value = getattr(self, name)[...]
     if not _is_concrete(value):
       raise ValueError(f"PagedKVCache.{name} is traced: reserve / free / insert manage pages on the "
                        "host and must be called outside jit, between steps")
+    if not value.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.array(multihost_utils.process_allgather(value, tiled=True))
     return np.array(value)
 
   def _host_slots(self, slot) -> np.ndarray:
@@ -313,8 +322,9 @@ class PagedKVCache(nnx.Module):
       table[slot, col] = page
 
   def _store_tables(self, owner: np.ndarray, table: np.ndarray) -> None:
-    self.page_owner[...] = self._place(jnp.asarray(owner, jnp.int32), self._owner_names)
-    self.page_table[...] = self._place(jnp.asarray(table, jnp.int32), self._table_names)
+    # From NumPy straight to the global layout: every process holds the same tables.
+    self.page_owner.set_value(self._place(np.asarray(owner, np.int32), self._owner_names))
+    self.page_table.set_value(self._place(np.asarray(table, np.int32), self._table_names))
 
   def reserve(self, slot: int, num_tokens: int) -> None:
     """Make `slot` own enough pages for `num_tokens` tokens in total (idempotent; never shrinks).

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -97,6 +98,7 @@ class _Binding:
   """
 
   def __init__(self, module):
+    self.module = weakref.ref(module)  # an id can be reused once the module is gone
     self.graphdef, state = nnx.split(module)
     _, self.treedef = jax.tree.flatten(state)
     live = {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
@@ -114,7 +116,8 @@ class _Binding:
       if array is not None:  # a parameter the step changed
         variable.set_value(array)
     for variable, array in zip(self.others, others):
-      variable.set_value(array)
+      if array is not None:
+        variable.set_value(array)
 
 
 def _merge(is_param, params, others):
@@ -152,26 +155,34 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
     with host_raises_after_step():
       out = fn(module, **dynamic, **dict(static))
     new = jax.tree.leaves(nnx.state(module))
-    new_params = [None if n is o else n  # unchanged parameters are not returned (no copy)
-                  for n, o in zip((n for n, p in zip(new, is_param) if p), params)]
-    new_others = [n for n, p in zip(new, is_param) if not p]
+    # Unchanged arrays are not returned (an output is a copy) unless donated, where the
+    # output aliases the input buffer and returning it is what keeps the buffer alive.
+    new_params = [None if n is o else n for n, o in zip((n for n, p in zip(new, is_param) if p), params)]
+    new_others = [n if donate or n is not o else None
+                  for n, o in zip((n for n, p in zip(new, is_param) if not p), others)]
     return out, new_params, new_others, _rejected_bits(caches_of(module))
 
-  compiled = jax.jit(pure, static_argnums=(0, 1, 2, 6), donate_argnums=(4,) if donate else ())
+  def bind(module) -> _Binding:
+    binding = _Binding(module)
+    # The graph is closed over, not a static argument: hashing it on every call would cost
+    # more than the dispatch itself.
+    binding.compiled = jax.jit(
+        functools.partial(pure, binding.graphdef, binding.treedef, binding.is_param),
+        static_argnums=(3,), donate_argnums=(1,) if donate else ())
+    return binding
 
   @functools.wraps(fn)
   def step(module, *args, **kwargs):
     binding = bindings.get(id(module))
-    if binding is None or binding.epoch != _structure_epoch[0]:
-      binding = bindings[id(module)] = _Binding(module)
+    if binding is None or binding.epoch != _structure_epoch[0] or binding.module() is not module:
+      binding = bindings[id(module)] = bind(module)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()
     dynamic = dict(bound.arguments)
     del dynamic[module_name]
     static = tuple(sorted((name, dynamic.pop(name)) for name in static_argnames if name in dynamic))
     params, others = binding.arrays()
-    out, params, others, bits = compiled(binding.graphdef, binding.treedef, binding.is_param,
-                                         params, others, dynamic, static)
+    out, params, others, bits = binding.compiled(params, others, dynamic, static)
     binding.store(params, others)
     if check and int(np.asarray(bits)):
       raise_if_rejected(module)

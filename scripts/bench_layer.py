@@ -77,7 +77,8 @@ def set_lengths(attn, n: int) -> None:
 
 
 def decode_parts(attn, x) -> dict[str, float]:
-  """The step's parts, each timed alone: kernel on the cache, projections, one-token write."""
+  """The step's parts: the bare kernel alone, and kernel + projections + the one-token write
+  in one compiled call (no RoPE, checks, masks or rotation: what a step must do)."""
   s = attn.settings
   cache = attn.cache
   b = x.shape[0]
@@ -86,30 +87,34 @@ def decode_parts(attn, x) -> dict[str, float]:
     selected = registry.select("paged" if hasattr(cache, "page_table") else "ragged",
                                registry.Request("cpu", "autoregressive", selected_features(attn)))
   kernel = attn._load(selected)
-  q = jnp.ones((b, s.num_query_heads, s.head_dim), s.dtype)
-  quant = cache.quant is not None
   common = dict(scale=s.scale, soft_cap=s.attn_logits_soft_cap, sinks=None)
-  lengths = cache.lengths[...]
-  if hasattr(cache, "page_table"):
-    args = dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
-                page_table=cache.page_table[...], lengths=lengths,
-                page_owner=cache.page_owner[...], slots=jnp.arange(b, dtype=jnp.int32),
-                key_scale=cache.key_scale[...] if quant else None,
-                value_scale=cache.value_scale[...] if quant else None)
-  else:
-    args = dict(key=cache.key[...], value=cache.value[...], lengths=lengths, window=None,
-                key_scale=cache.key_scale[...] if quant else None,
-                value_scale=cache.value_scale[...] if quant else None)
-  kernel_ms = time_fn(jax.jit(lambda q, a: kernel(q, **a, **common)), q, args, iters=50)
-
-  proj_ms = time_fn(jit_step(project, donate=False, check=False), attn, x, iters=50)
   rows = jnp.arange(b, dtype=jnp.int32)
-  kv = jnp.ones((b, 1, s.num_kv_heads, s.head_dim), s.dtype)
-  pos = cache.lengths[...][:, None]
-  write = jit_step(lambda c, k, p: c.write(rows, k, k, p, jnp.ones((b, 1), bool), p[:, 0]),
-                   check=False)
-  write_ms = time_fn(write, cache, kv, pos, iters=50)
-  return dict(kernel=kernel_ms, projections=proj_ms, write=write_ms)
+
+  def cache_args(cache, lengths):
+    quant = cache.quant is not None
+    scales = dict(key_scale=cache.key_scale[...] if quant else None,
+                  value_scale=cache.value_scale[...] if quant else None)
+    if hasattr(cache, "page_table"):
+      return dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
+                  page_table=cache.page_table[...], lengths=lengths,
+                  page_owner=cache.page_owner[...], slots=rows, **scales)
+    return dict(key=cache.key[...], value=cache.value[...], lengths=lengths, window=None, **scales)
+
+  q = jnp.ones((b, s.num_query_heads, s.head_dim), s.dtype)
+  kernel_ms = time_fn(jax.jit(lambda q, a: kernel(q, **a, **common)), q,
+                      cache_args(cache, cache.lengths[...]), iters=50)
+
+  def bare_step(attn, x):
+    query, key, value = attn._project_qkv(x, x)  # [b, 1, N, H], [b, 1, K, H]
+    start = attn.cache.lengths[...]  # [b]
+    attn.cache.write(rows, key, value, start[:, None], jnp.ones((b, 1), bool), start + 1)
+    context = kernel(query[:, 0], **cache_args(attn.cache, start + 1), **common)  # [b, N, H]
+    return attn.out(context[:, None])
+
+  lengths = cache.lengths[...]
+  bare_ms = time_fn(jit_step(bare_step, check=False), attn, x, iters=50)
+  cache.lengths[...] = lengths
+  return dict(kernel=kernel_ms, bare=bare_ms)
 
 
 def project(attn, x):
@@ -140,7 +145,7 @@ def scan_steps(attn, xs):
 
 def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> list[dict]:
   b, kv = (int(n) for n in shape.split("x"))
-  room = max(2 * (2 + 5 * iters) + 8, (2 + 5 * 2) * SCAN_STEPS) + 8  # time_fn: 2 warm-up + 5 reps
+  room = max(3 * (2 + 5 * iters) + 8, (2 + 5 * 2) * SCAN_STEPS) + 8  # time_fn: 2 warm-up + 5 reps
   attn = build(dims, cache_kind, b, kv + room, tpp)
   fill(attn, kv)
   if cache_kind == "paged":
@@ -164,15 +169,16 @@ def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> lis
   attn = nnx.merge(graphdef, holder["state"])
   set_lengths(attn, kv)
   parts = decode_parts(attn, x)
-  total = sum(parts.values())
+  bare = parts["bare"]
   name = f"b{b} kv{kv}"
-  return [dict(section="decode", cache=cache_kind, shape=name, what=what, ms=ms, ratio=ms / total)
-          for what, ms in (("jit_step", step_ms), ("jit_step, check=False", unchecked_ms),
-                       ("nnx.jit (donated)", plain_ms),
-                           (f"lax.scan x{SCAN_STEPS}", scan_ms))] + [
-      dict(section="decode", cache=cache_kind, shape=name, what=f"part: {k}", ms=v, ratio=None)
-      for k, v in parts.items()] + [
-      dict(section="decode", cache=cache_kind, shape=name, what="parts total", ms=total, ratio=1.0)]
+  row = lambda what, ms, ratio: dict(section="decode", cache=cache_kind, shape=name, what=what,
+                                     ms=ms, ratio=ratio)
+  return [row("jit_step", step_ms, step_ms / bare),
+          row("jit_step, check=False", unchecked_ms, unchecked_ms / bare),
+          row("nnx.jit (donated)", plain_ms, plain_ms / bare),
+          row(f"lax.scan x{SCAN_STEPS}", scan_ms, scan_ms / bare),
+          row("parts: kernel alone", parts["kernel"], None),
+          row("parts: kernel+proj+write", bare, 1.0)]
 
 
 def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list[dict]:
@@ -188,6 +194,26 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
     return step(attn, x)
 
   fresh_ms = time_fn(fresh, x, iters=iters)
+
+  def resets():
+    for slot in slots:
+      attn.cache.reset(slot)
+    return attn.cache.lengths[...]
+
+  resets_ms = time_fn(resets, iters=iters)
+
+  def fresh_only(x):
+    set_lengths(attn, 0)
+    return step(attn, x)
+
+  fresh_only_ms = time_fn(fresh_only, x, iters=iters)
+  unchecked = jit_step(lambda m, x: m(x, model_mode="prefill"), check=False)
+
+  def fresh_unchecked(x):
+    set_lengths(attn, 0)
+    return unchecked(attn, x)
+
+  unchecked_ms = time_fn(fresh_unchecked, x, iters=iters)
   train = jit_step(lambda m, x: m(x, model_mode="train"), donate=False, check=False)
   train_ms = time_fn(train, attn, x, iters=iters)
   cached = prompt - chunk
@@ -216,6 +242,12 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
   return [
       dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}", what="fresh prefill "
            f"(+{batch} resets)", ms=fresh_ms, ratio=fresh_ms / train_ms),
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
+           what=f"{batch} resets alone", ms=resets_ms, ratio=resets_ms / train_ms),
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
+           what="fresh prefill, no resets", ms=fresh_only_ms, ratio=fresh_only_ms / train_ms),
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
+           what="  the same, check=False", ms=unchecked_ms, ratio=unchecked_ms / train_ms),
       dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}", what="train forward",
            ms=train_ms, ratio=1.0),
       dict(section="prefill", cache="contiguous", shape=name, what="chunk step", ms=chunk_ms,
