@@ -5,8 +5,9 @@ Two kinds live here:
 * `MaskSpec`: the structural mask of an attention pattern (causal, full,
   sliding window, chunked), typed so that a window cannot exist without its
   size. Kernels build the boolean mask from token *positions*, so the same
-  spec serves training (positions = token index) and decoding against a cache
-  (positions = where each cached token sits in its sequence).
+  spec serves training (positions = token index, or in packed rows each
+  token's index in its packed sequence: `packed_mask_inputs`) and decoding
+  against a cache (positions = where each cached token sits in its sequence).
 * Flax-compatible helpers (`make_attention_mask`, `make_causal_mask`,
   `combine_masks`) for user masks of shape [batch..., heads, q_len, kv_len].
 """
@@ -83,6 +84,64 @@ def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Arr
   q = q_segment_ids[:, :, None]  # [B, T, 1]
   k = kv_segment_ids[:, None, :]  # [B, 1, S]
   return (q == k) & (q != 0)
+
+
+# ---- Packed rows ------------------------------------------------------------------
+# A packed row holds several sequences, each a contiguous run of one segment id
+# (0 = padding), the layout packing produces. Each sequence must get the mask it
+# has alone: causal, window and full masks depend only on differences of
+# positions within a segment, so token indices serve them, but chunk boundaries
+# count from the sequence's first token, not from the row's.
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Each token's index in its packed sequence: [B, L] int32 from segment ids [B, L].
+
+  A sequence is a run of equal ids; a run restarts the count, also when its id
+  appeared earlier in the row (ids are expected to be contiguous runs).
+  """
+  length = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)  # [B, L]
+  starts = jnp.concatenate(
+      [jnp.ones(segment_ids.shape[:-1] + (1,), bool),
+       segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)  # [B, L] a run's first token
+  first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)  # [B, L]
+  return idx - first
+
+
+def chunk_segment_ids(segment_ids: jax.Array, chunk: int) -> jax.Array:
+  """Ids [B, L] int32 of the pieces a chunk mask cuts packed sequences into (0 stays padding).
+
+  A piece is `chunk` tokens of one sequence counted from its first token (the
+  last piece may be shorter); pieces are numbered 1, 2, ... along the row. A
+  chunk mask over packed rows is the causal mask within pieces, which kernels
+  that mask by token index (flash) express as causal + these segment ids.
+  """
+  pieces = segment_positions(segment_ids) % chunk == 0  # [B, L] a piece's first token
+  ids = jnp.cumsum(pieces, axis=-1, dtype=jnp.int32)  # [B, L] >= 1
+  return jnp.where(segment_ids != 0, ids, 0)
+
+
+def packed_mask_inputs(spec: MaskSpec, segment_ids: jax.Array, *,
+                       by_index: bool) -> tuple[MaskSpec, jax.Array, jax.Array]:
+  """(mask spec, positions [B, L], segment ids [B, L]) for a train kernel doing self-attention
+  over packed rows [B, L] (one ids array for queries and keys), so that each packed
+  sequence gets exactly the mask it has alone.
+
+  by_index: the kernel builds its structural mask from token indices, not from the
+  positions it is given (registry `masks_by_index`, the "whole" length layout): it
+  gets token indices, and a chunk mask becomes causal within `chunk_segment_ids`.
+  Otherwise the kernel masks by the positions: each token's index in its sequence
+  (which is also what score_mod / mask_mod hooks then see as q_idx / kv_idx).
+  Computed on whole rows (before any shard_map), so shards split them like the ids.
+  """
+  if not by_index:
+    return spec, segment_positions(segment_ids), segment_ids
+  idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32),
+                         segment_ids.shape)  # [B, L]
+  if spec.attention_type == "chunk":
+    return MaskSpec("global"), idx, chunk_segment_ids(segment_ids, spec.chunk)
+  return spec, idx, segment_ids
 
 
 # ---- Flax-compatible helpers ---------------------------------------------------
