@@ -30,6 +30,9 @@ BASELINES = ("jax.nn cudnn", "tokamax mosaic")
 
 SOFT_CAP = 50.0
 DOCUMENTS = 4
+# Our kernels timed in the features section (the reference checks each row either way; a
+# caller may drop the slow ones, e.g. ("flash",)).
+FEATURE_KERNELS = ("flash", "blockwise", "dot_product")
 
 
 def _tokamax():
@@ -41,24 +44,36 @@ def _tokamax():
   return flash_tokamax._tokamax() if flash_tokamax.tokamax_available() else None
 
 
-def _serves(name: str, platform: str, features: set[str]) -> bool:
+def _request(platform: str, features: set[str], args) -> registry.Request:
+  """The request the layer makes: its features, head_dim and dtype (the kernels' limits)."""
+  if args.dtype == "float32":
+    features = features | {"float32"}
+  return registry.Request(platform, "train", frozenset(features), head_dim=args.head_dim,
+                          dtype=args.dtype)
+
+
+def _serves(name: str, platform: str, features: set[str], args) -> bool:
   try:
-    registry.select(name, registry.Request(platform, "train", frozenset(features)))
+    registry.select(name, _request(platform, features, args))
   except ValueError:
     return False
   return True
 
 
-def _ours(name: str, platform: str, features: set[str], *, soft_cap: float | None = None,
+def _ours(name: str, platform: str, features: set[str], args, *, soft_cap: float | None = None,
           segments: bool = False, sinks: jax.Array | None = None):
   """(forward fn, fn for jax.grad) through the registry's `name` kernel, or None where it
   does not serve: the registry picks per request (forward-only vs with backward)."""
-  if not (_serves(name, platform, features) and _serves(name, platform, features | {"backward"})):
+  if not (_serves(name, platform, features, args)
+          and _serves(name, platform, features | {"backward"}, args)):
     return None
 
   def fn_for(backward: bool):
-    wanted = frozenset(features | ({"backward"} if backward else set()))
-    kernel = registry.select(name, registry.Request(platform, "train", wanted)).load()
+    wanted = features | ({"backward"} if backward else set())
+    chosen = registry.select(name, _request(platform, wanted, args))
+    if name in ("flash", "autoselected"):
+      print(f"{name} {sorted(wanted)} h{args.head_dim} {args.dtype}: {chosen.description}")
+    kernel = chosen.load()
 
     def run(q, k, v):
       b, t = q.shape[:2]
@@ -75,7 +90,7 @@ def _ours(name: str, platform: str, features: set[str], *, soft_cap: float | Non
   return fn_for(False), fn_for(True)
 
 
-def prefill_kernels(platform: str) -> dict[str, tuple[Callable, Callable]]:
+def prefill_kernels(platform: str, args) -> dict[str, tuple[Callable, Callable]]:
   """Name -> (forward fn, fn for jax.grad), each fn(q [B, T, N, H], k, v [B, S, K, H]) -> out."""
   def jax_nn(implementation):
     def run(q, k, v):
@@ -92,7 +107,7 @@ def prefill_kernels(platform: str) -> dict[str, tuple[Callable, Callable]]:
     kernels["tokamax mosaic"] = (run, run)
   kernels["jax.nn xla"] = jax_nn("xla")
   for name in ("dot_product", "blockwise", "flash"):
-    pair = _ours(name, platform, {"causal", "gqa"})
+    pair = _ours(name, platform, {"causal", "gqa"}, args)
     if pair is not None:
       kernels[name] = pair
   return kernels
@@ -147,7 +162,7 @@ def bench_prefill(args, platform: str) -> list[Row]:
   rows = []
   for b, seq in args.prefill:
     inputs, cot, flops, shape = _inputs(b, seq, args)
-    kernels = prefill_kernels(platform)
+    kernels = prefill_kernels(platform, args)
     reference = None
     if args.check:
       # The O(s^2) reference does not fit at long sequences; there blockwise
@@ -172,13 +187,14 @@ def bench_features(args, platform: str) -> list[Row]:
     run = lambda q, k, v: tokamax.dot_product_attention(
         q, k, v, is_causal=True, logits_soft_cap=SOFT_CAP, implementation="mosaic")
     kernels["tokamax mosaic"] = (run, run)
-  for name in ("flash", "blockwise", "dot_product"):
-    pair = _ours(name, platform, {"causal", "gqa", "soft_cap"}, soft_cap=SOFT_CAP)
+  capped = ({"causal", "gqa", "soft_cap"}, dict(soft_cap=SOFT_CAP))
+  for name in FEATURE_KERNELS:
+    pair = _ours(name, platform, capped[0], args, **capped[1])
     if pair is not None:
       kernels[name] = pair
   if platform == "gpu":
     kernels["pallas gpu flash (direct)"] = _pallas_direct(soft_cap=SOFT_CAP)
-  reference = _reference(kernels, inputs, args)
+  reference = _reference(platform, *capped, inputs, args)
   rows += _time_kernels("soft cap", shape, kernels, inputs, cot, flops, reference, args)
 
   # Segment ids (packed documents) + sinks; the baseline is plain causal cuDNN.
@@ -188,22 +204,22 @@ def bench_features(args, platform: str) -> list[Row]:
     run = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                        implementation="cudnn")
     kernels["jax.nn cudnn"] = (run, run)
-  for name in ("flash", "blockwise", "dot_product"):
-    pair = _ours(name, platform, {"causal", "gqa", "segment_ids", "sinks"}, segments=True,
-                        sinks=sinks)
+  packed = ({"causal", "gqa", "segment_ids", "sinks"}, dict(segments=True, sinks=sinks))
+  for name in FEATURE_KERNELS:
+    pair = _ours(name, platform, packed[0], args, **packed[1])
     if pair is not None:
       kernels[name] = pair
-  reference = _reference(kernels, inputs, args)
+  reference = _reference(platform, *packed, inputs, args)
   rows += _time_kernels(f"segments x{DOCUMENTS} + sinks", shape, kernels, inputs, cot, flops,
                         reference, args, unchecked=("jax.nn cudnn",))
   return rows
 
 
-def _reference(kernels, inputs, args):
+def _reference(platform: str, features: set[str], kwargs: dict, inputs, args):
+  """The reference kernel's forward output on `inputs` (None without --check)."""
   if not args.check:
     return None
-  name = "dot_product" if "dot_product" in kernels else "blockwise"
-  return jax.jit(kernels[name][0])(*inputs)
+  return jax.jit(_ours("dot_product", platform, features, args, **kwargs)[0])(*inputs)
 
 
 def _pallas_direct(**options):
@@ -221,15 +237,15 @@ def _pallas_direct(**options):
 def bench_long(args, platform: str) -> list[Row]:
   """The autoselected kernel's forward+backward at long context, with its peak device memory."""
   rows = []
-  features = {"causal", "gqa"} | ({"float32"} if args.dtype == "float32" else set())
-  chosen = registry.select("autoselected", registry.Request(
-      platform, "train", frozenset(features | {"backward"})))
+  features = {"causal", "gqa"}
+  chosen = registry.select("autoselected", _request(platform, features | {"backward"}, args))
   for b, seq in args.long:
     inputs, cot, flops, shape = _inputs(b, seq, args)
     reference = None
     if args.check:  # blockwise: O(s) memory, checked against the reference in the tests
-      reference = jax.jit(_ours("blockwise", platform, features)[0])(*inputs)
-    kernels = {f"{chosen.name} ({chosen.description})": _ours("autoselected", platform, features)}
+      reference = jax.jit(_ours("blockwise", platform, features, args)[0])(*inputs)
+    kernels = {f"{chosen.name} ({chosen.description})": _ours("autoselected", platform, features,
+                                                              args)}
     got = _time_kernels("long", shape, kernels, inputs, cot, flops, reference, args,
                         labels=("fwd+bwd",))
     # The compiled program's own footprint (a process-wide peak would include

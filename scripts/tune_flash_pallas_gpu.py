@@ -16,8 +16,12 @@ Every configuration is first checked against the float32 reference
 (meshattn dot_product_attention, one batch row at a time to bound its
 O(s^2) memory): outputs, and for fwd+bwd the gradients (d sinks at 5x the
 tolerance: a sum over every row), at 2e-2 of the reference's max |value|
-for bfloat16. A mismatch is reported and not timed; a configuration that
-fails to compile (e.g. too much shared memory) is reported and skipped.
+for bfloat16. A mismatch is reported and not timed; a configuration whose
+tiles need more shared memory than the GPU has per block (the model in
+layers/kernels/flash_pallas_gpu_tiles.py) is refused before compiling, and
+one that fails to compile otherwise, reported and skipped. At --head-dim 256
+most h128 candidates are refused that way; the kernel's defaults there (None
+in every knob) are flash_pallas_gpu_tiles.Tiles.get_default's.
 Timing: median of --iters calls after a compile and a warm-up call, each
 synced (as scripts/bench.py). cuDNN plain causal (jax.nn.dot_product_attention,
 implementation="cudnn") is timed in the same run: `x cuDNN` = cuDNN ms / ms
@@ -72,7 +76,8 @@ def _fwd(block_q, block_kv, warps, stages):
 
 # Candidates in priority order. Forward: a block of queries per program, the
 # keys in steps. Shared memory per program ~ (block_q + 2 * stages *
-# block_kv) * head_dim * 2 bytes at bfloat16 (H100: 227 KB), which prunes deep
+# block_kv) * head_dim * 2 bytes at bfloat16 (H100 / H200: 227 KB;
+# flash_pallas_gpu_tiles.shared_memory_bytes has each kernel's), which prunes deep
 # pipelines of wide key steps; 16 query rows per warp keeps the accumulator in
 # registers (block_q 128: 8 warps; 4 warps tried where the key step is small).
 FWD_CANDIDATES = [

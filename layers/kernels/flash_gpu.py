@@ -22,7 +22,8 @@ which describe right padding, not packed segments; a packing mask as a dense
 Positions must be the token indices (train mode): cuDNN's causal and window
 masks are index based. A query whose user mask hides every key gets zeros, as
 in the reference (cuDNN alone would average the values).
-cuDNN runs float16 / bfloat16 only; float32 inputs raise ValueError.
+cuDNN runs float16 / bfloat16 only, head_dim a multiple of 8 up to 256 on
+Hopper (128 before; registry.CUDNN_LIMITS); other inputs raise ValueError.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
@@ -107,6 +109,10 @@ def cudnn_attention(
   if query.dtype not in _CUDNN_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
     raise ValueError("cudnn_attention needs float16 or bfloat16 query/key/value of one dtype, "
                      f"got {query.dtype}/{key.dtype}/{value.dtype}")
+  shape = registry.Request("gpu", "train", frozenset(), head_dim=query.shape[-1], dtype=query.dtype)
+  if registry.CUDNN_LIMITS.violations(shape):
+    raise ValueError("cudnn_attention cannot run "
+                     + "; ".join(registry.CUDNN_LIMITS.violations(shape)))
 
   spec = options.mask
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None

@@ -32,11 +32,14 @@ Layout and work split:
   * logits live in log2 units (log2(e) folded into the scale) so the softmax
     runs on exp2; the soft cap applies to natural-unit logits first, through
     tanh.approx.f32 for 16-bit inputs on GPU.
-  * backward (jax.custom_vjp): residuals are the output and the float32
-    logsumexp [B, N, T] (natural units); delta = rowsum(o * do) and
-    d(sinks) = -sum p_sink * delta with p_sink = exp(sink - lse) are cheap
-    [B, N, T] reductions done by XLA outside the kernels. dq and dkv take
-    their own tiles (block_*_bwd, block_*_dkv) and Triton settings (num_*_bwd).
+  * backward (jax.custom_vjp; the kernels are in flash_pallas_gpu_bwd.py):
+    residuals are the output and the float32 logsumexp [B, N, T] (natural
+    units); delta = rowsum(o * do) and d(sinks) = -sum p_sink * delta with
+    p_sink = exp(sink - lse) are cheap [B, N, T] reductions done by XLA
+    outside the kernels. dq and dkv take their own tiles and Triton settings.
+  * tiles (flash_pallas_gpu_tiles.py): chosen per head_dim and dtype so that
+    each kernel's shared memory fits the GPU's per-block limit (227 KB on
+    Hopper); explicit tiles that cannot fit raise ValueError before compiling.
 All accumulation is float32; bf16 inputs feed bf16 tensor-core dots.
 T and S are padded to the block sizes: padded keys get position -1 (never
 attended) and padded query rows are dropped (their zero cotangent makes them
@@ -57,6 +60,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from meshattn.layers.kernels import flash_bounds as fb
 from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.flash_pallas_gpu_tiles import call_tiles
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, reject_unsupported, requested_features)
 from meshattn.layers.kernels.online_softmax import NEG
@@ -332,143 +336,6 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, sinks_t
   )(q, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, bounds, sinks_tile))
 
 
-# ---- Backward --------------------------------------------------------------------
-
-
-def _probs_and_dlogits(st: _Static, q, k, v, do, lse2, delta, allowed):
-  """Recompute p [bq, bkv] and d(raw logits) / scale of one tile (allowed None: no mask).
-
-  ds = p * (dp - delta) is the softmax backward (the sink column adds no
-  value, so delta = rowsum(o * do) already is sum_j p_j dp_j); the soft cap
-  multiplies by its derivative 1 - tanh^2. The scale multiplies dq / dk once
-  at the end instead of every tile.
-  """
-  s, t = _logits(st, q, k)  # [bq, bkv] log2 units
-  p = jnp.exp2(s - lse2[:, None])  # [bq, bkv]
-  if allowed is not None:
-    p = jnp.where(allowed, p, 0.0)
-  dp = _dot(do, v, trans_b=True)  # [bq, bkv]
-  ds = p * (dp - delta[:, None])  # [bq, bkv]
-  if t is not None:
-    ds = ds * (1.0 - t * t)
-  return p, ds
-
-
-def _dq_kernel(*refs, st: _Static, num_kv_blocks: int):
-  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "bounds", "do",
-                         "lse", "delta", "dq"))
-  q = r["q"][...]  # [bq, H]
-  do = r["do"][...]  # [bq, H]
-  lse2 = r["lse"][...] * _LOG2E  # [bq]
-  delta = r["delta"][...]  # [bq]
-  q_pos = r["q_pos"][...]
-  q_seg = None if r["q_seg"] is None else r["q_seg"][...]
-
-  def body(j, dq, *, masked):
-    kv_slice = pl.ds(j * st.block_kv, st.block_kv)
-    k = r["k"][kv_slice, :]  # [bkv, H]
-    v = r["v"][kv_slice, :]  # [bkv, H]
-    allowed = None
-    if masked:
-      kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
-      allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
-    _, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
-    return dq + _dot(ds.astype(k.dtype), k)  # [bq, H]
-
-  ranges = _kv_ranges(st, r["bounds"], pl.program_id(1), num_kv_blocks)
-  dq = _tile_loops(ranges, body, jnp.zeros(q.shape, jnp.float32))
-  r["dq"][...] = (dq * st.scale).astype(r["dq"].dtype)
-
-
-def _dkv_kernel(*refs, st: _Static, num_q_blocks: int):
-  r = _unpack(st, refs, ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg", "bounds", "do",
-                         "lse", "delta", "dk", "dv"))
-  k = r["k"][...]  # [bkv, H]
-  v = r["v"][...]  # [bkv, H]
-  kv_pos = r["kv_pos"][...]  # [bkv]
-  kv_seg = None if r["kv_seg"] is None else r["kv_seg"][...]
-  ranges = _q_ranges(st, r["bounds"], pl.program_id(0), num_q_blocks)
-
-  def q_body(i, carry, *, masked, g):
-    dk, dv = carry
-    q_slice = pl.ds(i * st.block_q, st.block_q)
-    q = r["q"][q_slice, g, :]  # [bq, H]
-    do = r["do"][q_slice, g, :]  # [bq, H]
-    lse2 = r["lse"][g, q_slice] * _LOG2E  # [bq]
-    delta = r["delta"][g, q_slice]  # [bq]
-    allowed = None
-    if masked:
-      q_seg = None if r["q_seg"] is None else r["q_seg"][q_slice]
-      allowed = _tile_mask(st, r["q_pos"][q_slice], kv_pos, q_seg, kv_seg)  # [bq, bkv]
-    p, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bkv, H]
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [bkv, H]
-    return dk, dv
-
-  def g_body(g, carry):
-    return _tile_loops(ranges, functools.partial(q_body, g=g), carry)
-
-  zeros = jnp.zeros(k.shape, jnp.float32)  # [bkv, H]
-  dk, dv = lax.fori_loop(0, st.group, g_body, (zeros, zeros))
-  r["dk"][...] = (dk * st.scale).astype(r["dk"].dtype)
-  r["dv"][...] = dv.astype(r["dv"].dtype)
-
-
-def _backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse, do):
-  """dq [B, T, N, H], dk / dv [B, S, K, H] and delta [B, N, T] (float32)."""
-  batch, q_len, _, head_dim = q.shape
-  kv_len = k.shape[1]
-  # d(sinks) is computed outside the kernels.
-  st, dkv_st = (dataclasses.replace(x, has_sinks=False) for x in (st.backward(), st.dkv()))
-  kh, g_, bq, bkv = st.kv_heads, st.group, st.block_q, st.block_kv
-  delta = jnp.einsum("BTNH,BTNH->BNT", o.astype(jnp.float32),
-                     do.astype(jnp.float32))  # [B, N, T]
-  params = _compiler_params(st)
-
-  specs = _per_q_head_specs(st, kv_len, head_dim)
-  kv_bounds = _kv_bounds_input(st, q_len, kv_pos, q_seg, kv_seg, ranges)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, num_kv_blocks=kv_len // bkv),
-      grid=(g_, q_len // bq, batch * kh),
-      in_specs=([specs["q"], specs["kv"], specs["kv"]] + _optional_specs(st, specs)
-                + [specs["q"], specs["row"], specs["row"]]),
-      out_specs=specs["q"],
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
-      interpret=st.interpret,
-      name="flash_pallas_gpu_dq",
-  )(q, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, kv_bounds, None), do, lse, delta)
-
-  # dkv grid (S / bkv, B * K): the G query heads of the kv head are a loop.
-  st, bq, bkv = dkv_st, dkv_st.block_q, dkv_st.block_kv
-  q5 = q.reshape(batch, q_len, kh, g_, head_dim)  # [B, T, K, G, H]
-  do5 = do.reshape(batch, q_len, kh, g_, head_dim)  # [B, T, K, G, H]
-  lse4 = lse.reshape(batch, kh, g_, q_len)  # [B, K, G, T]
-  delta4 = delta.reshape(batch, kh, g_, q_len)  # [B, K, G, T]
-  q_all = pl.BlockSpec((None, q_len, None, g_, head_dim),
-                       lambda j, bk: (bk // kh, 0, bk % kh, 0, 0))
-  kv_tile = pl.BlockSpec((None, bkv, None, head_dim), lambda j, bk: (bk // kh, j, bk % kh, 0))
-  q_vec = pl.BlockSpec((None, q_len), lambda j, bk: (bk // kh, 0))
-  kv_vec = pl.BlockSpec((None, bkv), lambda j, bk: (bk // kh, j))
-  bounds = pl.BlockSpec((None, 4), lambda j, bk: (bk // kh, j))
-  rows = pl.BlockSpec((None, None, g_, q_len), lambda j, bk: (bk // kh, bk % kh, 0, 0))
-  vec_specs = ([q_vec, kv_vec] + ([q_vec, kv_vec] if st.has_segments else [])
-               + ([bounds] if st.has_bounds else []))
-  q_bounds = fb.q_data_bounds(st.spec, bq, bkv, q_len // bq, kv_pos, q_seg, kv_seg, ranges)
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, st=st, num_q_blocks=q_len // bq),
-      grid=(kv_len // bkv, batch * kh),
-      in_specs=[q_all, kv_tile, kv_tile] + vec_specs + [q_all, rows, rows],
-      out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
-      interpret=st.interpret,
-      name="flash_pallas_gpu_dkv",
-  )(q5, k, v, *_common_inputs(st, q_pos, kv_pos, q_seg, kv_seg, q_bounds, None), do5, lse4,
-    delta4)
-  return dq, dk, dv, delta
-
-
 # ---- custom VJP ------------------------------------------------------------------
 
 
@@ -489,9 +356,12 @@ def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges
 
 
 def _flash_bwd(st: _Static, res, do):
+  # The backward file imports this one's tile helpers, so it is imported here, not on top.
+  # pylint: disable-next=import-outside-toplevel
+  from meshattn.layers.kernels.flash_pallas_gpu_bwd import backward_kernels
   q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse = res
-  dq, dk, dv, delta = _backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                                        ranges, o, lse, do)
+  dq, dk, dv, delta = backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o,
+                                       lse, do)
   dsinks = None
   if st.has_sinks:
     # d sink_n = sum_{b,t} p_sink * (0 - delta): the sink column's value is 0.
@@ -521,11 +391,6 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _check_pow2(name: str, value: int, low: int, high: int | None = None):
-  if value < low or value & (value - 1) or (high is not None and value > high):
-    raise ValueError(f"{name}={value}: must be a power of two in [{low}, {high or 'inf'}]")
-
-
 def pallas_gpu_flash_attention(
     query: jax.Array,
     key: jax.Array,
@@ -542,16 +407,16 @@ def pallas_gpu_flash_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     return_weights: bool = False,
-    block_q: int = 64,
-    block_kv: int = 64,
-    block_q_bwd: int = 128,
-    block_kv_bwd: int = 64,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    block_q_bwd: int | None = None,
+    block_kv_bwd: int | None = None,
     block_q_dkv: int | None = None,
     block_kv_dkv: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     num_warps_bwd: int | None = None,
-    num_stages_bwd: int = 2,
+    num_stages_bwd: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, None]:
   """Flash attention of query [B, T, N, H] over key/value [B, S, K, H] in Pallas/Triton.
@@ -561,14 +426,16 @@ def pallas_gpu_flash_attention(
     block_q / block_kv: forward tiles, powers of two >= 16 (shrunk to the
       padded lengths for short inputs);
     block_q_bwd / block_kv_bwd: the dq kernel's tiles;
-    block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's);
-      each kernel likes a large block of its own rows and a small step over
-      the other side, so dq and dkv may want transposed tiles;
-    num_warps / num_stages: Triton's, forward; num_warps_bwd (default 4 for
-      head dim <= 64, else 8) / num_stages_bwd: dq and dkv.
-  The defaults are the H100 sweep's best (b4 s4096 n32 k8 h128 bf16; forward
-  64x64 tiles, 4 warps, 3 stages was best or within 5% for causal, soft cap and
-  segments; docs/benchmarks.md).
+    block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's
+      where those are given); each kernel likes a large block of its own rows
+      and a small step over the other side, so dq and dkv may want transposed
+      tiles;
+    num_warps / num_stages: Triton's, forward; num_warps_bwd / num_stages_bwd:
+      dq and dkv.
+  None takes `Tiles.get_default(head_dim, itemsize)` (flash_pallas_gpu_tiles.py):
+  the H100 sweep's best up to head_dim 128, smaller tiles for wider heads,
+  each shrunk to fit the GPU's shared memory per block. Tiles that cannot fit
+  raise ValueError naming the kernel and the limit (not in interpret mode).
   `interpret` runs the kernels in the Pallas interpreter (any backend, for
   tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming
   them.
@@ -590,32 +457,19 @@ def pallas_gpu_flash_attention(
   if head_dim < 16 or head_dim & (head_dim - 1) or value.shape[-1] != head_dim:
     raise ValueError(f"pallas_gpu_flash_attention needs one power-of-two head dim >= 16 for q, k "
                      f"and v, got {head_dim} / {value.shape[-1]}")
-  default = lambda x, d: d if x is None else x
-  q_tiles = {"block_q": block_q}
-  q_tiles["block_q_bwd"] = block_q_bwd
-  q_tiles["block_q_dkv"] = default(block_q_dkv, q_tiles["block_q_bwd"])
-  kv_tiles = {"block_kv": block_kv}
-  kv_tiles["block_kv_bwd"] = block_kv_bwd
-  kv_tiles["block_kv_dkv"] = default(block_kv_dkv, kv_tiles["block_kv_bwd"])
-  num_warps_bwd = default(num_warps_bwd, 4 if head_dim <= 64 else 8)
-  for name, size in {**q_tiles, **kv_tiles}.items():
-    _check_pow2(name, size, 16)
-  for name, warps in (("num_warps", num_warps), ("num_warps_bwd", num_warps_bwd)):
-    _check_pow2(name, warps, 1, 32)
-  if min(num_stages, num_stages_bwd) < 1:
-    raise ValueError(f"num_stages={num_stages} / num_stages_bwd={num_stages_bwd}: must be >= 1")
-
-  # Short inputs: shrink the tiles (still powers of two) rather than pad a lot.
-  q_tiles = {n: min(b, max(16, pl.next_power_of_2(q_len))) for n, b in q_tiles.items()}
-  kv_tiles = {n: min(b, max(16, pl.next_power_of_2(kv_len))) for n, b in kv_tiles.items()}
-  t_pad = _round_up(q_len, max(q_tiles.values()))  # powers of two: a multiple of each tile
-  s_pad = _round_up(kv_len, max(kv_tiles.values()))
+  tiles = call_tiles(head_dim, jnp.dtype(query.dtype).itemsize, q_len, kv_len, interpret,
+                     block_q=block_q, block_kv=block_kv, block_q_bwd=block_q_bwd,
+                     block_kv_bwd=block_kv_bwd, block_q_dkv=block_q_dkv,
+                     block_kv_dkv=block_kv_dkv, num_warps=num_warps, num_stages=num_stages,
+                     num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd)
+  # Powers of two: the padded lengths are multiples of every tile.
+  t_pad = _round_up(q_len, max(tiles.block_q, tiles.block_q_bwd, tiles.block_q_dkv))
+  s_pad = _round_up(kv_len, max(tiles.block_kv, tiles.block_kv_bwd, tiles.block_kv_dkv))
   st = _Static(spec=options.mask, scale=float(options.scale), soft_cap=options.soft_cap or None,
                kv_heads=kv_heads, group=num_heads // kv_heads, kv_len=kv_len,
                has_segments=q_segment_ids is not None, has_sinks=sinks is not None,
                fast_tanh=not interpret and jnp.dtype(query.dtype).itemsize < 4,
-               num_warps=num_warps, num_stages=num_stages, num_warps_bwd=num_warps_bwd,
-               num_stages_bwd=num_stages_bwd, interpret=interpret, **q_tiles, **kv_tiles)
+               interpret=interpret, **dataclasses.asdict(tiles))
 
   q_pos = jnp.broadcast_to(q_positions.astype(jnp.int32), (batch, q_len))  # [B, T]
   kv_pos = jnp.broadcast_to(kv_positions.astype(jnp.int32), (batch, kv_len))  # [B, S]

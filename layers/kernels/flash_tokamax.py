@@ -12,9 +12,11 @@ with the Pallas GPU kernel.
 
 What it serves: causal / full / left sliding window masks (index based, so
 positions must be token indices), GQA / MQA without repeating K/V, soft cap,
-gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs. Lengths
-that are not a multiple of TOKAMAX_LENGTH_MULTIPLE go to cuDNN (no soft cap)
-or the Pallas GPU kernel instead, so a registry choice never fails on shape.
+gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs, head_dim up to
+256 (registry.TOKAMAX_LIMITS). Lengths that are not a multiple of
+TOKAMAX_LENGTH_MULTIPLE go to cuDNN (no soft cap) or the Pallas GPU kernel
+where their limits allow the head_dim, else to the blockwise kernel, so a
+registry choice never fails on shape.
 
 Compatibility: tokamax 0.0.12 still passes `out_shape=` / `scratch_shapes=`
 to `plgpu.kernel`, which JAX 0.11 renamed to `out_type=` / `scratch_types=`.
@@ -193,9 +195,16 @@ def tokamax_attention(
 
 
 def _fallback(query, key, value, **kwargs):
-  """Lengths tokamax cannot tile: cuDNN where it serves the call (no soft cap), else
-  the project's Pallas GPU kernel (every TOKAMAX_FEATURES case)."""
-  from meshattn.layers.kernels import flash_gpu, flash_pallas_gpu  # pylint: disable=import-outside-toplevel
-  if not kwargs["options"].soft_cap and flash_gpu.cudnn_available():
+  """Lengths tokamax cannot tile: cuDNN where it serves the call (no soft cap) and runs the
+  head_dim, else the project's Pallas GPU kernel where it runs it (registry limits), else the
+  blockwise kernel (every TOKAMAX_FEATURES case, any head_dim)."""
+  # pylint: disable=import-outside-toplevel
+  from meshattn.layers.kernels import blockwise, flash_gpu, flash_pallas_gpu, registry
+  shape = registry.Request("gpu", "train", frozenset({"backward"}), head_dim=query.shape[-1],
+                           dtype=query.dtype)
+  if (not kwargs["options"].soft_cap and not registry.CUDNN_LIMITS.violations(shape)
+      and flash_gpu.cudnn_available()):
     return flash_gpu.cudnn_attention(query, key, value, **kwargs)
-  return flash_pallas_gpu.pallas_gpu_flash_attention(query, key, value, **kwargs)
+  if not registry.PALLAS_GPU_FLASH_LIMITS.violations(shape):
+    return flash_pallas_gpu.pallas_gpu_flash_attention(query, key, value, **kwargs)
+  return blockwise.blockwise_attention(query, key, value, **kwargs)

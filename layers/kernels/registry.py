@@ -1,12 +1,14 @@
 """The kernel registry: which kernel serves which request.
 
-Each kernel variant declares its platforms, the modes it serves and the
-features it implements. A request names a platform, a mode and the features
-a call needs. An explicitly named kernel that cannot serve the request raises
-ValueError naming the missing features and the kernels that could; only
+Each kernel variant declares its platforms, the modes it serves, the
+features it implements and what shapes it can run (Limits: head dims,
+dtypes, the shared memory of its tiles). A request names a platform, a mode,
+the features a call needs and, where known, its head_dim and dtype. An
+explicitly named kernel that cannot serve the request raises ValueError
+naming the missing features or the limit, and the kernels that could; only
 `autoselected` chooses, it picks the fastest registered kernel that supports
-everything asked (never dropping a mask, window, soft cap or segment ids),
-and logs its choice.
+everything asked (never dropping a mask, window, soft cap or segment ids)
+and can run the shape, and logs its choice and the variants it skipped.
 
 Config keys: `attention` picks the train-mode kernel, `decode_attention` the
 autoregressive one. Prefill of a prompt on empty slots runs the `attention`
@@ -19,11 +21,13 @@ reference cached path, which also attends over what the cache holds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 from typing import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -42,16 +46,79 @@ _ALL_DECODE = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap",
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """What a call needs: platform in PLATFORMS, mode, and feature names from FEATURES."""
+  """What a call needs: platform in PLATFORMS, mode, and feature names from FEATURES; and,
+  where the caller knows them, the head_dim and the dtype of the activations (a dtype name or
+  object), which kernels' Limits are checked against (None: not checked)."""
 
   platform: str
   mode: str
   features: frozenset[str]
+  head_dim: int | None = None
+  dtype: str | None = None
 
   def __post_init__(self):
     unknown = set(self.features) - set(FEATURES)
     if unknown:
       raise ValueError(f"unknown attention features {sorted(unknown)}; known: {FEATURES}")
+    if self.head_dim is not None and (isinstance(self.head_dim, bool)
+                                      or not isinstance(self.head_dim, int) or self.head_dim < 1):
+      raise ValueError(f"head_dim must be a positive int or None, got {self.head_dim!r}")
+    if self.dtype is not None:
+      object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)  # "bfloat16", ...
+
+  @property
+  def input_dtype(self) -> str | None:
+    """The dtype, or float32 where only the "float32" feature says so."""
+    return self.dtype or ("float32" if "float32" in self.features else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What a kernel variant can run besides its features, on `platforms` (None: all of its
+  own): head dims, input dtypes, and `fits`, which says why a request's shape cannot run
+  (e.g. the shared memory of its tiles) or None. A request without head_dim / dtype skips
+  those checks."""
+
+  platforms: frozenset[str] | None = None
+  min_head_dim: int = 1
+  max_head_dim: int | None = None
+  head_dim_multiple: int = 1
+  head_dim_power_of_two: bool = False
+  dtypes: frozenset[str] | None = None  # None: whatever its features accept
+  fits: Callable[[Request], str | None] | None = None
+  why: str = ""  # where the numbers come from (shown in errors)
+
+  def head_dims(self) -> str:
+    """The head dims it runs, in words."""
+    words = ["a power of two"] if self.head_dim_power_of_two else []
+    if self.head_dim_multiple > 1:
+      words.append(f"a multiple of {self.head_dim_multiple}")
+    if self.min_head_dim > 1:
+      words.append(f">= {self.min_head_dim}")
+    if self.max_head_dim is not None:
+      words.append(f"<= {self.max_head_dim}")
+    return ", ".join(words) or "any"
+
+  def violations(self, request: Request) -> list[str]:
+    """Why this request cannot run here (empty: it can)."""
+    if self.platforms is not None and request.platform not in self.platforms:
+      return []
+    out = []
+    h = request.head_dim
+    if h is not None and (
+        h < self.min_head_dim or (self.max_head_dim is not None and h > self.max_head_dim)
+        or h % self.head_dim_multiple or (self.head_dim_power_of_two and h & (h - 1))):
+      out.append(f"head_dim {h} (runs {self.head_dims()})")
+    dtype = request.input_dtype
+    if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
+      out.append(f"dtype {dtype} (runs {sorted(self.dtypes)})")
+    if not out and self.fits is not None:
+      reason = self.fits(request)
+      if reason:
+        out.append(reason)
+    if out and self.why:
+      out[-1] += f"; {self.why}"
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +145,8 @@ class Kernel:
   # Ring attention: under shard_map K/V stay split over the length axes like
   # the queries, and the kernel passes them around (takes `axis_name`).
   ring: bool = False
+  # Head dims, dtypes and tile memory it runs (checked before it is chosen).
+  limits: Limits = Limits()
 
   @property
   def length_layout(self) -> str:
@@ -92,6 +161,7 @@ class Kernel:
   def serves(self, request: Request) -> bool:
     return (request.platform in self.platforms and request.mode in self.modes
             and not self.missing(request) and self.requires <= request.features
+            and not self.limits.violations(request)
             and (self.available is None or self.available()))
 
   def load(self) -> Callable:
@@ -119,7 +189,11 @@ def _tokamax_rank(request: Request) -> int:
   # H100 bf16, same run (docs/benchmarks.md): tokamax's forward is 1.13x
   # cuDNN's, its forward+backward 0.87-0.97x: first for forward-only
   # requests, else in registration order (after cuDNN, before Pallas Triton).
-  return 1 if "backward" not in request.features else 0
+  # Above head_dim 128 its backward is slow: H200, h256 soft cap, fwd+bwd
+  # 16.2 ms against the Pallas kernel's 11.7 (2026-12-04): after Pallas there.
+  if "backward" not in request.features:
+    return 1
+  return -1 if request.head_dim and request.head_dim > 128 else 0
 
 
 def _ordered(variants: list[Kernel], request: Request) -> list[Kernel]:
@@ -168,6 +242,10 @@ def select(name: str, request: Request) -> Kernel:
     order = AUTOSELECT_ORDER.get((request.platform, request.mode), ())
     for candidate in order:
       for kernel in _ordered(kernels(candidate), request):
+        limited = kernel.limits.violations(request)
+        if limited and request.platform in kernel.platforms and not kernel.missing(request):
+          logger.info("autoselect skips %r (%s): cannot run %s", kernel.name, kernel.description,
+                      "; ".join(limited))
         if kernel.serves(request):
           logger.info("autoselected kernel %r (%s) for %s/%s with %s", kernel.name,
                       kernel.description, request.platform, request.mode, sorted(request.features))
@@ -202,6 +280,12 @@ def select(name: str, request: Request) -> Kernel:
                        f"(e.g. a paged KV cache); kernels that serve this request: {serving}")
   lacking = "; ".join(f"{k.description} lacks {sorted(k.missing(request))}" for k in in_mode
                       if k.missing(request))
+  limited = [f"{k.description} cannot run {'; '.join(k.limits.violations(request))}"
+             for k in in_mode if not k.missing(request) and k.limits.violations(request)]
+  if limited:
+    raise ValueError(f"attention kernel {name!r} on {request.platform} cannot run this request: "
+                     f"{'; '.join(limited + ([lacking] if lacking else []))}; kernels that can: "
+                     f"{serving}")
   if lacking:
     raise ValueError(f"no variant of attention kernel {name!r} on {request.platform} supports all of "
                      f"{sorted(request.features)} ({lacking}); kernels that do: {serving}")
@@ -250,6 +334,53 @@ RING_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv", "float32"})
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv", "float32"})
 
+# What each GPU kernel can run besides its features (the CPU / reference kernels run any
+# head_dim and dtype). Checked before a variant is chosen: autoselect skips it, a named kernel
+# raises ValueError naming the limit.
+
+
+@functools.cache
+def _gpu_capability() -> float | None:
+  """The default GPU's compute capability, None without a GPU (then Hopper is assumed)."""
+  try:
+    return float(getattr(jax.devices("gpu")[0], "compute_capability", "nan"))
+  except (RuntimeError, ValueError):
+    return None
+
+
+def _cudnn_fits(request: Request) -> str | None:
+  capability = _gpu_capability()
+  if request.head_dim and request.head_dim > 128 and capability is not None and capability < 9.0:
+    return f"head_dim {request.head_dim} (<= 128 before Hopper; this GPU: sm {capability})"
+  return None
+
+
+def _pallas_gpu_fits(request: Request) -> str | None:
+  # Pure Python (no Pallas import): the tiles chosen for this head_dim / dtype and the
+  # shared memory they need against the GPU's per-block limit.
+  # pylint: disable-next=import-outside-toplevel
+  from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles
+  return tiles.unsupported(request.head_dim, request.input_dtype,
+                           backward="backward" in request.features,
+                           limit=tiles.shared_memory_limit())
+
+
+_GPU = frozenset({"gpu"})
+_HALF = frozenset({"bfloat16", "float16"})
+CUDNN_LIMITS = Limits(_GPU, max_head_dim=256, head_dim_multiple=8, dtypes=_HALF, fits=_cudnn_fits,
+                      why="cuDNN's fused attention (jax.nn.dot_product_attention)")
+# tokamax pads head_dim to 64 itself; 256 is the widest its Mosaic kernel ran at (H200, forward
+# and backward, 2026-12-04).
+TOKAMAX_LIMITS = Limits(_GPU, max_head_dim=256, dtypes=_HALF, why="tokamax's Mosaic GPU kernel")
+PALLAS_GPU_FLASH_LIMITS = Limits(
+    _GPU, min_head_dim=16, max_head_dim=256, head_dim_power_of_two=True,
+    dtypes=frozenset({"float32"}) | _HALF, fits=_pallas_gpu_fits,
+    why="Triton block shapes; tiles per head_dim that fit shared memory (flash_pallas_gpu_tiles)")
+# The Triton decode kernels (ragged.py, paged.py) tile K/V per head_dim to fit shared memory
+# but need power-of-two head dims, from 16 (the smallest dot).
+TRITON_DECODE_LIMITS = Limits(_GPU, min_head_dim=16, head_dim_power_of_two=True,
+                              why="the Triton decode kernels' block shapes")
+
 register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
                 f"{_K}.dot_product:dot_product_attention", "reference einsum"))
 register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _ALL_DECODE,
@@ -261,22 +392,38 @@ register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATUR
                 masks_by_index=True))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
                 f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
-                masks_by_index=True))
+                masks_by_index=True, limits=CUDNN_LIMITS))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATURES,
                 f"{_K}.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
                 available=_tokamax_available, rank=_tokamax_rank,
-                masks_by_index=True))
+                masks_by_index=True, limits=TOKAMAX_LIMITS))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
                 f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
-                masks_by_index=True))
+                masks_by_index=True, limits=PALLAS_GPU_FLASH_LIMITS))
 register(Kernel("ring", ALL, frozenset({"train"}), RING_FEATURES,
                 f"{_K}.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
-                f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU"))
+                f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU",
+                limits=TRITON_DECODE_LIMITS))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,
                 f"{_K}.decode:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
-                requires=frozenset({"paged_kv"})))
+                requires=frozenset({"paged_kv"}), limits=TRITON_DECODE_LIMITS))
+
+
+def limits_table_markdown() -> str:
+  """The kernels with shape limits: where they hold, head dims, dtypes, why (for the docs)."""
+  lines = ["| kernel | where | head_dim | dtypes | why |", "| --- | --- | --- | --- | --- |"]
+  for k in sorted(_REGISTRY, key=lambda k: (k.name, sorted(k.platforms))):
+    lim = k.limits
+    if lim != Limits():
+      where = ", ".join(sorted(lim.platforms or k.platforms))
+      dtypes = ", ".join(sorted(lim.dtypes)) if lim.dtypes else "any"
+      lines.append(f"| {k.name} ({k.description}) | {where} | {lim.head_dims()} | {dtypes} | "
+                   f"{lim.why} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
   print(feature_table_markdown())
+  print()
+  print(limits_table_markdown())

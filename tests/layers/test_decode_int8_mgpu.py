@@ -119,13 +119,24 @@ def test_ragged_decode_routes_int8_to_this_kernel_where_measured(monkeypatch):
 
 
 def test_not_routed_off_hopper(monkeypatch):
-  assert not mgpu.on_hopper() and not mgpu.measured_faster_here()  # CPU here
-  assert not mgpu.serves(*_args(b=2), None)
-  # A Hopper part it was not measured on keeps the Triton kernel.
-  monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
-  mgpu.measured_faster_here.cache_clear()
-  assert not mgpu.measured_faster_here()  # the CPU's device kind is not in the list
-  mgpu.measured_faster_here.cache_clear()
+  """Off Hopper (this CPU, an older GPU) and on Hopper parts it was not measured on, the Triton
+  kernel keeps every request. Any platform: the device facts are patched, and where the
+  suite runs (CPU, or a GPU with JAX_PLATFORMS=cuda,cpu) on_hopper reads the real device."""
+  device = jax.devices()[0]
+  assert mgpu.on_hopper() == (device.platform == "gpu"
+                              and str(getattr(device, "compute_capability", "")).startswith("9"))
+  try:
+    monkeypatch.setattr(mgpu, "on_hopper", lambda: False)
+    mgpu.measured_faster_here.cache_clear()
+    assert not mgpu.measured_faster_here()
+    assert not mgpu.serves(*_args(b=2), None)
+    # A Hopper part it was not measured on keeps the Triton kernel.
+    monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mgpu, "MEASURED_FASTER_ON", ())
+    mgpu.measured_faster_here.cache_clear()
+    assert not mgpu.measured_faster_here()
+  finally:
+    mgpu.measured_faster_here.cache_clear()  # recomputed from the real device after the patches
 
 
 def _args(**kw):

@@ -33,6 +33,14 @@ BLOCKS_128 = default_block_sizes(128, 128)  # 128 everywhere, also on 256-token 
 SPLASH_TOL = 1e-5  # measured about 1e-6 (f32 accumulation in another order than the reference)
 
 
+@pytest.fixture
+def on_cpu():
+  """Splash runs in Pallas TPU interpret mode on the host CPU on any machine: on a GPU the
+  default device would run the float32 dots of both sides in TF32 (1e-3, not 1e-5)."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    yield
+
+
 def arange_positions(length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (B, length))  # [B, L]
 
@@ -77,6 +85,7 @@ SPLASH_CASES = [
 
 @pytest.mark.parametrize("kv_heads,spec,q_len,kv_len,extras", [case[1:] for case in SPLASH_CASES],
                          ids=[case[0] for case in SPLASH_CASES])
+@pytest.mark.usefixtures("on_cpu")
 def test_splash_matches_reference(kv_heads, spec, q_len, kv_len, extras):
   rng = np.random.default_rng(0)
   q, k, v = make_qkv(rng, q_len, kv_len, kv_heads)
@@ -204,6 +213,17 @@ def test_cudnn_refuses_float32(monkeypatch):
   with pytest.raises(ValueError, match="bfloat16"):
     cudnn_attention(q, k, v, options=options, q_positions=arange_positions(128),
                     kv_positions=arange_positions(128))
+
+
+@pytest.mark.parametrize("head_dim, match", [(100, r"head_dim 100 \(runs a multiple of 8, <= 256"),
+                                              (512, "head_dim 512")])
+def test_cudnn_refuses_head_dims_it_cannot_run(head_dim, match, monkeypatch):
+  """registry.CUDNN_LIMITS, checked before any GPU call (a multiple of 8 up to 256 on Hopper)."""
+  monkeypatch.setattr(jax.nn, "dot_product_attention", None)  # must not be reached
+  x = jnp.zeros((1, 16, 2, head_dim), jnp.bfloat16)  # [B, T, N, H]
+  pos = jnp.arange(16)[None]  # [1, T]
+  with pytest.raises(ValueError, match=match):
+    cudnn_attention(x, x, x, options=KernelOptions(scale=0.1), q_positions=pos, kv_positions=pos)
 
 
 # ---- cuDNN vs reference (GPU only) -----------------------------------------------------

@@ -28,6 +28,7 @@ import pytest
 
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels import flash_bounds as fb
+from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles_lib
 from meshattn.layers.kernels.flash_pallas_gpu import (
     PALLAS_GPU_FLASH_FEATURES, pallas_gpu_flash_attention)
 from meshattn.layers.masks import segment_mask, structural_mask
@@ -45,7 +46,7 @@ class Case:
   segments: str | None = None  # a key of SEGMENT_LAYOUTS
   soft_cap: float | None = None
   sinks: bool = False
-  blocks: tuple[int, int] = (32, 32)  # block_q, block_kv
+  blocks: tuple[int, int] | None = (32, 32)  # block_q, block_kv (None: the kernel's defaults)
   bwd_blocks: tuple[int, int] | None = None  # dq: block_q_bwd, block_kv_bwd (None: the forward tiles)
   dkv_blocks: tuple[int, int] | None = None  # block_q_dkv, block_kv_dkv (None: dq's)
   kv_holes: bool = False  # some key positions -1 (empty slots; full mask only)
@@ -101,6 +102,10 @@ CASES = {
     # Full mask: empty key slots (position -1) and ids missing on the other side.
     "gqa_full_cross_segments_holes": Case(batch=2, length=64, kv_length=112, mask=MaskSpec("full"),
                                           segments="cross", kv_holes=True, sinks=True),
+    # Gemma 2's head_dim with its default tiles (issue 14.8: the backward's tiles once needed
+    # more shared memory than the H200 has): packed documents, sinks and a soft cap.
+    "gqa_causal_segments_cap_sinks_h256": Case(length=128, head_dim=256, segments="packed",
+                                               soft_cap=5.0, sinks=True, blocks=None),
 }
 
 
@@ -135,8 +140,8 @@ def _run_both(case: Case, interpret: bool, dtype=jnp.float32):
                 q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks)
     return (out.astype(jnp.float32) * ct.astype(jnp.float32)).sum(), out
 
-  bq, bkv = case.blocks
-  bq_bwd, bkv_bwd = case.bwd_blocks or case.blocks
+  bq, bkv = case.blocks or (None, None)
+  bq_bwd, bkv_bwd = case.bwd_blocks or case.blocks or (None, None)
   bq_dkv, bkv_dkv = case.dkv_blocks or (None, None)
   flash = functools.partial(pallas_gpu_flash_attention, block_q=bq, block_kv=bkv,
                             block_q_bwd=bq_bwd, block_kv_bwd=bkv_bwd, block_q_dkv=bq_dkv,
@@ -293,6 +298,46 @@ def test_bounds_skip_packed_documents():
   assert visited == needed  # block-aligned documents: no wasted tile
   assert visited < 0.3 * visited_plain
   assert visited - interior == visited_plain - interior_plain  # the same diagonal tiles
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_default_tiles_fit_shared_memory(head_dim, itemsize):
+  """Every head_dim the registry lets through gets tiles whose three kernels fit 227 KB per
+  block (Hopper), and the 163 KB of an A100 after shrinking."""
+  for limit in (tiles_lib.HOPPER_SHARED_MEMORY, 166912):
+    tiles = tiles_lib.Tiles.get_default(head_dim, itemsize, limit)
+    tiles.check_fits(head_dim, itemsize, limit)
+    assert min(tiles.block_q, tiles.block_kv, tiles.block_q_bwd, tiles.block_kv_dkv) >= 16
+  assert tiles_lib.unsupported(head_dim, "float32" if itemsize == 4 else "bfloat16", True) is None
+
+
+def test_shared_memory_model_bounds_the_h200_refusal():
+  """The H200 refused the old dq tiles (128 x 64, 2 stages) at head_dim 256 in bfloat16 with
+  "requested 262656"; the model must say at least that, and that it does not fit."""
+  need = tiles_lib.shared_memory_bytes("dq", 128, 64, 256, 2, 2)
+  assert 262656 <= need <= 262656 + 1024 and need > tiles_lib.HOPPER_SHARED_MEMORY
+  wide = tiles_lib.Tiles.get_default(256, 2)
+  assert (wide.block_q_bwd, wide.block_kv_bwd, wide.block_q_dkv, wide.block_kv_dkv) == (64,) * 4
+
+
+def test_tiles_over_shared_memory_refused_before_compiling():
+  """Compiled (not interpreted) calls check the tiles first: on this CPU too."""
+  x = jnp.zeros((1, 256, 2, 256), jnp.bfloat16)  # [B, T, N, H]
+  pos = jnp.arange(256)[None]  # [1, T]
+  call = functools.partial(pallas_gpu_flash_attention, x, x, x, options=KernelOptions(),
+                           q_positions=pos, kv_positions=pos)
+  with pytest.raises(ValueError, match=r"shared memory per block \(232448 bytes\) at head_dim "
+                                       r"256.*dq \(block_q_bwd / block_kv_bwd / num_stages_bwd\) "
+                                       r"needs 263168 bytes"):
+    call(block_q_bwd=128, block_kv_bwd=64)
+  with pytest.raises(ValueError, match=r"fwd \(block_q / block_kv / num_stages\) needs"):
+    call(block_q=128, block_kv=128)
+  # The defaults pass the same check; dkv takes the dq tiles the caller chose.
+  given = dict.fromkeys(dataclasses.asdict(tiles_lib.Tiles.get_default(256, 2)))
+  tiles_lib.call_tiles(256, 2, 4096, 4096, False, **given)
+  chosen = tiles_lib.call_tiles(256, 2, 4096, 4096, True, **{**given, "block_q_bwd": 32})
+  assert (chosen.block_q_bwd, chosen.block_q_dkv, chosen.block_kv_dkv) == (32, 32, 64)
 
 
 def test_tuning_arguments_validated():

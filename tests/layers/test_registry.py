@@ -147,6 +147,11 @@ def test_gpu_flash_variants_ranked_per_request():
   assert pick("causal", "segment_ids", "sinks", "backward") == "Pallas GPU (Triton)"
   assert pick("chunk", "soft_cap") == "Pallas GPU (Triton)"
   assert pick("causal", "user_mask", "backward") == "cuDNN"
+  # Above head_dim 128 tokamax's backward lost to the Pallas kernel (H200, 2026-12-04).
+  wide = lambda *f: select("flash", Request("gpu", "train", frozenset(f), head_dim=256,
+                                            dtype="bfloat16")).description
+  assert wide("causal", "soft_cap", "backward") == "Pallas GPU (Triton)"
+  assert wide("causal", "soft_cap") == "tokamax Mosaic GPU"
   with pytest.raises(ValueError, match=r"no variant of attention kernel 'flash'.*cuDNN lacks"):
     select("flash", Request("gpu", "train", frozenset({"causal", "sinks", "user_mask"})))
 
@@ -185,3 +190,106 @@ def test_index_masked_kernels_are_declared():
   """Kernels whose masks ignore the given positions keep whole query rows under shard_map."""
   by_index = {k.description for k in registry.kernels() if k.masks_by_index}
   assert by_index == {k.description for k in registry.kernels("flash")}
+
+
+# ---- Limits: head dims, dtypes, shared memory (issue 14.8) --------------------------------
+
+PACKED_SINKS = frozenset({"causal", "gqa", "segment_ids", "sinks", "backward"})
+
+
+def test_request_validates_and_normalises_shape_fields():
+  assert Request("gpu", "train", frozenset(), dtype=jnp.bfloat16).dtype == "bfloat16"
+  assert Request("gpu", "train", frozenset({"float32"})).input_dtype == "float32"
+  for bad in (0, -64, 64.0, True):
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+      Request("gpu", "train", frozenset(), head_dim=bad)
+
+
+def test_gemma2_packed_sinks_head_dim_256_is_served_by_a_kernel_that_fits():
+  """The issue's crash: b4 s4096 hq16 hkv8 head_dim 256, packed documents + sinks, training on
+  an H200. flash (Pallas) serves it with tiles whose shared memory fits; a head_dim it has no
+  tiles for goes to blockwise when autoselected and raises, naming the limit, when named."""
+  from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles
+  request = Request("gpu", "train", PACKED_SINKS, head_dim=256, dtype="bfloat16")
+  assert select("autoselected", request).description == "Pallas GPU (Triton)"
+  need = tiles.Tiles.get_default(256, 2).shared_memory(256, 2)
+  assert max(need.values()) <= tiles.HOPPER_SHARED_MEMORY, need
+  wide = Request("gpu", "train", PACKED_SINKS, head_dim=512, dtype="bfloat16")
+  assert select("autoselected", wide).name == "blockwise"
+  with pytest.raises(ValueError, match=r"flash.*cannot run head_dim 512 \(runs a power of two, "
+                                       r">= 16, <= 256\).*kernels that can: \['blockwise'"):
+    select("flash", wide)
+
+
+@pytest.mark.parametrize("head_dim, dtype, expected", [
+    (128, "bfloat16", "cuDNN"),
+    (256, "bfloat16", "cuDNN"),  # Hopper: cuDNN runs up to 256
+    (96, "bfloat16", "cuDNN"),  # a multiple of 8, not a power of two
+    (100, "bfloat16", "tokamax Mosaic GPU"),  # cuDNN needs multiples of 8; tokamax pads
+    (512, "bfloat16", "blockwise"),  # no GPU flash variant runs it
+    (128, "float32", "Pallas GPU (Triton)"),  # cuDNN and tokamax take 16-bit inputs only
+    (80, "float32", "blockwise"),  # ... and Pallas needs a power of two
+])
+def test_autoselect_skips_variants_that_cannot_run_the_shape(head_dim, dtype, expected):
+  features = {"causal", "gqa", "backward"} | ({"float32"} if dtype == "float32" else set())
+  request = Request("gpu", "train", frozenset(features), head_dim=head_dim, dtype=dtype)
+  kernel = select("autoselected", request)
+  assert expected in (kernel.name, kernel.description)
+
+
+def test_cudnn_head_dim_limit_before_hopper(monkeypatch):
+  monkeypatch.setattr(registry, "_gpu_capability", lambda: 8.0)
+  request = Request("gpu", "train", frozenset({"causal", "backward"}), head_dim=256,
+                    dtype="bfloat16")
+  with pytest.raises(ValueError, match=r"cuDNN cannot run head_dim 256 \(<= 128 before Hopper"):
+    select("flash", request.__class__("gpu", "train", request.features | {"user_mask"},
+                                      head_dim=256, dtype="bfloat16"))
+  assert select("flash", request).description == "Pallas GPU (Triton)"
+
+
+def test_named_kernel_names_the_dtype_limit():
+  request = Request("gpu", "train", frozenset({"causal", "user_mask"}), dtype="float64")
+  with pytest.raises(ValueError, match=r"cuDNN cannot run dtype float64 \(runs \['bfloat16', "
+                                       r"'float16'\]\)"):
+    select("flash", request)
+
+
+def test_gpu_decode_kernels_need_power_of_two_head_dims():
+  def pick(head_dim, *features):
+    return select("autoselected", Request("gpu", "autoregressive", frozenset({"causal", *features}),
+                                          head_dim=head_dim, dtype="bfloat16")).name
+
+  assert pick(128) == "ragged" and pick(128, "paged_kv") == "paged"
+  assert pick(80) == "dot_product" and pick(80, "paged_kv") == "dot_product"
+  # The limits hold on GPU only: the CPU's JAX path runs any head_dim.
+  assert select("ragged", Request("cpu", "autoregressive", frozenset({"causal"}),
+                                  head_dim=80)).name == "ragged"
+
+
+def test_declared_dtypes_agree_with_the_float32_feature():
+  for kernel in registry.kernels():
+    if kernel.limits.dtypes is not None:
+      assert ("float32" in kernel.limits.dtypes) == ("float32" in kernel.features), kernel
+  assert ("| flash (Pallas GPU (Triton)) | gpu | a power of two, >= 16, <= 256 | bfloat16, "
+          "float16, float32 |") in registry.limits_table_markdown()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(platform=st.sampled_from(registry.PLATFORMS),
+       mode=st.sampled_from(["train", "prefill", "autoregressive"]),
+       features=st.sets(st.sampled_from(["gqa", "segment_ids", "soft_cap", "sinks", "backward",
+                                         "float32", "paged_kv", "user_mask"])),
+       head_dim=st.sampled_from([None, 8, 48, 64, 80, 100, 128, 192, 256, 512]),
+       half=st.sampled_from([None, "bfloat16", "float16"]))
+def test_autoselect_never_picks_a_kernel_that_cannot_run_the_shape(platform, mode, features,
+                                                                   head_dim, half):
+  dtype = "float32" if "float32" in features else half
+  request = Request(platform, mode, frozenset(features | {"causal"}), head_dim=head_dim,
+                    dtype=dtype)
+  try:
+    kernel = select("autoselected", request)
+  except ValueError:
+    assert not any(k.serves(request) for k in registry.kernels())
+    return
+  assert not kernel.limits.violations(request)
+  assert request.features <= kernel.features
