@@ -17,6 +17,7 @@ constrained. Named checkpoints (`query_proj`, `key_proj`, `value_proj`,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -34,7 +35,9 @@ from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_kernel_call
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
+from meshattn.layers.masks import packed_mask_inputs
 from meshattn.layers.positions import flatten_positions, temperature_tune
+from meshattn.layers.prefill_attention import fresh_prompt_attention, whole_slot_attention
 from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
@@ -155,7 +158,8 @@ class Attention(nnx.Module):
   def _select(self, mode: str, features: frozenset[str]) -> registry.Kernel:
     s = self.settings
     name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
-    return registry.select(name, registry.Request(self._platform(), mode, features))
+    return registry.select(name, registry.Request(self._platform(), mode, features,
+                                                  head_dim=s.head_dim, dtype=s.dtype))
 
   def _load(self, kernel: registry.Kernel):
     fn = kernel.load()
@@ -229,7 +233,10 @@ class Attention(nnx.Module):
         cross-attention): packing ids; tokens attend only within their
         segment, and segment 0 (padding) attends nowhere and outputs zeros.
       mask / bias: broadcastable to [..., N, T, S] (Flax convention; True keeps).
-      The structural mask (causal / window / chunk) is on token index.
+      The structural mask (causal / window / chunk) is on token index; with
+      decoder_segment_ids (and no kv_segment_ids) it counts from each packed
+      sequence's first token, so a chunk starts with its sequence, as when the
+      sequence runs alone.
     prefill / autoregressive (self-attention over the KV cache, see init_cache):
       inputs_q [B, T, D] (T = 1 when autoregressive). Row b continues the
       sequence in cache slot `slots[b]` (default: row b -> slot b, and then B
@@ -353,9 +360,19 @@ class Attention(nnx.Module):
     kernel_args = dict(options=self._kernel_options(), q_positions=q_idx, kv_positions=kv_idx,
                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=user_mask,
                        bias=user_bias, dropout_rng=dropout_rng, deterministic=deterministic)
+
+    def packed_args(by_index: bool) -> dict:
+      # Packed rows (one ids array for queries and keys): each sequence gets the mask it has
+      # alone, chunks counted from its first token (masks.packed_mask_inputs).
+      if q_seg is None or kv_segment_ids is not None:
+        return kernel_args
+      spec, pos, seg = packed_mask_inputs(s.mask, q_seg, by_index=by_index)
+      return dict(kernel_args, options=dataclasses.replace(kernel_args["options"], mask=spec),
+                  q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+
     if s.attention_fn is not None:
       context, weights = call_flax_attention_fn(s.attention_fn, query, key, value, dtype=s.dtype,
-                                                precision=s.precision, **kernel_args)
+                                                precision=s.precision, **packed_args(False))
     else:
       dropout_on = dropout_rng is not None
       features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
@@ -366,7 +383,7 @@ class Attention(nnx.Module):
       context, weights = self._call_kernel(kernel, axes, query, key, value,
                                            shard=not dropout_on and not sow_weights,
                                            layout=layout, return_weights=sow_weights,
-                                           **kernel_args)
+                                           **packed_args(layout == "whole"))
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
     out = self._output(context, axes)  # [B, T, D_out]
@@ -383,37 +400,6 @@ class Attention(nnx.Module):
       return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
                                  query, key, value, layout=layout, **kernel_args)
     return kernel(query, key, value, return_weights=return_weights, **kernel_args)
-
-  def _fresh_prefill_attention(self, axes, *, padded: bool, sinks):
-    """Attention for a prefill step on empty slots: the train kernel over the prompt itself.
-
-    Returns fn(query, key, value, valid) -> context [b, T, N, H] for
-    `cached_step`, or None when no train kernel serves the request. The
-    prompt is at positions 0..T-1 and right-padded, so a causal / window /
-    chunk mask never shows a real query a padding key; a bidirectional
-    (`full`) layer excludes padding keys by segment ids (valid 1, padding 0).
-    Padding queries output zeros, as on the cached path.
-    """
-    segments = padded and self.settings.mask.attention_type == "full"
-    features = self._features("train", segments=segments) - {"backward"}
-    try:
-      kernel, layout = self._kernel_fn("train", features)
-    except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
-      return None
-    options = self._kernel_options()
-
-    def attend(query, key, value, valid):
-      b, t = valid.shape
-      idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # [b, T] = positions
-      seg = valid.astype(jnp.int32) if segments else None  # [b, T]
-      context, _ = self._call_kernel(
-          kernel, axes, query, key, value, layout=layout, options=options,
-          q_positions=idx, kv_positions=idx,
-          q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks, mask=None, bias=None,
-          dropout_rng=None, deterministic=True)  # [b, T, N, H]
-      return jnp.where(valid[:, :, None, None], context, 0.0).astype(query.dtype)
-
-    return attend
 
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
@@ -455,8 +441,9 @@ class Attention(nnx.Module):
     # A prompt on empty slots is train-mode attention over itself: the first
     # chunk may run the train kernel (flash on GPU/TPU) instead of the
     # blockwise pass over the whole cache (see cached_step).
-    fresh = (self._fresh_prefill_attention(axes, padded=decoder_segment_ids is not None, sinks=sinks)
+    fresh = (fresh_prompt_attention(self, axes, padded=decoder_segment_ids is not None, sinks=sinks)
              if model_mode == "prefill" else None)
+    slot = whole_slot_attention(self, axes, sinks=sinks) if model_mode == "prefill" else None
     with _restore_on_error(cache):
       contexts = []
       for start in range(0, length, chunk):
@@ -464,7 +451,7 @@ class Attention(nnx.Module):
         contexts.append(cached_step(
             cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
             valid=valid[:, part], options=options, sinks=sinks,
-            fresh_attention=fresh if start == 0 else None))  # [B, chunk, N, H]
+            fresh_attention=fresh if start == 0 else None, slot_attention=slot))  # [B, chunk, N, H]
       record(cache, plan, self.mesh)
     context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(from_cache_basis(context, cache.quant), axes)

@@ -24,11 +24,15 @@ from meshattn.kvcache.cache import KVCache
 from meshattn.layers.kernels.cached import attend_with_cache
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_decode_call
+from meshattn.layers.masks import structural_mask
 
 logger = logging.getLogger("meshattn.kernels")
 
 # (query [b, T, N, H], key, value [b, T, K, H], valid [b, T]) -> context [b, T, N, H]
 StepAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# (query [b, T, N, H], key, value [b, C, K, H], mask [b, 1, T, C], q_positions [b, T],
+#  kv_positions [b, C]) -> context [b, T, N, H]
+SlotAttention = Callable[..., jax.Array]
 
 
 def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
@@ -40,7 +44,8 @@ def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
 def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Array,
                 value: jax.Array, *, positions: jax.Array, valid: jax.Array,
                 options: KernelOptions, sinks: jax.Array | None = None,
-                fresh_attention: StepAttention | None = None) -> jax.Array:
+                fresh_attention: StepAttention | None = None,
+                slot_attention: SlotAttention | None = None) -> jax.Array:
   """Attend query [b, T, N, H] over cache rows + key/value [b, T, K, H]; then store them.
 
   positions [b, T] from `step_positions`; valid [b, T]: real tokens, a
@@ -55,11 +60,31 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
   attention whose kernel refuses these inputs (ValueError while tracing,
   e.g. a length it cannot tile) is dropped for the reference path.
 
+  slot_attention(query, key, value, mask, q_positions, kv_positions), if
+  given and the cache is no ring buffer, replaces the block-by-block pass
+  for a step on non-empty slots: the step's tokens are written first, then
+  the queries attend over the whole slot [b, C] in one call of a tiled train
+  kernel (flash on GPU) under the explicit mask [b, 1, T, C] that positions,
+  the structural mask and emptiness give. A ring buffer keeps the read-then-
+  write order (a chunk may overwrite entries its own first queries need).
+
   The caller has checked the step (`step_checks`) and cleared `valid` if it
   was rejected, so a rejected step writes nothing and keeps every length.
   """
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
+  operands = (query, key, value, valid)
+  if slot_attention is not None and not cache.window:
+    cache.write(rows, key, value, positions, valid, new_lengths)
+
+    def over_slot(query, key, value, valid):
+      k_all, v_all = cache.read_block(rows, 0, cache.capacity, query.dtype)  # [b, C, K, H]
+      entry_pos = cache.entry_positions(new_lengths)  # [b, C], -1 = empty
+      allowed = structural_mask(options.mask, positions, entry_pos) & valid[:, :, None]  # [b, T, C]
+      context = slot_attention(query, k_all, v_all, allowed[:, None], positions, entry_pos)
+      return jnp.where(valid[:, :, None, None], context, 0.0).astype(query.dtype)  # [b, T, N, H]
+
+    return _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_slot, operands)
   block = cache.block_size()
 
   def over_cache(query, key, value, valid):
@@ -76,7 +101,6 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
         new_positions=new_positions, read_block=read_block, num_blocks=cache.capacity // block,
         sinks=sinks)  # [b, T, N, H]
 
-  operands = (query, key, value, valid)
   context = _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_cache, operands)
   cache.write(rows, key, value, positions, valid, new_lengths)
   return context

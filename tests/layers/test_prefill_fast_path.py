@@ -197,8 +197,13 @@ def test_eager_fresh_prefill_calls_the_train_kernel(monkeypatch, attention):
     model(x[1:, :3], model_mode="prefill", slots=jnp.array([1]))
   for a, b in zip(before, jax.tree.leaves(nnx.state(cache))):  # restored on error
     np.testing.assert_array_equal(a, b)
-  model(x[:, 3:], model_mode="prefill")  # slot 0 is not empty: the train kernel is not touched
-  np.testing.assert_array_equal(cache.lengths[...], [6, 3])
+  if attention == "dot_product":
+    # Slot 0 is not empty: the reference cached path, not the (untiled) train kernel.
+    model(x[:, 3:], model_mode="prefill")
+    np.testing.assert_array_equal(cache.lengths[...], [6, 3])
+  else:  # a tiled kernel also serves non-empty slots, over the whole slot (prefill_attention)
+    with pytest.raises(TrainKernelCalled):
+      model(x[:, 3:], model_mode="prefill")
 
 
 def test_jit_runs_only_the_taken_branch(monkeypatch):
@@ -241,10 +246,11 @@ def test_kernel_refusing_the_inputs_falls_back(monkeypatch, use_jit):
 
 def test_full_attention_without_segment_ids_support(monkeypatch):
   """Padding keys of a bidirectional prompt are excluded by segment ids; a train
-  kernel without them leaves padded prompts to the cached path."""
+  kernel without them (nor user masks, which the whole-slot path would use) leaves
+  padded prompts to the cached path."""
   monkeypatch.setattr(registry, "_REGISTRY", [
-      dataclasses.replace(k, features=k.features - {"segment_ids"}) if k.name == "blockwise" else k
-      for k in registry._REGISTRY])
+      dataclasses.replace(k, features=k.features - {"segment_ids", "user_mask"})
+      if k.name == "blockwise" else k for k in registry._REGISTRY])
   spy_on_kernel(monkeypatch, "blockwise", refuse)
   x = tokens(2, 6)
   model = build(attention="blockwise", mask="full")
