@@ -155,11 +155,14 @@ class Attention(nnx.Module):
     # pallas_interpret runs the TPU Pallas kernels on this host (tests on CPU).
     return "tpu" if self.settings.pallas_interpret else registry.current_platform()
 
-  def _select(self, mode: str, features: frozenset[str]) -> registry.Kernel:
+  def _select(self, mode: str, features: frozenset[str], lengths=(None, None)) -> registry.Kernel:
+    """The kernel for this call; lengths (query, key), where known, let autoselect skip
+    kernels that cannot tile them."""
     s = self.settings
     name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
     return registry.select(name, registry.Request(self._platform(), mode, features,
-                                                  head_dim=s.head_dim, dtype=s.dtype))
+                                                  head_dim=s.head_dim, dtype=s.dtype,
+                                                  q_len=lengths[0], kv_len=lengths[1]))
 
   def _load(self, kernel: registry.Kernel):
     fn = kernel.load()
@@ -168,11 +171,11 @@ class Attention(nnx.Module):
       fn = functools.partial(fn, interpret=True)
     return fn
 
-  def _kernel_fn(self, mode: str, features: frozenset[str]):
+  def _kernel_fn(self, mode: str, features: frozenset[str], lengths=(None, None)):
     """(kernel fn, length layout): how shard_map splits the sequence for it
     (registry.Kernel.length_layout: an index-masked kernel keeps the query length whole, the
     ring kernel keeps K/V split too)."""
-    kernel = self._select(mode, features)
+    kernel = self._select(mode, features, lengths)
     return self._load(kernel), kernel.length_layout
 
   # ---- call -----------------------------------------------------------------
@@ -377,7 +380,7 @@ class Attention(nnx.Module):
       dropout_on = dropout_rng is not None
       features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
                                 bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
-      kernel, layout = self._kernel_fn("train", features)
+      kernel, layout = self._kernel_fn("train", features, (q_len, kv_len))
       # Explicit partitioning; dropout and sown weights run auto-sharded
       # instead (one shard's RNG stream would repeat on every shard).
       context, weights = self._call_kernel(kernel, axes, query, key, value,
@@ -441,9 +444,11 @@ class Attention(nnx.Module):
     # A prompt on empty slots is train-mode attention over itself: the first
     # chunk may run the train kernel (flash on GPU/TPU) instead of the
     # blockwise pass over the whole cache (see cached_step).
-    fresh = (fresh_prompt_attention(self, axes, padded=decoder_segment_ids is not None, sinks=sinks)
-             if model_mode == "prefill" else None)
-    slot = whole_slot_attention(self, axes, sinks=sinks) if model_mode == "prefill" else None
+    first = min(chunk, length)
+    fresh = (fresh_prompt_attention(self, axes, padded=decoder_segment_ids is not None, sinks=sinks,
+                                    length=first) if model_mode == "prefill" else None)
+    slot = (whole_slot_attention(self, axes, sinks=sinks, lengths=(first, cache.capacity))
+            if model_mode == "prefill" else None)
     with _restore_on_error(cache):
       contexts = []
       for start in range(0, length, chunk):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from meshattn.layers.masks import MaskSpec
 
 
-def fresh_prompt_attention(layer, axes, *, padded: bool, sinks):
+def fresh_prompt_attention(layer, axes, *, padded: bool, sinks, length: int | None = None):
   """Attention for a prefill step on empty slots: the train kernel over the prompt itself.
 
   Returns fn(query, key, value, valid) -> context [b, T, N, H] for
@@ -31,7 +31,7 @@ def fresh_prompt_attention(layer, axes, *, padded: bool, sinks):
   segments = padded and layer.settings.mask.attention_type == "full"
   features = layer._features("train", segments=segments) - {"backward"}
   try:
-    kernel, layout = layer._kernel_fn("train", features)
+    kernel, layout = layer._kernel_fn("train", features, (length, length))
   except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
     return None
   options = layer._kernel_options()
@@ -49,7 +49,7 @@ def fresh_prompt_attention(layer, axes, *, padded: bool, sinks):
 
   return attend
 
-def whole_slot_attention(layer, axes, *, sinks):
+def whole_slot_attention(layer, axes, *, sinks, lengths=(None, None)):
   """Attention for a prefill step on non-empty slots: a tiled train kernel over the whole
   slot under an explicit mask (see cached_step), or None where only the reference
   `dot_product` serves it (it would materialise [b, N, T, C] logits; the block-by-block
@@ -57,7 +57,7 @@ def whole_slot_attention(layer, axes, *, sinks):
   structural = {"causal", "window", "chunk", "full", "backward"}
   features = (layer._features("train", mask=True) - structural) | {"full"}
   try:
-    selected = layer._select("train", features)
+    selected = layer._select("train", features, lengths)
   except ValueError:
     return None
   if selected.name == "dot_product":

@@ -55,6 +55,8 @@ class Request:
   features: frozenset[str]
   head_dim: int | None = None
   dtype: str | None = None
+  q_len: int | None = None  # query and key lengths of the call, where known
+  kv_len: int | None = None
 
   def __post_init__(self):
     unknown = set(self.features) - set(FEATURES)
@@ -387,9 +389,17 @@ register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _A
                 "meshattn.layers.cached_step:cached_step", "reference cached, online softmax"))
 register(Kernel("blockwise", ALL, frozenset({"train"}), BLOCKWISE_FEATURES,
                 f"{_K}.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
+def _splash_fits(request: Request) -> str | None:
+  # Splash tiles both lengths in blocks of 128 lanes (flash_tpu._largest_block).
+  bad = [f"{name} {n}" for name, n in (("q_len", request.q_len), ("kv_len", request.kv_len))
+         if n is not None and n % 128]
+  return f"{' and '.join(bad)} not a multiple of 128" if bad else None
+
+
 register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATURES,
                 f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash",
-                masks_by_index=True))
+                masks_by_index=True,
+                limits=Limits(fits=_splash_fits, why="splash tiles lengths in 128-lane blocks")))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
                 f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
                 masks_by_index=True, limits=CUDNN_LIMITS))

@@ -293,3 +293,15 @@ def test_autoselect_never_picks_a_kernel_that_cannot_run_the_shape(platform, mod
     return
   assert not kernel.limits.violations(request)
   assert request.features <= kernel.features
+
+
+def test_autoselect_skips_splash_for_lengths_it_cannot_tile():
+  """Splash tiles both lengths in 128-lane blocks: autoselect passes over it for other
+  lengths (the next kernel serves), and naming it explicitly says why."""
+  features = frozenset({"causal", "backward"})
+  tileable = registry.Request("tpu", "train", features, q_len=256, kv_len=256)
+  assert registry.select("autoselected", tileable).name == "flash"
+  ragged = registry.Request("tpu", "train", features, q_len=9, kv_len=9)
+  assert registry.select("autoselected", ragged).name != "flash"
+  with pytest.raises(ValueError, match="multiple of 128"):
+    registry.select("flash", ragged)
