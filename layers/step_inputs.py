@@ -117,16 +117,20 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
 def record(cache, plan: StepPlan, mesh) -> None:
   """Store the step's rejection bits in the cache (read by the host after the step).
 
-  A traced step outside `serving.jit_step` on one device also raises from a
-  host callback, as a plain `nnx.jit` caller expects: one device has no
+  A traced step outside `serving.jit_step` on one CPU device also raises from
+  a host callback, as a plain `nnx.jit` caller expects: one device has no
   collective to leave waiting. On a multi-device mesh it never does (a raise
-  there aborts the process); the caller reads the bits (`raise_if_rejected`).
+  there aborts the process), nor on an accelerator (the failure would arrive
+  asynchronously and poison the outputs); the caller reads the bits
+  (`raise_if_rejected`).
   """
   cache.rejected[...] = plan.bits
   if is_concrete(plan.bits) or getattr(_host_raises, "on", False):
     return
   single_device = mesh is None or mesh.size == 1
-  if single_device and host_callbacks_available():
+  # Only on the CPU backend: a failed callback there fails the call at once. On a GPU the
+  # failure arrives asynchronously and poisons the step's outputs, the cache among them.
+  if single_device and jax.default_backend() == "cpu" and host_callbacks_available():
     message = lambda bits: cache.explain(int(bits))
 
     def check(bits):

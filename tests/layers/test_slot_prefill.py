@@ -28,6 +28,13 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls():
+  """Exact float32 products on every backend (a GPU's default is TF32-class)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def build(attention, **kw):
   model = Attention(emb_dim=32, num_query_heads=4, num_kv_heads=kw.pop("num_kv_heads", 2),
                     head_dim=8, attention=attention, rngs=nnx.Rngs(0), **kw)
