@@ -10,7 +10,7 @@ CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 TEST_XLA := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STAMP := $(VENV)/.meshattn-installed
 
-.PHONY: demo test install clean
+.PHONY: demo demo-multihost test install clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(CPU_DEVICES) $(PY) scripts/demo.py $(ARGS)
+
+# The same demo as 2 processes x 4 CPU devices joined by jax.distributed on loopback.
+demo-multihost: $(STAMP)
+	$(PY) scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/demo.py $(ARGS)
 
 test: $(STAMP)
 	$(TEST_XLA) $(PY) -m pytest -n 2 -q tests

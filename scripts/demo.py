@@ -4,6 +4,7 @@ ragged prefill of prompts of different lengths and several decode steps on
 the mesh, each sequence checked against the train-mode forward.
 
     python scripts/demo.py [key=value ...]      # e.g. dtype=bfloat16 num_kv_heads=1
+    python scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/demo.py   # 2 processes
 
 Starts from the `tiny` preset (configs/base.yml with small sizes). With 4 or
 more devices it splits them as data=2 x tensor=2 x fsdp=rest unless the
@@ -30,7 +31,21 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
 KV_QUANT_TOLERANCE = {"int8": 2e-2, "int4": 0.25}
 
 
+ROWS = ("activation_batch", "activation_length")
+
+
+def to_global(model, a, names):
+  """A host array every process holds in full -> the global array laid out by `names`
+  (each process feeds its own rows; one process: a plain placement)."""
+  from meshattn.sharding import make_global_array, process_part
+  rules = model.settings.logical_axis_rules
+  return make_global_array(process_part(np.asarray(a), names, model.mesh, rules), names,
+                           model.mesh, rules)
+
+
 def default_mesh_overrides(num_devices: int) -> list[str]:
+  if jax.process_count() > 1:  # processes split the data axis (dcn), devices the rest
+    return ["dcn_data_parallelism=-1", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=-1"]
   if num_devices % 4 == 0:
     return ["ici_data_parallelism=2", "ici_tensor_parallelism=2", "ici_fsdp_parallelism=-1"]
   return []
@@ -71,17 +86,17 @@ def activation_rows(cfg, settings, mesh, batch, length) -> list[list[str]]:
 def train_step(model, x, pos, seg, cotangent):
   """Forward + backward under jit: (output, d/dx, d/dparams)."""
 
-  @nnx.jit
-  def step(model, x):
+  @nnx.jit  # every array an argument: a global array cannot be closed over
+  def step(model, x, pos, seg, cotangent):
     def loss(model, x):
       out = model(x, x, inputs_positions=pos, decoder_segment_ids=seg, model_mode="train")
       return jnp.sum(out.astype(jnp.float32) * cotangent), out
     (_, out), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(model, x)
     return out, grads[1], grads[0]
 
-  jax.block_until_ready(step(model, x))  # compile
+  jax.block_until_ready(step(model, x, pos, seg, cotangent))  # compile
   start = time.perf_counter()
-  result = jax.block_until_ready(step(model, x))
+  result = jax.block_until_ready(step(model, x, pos, seg, cotangent))
   return result, (time.perf_counter() - start) * 1e3
 
 
@@ -99,6 +114,7 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
   def call(model, x, seg, mode):
     return model(x, decoder_segment_ids=seg, model_mode=mode)
 
+  x, seg = to_global(model, x, cfg.input_axis_names), to_global(model, seg, ROWS)
   cache = model.init_cache(batch, cfg.max_target_length)
   paged = hasattr(cache, "reserve_for_step")
   slots = np.arange(batch)
@@ -118,9 +134,10 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
   rows, worst = [], 0.0
   for b in range(min(batch, 4)):
     n = lengths[b]
-    sequence = jnp.concatenate([x[b:b + 1, :n], x[b:b + 1, prompt_len:]], axis=1)  # [1, n + steps, D]
+    xs = host(x)
+    sequence = jnp.concatenate([xs[b:b + 1, :n], xs[b:b + 1, prompt_len:]], axis=1)  # [1, n + steps, D]
     want = reference(sequence, model_mode="train")[0]
-    got = jnp.concatenate([prefill[b, :n]] + [d[b] for d in decoded], axis=0)
+    got = np.concatenate([host(prefill)[b, :n]] + [host(d)[b] for d in decoded], axis=0)
     err = relative_error(got, want)
     worst = max(worst, err)
     rows.append([str(b), str(n), str(steps), f"{err:.2e}"])
@@ -129,14 +146,23 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
   return rows, worst
 
 
+def host(a) -> np.ndarray:
+  """The whole array on this host (gathered from the other processes where it spans them)."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(a)
+
+
 def relative_error(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  a, b = host(a).astype(np.float64), host(b).astype(np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def main(argv: list[str]) -> int:
-  from meshattn.sharding import create_mesh
+  from meshattn.sharding import create_mesh, initialize_from_env
 
+  initialize_from_env()  # under scripts/launch_local.py: join the other processes first
   overrides = default_mesh_overrides(jax.device_count()) + argv
   cfg = load_config("tiny", *overrides)
   mesh = create_mesh(cfg)
@@ -155,6 +181,9 @@ def main(argv: list[str]) -> int:
   pos = jnp.concatenate([jnp.arange(half), jnp.arange(length - half)])[None].repeat(batch, 0)
   seg = jnp.concatenate([jnp.ones(half, jnp.int32), jnp.full(length - half, 2, jnp.int32)])[None].repeat(batch, 0)
   cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+  inputs = (x, pos, seg, cot)
+  x, pos, seg, cot = (to_global(sharded, a, n) for a, n in zip(
+      inputs, (cfg.input_axis_names, ROWS, ROWS, cfg.input_axis_names)))
 
   print_table("parameters", ["name", "shape", "logical axes", "PartitionSpec"],
               parameter_rows(sharded, mesh, rules))
@@ -162,7 +191,7 @@ def main(argv: list[str]) -> int:
               activation_rows(cfg, sharded.settings, mesh, batch, length))
 
   (out, gx, gp), ms = train_step(sharded, x, pos, seg, cot)
-  (ref_out, ref_gx, ref_gp), ref_ms = train_step(reference, x, pos, seg, cot)
+  (ref_out, ref_gx, ref_gp), ref_ms = train_step(reference, *inputs)
   grad_err = max(relative_error(a, b) for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(ref_gp)))
   tol = TOLERANCE[cfg.dtype]
   rows = [
