@@ -138,11 +138,11 @@ def test_index_masked_kernel_is_not_split_over_context(topology, monkeypatch):
   want = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(reference, x)
   model = shard_module(build(mesh, 2), mesh, reference.settings.logical_axis_rules)
   monkeypatch.setattr(Attention, "_kernel_fn",
-                      lambda self, mode, features: (_index_masked_kernel, "whole"))
+                      lambda self, mode, features, lengths=None: (_index_masked_kernel, "whole"))
   got = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(model, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # The same kernel with the query length split over `context` is wrong: the test can fail.
   monkeypatch.setattr(Attention, "_kernel_fn",
-                      lambda self, mode, features: (_index_masked_kernel, "split"))
+                      lambda self, mode, features, lengths=None: (_index_masked_kernel, "split"))
   wrong = nnx.jit(lambda m, x: m(x, inputs_positions=pos))(model, x)
   assert not np.allclose(wrong, want, rtol=1e-3, atol=1e-3)

@@ -17,22 +17,14 @@ from meshattn.kvcache import KVQuant
 from meshattn.layers import Attention, MaskSpec
 from meshattn.layers.serving import jit_step
 
-CASES = {
-    "gqa-causal": dict(),
+CASES = {  # GQA throughout but for MQA; each case one compile of each path
     "mqa-window": dict(num_kv_heads=1, mask=MaskSpec("local_sliding", window=4),
                        sliding_window_ring_buffer=False),
     "chunk-sinks-softcap": dict(mask=MaskSpec("chunk", chunk=4), attention_sink=True,
                                 attn_logits_soft_cap=5.0),
-    "int8": dict(kv_quant=KVQuant("int8")),
-    "paged": dict(paged_kv_cache=True, num_pages=12, tokens_per_page=4),
+    "paged-int8": dict(paged_kv_cache=True, num_pages=12, tokens_per_page=4,
+                       kv_quant=KVQuant("int8")),
 }
-
-
-@pytest.fixture(autouse=True)
-def float32_matmuls():
-  """Exact float32 products on every backend (a GPU's default is TF32-class)."""
-  with jax.default_matmul_precision("highest"):
-    yield
 
 
 def build(attention, **kw):
