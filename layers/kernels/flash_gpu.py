@@ -21,7 +21,8 @@ which describe right padding, not packed segments; a packing mask as a dense
 
 Positions must be the token indices (train mode): cuDNN's causal and window
 masks are index based. A query whose user mask hides every key gets zeros, as
-in the reference (cuDNN alone would average the values).
+in the reference (cuDNN alone would average the values). Keys the mask hides
+from every query may hold NaN / inf: they (and such queries) are zeroed first.
 cuDNN runs float16 / bfloat16 only, head_dim a multiple of 8 up to 256 on
 Hopper (128 before; registry.CUDNN_LIMITS); other inputs raise ValueError.
 """
@@ -37,6 +38,7 @@ from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_tpu import (
     check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+from meshattn.layers.kernels.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
 CUDNN_FEATURES = frozenset({
@@ -118,13 +120,21 @@ def cudnn_attention(
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
   mask4 = None if mask is None else _to_bnts(mask.astype(bool), q_len, kv_len, "mask")
   bias4 = None if bias is None else _to_bnts(bias.astype(query.dtype), q_len, kv_len, "bias")
+  if mask4 is not None:
+    # cuDNN turns the mask into a large negative bias: a hidden key's NaN K makes the logit NaN,
+    # and its p = 0 still multiplies V (0 * NaN), as a hidden query's q meets dLogits = 0 in dK.
+    # The keys no query sees and the queries that see nothing are zeroed by a select first.
+    allowed = structural_mask(spec, q_positions, kv_positions)[:, None] & mask4  # [B, n, T, S]
+    keep = allowed.any(axis=-1).transpose(0, 2, 1)[..., None]  # [B, T, n, 1]
+    seen = allowed.any(axis=(1, 2))[:, :, None, None]  # [B, S, 1, 1]
+    query = hide(query, keep)
+    key, value = hide(key, seen), hide(value, seen)
   context = jax.nn.dot_product_attention(
       query, key, value, bias=bias4, mask=mask4, scale=options.scale,
       is_causal=spec.is_causal, local_window_size=window,
       implementation="cudnn")  # [B, T, N, H]
   if mask4 is not None:
-    # A row whose user mask hides every visible key is zero in the reference.
-    allowed = structural_mask(spec, q_positions, kv_positions)[:, None] & mask4  # [B, n, T, S]
-    keep = allowed.any(axis=-1).transpose(0, 2, 1)[..., None]  # [B, T, n, 1]
-    context = jnp.where(keep, context, jnp.zeros((), context.dtype))
+    # A row whose user mask hides every visible key is zero in the reference (cuDNN alone
+    # would average the values); this also zeroes its cotangent before cuDNN's backward.
+    context = hide(context, keep)
   return context, None

@@ -44,6 +44,8 @@ All accumulation is float32; bf16 inputs feed bf16 tensor-core dots.
 T and S are padded to the block sizes: padded keys get position -1 (never
 attended) and padded query rows are dropped (their zero cotangent makes them
 contribute no gradient).
+Invisible tokens (segment 0, key position -1) may hold NaN / inf: their q, k,
+v are zeroed by a select before the kernels and padding rows' outputs after.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ from meshattn.layers.kernels import flash_bounds as fb
 from meshattn.layers.kernels.dot_product import KernelOptions
 from meshattn.layers.kernels.flash_pallas_gpu_tiles import call_tiles
 from meshattn.layers.kernels.flash_tpu import (
-    check_index_positions, reject_unsupported, requested_features)
-from meshattn.layers.kernels.online_softmax import NEG
+    check_index_positions, keys_with_rows, reject_unsupported, requested_features, rows_with_keys)
+from meshattn.layers.kernels.online_softmax import NEG, hide
 from meshattn.layers.masks import MaskSpec
 
 PALLAS_GPU_FLASH_FEATURES = frozenset({
@@ -421,24 +423,19 @@ def pallas_gpu_flash_attention(
 ) -> tuple[jax.Array, None]:
   """Flash attention of query [B, T, N, H] over key/value [B, S, K, H] in Pallas/Triton.
 
-  Same arguments and results as `dot_product_attention` (weights are always
-  None), plus tuning knobs (scripts/tune_flash_pallas_gpu.py sweeps them):
-    block_q / block_kv: forward tiles, powers of two >= 16 (shrunk to the
-      padded lengths for short inputs);
-    block_q_bwd / block_kv_bwd: the dq kernel's tiles;
-    block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's
-      where those are given); each kernel likes a large block of its own rows
-      and a small step over the other side, so dq and dkv may want transposed
-      tiles;
-    num_warps / num_stages: Triton's, forward; num_warps_bwd / num_stages_bwd:
-      dq and dkv.
-  None takes `Tiles.get_default(head_dim, itemsize)` (flash_pallas_gpu_tiles.py):
-  the H100 sweep's best up to head_dim 128, smaller tiles for wider heads,
-  each shrunk to fit the GPU's shared memory per block. Tiles that cannot fit
-  raise ValueError naming the kernel and the limit (not in interpret mode).
-  `interpret` runs the kernels in the Pallas interpreter (any backend, for
-  tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming
-  them.
+  Same arguments and results as `dot_product_attention` (weights are always None), plus tuning
+  knobs (scripts/tune_flash_pallas_gpu.py sweeps them):
+    block_q / block_kv: forward tiles, powers of two >= 16 (shrunk to the padded lengths for
+      short inputs); block_q_bwd / block_kv_bwd: the dq kernel's tiles;
+    block_q_dkv / block_kv_dkv: the dkv kernel's (default: the dq kernel's where those are
+      given); each kernel likes a large block of its own rows and a small step over the other
+      side, so dq and dkv may want transposed tiles;
+    num_warps / num_stages: Triton's, forward; num_warps_bwd / num_stages_bwd: dq and dkv.
+  None takes `Tiles.get_default(head_dim, itemsize)` (flash_pallas_gpu_tiles.py): the H100
+  sweep's best up to head_dim 128, smaller tiles for wider heads, each shrunk to fit the GPU's
+  shared memory per block. Tiles that cannot fit raise ValueError naming the kernel and the
+  limit (not in interpret mode). `interpret` runs the kernels in the Pallas interpreter (any
+  backend, for tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming them.
   """
   del dropout_rng  # dropout is refused below
   batch, q_len, num_heads, head_dim = query.shape
@@ -478,15 +475,24 @@ def pallas_gpu_flash_attention(
       [q_pos, jnp.broadcast_to(jnp.arange(q_len, t_pad, dtype=jnp.int32), (batch, t_pad - q_len))],
       axis=1)  # [B, T']
   kv_pos = _pad_to(kv_pos, s_pad, 1, -1)  # [B, S']
-  q_seg = kv_seg = ranges = None
+  # The kernels multiply a zeroed p / dLogits into V, dO, K and Q (0 * NaN = NaN): the q, k, v
+  # no real pair uses (padding, empty slots) are zeroed by a select first (online_softmax.py).
+  q_seg = kv_seg = ranges = live_q = live_k = None
   if st.has_segments:
     q_seg = _pad_to(q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
     kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), s_pad, 1, 0)  # [B, S']
     # Token-level segment ranges, once for forward and backward (O(S log S)).
     same = q_segment_ids is kv_segment_ids and t_pad == s_pad
     ranges = fb.segment_ranges(q_seg, kv_seg, same=same)
-  q = _pad_to(query, t_pad, 1, 0)  # [B, T', N, H]
-  k = _pad_to(key, s_pad, 1, 0)  # [B, S', K, H]
-  v = _pad_to(value, s_pad, 1, 0)  # [B, S', K, H]
-  context = _flash(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)  # [B, T', N, H]
-  return context[:, :q_len], None
+    live_q = rows_with_keys(options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len], q_segment_ids,
+                            kv_segment_ids)[:, :, None, None]  # [B, T, 1, 1]
+    live_k = keys_with_rows(q_segment_ids, kv_segment_ids)  # [B, S]
+  if not options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
+    live_k = kv_pos[:, :kv_len] >= 0 if live_k is None else live_k & (kv_pos[:, :kv_len] >= 0)
+  q = _pad_to(query if live_q is None else hide(query, live_q), t_pad, 1, 0)  # [B, T', N, H]
+  k, v = (_pad_to(x if live_k is None else hide(x, live_k[:, :, None, None]), s_pad, 1, 0)
+          for x in (key, value))  # [B, S', K, H]
+  context = _flash(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[:, :q_len]
+  if live_q is not None:  # also zeroes a padding query's (maybe NaN) cotangent: p^T @ dO, delta
+    context = hide(context, live_q)  # [B, T, N, H]
+  return context, None

@@ -25,7 +25,9 @@ from helpers.numpy_reference import attention_core_np
 from meshattn.configs import load_config
 from meshattn.layers import Attention, KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels.blockwise import blockwise_attention
+from meshattn.layers.kernels import flash_gpu
 from meshattn.layers.kernels.cached import attend_with_cache
+from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
 from meshattn.layers.kernels.flash_tpu import splash_attention
 from meshattn.layers.kernels.ring import ring_attention
 
@@ -169,6 +171,81 @@ def test_splash_interpret_padding_values_do_not_reach_real_tokens():
   for name, got, clean in zip("qkv", grads, clean_grads):
     assert np.isfinite(np.asarray(got)).all(), f"d{name} is not finite"
     np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+
+
+PALLAS_T, PALLAS_H = 32, 16  # the kernel needs head_dim >= 16; 16-blocks give mixed tiles
+# Row 0: two packed documents, right padding; row 1: left padding. Blocks of 16 hold real and
+# padding tokens together (the masked edge tiles, where p is zeroed but still meets V).
+PALLAS_SEGMENTS = np.array([[1] * 10 + [2] * 14 + [0] * 8, [0] * 6 + [1] * 26], np.int32)
+
+
+@pytest.mark.parametrize("kv_heads, mask", [(4, "global"), (2, "full")], ids=["mha", "gqa"])
+def test_pallas_gpu_interpret_padding_values_do_not_reach_real_tokens(kv_heads, mask):
+  """The same for the Pallas GPU flash kernel (Pallas interpreter on CPU), 16x16 tiles: its
+  forward multiplies a zeroed p into V, its backward a zeroed p / dLogits into dO, K and Q."""
+  seg = PALLAS_SEGMENTS
+  pad = seg == 0  # [B, T]
+  keys = jax.random.split(jax.random.key(5), 4)
+  q, cot = (jax.random.normal(x, (B, PALLAS_T, N, PALLAS_H), jnp.float32)
+            for x in keys[:2])  # [B, T, N, H]
+  k, v = (jax.random.normal(x, (B, PALLAS_T, kv_heads, PALLAS_H), jnp.float32)
+          for x in keys[2:])  # [B, S, K, H]
+  idx = jnp.broadcast_to(jnp.arange(PALLAS_T, dtype=jnp.int32), (B, PALLAS_T))  # [B, T]
+  kw = dict(options=KernelOptions(mask=MaskSpec(mask), scale=PALLAS_H ** -0.5), q_positions=idx,
+            kv_positions=idx, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg),
+            block_q=16, block_kv=16, interpret=True)
+
+  @jax.jit
+  def run(q, k, v, cot):
+    context, vjp = jax.vjp(lambda q, k, v: pallas_gpu_flash_attention(q, k, v, **kw)[0], q, k, v)
+    return context, vjp(cot)
+
+  clean_out, clean_grads = run(q, k, v, cot)
+  out, grads = run(*(_poison(x, pad) for x in (q, k, v, cot)))
+  vis = (seg[:, :, None] == seg[:, None, :]) & ~pad[:, :, None]  # [B, T, S]
+  if mask == "global":
+    vis &= np.tril(np.ones((PALLAS_T, PALLAS_T), bool))
+  want, _ = attention_core_np(np.asarray(q), np.asarray(k), np.asarray(v), scale=PALLAS_H ** -0.5,
+                              visible=vis[:, None])  # [B, T, N, H]
+  np.testing.assert_allclose(np.asarray(out)[~pad], want[~pad], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out)[pad], 0.0)
+  for name, got, clean in zip("qkv", grads, clean_grads):
+    got = np.asarray(got)
+    assert np.isfinite(got).all(), f"d{name} is not finite"
+    np.testing.assert_array_equal(got[pad], 0.0, err_msg=f"d{name} of padding")
+    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+
+
+def test_cudnn_wrapper_user_mask_padding_values_do_not_reach_real_tokens(monkeypatch):
+  """cudnn_attention's only way to hide keys is the user mask (it refuses segment ids). On CPU
+  jax.nn's XLA implementation stands in for cuDNN: it masks the same way (a large negative
+  logit, then p @ V), so it leaks the same. bfloat16 (cuDNN's dtypes), GQA, causal."""
+  xla = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, implementation=None, **kw: xla(*a, implementation="xla", **kw))
+  q, k, v, cot = (x.astype(jnp.bfloat16) for x in _qkv(2, seed=6))
+  visible = _visible_np("global")  # [B, 1, T, S]: the packing / padding mask, causal included
+  kw = dict(options=KernelOptions(mask=MaskSpec("global"), scale=H ** -0.5),
+            q_positions=jnp.asarray(IDX), kv_positions=jnp.asarray(IDX),
+            mask=jnp.asarray(visible))
+
+  @jax.jit
+  def run(q, k, v, cot):
+    context, vjp = jax.vjp(lambda q, k, v: flash_gpu.cudnn_attention(q, k, v, **kw)[0], q, k, v)
+    return context, vjp(cot)
+
+  clean_out, clean_grads = run(q, k, v, cot)
+  out, grads = run(*(_poison(x, PAD) for x in (q, k, v, cot)))
+  f32 = lambda x: np.asarray(x, np.float32)
+  want, _ = attention_core_np(f32(q), f32(k), f32(v), scale=H ** -0.5, visible=visible)
+  np.testing.assert_allclose(f32(out)[~PAD], want[~PAD], rtol=2e-2, atol=2e-2)
+  np.testing.assert_array_equal(f32(out)[PAD], 0.0)
+  np.testing.assert_array_equal(f32(out), f32(clean_out))
+  for name, got, clean in zip("qkv", grads, clean_grads):
+    got = f32(got)
+    assert np.isfinite(got).all(), f"d{name} is not finite"
+    np.testing.assert_array_equal(got[PAD], 0.0, err_msg=f"d{name} of padding")
+    np.testing.assert_array_equal(got, f32(clean), err_msg=f"d{name}")
 
 
 # ---- The cached path: stale entries past a slot's length -----------------------------------
