@@ -1,6 +1,7 @@
 """The Attention layer, its settings, masks, RoPE and the Linen bridge."""
 
 from meshattn.layers.attention import KNOWN_KERNELS, Attention
+from meshattn.layers.flax_compat import AttentionType, MultiHeadAttention
 from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
 from meshattn.layers.linen_bridge import attention_as_linen
 from meshattn.layers.masks import (
@@ -10,8 +11,8 @@ from meshattn.layers.settings import (
     DEFAULT_LOGICAL_AXIS_RULES, MODEL_MODES, ActivationAxes, AttentionSettings, ModeAxes)
 
 __all__ = [
-    "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings",
+    "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings", "AttentionType",
     "DEFAULT_LOGICAL_AXIS_RULES", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
-    "ModeAxes", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen", "combine_masks",
+    "ModeAxes", "MultiHeadAttention", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen", "combine_masks",
     "dot_product_attention", "make_attention_mask", "make_causal_mask",
 ]

@@ -106,9 +106,11 @@ class Attention(nnx.Module):
   def _constrain(self, x: jax.Array, names) -> jax.Array:
     return constrain(x, names, self.mesh, self.settings.logical_axis_rules)
 
-  def _project_qkv(self, inputs_q, inputs_kv):
-    """Q [B, T, N, H], K and V [B, S, K, H] before norms and RoPE."""
+  def _project_qkv(self, inputs_q, inputs_kv, inputs_v=None):
+    """Q [B, T, N, H], K and V [B, S, K, H] before norms and RoPE (V from inputs_v if given)."""
     s = self.settings
+    if inputs_v is not None and (s.fused_qkv or s.share_kv_projections):
+      raise ValueError("a separate inputs_v needs separate key / value projections")
     if s.fused_qkv:
       # Decided by identity: under jit two equal arrays cannot be told apart, so
       # anything but the query input itself is refused rather than ignored.
@@ -122,7 +124,8 @@ class Attention(nnx.Module):
       return query, qkv[:, :, :, g], qkv[:, :, :, g + 1]
     query = self.query(inputs_q)  # [B, T, N, H]
     key = self.key(inputs_kv)  # [B, S, K, H]
-    value = key if s.share_kv_projections else self.value(inputs_kv)  # [B, S, K, H]
+    value = key if s.share_kv_projections else self.value(
+        inputs_kv if inputs_v is None else inputs_v)  # [B, S, K, H]
     return query, key, value
 
   def _kernel_options(self) -> KernelOptions:
@@ -216,6 +219,7 @@ class Attention(nnx.Module):
       inputs_positions: jax.Array | None = None,
       decoder_segment_ids: jax.Array | None = None,
       *,
+      inputs_v: jax.Array | None = None,
       inputs_kv_positions: jax.Array | None = None,
       kv_segment_ids: jax.Array | None = None,
       mask: jax.Array | None = None,
@@ -226,7 +230,8 @@ class Attention(nnx.Module):
       sow_weights: bool = False,
       slots: jax.Array | None = None,
   ) -> jax.Array:
-    """Attend inputs_q [..., T, D] over inputs_kv [..., S, D_kv] (default: inputs_q).
+    """Attend inputs_q [..., T, D] over inputs_kv [..., S, D_kv] (default: inputs_q); values
+    from inputs_v [..., S, D_kv] when given (Flax's separate inputs_k / inputs_v).
 
     train:
       inputs_positions [..., T]: token positions for RoPE (default 0..T-1), so
@@ -250,7 +255,7 @@ class Attention(nnx.Module):
     """
     if model_mode not in MODEL_MODES:
       raise ValueError(f"model_mode={model_mode!r}: allowed {MODEL_MODES}")
-    for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv)):
+    for name, x in (("inputs_q", inputs_q), ("inputs_kv", inputs_kv), ("inputs_v", inputs_v)):
       if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(f"{name} must be floating-point activations [batch..., length, "
                          f"features], got dtype {jnp.result_type(x)} (embed token ids first)")
@@ -258,10 +263,11 @@ class Attention(nnx.Module):
       if slots is not None:
         raise ValueError("slots is only used with model_mode='prefill' or 'autoregressive'")
       return self._train(inputs_q, inputs_kv, inputs_positions, decoder_segment_ids,
-                         inputs_kv_positions=inputs_kv_positions, kv_segment_ids=kv_segment_ids,
+                         inputs_v=inputs_v, inputs_kv_positions=inputs_kv_positions, kv_segment_ids=kv_segment_ids,
                          mask=mask, bias=bias, deterministic=deterministic, rngs=rngs,
                          sow_weights=sow_weights)
     unsupported = {"inputs_kv (cross-attention)": inputs_kv is not None and inputs_kv is not inputs_q,
+                   "inputs_v": inputs_v is not None,
                    "inputs_kv_positions": inputs_kv_positions is not None,
                    "kv_segment_ids": kv_segment_ids is not None, "mask": mask is not None,
                    "bias": bias is not None, "sow_weights": sow_weights,
@@ -273,13 +279,14 @@ class Attention(nnx.Module):
     return self._cached(inputs_q, inputs_positions, decoder_segment_ids, model_mode=model_mode,
                         slots=slots)
 
-  def _qkv(self, x_q, x_kv, self_attention, axes, q_pos, kv_pos):
+  def _qkv(self, x_q, x_kv, self_attention, axes, q_pos, kv_pos, x_v=None):
     """Project, constrain, QK-norm and rotate: Q [B, T, N, H], K and V [B, S, K, H]."""
     s = self.settings
     x_q = self._constrain(x_q, axes.inputs)
     if not self_attention:
       x_kv = self._constrain(x_kv, axes.inputs)
-    query, key, value = self._project_qkv(x_q, x_q if self_attention else x_kv)
+    x_v = None if x_v is None else self._constrain(x_v, axes.inputs)
+    query, key, value = self._project_qkv(x_q, x_q if self_attention else x_kv, x_v)
     query = checkpoint_name(self._constrain(query, axes.query), "query_proj")  # [B, T, N, H]
     key = checkpoint_name(self._constrain(key, axes.key), "key_proj")  # [B, S, K, H]
     value = checkpoint_name(self._constrain(value, axes.value), "value_proj")  # [B, S, K, H]
@@ -306,10 +313,10 @@ class Attention(nnx.Module):
     out = self.out(context)  # [B, T, D_out]
     return checkpoint_name(self._constrain(out, axes.inputs), "out_proj")
 
-  def _train(self, inputs_q, inputs_kv, inputs_positions, decoder_segment_ids, *,
+  def _train(self, inputs_q, inputs_kv, inputs_positions, decoder_segment_ids, *, inputs_v,
              inputs_kv_positions, kv_segment_ids, mask, bias, deterministic, rngs, sow_weights):
     s = self.settings
-    self_attention = inputs_kv is None or inputs_kv is inputs_q
+    self_attention = (inputs_kv is None or inputs_kv is inputs_q) and inputs_v is None
     if inputs_kv is None:
       inputs_kv = inputs_q
     if inputs_q.ndim < 3 or inputs_kv.ndim != inputs_q.ndim:
@@ -318,6 +325,8 @@ class Attention(nnx.Module):
     batch_shape = inputs_q.shape[:-2]
     if inputs_kv.shape[:-2] != batch_shape:
       raise ValueError(f"inputs_kv batch dims {inputs_kv.shape[:-2]} != inputs_q batch dims {batch_shape}")
+    if inputs_v is not None and inputs_v.shape[:-1] != inputs_kv.shape[:-1]:
+      raise ValueError(f"inputs_v {inputs_v.shape} must match inputs_kv {inputs_kv.shape} but features")
     q_len, kv_len = inputs_q.shape[-2], inputs_kv.shape[-2]
     batch = math.prod(batch_shape)
 
@@ -329,6 +338,7 @@ class Attention(nnx.Module):
 
     x_q = flat(inputs_q, 2)  # [B, T, D]
     x_kv = x_q if self_attention else flat(inputs_kv, 2)  # [B, S, D_kv]
+    x_v = flat(inputs_v, 2)  # [B, S, D_kv] or None
     q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
     kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
     streams = s.num_position_streams
@@ -353,7 +363,7 @@ class Attention(nnx.Module):
     user_bias = _flatten_pairwise(bias, batch_shape, batch)
 
     axes = s.axes["train"]
-    query, key, value = self._qkv(x_q, x_kv, self_attention, axes, q_pos, kv_pos)
+    query, key, value = self._qkv(x_q, x_kv, self_attention, axes, q_pos, kv_pos, x_v)
     dropout_rng = None
     if s.dropout_rate > 0 and not deterministic:
       stream = rngs if rngs is not None else self.rngs

@@ -1,0 +1,203 @@
+"""meshattn.layers.MultiHeadAttention against Flax's own nnx.MultiHeadAttention (issue 19).
+
+Both modules are built from the same nnx.Rngs seed (the parameters come out equal, which
+is checked) and compared to float32 rounding: self, cross, separate k / v, Flax's masks,
+extra batch dims, normalize_qk, GQA, decode token by token, and the nnx.state move. attnax's
+extras are checked against the dot_product reference kernel.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meshattn.layers import MultiHeadAttention
+from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.masks import MaskSpec
+from meshattn.layers.rope import RopeSpec, apply_rope
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+# One compiled program per module and input shape: eager op-by-op dispatch would cost this
+# file most of its time budget.
+@nnx.jit(static_argnames=("decode", "is_causal", "sow_weights"))
+def _run(module, *args, **kwargs):
+  return module(*args, **kwargs)
+
+
+def _pair(**kw):
+  kw.setdefault("decode", False)
+  flax_layer = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+  ours = MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+  pure_f, pure_o = nnx.to_pure_dict(nnx.state(flax_layer)), nnx.to_pure_dict(nnx.state(ours))
+  assert jax.tree.structure(pure_f) == jax.tree.structure(pure_o)
+  # Same seed, same parameters: the init order and initialisers are Flax's.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), pure_f, pure_o)
+  return flax_layer, ours
+
+
+def _x(shape, seed):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross", "separate_kv"])
+def test_inputs_like_flax(kind):
+  flax_layer, ours = _pair(num_heads=4, in_features=16, qkv_features=32, out_features=12,
+                           in_kv_features=16 if kind == "self" else 10)
+  q = _x((2, 5, 16), 1)
+  args = {"self": (q,), "cross": (q, _x((2, 7, 10), 2)),
+          "separate_kv": (q, _x((2, 7, 10), 2), _x((2, 7, 10), 3))}[kind]
+  np.testing.assert_allclose(_run(ours, *args), _run(flax_layer, *args), **TOL)
+
+
+def test_masks_and_extra_batch_dims():
+  flax_layer, ours = _pair(num_heads=2, in_features=8, qkv_features=16, use_bias=False)
+  x = _x((3, 2, 6, 8), 4)  # [batch1, batch2, T, D]
+  causal = nnx.make_causal_mask(jnp.ones((3, 2, 6)))  # [3, 2, 1, 6, 6]
+  np.testing.assert_allclose(_run(ours, x, mask=causal), _run(flax_layer, x, mask=causal), **TOL)
+  # Padded keys (every query keeps at least one key).
+  kv_valid = jnp.arange(6)[None, None] < jnp.array([[2, 6], [4, 1], [6, 3]])[..., None]
+  padding = nnx.make_attention_mask(jnp.ones((3, 2, 6), bool), kv_valid)  # [3, 2, 1, 6, 6]
+  both = nnx.combine_masks(padding, causal)
+  for mask in (padding, both):
+    np.testing.assert_allclose(_run(ours, x, mask=mask), _run(flax_layer, x, mask=mask), **TOL)
+  np.testing.assert_allclose(_run(ours, x, is_causal=True), _run(flax_layer, x, is_causal=True),
+                             **TOL)
+
+
+def test_normalize_qk_and_gqa():
+  flax_layer, ours = _pair(num_heads=4, num_kv_heads=2, in_features=12, qkv_features=16,
+                           normalize_qk=True)
+  assert {"query_ln", "key_ln"} <= set(nnx.to_pure_dict(nnx.state(ours)))
+  # Non-trivial scales, moved from Flax's module into ours.
+  flax_layer.query_ln.scale[...] = _x((4,), 5)
+  flax_layer.key_ln.scale[...] = _x((4,), 6)
+  nnx.update(ours, nnx.state(flax_layer))
+  q, kv = _x((2, 5, 12), 7), _x((2, 3, 12), 8)
+  np.testing.assert_allclose(_run(ours, q, kv), _run(flax_layer, q, kv), **TOL)
+
+
+def test_state_round_trip():
+  flax_layer, ours = _pair(num_heads=2, in_features=8, out_features=6)
+  x = _x((2, 4, 8), 9)
+  fresh = MultiHeadAttention(num_heads=2, in_features=8, out_features=6, decode=False,
+                             rngs=nnx.Rngs(1))
+  assert not np.allclose(_run(fresh, x), _run(flax_layer, x))
+  nnx.update(fresh, nnx.state(flax_layer))  # Flax -> meshattn
+  np.testing.assert_allclose(_run(fresh, x), _run(flax_layer, x), **TOL)
+  other = nnx.MultiHeadAttention(num_heads=2, in_features=8, out_features=6, decode=False,
+                                 rngs=nnx.Rngs(2))
+  nnx.update(other, nnx.state(fresh))  # meshattn -> Flax
+  np.testing.assert_allclose(_run(other, x), _run(flax_layer, x), **TOL)
+
+
+def test_sow_weights_like_flax():
+  flax_layer, ours = _pair(num_heads=2, in_features=8)
+  x = _x((2, 4, 8), 10)
+  _run(flax_layer, x, sow_weights=True)
+  _run(ours, x, sow_weights=True)
+  w_f = nnx.state(flax_layer, nnx.Intermediate)["attention_weights"]
+  w_o = nnx.state(ours, nnx.Intermediate)["attention_weights"]
+  np.testing.assert_allclose(w_o[0], w_f[0], **TOL)
+
+
+def test_decode_token_by_token():
+  kw = dict(num_heads=4, in_features=8, qkv_features=16, num_kv_heads=2, normalize_qk=True,
+            decode=True)
+  flax_layer, ours = _pair(**kw)
+  x = _x((2, 3, 5, 8), 11)  # [batch1, batch2, L, D]
+  flax_layer.init_cache(x.shape)
+  ours.init_cache(x.shape)
+  cache_f = nnx.to_pure_dict(nnx.state(flax_layer, nnx.Cache))
+  assert jax.tree.map(jnp.shape, cache_f) == jax.tree.map(
+      jnp.shape, nnx.to_pure_dict(nnx.state(ours, nnx.Cache)))
+  steps = []
+  for t in range(x.shape[-2]):
+    token = x[..., t:t + 1, :]  # [batch1, batch2, 1, D]
+    y = _run(ours, token)
+    np.testing.assert_allclose(y, _run(flax_layer, token), **TOL)
+    steps.append(y)
+  np.testing.assert_allclose(nnx.state(ours, nnx.Cache)["cached_key"][...],
+                             nnx.state(flax_layer, nnx.Cache)["cached_key"][...], **TOL)
+  assert int(ours.cache_index[...]) == x.shape[-2]
+  # Token by token equals one causal pass over the whole sequence.
+  causal = nnx.make_causal_mask(jnp.ones(x.shape[:-1]))
+  whole = _run(ours, x, mask=causal, decode=False)
+  np.testing.assert_allclose(jnp.concatenate(steps, -2), whole, **TOL)
+  # The cache moves too: a Flax module continues from ours.
+  ours.init_cache(x.shape)
+  _run(ours, x[..., :1, :])
+  flax_layer.init_cache(x.shape)
+  nnx.update(flax_layer, nnx.state(ours))
+  np.testing.assert_allclose(_run(flax_layer, x[..., 1:2, :]), steps[1], **TOL)
+
+
+def test_attnax_errors():
+  base = dict(rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="divisible by 'num_heads'"):
+    MultiHeadAttention(num_heads=3, in_features=8, **base)
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    MultiHeadAttention(num_heads=4, in_features=8, num_kv_heads=3, **base)
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    MultiHeadAttention(num_heads=4, in_features=8, num_kv_heads=8, **base)
+  with pytest.raises(ValueError, match="even head_dim"):
+    MultiHeadAttention(num_heads=2, in_features=6, use_rope=True, **base)
+  for kind in ("linear", "lite"):
+    with pytest.raises(NotImplementedError, match="issue 18"):
+      MultiHeadAttention(num_heads=2, in_features=8, attention_type=kind, **base)
+  with pytest.raises(ValueError, match="attention_fn and attention_type=LITE"):
+    MultiHeadAttention(num_heads=2, in_features=8, attention_type="lite",
+                       attention_fn=lambda *a, **k: a[0], **base)
+  with pytest.raises(ValueError, match="`inputs_k` cannot be None"):
+    MultiHeadAttention(num_heads=2, in_features=8, decode=False, **base)(
+        _x((1, 2, 8), 0), None, _x((1, 2, 8), 1))
+
+
+@jax.jit(static_argnames=("window", "rope_base"))
+def _reference(p, x, *, window, rope_base):
+  """Projections by hand (params p), RoPE, the dot_product kernel, output projection: the
+  extras' meaning written without the layer."""
+  proj = lambda name, h: jnp.einsum("btd,dnh->btn" + "h", h, p[name]["kernel"]) + p[name]["bias"]
+  q, k, v = proj("query", x), proj("key", x), proj("value", x)  # [B, T, N|K, H]
+  pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # [B, T]
+  spec = RopeSpec(max_timescale=rope_base)
+  q, k = apply_rope(q, pos, spec), apply_rope(k, pos, spec)
+  options = KernelOptions(mask=MaskSpec("local_sliding", window=window), scale=q.shape[-1] ** -0.5)
+  context, _ = dot_product_attention(q, k, v, options=options, q_positions=pos, kv_positions=pos)
+  return jnp.einsum("btnh,nhd->btd", context, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("attention_type", ["standard", "memory_efficient"])
+def test_attnax_extras_against_reference(attention_type):
+  x = _x((2, 9, 16), 12)
+  layer = MultiHeadAttention(num_heads=4, in_features=16, num_kv_heads=2, attention_window=3,
+                             use_rope=True, rope_base=500.0, attention_type=attention_type,
+                             attention_block_size=4, decode=False, rngs=nnx.Rngs(3))
+  want = _reference(nnx.to_pure_dict(nnx.state(layer)), x, window=3, rope_base=500.0)
+  np.testing.assert_allclose(_run(layer, x), want, **TOL)
+  # Decoding token by token (RoPE at cache_index, the window over the cache) gives the same.
+  layer.init_cache(x.shape)
+  steps = [_run(layer, x[:, t:t + 1], decode=True) for t in range(x.shape[1])]
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), want, **TOL)
+
+
+def test_score_mod_reaches_the_kernel():
+  x = _x((1, 4, 8), 13)
+  plain = MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+  zeroed = MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0),
+                              score_mod=lambda score, b, h, q, k: score * 0.0)
+  # Scores all zero: every query averages the values uniformly.
+  p = nnx.to_pure_dict(nnx.state(plain))
+  v = jnp.einsum("btd,dnh->btnh", x, p["value"]["kernel"]) + p["value"]["bias"]
+  mean_v = jnp.broadcast_to(v.mean(1, keepdims=True), v.shape)  # [B, T, N, H]
+  want = jnp.einsum("btnh,nhd->btd", mean_v, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(_run(zeroed, x), want, **TOL)
+  assert not np.allclose(_run(plain, x), want, **TOL)
