@@ -1,0 +1,136 @@
+"""Linen's `MultiHeadDotProductAttention` and `SelfAttention`, on meshattn's layer.
+
+    from meshattn.layers.linen import MultiHeadDotProductAttention  # was: flax.linen
+    y = MultiHeadDotProductAttention(num_heads=8).apply(flax_variables, x)
+
+Same fields, call and variable trees as Flax's (`params`: query / key / value /
+out with kernel [and bias], query_ln / key_ln scales; `cache`: cached_key /
+cached_value / cache_index with decode=True), so variables move both ways. Inside
+each call the NNX drop-in (`meshattn.layers.MultiHeadAttention`, hence
+`Attention`) is built from the input shapes and run through Flax's NNX -> Linen
+bridge, sharing this module's scope so no extra name level appears.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+from flax.core import FrozenDict
+
+from meshattn.layers.flax_compat import MultiHeadAttention
+from meshattn.layers.projections import default_bias_init, default_kernel_init
+
+
+class _LinenBacked(MultiHeadAttention):
+  """The NNX drop-in, rebuilt at each Linen call; `cache_shape` recreates the decode cache
+  that Linen keeps in its `cache` collection, so the bridge can load it."""
+
+  def __init__(self, *args, cache_shape=None, cache_dtype=jnp.float32, **kwargs):
+    super().__init__(*args, **kwargs)
+    if cache_shape is not None:  # [batch..., L, kv_heads, head_dim] -> init_cache's input shape
+      self.init_cache((*cache_shape[:-2], 0), cache_dtype)
+
+
+def _attend(module, inputs_q, inputs_k, inputs_v, *, decode, first_call, **kwargs):
+  # Linen's decode: the call that makes the cache attends normally (not one token at a time).
+  return module(inputs_q, inputs_k, inputs_v, decode=decode and not first_call, **kwargs)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """flax.linen.MultiHeadDotProductAttention's fields and call, on meshattn's kernels.
+
+  `settings` passes meshattn / attnax keywords through (num_kv_heads, attention_type,
+  attention_window, use_rope, any AttentionSettings field)."""
+
+  num_heads: int
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  qkv_features: int | None = None
+  out_features: int | None = None
+  broadcast_dropout: bool = True
+  dropout_rate: float = 0.0
+  deterministic: bool | None = None
+  precision: Any = None
+  kernel_init: Callable = default_kernel_init
+  out_kernel_init: Callable | None = None
+  bias_init: Callable = default_bias_init
+  out_bias_init: Callable | None = None
+  use_bias: bool = True
+  attention_fn: Callable[..., jax.Array] = nnx.dot_product_attention
+  decode: bool = False
+  normalize_qk: bool = False
+  qkv_dot_general: Callable | None = None
+  out_dot_general: Callable | None = None
+  qkv_dot_general_cls: Any = None
+  out_dot_general_cls: Any = None
+  settings: FrozenDict = FrozenDict()
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None,
+               inputs_v: jax.Array | None = None, *, inputs_kv: jax.Array | None = None,
+               mask: jax.Array | None = None, deterministic: bool | None = None,
+               dropout_rng: jax.Array | None = None, sow_weights: bool = False) -> jax.Array:
+    """inputs_q [batch..., T, D]; inputs_k / inputs_v [batch..., S, D_kv] (Linen's defaults
+    and its deprecated inputs_kv); mask broadcastable to [batch..., heads, T, S]."""
+    if inputs_kv is not None:
+      if inputs_k is not None or inputs_v is not None:
+        raise ValueError("If either `inputs_k` or `inputs_v` is not None, `inputs_kv` must be "
+                         "None. If `inputs_kv` is not None, both `inputs_k` and `inputs_v` must "
+                         "be None.")
+      inputs_k = inputs_v = inputs_kv
+    elif inputs_k is None:
+      if inputs_v is not None:
+        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
+                         "`inputs_k` and `inputs_v` be the same value, pass in the value to "
+                         "`inputs_k` and leave `inputs_v` as None.")
+      inputs_k = inputs_q
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    kwargs = dict(
+        num_heads=self.num_heads, in_features=inputs_q.shape[-1],
+        qkv_features=self.qkv_features, out_features=self.out_features,
+        in_kv_features=inputs_k.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+        broadcast_dropout=self.broadcast_dropout, dropout_rate=self.dropout_rate,
+        deterministic=True, precision=self.precision, kernel_init=self.kernel_init,
+        out_kernel_init=self.out_kernel_init, bias_init=self.bias_init,
+        out_bias_init=self.out_bias_init, use_bias=self.use_bias, attention_fn=self.attention_fn,
+        decode=self.decode, normalize_qk=self.normalize_qk,
+        qkv_dot_general=self.qkv_dot_general, out_dot_general=self.out_dot_general,
+        qkv_dot_general_cls=self.qkv_dot_general_cls,
+        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
+    first_call = not self.has_variable("cache", "cached_key")
+    if self.decode and not first_call:
+      cached = self.get_variable("cache", "cached_key")
+      kwargs.update(cache_shape=cached.shape, cache_dtype=cached.dtype)
+    elif self.decode:  # Linen makes the cache as long as this (first) input, in K's dtype
+      heads = self.num_heads
+      head_dim = (self.qkv_features or inputs_q.shape[-1]) // heads
+      kv_heads = self.settings.get("num_kv_heads") or heads
+      dtype = self.dtype or jnp.result_type(inputs_k, self.param_dtype)
+      kwargs.update(cache_shape=inputs_k.shape[:-1] + (kv_heads, head_dim), cache_dtype=dtype)
+    rngs = None
+    if self.dropout_rate > 0.0:
+      deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+      if not deterministic:
+        rngs = nnx.Rngs(dropout=self.make_rng("dropout") if dropout_rng is None else dropout_rng)
+    # Raw arrays in Linen's collections (metadata_fn=None): Flax's variable trees exactly.
+    layer = nnx.bridge.ToLinen(_LinenBacked, kwargs=FrozenDict(kwargs), skip_rng=False,
+                               metadata_fn=None)
+    nn.share_scope(self, layer)
+    return layer(inputs_q, inputs_k, inputs_v, nnx_method=_attend, decode=self.decode,
+                 first_call=first_call, mask=mask, deterministic=bool(deterministic),
+                 rngs=rngs, sow_weights=sow_weights)
+
+
+class SelfAttention(MultiHeadDotProductAttention):
+  """flax.linen.SelfAttention: MultiHeadDotProductAttention with inputs_k = inputs_v = inputs_q."""
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, mask: jax.Array | None = None,
+               deterministic: bool | None = None, dropout_rng: jax.Array | None = None,
+               sow_weights: bool = False) -> jax.Array:
+    return super().__call__(inputs_q, mask=mask, deterministic=deterministic,
+                            dropout_rng=dropout_rng, sow_weights=sow_weights)
