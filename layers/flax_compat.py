@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 
 from meshattn.layers.attention import Attention, _flatten_pairwise
 from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
@@ -34,7 +34,8 @@ from meshattn.layers.projections import _init_flat, default_bias_init, default_k
 from meshattn.layers.rope import RopeSpec
 from meshattn.layers.settings import AttentionSettings
 
-_FLAX_ATTENTION_FNS = (nnx.dot_product_attention,)  # Flax's default: meshattn's kernels serve it
+# Flax's defaults (NNX's and Linen's): meshattn's own kernels compute the same thing.
+_FLAX_ATTENTION_FNS = (nnx.dot_product_attention, linen.dot_product_attention)
 _NOT_BUILT = "is not built in meshattn yet (issue 18: linear / lite attention)"
 
 

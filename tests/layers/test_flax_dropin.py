@@ -139,6 +139,28 @@ def test_decode_token_by_token():
   np.testing.assert_allclose(_run(flax_layer, x[..., 1:2, :]), steps[1], **TOL)
 
 
+def test_sharded_like_flax():
+  """With a mesh, the drop-in is meshattn's sharded layer: parameters placed by the logical
+  rules, and the result still Flax's."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from meshattn.sharding import create_mesh, shard_module
+  mesh = create_mesh({"mesh_axes": ("data", "fsdp", "context", "tensor", "autoregressive"),
+                      "ici_data_parallelism": 2, "ici_fsdp_parallelism": 2,
+                      "ici_context_parallelism": 1, "ici_tensor_parallelism": 2,
+                      "ici_autoregressive_parallelism": 1})
+  kw = dict(num_heads=4, num_kv_heads=2, in_features=16, decode=False)
+  flax_layer = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+  ours = MultiHeadAttention(**kw, mesh=mesh, rngs=nnx.Rngs(0))
+  ours = shard_module(ours, mesh, ours.settings.logical_axis_rules)
+  kernel = ours.query.kernel[...]  # [D, N, H]
+  assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
+  x = _x((4, 6, 16), 18)
+  causal = nnx.make_causal_mask(jnp.ones((4, 6)))
+  np.testing.assert_allclose(_run(ours, x, mask=causal), _run(flax_layer, x, mask=causal), **TOL)
+
+
 def test_attnax_errors():
   base = dict(rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="divisible by 'num_heads'"):
