@@ -60,7 +60,7 @@ def full_cache_model():
   model = tiny_on_mesh()
   model.init_cache(8, 4)
   x = jax.random.normal(jax.random.key(0), (8, 4, 64))
-  model(x, model_mode="prefill")  # eagerly
+  step(model, x, "prefill")
   return model
 
 
