@@ -216,6 +216,24 @@ class MultiHeadAttention(Attention):
       fn = _with_blocks(fn, size)
     return fn, kernel.length_layout
 
+  def _call_kernel(self, kernel, axes, query, key, value, **kwargs):
+    """Attention's kernel call, plus Flax's answer for a query whose mask hides every key:
+    softmax over equal logits, so the average of all values (meshattn's kernels give zeros).
+    Only for Flax's semantics: no structural mask, no packed segments."""
+    context, weights = super()._call_kernel(kernel, axes, query, key, value, **kwargs)
+    mask = kwargs.get("mask")  # [B, 1|N, T|1, S|1]
+    if (mask is None or kwargs.get("q_segment_ids") is not None
+        or self.settings.mask.attention_type != "full"):
+      return context, weights
+    has_key = jnp.any(mask, axis=-1)  # [B, 1|N, T|1]
+    group = query.shape[2] // key.shape[2]
+    mean_v = jnp.repeat(value.mean(axis=1, keepdims=True), group, axis=2)  # [B, 1, N, H]
+    keep = jnp.swapaxes(has_key, 1, 2)[..., None]  # [B, T|1, 1|N, 1]
+    context = jnp.where(keep, context, mean_v.astype(context.dtype))  # [B, T, N, H]
+    if weights is not None:  # [B, N, T, S]
+      weights = jnp.where(has_key[..., None], weights, jnp.asarray(1 / key.shape[1], weights.dtype))
+    return context, weights
+
   def init_cache(self, input_shape, *args, **kwargs):
     """Flax: `init_cache(input_shape, dtype=jnp.float32)`, input_shape [batch..., max_length,
     features]: cached_key / cached_value [batch..., max_length, kv_heads, head_dim] and one

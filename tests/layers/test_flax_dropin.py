@@ -63,11 +63,12 @@ def test_masks_and_extra_batch_dims():
   x = _x((3, 2, 6, 8), 4)  # [batch1, batch2, T, D]
   causal = nnx.make_causal_mask(jnp.ones((3, 2, 6)))  # [3, 2, 1, 6, 6]
   np.testing.assert_allclose(_run(ours, x, mask=causal), _run(flax_layer, x, mask=causal), **TOL)
-  # Padded keys (every query keeps at least one key).
-  kv_valid = jnp.arange(6)[None, None] < jnp.array([[2, 6], [4, 1], [6, 3]])[..., None]
-  padding = nnx.make_attention_mask(jnp.ones((3, 2, 6), bool), kv_valid)  # [3, 2, 1, 6, 6]
+  # Padded queries and keys: a padded query sees no key, and gets Flax's average of all values.
+  valid = jnp.arange(6)[None, None] < jnp.array([[2, 6], [4, 1], [6, 3]])[..., None]  # [3, 2, 6]
+  padding = nnx.make_attention_mask(valid, valid)  # [3, 2, 1, 6, 6]
   both = nnx.combine_masks(padding, causal)
   np.testing.assert_allclose(_run(ours, x, mask=both), _run(flax_layer, x, mask=both), **TOL)
+  np.testing.assert_allclose(_run(ours, x, mask=padding), _run(flax_layer, x, mask=padding), **TOL)
   np.testing.assert_allclose(_run(ours, x, is_causal=True), _run(flax_layer, x, is_causal=True),
                              **TOL)
 
@@ -101,8 +102,10 @@ def test_state_round_trip():
 def test_sow_weights_like_flax():
   flax_layer, ours = _pair(num_heads=2, in_features=8)
   x = _x((2, 4, 8), 10)
-  _run(flax_layer, x, sow_weights=True)
-  _run(ours, x, sow_weights=True)
+  valid = jnp.array([[True] * 4, [True, True, True, False]])  # [B, T]: one padded token
+  mask = nnx.make_attention_mask(valid, valid)  # [B, 1, T, T]
+  np.testing.assert_allclose(_run(ours, x, mask=mask, sow_weights=True),
+                             _run(flax_layer, x, mask=mask, sow_weights=True), **TOL)
   w_f = nnx.state(flax_layer, nnx.Intermediate)["attention_weights"]
   w_o = nnx.state(ours, nnx.Intermediate)["attention_weights"]
   np.testing.assert_allclose(w_o[0], w_f[0], **TOL)
