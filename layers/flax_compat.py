@@ -161,7 +161,7 @@ class MultiHeadAttention(Attention):
     else:
       mask = MaskSpec("full")  # Flax attends everywhere the caller's mask allows
     rope = RopeSpec(max_timescale=float(rope_base)) if use_rope else RopeSpec(rope_type="none")
-    settings = dict(
+    settings = {**dict(
         emb_dim=in_features, num_query_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, out_features=out_features, kv_emb_dim=in_kv_features,
         # dtype None: Flax promotes inputs and params; here the computation runs in param_dtype.
@@ -171,7 +171,7 @@ class MultiHeadAttention(Attention):
         use_bias=use_bias, use_qk_norm=normalize_qk, qk_norm_type="layernorm",
         normalization_layer_epsilon=1e-6, qkv_dot_general=qkv_dot_general,
         out_dot_general=out_dot_general, rope=rope, kernel_init=kernel_init, bias_init=bias_init,
-        attention_fn=custom_fn, score_mod=score_mod, **settings)
+        attention_fn=custom_fn, score_mod=score_mod), **settings}  # settings: the caller's last word
     if not normalize_qk:
       self.query_ln = nnx.data(None)  # Flax's attributes, also when absent
       self.key_ln = nnx.data(None)

@@ -28,7 +28,7 @@ def _highest_precision():
 
 # One compiled program per module and input shape: eager op-by-op dispatch would cost this
 # file most of its time budget.
-@nnx.jit(static_argnames=("decode", "is_causal", "sow_weights"))
+@nnx.jit(static_argnames=("decode", "is_causal", "sow_weights", "model_mode"))
 def _run(module, *args, **kwargs):
   return module(*args, **kwargs)
 
@@ -162,6 +162,20 @@ def test_sharded_like_flax():
   x = _x((4, 6, 16), 18)
   causal = nnx.make_causal_mask(jnp.ones((4, 6)))
   np.testing.assert_allclose(_run(ours, x, mask=causal), _run(flax_layer, x, mask=causal), **TOL)
+
+
+def test_meshattn_modes_through_the_dropin():
+  """The drop-in is meshattn's layer: a causal one prefills and decodes in meshattn's own
+  KV cache (init_cache(batch_size, max_length)) and matches its whole-sequence pass."""
+  from meshattn.layers import MaskSpec
+  layer = MultiHeadAttention(num_heads=4, num_kv_heads=2, in_features=16, use_rope=True,
+                             mask=MaskSpec("global"), decode=False, rngs=nnx.Rngs(0))
+  x = _x((2, 6, 16), 19)
+  whole = _run(layer, x)
+  layer.init_cache(2, 8)
+  steps = [_run(layer, x[:, :4], model_mode="prefill")]
+  steps += [_run(layer, x[:, t:t + 1], model_mode="autoregressive") for t in (4, 5)]
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), whole, **TOL)
 
 
 def test_attnax_errors():
