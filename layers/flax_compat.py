@@ -171,7 +171,7 @@ class MultiHeadAttention(Attention):
         use_bias=use_bias, use_qk_norm=normalize_qk, qk_norm_type="layernorm",
         normalization_layer_epsilon=1e-6, qkv_dot_general=qkv_dot_general,
         out_dot_general=out_dot_general, rope=rope, kernel_init=kernel_init, bias_init=bias_init,
-        attention_fn=custom_fn, score_mod=score_mod), **settings}  # settings: the caller's last word
+        attention_fn=custom_fn, score_mod=score_mod), **settings}  # the caller's keywords win
     if not normalize_qk:
       self.query_ln = nnx.data(None)  # Flax's attributes, also when absent
       self.key_ln = nnx.data(None)
