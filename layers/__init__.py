@@ -13,6 +13,6 @@ from meshattn.layers.settings import (
 __all__ = [
     "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings", "AttentionType",
     "DEFAULT_LOGICAL_AXIS_RULES", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
-    "ModeAxes", "MultiHeadAttention", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen", "combine_masks",
-    "dot_product_attention", "make_attention_mask", "make_causal_mask",
+    "ModeAxes", "MultiHeadAttention", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen",
+    "combine_masks", "dot_product_attention", "make_attention_mask", "make_causal_mask",
 ]

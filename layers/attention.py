@@ -263,9 +263,9 @@ class Attention(nnx.Module):
       if slots is not None:
         raise ValueError("slots is only used with model_mode='prefill' or 'autoregressive'")
       return self._train(inputs_q, inputs_kv, inputs_positions, decoder_segment_ids,
-                         inputs_v=inputs_v, inputs_kv_positions=inputs_kv_positions, kv_segment_ids=kv_segment_ids,
-                         mask=mask, bias=bias, deterministic=deterministic, rngs=rngs,
-                         sow_weights=sow_weights)
+                         inputs_v=inputs_v, inputs_kv_positions=inputs_kv_positions,
+                         kv_segment_ids=kv_segment_ids, mask=mask, bias=bias,
+                         deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
     unsupported = {"inputs_kv (cross-attention)": inputs_kv is not None and inputs_kv is not inputs_q,
                    "inputs_v": inputs_v is not None,
                    "inputs_kv_positions": inputs_kv_positions is not None,
@@ -326,7 +326,8 @@ class Attention(nnx.Module):
     if inputs_kv.shape[:-2] != batch_shape:
       raise ValueError(f"inputs_kv batch dims {inputs_kv.shape[:-2]} != inputs_q batch dims {batch_shape}")
     if inputs_v is not None and inputs_v.shape[:-1] != inputs_kv.shape[:-1]:
-      raise ValueError(f"inputs_v {inputs_v.shape} must match inputs_kv {inputs_kv.shape} but features")
+      raise ValueError(f"inputs_v {inputs_v.shape} must match inputs_kv {inputs_kv.shape} "
+                       "but for the features")
     q_len, kv_len = inputs_q.shape[-2], inputs_kv.shape[-2]
     batch = math.prod(batch_shape)
 
