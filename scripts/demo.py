@@ -108,7 +108,7 @@ def serving_check(model, reference, cfg, batch: int, steps: int = 4) -> tuple[li
   x = jax.random.normal(jax.random.key(3), (batch, prompt_len + steps, cfg.emb_dim), jnp.dtype(cfg.dtype))
   seg = (jnp.arange(prompt_len)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)  # right padding
 
-  # The serving pattern (README "Serving"): a step compiled once, the cache updated in
+  # The serving pattern (docs/serving.md): a step compiled once, the cache updated in
   # place, a step the cache cannot serve raised as StepRejected with nothing changed.
   @jit_step(static_argnames="mode")
   def call(model, x, seg, mode):

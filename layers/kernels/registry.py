@@ -300,7 +300,7 @@ def _names_serving(request: Request) -> list[str]:
 
 
 def feature_table_markdown(platforms: Iterable[str] = PLATFORMS) -> str:
-  """The kernels x features table of the README, generated from the registry."""
+  """The kernels x features table of docs/kernels.md, generated from the registry."""
   rows = sorted(_REGISTRY, key=lambda k: (k.name, sorted(k.platforms)))
   header = "| kernel | platforms | modes | " + " | ".join(FEATURES) + " |"
   lines = [header, "| " + " | ".join(["---"] * (3 + len(FEATURES))) + " |"]

@@ -1,6 +1,6 @@
 """The kernel registry: explicit choices that cannot serve a request raise with
 the documented message, autoselect never loses a feature, its choice per
-platform is pinned, and the README's table is the registry's."""
+platform is pinned, and docs/kernels.md's table is the registry's."""
 
 import pathlib
 
@@ -14,7 +14,7 @@ from meshattn.layers import Attention
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.registry import FEATURES, Request, select
 
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "docs" / "kernels.md"  # the kernels page
 MASK_FEATURES = ("causal", "full", "window", "chunk")
 
 
