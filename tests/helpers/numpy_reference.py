@@ -28,6 +28,8 @@ from typing import Mapping
 
 import numpy as np
 
+from helpers.packed_np import packed_chunk_visible, packed_chunks, packed_or_token_index
+
 ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
 
@@ -152,32 +154,12 @@ def structural_visible_np(attention_type: str, q_len: int, kv_len: int, *, windo
   raise ValueError(attention_type)
 
 
-def sequence_index_np(ids) -> np.ndarray:
-  """Each token's index within its packed sequence (a run of equal ids), [B, T]."""
-  ids = np.asarray(ids)
-  out = np.zeros(ids.shape, np.int64)
-  for b in range(ids.shape[0]):
-    for t in range(1, ids.shape[1]):
-      out[b, t] = out[b, t - 1] + 1 if ids[b, t] == ids[b, t - 1] else 0
-  return out
-
-
-def packed_chunks(attention_type, segment_ids) -> bool:
-  """Chunk masks of packed rows count from each sequence's start (one ids array for q and k)."""
-  return (attention_type == "chunk" and segment_ids is not None
-          and np.shape(segment_ids[0]) == np.shape(segment_ids[1])
-          and np.array_equal(segment_ids[0], segment_ids[1]))
-
-
 def _visible(batch, num_heads, q_len, kv_len, attention_type, window, chunk, segment_ids, mask):
   vis = np.broadcast_to(
       structural_visible_np(attention_type, q_len, kv_len, window=window, chunk=chunk),
       (batch, num_heads, q_len, kv_len))
   if packed_chunks(attention_type, segment_ids):
-    causal = structural_visible_np("global", q_len, kv_len)
-    c = sequence_index_np(segment_ids[0]) // chunk  # [B, T]
-    vis = np.broadcast_to((causal & (c[:, :, None] == c[:, None, :]))[:, None],
-                          (batch, num_heads, q_len, kv_len))
+    vis = np.broadcast_to(packed_chunk_visible(segment_ids[0], chunk)[:, None], vis.shape)
   if segment_ids is not None:
     q_seg, kv_seg = (np.asarray(a) for a in segment_ids)
     same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)  # [B, T, S]
@@ -436,8 +418,7 @@ def attention_layer_naive(params, x_q, x_kv=None, *, num_query_heads, num_kv_hea
       return proj(x_kv[b, s], p["key.kernel"], p.get("key.bias"), (kk,))
     return proj(x_kv[b, s], p["value.kernel"], p.get("value.bias"), (kk,))
 
-  rel = (sequence_index_np(segment_ids[0]) if packed_chunks(attention_type, segment_ids)
-         else [list(range(max(t_, s_)))] * b_)  # token index, or index within the sequence
+  rel = packed_or_token_index(attention_type, segment_ids, b_, max(t_, s_))
 
   def visible(b, n, t, s):
     if attention_type != "full":

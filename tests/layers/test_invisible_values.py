@@ -114,6 +114,18 @@ def _visible_np(mask):
   return vis[:, None]  # [B, 1, T, S]
 
 
+def assert_padding_never_leaks(out, want, pad, grads, clean_grads):
+  """Real tokens equal the reference, padding outputs zero; dq/dk/dv finite, zero on padding
+  and equal to the run without planted values."""
+  np.testing.assert_allclose(np.asarray(out)[~pad], want[~pad], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out)[pad], 0.0)
+  for name, got, clean in zip("qkv", grads, clean_grads):
+    got = np.asarray(got)
+    assert np.isfinite(got).all(), f"d{name} is not finite"
+    np.testing.assert_array_equal(got[pad], 0.0, err_msg=f"d{name} of padding")
+    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+
+
 @pytest.mark.parametrize("kernel, kv_heads, mask", CASES,
                          ids=[f"{k}-{'mha' if h == N else 'gqa'}-{m}" for k, h, m in CASES])
 def test_padding_values_do_not_reach_real_tokens(kernel, kv_heads, mask):
@@ -127,14 +139,7 @@ def test_padding_values_do_not_reach_real_tokens(kernel, kv_heads, mask):
 
   want, _ = attention_core_np(np.asarray(q), np.asarray(k), np.asarray(v), scale=H ** -0.5,
                               visible=_visible_np(mask))  # [B, T, N, H]
-  real = ~PAD
-  np.testing.assert_allclose(np.asarray(out)[real], want[real], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(out)[PAD], 0.0)
-  for name, got, clean in zip("qkv", grads, clean_grads):
-    got = np.asarray(got)
-    assert np.isfinite(got).all(), f"d{name} is not finite"
-    np.testing.assert_array_equal(got[PAD], 0.0, err_msg=f"d{name} of padding")
-    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+  assert_padding_never_leaks(out, want, PAD, grads, clean_grads)
 
 
 def test_splash_interpret_padding_values_do_not_reach_real_tokens():
@@ -207,13 +212,7 @@ def test_pallas_gpu_interpret_padding_values_do_not_reach_real_tokens(kv_heads, 
     vis &= np.tril(np.ones((PALLAS_T, PALLAS_T), bool))
   want, _ = attention_core_np(np.asarray(q), np.asarray(k), np.asarray(v), scale=PALLAS_H ** -0.5,
                               visible=vis[:, None])  # [B, T, N, H]
-  np.testing.assert_allclose(np.asarray(out)[~pad], want[~pad], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(out)[pad], 0.0)
-  for name, got, clean in zip("qkv", grads, clean_grads):
-    got = np.asarray(got)
-    assert np.isfinite(got).all(), f"d{name} is not finite"
-    np.testing.assert_array_equal(got[pad], 0.0, err_msg=f"d{name} of padding")
-    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-7, err_msg=f"d{name}")
+  assert_padding_never_leaks(out, want, pad, grads, clean_grads)
 
 
 def test_cudnn_wrapper_user_mask_padding_values_do_not_reach_real_tokens(monkeypatch):
