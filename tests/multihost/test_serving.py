@@ -2,7 +2,7 @@
 
 One launch runs, in both processes, a ragged prefill and decode steps through
 `jit_step` over a contiguous and a paged int8 cache (the paged cache's page
-manager gathers its tables on every process), then a step that would grow
+manager gathers its tables on every process), then a prefill that would grow
 every slot past max_length: it must raise StepRejected on every process,
 promptly (no rendezvous timeout, no abort), with the cache unchanged, and
 the next step (after freeing the full slot) must run. This process computes the same on its 8 devices;
@@ -79,14 +79,15 @@ def _serve(processes: int, cache_kind: str) -> dict[str, np.ndarray]:
     token = glob(x[:, PROMPT + i:PROMPT + i + 1], cfg.input_axis_names)
     outs.append(_step(model, token, None, "autoregressive"))
   result = {f"out{i}": _gather(o) for i, o in enumerate(outs)}
-  # Rejected on every process: two more tokens would pass max_length in slot 0 (6 + 2 + 1).
+  # Rejected on every process: slot 0 holds 6 + 2 = max_length tokens already.
   before = {k: _gather(v) for k, v in nnx.to_flat_state(nnx.state(cache))
             if "rejected" not in k}
   if paged:
     cache.reserve_for_step(slots[1:], 1)  # slot 0 is full: max_length pages are all it has
-  over = glob(np.ones((BATCH, 2, cfg.emb_dim), np.float32), cfg.input_axis_names)
+  # The prompt's shape and segment ids again (no new compile): 6 more tokens pass max_length.
+  over = glob(np.ones((BATCH, PROMPT, cfg.emb_dim), np.float32), cfg.input_axis_names)
   with pytest.raises(StepRejected, match="max_length=8"):
-    _step(model, over, None, "prefill")
+    _step(model, over, glob(np.ones_like(seg), rows_names), "prefill")
   for k, v in nnx.to_flat_state(nnx.state(cache)):
     if "rejected" not in k and "page" not in str(k):
       np.testing.assert_array_equal(_gather(v), before[k], err_msg=str(k))
