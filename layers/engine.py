@@ -1,0 +1,202 @@
+"""A continuous-batching serving engine over the paged KV cache.
+
+    engine = Engine(model, num_slots=8, chunk_size=32)   # model: a Decoder (layers.decoder)
+    engine.warmup()                                      # compile the step kinds up front
+    rid = engine.submit(prompt_ids, max_new_tokens=16)
+    while not engine.idle:
+      for result in engine.step():                       # finished requests, this step
+        print(result.id, result.tokens)
+    engine.results()[rid].tokens                         # or: engine.run(requests) for a trace
+
+Requests arrive at any time (`submit`, or `run` replaying a trace of
+arrival times), get a slot and cache pages, have their prompt prefilled in
+chunks interleaved with the decode steps of the running requests, and free
+their slot and pages when they finish (max_new_tokens or `end_token`).
+Sampling is greedy. Each step is one compiled function of fixed shapes
+(engine_step): a decode row per slot plus `prefill_rows` chunks of
+`chunk_size` tokens. The host side (admission, pages, chunks) is
+engine_schedule; the measurements are engine_metrics.
+
+The model is anything with the decoder's serving interface:
+`model(tokens, positions, segment_ids, model_mode=..., slots=...)` ->
+logits [B, T, vocab], `model.init_cache(batch, max_length, paged=True)`,
+`model.caches()` (one PagedKVCache per layer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flax import nnx
+
+from meshattn.kvcache.paged import PagedKVCache
+from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
+from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
+from meshattn.layers.engine_step import KINDS, StepInputs, make_engine_step, run_step, step_inputs
+
+__all__ = ["Engine", "Request", "RequestResult", "StepRecord", "summarize", "plot_timeline"]
+
+
+class Engine:
+  """Continuous batching of greedy generation requests over `num_slots` cache slots."""
+
+  def __init__(self, model, *, num_slots: int, chunk_size: int, prefill_rows: int = 1,
+               max_length: int | None = None, end_token: int | None = None,
+               clock: Callable[[], float] = time.perf_counter):
+    if num_slots < 1 or chunk_size < 1 or prefill_rows < 1:
+      raise ValueError(f"Engine: num_slots, chunk_size and prefill_rows must be >= 1, got "
+                       f"{num_slots}, {chunk_size}, {prefill_rows}")
+    if prefill_rows > num_slots:
+      raise ValueError(f"Engine: prefill_rows={prefill_rows} must be <= num_slots={num_slots} "
+                       "(each chunk row fills its own slot)")
+    _check_layers(model, chunk_size)
+    self.model = model
+    model.init_cache(num_slots, max_length, paged=True)
+    self.caches = list(model.caches())
+    kinds = {type(c) for c in self.caches}
+    if not self.caches or kinds != {PagedKVCache}:
+      raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches, "
+                       f"got {sorted(k.__name__ for k in kinds)}")
+    first = self.caches[0]
+    shape = lambda c: (c.max_length, c.num_pages, c.tokens_per_page)
+    if any(shape(c) != shape(first) for c in self.caches):
+      raise ValueError("Engine: every layer's paged cache must have the same max_length, "
+                       "num_pages and tokens_per_page")
+    self.num_slots, self.chunk_size, self.prefill_rows = num_slots, chunk_size, prefill_rows
+    self.max_length, self.num_pages = first.max_length, first.num_pages
+    self.scheduler = Scheduler(num_slots=num_slots, max_length=first.max_length,
+                               num_pages=first.num_pages, tokens_per_page=first.tokens_per_page,
+                               chunk_size=chunk_size, prefill_rows=prefill_rows,
+                               end_token=end_token)
+    self._step = make_engine_step()
+    self._clock = clock
+    self._t0 = clock()
+    self._next_id = 0
+    self._arrival: dict[int, float] = {}
+    self._first_token: dict[int, float] = {}
+    self._results: dict[int, RequestResult] = {}
+    self.steps: list[StepRecord] = []
+
+  # ---- requests ---------------------------------------------------------------
+
+  def now(self) -> float:
+    """Seconds on the engine's clock since it was built (or since `run` started)."""
+    return self._clock() - self._t0
+
+  def submit(self, prompt, max_new_tokens: int, *, id: int | None = None,
+             arrival: float | None = None) -> int:
+    """Queue a request: greedy-decode up to max_new_tokens after prompt [P] (token ids).
+
+    Returns its id. Raises ValueError, with nothing queued, if it can never
+    fit (prompt empty, too long for the cache's max_length or page pool)."""
+    rid = self._next_id if id is None else int(id)
+    if rid in self._arrival:
+      raise ValueError(f"Engine.submit: request id {rid} was already submitted")
+    request = Request(rid, np.asarray(prompt), int(max_new_tokens),
+                      self.now() if arrival is None else float(arrival))
+    self.scheduler.submit(request)
+    self._arrival[rid] = request.arrival
+    self._next_id = max(self._next_id, rid + 1)
+    return rid
+
+  @property
+  def idle(self) -> bool:
+    """Nothing waiting or running."""
+    return self.scheduler.idle
+
+  def results(self) -> dict[int, RequestResult]:
+    """Every finished request so far, by id."""
+    return dict(self._results)
+
+  # ---- steps ------------------------------------------------------------------
+
+  def warmup(self, kinds: Iterable[str] = KINDS) -> None:
+    """Compile the step kinds now, with every row gated off: the caches are unchanged."""
+    plan = StepPlan((), (), (), (), {})
+    inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
+    for kind in kinds:
+      np.asarray(run_step(self._step, self.model, inputs, kind)[0])
+
+  def step(self) -> list[RequestResult]:
+    """Admit, plan, reserve pages, run one compiled step, sample, free finished slots.
+
+    Returns the requests that finished in this step (also kept in results())."""
+    scheduler = self.scheduler
+    scheduler.admit()
+    plan = scheduler.plan()
+    if plan.empty:
+      return []
+    grow = scheduler.to_reserve(plan)
+    if grow:
+      slots = np.array(sorted(grow), np.int32)
+      # Tokens each slot adds in this step (its cache length is the scheduler's mirror).
+      added = np.array([plan.reserve[s] - scheduler.running[s].cache_length for s in slots])
+      for cache in self.caches:  # every layer's page manager makes the same choices
+        cache.reserve_for_step(slots, added)
+    inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
+    started = self.now()
+    next_decode, next_chunk = run_step(self._step, self.model, inputs)
+    next_decode, next_chunk = np.asarray(next_decode), np.asarray(next_chunk)  # waits for the step
+    done_at = self.now()
+    running = len(scheduler.running)
+    # Requests whose prompt ends in this step get their first token now.
+    first = [scheduler.running[c.slot].request.id for c in plan.chunks if c.last]
+    finished = scheduler.commit(
+        plan, {s: int(next_decode[s]) for s in plan.decode_slots},
+        {c.slot: int(next_chunk[row]) for row, c in enumerate(plan.chunks) if c.last})
+    self._first_token.update({rid: done_at for rid in first})
+    if finished:
+      slots = np.array([s.slot for s in finished], np.int32)
+      for cache in self.caches:
+        cache.free(slots)
+    out = []
+    for seq in finished:
+      rid = seq.request.id
+      result = RequestResult(rid, seq.request.prompt, list(seq.output), seq.finish_reason,
+                             self._arrival[rid], self._first_token.pop(rid), done_at)
+      self._results[rid] = result
+      out.append(result)
+    self.steps.append(StepRecord(
+        time=done_at, seconds=done_at - started, kind=inputs.kind,
+        decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
+        running=running, waiting=len(scheduler.waiting), pages_in_use=scheduler.pages_in_use()))
+    return out
+
+  def run(self, requests: Iterable[Request], *, realtime: bool = True) -> dict[int, RequestResult]:
+    """Replay a trace: each request is submitted once the clock passes its arrival.
+
+    The clock restarts at 0. With realtime=False every request arrives at
+    once (a throughput run). Steps until every request has finished."""
+    pending = sorted(requests, key=lambda r: r.arrival)
+    self._t0 = self._clock()
+    i = 0
+    while i < len(pending) or not self.idle:
+      now = self.now()
+      while i < len(pending) and (not realtime or pending[i].arrival <= now):
+        r = pending[i]
+        self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=r.arrival if realtime else 0.0)
+        i += 1
+      if self.idle and i < len(pending):
+        time.sleep(max(pending[i].arrival - self.now(), 0.0))
+        continue
+      self.step()
+    return {r.id: self._results[r.id] for r in pending}
+
+  def summary(self) -> dict:
+    return summarize(list(self._results.values()), self.steps)
+
+
+def _check_layers(model, chunk_size: int) -> None:
+  """Refuse settings the step cannot serve, before any cache is built."""
+  from meshattn.layers.attention import Attention
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Attention):
+      s = node.settings
+      if chunk_size > s.max_prefill_predict_length:
+        raise ValueError(f"Engine: chunk_size={chunk_size} exceeds the layers' "
+                         f"max_prefill_predict_length={s.max_prefill_predict_length}")
+      if s.mask.attention_type == "full":
+        raise ValueError("Engine: a bidirectional (attention_type='full') layer cannot be "
+                         "served in chunks and decode steps; use a causal attention_type")

@@ -1,0 +1,109 @@
+"""The engine's compiled step: decode rows and prefill chunks in one jitted function.
+
+One step runs, inside one `jit_step` (compiled once per kind, caches donated):
+
+  1. a decode call over every slot, tokens [S, 1]; a row whose slot is not
+     decoding has segment id 0, so it writes nothing and outputs nothing;
+  2. a prefill call of `prefill_rows` rows x `chunk_size` tokens [R, C] into
+     the slots `chunk_slots` [R], right-padded (segment id 0), whose logits
+     at each row's last real token give that row's next token.
+
+The two calls are separate so that each row pays only for its own shape: a
+decode row costs one token, never a chunk's width of padding (the mixed
+step costs about its decode part plus its chunk part, not S x C). A step
+with no chunk (or no decoding slot) runs the decode-only (chunk-only)
+variant: three compiled variants at most, each of fixed shapes.
+
+Sampling is greedy, inside the step: only S + R int32 tokens come back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meshattn.layers.engine_schedule import StepPlan
+from meshattn.layers.serving import jit_step
+
+KINDS = ("decode", "chunk", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """Host arrays of one step, fixed shapes: S = slots, R = prefill rows, C = chunk size."""
+  decode_tokens: np.ndarray  # [S, 1] int32
+  decode_positions: np.ndarray  # [S, 1] int32
+  decode_segments: np.ndarray  # [S, 1] int32, 1 = the slot decodes
+  chunk_tokens: np.ndarray  # [R, C] int32
+  chunk_positions: np.ndarray  # [R, C] int32
+  chunk_segments: np.ndarray  # [R, C] int32, 0 = right padding
+  chunk_slots: np.ndarray  # [R] int32, distinct
+  chunk_last: np.ndarray  # [R] int32, index of each row's last real token
+
+  @property
+  def kind(self) -> str:
+    decode, chunk = self.decode_segments.any(), self.chunk_segments.any()
+    return "mixed" if decode and chunk else "chunk" if chunk else "decode"
+
+
+def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: int) -> StepInputs:
+  """Lay a plan out in the step's fixed shapes (unused rows gated off)."""
+  decode_tokens = np.zeros((num_slots, 1), np.int32)  # [S, 1]
+  decode_positions = np.zeros((num_slots, 1), np.int32)  # [S, 1]
+  decode_segments = np.zeros((num_slots, 1), np.int32)  # [S, 1]
+  for slot, token, position in zip(plan.decode_slots, plan.decode_tokens, plan.decode_positions):
+    decode_tokens[slot, 0], decode_positions[slot, 0], decode_segments[slot, 0] = token, position, 1
+  chunk_tokens = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
+  chunk_positions = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
+  chunk_segments = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
+  chunk_last = np.zeros((prefill_rows,), np.int32)  # [R]
+  # Unused rows still name a slot (distinct from the others); they write nothing.
+  used = {c.slot for c in plan.chunks}
+  spare = iter(s for s in range(num_slots) if s not in used)
+  chunk_slots = np.array([c.slot for c in plan.chunks]
+                         + [next(spare) for _ in range(prefill_rows - len(plan.chunks))], np.int32)
+  for row, chunk in enumerate(plan.chunks):
+    n = len(chunk.tokens)
+    chunk_tokens[row, :n] = chunk.tokens
+    chunk_positions[row] = chunk.start + np.arange(chunk_size)
+    chunk_segments[row, :n] = 1
+    chunk_last[row] = n - 1
+  return StepInputs(decode_tokens, decode_positions, decode_segments, chunk_tokens,
+                    chunk_positions, chunk_segments, chunk_slots, chunk_last)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+  """Greedy token ids [...] from logits [..., vocab] (first maximum, as jnp.argmax)."""
+  return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+
+def _engine_step(model, decode_tokens, decode_positions, decode_segments, chunk_tokens,
+                 chunk_positions, chunk_segments, chunk_slots, chunk_last, kind):
+  """(next token per slot [S], next token per chunk row [R]); a part not run gives zeros."""
+  num_slots, rows = decode_tokens.shape[0], chunk_tokens.shape[0]
+  next_decode = jnp.zeros((num_slots,), jnp.int32)  # [S]
+  next_chunk = jnp.zeros((rows,), jnp.int32)  # [R]
+  if kind in ("decode", "mixed"):
+    logits = model(decode_tokens, decode_positions, decode_segments,
+                   model_mode="autoregressive")  # [S, 1, vocab]
+    next_decode = greedy(logits[:, 0])  # [S]
+  if kind in ("chunk", "mixed"):
+    logits = model(chunk_tokens, chunk_positions, chunk_segments, model_mode="prefill",
+                   slots=chunk_slots)  # [R, C, vocab]
+    last = jnp.take_along_axis(logits, chunk_last[:, None, None], axis=1)[:, 0]  # [R, vocab]
+    next_chunk = greedy(last)  # [R]
+  return next_decode, next_chunk
+
+
+def make_engine_step():
+  """A fresh compiled step (its own compile cache): step(model, **StepInputs fields, kind=)."""
+  return jit_step(_engine_step, static_argnames="kind")
+
+
+def run_step(step, model, inputs: StepInputs, kind: str | None = None):
+  """Dispatch one step; returns device arrays (next_decode [S], next_chunk [R])."""
+  fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(StepInputs)}
+  return step(model, **fields, kind=kind or inputs.kind)

@@ -1,0 +1,89 @@
+"""The engine's host scheduler (no JAX): admission by worst-case pages, chunk plans,
+lazy page growth, finishing on length / end token, slot reuse."""
+
+import numpy as np
+import pytest
+
+from meshattn.layers.engine_schedule import Request, Scheduler
+
+
+def scheduler(**kw):
+  args = dict(num_slots=2, max_length=32, num_pages=6, tokens_per_page=4, chunk_size=5,
+              prefill_rows=1)
+  return Scheduler(**dict(args, **kw))
+
+
+def request(rid, prompt_len, max_new):
+  return Request(rid, np.arange(1, prompt_len + 1, dtype=np.int32), max_new)
+
+
+def run_step(s, token=7):
+  """Plan, check the plan's page growth, commit with `token` sampled everywhere."""
+  s.admit()
+  plan = s.plan()
+  grow = s.to_reserve(plan)
+  for slot, tokens in grow.items():
+    assert tokens == plan.reserve[slot]
+  decode = {slot: token for slot in plan.decode_slots}
+  chunk = {c.slot: token for c in plan.chunks if c.last}
+  return plan, s.commit(plan, decode, chunk)
+
+
+def test_chunks_then_decode_with_positions_and_lazy_pages():
+  s = scheduler()
+  s.submit(request(0, 12, 3))  # 12 prompt tokens: chunks of 5, 5, 2; then 2 decode steps
+  plans = []
+  while not s.idle:
+    plan, finished = run_step(s)
+    plans.append((plan, s.pages_in_use()))
+  starts = [[(c.start, len(c.tokens), c.last) for c in p.chunks] for p, _ in plans]
+  assert starts == [[(0, 5, False)], [(5, 5, False)], [(10, 2, True)], [], []]
+  assert [p.decode_positions for p, _ in plans] == [(), (), (), (12,), (13,)]
+  # pages follow the cached tokens (5, 10, 12, 13, 14 tokens), then all go back
+  assert [pages for _, pages in plans[:-1]] == [2, 3, 3, 4]
+  assert plans[-1][1] == 0 and s.committed_pages == 0
+  assert finished[0].output == [7, 7, 7] and finished[0].finish_reason == "length"
+
+
+def test_admission_waits_for_worst_case_pages_and_reuses_slots():
+  s = scheduler(num_slots=3)
+  s.submit(request(0, 8, 9))  # 16 tokens worst case: 4 pages of 6
+  s.submit(request(1, 4, 5))  # 8 tokens: 2 pages -> fits (6)
+  s.submit(request(2, 2, 2))  # 3 tokens: 1 page -> waits although a slot is free
+  admitted = s.admit()
+  assert [q.request.id for q in admitted] == [0, 1] and len(s.waiting) == 1
+  finished_ids = []
+  while 2 not in {q.request.id for q in s.running.values()}:
+    assert s.waiting, "request 2 was never admitted"
+    finished_ids += [q.request.id for q in run_step(s)[1]]
+  # request 1 finished first (slot 1, 2 pages back) and request 2 took that slot
+  assert finished_ids == [1] and s.running[1].request.id == 2
+  assert s.committed_pages == 4 + 1
+
+
+def test_end_token_stops_and_two_prefill_rows():
+  s = scheduler(prefill_rows=2, end_token=7, num_pages=8)
+  s.submit(request(0, 3, 10))
+  s.submit(request(1, 4, 10))
+  plan, finished = run_step(s, token=7)
+  assert [c.slot for c in plan.chunks] == [0, 1]
+  assert sorted(q.finish_reason for q in finished) == ["end_token", "end_token"]
+  assert s.idle and s.pages_in_use() == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (Request(0, np.zeros((0,), np.int32), 2), "non-empty"),
+    (Request(0, np.ones((4,), np.float32), 2), "integer"),
+    (Request(0, np.ones((4,), np.int32), 0), "max_new_tokens"),
+    (Request(0, np.ones((30,), np.int32), 4), "max_length"),
+])
+def test_bad_requests_are_refused_naming_the_field(bad, message):
+  s = scheduler()
+  with pytest.raises(ValueError, match=message):
+    s.submit(bad)
+  assert s.idle
+
+
+def test_request_larger_than_the_pool_is_refused():
+  with pytest.raises(ValueError, match="num_pages"):
+    scheduler(num_pages=2).submit(request(0, 8, 4))
