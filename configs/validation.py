@@ -9,19 +9,16 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-# Allowed values of the enumerated keys. KNOWN_KERNELS is read at validation
-# time (not bound at import), so a kernel registry may rebind it to a longer
-# tuple, e.g. ``validation.KNOWN_KERNELS += ("splash",)``.
-KNOWN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "ring", "autoselected")
-DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
-DTYPES = ("float32", "bfloat16", "float16")
-MATMUL_PRECISIONS = ("default", "high", "highest")
-ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
-ROPE_TYPES = ("default", "llama3.1", "yarn", "none")
-KV_QUANT_DTYPES = ("int8", "int4")
-KV_QUANT_AXES = ("dkv", "heads_and_dkv")
-QUANTIZATION_MODES = ("", "int8")  # layers/quantization.py (kept equal by a test)
-QK_NORM_TYPES = ("rms", "l2", "layernorm")  # layers/projections.py (kept equal by a test)
+from meshattn.configs import vocabulary as vocab
+from meshattn.configs.vocabulary import (  # noqa: F401  (re-exported: the loader, tests)
+  ATTENTION_TYPES, DECODE_KERNELS, KV_QUANT_AXES, KV_QUANT_DTYPES, MATMUL_PRECISIONS,
+  QK_NORM_TYPES, QUANTIZATION_MODES, ROPE_TYPES)
+
+# Allowed values of the enumerated keys (configs/vocabulary.py). KNOWN_KERNELS
+# is read at validation time (not bound at import), so a kernel registry may
+# rebind it to a longer tuple, e.g. ``validation.KNOWN_KERNELS += ("splash",)``.
+KNOWN_KERNELS: tuple[str, ...] = vocab.TRAIN_KERNELS
+DTYPES = vocab.DTYPE_NAMES
 
 
 class ConfigError(ValueError):
@@ -149,16 +146,16 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
     if kind not in ATTENTION_TYPES:
       _fail("attention_layer_pattern", f"entry {i} {kind!r} is not one of {list(ATTENTION_TYPES)}")
   used = {cfg["attention_type"], *cfg["attention_layer_pattern"]}
-  for key, kind in (("sliding_window_size", "local_sliding"), ("chunk_attn_window_size", "chunk")):
+  for kind, key in vocab.MASK_SIZE_KEYS.items():
     if cfg[key] < 0:
       _fail(key, f"must be >= 0, got {cfg[key]}")
-    if kind in used and cfg[key] <= 0:
+    if kind in used and vocab.mask_size_problem(kind, cfg[key]):
       _fail(
         key,
         f"must be > 0 when attention_type or attention_layer_pattern uses {kind!r}, got {cfg[key]}",
       )
-  if not 0 <= cfg["dropout_rate"] < 1:
-    _fail("dropout_rate", f"must be in [0, 1), got {cfg['dropout_rate']}")
+  if not vocab.dropout_in_range(cfg["dropout_rate"]):
+    _fail("dropout_rate", f"must be in {vocab.DROPOUT_RANGE}, got {cfg['dropout_rate']}")
 
 
 def _validate_rope(cfg: Mapping[str, Any]) -> None:
@@ -219,10 +216,10 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
   _one_of(cfg, "kv_quant_dtype", KV_QUANT_DTYPES)
   _one_of(cfg, "kv_quant_axis", KV_QUANT_AXES)
   for key in ("prefill_cache_axis_order", "ar_cache_axis_order"):
-    if sorted(cfg[key]) != [0, 1, 2, 3]:
+    if not vocab.is_axis_permutation(cfg[key]):
       _fail(
         key,
-        f"must be a permutation of [0, 1, 2, 3] (batch, sequence, kv heads, head_dim), "
+        f"must be a permutation of [0, 1, 2, 3] ({', '.join(vocab.CACHE_DIMS)}), "
         f"got {_thaw(cfg[key])!r}",
       )
 
@@ -244,31 +241,24 @@ def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:
     for axis in axes:
       key = f"{prefix}_{axis}_parallelism"
       value = cfg.get(key, 1)
+      problem = vocab.parallelism_problem(value)
+      if problem:
+        _fail(key, problem)
       if value == -1:
         prefix_fills.append(key)
-      elif value >= 1:
-        fixed[key] = value
       else:
-        _fail(key, f"must be -1 (fill) or >= 1, got {value}")
+        fixed[key] = value
     if len(prefix_fills) > 1:
       _fail(prefix_fills[1], f"at most one {prefix}_*_parallelism may be -1, got {prefix_fills}")
     fills += prefix_fills
 
   devices = _device_count(num_devices)
-  product = math.prod(fixed.values())
-  shown = " * ".join(f"{k}={v}" for k, v in fixed.items() if v != 1) or "all 1"
-  if not fills and product != devices:
-    _fail(
-      next((k for k, v in fixed.items() if v != 1), f"ici_{axes[0]}_parallelism"),
-      f"product of ici_*/dcn_* parallelism ({shown}) = {product} must equal the device count "
-      f"{devices}; set one key to -1 to fill the rest",
-    )
-  if fills and devices % product:
-    _fail(
-      fills[0],
-      f"-1 fill impossible: device count {devices} is not divisible by the product of the "
-      f"other ici_*/dcn_* parallelism ({shown}) = {product}",
-    )
+  problem = vocab.mesh_product_problem({**fixed, **{k: -1 for k in fills}}, devices)
+  if problem:
+    # Name the first fill, else the first degree that is not 1.
+    first = fills[0] if fills else next((k for k, v in fixed.items() if v != 1),
+                                         f"ici_{axes[0]}_parallelism")
+    _fail(first, problem)
 
 
 def _device_count(num_devices: int | None) -> int:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meshattn.configs.vocabulary import CACHE_DIMS, is_axis_permutation
 from meshattn.kvcache.quant import (
     KVQuant, dequantize, from_cache_basis, quantize, scales_by_token, to_cache_basis)
 from meshattn.kvcache.step_checks import (
@@ -43,9 +44,9 @@ CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
 def _check_axis_order(axis_order: Sequence[int]) -> tuple[int, ...]:
   order = tuple(int(a) for a in axis_order)
-  if sorted(order) != [0, 1, 2, 3]:
+  if not is_axis_permutation(order):
     raise ValueError(f"cache axis order {order}: must be a permutation of (0, 1, 2, 3) "
-                     "over (batch, sequence, kv heads, head_dim)")
+                     f"over ({', '.join(CACHE_DIMS)})")
   return order
 
 

@@ -38,8 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KV_QUANT_DTYPES = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}
-KV_QUANT_AXES = ("dkv", "heads_and_dkv")
+from meshattn.configs import vocabulary as vocab
+from meshattn.configs.vocabulary import KV_QUANT_AXES  # noqa: F401  (re-exported)
+
+# kv_quant_dtype -> (storage dtype, largest magnitude stored)
+KV_QUANT_DTYPES = {name: (getattr(jnp, name), qmax) for name, qmax in vocab.KV_QUANT_QMAX.items()}
 
 
 @dataclasses.dataclass(frozen=True)

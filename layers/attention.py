@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from meshattn.configs.vocabulary import TRAIN_KERNELS
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
@@ -46,7 +47,7 @@ from meshattn.layers.serving import structure_changed
 from meshattn.layers.step_inputs import plan_step, record
 from meshattn.sharding import constrain
 
-KNOWN_KERNELS: tuple[str, ...] = registry.TRAIN_KERNELS
+KNOWN_KERNELS: tuple[str, ...] = TRAIN_KERNELS
 
 
 class Attention(nnx.Module):

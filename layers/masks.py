@@ -20,8 +20,10 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
+from meshattn.configs import vocabulary as vocab
+from meshattn.configs.vocabulary import ATTENTION_TYPES  # noqa: F401  (re-exported)
+
 AttentionType = Literal["global", "local_sliding", "chunk", "full"]
-ATTENTION_TYPES: tuple[str, ...] = ("global", "local_sliding", "chunk", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,16 +47,11 @@ class MaskSpec:
     if self.attention_type not in ATTENTION_TYPES:
       raise ValueError(
           f"attention_type={self.attention_type!r}: allowed {ATTENTION_TYPES}")
-    if self.attention_type == "local_sliding":
-      if self.window is None or self.window <= 0:
-        raise ValueError(
-            "attention_type='local_sliding' needs sliding_window_size > 0, "
-            f"got {self.window}")
-    if self.attention_type == "chunk":
-      if self.chunk is None or self.chunk <= 0:
-        raise ValueError(
-            "attention_type='chunk' needs chunk_attn_window_size > 0, "
-            f"got {self.chunk}")
+    size = self.chunk if self.attention_type == "chunk" else self.window
+    if vocab.mask_size_problem(self.attention_type, size):
+      raise ValueError(
+          f"attention_type={self.attention_type!r} needs "
+          f"{vocab.MASK_SIZE_KEYS[self.attention_type]} > 0, got {size}")
 
   @property
   def is_causal(self) -> bool:

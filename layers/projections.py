@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meshattn.configs.vocabulary import QK_NORM_TYPES  # noqa: F401  (re-exported)
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 # jax.lax.dot_general's signature: (lhs, rhs, dimension_numbers, precision=None,
 # preferred_element_type=None) -> array. Quantized matmuls (AQT's DotGeneral,
@@ -129,9 +131,6 @@ class LayerNorm(nnx.Module):
     xf = x.astype(jnp.float32)
     normed = _rms_normalize(xf - jnp.mean(xf, axis=-1, keepdims=True), self.epsilon)
     return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
-
-
-QK_NORM_TYPES: tuple[str, ...] = ("rms", "l2", "layernorm")
 
 
 def make_qk_norm(norm_type: str, features: int, *, epsilon: float, dtype, weight_dtype):

@@ -13,9 +13,8 @@ checkpoint moves freely between quantized and unquantized layers.
 
 from __future__ import annotations
 
+from meshattn.configs.vocabulary import QUANTIZATION_MODES
 from meshattn.layers.projections import DotGeneral
-
-QUANTIZATION_MODES: tuple[str, ...] = ("", "int8")
 
 
 def check_quantization(mode: str) -> None:

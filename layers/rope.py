@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.configs.validation import check_values
+from meshattn.configs.vocabulary import ROPE_TYPES  # noqa: F401  (re-exported)
 
 RopeType = Literal["default", "llama3.1", "yarn", "none"]
-ROPE_TYPES: tuple[str, ...] = ("default", "llama3.1", "yarn", "none")
 
 
 @dataclasses.dataclass(frozen=True)

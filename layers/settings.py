@@ -14,21 +14,20 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from meshattn.configs import vocabulary as vocab
 from meshattn.configs.validation import POSITIVE_OR_UNSET, check_values
+from meshattn.configs.vocabulary import MODEL_MODES, QK_NORM_TYPES
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
 from meshattn.layers.masks import MaskSpec
-from meshattn.layers.projections import (
-    QK_NORM_TYPES, Initializer, default_bias_init, default_kernel_init)
+from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
 from meshattn.layers.quantization import check_quantization
 from meshattn.layers.rope import RopeSpec
 
-MODEL_MODES: tuple[str, ...] = ("train", "prefill", "autoregressive")
-
-DTYPES: Mapping[str, jnp.dtype] = {
-    "float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES: Mapping[str, jnp.dtype] = {name: getattr(jnp, name) for name in vocab.DTYPE_NAMES}
 PRECISIONS: Mapping[str, jax.lax.Precision | None] = {
-    "default": None, "high": jax.lax.Precision.HIGH, "highest": jax.lax.Precision.HIGHEST}
+    name: None if name == "default" else jax.lax.Precision[name.upper()]
+    for name in vocab.MATMUL_PRECISIONS}
 
 # Logical axis rules used when the layer is built without a config; the same
 # table as configs/base.yml.
@@ -209,10 +208,10 @@ class AttentionSettings:
       raise ValueError("fused_qkv and share_kv_projections cannot both be true")
     if self.fused_qkv and self.kv_emb_dim not in (None, self.emb_dim):
       raise ValueError("fused_qkv needs inputs_kv with emb_dim features (self-attention)")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+    if not vocab.dropout_in_range(self.dropout_rate):
+      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed {vocab.DROPOUT_RANGE}")
     for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
-      if sorted(getattr(self, name)) != [0, 1, 2, 3]:
+      if not vocab.is_axis_permutation(getattr(self, name)):
         raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
 
   @property

@@ -29,15 +29,10 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-logger = logging.getLogger("meshattn.kernels")
+from meshattn.configs.vocabulary import (  # noqa: F401  (re-exported)
+    DECODE_KERNELS, FEATURES, PLATFORMS, TRAIN_KERNELS)
 
-FEATURES: tuple[str, ...] = (
-    "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
-    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward",
-    "float32")
-PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
-TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "ring", "autoselected")
-DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
+logger = logging.getLogger("meshattn.kernels")
 
 _ALL_TRAIN = frozenset(FEATURES) - {"quantized_kv", "paged_kv"}
 _ALL_DECODE = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap", "sinks",

@@ -1,0 +1,91 @@
+"""The vocabulary of meshattn: every allowed value set and each one-value rule, written once.
+
+JAX-free (plain Python), so the config loader can read it without starting
+JAX. The config path (configs/validation.py), the keyword path
+(layers/settings.py, masks.py, quantization.py, kvcache/quant.py) and the
+kernel registry all import from here; each keeps its own error wording
+(a config error names the key, a keyword error the argument), but the value
+sets and the predicates are these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+# ---- enumerated values -----------------------------------------------------------
+
+# Kernels: `attention` picks the train-mode kernel, `decode_attention` the autoregressive one.
+TRAIN_KERNELS: tuple[str, ...] = ("dot_product", "blockwise", "flash", "ring", "autoselected")
+DECODE_KERNELS: tuple[str, ...] = ("dot_product", "ragged", "paged", "autoselected")
+# Where a kernel runs (jax.default_backend(), anything else counts as cpu).
+PLATFORMS: tuple[str, ...] = ("cpu", "gpu", "tpu")
+# What a call may need from a kernel (the registry's feature columns).
+FEATURES: tuple[str, ...] = (
+    "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
+    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "quantized_kv", "paged_kv", "backward",
+    "float32")
+# The registry feature each structural mask kind needs.
+MASK_FEATURE: Mapping[str, str] = {
+    "global": "causal", "local_sliding": "window", "chunk": "chunk", "full": "full"}
+ATTENTION_TYPES: tuple[str, ...] = tuple(MASK_FEATURE)  # global, local_sliding, chunk, full
+ROPE_TYPES: tuple[str, ...] = ("default", "llama3.1", "yarn", "none")
+MODEL_MODES: tuple[str, ...] = ("train", "prefill", "autoregressive")
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS: tuple[str, ...] = ("default", "high", "highest")
+QUANTIZATION_MODES: tuple[str, ...] = ("", "int8")  # projection matmuls ("" = none)
+QK_NORM_TYPES: tuple[str, ...] = ("rms", "l2", "layernorm")
+# KV cache quantization: storage dtype -> largest magnitude it holds (symmetric).
+KV_QUANT_QMAX: Mapping[str, int] = {"int8": 127, "int4": 7}
+KV_QUANT_DTYPES: tuple[str, ...] = tuple(KV_QUANT_QMAX)
+KV_QUANT_AXES: tuple[str, ...] = ("dkv", "heads_and_dkv")
+# The logical dims of a cache entry, in the order a cache axis permutation refers to.
+CACHE_DIMS: tuple[str, ...] = ("batch", "sequence", "kv heads", "head_dim")
+
+# ---- one-value rules -------------------------------------------------------------
+# Each returns what is wrong (a phrase without the key's name) or None.
+
+# Mask kinds that need a size, and the config key of that size.
+MASK_SIZE_KEYS: Mapping[str, str] = {
+    "local_sliding": "sliding_window_size", "chunk": "chunk_attn_window_size"}
+DROPOUT_RANGE = "[0, 1)"
+
+
+def mask_size_problem(attention_type: str, size: int | None) -> str | None:
+  """A sliding window or a chunk needs a size > 0 (the other kinds take none)."""
+  if attention_type in MASK_SIZE_KEYS and (size is None or size <= 0):
+    return f"must be > 0 when attention_type uses {attention_type!r}, got {size}"
+  return None
+
+
+def dropout_in_range(rate: float) -> bool:
+  """Dropout keeps each weight with probability 1 - rate: rate in DROPOUT_RANGE."""
+  return 0.0 <= rate < 1.0
+
+
+def is_axis_permutation(order: Sequence[int]) -> bool:
+  """A cache axis order names each of the CACHE_DIMS once."""
+  return sorted(order) == list(range(len(CACHE_DIMS)))
+
+
+def parallelism_problem(value: int) -> str | None:
+  """An ici_* / dcn_* degree is >= 1, or -1 to fill the remaining devices."""
+  if value == -1 or value >= 1:
+    return None
+  return f"must be -1 (fill) or >= 1, got {value}"
+
+
+def mesh_product_problem(degrees: Mapping[str, int], devices: int) -> str | None:
+  """The fixed degrees times the filled ones (-1, at most one per prefix, checked by the
+  caller) must make the device count: None, or what is wrong (naming the degrees)."""
+  fixed = {k: v for k, v in degrees.items() if v != -1}
+  fills = [k for k, v in degrees.items() if v == -1]
+  product = math.prod(fixed.values())
+  shown = " * ".join(f"{k}={v}" for k, v in fixed.items() if v != 1) or "all 1"
+  if not fills and product != devices:
+    return (f"product of ici_*/dcn_* parallelism ({shown}) = {product} must equal the device "
+            f"count {devices}; set one key to -1 to fill the rest")
+  if fills and devices % product:
+    return (f"-1 fill impossible: device count {devices} is not divisible by the product of the "
+            f"other ici_*/dcn_* parallelism ({shown}) = {product}")
+  return None
