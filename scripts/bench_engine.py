@@ -65,9 +65,10 @@ class Bench:
     max_length = self.context + max(self.chunk, 2 * self.iters + 4)
     decode_pages = (self.slots - 1) * math.ceil((self.context + 3 * self.iters + 4) / tpp)
     pages = decode_pages + math.ceil(max_length / tpp) + 1
-    self.cfg = load_config(args.config, *args.overrides, "paged_kv_cache=true",
-                           f"num_pages={pages}", f"max_target_length={max_length}",
-                           f"max_prefill_predict_length={max(self.chunk, self.context)}")
+    sizes = [f"max_target_length={max_length}"] if max_length > base.max_target_length else []
+    prefill = max(self.chunk, self.context, base.max_prefill_predict_length)
+    self.cfg = load_config(args.config, *args.overrides, *sizes, "paged_kv_cache=true",
+                           f"num_pages={pages}", f"max_prefill_predict_length={prefill}")
     mesh = create_mesh(self.cfg)
     self.model = Decoder(self.cfg, mesh=mesh, rngs=nnx.Rngs(0))
     shard_module(self.model, mesh, self.model.rules)

@@ -6,6 +6,8 @@ decode steps of running requests (mixed steps); more requests than slots,
 so slots and pages are reused. Every output must equal what the train-mode
 forward gives when called on the growing sequence alone (argmax, append,
 repeat): nothing that shared a batch, a step or a page may change it.
+The engine runs sharded on the 8-device mesh (data 2 x fsdp 2 x tensor 2),
+the reference on one device, with the same parameters.
 """
 
 import jax
@@ -17,6 +19,7 @@ from flax import nnx
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine
+from meshattn.sharding import create_mesh, shard_module
 
 OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
              "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
@@ -26,9 +29,16 @@ PROMPTS = [11, 3, 17, 6, 9, 14]  # lengths; chunk 6: 17 -> 6 + 6 + 5
 MAX_NEW = [5, 7, 3, 6, 4, 5]
 
 
-def build():
-  cfg = load_config("tiny-lm", *OVERRIDES)
-  return cfg, Decoder(cfg, rngs=nnx.Rngs(3))
+MESH = ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2")
+
+
+def build(sharded: bool):
+  cfg = load_config("tiny-lm", *OVERRIDES, *(MESH if sharded else ()))
+  mesh = create_mesh(cfg) if sharded else None
+  model = Decoder(cfg, mesh=mesh, rngs=nnx.Rngs(3))
+  if sharded:
+    shard_module(model, mesh, model.rules)
+  return cfg, model
 
 
 def greedy_reference(model, prompt, max_new, width=32):
@@ -46,11 +56,15 @@ def greedy_reference(model, prompt, max_new, width=32):
 
 
 def test_engine_equals_uncached_greedy_decode():
-  cfg, model = build()
+  cfg, reference = build(sharded=False)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in PROMPTS]
-  want = [greedy_reference(model, p, m) for p, m in zip(prompts, MAX_NEW)]
+  want = [greedy_reference(reference, p, m) for p, m in zip(prompts, MAX_NEW)]
 
+  _, model = build(sharded=True)
+  same = jax.tree.map(np.array_equal, nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param))
+  assert all(jax.tree.leaves(same))
+  assert len(model.embedding[...].sharding.device_set) == 8
   engine = Engine(model, num_slots=3, chunk_size=6, prefill_rows=2)
   for i in range(2):
     engine.submit(prompts[i], MAX_NEW[i], id=i)
