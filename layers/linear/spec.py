@@ -1,0 +1,109 @@
+"""What one linear-attention layer computes: `LinearSpec` and the feature maps.
+
+Causal linear attention replaces softmax(q k^T) with phi(q) phi(k)^T for a
+feature map phi, optionally decayed per kv head (gamma in (0, 1], RetNet /
+lightning attention: key s reaches query t with weight gamma^(t - s)) and
+optionally normalized by the same weights over phi(q) phi(k):
+
+    out_t = sum_{s <= t} gamma^(t-s) (phi(q_t) . phi(k_s)) v_s
+            [ / sum_{s <= t} gamma^(t-s) (phi(q_t) . phi(k_s)) ]
+
+so a layer carries a state of fixed size [kv_heads, head_dim, head_dim]
+(plus a normalizer [kv_heads, head_dim]) instead of a growing KV cache.
+The spec is static (hashable) so layers can keep it in their settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Feature maps phi (applied to queries and keys after RoPE and QK norm).
+# Positive maps (elu + 1, relu) keep the normalizer's denominator > 0;
+# the identity map may give a zero or negative denominator, so it runs without
+# the normalizer (a rule of LinearSpec and of the config).
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
+POSITIVE_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+  """One linear-attention layer's computation (see the module doc).
+
+  chunk_size: tokens per chunk of the chunkwise-parallel form (train and
+    prefill): quadratic inside a chunk, through the running state between
+    chunks. Any length works (the last chunk is padded with invisible tokens).
+  feature_map: a key of FEATURE_MAPS.
+  decay: () for none (gamma = 1), one gamma for every kv head, or one per kv
+    head; each in (0, 1].
+  normalize: divide by the decayed sum of phi(q) . phi(k) (needs a positive
+    feature map).
+  """
+
+  chunk_size: int = 64
+  feature_map: str = "elu_plus_one"
+  decay: tuple[float, ...] = ()
+  normalize: bool = True
+
+  def __post_init__(self):
+    if isinstance(self.decay, (int, float)):  # one gamma; 0 means none, as in a config
+      object.__setattr__(self, "decay", () if self.decay == 0 else (float(self.decay),))
+    else:
+      object.__setattr__(self, "decay", tuple(float(g) for g in self.decay))
+    if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
+        or self.chunk_size < 1:
+      raise ValueError(f"linear_attention_chunk_size={self.chunk_size!r}: must be an integer >= 1")
+    if self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"linear_feature_map={self.feature_map!r}: allowed {list(FEATURE_MAPS)}")
+    for gamma in self.decay:
+      if not (math.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"linear_decay={list(self.decay)}: every gamma must be in (0, 1] "
+                         "(or linear_decay 0 for no decay)")
+    if self.normalize and self.feature_map not in POSITIVE_FEATURE_MAPS:
+      raise ValueError(f"linear_normalize=true needs a positive linear_feature_map "
+                       f"{list(POSITIVE_FEATURE_MAPS)} (the denominator must stay > 0), got "
+                       f"{self.feature_map!r}; set linear_normalize false")
+
+  def check_heads(self, num_kv_heads: int) -> None:
+    """A per-head decay needs one gamma per kv head (the state is per kv head)."""
+    if len(self.decay) > 1 and len(self.decay) != num_kv_heads:
+      raise ValueError(f"linear_decay has {len(self.decay)} values: give one gamma, or one per "
+                       f"kv head (num_kv_heads={num_kv_heads})")
+
+  def log_decay(self, num_kv_heads: int) -> jax.Array | None:
+    """log(gamma) per kv head [K] float32, or None without decay."""
+    if not self.decay:
+      return None
+    self.check_heads(num_kv_heads)
+    gammas = self.decay * num_kv_heads if len(self.decay) == 1 else self.decay
+    return jnp.log(jnp.asarray(gammas, jnp.float32))  # [K]
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """phi(x) in float32 (the state accumulates in float32 whatever the activations' dtype)."""
+    return FEATURE_MAPS[self.feature_map](x.astype(jnp.float32))
+
+
+def decay_powers(log_decay: jax.Array | None, distance: jax.Array, visible: jax.Array,
+                 kv_axis: int) -> jax.Array:
+  """gamma^distance where visible, else 0 (selected, never inf * 0), float32.
+
+  distance and visible broadcast together; the result has a kv-head axis
+  inserted at `kv_axis` (negative, counted from the end): log_decay [K]
+  there, or size 1 without decay (then visible as 0 / 1).
+  """
+  visible = jnp.expand_dims(visible, kv_axis)
+  if log_decay is None:
+    return visible.astype(jnp.float32)
+  safe = jnp.expand_dims(jnp.where(jnp.squeeze(visible, kv_axis), distance, 0), kv_axis)
+  shape = [1] * (-kv_axis)
+  shape[0] = log_decay.shape[0]
+  gamma_d = jnp.exp(safe.astype(jnp.float32) * log_decay.reshape(shape))
+  return jnp.where(visible, gamma_d, 0.0)
