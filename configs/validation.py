@@ -305,6 +305,63 @@ def _validate_axis_names(cfg: Mapping[str, Any]) -> None:
       _fail(key, f"must be a list of {length} str logical axis names, got {_thaw(names)!r}")
 
 
+# Decoder model and training (layers/decoder.py, scripts/train.py): the allowed values,
+# read by the model and the trainer from here.
+MLP_ACTIVATIONS = ("silu", "gelu")
+REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj",
+                  "save_dot_except_mlp")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+RECALL_SPECIAL_TOKENS = 2  # recall task ids 0 (padding) and 1 (separator); keys, values follow
+
+
+def recall_example_length(pairs: int, queries: int) -> int:
+  """Tokens of one recall example: k1 v1 ... kn vn SEP q1 a1 ... qm am (m <= n)."""
+  return 2 * pairs + 1 + 2 * min(pairs, queries)
+
+
+def _validate_training(cfg: Mapping[str, Any]) -> None:
+  """The decoder model, optimizer, checkpoint and recall-task keys."""
+  for key in ("vocab_size", "num_decoder_layers", "mlp_dim", "steps", "global_batch_size",
+              "log_period", "eval_period", "task_num_keys", "task_num_values", "task_min_pairs",
+              "task_max_pairs", "task_num_queries", "task_eval_rows"):
+    if cfg[key] < 1:
+      _fail(key, f"must be an integer >= 1, got {cfg[key]}")
+  for key in ("seed", "warmup_steps", "checkpoint_period", "max_checkpoints_to_keep",
+              "weight_decay", "grad_clip_norm"):
+    _at_least(cfg, key, 0)
+  _one_of(cfg, "mlp_activation", MLP_ACTIVATIONS)
+  _one_of(cfg, "remat_policy", REMAT_POLICIES)
+  _one_of(cfg, "lr_schedule", LR_SCHEDULES)
+  _positive(cfg, "learning_rate")
+  _positive(cfg, "adam_eps")
+  for key in ("adam_b1", "adam_b2"):
+    if not 0 <= cfg[key] < 1:
+      _fail(key, f"must be in [0, 1), got {cfg[key]}")
+  if cfg["warmup_steps"] > cfg["steps"]:
+    _fail("warmup_steps", f"must be <= steps={cfg['steps']}, got {cfg['warmup_steps']}")
+  if not 0 <= cfg["stop_at_accuracy"] <= 1:
+    _fail("stop_at_accuracy", f"must be in [0, 1] (0 = run every step), got {cfg['stop_at_accuracy']}")
+  if cfg["checkpoint_period"] and not (cfg["checkpoint_dir"] or cfg["output_dir"]):
+    _fail("checkpoint_dir", "checkpoint_period > 0 needs a checkpoint_dir (or an output_dir to "
+          "hold <output_dir>/checkpoints)")
+  if cfg["task_min_pairs"] > cfg["task_max_pairs"]:
+    _fail("task_min_pairs", f"must be <= task_max_pairs={cfg['task_max_pairs']}, "
+          f"got {cfg['task_min_pairs']}")
+  if cfg["task_max_pairs"] > cfg["task_num_keys"]:
+    _fail("task_max_pairs", f"must be <= task_num_keys={cfg['task_num_keys']} (the keys of an "
+          f"example are distinct), got {cfg['task_max_pairs']}")
+  needed = RECALL_SPECIAL_TOKENS + cfg["task_num_keys"] + cfg["task_num_values"]
+  if cfg["vocab_size"] < needed:
+    _fail("vocab_size", f"must be >= {needed} for the recall task (2 special tokens + "
+          f"task_num_keys={cfg['task_num_keys']} + task_num_values={cfg['task_num_values']}), "
+          f"got {cfg['vocab_size']}")
+  longest = recall_example_length(cfg["task_max_pairs"], cfg["task_num_queries"])
+  if longest > cfg["max_target_length"]:
+    _fail("task_max_pairs", f"the longest recall example ({cfg['task_max_pairs']} pairs, "
+          f"{cfg['task_num_queries']} queries) has {longest} tokens, more than a row of "
+          f"max_target_length={cfg['max_target_length']}")
+
+
 def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
   """Check the cross-key rules of a typed, complete config dict; raise ConfigError on the first failure.
 
@@ -320,3 +377,4 @@ def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
   _validate_mesh(cfg, num_devices)
   _validate_rules(cfg)
   _validate_axis_names(cfg)
+  _validate_training(cfg)
