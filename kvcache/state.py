@@ -1,0 +1,163 @@
+"""LinearStateCache: the per-slot recurrent state of a linear-attention layer.
+
+A linear-attention layer (layers/linear) needs, per sequence, only a state of
+fixed size instead of its keys and values. The cache owns, as `nnx.Cache`
+variables,
+  kv       [B, K, Hk, Hv] float32: sum_s gamma^(t-s) phi(k_s) v_s^T,
+  norm     [B, K, Hk] float32: sum_s gamma^(t-s) phi(k_s),
+  lengths  [B] int32: tokens of each slot so far (the next token's position),
+  rejected int32: rejection bits of the last step (see `step_checks`),
+so a decode step reads B * K * Hk * Hv numbers whatever the sequence length.
+The state is kept in float32 whatever the activations' dtype: it is a running
+sum over the whole sequence.
+
+Slots behave as the KV caches' do: every slot is its own sequence; `reset`
+forgets one; `insert` copies a slot from another LinearStateCache (a prefill
+cache into a decode cache); a prefill continues a slot from its state; a step
+the cache cannot serve (slot out of range or named twice, a sequence past
+max_length, left padding) is rejected with nothing changed: eagerly it raises
+`StepRejected`, under jit the layer gates its writes and the host raises
+after the step (`serving.jit_step`). max_length bounds positions as in the KV
+caches (RoPE, and the slots of a hybrid model's softmax layers), not memory.
+
+Sharding: the state is placed by logical names, batch by `cache_batch` and kv
+heads by `cache_heads` (the names of the KV caches' `axis_names`), so a
+tensor-parallel mesh splits the state by kv heads as it splits K/V.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from meshattn.kvcache.cache import CACHE_AXIS_NAMES
+from meshattn.kvcache.step_checks import (
+    Rejection, StepRejected, explain, fold, is_concrete, raise_now)
+
+
+class LinearStateCache(nnx.Module):
+  """Recurrent state of causal linear attention for `batch_size` sequences."""
+
+  window = None  # no ring buffer: the state already covers the whole sequence
+  quant = None  # the state is not quantized (float32 running sums)
+
+  def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
+               value_dim: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
+               rules=(), axis_names: Sequence[str] = CACHE_AXIS_NAMES):
+    if batch_size < 1 or max_length < 1:
+      raise ValueError(f"LinearStateCache needs batch_size >= 1 and max_length >= 1, got "
+                       f"{batch_size}, {max_length}")
+    if len(axis_names) != 4:
+      raise ValueError(f"axis_names {tuple(axis_names)}: need 4 (batch, sequence, kv heads, "
+                       "head_dim), as the KV caches' cache_axis_names")
+    self.batch_size = batch_size
+    self.max_length = max_length
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.value_dim = value_dim or head_dim
+    self.mesh = mesh
+    self.rules = tuple(rules)
+    self.axis_names = tuple(axis_names)
+    batch_name, _, heads_name, dim_name = self.axis_names
+    kv_names = (batch_name, heads_name, dim_name, None)  # [B, K, Hk, Hv]
+    norm_names = (batch_name, heads_name, dim_name)  # [B, K, Hk]
+    self.kv = nnx.Cache(self._place(
+        jnp.zeros((batch_size, num_kv_heads, head_dim, self.value_dim), jnp.float32), kv_names),
+        logical_axes=kv_names)
+    self.norm = nnx.Cache(self._place(
+        jnp.zeros((batch_size, num_kv_heads, head_dim), jnp.float32), norm_names),
+        logical_axes=norm_names)
+    self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), (batch_name,)),
+                             logical_axes=(batch_name,))
+    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
+    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
+
+  def _place(self, x: jax.Array, names) -> jax.Array:
+    if self.mesh is None:
+      return x
+    from meshattn.sharding import logical_to_sharding
+    return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
+
+  @property
+  def bytes_per_slot(self) -> int:
+    """State bytes of one sequence, whatever its length (kv and norm, float32)."""
+    return 4 * self.num_kv_heads * self.head_dim * (self.value_dim + 1)
+
+  # ---- reading and writing (inside a step) ------------------------------------------
+
+  def read(self, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(kv [b, K, Hk, Hv], norm [b, K, Hk]) of slots rows [b] (clipped into range: a step
+    with a row out of range is rejected and writes nothing)."""
+    safe = jnp.clip(rows, 0, self.batch_size - 1)
+    return self.kv[...][safe], self.norm[...][safe]
+
+  def write(self, rows: jax.Array, kv: jax.Array, norm: jax.Array, written: jax.Array,
+            new_lengths: jax.Array) -> None:
+    """Store the states kv [b, K, Hk, Hv], norm [b, K, Hk] of slots rows [b] where
+    `written` [b]; lengths become new_lengths [b]. Rows out of range are dropped."""
+    index = jnp.where(written, rows, self.batch_size)  # [b]; batch_size = dropped
+    self.kv[...] = self.kv[...].at[index].set(kv.astype(jnp.float32), mode="drop")
+    self.norm[...] = self.norm[...].at[index].set(norm.astype(jnp.float32), mode="drop")
+    self.lengths[...] = self.lengths[...].at[index].set(new_lengths, mode="drop")
+
+  # ---- step checks (the KV caches' interface) ---------------------------------------
+
+  def step_conditions(self, rows: jax.Array, new_lengths: jax.Array) -> dict[Rejection, jax.Array]:
+    """What would reject a step writing slots rows [b] up to new_lengths [b] (see step_checks)."""
+    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
+            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length}
+
+  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
+    detail = {}
+    if rows is not None and is_concrete(rows):
+      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
+    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
+                   kind=type(self).__name__, detail=detail)
+
+  def check_slots(self, rows) -> None:
+    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
+    if is_concrete(rows):
+      host = np.asarray(rows)
+      if np.any((host < 0) | (host >= self.batch_size)):
+        raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
+
+  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
+    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
+    bits = fold(self.step_conditions(rows, new_lengths))
+    raise_now(bits, lambda b: self.explain(b, rows))
+
+  # ---- slot management (host side, between steps) -----------------------------------
+
+  def reset(self, slot) -> None:
+    """Forget the sequence in `slot` (int or int array): its state to zeros, length 0."""
+    rows = np.atleast_1d(np.asarray(slot)) if is_concrete(slot) else jnp.atleast_1d(slot)
+    self.check_slots(rows)
+    rows = jnp.asarray(rows, jnp.int32)
+    self.kv[...] = self.kv[...].at[rows].set(0.0, mode="drop")
+    self.norm[...] = self.norm[...].at[rows].set(0.0, mode="drop")
+    self.lengths[...] = self.lengths[...].at[rows].set(0, mode="drop")
+
+  def insert(self, slot, source: "LinearStateCache", source_slot=0) -> None:
+    """Copy the sequence in `source_slot` of `source` (a LinearStateCache, e.g. one
+    prefilled apart) into `slot` of this cache; the slot's previous sequence is dropped."""
+    if not isinstance(source, LinearStateCache):
+      raise ValueError(f"insert: a LinearStateCache takes its state from another "
+                       f"LinearStateCache, got {type(source).__name__}")
+    shape = lambda c: (c.num_kv_heads, c.head_dim, c.value_dim)
+    if shape(source) != shape(self):
+      raise ValueError(f"insert: source state has (K, Hk, Hv)={shape(source)}; this cache "
+                       f"{shape(self)}")
+    rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
+    src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
+    if rows.shape != src_rows.shape:
+      raise ValueError(f"insert: {rows.shape[0]} slots but {src_rows.shape[0]} source slots")
+    self.check_slots(rows)
+    source.check_slots(src_rows)
+    src_len = source.lengths[...][src_rows]  # [b]
+    self.check_room(rows, src_len)
+    kv, norm = source.read(src_rows)
+    self.write(rows, kv, norm, jnp.ones(rows.shape, bool), src_len)
