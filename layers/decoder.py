@@ -85,10 +85,9 @@ class Decoder(nnx.Module):
     self.embedding = nnx.Param(table, logical_axes=("vocab", "embed"))
     self.final_norm = model_norm(d, epsilon=s.normalization_layer_epsilon, dtype=s.dtype,
                                  weight_dtype=s.weight_dtype)
-    self.logits = None
-    if not config.logits_via_embedding:
-      self.logits = DenseGeneral((d,), (vocab,), kernel_axes=("embed", "vocab"), rngs=rngs,
-                                 dtype=s.dtype, weight_dtype=s.weight_dtype, precision=s.precision)
+    self.logits = None if config.logits_via_embedding else DenseGeneral(
+        (d,), (vocab,), kernel_axes=("embed", "vocab"), rngs=rngs, dtype=s.dtype,
+        weight_dtype=s.weight_dtype, precision=s.precision)
 
   # ---- caches ------------------------------------------------------------------
 
