@@ -53,3 +53,11 @@ class OutputGate(DenseGeneral):
     if self.kind == "headwise":
       gate = gate[..., None]  # [B, T, N, 1]
     return (context.astype(jnp.float32) * gate).astype(context.dtype)  # [B, T, N, H]
+
+
+def make_output_gate(kind: str, emb_dim: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs,
+                     **dense) -> OutputGate | None:
+  """The layer's gate for `attention_output_gate` (None for 'none')."""
+  if kind == "none":
+    return None
+  return OutputGate(emb_dim, num_heads, head_dim, kind=kind, rngs=rngs, **dense)

@@ -107,3 +107,19 @@ def decay_powers(log_decay: jax.Array | None, distance: jax.Array, visible: jax.
   shape[0] = log_decay.shape[0]
   gamma_d = jnp.exp(safe.astype(jnp.float32) * log_decay.reshape(shape))
   return jnp.where(visible, gamma_d, 0.0)
+
+
+def check_linear_layer(spec: LinearSpec, *, num_kv_heads: int, mask_type: str,
+                       attention_sink: bool, soft_cap, score_mod, mask_mod, attention_fn,
+                       dropout_rate: float) -> None:
+  """Raise ValueError naming what a linear-attention layer cannot do (softmax features it
+  would otherwise drop silently)."""
+  spec.check_heads(num_kv_heads)
+  refused = {"attention_sink": attention_sink, "attn_logits_soft_cap": soft_cap is not None,
+             "score_mod": score_mod is not None, "mask_mod": mask_mod is not None,
+             "attention_fn": attention_fn is not None, "dropout_rate > 0": dropout_rate > 0,
+             f"mask attention_type={mask_type!r} (linear layers are causal)": mask_type != "global"}
+  bad = [name for name, on in refused.items() if on]
+  if bad:
+    raise ValueError(f"attention_type='linear' (linear attention) does not take {bad}: they act "
+                     "on softmax logits or weights, which a linear layer has none of")

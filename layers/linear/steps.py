@@ -92,3 +92,13 @@ def linear_cached_step(cache, rows: jax.Array, query: jax.Array, key: jax.Array,
                                ("heads", "kv", "norm"))(query, key, value, valid, kv, norm)
   cache.write(rows, kv, norm, jnp.any(valid, axis=1), new_lengths)
   return context
+
+
+def check_linear_call(*, self_attention_length: bool, mask, bias, sow_weights: bool) -> None:
+  """Raise ValueError for train-mode arguments a linear-attention layer cannot honour."""
+  refused = {"mask": mask is not None, "bias": bias is not None, "sow_weights": sow_weights,
+             "inputs_kv of another length (cross-attention)": not self_attention_length}
+  bad = [name for name, on in refused.items() if on]
+  if bad:
+    raise ValueError(f"a linear-attention layer (attention_type='linear') does not take {bad}: "
+                     "it is causal self-attention without attention weights")
