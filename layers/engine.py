@@ -112,12 +112,24 @@ class Engine:
 
   # ---- steps ------------------------------------------------------------------
 
-  def warmup(self, kinds: Iterable[str] = KINDS) -> None:
-    """Compile the step kinds now, with every row gated off: the caches are unchanged."""
+  def warmup(self, kinds: Iterable[str] = KINDS, *, max_free_sizes: int = 32) -> None:
+    """Compile the step kinds now, with every row gated off: the caches are unchanged.
+
+    Also frees a slot holding 1, 2, ... pages, up to `max_free_sizes` page counts:
+    `PagedKVCache.free` zeroes the freed pages with an eager scatter compiled once per
+    page count, which would otherwise stall the first steps that finish requests of
+    each size (on CPU, ~0.1-1 s per new size)."""
     plan = StepPlan((), (), (), (), {})
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     for kind in kinds:
       np.asarray(run_step(self._step, self.model, inputs, kind)[0])
+    tpp = self.scheduler.tokens_per_page
+    most = min(self.scheduler.pages_for(self.max_length), self.num_pages, max_free_sizes)
+    if not self.scheduler.running:  # slot 0 is free: borrow it
+      for pages in range(1, most + 1):
+        for cache in self.caches:
+          cache.reserve(0, min(pages * tpp, self.max_length))
+          cache.free(0)
 
   def step(self) -> list[RequestResult]:
     """Admit, plan, reserve pages, run one compiled step, sample, free finished slots.
@@ -140,17 +152,16 @@ class Engine:
     next_decode, next_chunk = run_step(self._step, self.model, inputs)
     next_decode, next_chunk = np.asarray(next_decode), np.asarray(next_chunk)  # waits for the step
     done_at = self.now()
-    running = len(scheduler.running)
+    running, pages = len(scheduler.running), scheduler.pages_in_use()
     # Requests whose prompt ends in this step get their first token now.
     first = [scheduler.running[c.slot].request.id for c in plan.chunks if c.last]
     finished = scheduler.commit(
         plan, {s: int(next_decode[s]) for s in plan.decode_slots},
         {c.slot: int(next_chunk[row]) for row, c in enumerate(plan.chunks) if c.last})
     self._first_token.update({rid: done_at for rid in first})
-    if finished:
-      slots = np.array([s.slot for s in finished], np.int32)
+    for seq in finished:  # one slot per call: one compiled shape for the length reset
       for cache in self.caches:
-        cache.free(slots)
+        cache.free(seq.slot)
     out = []
     for seq in finished:
       rid = seq.request.id
@@ -159,9 +170,10 @@ class Engine:
       self._results[rid] = result
       out.append(result)
     self.steps.append(StepRecord(
-        time=done_at, seconds=done_at - started, kind=inputs.kind,
+        start=started, time=done_at, kind=inputs.kind,
         decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
-        running=running, waiting=len(scheduler.waiting), pages_in_use=scheduler.pages_in_use()))
+        running=running, waiting=len(scheduler.waiting), pages_in_use=pages,
+        idle_after=scheduler.idle))
     return out
 
   def run(self, requests: Iterable[Request], *, realtime: bool = True) -> dict[int, RequestResult]:

@@ -41,8 +41,9 @@ class RequestResult:
 
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
+  """One engine step; counts are those during the step (before finished requests leave)."""
+  start: float  # when the step was dispatched (its page reservations just before)
   time: float  # when the step's tokens reached the host
-  seconds: float  # the step's wall time, dispatch to tokens on the host
   kind: str  # decode / chunk / mixed
   decode_rows: int
   chunk_rows: int
@@ -50,6 +51,7 @@ class StepRecord:
   running: int  # requests holding a slot during the step
   waiting: int  # requests queued for a slot or pages
   pages_in_use: int
+  idle_after: bool  # nothing running or waiting once the step's finished requests left
 
 
 def percentile(values, q: float) -> float:
@@ -87,15 +89,14 @@ def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pag
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  times = [s.time for s in steps]
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-  top.step(times, [s.running for s in steps], where="post", label="running (slots held)")
-  top.step(times, [s.decode_rows for s in steps], where="post", label="decode rows")
-  top.step(times, [s.waiting for s in steps], where="post", label="waiting", alpha=0.6)
+  for name, label in (("running", "running (slots held)"), ("decode_rows", "decode rows"),
+                      ("waiting", "waiting")):
+    top.plot(*_segments(steps, name), label=label, alpha=0.6 if name == "waiting" else 1.0)
   top.axhline(num_slots, color="gray", linestyle=":", label=f"slots ({num_slots})")
   top.set_ylabel("requests")
   top.legend(loc="upper right", fontsize=7)
-  bottom.step(times, [s.pages_in_use for s in steps], where="post", color="tab:green")
+  bottom.plot(*_segments(steps, "pages_in_use"), color="tab:green")
   bottom.axhline(num_pages, color="gray", linestyle=":", label=f"pool ({num_pages})")
   bottom.set_ylabel("cache pages in use")
   bottom.set_xlabel("seconds")
@@ -105,3 +106,19 @@ def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pag
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def _segments(steps: list[StepRecord], field: str) -> tuple[list[float], list[float]]:
+  """A step plot of `field`: its value from each step's start to the next one's, or 0
+  from the step's end when it left the engine idle (waiting for arrivals)."""
+  xs, ys = [], []
+  for i, step in enumerate(steps):
+    value = getattr(step, field)
+    end = steps[i + 1].start if i + 1 < len(steps) else step.time
+    if step.idle_after:
+      xs += [step.start, step.time, step.time, end]
+      ys += [value, value, 0, 0]
+    else:
+      xs += [step.start, end]
+      ys += [value, value]
+  return xs, ys
