@@ -36,7 +36,7 @@ from meshattn.layers.settings import normalize_rules
 from meshattn.scripts import checkpointing, train_report
 from meshattn.scripts.recall_task import EVAL_STREAM, TRAIN_STREAM, RecallTask
 from meshattn.sharding import (
-  create_mesh, create_sharded, logical_to_spec, make_global_array, mesh_shape_string,
+  create_mesh, get_param_shardings, logical_to_spec, make_global_array, mesh_shape_string,
   process_part)
 
 ROWS = ("activation_batch", "activation_length")  # every batch array is [B, T]
@@ -82,39 +82,106 @@ def answer_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return -jnp.sum(picked * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
+# ---- the compiled program -------------------------------------------------------
+
+# Keys that steer the loop but not what is computed: runs that differ only in these share
+# one compiled program (a resumed run in the same process, tests, notebooks).
+_RUN_CONTROL_KEYS = frozenset({
+    "output_dir", "checkpoint_dir", "checkpoint_period", "max_checkpoints_to_keep",
+    "async_checkpointing", "log_period", "eval_period", "stop_at_accuracy", "task_eval_rows"})
+_PROGRAMS: dict = {}
+
+
+@dataclasses.dataclass
+class Program:
+  """What one (model, optimizer, mesh) compiles to: the model's graph, the optimizer, and
+  the jitted init, train and eval steps (parameters and optimizer state donated)."""
+
+  graphdef: Any
+  tx: optax.GradientTransformation
+  init: Any  # () -> (params, rest, opt_state), each born in its shards
+  train_step: Any  # (params, opt_state, rest, batch, step) -> (params, opt_state, metrics)
+  eval_step: Any  # (params, rest, batch) -> (loss sum, correct, answers)
+
+  @classmethod
+  def get(cls, cfg: Config, mesh: jax.sharding.Mesh) -> "Program":
+    key = (tuple(sorted((k, v) for k, v in cfg.items() if k not in _RUN_CONTROL_KEYS)), mesh)
+    if key not in _PROGRAMS:
+      _PROGRAMS[key] = cls.build(cfg, mesh)
+    return _PROGRAMS[key]
+
+  @classmethod
+  def build(cls, cfg: Config, mesh: jax.sharding.Mesh) -> "Program":
+    rules = _rules(cfg)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    make_model = lambda: Decoder(cfg, mesh=mesh, rngs=nnx.Rngs(cfg.seed))
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+    param_shardings = nnx.to_pure_dict(get_param_shardings(abstract_params, mesh, rules))
+    tx = make_optimizer(cfg)
+    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+    # The moments mirror the parameter tree: each takes its parameter's sharding; the
+    # step counts are replicated.
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+
+    def init():
+      _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+      params = nnx.to_pure_dict(params)
+      return params, rest, tx.init(params)
+
+    def logits_of(params, rest, batch, step, deterministic):
+      model = nnx.merge(graphdef, params, rest)
+      rngs = None
+      if not deterministic:  # dropout keys from (seed, step): a resumed run draws the same
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(cfg.seed), step))
+      return model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                   model_mode="train", deterministic=deterministic, rngs=rngs)  # [B, T, V]
+
+    def train_step(params, opt_state, rest, batch, step):
+      def loss_fn(params):
+        logits = logits_of(params, rest, batch, step, deterministic=cfg.dropout_rate == 0)
+        total, correct, count = answer_loss(logits, batch["targets"], batch["weights"])
+        count = jnp.maximum(count, 1.0)
+        return total / count, correct / count
+
+      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+      return params, opt_state, metrics
+
+    def eval_step(params, rest, batch):
+      logits = logits_of(params, rest, batch, 0, deterministic=True)
+      return answer_loss(logits, batch["targets"], batch["weights"])
+
+    return cls(graphdef, tx,
+               jax.jit(init, out_shardings=(param_shardings, replicated, opt_shardings)),
+               jax.jit(train_step, donate_argnums=(0, 1),
+                       out_shardings=(param_shardings, opt_shardings, replicated)),
+               jax.jit(eval_step, out_shardings=replicated))
+
+
 # ---- the run -----------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Trainer:
-  """The model split into its graph and arrays, the optimizer, and the compiled steps."""
+  """A run's state (parameters, optimizer state) on the mesh, its data, its program."""
 
   cfg: Config
   mesh: jax.sharding.Mesh
   task: RecallTask
-  graphdef: Any
+  program: Program
   params: Any  # pure dict of parameter arrays, sharded by the rules
   rest: Any  # the model's other state (dropout streams), passed to every step
   opt_state: Any
-  tx: optax.GradientTransformation
 
   @classmethod
   def create(cls, cfg: Config, mesh: jax.sharding.Mesh) -> "Trainer":
     _check_batch(cfg, mesh)
-    # Built inside jit: every parameter is born in its shards.
-    model = create_sharded(lambda rngs: Decoder(cfg, mesh=mesh, rngs=rngs), mesh,
-                           _rules(cfg), nnx.Rngs(cfg.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    tx = make_optimizer(cfg)
-    opt_state = jax.jit(tx.init)(params)  # moments placed like their parameters
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(  # the step counts: on the mesh too, replicated
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        opt_state)
-    return cls(cfg, mesh, RecallTask.from_config(cfg), graphdef, params, rest, opt_state, tx)
-
-  # ---- data ------------------------------------------------------------------
+    program = Program.get(cfg, mesh)
+    params, rest, opt_state = program.init()
+    return cls(cfg, mesh, RecallTask.from_config(cfg), program, params, rest, opt_state)
 
   def batch(self, stream: int, step: int, num_rows: int) -> dict[str, jax.Array]:
     """Batch `step` of `stream` as global [num_rows, T] arrays; this process makes only
@@ -126,45 +193,14 @@ class Trainer:
                                     global_shape=(num_rows, value.shape[1]))
             for name, value in local.items()}
 
-  # ---- steps -----------------------------------------------------------------
-
-  def _logits(self, params, rest, batch, step, deterministic: bool):
-    model = nnx.merge(self.graphdef, params, rest)
-    rngs = None
-    if not deterministic:  # dropout keys from (seed, step): a resumed run draws the same
-      rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(self.cfg.seed), step))
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], model_mode="train",
-                 deterministic=deterministic, rngs=rngs)  # [B, T, V]
-
-  def compile_steps(self) -> None:
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
-    dropout = self.cfg.dropout_rate > 0
-
-    def train_step(params, opt_state, rest, batch, step):
-      def loss_fn(params):
-        logits = self._logits(params, rest, batch, step, deterministic=not dropout)
-        total, correct, count = answer_loss(logits, batch["targets"], batch["weights"])
-        count = jnp.maximum(count, 1.0)
-        return total / count, (correct / count)
-
-      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = self.tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
-      return params, opt_state, metrics
-
-    def eval_step(params, rest, batch):
-      logits = self._logits(params, rest, batch, 0, deterministic=True)
-      return answer_loss(logits, batch["targets"], batch["weights"])
-
-    self.train_step = jax.jit(train_step, donate_argnums=(0, 1),
-                              out_shardings=(param_shardings, opt_shardings, replicated))
-    self.eval_step = jax.jit(eval_step, out_shardings=replicated)
+  def step(self, batch, step: int) -> dict[str, jax.Array]:
+    self.params, self.opt_state, metrics = self.program.train_step(
+        self.params, self.opt_state, self.rest, batch, jnp.int32(step))
+    return metrics
 
   def evaluate(self, eval_batch) -> dict[str, float]:
-    total, correct, count = (float(x) for x in self.eval_step(self.params, self.rest, eval_batch))
+    sums = self.program.eval_step(self.params, self.rest, eval_batch)
+    total, correct, count = (float(x) for x in sums)
     return {"loss": total / max(count, 1.0), "accuracy": correct / max(count, 1.0),
             "answers": int(count)}
 
@@ -195,7 +231,6 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
   """
   mesh = create_mesh(cfg) if mesh is None else mesh
   trainer = Trainer.create(cfg, mesh)
-  trainer.compile_steps()
   history, evals, start = [], [], 0
   manager = None
   if cfg.checkpoint_period > 0:
@@ -219,8 +254,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
   stopped_early = False
   while done < end:
     batch = trainer.batch(TRAIN_STREAM, done, cfg.global_batch_size)
-    trainer.params, trainer.opt_state, metrics = trainer.train_step(
-        trainer.params, trainer.opt_state, trainer.rest, batch, jnp.int32(done))
+    metrics = trainer.step(batch, done)
     done += 1
     if done % cfg.log_period == 0 or done == end:
       now = time.perf_counter()
