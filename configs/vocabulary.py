@@ -29,6 +29,14 @@ FEATURES: tuple[str, ...] = (
 MASK_FEATURE: Mapping[str, str] = {
     "global": "causal", "local_sliding": "window", "chunk": "chunk", "full": "full"}
 ATTENTION_TYPES: tuple[str, ...] = tuple(MASK_FEATURE)  # global, local_sliding, chunk, full
+# A layer's kind in `attention_type` / `attention_layer_pattern`: a softmax mask kind, or
+# linear attention (layers/linear), which has no mask of its own (it is causal).
+LAYER_TYPES: tuple[str, ...] = ATTENTION_TYPES + ("linear",)
+# Linear attention's feature maps; the positive ones keep the normalizer's denominator > 0.
+LINEAR_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu", "identity")
+POSITIVE_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu")
+# Gated attention's output gate (layers/output_gate.py): per head and channel, per head, or none.
+OUTPUT_GATES: tuple[str, ...] = ("none", "elementwise", "headwise")
 ROPE_TYPES: tuple[str, ...] = ("default", "llama3.1", "yarn", "none")
 MODEL_MODES: tuple[str, ...] = ("train", "prefill", "autoregressive")
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -55,6 +63,28 @@ def mask_size_problem(attention_type: str, size: int | None) -> str | None:
   """A sliding window or a chunk needs a size > 0 (the other kinds take none)."""
   if attention_type in MASK_SIZE_KEYS and (size is None or size <= 0):
     return f"must be > 0 when attention_type uses {attention_type!r}, got {size}"
+  return None
+
+
+def linear_decay_problem(gammas) -> str | None:
+  """Linear attention's decay: each gamma in (0, 1] (1 = plain linear attention)."""
+  bad = [g for g in gammas if not (math.isfinite(g) and 0 < g <= 1)]
+  return f"every gamma must be in (0, 1], got {list(gammas)}" if bad else None
+
+
+def linear_heads_problem(gammas, num_kv_heads: int) -> str | None:
+  """A per-head decay has one gamma per kv head (the state is per kv head)."""
+  if len(gammas) > 1 and len(gammas) != num_kv_heads:
+    return (f"has {len(gammas)} values: give one gamma per kv head (num_kv_heads="
+            f"{num_kv_heads}), or one for every head")
+  return None
+
+
+def linear_normalize_problem(normalize: bool, feature_map: str) -> str | None:
+  """The normalizer divides by sum phi(q) . phi(k): only a positive map keeps it > 0."""
+  if normalize and feature_map not in POSITIVE_FEATURE_MAPS:
+    return (f"needs a positive linear_feature_map {list(POSITIVE_FEATURE_MAPS)} (the denominator "
+            f"must stay > 0), got {feature_map!r}; set linear_normalize false")
   return None
 
 

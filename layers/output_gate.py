@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meshattn.configs.vocabulary import OUTPUT_GATES
 from meshattn.layers.projections import DenseGeneral, default_kernel_init
-
-OUTPUT_GATES: tuple[str, ...] = ("none", "elementwise", "headwise")
 
 
 class OutputGate(DenseGeneral):

@@ -16,22 +16,24 @@ The spec is static (hashable) so layers can keep it in their settings.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-# Feature maps phi (applied to queries and keys after RoPE and QK norm).
-# Positive maps (elu + 1, relu) keep the normalizer's denominator > 0;
-# the identity map may give a zero or negative denominator, so it runs without
-# the normalizer (a rule of LinearSpec and of the config).
+from meshattn.configs import vocabulary as vocab
+
+# Feature maps phi (applied to queries and keys after RoPE and QK norm), by the names
+# of vocab.LINEAR_FEATURE_MAPS. Positive maps (elu + 1, relu) keep the normalizer's
+# denominator > 0; the identity map may give a zero or negative one, so it runs
+# without the normalizer (vocab.linear_normalize_problem).
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
     "relu": jax.nn.relu,
     "identity": lambda x: x,
 }
-POSITIVE_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu")
+assert tuple(FEATURE_MAPS) == vocab.LINEAR_FEATURE_MAPS
+POSITIVE_FEATURE_MAPS = vocab.POSITIVE_FEATURE_MAPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +65,18 @@ class LinearSpec:
       raise ValueError(f"linear_attention_chunk_size={self.chunk_size!r}: must be an integer >= 1")
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"linear_feature_map={self.feature_map!r}: allowed {list(FEATURE_MAPS)}")
-    for gamma in self.decay:
-      if not (math.isfinite(gamma) and 0 < gamma <= 1):
-        raise ValueError(f"linear_decay={list(self.decay)}: every gamma must be in (0, 1] "
-                         "(or linear_decay 0 for no decay)")
-    if self.normalize and self.feature_map not in POSITIVE_FEATURE_MAPS:
-      raise ValueError(f"linear_normalize=true needs a positive linear_feature_map "
-                       f"{list(POSITIVE_FEATURE_MAPS)} (the denominator must stay > 0), got "
-                       f"{self.feature_map!r}; set linear_normalize false")
+    problem = vocab.linear_decay_problem(self.decay)
+    if problem:
+      raise ValueError(f"linear_decay={list(self.decay)}: {problem} (or () / 0 for no decay)")
+    problem = vocab.linear_normalize_problem(self.normalize, self.feature_map)
+    if problem:
+      raise ValueError(f"linear_normalize=True {problem}")
 
   def check_heads(self, num_kv_heads: int) -> None:
     """A per-head decay needs one gamma per kv head (the state is per kv head)."""
-    if len(self.decay) > 1 and len(self.decay) != num_kv_heads:
-      raise ValueError(f"linear_decay has {len(self.decay)} values: give one gamma, or one per "
-                       f"kv head (num_kv_heads={num_kv_heads})")
+    problem = vocab.linear_heads_problem(self.decay, num_kv_heads)
+    if problem:
+      raise ValueError(f"linear_decay {problem}")
 
   def log_decay(self, num_kv_heads: int) -> jax.Array | None:
     """log(gamma) per kv head [K] float32, or None without decay."""

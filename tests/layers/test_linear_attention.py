@@ -160,5 +160,5 @@ def test_spec_rejects_misuse():
     LinearSpec(feature_map="identity", normalize=True)
   with pytest.raises(ValueError, match="linear_attention_chunk_size"):
     LinearSpec(chunk_size=0)
-  with pytest.raises(ValueError, match="one per kv head"):
+  with pytest.raises(ValueError, match="one gamma per kv head"):
     LinearSpec(decay=(0.9, 0.8, 0.7)).check_heads(2)
