@@ -17,3 +17,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Shared helpers (tests/helpers/...) are imported as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls_are_float32():
+  """Exact float32 products on every backend. The suite compares float32 kernels with float64
+  NumPy at 1e-5..1e-6; a GPU's default float32 matmul is TF32-class (~1e-3), which would fail
+  those comparisons for the precision's sake, not the kernel's. On CPU this changes nothing."""
+  with jax.default_matmul_precision("highest"):
+    yield

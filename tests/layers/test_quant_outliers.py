@@ -23,13 +23,6 @@ BOUND = {"int8": 2e-2, "int4": 0.25}
 EMB, PROMPT, TOTAL = 64, 6, 10
 
 
-@pytest.fixture(autouse=True)
-def float32_matmuls():
-  """Exact float32 products on every backend (a GPU's default is TF32-class)."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 def rel(got, want):
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   return np.max(np.abs(got - want)) / np.max(np.abs(want))
