@@ -132,27 +132,26 @@ class Engine:
           cache.free(0)
 
   def step(self) -> list[RequestResult]:
-    """Admit, plan, reserve pages, run one compiled step, sample, free finished slots.
+    """Admit (reserving pages), plan, run one compiled step, sample, free finished slots.
 
     Returns the requests that finished in this step (also kept in results())."""
     scheduler = self.scheduler
-    scheduler.admit()
+    admitted = scheduler.admit()
+    if admitted:  # a request's worst case, reserved once (engine_schedule: admission)
+      slots = np.array([s.slot for s in admitted], np.int32)
+      tokens = np.array([s.worst_case_tokens for s in admitted])
+      for cache in self.caches:  # every layer's page manager makes the same choices
+        cache.reserve_for_step(slots, tokens)  # the slots are empty: tokens = total
     plan = scheduler.plan()
     if plan.empty:
       return []
-    grow = scheduler.to_reserve(plan)
-    if grow:
-      slots = np.array(sorted(grow), np.int32)
-      # Tokens each slot adds in this step (its cache length is the scheduler's mirror).
-      added = np.array([plan.reserve[s] - scheduler.running[s].cache_length for s in slots])
-      for cache in self.caches:  # every layer's page manager makes the same choices
-        cache.reserve_for_step(slots, added)
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     started = self.now()
     next_decode, next_chunk = run_step(self._step, self.model, inputs)
     next_decode, next_chunk = np.asarray(next_decode), np.asarray(next_chunk)  # waits for the step
     done_at = self.now()
-    running, pages = len(scheduler.running), scheduler.pages_in_use()
+    running = len(scheduler.running)
+    reserved, filled = scheduler.pages_reserved(), scheduler.pages_filled(plan)
     # Requests whose prompt ends in this step get their first token now.
     first = [scheduler.running[c.slot].request.id for c in plan.chunks if c.last]
     finished = scheduler.commit(
@@ -172,7 +171,8 @@ class Engine:
     self.steps.append(StepRecord(
         start=started, time=done_at, kind=inputs.kind,
         decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
-        running=running, waiting=len(scheduler.waiting), pages_in_use=pages,
+        running=running, waiting=len(scheduler.waiting), pages_reserved=reserved,
+        pages_filled=filled,
         idle_after=scheduler.idle))
     return out
 

@@ -8,7 +8,8 @@ time is when its step's result reached the host.
   (output tokens - 1), for requests with at least two output tokens;
 - throughput: output tokens / (last finish - first arrival);
 - per step: decode rows, chunk rows, tokens, running and waiting requests,
-  cache pages in use (what the scheduler reserved, the same in every layer).
+  cache pages reserved (each running request's worst case) and filled
+  (holding its cached tokens), the same in every layer.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StepRecord:
   tokens: int  # decode tokens + real chunk tokens
   running: int  # requests holding a slot during the step
   waiting: int  # requests queued for a slot or pages
-  pages_in_use: int
+  pages_reserved: int  # pages the running requests hold (their worst case)
+  pages_filled: int  # of those, pages holding cached tokens
   idle_after: bool  # nothing running or waiting once the step's finished requests left
 
 
@@ -78,14 +80,15 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
       "tpot_p50_s": percentile(tpot, 50), "tpot_p90_s": percentile(tpot, 90),
       "steps": len(steps),
       "mixed_steps": sum(s.kind == "mixed" for s in steps),
-      "max_pages_in_use": max((s.pages_in_use for s in steps), default=0),
+      "max_pages_reserved": max((s.pages_reserved for s in steps), default=0),
+      "max_pages_filled": max((s.pages_filled for s in steps), default=0),
       "mean_running": float(np.mean([s.running for s in steps])) if steps else 0.0,
   }
 
 
 def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pages: int,
                   title: str = "") -> None:
-  """PNG: running requests (batch occupancy) and cache pages in use over time."""
+  """PNG: running requests (batch occupancy) and cache pages (reserved, filled) over time."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -96,7 +99,8 @@ def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pag
   top.axhline(num_slots, color="gray", linestyle=":", label=f"slots ({num_slots})")
   top.set_ylabel("requests")
   top.legend(loc="upper right", fontsize=7)
-  bottom.plot(*_segments(steps, "pages_in_use"), color="tab:green")
+  bottom.plot(*_segments(steps, "pages_reserved"), color="tab:green", label="reserved")
+  bottom.plot(*_segments(steps, "pages_filled"), color="tab:olive", label="holding tokens")
   bottom.axhline(num_pages, color="gray", linestyle=":", label=f"pool ({num_pages})")
   bottom.set_ylabel("cache pages in use")
   bottom.set_xlabel("seconds")

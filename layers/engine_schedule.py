@@ -8,9 +8,12 @@ them:
 
 - admission: a waiting request gets a free slot when the page pool can hold
   its worst case (prompt + max_new_tokens - 1 tokens; the last sampled token
-  is never written). Pages themselves are reserved lazily, a step at a time,
-  so "pages in use" follows the tokens actually cached, yet a running request
-  can never run out of pages (no preemption needed);
+  is never written), and the engine reserves those pages at once in every
+  layer's cache. A running request can then never run out of pages (no
+  preemption), and the host touches the page tables only when a request
+  arrives or leaves, not at every page boundary (each touch reads the tables
+  back from the devices of every layer). Lazy reservation would not admit
+  more: admission already counts the worst case;
 - chunks: the oldest admitted requests still prefilling get one row each, the
   next `chunk_size` tokens of their prompt (the last chunk is shorter and
   right-padded). The chunk that ends a prompt yields its first output token;
@@ -78,12 +81,12 @@ class Chunk:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-  """What one engine step runs; `reserve` maps slot -> cache tokens it must hold after it."""
+  """What one engine step runs; `lengths_after`: slot -> cache tokens it holds after it."""
   decode_slots: tuple[int, ...]
   decode_tokens: tuple[int, ...]  # the token each decode slot feeds
   decode_positions: tuple[int, ...]  # its position in the sequence
   chunks: tuple[Chunk, ...]
-  reserve: dict[int, int]
+  lengths_after: dict[int, int]
 
   @property
   def empty(self) -> bool:
@@ -111,7 +114,6 @@ class Scheduler:
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: dict[int, Sequence] = {}  # slot -> sequence, in admission order
     self.committed_pages = 0  # worst-case pages of the running sequences
-    self.reserved: dict[int, int] = {}  # slot -> cache tokens its pages hold now
 
   # ---- requests ---------------------------------------------------------------
 
@@ -171,25 +173,13 @@ class Scheduler:
       end = min(seq.prefilled + self.chunk_size, seq.prompt_length)
       tokens = np.asarray(seq.request.prompt[seq.prefilled:end], np.int32)
       chunks.append(Chunk(seq.slot, seq.prefilled, tokens, end == seq.prompt_length))
-    reserve = {s.slot: s.cache_length + 1 for s in decoding}
-    reserve.update({c.slot: c.start + len(c.tokens) for c in chunks})
+    lengths_after = {s.slot: s.cache_length + 1 for s in decoding}
+    lengths_after.update({c.slot: c.start + len(c.tokens) for c in chunks})
     return StepPlan(
         decode_slots=tuple(s.slot for s in decoding),
         decode_tokens=tuple(s.output[-1] for s in decoding),
         decode_positions=tuple(s.cache_length for s in decoding),
-        chunks=tuple(chunks), reserve=reserve)
-
-  def to_reserve(self, plan: StepPlan) -> dict[int, int]:
-    """Slots whose pages must grow before `plan` runs: slot -> cache tokens to hold.
-
-    Recorded as reserved: the caller reserves them in every cache before the step."""
-    grow = {}
-    for slot, tokens in plan.reserve.items():
-      held = self.reserved.get(slot, 0)
-      if self.pages_for(tokens) > self.pages_for(held):
-        grow[slot] = tokens
-      self.reserved[slot] = max(held, tokens)
-    return grow
+        chunks=tuple(chunks), lengths_after=lengths_after)
 
   def commit(self, plan: StepPlan, decode_next: dict[int, int],
              chunk_next: dict[int, int]) -> list[Sequence]:
@@ -205,7 +195,6 @@ class Scheduler:
     finished = [s for s in self.running.values() if s.finish_reason is not None]
     for seq in finished:
       del self.running[seq.slot]
-      self.reserved.pop(seq.slot, None)
       self.committed_pages -= self.pages_for(seq.worst_case_tokens)
     return finished
 
@@ -216,5 +205,12 @@ class Scheduler:
     elif len(seq.output) >= seq.request.max_new_tokens:
       seq.finish_reason = "length"
 
-  def pages_in_use(self) -> int:
-    return sum(self.pages_for(t) for t in self.reserved.values())
+  def pages_reserved(self) -> int:
+    """Pages the running requests hold (their worst case, reserved at admission)."""
+    return self.committed_pages
+
+  def pages_filled(self, plan: StepPlan | None = None) -> int:
+    """Pages holding cached tokens of the running requests (after `plan`, if given)."""
+    after = plan.lengths_after if plan is not None else {}
+    return sum(self.pages_for(after.get(slot, seq.cache_length))
+               for slot, seq in self.running.items())

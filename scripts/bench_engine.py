@@ -83,14 +83,15 @@ class Bench:
       cache.reserve_for_step(np.asarray(slots, np.int32), np.asarray(tokens))
 
   def _run(self, plan: StepPlan, rows: int, width: int, kind: str) -> float:
-    if plan.reserve:
-      self._reserve(list(plan.reserve), [plan.reserve[s] - self.lengths[s] for s in plan.reserve])
+    after = plan.lengths_after
+    if after:  # pages for the step's tokens (the engine reserves a request's at admission)
+      self._reserve(list(after), [after[s] - self.lengths[s] for s in after])
     inputs = step_inputs(plan, self.slots, rows, width)
     start = time.perf_counter()
     out = run_step(self.step, self.model, inputs, kind)
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
-    for slot, total in plan.reserve.items():
+    for slot, total in plan.lengths_after.items():
       self.lengths[slot] = total
     return seconds
 
@@ -107,10 +108,10 @@ class Bench:
   def _plan(self, decode: bool, chunk: bool) -> StepPlan:
     slots = tuple(range(self.slots - 1)) if decode else ()
     chunks = (Chunk(self.chunk_slot, self.context, self._tokens(self.chunk), True),) if chunk else ()
-    reserve = {s: int(self.lengths[s]) + 1 for s in slots}
-    reserve.update({c.slot: self.context + self.chunk for c in chunks})
+    after = {s: int(self.lengths[s]) + 1 for s in slots}
+    after.update({c.slot: self.context + self.chunk for c in chunks})
     return StepPlan(slots, tuple(int(t) for t in self._tokens(len(slots))),
-                    tuple(int(self.lengths[s]) for s in slots), chunks, reserve)
+                    tuple(int(self.lengths[s]) for s in slots), chunks, after)
 
   def _reset_chunk_slot(self):
     for cache in self.caches:

@@ -111,10 +111,10 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
 
 def print_table(summaries: list[dict]) -> None:
   header = ["variant", "tokens/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms",
-            "max pages", "mixed steps", "recall acc"]
+            "max pages reserved", "mixed steps", "recall acc"]
   rows = [[s["label"], f"{s['tokens_per_s']:.1f}", f"{1e3 * s['ttft_p50_s']:.1f}",
            f"{1e3 * s['ttft_p90_s']:.1f}", f"{1e3 * s['tpot_p50_s']:.1f}",
-           f"{1e3 * s['tpot_p90_s']:.1f}", f"{s['max_pages_in_use']}/{s['num_pages']}",
+           f"{1e3 * s['tpot_p90_s']:.1f}", f"{s['max_pages_reserved']}/{s['num_pages']}",
            f"{s['mixed_steps']}/{s['steps']}", f"{100 * s['recall_accuracy']:.1f}%"]
           for s in summaries]
   widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

@@ -73,6 +73,9 @@ def test_engine_equals_uncached_greedy_decode():
   while not engine.idle or steps <= max(arrivals.values()):
     engine.step()
     steps += 1
+    # the caches' page managers hold exactly what the scheduler reserved, in every layer
+    free = {c.num_free_pages() for c in engine.caches}
+    assert free == {engine.num_pages - engine.scheduler.pages_reserved()}
     for rid, at in arrivals.items():
       if at == steps:
         engine.submit(prompts[rid], MAX_NEW[rid], id=rid)
@@ -87,4 +90,4 @@ def test_engine_equals_uncached_greedy_decode():
   assert max(s.running for s in engine.steps) == 3  # every slot held at once
   # every page went back, in every layer
   assert all(c.num_free_pages() == c.num_pages for c in engine.caches)
-  assert engine.scheduler.pages_in_use() == 0
+  assert engine.scheduler.pages_reserved() == 0

@@ -18,30 +18,40 @@ def request(rid, prompt_len, max_new):
 
 
 def run_step(s, token=7):
-  """Plan, check the plan's page growth, commit with `token` sampled everywhere."""
+  """Admit, plan, commit with `token` sampled everywhere."""
   s.admit()
   plan = s.plan()
-  grow = s.to_reserve(plan)
-  for slot, tokens in grow.items():
-    assert tokens == plan.reserve[slot]
   decode = {slot: token for slot in plan.decode_slots}
   chunk = {c.slot: token for c in plan.chunks if c.last}
   return plan, s.commit(plan, decode, chunk)
 
 
-def test_chunks_then_decode_with_positions_and_lazy_pages():
+def test_chunks_then_decode_with_positions_and_pages():
   s = scheduler()
   s.submit(request(0, 12, 3))  # 12 prompt tokens: chunks of 5, 5, 2; then 2 decode steps
   plans = []
   while not s.idle:
-    plan, finished = run_step(s)
-    plans.append((plan, s.pages_in_use()))
-  starts = [[(c.start, len(c.tokens), c.last) for c in p.chunks] for p, _ in plans]
+    s.admit()
+    plan = s.plan()
+    plans.append((plan, s.pages_reserved(), s.pages_filled(plan)))
+    run_step(s)
+  starts = [[(c.start, len(c.tokens), c.last) for c in p.chunks] for p, _, _ in plans]
   assert starts == [[(0, 5, False)], [(5, 5, False)], [(10, 2, True)], [], []]
-  assert [p.decode_positions for p, _ in plans] == [(), (), (), (12,), (13,)]
-  # pages follow the cached tokens (5, 10, 12, 13, 14 tokens), then all go back
-  assert [pages for _, pages in plans[:-1]] == [2, 3, 3, 4]
-  assert plans[-1][1] == 0 and s.committed_pages == 0
+  assert [p.decode_positions for p, _, _ in plans] == [(), (), (), (12,), (13,)]
+  assert [p.lengths_after for p, _, _ in plans] == [{0: 5}, {0: 10}, {0: 12}, {0: 13}, {0: 14}]
+  # worst case 12 + 3 - 1 = 14 tokens: 4 pages reserved throughout; filled as tokens arrive
+  assert [r for _, r, _ in plans] == [4] * 5
+  assert [f for _, _, f in plans] == [2, 3, 3, 4, 4]
+  assert s.committed_pages == 0 and s.pages_filled() == 0
+  assert s.running == {}
+
+
+def test_output_and_finish_reason():
+  s = scheduler()
+  s.submit(request(0, 2, 3))
+  finished = []
+  while not s.idle:
+    finished += run_step(s)[1]
   assert finished[0].output == [7, 7, 7] and finished[0].finish_reason == "length"
 
 
@@ -68,7 +78,7 @@ def test_end_token_stops_and_two_prefill_rows():
   plan, finished = run_step(s, token=7)
   assert [c.slot for c in plan.chunks] == [0, 1]
   assert sorted(q.finish_reason for q in finished) == ["end_token", "end_token"]
-  assert s.idle and s.pages_in_use() == 0
+  assert s.idle and s.pages_reserved() == 0
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -51,5 +51,5 @@ def test_serve_cpu_end_to_end(tmp_path, capsys):
     assert summary["recall_accuracy"] == want
     assert [r["prompt_length"] for r in sorted(run["requests"], key=lambda r: r["id"])] == [
         len(p) for p in prompts]
-    assert max(s["pages_in_use"] for s in run["steps"]) == summary["max_pages_in_use"] > 0
+    assert max(s["pages_reserved"] for s in run["steps"]) == summary["max_pages_reserved"] > 0
     assert (out / f"serve_{name}.png").stat().st_size > 0
