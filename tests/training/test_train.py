@@ -50,8 +50,8 @@ def _flat(tree):
 
 def test_loss_falls_and_resume_is_bit_exact(tmp_path):
   def config(name, *extra):
-    return load_config("tiny-lm", *SMALL, "steps=6", "checkpoint_period=3",
-                       f"output_dir={tmp_path / name}", *extra)
+    return load_config("tiny-lm", *SMALL, "steps=6", "checkpoint_period=3", 'output_dir=""',
+                       f"checkpoint_dir={tmp_path / name}", *extra)
 
   straight = train(config("straight"), progress=False)
   losses = [h["loss"] for h in straight["history"]]
@@ -67,7 +67,7 @@ def test_loss_falls_and_resume_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
   # The checkpoint restores onto another mesh (and one device) with the same logits.
-  ckpt = tmp_path / "resumed" / "checkpoints"
+  ckpt = tmp_path / "resumed"
   tokens = np.random.default_rng(0).integers(0, 40, (2, 16)).astype(np.int32)
   other = checkpointing.load_checkpoint_config(ckpt, "ici_tensor_parallelism=2",
                                                "ici_fsdp_parallelism=-1")
@@ -111,7 +111,7 @@ def test_bad_training_keys_name_the_key(override, key):
     load_config("tiny-lm", *override.split(), num_devices=8)
 
 
-def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
-  cfg = load_config("tiny-lm", *SMALL, "global_batch_size=12", f"output_dir={tmp_path}")
+def test_batch_that_does_not_split_over_the_mesh_is_refused():
+  cfg = load_config("tiny-lm", *SMALL, "global_batch_size=12", 'output_dir=""')
   with pytest.raises(ValueError, match="global_batch_size=12 must be divisible by the 8"):
     train(cfg, progress=False)

@@ -1,0 +1,55 @@
+"""Training as 2 processes x 4 CPU devices equals 1 process x 8 devices.
+
+Both processes run `train` with the data axis across them (`dcn_data_parallelism=2`),
+each generating and placing only its own rows, and checkpoint from both; this process
+runs the same steps on the ici-only mesh of the same layout. The logged losses agree to
+float32 reduction order (the cross-process sums go through gloo), and the checkpoint
+written by the 2 processes restores here, onto another mesh, to the same parameters.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from helpers.multiprocess import run_in_processes
+from meshattn.configs import load_config
+from meshattn.scripts import checkpointing
+from meshattn.scripts.train_loop import train
+from meshattn.sharding import create_mesh
+
+RUN = ["num_decoder_layers=1", "mlp_dim=64", "max_target_length=32",
+       "max_prefill_predict_length=32", "task_max_pairs=4", "task_num_queries=2",
+       "global_batch_size=8", "task_eval_rows=8", "log_period=1", "eval_period=2", "steps=2",
+       "learning_rate=1e-2", "warmup_steps=0", "ici_fsdp_parallelism=-1", "checkpoint_period=2"]
+TOLERANCE = 1e-5  # relative; measured differences are float32 reduction order
+
+
+def _worker(out_dir):
+  cfg = load_config("tiny-lm", *RUN, "dcn_data_parallelism=2", 'output_dir=""',
+                    f"checkpoint_dir={out_dir}/checkpoints")
+  result = train(cfg, progress=False)
+  if jax.process_index() == 0:
+    losses = [h["loss"] for h in result["history"]]
+    pathlib.Path(out_dir, "losses.json").write_text(json.dumps(losses))
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_restores_here(tmp_path):
+  run_in_processes(_worker, str(tmp_path / "two"))
+  two = json.loads((tmp_path / "two" / "losses.json").read_text())
+  cfg = load_config("tiny-lm", *RUN, "ici_data_parallelism=2", 'output_dir=""', "checkpoint_period=0")
+  one = train(cfg, progress=False)
+  np.testing.assert_allclose(two, [h["loss"] for h in one["history"]], rtol=TOLERANCE)
+
+  ckpt = tmp_path / "two" / "checkpoints"
+  other = checkpointing.load_checkpoint_config(ckpt, "ici_tensor_parallelism=2",
+                                               "ici_fsdp_parallelism=-1")
+  restored = checkpointing.restore_params(ckpt, other, create_mesh(other))
+  want = jax.tree_util.tree_leaves_with_path(one["params"])
+  got = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(restored, nnx.Param))))
+  for path, value in want:
+    value = np.asarray(value)
+    np.testing.assert_allclose(np.asarray(got[path]), value, atol=TOLERANCE * np.max(np.abs(value)),
+                               err_msg=jax.tree_util.keystr(path))
