@@ -38,6 +38,7 @@ from meshattn.kvcache.quant import (
     KVQuant, dequantize, from_cache_basis, quantize, scales_by_token, to_cache_basis)
 from meshattn.kvcache.step_checks import (
     Rejection, StepRejected, explain, fold, is_concrete, raise_now)
+from meshattn.kvcache.views import ContiguousView
 
 CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
@@ -123,6 +124,35 @@ class KVCache(nnx.Module):
       return x
     from meshattn.sharding import logical_to_sharding
     return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
+
+  # ---- the decode kernels' view --------------------------------------------------
+
+  # What this kind asks of a decode kernel (registry features): nothing beyond the call's.
+  kernel_features: frozenset[str] = frozenset()
+
+  def decode_view(self, rows: jax.Array, new_lengths: jax.Array, *,
+                  all_slots: bool) -> ContiguousView:
+    """The cache as a decode kernel reads it after a step wrote slots rows [b] up to
+    new_lengths [b]: every slot as stored (never gathered by rows), length 0 for the slots
+    the step does not use unless `all_slots` (rows = 0..B-1); a ring buffer is read whole."""
+    if all_slots:
+      lengths = new_lengths  # [B]
+    else:
+      selected = jnp.zeros((self.batch_size,), bool).at[rows].set(True, mode="drop")  # [B]
+      lengths = jnp.where(selected, self.lengths[...], 0)  # [B]
+    if self.window:
+      lengths = jnp.minimum(lengths, self.capacity)
+    names = self.axis_names
+    scale_names = (names[0], names[2] if self.quant and self.quant.axis == "dkv" else None,
+                   names[1])
+    return ContiguousView(
+        key=self.logical_view(self.key[...]), value=self.logical_view(self.value[...]),
+        lengths=lengths,
+        key_scale=self.key_scale[...] if self.quant else None,  # [B, K or 1, C]
+        value_scale=self.value_scale[...] if self.quant else None,
+        axes=(("key", names), ("value", names), ("lengths", names[:1]),
+              ("key_scale", scale_names), ("value_scale", scale_names)),
+        batch_name=names[0], heads_name=names[2], holds_window=bool(self.window))
 
   # ---- layout helpers ----------------------------------------------------------
 

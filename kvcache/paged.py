@@ -56,6 +56,7 @@ from flax import nnx
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES, _is_concrete, raise_if
 from meshattn.kvcache.step_checks import Rejection, explain, fold, raise_now
 from meshattn.kvcache.quant import KVQuant, dequantize, from_cache_basis, quantize, to_cache_basis
+from meshattn.kvcache.views import PagedView
 
 
 class PagedKVCache(nnx.Module):
@@ -131,6 +132,30 @@ class PagedKVCache(nnx.Module):
       values = 2 * self.num_kv_heads * self.head_dim * self.quant.bits / 8
       return values + 2 * self.quant.scale_shape(self.num_kv_heads) * 4
     return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+  # ---- the decode kernels' view --------------------------------------------------
+
+  # What this kind asks of a decode kernel (registry features): one that reads pages.
+  kernel_features: frozenset[str] = frozenset({"paged_kv"})
+
+  def decode_view(self, rows: jax.Array, new_lengths: jax.Array, *,
+                  all_slots: bool) -> PagedView:
+    """The pool as a decode kernel reads it after a step wrote slots rows [b] up to
+    new_lengths [b]: the rows' page tables, lengths and slots; the whole pool."""
+    del all_slots  # rows index the kernel's batch either way
+    batch_name = self._table_names[0]
+    return PagedView(
+        key_pages=self.key_pages[...], value_pages=self.value_pages[...],  # [P, tpp, K, H]
+        page_table=self.page_table[...][rows], lengths=new_lengths,  # [b, M], [b]
+        page_owner=self.page_owner[...], slots=rows,  # [P], [b]
+        key_scale=self.key_scale[...] if self.quant else None,  # [P, tpp, K or 1]
+        value_scale=self.value_scale[...] if self.quant else None,
+        axes=(("key_pages", self._pool_names), ("value_pages", self._pool_names),
+              ("page_table", self._table_names), ("lengths", (batch_name,)),
+              ("page_owner", self._owner_names), ("slots", (batch_name,)),
+              ("key_scale", self._scale_names if self.quant else ()),
+              ("value_scale", self._scale_names if self.quant else ())),
+        batch_name=batch_name, heads_name=self._pool_names[2])
 
   # ---- positions -------------------------------------------------------------
 

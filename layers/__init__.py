@@ -2,7 +2,8 @@
 
 from meshattn.layers.attention import KNOWN_KERNELS, Attention
 from meshattn.layers.flax_compat import AttentionType, MultiHeadAttention
-from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import dot_product_attention
 from meshattn.layers.linen_bridge import attention_as_linen
 from meshattn.layers.masks import (
     ATTENTION_TYPES, MaskSpec, combine_masks, make_attention_mask, make_causal_mask)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -27,18 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from meshattn.configs.vocabulary import TRAIN_KERNELS
+from meshattn.configs.vocabulary import DECODE_KERNELS, TRAIN_KERNELS
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
-from meshattn.layers.cached_step import cached_step, decode_with_kernel, step_positions
-from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.dot_product import KernelOptions
-from meshattn.layers.kernels.sharded import sharded_kernel_call
-from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
+from meshattn.layers.cached_step import cached_attention, step_positions
+from meshattn.layers.kernels import dispatch
+from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
 from meshattn.layers.masks import packed_mask_inputs
 from meshattn.layers.positions import flatten_positions, temperature_tune
-from meshattn.layers.prefill_attention import fresh_prompt_attention, whole_slot_attention
 from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
@@ -61,9 +57,9 @@ class Attention(nnx.Module):
       settings = AttentionSettings.with_overrides({}, overrides)
     if settings.attention not in KNOWN_KERNELS:
       raise ValueError(f"attention={settings.attention!r}: allowed {KNOWN_KERNELS} "
-                       f"(decode kernels go in decode_attention: {registry.DECODE_KERNELS})")
-    if settings.decode_attention not in registry.DECODE_KERNELS:
-      raise ValueError(f"decode_attention={settings.decode_attention!r}: allowed {registry.DECODE_KERNELS}")
+                       f"(decode kernels go in decode_attention: {DECODE_KERNELS})")
+    if settings.decode_attention not in DECODE_KERNELS:
+      raise ValueError(f"decode_attention={settings.decode_attention!r}: allowed {DECODE_KERNELS}")
     self.settings = settings
     self.mesh = mesh
     s = settings
@@ -129,58 +125,18 @@ class Attention(nnx.Module):
         inputs_kv if inputs_v is None else inputs_v)  # [B, S, K, H]
     return query, key, value
 
-  def _kernel_options(self) -> KernelOptions:
-    s = self.settings
-    return KernelOptions(
-        mask=s.mask, scale=s.scale, soft_cap=s.attn_logits_soft_cap,
-        float32_qk_product=s.float32_qk_product, float32_logits=s.float32_logits,
-        dropout_rate=s.dropout_rate, broadcast_dropout=s.broadcast_dropout, precision=s.precision,
-        score_mod=s.score_mod, mask_mod=s.mask_mod)
-
-  # ---- kernel selection -----------------------------------------------------
-
-  def _features(self, mode: str, *, segments=False, mask=False, bias=False, dropout=False,
-                weights=False) -> frozenset[str]:
-    """The registry features this call needs (nothing the layer does is left out)."""
-    s = self.settings
-    kind = {"global": "causal", "local_sliding": "window", "chunk": "chunk", "full": "full"}
-    wanted = {kind[s.mask.attention_type]}
-    flags = {
-        "gqa": s.num_kv_heads < s.num_query_heads, "segment_ids": segments,
-        "soft_cap": s.attn_logits_soft_cap is not None, "sinks": s.attention_sink,
-        "user_mask": mask, "user_bias": bias, "score_mod": s.score_mod is not None,
-        "mask_mod": s.mask_mod is not None, "dropout": dropout, "weights": weights,
-        "backward": mode == "train", "float32": jnp.dtype(s.dtype) == jnp.float32,
-        "quantized_kv": mode != "train" and s.kv_quant is not None,
-        "paged_kv": mode != "train" and isinstance(self.cache, PagedKVCache)}
-    return frozenset(wanted | {name for name, on in flags.items() if on})
-
-  def _platform(self) -> str:
-    # pallas_interpret runs the TPU Pallas kernels on this host (tests on CPU).
-    return "tpu" if self.settings.pallas_interpret else registry.current_platform()
-
-  def _select(self, mode: str, features: frozenset[str], lengths=(None, None)) -> registry.Kernel:
-    """The kernel for this call; lengths (query, key), where known, let autoselect skip
-    kernels that cannot tile them."""
-    s = self.settings
-    name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
-    return registry.select(name, registry.Request(self._platform(), mode, features,
-                                                  head_dim=s.head_dim, dtype=s.dtype,
-                                                  q_len=lengths[0], kv_len=lengths[1]))
-
-  def _load(self, kernel: registry.Kernel):
-    fn = kernel.load()
-    if self.settings.pallas_interpret and (kernel.platforms == frozenset({"tpu"})
-                                           or kernel.name in ("ragged", "paged")):
-      fn = functools.partial(fn, interpret=True)
-    return fn
+  # ---- kernel hooks (kernels/dispatch.py decides; subclasses may wrap) ---------
 
   def _kernel_fn(self, mode: str, features: frozenset[str], lengths=(None, None)):
-    """(kernel fn, length layout): how shard_map splits the sequence for it
-    (registry.Kernel.length_layout: an index-masked kernel keeps the query length whole, the
-    ring kernel keeps K/V split too)."""
-    kernel = self._select(mode, features, lengths)
-    return self._load(kernel), kernel.length_layout
+    """(kernel fn, length layout) of a train-protocol call (dispatch.train_kernel)."""
+    return dispatch.train_kernel(self.settings, mode, features, lengths)
+
+  def _call_kernel(self, kernel, axes, query, key, value, *, shard: bool = True,
+                   layout: str = "split", return_weights: bool = False, **kernel_args):
+    """A train kernel, under shard_map over the layer's mesh unless `shard` is False."""
+    return dispatch.call_train_kernel(kernel, self.mesh, self.settings.logical_axis_rules, axes,
+                                      query, key, value, shard=shard, layout=layout,
+                                      return_weights=return_weights, **kernel_args)
 
   # ---- call -----------------------------------------------------------------
 
@@ -372,7 +328,7 @@ class Attention(nnx.Module):
       dropout_rng = stream.dropout()
     sinks = self.sinks[...] if s.attention_sink else None
     # The structural mask runs on token index in train mode (positions only rotate).
-    kernel_args = dict(options=self._kernel_options(), q_positions=q_idx, kv_positions=kv_idx,
+    kernel_args = dict(options=dispatch.kernel_options(s), q_positions=q_idx, kv_positions=kv_idx,
                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=user_mask,
                        bias=user_bias, dropout_rng=dropout_rng, deterministic=deterministic)
 
@@ -390,8 +346,9 @@ class Attention(nnx.Module):
                                                 precision=s.precision, **packed_args(False))
     else:
       dropout_on = dropout_rng is not None
-      features = self._features("train", segments=q_seg is not None, mask=user_mask is not None,
-                                bias=user_bias is not None, dropout=dropout_on, weights=sow_weights)
+      features = dispatch.call_features(s, "train", segments=q_seg is not None,
+                                        mask=user_mask is not None, bias=user_bias is not None,
+                                        dropout=dropout_on, weights=sow_weights)
       kernel, layout = self._kernel_fn("train", features, (q_len, kv_len))
       # Explicit partitioning; dropout and sown weights run auto-sharded
       # instead (one shard's RNG stream would repeat on every shard).
@@ -404,18 +361,6 @@ class Attention(nnx.Module):
     out = self._output(context, axes)  # [B, T, D_out]
     return out.reshape(batch_shape + out.shape[1:])
 
-  def _call_kernel(self, kernel, axes, query, key, value, *, shard: bool = True,
-                   layout: str = "split", return_weights: bool = False, **kernel_args):
-    """A train kernel: under shard_map over the mesh (if any and `shard`), else as is.
-
-    layout (registry.Kernel.length_layout): "split" splits the query length
-    and gathers K/V, "whole" keeps the query length on every shard (kernels
-    that mask by token index), "ring" splits K/V too (see `sharded_kernel_call`)."""
-    if self.mesh is not None and shard:
-      return sharded_kernel_call(kernel, self.mesh, self.settings.logical_axis_rules, axes,
-                                 query, key, value, layout=layout, **kernel_args)
-    return kernel(query, key, value, return_weights=return_weights, **kernel_args)
-
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
     cache = self.cache
@@ -424,9 +369,8 @@ class Attention(nnx.Module):
                        "max_length) first")
     # Checked once for the whole call (every chunk included) before anything is written.
     plan = plan_step(s, cache, inputs_q, decoder_segment_ids, slots, model_mode)
-    rows, valid = plan.rows, plan.valid
     batch, length = inputs_q.shape[:2]
-    positions = step_positions(cache, jnp.clip(rows, 0, cache.batch_size - 1), length)  # [B, T]
+    positions = step_positions(cache, jnp.clip(plan.rows, 0, cache.batch_size - 1), length)  # [B, T]
     rope_positions = positions
     if inputs_positions is not None:  # [B, T], or MRoPE streams [n, B, T]
       rope_positions = flatten_positions(jnp.asarray(inputs_positions), (batch,),
@@ -441,36 +385,11 @@ class Attention(nnx.Module):
     # (the logits are unchanged) and the context comes back at the end.
     query, key, value = (to_cache_basis(t, cache.quant) for t in (query, key, value))
     sinks = self.sinks[...] if s.attention_sink else None
-    options = self._kernel_options()
-    if model_mode == "autoregressive":
-      kernel = self._select(model_mode, self._features(model_mode))
-      if kernel.name != "dot_product":
-        with _restore_on_error(cache):
-          context = decode_with_kernel(
-              cache, rows, query, key, value, positions=positions, valid=valid, options=options,
-              sinks=sinks, kernel=self._load(kernel), paged=isinstance(cache, PagedKVCache),
-              all_slots=plan.all_slots, mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
-          record(cache, plan, self.mesh)
-        return self._output(from_cache_basis(context, cache.quant), axes)
-    chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
-    # A prompt on empty slots is train-mode attention over itself: the first
-    # chunk may run the train kernel (flash on GPU/TPU) instead of the
-    # blockwise pass over the whole cache (see cached_step).
-    first = min(chunk, length)
-    fresh = (fresh_prompt_attention(self, axes, padded=decoder_segment_ids is not None, sinks=sinks,
-                                    length=first) if model_mode == "prefill" else None)
-    slot = (whole_slot_attention(self, axes, sinks=sinks, lengths=(first, cache.capacity))
-            if model_mode == "prefill" else None)
     with _restore_on_error(cache):
-      contexts = []
-      for start in range(0, length, chunk):
-        part = slice(start, min(start + chunk, length))
-        contexts.append(cached_step(
-            cache, rows, query[:, part], key[:, part], value[:, part], positions=positions[:, part],
-            valid=valid[:, part], options=options, sinks=sinks,
-            fresh_attention=fresh if start == 0 else None, slot_attention=slot))  # [B, chunk, N, H]
+      context = cached_attention(self, cache, plan, query, key, value, positions=positions,
+                                 model_mode=model_mode, axes=axes, sinks=sinks,
+                                 padded=decoder_segment_ids is not None)  # [B, T, N, H]
       record(cache, plan, self.mesh)
-    context = jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
     return self._output(from_cache_basis(context, cache.quant), axes)
 
 

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.cache import KVCache
-from meshattn.layers.kernels.cached import attend_with_cache
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels import dispatch
+from meshattn.layers.kernels.decode.cached import attend_with_cache
+from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_decode_call
 from meshattn.layers.masks import structural_mask
+from meshattn.layers.prefill_attention import fresh_prompt_attention, whole_slot_attention
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -129,54 +131,80 @@ def _fresh_or_cached(all_fresh: jax.Array, fresh: StepAttention | None, cached: 
 
 def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array, value: jax.Array, *,
                        positions: jax.Array, valid: jax.Array, options: KernelOptions,
-                       sinks: jax.Array | None, kernel, paged: bool, all_slots: bool = False,
+                       sinks: jax.Array | None, kernel, all_slots: bool = False,
                        mesh=None, rules=(), axes=None) -> jax.Array:
-  """One decode step through a ragged / paged decode kernel: write, then attend.
+  """One decode step through a decode-protocol kernel (kernels/api.py): write, then attend.
 
   query [b, 1, N, H], key/value [b, 1, K, H]; rows [b] the slots (checked by
   the caller, `valid` cleared if the step was rejected). The token is written
   first, so row b attends over its entries [0, new_length) and the kernel
-  reads only those. A ring buffer holds exactly the window after the write,
-  so it is read whole (min(length, window) entries, no window mask).
+  reads only those, through the cache's view of itself (`cache.decode_view`:
+  contiguous or paged, kvcache/views.py). A ring buffer holds exactly the
+  window after the write, so it is read whole (no window mask).
 
-  The contiguous cache is handed to the kernel as it is stored, never
-  gathered by rows: with `all_slots` (rows = 0..B-1) directly; otherwise the
-  queries are scattered into a [B, N, H] batch whose other rows have length
-  0 (the kernels skip them) and the outputs gathered back. Returns [b, 1, N, H].
+  A view whose rows are cache slots (`by_slot`: the contiguous cache, handed
+  over as stored, never gathered by rows) takes the queries directly with
+  `all_slots` (rows = 0..B-1); otherwise they are scattered into a [B, N, H]
+  batch whose other rows have length 0 (the kernels skip them) and the
+  outputs gathered back. Returns [b, 1, N, H].
   """
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   cache.write(rows, key, value, positions, valid, new_lengths)
-  quant = cache.quant is not None
-  shared = dict(scale=options.scale, soft_cap=options.soft_cap, sinks=sinks)
+  view = cache.decode_view(rows, new_lengths, all_slots=all_slots)
+  shared = dict(scale=options.scale, soft_cap=options.soft_cap, sinks=sinks,
+                **view.static_args(options))
   q = query[:, 0]  # [b, N, H]
-  if paged:
-    pool = dict(key_pages=cache.key_pages[...], value_pages=cache.value_pages[...],
-                key_scale=cache.key_scale[...] if quant else None,
-                value_scale=cache.value_scale[...] if quant else None,  # [P, tpp, K, H]
-                page_owner=cache.page_owner[...])  # [P]: kernels read only the row's own pages
-    batched = dict(page_table=cache.page_table[...][rows], lengths=new_lengths,  # [b, M], [b]
-                   slots=rows)  # [b]
-  else:
-    if not all_slots:
-      selected = jnp.zeros((cache.batch_size,), bool).at[rows].set(True, mode="drop")  # [B]
-      q = jnp.zeros((cache.batch_size,) + q.shape[1:], q.dtype).at[rows].set(q, mode="drop")
-    lengths = jnp.where(selected, cache.lengths[...], 0) if not all_slots else new_lengths  # [B]
-    shared["window"] = options.mask.window if options.mask.attention_type == "local_sliding" else None
-    if cache.window:
-      lengths, shared["window"] = jnp.minimum(lengths, cache.capacity), None
-    pool = {}
-    batched = dict(key=cache.logical_view(cache.key[...]),  # [B, C, K, H]
-                   value=cache.logical_view(cache.value[...]),  # [B, C, K, H]
-                   lengths=lengths,
-                   key_scale=cache.key_scale[...] if quant else None,  # [B, K or 1, C]
-                   value_scale=cache.value_scale[...] if quant else None)
+  scattered = view.by_slot and not all_slots
+  if scattered:
+    q = jnp.zeros((cache.batch_size,) + q.shape[1:], q.dtype).at[rows].set(q, mode="drop")  # [B, N, H]
   if mesh is not None:
-    out = sharded_decode_call(kernel, mesh, rules, axes, q, batch_args=batched,
-                              pool_args=pool, shared_args=shared)  # [B or b, N, H]
+    out = sharded_decode_call(kernel, mesh, rules, axes, q, view, shared_args=shared)  # [B or b, N, H]
   else:
-    out = kernel(q, **batched, **pool, **shared)  # [B or b, N, H]
-  if not paged and not all_slots:
+    out = kernel(q, **view.arrays(), **shared)  # [B or b, N, H]
+  if scattered:
     out = out[jnp.clip(rows, 0, cache.batch_size - 1)]  # [b, N, H]
   out = jnp.where(valid[:, 0, None, None], out, 0.0)  # rows that wrote nothing output zeros
   return out[:, None].astype(query.dtype)
+
+
+def cached_attention(layer, cache, plan, query: jax.Array, key: jax.Array, value: jax.Array, *,
+                     positions: jax.Array, model_mode: str, axes, sinks: jax.Array | None,
+                     padded: bool) -> jax.Array:
+  """The context [b, T, N, H] of a prefill / autoregressive step of `layer` over `cache`.
+
+  plan: the checked step (step_inputs.plan_step); query [b, T, N, H], key/value
+  [b, T, K, H] in the cache's basis; positions [b, T] from `step_positions`; padded:
+  the call gave segment ids (right padding). Decode runs the registry's decode kernel
+  when it picks one (else the reference cached step); prefill runs in chunks of
+  prefill_chunk_size with chunked prefill, the first chunk of a fresh prompt through
+  the train kernel, and chunks continuing their slots through a tiled kernel over the
+  whole slot (prefill_attention) where one serves.
+  """
+  s = layer.settings
+  options = dispatch.kernel_options(s)
+  if model_mode == "autoregressive":
+    kernel = dispatch.decode_kernel(s, cache)
+    if kernel is not None:
+      return decode_with_kernel(
+          cache, plan.rows, query, key, value, positions=positions, valid=plan.valid,
+          options=options, sinks=sinks, kernel=kernel, all_slots=plan.all_slots,
+          mesh=layer.mesh, rules=s.logical_axis_rules, axes=axes)
+  length = query.shape[1]
+  chunk = s.prefill_chunk_size if model_mode == "prefill" and s.use_chunked_prefill else length
+  # A prompt on empty slots is train-mode attention over itself: the first
+  # chunk may run the train kernel (flash on GPU/TPU) instead of the
+  # blockwise pass over the whole cache (see cached_step).
+  first = min(chunk, length)
+  fresh = (fresh_prompt_attention(layer, axes, padded=padded, sinks=sinks, length=first)
+           if model_mode == "prefill" else None)
+  slot = (whole_slot_attention(layer, axes, sinks=sinks, lengths=(first, cache.capacity))
+          if model_mode == "prefill" else None)
+  contexts = []
+  for start in range(0, length, chunk):
+    part = slice(start, min(start + chunk, length))
+    contexts.append(cached_step(
+        cache, plan.rows, query[:, part], key[:, part], value[:, part],
+        positions=positions[:, part], valid=plan.valid[:, part], options=options, sinks=sinks,
+        fresh_attention=fresh if start == 0 else None, slot_attention=slot))  # [b, chunk, N, H]
+  return jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import linen, nnx
 
 from meshattn.layers.attention import Attention, _flatten_pairwise
-from meshattn.layers.kernels.flax_fn import call_flax_attention_fn
+from meshattn.layers.kernels import dispatch
+from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import _init_flat, default_bias_init, default_kernel_init
 from meshattn.layers.rope import RopeSpec
@@ -209,8 +210,8 @@ class MultiHeadAttention(Attention):
 
   def _kernel_fn(self, mode, features, lengths=(None, None)):
     """Attention's kernel, with attnax's attention_block_size as the blockwise tiles."""
-    kernel = self._select(mode, features, lengths)
-    fn = self._load(kernel)
+    kernel = dispatch.select(self.settings, mode, features, lengths)
+    fn = dispatch.load(self.settings, kernel)
     size = self.attention_block_size
     if size and kernel.name == "blockwise":
       fn = _with_blocks(fn, size)
@@ -329,7 +330,7 @@ class MultiHeadAttention(Attention):
     visible = jnp.broadcast_to(visible, (batch,) + visible.shape[1:])  # [B, 1|N, 1, L]
     kv_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))
     dropout_rng = dropout.dropout() if dropout is not None and not deterministic else None
-    args = dict(options=self._kernel_options(), q_positions=positions, kv_positions=kv_positions,
+    args = dict(options=dispatch.kernel_options(s), q_positions=positions, kv_positions=kv_positions,
                 q_segment_ids=None, kv_segment_ids=None, sinks=None, mask=visible, bias=None,
                 dropout_rng=dropout_rng, deterministic=deterministic)
     keys, values = keys.astype(query.dtype), values.astype(query.dtype)
@@ -337,8 +338,8 @@ class MultiHeadAttention(Attention):
       context, weights = call_flax_attention_fn(s.attention_fn, query, keys, values, dtype=s.dtype,
                                                 precision=s.precision, **args)
     else:
-      features = self._features("train", mask=True, dropout=dropout_rng is not None,
-                                weights=sow_weights)
+      features = dispatch.call_features(s, "train", mask=True, dropout=dropout_rng is not None,
+                                        weights=sow_weights)
       kernel, layout = self._kernel_fn("train", features, (1, max_length))
       # One query token: no sequence to split, so the kernel runs auto-sharded.
       context, weights = self._call_kernel(kernel, axes, query, keys, values, shard=False,

@@ -15,6 +15,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from meshattn.layers.kernels import dispatch
 from meshattn.layers.masks import MaskSpec
 
 
@@ -29,12 +30,12 @@ def fresh_prompt_attention(layer, axes, *, padded: bool, sinks, length: int | No
   Padding queries output zeros, as on the cached path.
   """
   segments = padded and layer.settings.mask.attention_type == "full"
-  features = layer._features("train", segments=segments) - {"backward"}
+  features = dispatch.call_features(layer.settings, "train", segments=segments) - {"backward"}
   try:
     kernel, layout = layer._kernel_fn("train", features, (length, length))
   except ValueError:  # e.g. `flash` on CPU, or no segment ids: the cached path serves it
     return None
-  options = layer._kernel_options()
+  options = dispatch.kernel_options(layer.settings)
 
   def attend(query, key, value, valid):
     b, t = valid.shape
@@ -55,15 +56,15 @@ def whole_slot_attention(layer, axes, *, sinks, lengths=(None, None)):
   `dot_product` serves it (it would materialise [b, N, T, C] logits; the block-by-block
   cached path is the better reference then)."""
   structural = {"causal", "window", "chunk", "full", "backward"}
-  features = (layer._features("train", mask=True) - structural) | {"full"}
+  features = (dispatch.call_features(layer.settings, "train", mask=True) - structural) | {"full"}
   try:
-    selected = layer._select("train", features, lengths)
+    selected = dispatch.select(layer.settings, "train", features, lengths)
   except ValueError:
     return None
   if selected.name == "dot_product":
     return None
-  kernel, layout = layer._load(selected), selected.length_layout
-  options = dataclasses.replace(layer._kernel_options(), mask=MaskSpec("full"))
+  kernel, layout = dispatch.load(layer.settings, selected), selected.length_layout
+  options = dataclasses.replace(dispatch.kernel_options(layer.settings), mask=MaskSpec("full"))
 
   def attend(query, key, value, mask, q_positions, kv_positions):
     if layout == "whole":  # kernels that mask by token index: the mask carries the positions

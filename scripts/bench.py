@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import (
     TOLERANCE, Row, copy_bandwidth, failed, rel_err, time_fn, to_pages)
@@ -50,7 +50,7 @@ __all__ = ["Row", "TOLERANCE", "rel_err", "time_fn", "main"]
 
 def decode_kernels(platform: str) -> dict[str, tuple[Callable, bool]]:
   """Name -> (fn(q [B, N, H], k, v [B, S, K, H], lengths [B], pages) -> [B, N, H], paged?)."""
-  from meshattn.layers.kernels import decode
+  from meshattn.layers.kernels.decode import decode
   kernels = {}
 
   def jax_nn(implementation):
@@ -106,7 +106,7 @@ def bench_decode(args, platform: str) -> list[Row]:
       pages = (key_pages, value_pages, table, owner, slots)
       shape = f"b{b} kv{s} {'ragged' if ragged else 'uniform'}"
       reference = None
-      from meshattn.layers.kernels import decode
+      from meshattn.layers.kernels.decode import decode
       if args.check:
         reference = jax.jit(lambda q, k, v, l: decode.ragged_decode(
             q, k, v, l, scale=h ** -0.5, implementation="reference"))(q, kk, v, lengths)
@@ -135,7 +135,7 @@ def bench_decode(args, platform: str) -> list[Row]:
 def bench_int8_decode(q, k, v, lengths, shape, valid_bytes, bandwidth, args) -> list[Row]:
   """`ragged_decode` over an int8 cache (the Mosaic kernel where routed, else Triton) vs bf16."""
   from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-  from meshattn.layers.kernels import decode
+  from meshattn.layers.kernels.decode import decode
   kq, ks = quantize(k, KVQuant("int8"))
   vq, vs = quantize(v, KVQuant("int8"))
   ks, vs = scales_by_head(ks), scales_by_head(vs)  # [B, K, S], as the cache stores them

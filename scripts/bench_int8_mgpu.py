@@ -1,4 +1,4 @@
-"""Benchmark the experimental Mosaic GPU int8 decode kernel (layers/kernels/decode_int8_mgpu.py).
+"""Benchmark the experimental Mosaic GPU int8 decode kernel (layers/kernels/decode/decode_int8_mgpu.py).
 
     JAX_PLATFORMS=cuda,cpu python scripts/bench_int8_mgpu.py --out $OUT [--shapes 64x4096 ...]
 
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels.decode_int8_mgpu import BLOCK_KV, auto_splits, int8_decode_mgpu
-from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
+from meshattn.layers.kernels.decode.decode_int8_mgpu import BLOCK_KV, auto_splits, int8_decode_mgpu
+from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import failed, rel_err, time_fn
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128

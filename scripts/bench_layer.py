@@ -35,7 +35,7 @@ from flax import nnx
 
 from meshattn.configs import load_config
 from meshattn.layers import Attention
-from meshattn.layers.kernels import registry
+from meshattn.layers.kernels import dispatch, registry
 from meshattn.layers.serving import jit_step
 from meshattn.layers.step_inputs import host_raises_after_step
 from meshattn.scripts.bench_common import fmt, time_fn
@@ -82,11 +82,11 @@ def decode_parts(attn, x) -> dict[str, float]:
   s = attn.settings
   cache = attn.cache
   b = x.shape[0]
-  selected = attn._select("autoregressive", attn._features("autoregressive"))
+  selected = dispatch.select(s, "autoregressive", selected_features(attn))
   if selected.name == "dot_product":  # the cached reference path (CPU): time the ragged reference
     selected = registry.select("paged" if hasattr(cache, "page_table") else "ragged",
                                registry.Request("cpu", "autoregressive", selected_features(attn)))
-  kernel = attn._load(selected)
+  kernel = dispatch.load(s, selected)
   common = dict(scale=s.scale, soft_cap=s.attn_logits_soft_cap, sinks=None)
   rows = jnp.arange(b, dtype=jnp.int32)
 
@@ -124,7 +124,7 @@ def project(attn, x):
 
 
 def selected_features(attn):
-  return attn._features("autoregressive")
+  return dispatch.call_features(attn.settings, "autoregressive", cache=attn.cache)
 
 
 def scan_steps(attn, xs):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import TOLERANCE, Row, failed, rel_err, time_fn
 
@@ -38,7 +38,7 @@ FEATURE_KERNELS = ("flash", "blockwise", "dot_product")
 def _tokamax():
   """tokamax (patched for this JAX) when its Mosaic kernel runs here, else None."""
   try:
-    from meshattn.layers.kernels import flash_tokamax
+    from meshattn.layers.kernels.train import flash_tokamax
   except ImportError:
     return None
   return flash_tokamax._tokamax() if flash_tokamax.tokamax_available() else None
@@ -224,7 +224,7 @@ def _reference(platform: str, features: set[str], kwargs: dict, inputs, args):
 
 def _pallas_direct(**options):
   """The project's Pallas GPU (Triton) flash kernel, called without the registry."""
-  from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
+  from meshattn.layers.kernels.train.flash_pallas_gpu import pallas_gpu_flash_attention
 
   def run(q, k, v):
     b, t = q.shape[:2]

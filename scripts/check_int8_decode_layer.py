@@ -22,7 +22,7 @@ from flax import nnx
 
 from meshattn.kvcache import KVQuant
 from meshattn.layers import Attention
-from meshattn.layers.kernels import decode_int8_mgpu
+from meshattn.layers.kernels.decode import decode_int8_mgpu
 
 EMB, PROMPT, TOTAL, CAPACITY, BATCH = 512, 100, 108, 256, 3
 BOUND = 2e-2

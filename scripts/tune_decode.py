@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels import decode_splits
-from meshattn.layers.kernels.paged import paged_decode_pallas
-from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
+from meshattn.layers.kernels.decode import decode_splits
+from meshattn.layers.kernels.decode.paged import paged_decode_pallas
+from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import (
     copy_bandwidth, fmt, rel_err, time_fn, time_synced, to_pages)
 

@@ -18,7 +18,7 @@ O(s^2) memory): outputs, and for fwd+bwd the gradients (d sinks at 5x the
 tolerance: a sum over every row), at 2e-2 of the reference's max |value|
 for bfloat16. A mismatch is reported and not timed; a configuration whose
 tiles need more shared memory than the GPU has per block (the model in
-layers/kernels/flash_pallas_gpu_tiles.py) is refused before compiling, and
+layers/kernels/train/flash_pallas_gpu_tiles.py) is refused before compiling, and
 one that fails to compile otherwise, reported and skipped. At --head-dim 256
 most h128 candidates are refused that way; the kernel's defaults there (None
 in every knob) are flash_pallas_gpu_tiles.Tiles.get_default's.
@@ -51,8 +51,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
-from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import dot_product_attention
+from meshattn.layers.kernels.train.flash_pallas_gpu import pallas_gpu_flash_attention
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import TOLERANCE, failed, fmt, rel_err, time_fn
 

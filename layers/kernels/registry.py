@@ -144,6 +144,13 @@ class Kernel:
   ring: bool = False
   # Head dims, dtypes and tile memory it runs (checked before it is chosen).
   limits: Limits = Limits()
+  # Which call it takes (kernels/api.py): "train" (Q/K/V and the train keywords), "decode"
+  # (one query per row over a cache's view) or "cached" (the reference cached step, which
+  # reads the cache block by block itself).
+  protocol: str = "train"
+  # Takes `interpret=True`: a Pallas kernel that runs in TPU interpret mode on this host
+  # (settings.pallas_interpret, CPU tests).
+  interpretable: bool = False
 
   @property
   def length_layout(self) -> str:
@@ -168,7 +175,7 @@ class Kernel:
 
 def _cudnn_available() -> bool:
   try:
-    from meshattn.layers.kernels.flash_gpu import cudnn_available
+    from meshattn.layers.kernels.train.flash_gpu import cudnn_available
   except ImportError:
     return False
   return cudnn_available()
@@ -176,7 +183,7 @@ def _cudnn_available() -> bool:
 
 def _tokamax_available() -> bool:
   try:
-    from meshattn.layers.kernels.flash_tokamax import tokamax_available
+    from meshattn.layers.kernels.train.flash_tokamax import tokamax_available
   except ImportError:
     return False
   return tokamax_available()
@@ -356,7 +363,7 @@ def _pallas_gpu_fits(request: Request) -> str | None:
   # Pure Python (no Pallas import): the tiles chosen for this head_dim / dtype and the
   # shared memory they need against the GPU's per-block limit.
   # pylint: disable-next=import-outside-toplevel
-  from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles
+  from meshattn.layers.kernels.train import flash_pallas_gpu_tiles as tiles
   return tiles.unsupported(request.head_dim, request.input_dtype,
                            backward="backward" in request.features,
                            limit=tiles.shared_memory_limit())
@@ -379,11 +386,12 @@ TRITON_DECODE_LIMITS = Limits(_GPU, min_head_dim=16, head_dim_power_of_two=True,
                               why="the Triton decode kernels' block shapes")
 
 register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
-                f"{_K}.dot_product:dot_product_attention", "reference einsum"))
+                f"{_K}.train.dot_product:dot_product_attention", "reference einsum"))
 register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _ALL_DECODE,
-                "meshattn.layers.cached_step:cached_step", "reference cached, online softmax"))
+                "meshattn.layers.cached_step:cached_step", "reference cached, online softmax",
+                protocol="cached"))
 register(Kernel("blockwise", ALL, frozenset({"train"}), BLOCKWISE_FEATURES,
-                f"{_K}.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
+                f"{_K}.train.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
 def _splash_fits(request: Request) -> str | None:
   # Splash tiles both lengths in blocks of 128 lanes (flash_tpu._largest_block).
   bad = [f"{name} {n}" for name, n in (("q_len", request.q_len), ("kv_len", request.kv_len))
@@ -392,27 +400,28 @@ def _splash_fits(request: Request) -> str | None:
 
 
 register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATURES,
-                f"{_K}.flash_tpu:splash_attention", "Pallas TPU splash",
-                masks_by_index=True,
+                f"{_K}.train.flash_tpu:splash_attention", "Pallas TPU splash",
+                masks_by_index=True, interpretable=True,
                 limits=Limits(fits=_splash_fits, why="splash tiles lengths in 128-lane blocks")))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
-                f"{_K}.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
+                f"{_K}.train.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
                 masks_by_index=True, limits=CUDNN_LIMITS))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATURES,
-                f"{_K}.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
+                f"{_K}.train.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
                 available=_tokamax_available, rank=_tokamax_rank,
                 masks_by_index=True, limits=TOKAMAX_LIMITS))
 register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
-                f"{_K}.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
+                f"{_K}.train.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
                 masks_by_index=True, limits=PALLAS_GPU_FLASH_LIMITS))
 register(Kernel("ring", ALL, frozenset({"train"}), RING_FEATURES,
-                f"{_K}.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
+                f"{_K}.train.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
 register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
-                f"{_K}.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU",
-                limits=TRITON_DECODE_LIMITS))
+                f"{_K}.decode.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU",
+                limits=TRITON_DECODE_LIMITS, protocol="decode", interpretable=True))
 register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,
-                f"{_K}.decode:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
-                requires=frozenset({"paged_kv"}), limits=TRITON_DECODE_LIMITS))
+                f"{_K}.decode.decode:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
+                requires=frozenset({"paged_kv"}), limits=TRITON_DECODE_LIMITS, protocol="decode",
+                interpretable=True))
 
 
 def limits_table_markdown() -> str:

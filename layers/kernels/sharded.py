@@ -89,52 +89,47 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   return fn(query, key, value, array_args)
 
 
-def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, *,
-                        batch_args: dict, pool_args: dict, shared_args: dict):
-  """A decode kernel under shard_map: kernel(query [b, N, H], **args) -> [b, N, H].
+def sharded_decode_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, query, view, *,
+                        shared_args: dict):
+  """A decode kernel under shard_map: kernel(query [b, N, H], **view.arrays(), **shared_args)
+  -> [b, N, H].
 
-  batch_args have the batch first ([b, ...], e.g. caches [b, C, K, H],
-  lengths, page tables, the rows' cache slots), kv heads third in 4-D ones
-  and second in the 3-D scales [b, K or 1, C]; pool_args are shared by every
-  row: page pools [P, tpp, K, H] and their scales (sharded over kv heads
-  only) and page_owner [P] (replicated: a shard's rows may name any page,
-  so every shard checks ownership against the whole pool);
-  shared_args are static keyword arguments. Heads are sharded only when the
-  query and kv heads split the same way (else each shard holds all heads).
+  Every spec comes from the cache's view (kvcache/views.py): a dimension the view names
+  `batch_name` follows the queries' batch sharding, one named `heads_name` (of size > 1)
+  their head sharding, every other one (page ids, tokens, head_dim) is replicated; so a
+  page pool [P, tpp, K, H] is split over kv heads only and page_owner [P] is whole on
+  every shard (a shard's rows may name any page, so every shard checks ownership against
+  the whole pool). Heads are sharded only when the query and kv heads split the same way
+  (else each shard holds all heads). shared_args are static keywords, but for `sinks` [N].
   """
   q_spec = logical_to_spec(axes.query, rules, mesh, (query.shape[0], 1) + query.shape[1:])
-  kv_shape = batch_args["key"].shape if "key" in batch_args else pool_args["key_pages"].shape
-  kv_heads = kv_shape[2]  # caches [b, C, K, H] and pools [P, tpp, K, H] both have K third
+  arrays = {k: v for k, v in view.arrays().items() if v is not None}
+  kv_heads = next(x.shape[names.index(view.heads_name)] for name, x in arrays.items()
+                  for names in [view.logical_axes(name)] if view.heads_name in names)
   kv_heads_entry = logical_to_spec(axes.key, rules, mesh, (1, 1, kv_heads, query.shape[-1]))[2]
   batch = q_spec[0]
   heads = q_spec[2] if q_spec[2] == kv_heads_entry else None
 
-  def spec(x, batched):
-    if x is None:
-      return None
-    if not batched:
-      if x.ndim < 3:  # page_owner [P]
-        return P(*([None] * x.ndim))
-      # page pools and scales [P, tpp, K or 1, ...]
-      return P(None, None, heads if x.shape[2] > 1 else None, *([None] * (x.ndim - 3)))
-    entries = [batch] + [None] * (x.ndim - 1)
-    head_axis = 1 if x.ndim == 3 else 2  # [b, K, C] scales, [b, C, K, H] caches
-    if x.ndim >= 3 and x.shape[head_axis] > 1:
-      entries[head_axis] = heads
+  def spec(name: str, x: jax.Array) -> P:
+    entries = []
+    for dim, logical in enumerate(view.logical_axes(name)):
+      if logical is not None and logical == view.batch_name:
+        entries.append(batch)
+      elif logical is not None and logical == view.heads_name and x.shape[dim] > 1:
+        entries.append(heads)
+      else:
+        entries.append(None)
     return P(*entries)
 
-  def sinks_spec(x):
-    return None if x is None else P(heads)
-
-  arrays = {**{k: (v, spec(v, True)) for k, v in batch_args.items()},
-            **{k: (v, spec(v, False)) for k, v in pool_args.items()}}
+  shared_args = dict(shared_args)
   sinks = shared_args.pop("sinks", None)
-  names = [k for k, (v, _) in arrays.items() if v is not None]
+  names = list(arrays)
 
   def per_shard(query, sinks, *values):
     return kernel(query, sinks=sinks, **dict(zip(names, values)), **shared_args)
 
-  in_specs = (P(batch, heads, None), sinks_spec(sinks)) + tuple(arrays[k][1] for k in names)
+  in_specs = ((P(batch, heads, None), None if sinks is None else P(heads))
+              + tuple(spec(k, arrays[k]) for k in names))
   fn = jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=P(batch, heads, None),
                      check_vma=False)
-  return fn(query, sinks, *(arrays[k][0] for k in names))
+  return fn(query, sinks, *(arrays[k] for k in names))

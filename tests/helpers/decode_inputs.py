@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
+from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 
 N, H = 4, 16
 S = 36  # ragged capacity: not a multiple of BLOCK

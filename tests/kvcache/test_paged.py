@@ -23,7 +23,7 @@ from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.quant import KVQuant
 from meshattn.kvcache.step_checks import Rejection, fold
 from meshattn.layers.cached_step import cached_step, step_positions
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions
 
 
 def tables(cache):

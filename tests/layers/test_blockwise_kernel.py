@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention, score_mods
-from meshattn.layers.kernels.blockwise import BLOCKWISE_FEATURES, blockwise_attention
+from meshattn.layers.kernels.train.blockwise import BLOCKWISE_FEATURES, blockwise_attention
 
 B, N, H = 2, 4, 8
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}

@@ -122,7 +122,7 @@ def test_unsupported_decode_requests_are_refused():
     ("cpu", jnp.bfloat16, False, ("reference", "gpu")),
 ])
 def test_auto_decode_implementation_per_platform(monkeypatch, platform, dtype, paged, want):
-  from meshattn.layers.kernels import decode
+  from meshattn.layers.kernels.decode import decode
   monkeypatch.setattr(decode.jax, "default_backend", lambda: platform)
   assert decode.choose_implementation("auto", False, dtype, paged=paged) == want
   assert decode.choose_implementation("reference", False, dtype, paged=paged)[0] == "reference"

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels import decode_common as dc
-from meshattn.layers.kernels import decode_int8
-from meshattn.layers.kernels.paged import gather_pages, paged_decode_pallas
-from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_visible
+from meshattn.layers.kernels.decode import decode_common as dc
+from meshattn.layers.kernels.decode import decode_int8
+from meshattn.layers.kernels.decode.paged import gather_pages, paged_decode_pallas
+from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_visible
 
 from helpers.decode_inputs import attention_np, page_owners
 

@@ -1,4 +1,4 @@
-"""The experimental Mosaic GPU int8 decode kernel (layers/kernels/decode_int8_mgpu.py).
+"""The experimental Mosaic GPU int8 decode kernel (layers/kernels/decode/decode_int8_mgpu.py).
 
 Its numbers are checked on a Hopper GPU by scripts/bench_int8_mgpu.py
 (against ragged_decode_reference, with and without sinks, uniform and ragged
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from meshattn.layers.kernels import decode
-from meshattn.layers.kernels import decode_int8_mgpu as mgpu
+from meshattn.layers.kernels.decode import decode
+from meshattn.layers.kernels.decode import decode_int8_mgpu as mgpu
 
 
 @pytest.mark.parametrize("group", [1, 4, 16])

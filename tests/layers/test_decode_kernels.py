@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meshattn.layers.kernels import paged as paged_mod
-from meshattn.layers.kernels import ragged as ragged_mod
-from meshattn.layers.kernels.paged import (
+from meshattn.layers.kernels.decode import paged as paged_mod
+from meshattn.layers.kernels.decode import ragged as ragged_mod
+from meshattn.layers.kernels.decode.paged import (
     PAGED_FEATURES, paged_decode_pallas, paged_decode_reference)
-from meshattn.layers.kernels.ragged import (
+from meshattn.layers.kernels.decode.ragged import (
     RAGGED_FEATURES, ragged_decode_pallas, ragged_decode_reference)
 
 from helpers.decode_inputs import (

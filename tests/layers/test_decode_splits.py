@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
-from meshattn.layers.kernels import decode_common, decode_splits
-from meshattn.layers.kernels import ragged as ragged_mod
-from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_reference
-from meshattn.layers.kernels.ragged import ragged_decode_pallas, ragged_decode_reference
+from meshattn.layers.kernels.decode import decode_common, decode_splits
+from meshattn.layers.kernels.decode import ragged as ragged_mod
+from meshattn.layers.kernels.decode.paged import paged_decode_pallas, paged_decode_reference
+from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 
 from helpers.decode_inputs import (
     BACKENDS, BLOCK, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP,

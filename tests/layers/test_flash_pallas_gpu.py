@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
-from meshattn.layers.kernels import flash_bounds as fb
-from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles_lib
-from meshattn.layers.kernels.flash_pallas_gpu import (
+from meshattn.layers.kernels.train import flash_bounds as fb
+from meshattn.layers.kernels.train import flash_pallas_gpu_tiles as tiles_lib
+from meshattn.layers.kernels.train.flash_pallas_gpu import (
     PALLAS_GPU_FLASH_FEATURES, pallas_gpu_flash_attention)
 from meshattn.layers.masks import segment_mask, structural_mask
 
@@ -412,7 +412,7 @@ def _time(fn, *args, reps: int = 10) -> float:
 
 
 def bench(b=4, s=4096, n=32, k=8, h=128):
-  from meshattn.layers.kernels.blockwise import blockwise_attention
+  from meshattn.layers.kernels.train.blockwise import blockwise_attention
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (b, s, n, h), jnp.bfloat16)  # [B, T, N, H]
   key = jax.random.normal(ks[1], (b, s, k, h), jnp.bfloat16)  # [B, S, K, H]

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.kernel_checks import rel_err, values_and_grads
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
-from meshattn.layers.kernels.flash_tokamax import tokamax_attention, tokamax_available
+from meshattn.layers.kernels.train.flash_tokamax import tokamax_attention, tokamax_available
 
 B, N, H = 2, 4, 64
 

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from meshattn.layers import MultiHeadAttention
-from meshattn.layers.kernels.dot_product import KernelOptions, dot_product_attention
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import dot_product_attention
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.rope import RopeSpec, apply_rope
 

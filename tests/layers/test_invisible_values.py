@@ -24,12 +24,12 @@ from jax.sharding import PartitionSpec as P
 from helpers.numpy_reference import attention_core_np
 from meshattn.configs import load_config
 from meshattn.layers import Attention, KernelOptions, MaskSpec, dot_product_attention
-from meshattn.layers.kernels.blockwise import blockwise_attention
-from meshattn.layers.kernels import flash_gpu
-from meshattn.layers.kernels.cached import attend_with_cache
-from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
-from meshattn.layers.kernels.flash_tpu import splash_attention
-from meshattn.layers.kernels.ring import ring_attention
+from meshattn.layers.kernels.train.blockwise import blockwise_attention
+from meshattn.layers.kernels.train import flash_gpu
+from meshattn.layers.kernels.decode.cached import attend_with_cache
+from meshattn.layers.kernels.train.flash_pallas_gpu import pallas_gpu_flash_attention
+from meshattn.layers.kernels.train.flash_tpu import splash_attention
+from meshattn.layers.kernels.train.ring import ring_attention
 
 B, T, N, H = 2, 8, 4, 8
 # Row 0: two packed documents, right padding; row 1: left padding.

@@ -34,11 +34,11 @@ from flax import nnx
 
 from helpers.kernel_checks import rel_err
 from meshattn.layers import Attention, KernelOptions, MaskSpec, dot_product_attention
-from meshattn.layers.kernels import flash_tpu
-from meshattn.layers.kernels.blockwise import blockwise_attention
-from meshattn.layers.kernels.flash_pallas_gpu import pallas_gpu_flash_attention
-from meshattn.layers.kernels.flash_tpu import splash_attention
-from meshattn.layers.kernels.ring import ring_attention
+from meshattn.layers.kernels.train import flash_tpu
+from meshattn.layers.kernels.train.blockwise import blockwise_attention
+from meshattn.layers.kernels.train.flash_pallas_gpu import pallas_gpu_flash_attention
+from meshattn.layers.kernels.train.flash_tpu import splash_attention
+from meshattn.layers.kernels.train.ring import ring_attention
 from meshattn.layers.masks import (
     chunk_segment_ids, packed_mask_inputs, segment_mask, segment_positions, structural_mask)
 from meshattn.sharding import create_mesh, shard_module

@@ -21,9 +21,10 @@ import pytest
 from flax import nnx
 
 from meshattn.kvcache.quant import KVQuant, quantize
+from meshattn.kvcache.views import PagedView
 from meshattn.layers import Attention
-from meshattn.layers.kernels import decode
-from meshattn.layers.kernels.paged import paged_decode_pallas, paged_decode_reference
+from meshattn.layers.kernels.decode import decode
+from meshattn.layers.kernels.decode.paged import paged_decode_pallas, paged_decode_reference
 from meshattn.layers.kernels.sharded import sharded_decode_call
 from meshattn.layers.settings import ActivationAxes
 
@@ -198,15 +199,21 @@ def test_sharded_decode_splits_slots_and_replicates_owners():
   sinks = jnp.linspace(-1.0, 1.0, N)
 
   def run(table, mesh):
-    pool = dict(key_pages=key_pages, value_pages=value_pages, key_scale=None, value_scale=None,
-                page_owner=jnp.asarray(owners()))
-    batched = dict(page_table=jnp.asarray(table), lengths=jnp.asarray(LENGTHS),
-                   slots=jnp.asarray(SLOTS))
+    # The paged cache's view of itself (kvcache/views.py), its logical axes as the cache names them.
+    pool_axes = (None, None, "cache_heads", "cache_kv")
+    view = PagedView(
+        key_pages=key_pages, value_pages=value_pages, page_table=jnp.asarray(table),
+        lengths=jnp.asarray(LENGTHS), page_owner=jnp.asarray(owners()), slots=jnp.asarray(SLOTS),
+        key_scale=None, value_scale=None,
+        axes=(("key_pages", pool_axes), ("value_pages", pool_axes),
+              ("page_table", ("cache_batch", None)), ("lengths", ("cache_batch",)),
+              ("page_owner", (None,)), ("slots", ("cache_batch",)), ("key_scale", ()),
+              ("value_scale", ())),
+        batch_name="cache_batch", heads_name="cache_heads")
     shared = dict(scale=SCALE, soft_cap=None, sinks=sinks)
     if mesh is None:
-      return np.asarray(kernel(q, **batched, **pool, **shared))
-    return np.asarray(sharded_decode_call(kernel, mesh, rules, axes, q, batch_args=batched,
-                                          pool_args=pool, shared_args=shared))
+      return np.asarray(kernel(q, **view.arrays(), **shared))
+    return np.asarray(sharded_decode_call(kernel, mesh, rules, axes, q, view, shared_args=shared))
 
   got = run(corrupt, mesh)
   assert np.all(np.isfinite(got))

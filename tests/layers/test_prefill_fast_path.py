@@ -21,7 +21,8 @@ from flax import nnx
 
 from meshattn.kvcache import KVQuant
 from meshattn.layers import Attention, MaskSpec
-from meshattn.layers.kernels import blockwise, dot_product, registry
+from meshattn.layers.kernels.train import blockwise, dot_product
+from meshattn.layers.kernels import registry
 from meshattn.sharding import create_mesh, shard_module
 
 EMB = 32

@@ -118,13 +118,13 @@ def test_layer_refuses_an_explicit_kernel_missing_a_feature():
 
 
 @pytest.mark.parametrize("module, constant, registered", [
-    ("flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
-    ("flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
-    ("flash_tokamax", "TOKAMAX_FEATURES", "TOKAMAX_FEATURES"),
-    ("flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", "PALLAS_GPU_FLASH_FEATURES"),
-    ("blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
-    ("ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
-    ("paged", "PAGED_FEATURES", "PAGED_FEATURES"),
+    ("train.flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
+    ("train.flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
+    ("train.flash_tokamax", "TOKAMAX_FEATURES", "TOKAMAX_FEATURES"),
+    ("train.flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", "PALLAS_GPU_FLASH_FEATURES"),
+    ("train.blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
+    ("decode.ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
+    ("decode.paged", "PAGED_FEATURES", "PAGED_FEATURES"),
 ])
 def test_registered_features_match_each_kernel_module(module, constant, registered):
   """The registry states features without importing kernels; they must agree."""
@@ -171,8 +171,8 @@ def test_gpu_flash_falls_back_cleanly_without_tokamax(monkeypatch):
 def test_tokamax_module_imports_and_refuses_without_tokamax():
   """The adapter imports anywhere; on a machine without tokamax / a Hopper GPU it is
   unavailable, and it names the features it lacks before any work."""
-  from meshattn.layers.kernels import flash_tokamax
-  from meshattn.layers.kernels.dot_product import KernelOptions
+  from meshattn.layers.kernels.train import flash_tokamax
+  from meshattn.layers.kernels.api import KernelOptions
   from meshattn.layers.masks import MaskSpec
   if jax.default_backend() == "cpu":
     assert not flash_tokamax.tokamax_available()
@@ -209,7 +209,7 @@ def test_gemma2_packed_sinks_head_dim_256_is_served_by_a_kernel_that_fits():
   """The issue's crash: b4 s4096 hq16 hkv8 head_dim 256, packed documents + sinks, training on
   an H200. flash (Pallas) serves it with tiles whose shared memory fits; a head_dim it has no
   tiles for goes to blockwise when autoselected and raises, naming the limit, when named."""
-  from meshattn.layers.kernels import flash_pallas_gpu_tiles as tiles
+  from meshattn.layers.kernels.train import flash_pallas_gpu_tiles as tiles
   request = Request("gpu", "train", PACKED_SINKS, head_dim=256, dtype="bfloat16")
   assert select("autoselected", request).description == "Pallas GPU (Triton)"
   need = tiles.Tiles.get_default(256, 2).shared_memory(256, 2)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshattn.layers import Attention, KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.ring import ring_attention
+from meshattn.layers.kernels.train.ring import ring_attention
 from meshattn.sharding import create_mesh, shard_module
 
 AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
@@ -136,7 +136,7 @@ def test_layer_passes_split_blocks_around_the_ring(monkeypatch):
   """Through the registry (Kernel.load imports the function at call time): each shard's kernel
   call holds T / P keys and gets the context axis. Duplicated whole K/V would give the same
   softmax, so the shapes are checked, not only the values."""
-  from meshattn.layers.kernels import ring as ring_module
+  from meshattn.layers.kernels.train import ring as ring_module
   mesh = make_mesh(1, 4, 2)
   seen = []
 

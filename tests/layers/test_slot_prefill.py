@@ -56,7 +56,7 @@ def test_slot_path_equals_the_reference_path(case, monkeypatch):
   seg2 = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)
   reference = serve(build("dot_product", **CASES[case]), x, seg2)
   calls = []
-  import meshattn.layers.kernels.blockwise as blockwise
+  import meshattn.layers.kernels.train.blockwise as blockwise
   original = blockwise.blockwise_attention
 
   def spy(*args, **kwargs):

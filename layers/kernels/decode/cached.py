@@ -16,8 +16,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.dot_product import KernelOptions, mod_indices
-from meshattn.layers.kernels.online_softmax import NEG, finish, hide, live_keys, live_queries
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import mod_indices
+from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
 from meshattn.layers.masks import structural_mask
 
 # (start index) -> key, value [B, block, K, H] and positions [B, block]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels import decode_int8_mgpu
-from meshattn.layers.kernels import paged as paged_kernels
-from meshattn.layers.kernels import ragged as ragged_kernels
+from meshattn.layers.kernels.decode import decode_int8_mgpu
+from meshattn.layers.kernels.decode import paged as paged_kernels
+from meshattn.layers.kernels.decode import ragged as ragged_kernels
 
 
 def choose_implementation(implementation: str, interpret: bool, key_dtype, *,

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.decode_int8 import int8_pair_dot, rows_to_int8, uses_int8_pv
-from meshattn.layers.kernels.online_softmax import NEG, finish
+from meshattn.layers.kernels.decode.decode_int8 import int8_pair_dot, rows_to_int8, uses_int8_pv
+from meshattn.layers.kernels.shared.online_softmax import NEG, finish
 
 
 

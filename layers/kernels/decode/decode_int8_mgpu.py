@@ -63,7 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from meshattn.layers.kernels import decode_splits
+from meshattn.layers.kernels.decode import decode_splits
 
 # Query heads per kv head are padded to this many columns (wgmma N, and 32
 # bytes of bfloat16 p^T per key so the p tile can be swizzled).

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.decode_common import split_bounds
-from meshattn.layers.kernels.online_softmax import NEG, finish
+from meshattn.layers.kernels.decode.decode_common import split_bounds
+from meshattn.layers.kernels.shared.online_softmax import NEG, finish
 
 
 # ---- length-aware split-K ---------------------------------------------------------------

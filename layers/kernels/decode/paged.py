@@ -57,12 +57,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels.decode_common import (
+from meshattn.layers.kernels.decode.decode_common import (
     auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
     gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2, masked_decode_attention,
     next_pow2, online_block_update, unpack_gpu_refs)
-from meshattn.layers.kernels.decode_splits import call_gpu_decode, split_layout, split_nonempty
-from meshattn.layers.kernels.online_softmax import finish
+from meshattn.layers.kernels.decode.decode_splits import call_gpu_decode, split_layout, split_nonempty
+from meshattn.layers.kernels.shared.online_softmax import finish
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
 

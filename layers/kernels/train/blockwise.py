@@ -38,9 +38,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.online_softmax import NEG, hide, live_keys, live_queries
-from meshattn.layers.kernels.dot_product import (
-    KernelOptions, mod_indices, to_group_layout, visible_mask)
+from meshattn.layers.kernels.shared.online_softmax import NEG, hide, live_keys, live_queries
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import mod_indices, to_group_layout, visible_mask
 
 BLOCKWISE_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",

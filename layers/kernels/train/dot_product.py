@@ -21,37 +21,12 @@ select (jnp.where), they never multiply (see online_softmax.py).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.online_softmax import hide, live_keys, live_queries
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.shared.online_softmax import hide, live_keys, live_queries
 from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelOptions:
-  """Static options of one attention call (hashable, so jit-friendly)."""
-
-  mask: MaskSpec = MaskSpec()
-  scale: float = 1.0
-  soft_cap: float | None = None
-  float32_qk_product: bool = False
-  float32_logits: bool = False
-  dropout_rate: float = 0.0
-  broadcast_dropout: bool = True
-  precision: jax.lax.Precision | None = None
-  # FlexAttention-style hooks (see meshattn.layers.score_mods for prebuilt ones).
-  score_mod: Callable[..., jax.Array] | None = None
-  mask_mod: Callable[..., jax.Array] | None = None
-
-  def __post_init__(self):
-    if self.soft_cap is not None and self.soft_cap <= 0:
-      raise ValueError(f"attn_logits_soft_cap={self.soft_cap}: must be > 0 (or None/0 to disable)")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
 
 
 def to_group_layout(x: jax.Array | None, batch: int, kv_heads: int, q_len: int, kv_len: int,

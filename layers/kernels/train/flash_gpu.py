@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.dot_product import KernelOptions
-from meshattn.layers.kernels.flash_tpu import (
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.flash_tpu import (
     check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
-from meshattn.layers.kernels.online_softmax import hide
+from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
 CUDNN_FEATURES = frozenset({

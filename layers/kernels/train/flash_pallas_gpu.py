@@ -60,12 +60,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from meshattn.layers.kernels import flash_bounds as fb
-from meshattn.layers.kernels.dot_product import KernelOptions
-from meshattn.layers.kernels.flash_pallas_gpu_tiles import call_tiles
-from meshattn.layers.kernels.flash_tpu import (
+from meshattn.layers.kernels.train import flash_bounds as fb
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.flash_pallas_gpu_tiles import call_tiles
+from meshattn.layers.kernels.train.flash_tpu import (
     check_index_positions, keys_with_rows, reject_unsupported, requested_features, rows_with_keys)
-from meshattn.layers.kernels.online_softmax import NEG, hide
+from meshattn.layers.kernels.shared.online_softmax import NEG, hide
 from meshattn.layers.masks import MaskSpec
 
 PALLAS_GPU_FLASH_FEATURES = frozenset({
@@ -360,7 +360,7 @@ def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges
 def _flash_bwd(st: _Static, res, do):
   # The backward file imports this one's tile helpers, so it is imported here, not on top.
   # pylint: disable-next=import-outside-toplevel
-  from meshattn.layers.kernels.flash_pallas_gpu_bwd import backward_kernels
+  from meshattn.layers.kernels.train.flash_pallas_gpu_bwd import backward_kernels
   q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse = res
   dq, dk, dv, delta = backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o,
                                        lse, do)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from meshattn.layers.kernels import flash_bounds as fb
-from meshattn.layers.kernels.flash_pallas_gpu import (
+from meshattn.layers.kernels.train import flash_bounds as fb
+from meshattn.layers.kernels.train.flash_pallas_gpu import (
     _LOG2E, _Static, _common_inputs, _compiler_params, _dot, _kv_bounds_input, _kv_ranges,
     _logits, _optional_specs, _per_q_head_specs, _q_ranges, _tile_loops, _tile_mask, _unpack)
 

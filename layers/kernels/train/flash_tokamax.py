@@ -35,8 +35,8 @@ import types
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.dot_product import KernelOptions
-from meshattn.layers.kernels.flash_tpu import (
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.flash_tpu import (
     check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
 
 logger = logging.getLogger("meshattn.kernels")
@@ -199,7 +199,8 @@ def _fallback(query, key, value, **kwargs):
   head_dim, else the project's Pallas GPU kernel where it runs it (registry limits), else the
   blockwise kernel (every TOKAMAX_FEATURES case, any head_dim)."""
   # pylint: disable=import-outside-toplevel
-  from meshattn.layers.kernels import blockwise, flash_gpu, flash_pallas_gpu, registry
+  from meshattn.layers.kernels.train import blockwise, flash_gpu, flash_pallas_gpu
+  from meshattn.layers.kernels import registry
   shape = registry.Request("gpu", "train", frozenset({"backward"}), head_dim=query.shape[-1],
                            dtype=query.dtype)
   if (not kwargs["options"].soft_cap and not registry.CUDNN_LIMITS.violations(shape)

@@ -44,7 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from meshattn.layers.kernels.dot_product import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
 
 # Every feature name a fast kernel may be asked for (see requested_features).

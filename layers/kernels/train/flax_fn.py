@@ -18,7 +18,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.dot_product import KernelOptions, visible_mask
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import visible_mask
 
 
 def call_flax_attention_fn(

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from meshattn.layers.kernels.dot_product import KernelOptions, visible_mask
-from meshattn.layers.kernels.online_softmax import NEG, finish, hide, live_keys, live_queries
+from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.train.dot_product import visible_mask
+from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
 
 
 def _block(q5, k, v, q_pos, kv_pos, q_seg, kv_seg, options: KernelOptions):

@@ -1,0 +1,212 @@
+"""The kernels' shared contract: options, the call's operands, and the checks run once.
+
+Two protocols:
+
+* train (`train/`): `kernel(query [B, T, N, H], key, value [B, S, K, H], *, options,
+  q_positions [B, T], kv_positions [B, S], q_segment_ids, kv_segment_ids, sinks [N], mask,
+  bias, dropout_rng, deterministic, return_weights, **tuning) -> (context [B, T, N, H],
+  weights [B, N, T, S] or None)`. An implementation is written as
+  `impl(query, key, value, call: TrainCall, **tuning)` and wrapped by `train_kernel`,
+  which gives it that keyword signature and runs the checks every train kernel shares
+  (head grouping, segment ids given together, features it lacks, index positions for
+  kernels that mask by token index) before the implementation sees the call.
+* decode (`decode/`): `kernel(query [B, N, H], **view.arrays(), scale, soft_cap, sinks,
+  [window]) -> [B, N, H]`, where the view is the cache's typed view of itself
+  (kvcache/views.py: contiguous or paged): its arrays, named as the kernel's keyword
+  arguments, and their logical axes.
+
+No kernel imports another platform's kernel module: what they share lives here or in
+`shared/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import numpy as np
+
+from meshattn.layers.masks import MaskSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """Static options of one attention call (hashable, so jit-friendly)."""
+
+  mask: MaskSpec = MaskSpec()
+  scale: float = 1.0
+  soft_cap: float | None = None
+  float32_qk_product: bool = False
+  float32_logits: bool = False
+  dropout_rate: float = 0.0
+  broadcast_dropout: bool = True
+  precision: jax.lax.Precision | None = None
+  # FlexAttention-style hooks (see meshattn.layers.score_mods for prebuilt ones).
+  score_mod: Callable[..., jax.Array] | None = None
+  mask_mod: Callable[..., jax.Array] | None = None
+
+  def __post_init__(self):
+    if self.soft_cap is not None and self.soft_cap <= 0:
+      raise ValueError(f"attn_logits_soft_cap={self.soft_cap}: must be > 0 (or None/0 to disable)")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids",
+                                "sinks", "mask", "bias", "dropout_rng"],
+                   meta_fields=["options", "deterministic", "return_weights"])
+@dataclasses.dataclass(frozen=True)
+class TrainCall:
+  """One train-kernel call besides Q/K/V: a pytree of its arrays (None where absent) with
+  the static options and flags as metadata."""
+
+  options: KernelOptions
+  q_positions: jax.Array  # [B, T]: drive the structural mask (a key position < 0 is empty)
+  kv_positions: jax.Array  # [B, S]
+  q_segment_ids: jax.Array | None = None  # [B, T]: packing ids, 0 = padding
+  kv_segment_ids: jax.Array | None = None  # [B, S]
+  sinks: jax.Array | None = None  # [N]: per-head sink logits
+  mask: jax.Array | None = None  # broadcastable to [B, N, T, S], True = attend
+  bias: jax.Array | None = None  # broadcastable to [B, N, T, S]
+  dropout_rng: jax.Array | None = None
+  deterministic: bool = True
+  return_weights: bool = False
+
+  @property
+  def dropout(self) -> bool:
+    """Dropout happens only when it is both configured and active."""
+    return self.options.dropout_rate > 0.0 and not self.deterministic
+
+
+# Every feature name a train call may ask of a kernel (see requested_features).
+ALL_FEATURES = frozenset({
+    "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
+    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "backward"})
+
+
+def requested_features(query: jax.Array, key: jax.Array, *, options: KernelOptions,
+                       q_segment_ids, sinks, mask, bias, deterministic: bool,
+                       return_weights: bool) -> frozenset[str]:
+  """The feature names one call needs ("backward" is never requested here)."""
+  kind = options.mask.attention_type
+  wanted = {
+      "gqa": key.shape[2] != query.shape[2],
+      "causal": kind == "global",
+      "full": kind == "full",
+      "window": kind == "local_sliding",
+      "chunk": kind == "chunk",
+      "segment_ids": q_segment_ids is not None,
+      "soft_cap": bool(options.soft_cap),
+      "sinks": sinks is not None,
+      "user_mask": mask is not None,
+      "user_bias": bias is not None,
+      "score_mod": options.score_mod is not None,
+      "mask_mod": options.mask_mod is not None,
+      # Dropout only happens when it is both configured and active.
+      "dropout": options.dropout_rate > 0.0 and not deterministic,
+      "weights": return_weights,
+  }
+  return frozenset(name for name, on in wanted.items() if on)
+
+
+def reject_unsupported(kernel: str, supported: frozenset[str], requested: frozenset[str]) -> None:
+  """ValueError naming every requested feature the kernel lacks (never a silent fallback)."""
+  missing = sorted(requested - supported)
+  if missing:
+    raise ValueError(
+        f"{kernel} does not support {', '.join(missing)}; it supports {sorted(supported)}. "
+        "Use the dot_product kernel for these features.")
+
+
+def check_index_positions(q_positions: jax.Array, kv_positions: jax.Array, q_len: int,
+                          kv_len: int, kernel: str) -> None:
+  """Kernels that mask on token index need positions 0..T-1 / 0..S-1.
+
+  Positions under a trace cannot be inspected and are trusted (the layer's
+  train mode passes aranges); concrete ones that differ raise ValueError,
+  since ignoring them would silently change the mask.
+  """
+  for name, positions, length in (("q_positions", q_positions, q_len),
+                                  ("kv_positions", kv_positions, kv_len)):
+    if positions.shape[-1] != length:
+      raise ValueError(f"{kernel}: {name} has length {positions.shape[-1]}, expected {length}")
+    if isinstance(positions, jax.core.Tracer):
+      continue
+    if not np.array_equal(np.asarray(positions),
+                          np.broadcast_to(np.arange(length), positions.shape)):
+      raise ValueError(
+          f"{kernel}: {name} must be the token indices 0..{length - 1} (its masks are index "
+          "based, train mode only); use the dot_product kernel for other positions")
+
+
+def check_no_empty_rows(spec: MaskSpec, q_len: int, kv_len: int, kernel: str) -> None:
+  """Reject structural masks that leave some query with no key at all.
+
+  The reference returns zeros for such rows; flash kernels skip fully masked
+  blocks and divide by an empty softmax sum (NaN forward and backward), so the
+  case is refused rather than patched. Only cross-attention with q_len > kv_len
+  reaches it: causal rows always see key 0, full rows every key.
+  """
+  last = q_len - 1
+  if spec.attention_type == "local_sliding" and last - spec.window + 1 > kv_len - 1:
+    raise ValueError(f"{kernel}: window {spec.window} with q_len {q_len} > kv_len {kv_len} "
+                     "leaves queries with no visible key")
+  if spec.attention_type == "chunk" and (last // spec.chunk) * spec.chunk > kv_len - 1:
+    raise ValueError(f"{kernel}: chunk {spec.chunk} with q_len {q_len} > kv_len {kv_len} "
+                     "leaves queries with no visible key")
+
+
+def check_operands(query: jax.Array, key: jax.Array, call: TrainCall) -> None:
+  """What every train kernel requires of its operands: query heads a multiple of the kv
+  heads (n = k * G + g), and segment ids for queries and keys together or not at all."""
+  num_heads, kv_heads = query.shape[2], key.shape[2]
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  if (call.q_segment_ids is None) != (call.kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+
+
+TrainImpl = Callable[..., tuple[jax.Array, jax.Array | None]]
+
+
+def train_kernel(name: str, features: frozenset[str] | None = None, *, index_masked: bool = False,
+                 no_empty_rows: bool = False) -> Callable[[TrainImpl], Callable]:
+  """Register-time wrapper of a train implementation `impl(query, key, value, call, **tuning)`.
+
+  The wrapped kernel takes the train protocol's keywords (module doc), builds the
+  `TrainCall` and checks, once for every kernel: `check_operands`; the requested features
+  against `features` (None: every feature, the reference); for `index_masked` kernels
+  (flash: masks from token indices inside the call) that the positions are the token
+  indices; with `no_empty_rows`, that no query is left without a key.
+  """
+
+  def wrap(impl: TrainImpl) -> Callable:
+    @functools.wraps(impl)
+    def kernel(query: jax.Array, key: jax.Array, value: jax.Array, *, options: KernelOptions,
+               q_positions: jax.Array, kv_positions: jax.Array,
+               q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+               sinks: jax.Array | None = None, mask: jax.Array | None = None,
+               bias: jax.Array | None = None, dropout_rng: jax.Array | None = None,
+               deterministic: bool = True, return_weights: bool = False, **tuning):
+      call = TrainCall(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks,
+                       mask, bias, dropout_rng, deterministic, return_weights)
+      check_operands(query, key, call)
+      if features is not None:
+        requested = requested_features(
+            query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
+            bias=bias, deterministic=deterministic, return_weights=return_weights)
+        reject_unsupported(name, features, requested)
+      q_len, kv_len = query.shape[1], key.shape[1]
+      if index_masked:
+        check_index_positions(q_positions, kv_positions, q_len, kv_len, name)
+      if no_empty_rows:
+        check_no_empty_rows(options.mask, q_len, kv_len, name)
+      return impl(query, key, value, call, **tuning)
+
+    kernel.features = features
+    return kernel
+
+  return wrap
