@@ -10,7 +10,7 @@ CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 TEST_XLA := XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STAMP := $(VENV)/.meshattn-installed
 
-.PHONY: demo demo-multihost test install clean
+.PHONY: demo check-layer check-layer-multihost demo-multihost test install clean
 
 install: $(STAMP)
 
@@ -20,12 +20,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The whole job: train tiny-lm as 2 processes x 4 CPU devices, checkpoint, serve the
+# checkpoint on another 8-device mesh with continuous batching (scripts/demo.py).
 demo: $(STAMP)
-	$(CPU_DEVICES) $(PY) scripts/demo.py $(ARGS)
+	$(PY) scripts/demo.py $(ARGS)
 
-# The same demo as 2 processes x 4 CPU devices joined by jax.distributed on loopback.
-demo-multihost: $(STAMP)
-	$(PY) scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/demo.py $(ARGS)
+# The layer alone: train fwd+bwd and serving on 8 fake CPU devices, checked.
+check-layer: $(STAMP)
+	$(CPU_DEVICES) $(PY) scripts/check_layer.py $(ARGS)
+
+# The same as 2 processes x 4 CPU devices joined by jax.distributed on loopback.
+check-layer-multihost: $(STAMP)
+	$(PY) scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/check_layer.py $(ARGS)
+
+demo-multihost: check-layer-multihost  # its old name
 
 test: $(STAMP)
 	$(TEST_XLA) $(PY) -m pytest -n 2 -q tests

@@ -1,10 +1,12 @@
-"""meshattn demo: build the mesh, place the layer, run train-mode forward and
-backward sharded and check it against the unsharded result; then serve: a
-ragged prefill of prompts of different lengths and several decode steps on
-the mesh, each sequence checked against the train-mode forward.
+"""Check the attention layer alone on this host's devices: build the mesh, place the layer,
+run train-mode forward and backward sharded and check it against the unsharded result; then
+serve: a ragged prefill of prompts of different lengths and several decode steps on the mesh,
+each sequence checked against the train-mode forward. (`make demo` runs the whole job: train,
+checkpoint, serve; this is the layer-level check it grew from.)
 
-    python scripts/demo.py [key=value ...]      # e.g. dtype=bfloat16 num_kv_heads=1
-    python scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/demo.py   # 2 processes
+    python scripts/check_layer.py [key=value ...]      # e.g. dtype=bfloat16 num_kv_heads=1
+    make check-layer ARGS="num_kv_heads=1"             # 8 fake CPU devices
+    python scripts/launch_local.py -n 2 --cpu-devices 4 -- scripts/check_layer.py   # 2 processes
 
 Starts from the `tiny` preset (configs/base.yml with small sizes). With 4 or
 more devices it splits them as data=2 x tensor=2 x fsdp=rest unless the
