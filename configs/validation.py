@@ -39,7 +39,7 @@ ALLOWS_INF: frozenset[str] = frozenset()
 POSITIVE_INTS: tuple[str, ...] = (
   "emb_dim", "num_query_heads", "num_kv_heads", "head_dim", "max_target_length",
   "max_prefill_predict_length", "prefill_chunk_size", "num_pages", "tokens_per_page",
-  "original_max_position_embeddings",
+  "original_max_position_embeddings", "linear_attention_chunk_size",
   # keyword-only (AttentionSettings): Flax-style sizes and MRoPE position streams
   "qkv_features", "out_features", "kv_emb_dim", "position_streams",
 )
@@ -141,10 +141,10 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
   """Kernel, attention types and the window sizes the chosen types need."""
   _one_of(cfg, "attention", KNOWN_KERNELS)
   _one_of(cfg, "decode_attention", DECODE_KERNELS)
-  _one_of(cfg, "attention_type", ATTENTION_TYPES)
+  _one_of(cfg, "attention_type", vocab.LAYER_TYPES)
   for i, kind in enumerate(cfg["attention_layer_pattern"]):
-    if kind not in ATTENTION_TYPES:
-      _fail("attention_layer_pattern", f"entry {i} {kind!r} is not one of {list(ATTENTION_TYPES)}")
+    if kind not in vocab.LAYER_TYPES:
+      _fail("attention_layer_pattern", f"entry {i} {kind!r} is not one of {list(vocab.LAYER_TYPES)}")
   used = {cfg["attention_type"], *cfg["attention_layer_pattern"]}
   for kind, key in vocab.MASK_SIZE_KEYS.items():
     if cfg[key] < 0:
@@ -156,6 +156,37 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
       )
   if not vocab.dropout_in_range(cfg["dropout_rate"]):
     _fail("dropout_rate", f"must be in {vocab.DROPOUT_RANGE}, got {cfg['dropout_rate']}")
+
+
+def _validate_linear(cfg: Mapping[str, Any]) -> None:
+  """Linear attention's keys, the softmax features its layers refuse, and the output gate."""
+  _one_of(cfg, "attention_output_gate", vocab.OUTPUT_GATES)
+  _one_of(cfg, "linear_feature_map", vocab.LINEAR_FEATURE_MAPS)
+  problem = vocab.linear_normalize_problem(cfg["linear_normalize"], cfg["linear_feature_map"])
+  if problem:
+    _fail("linear_normalize", problem)
+  if cfg["linear_decay"] != 0:
+    problem = vocab.linear_decay_problem([cfg["linear_decay"]])
+    if problem:
+      _fail("linear_decay", f"{problem} (or 0 for no decay)")
+  per_head = list(cfg["linear_decay_per_head"])
+  if per_head:
+    if cfg["linear_decay"] != 0:
+      _fail("linear_decay_per_head", "set it or linear_decay, not both")
+    if not all(_is_number(g) for g in per_head):
+      _fail("linear_decay_per_head", f"must be a list of numbers, got {per_head!r}")
+    problem = (vocab.linear_decay_problem(per_head)
+               or vocab.linear_heads_problem(per_head, cfg["num_kv_heads"]))
+    if problem:
+      _fail("linear_decay_per_head", problem)
+  if "linear" in {cfg["attention_type"], *cfg["attention_layer_pattern"]}:
+    # Softmax features: a linear layer would drop them, so the config may not ask for them.
+    for key, on in (("attention_sink", cfg["attention_sink"]),
+                    ("attn_logits_soft_cap", cfg["attn_logits_soft_cap"] > 0),
+                    ("dropout_rate", cfg["dropout_rate"] > 0)):
+      if on:
+        _fail(key, "acts on softmax logits or weights; a linear layer (attention_type or "
+              "attention_layer_pattern uses 'linear') has none: unset it")
 
 
 def _validate_rope(cfg: Mapping[str, Any]) -> None:
@@ -372,6 +403,7 @@ def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
   check_values(cfg.items())
   _validate_shape(cfg)
   _validate_attention(cfg)
+  _validate_linear(cfg)
   _validate_rope(cfg)
   _validate_lengths(cfg)
   _validate_mesh(cfg, num_devices)

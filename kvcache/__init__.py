@@ -2,6 +2,8 @@
 
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES, KVCache
 from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.state import LinearStateCache
 from meshattn.kvcache.quant import KV_QUANT_AXES, KVQuant, dequantize, quantize
 
-__all__ = ["CACHE_AXIS_NAMES", "KVCache", "KVQuant", "PagedKVCache", "KV_QUANT_AXES", "dequantize", "quantize"]
+__all__ = ["CACHE_AXIS_NAMES", "KVCache", "KVQuant", "PagedKVCache", "KV_QUANT_AXES", "LinearStateCache",
+           "dequantize", "quantize"]

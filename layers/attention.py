@@ -30,10 +30,13 @@ from meshattn.configs.vocabulary import DECODE_KERNELS, TRAIN_KERNELS
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
+from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.cached_step import cached_attention, step_positions
 from meshattn.layers.kernels import dispatch
 from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
+from meshattn.layers.linear.steps import check_linear_call, linear_cached_step, linear_train
 from meshattn.layers.masks import packed_mask_inputs
+from meshattn.layers.output_gate import make_output_gate
 from meshattn.layers.positions import flatten_positions, temperature_tune
 from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
@@ -88,6 +91,7 @@ class Attention(nnx.Module):
     self.out = DenseGeneral((n, h), (s.out_features or d,),
                             kernel_axes=("q_heads", "kv_head_dim", "embed"), bias_axes=("embed",),
                             **dense_out)
+    self.gate = make_output_gate(s.attention_output_gate, d, n, h, **dense)  # None: no gate
     if s.use_qk_norm:
       norm = dict(epsilon=s.normalization_layer_epsilon, dtype=s.dtype, weight_dtype=s.weight_dtype)
       self.query_norm = make_qk_norm(s.qk_norm_type, h, **norm)
@@ -154,6 +158,11 @@ class Attention(nnx.Module):
     """
     s = self.settings
     structure_changed()  # serving steps bound to this module must split it again
+    if s.linear is not None:  # a linear-attention layer keeps a state per slot, not K/V
+      self.cache = LinearStateCache(batch_size, max_length or s.max_target_length, s.num_kv_heads,
+                                    s.head_dim, mesh=self.mesh, rules=s.logical_axis_rules,
+                                    axis_names=s.cache_axis_names)
+      return self.cache
     if s.paged_kv_cache if paged is None else paged:
       self.cache = PagedKVCache(
           batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim,
@@ -264,9 +273,11 @@ class Attention(nnx.Module):
                                floor_scale=s.temperature_tuning_floor_scale)
     return query, key, value
 
-  def _output(self, context, axes):
-    """Context [B, T, N, H] -> output [B, T, D_out]."""
+  def _output(self, context, axes, inputs):
+    """Context [B, T, N, H] (gated by the layer's inputs [B, T, D]) -> output [B, T, D_out]."""
     context = checkpoint_name(self._constrain(context, axes.out), "context")  # [B, T, N, H]
+    if self.gate is not None:
+      context = self.gate(self._constrain(inputs, axes.inputs), context)  # [B, T, N, H]
     out = self.out(context)  # [B, T, D_out]
     return checkpoint_name(self._constrain(out, axes.inputs), "out_proj")
 
@@ -321,6 +332,9 @@ class Attention(nnx.Module):
     user_bias = _flatten_pairwise(bias, batch_shape, batch)
 
     axes = s.axes["train"]
+    if s.linear is not None:
+      check_linear_call(self_attention_length=kv_len == q_len, mask=mask, bias=bias,
+                        sow_weights=sow_weights, kv_segment_ids=kv_segment_ids)
     query, key, value = self._qkv(x_q, x_kv, self_attention, axes, q_pos, kv_pos, x_v)
     dropout_rng = None
     if s.dropout_rate > 0 and not deterministic:
@@ -341,7 +355,11 @@ class Attention(nnx.Module):
       return dict(kernel_args, options=dataclasses.replace(kernel_args["options"], mask=spec),
                   q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
 
-    if s.attention_fn is not None:
+    if s.linear is not None:
+      context, weights = linear_train(query, key, value, spec=s.linear, scale=s.scale,
+                                      segment_ids=q_seg, precision=s.precision, mesh=self.mesh,
+                                      rules=s.logical_axis_rules, axes=axes), None
+    elif s.attention_fn is not None:
       context, weights = call_flax_attention_fn(s.attention_fn, query, key, value, dtype=s.dtype,
                                                 precision=s.precision, **packed_args(False))
     else:
@@ -358,7 +376,7 @@ class Attention(nnx.Module):
                                            **packed_args(layout == "whole"))
     if sow_weights and weights is not None:
       self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
-    out = self._output(context, axes)  # [B, T, D_out]
+    out = self._output(context, axes, x_q)  # [B, T, D_out]
     return out.reshape(batch_shape + out.shape[1:])
 
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
@@ -386,11 +404,16 @@ class Attention(nnx.Module):
     query, key, value = (to_cache_basis(t, cache.quant) for t in (query, key, value))
     sinks = self.sinks[...] if s.attention_sink else None
     with _restore_on_error(cache):
-      context = cached_attention(self, cache, plan, query, key, value, positions=positions,
-                                 model_mode=model_mode, axes=axes, sinks=sinks,
-                                 padded=decoder_segment_ids is not None)  # [B, T, N, H]
+      if s.linear is not None:
+        context = linear_cached_step(cache, plan.rows, query, key, value, valid=plan.valid,
+                                     spec=s.linear, scale=s.scale, precision=s.precision,
+                                     mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
+      else:
+        context = cached_attention(self, cache, plan, query, key, value, positions=positions,
+                                   model_mode=model_mode, axes=axes, sinks=sinks,
+                                   padded=decoder_segment_ids is not None)  # [B, T, N, H]
       record(cache, plan, self.mesh)
-    return self._output(from_cache_basis(context, cache.quant), axes)
+    return self._output(from_cache_basis(context, cache.quant), axes, inputs_q)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from flax import linen, nnx
 from meshattn.layers.attention import Attention, _flatten_pairwise
 from meshattn.layers.kernels import dispatch
 from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
+from meshattn.layers.linear.spec import LinearSpec
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import _init_flat, default_bias_init, default_kernel_init
 from meshattn.layers.rope import RopeSpec
@@ -37,7 +38,6 @@ from meshattn.layers.settings import AttentionSettings
 
 # Flax's defaults (NNX's and Linen's): meshattn's own kernels compute the same thing.
 _FLAX_ATTENTION_FNS = (nnx.dot_product_attention, linen.dot_product_attention)
-_NOT_BUILT = "is not built in meshattn yet (issue 18: linear / lite attention)"
 
 
 class AttentionType(str, enum.Enum):
@@ -47,13 +47,14 @@ class AttentionType(str, enum.Enum):
   MEMORY_EFFICIENT = "memory_efficient"  # blockwise (online softmax)
   FLASH = "flash"  # flash (GPU cuDNN / TPU splash)
   PALLAS_FLASH = "pallas_flash"  # flash (the registry picks the Pallas kernel of the platform)
-  LINEAR = "linear"  # not built (issue 18)
-  LITE = "lite"  # not built (issue 18)
+  LINEAR = "linear"  # causal linear attention with a state cache (layers/linear)
+  LITE = "lite"  # softmax attention (autoselected kernel) with the elementwise output gate
 
 
 KERNEL_OF_TYPE: dict[AttentionType, str] = {
     AttentionType.STANDARD: "dot_product", AttentionType.MEMORY_EFFICIENT: "blockwise",
-    AttentionType.FLASH: "flash", AttentionType.PALLAS_FLASH: "flash"}
+    AttentionType.FLASH: "flash", AttentionType.PALLAS_FLASH: "flash",
+    AttentionType.LINEAR: "autoselected", AttentionType.LITE: "autoselected"}
 
 
 def _unsupported(**given: bool) -> None:
@@ -148,17 +149,19 @@ class MultiHeadAttention(Attention):
     custom_fn = None if attention_fn in _FLAX_ATTENTION_FNS else attention_fn
     if kind is AttentionType.LITE and custom_fn is not None:
       raise ValueError("attention_fn and attention_type=LITE cannot both be given")
-    if kind in (AttentionType.LINEAR, AttentionType.LITE):
-      raise NotImplementedError(f"attention_type={kind.value!r} {_NOT_BUILT}; use standard, "
-                                "memory_efficient, flash or pallas_flash")
-    if linear_attention_chunk_size is not None:
-      raise NotImplementedError(f"linear_attention_chunk_size: linear attention {_NOT_BUILT}")
+    # LINEAR: causal, elu + 1 with the normalizer (other variants: the `linear` keyword).
+    # attnax ignores score_mod there; meshattn refuses it rather than drop it silently.
+    linear = None
+    if kind is AttentionType.LINEAR:
+      linear = LinearSpec(chunk_size=linear_attention_chunk_size or LinearSpec.chunk_size)
     if qkv_dot_general is None and qkv_dot_general_cls is not None:
       qkv_dot_general = qkv_dot_general_cls()  # Flax instantiates the class per layer
     if out_dot_general is None and out_dot_general_cls is not None:
       out_dot_general = out_dot_general_cls()
     if attention_window is not None:
       mask = MaskSpec("local_sliding", window=attention_window)
+    elif linear is not None:
+      mask = MaskSpec("global")  # linear attention is causal
     else:
       mask = MaskSpec("full")  # Flax attends everywhere the caller's mask allows
     rope = RopeSpec(max_timescale=float(rope_base)) if use_rope else RopeSpec(rope_type="none")
@@ -172,7 +175,9 @@ class MultiHeadAttention(Attention):
         use_bias=use_bias, use_qk_norm=normalize_qk, qk_norm_type="layernorm",
         normalization_layer_epsilon=1e-6, qkv_dot_general=qkv_dot_general,
         out_dot_general=out_dot_general, rope=rope, kernel_init=kernel_init, bias_init=bias_init,
-        attention_fn=custom_fn, score_mod=score_mod), **settings}  # the caller's keywords win
+        attention_fn=custom_fn, score_mod=score_mod, linear=linear,
+        attention_output_gate="elementwise" if kind is AttentionType.LITE else "none"),
+        **settings}  # the caller's keywords win
     if not normalize_qk:
       self.query_ln = nnx.data(None)  # Flax's attributes, also when absent
       self.key_ln = nnx.data(None)
@@ -302,6 +307,10 @@ class MultiHeadAttention(Attention):
     if self.cached_key is None or self.cached_value is None or self.cache_index is None:
       raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
     s = self.settings
+    if s.linear is not None:
+      raise NotImplementedError("decode=True (Flax's K/V cache) with linear attention: use "
+                                "meshattn's state cache, init_cache(batch_size, max_length) and "
+                                "model_mode='prefill' / 'autoregressive'")
     *batch_dims, max_length, kv_heads, head_dim = self.cached_key.shape
     batch_dims = tuple(batch_dims)
     for name, x in (("query", inputs_q), ("key", inputs_k), ("value", inputs_v)):
@@ -347,7 +356,7 @@ class MultiHeadAttention(Attention):
     if sow_weights and weights is not None:
       weights = weights.reshape(batch_dims + weights.shape[1:])  # [batch..., N, 1, L]
       self.sow(nnx.Intermediate, "attention_weights", weights)
-    out = self._output(context, axes)  # [B, 1, D_out]
+    out = self._output(context, axes, flat(inputs_q))  # [B, 1, D_out]
     return out.reshape(batch_dims + out.shape[1:])
 
 

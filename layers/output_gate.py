@@ -56,7 +56,10 @@ class OutputGate(DenseGeneral):
 
 def make_output_gate(kind: str, emb_dim: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                      **dense) -> OutputGate | None:
-  """The layer's gate for `attention_output_gate` (None for 'none')."""
+  """The layer's gate for `attention_output_gate` (None for 'none'), built with the query
+  projection's DenseGeneral keywords; the gate has no bias, so use_bias / bias_init are
+  not used."""
   if kind == "none":
     return None
+  dense = {k: v for k, v in dense.items() if k not in ("use_bias", "bias_init")}
   return OutputGate(emb_dim, num_heads, head_dim, kind=kind, rngs=rngs, **dense)

@@ -42,10 +42,11 @@ from flax import nnx
 
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.state import LinearStateCache
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers.step_inputs import host_raises_after_step
 
-_CACHES = (KVCache, PagedKVCache)
+_CACHES = (KVCache, PagedKVCache, LinearStateCache)
 
 
 def caches_of(*trees) -> list:

@@ -19,6 +19,7 @@ from meshattn.configs.validation import POSITIVE_OR_UNSET, check_values
 from meshattn.configs.vocabulary import MODEL_MODES, QK_NORM_TYPES
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
+from meshattn.layers.linear.spec import LinearSpec, check_linear_layer
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
 from meshattn.layers.quantization import check_quantization
@@ -161,6 +162,10 @@ class AttentionSettings:
   # FlexAttention-style hooks; prebuilt ones in meshattn.layers.score_mods.
   score_mod: Callable[..., jax.Array] | None = None
   mask_mod: Callable[..., jax.Array] | None = None
+  # A linear-attention layer when set (layers/linear; config: attention_type linear).
+  linear: LinearSpec | None = None
+  # Gated attention: none | elementwise | headwise (layers/output_gate.py).
+  attention_output_gate: str = "none"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -213,6 +218,15 @@ class AttentionSettings:
     for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
       if not vocab.is_axis_permutation(getattr(self, name)):
         raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
+    if self.attention_output_gate not in vocab.OUTPUT_GATES:
+      raise ValueError(f"attention_output_gate={self.attention_output_gate!r}: allowed "
+                       f"{list(vocab.OUTPUT_GATES)}")
+    if self.linear is not None:
+      check_linear_layer(self.linear, num_kv_heads=self.num_kv_heads,
+                         mask_type=self.mask.attention_type, attention_sink=self.attention_sink,
+                         soft_cap=self.attn_logits_soft_cap, score_mod=self.score_mod,
+                         mask_mod=self.mask_mod, attention_fn=self.attention_fn,
+                         dropout_rate=self.dropout_rate)
 
   @property
   def num_position_streams(self) -> int:
@@ -238,6 +252,13 @@ class AttentionSettings:
     c = config
     pattern = tuple(c.attention_layer_pattern)
     attention_type = pattern[layer_idx % len(pattern)] if pattern else c.attention_type
+    linear = None
+    if attention_type == "linear":  # causal, with no mask of its own
+      attention_type = "global"
+      linear = LinearSpec(chunk_size=c.linear_attention_chunk_size,
+                          feature_map=c.linear_feature_map,
+                          decay=tuple(c.linear_decay_per_head) or c.linear_decay,
+                          normalize=c.linear_normalize)
     mask = MaskSpec(
         attention_type,
         window=c.sliding_window_size if attention_type == "local_sliding" else None,
@@ -287,7 +308,8 @@ class AttentionSettings:
         sliding_window_ring_buffer=c.sliding_window_ring_buffer,
         cache_axis_names=tuple(c.cache_axis_names), paged_kv_cache=c.paged_kv_cache,
         num_pages=c.num_pages, tokens_per_page=c.tokens_per_page,
-        logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes)
+        logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes, linear=linear,
+        attention_output_gate=c.attention_output_gate)
     return cls.with_overrides(kwargs, overrides)
 
   @classmethod

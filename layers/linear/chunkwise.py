@@ -79,12 +79,14 @@ def _to_chunks(x: jax.Array, chunk: int, pad_value=0) -> jax.Array:
 def linear_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, spec: LinearSpec,
                      scale: float = 1.0, valid: jax.Array | None = None,
                      segment_ids: jax.Array | None = None, initial: LinearState | None = None,
+                     log_decay: jax.Array | None = None,
                      precision=None) -> tuple[jax.Array, LinearState]:
   """query [B, T, N, H], key [B, T, K, H], value [B, T, K, V] -> (context [B, T, N, V], state).
 
   scale multiplies phi(q) (it cancels under the normalizer). The returned
   state is each row's state after its last visible token (`initial` for a
-  row without one), ready for the recurrent decode step.
+  row without one), ready for the recurrent decode step. log_decay [K]: log gamma of
+  these kv heads (default from the spec; a shard holding some kv heads passes its own).
   """
   b, t, n, h = query.shape
   kv_heads, v_dim = key.shape[2], value.shape[-1]
@@ -98,7 +100,8 @@ def linear_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, spec
   if segment_ids is not None:
     valid = valid & (segment_ids != 0)
   run, index = token_runs(valid, segment_ids)  # [B, T]
-  log_decay = spec.log_decay(kv_heads)  # [K] or None
+  if log_decay is None:
+    log_decay = spec.log_decay(kv_heads)  # [K] or None
   if initial is None:
     initial = LinearState.zeros(b, kv_heads, h, v_dim)
 

@@ -22,6 +22,7 @@ def linear_attention_step(query: jax.Array, key: jax.Array, value: jax.Array,
                           state: LinearState, *, spec: LinearSpec, scale: float = 1.0,
                           valid: jax.Array | None = None,
                           continues: jax.Array | None = None,
+                          log_decay: jax.Array | None = None,
                           precision=None) -> tuple[jax.Array, LinearState]:
   """query [B, N, H], key [B, K, H], value [B, K, V], state as of each row's last token
   -> (context [B, N, V], the state after this token).
@@ -29,13 +30,15 @@ def linear_attention_step(query: jax.Array, key: jax.Array, value: jax.Array,
   valid [B] (default all): rows whose token is real; the others output zeros
   and keep their state. continues [B] (default all): rows whose state belongs
   to the same sequence; the others start a new one (the state is dropped).
+  log_decay [K]: as in `chunkwise.linear_attention`.
   """
   b, n, h = query.shape
   kv_heads = key.shape[1]
   group = n // kv_heads
   valid = jnp.ones((b,), bool) if valid is None else valid
   continues = jnp.ones((b,), bool) if continues is None else continues
-  log_decay = spec.log_decay(kv_heads)  # [K] or None
+  if log_decay is None:
+    log_decay = spec.log_decay(kv_heads)  # [K] or None
   row = valid[:, None, None]  # [B, 1, 1]
   # An invisible row's token (it may hold NaN) is selected away before the feature map and
   # after it, as in the chunkwise form.

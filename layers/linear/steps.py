@@ -29,12 +29,13 @@ def _batch_and_heads(mesh, rules, axes, query_shape, kv_shape):
 
 def _sharded(fn, mesh, rules, axes, query, key, in_kinds, out_kinds):
   """fn under shard_map; kinds name each array's layout: 'heads' [B, T, heads, D],
-  'tokens' [B, T], 'state' [B, K, ...] (kv heads second)."""
+  'tokens' [B, T], 'kv' / 'norm' states [B, K, ...], 'decay' [K]; None for an absent one."""
   if mesh is None:
     return fn
   batch, heads = _batch_and_heads(mesh, rules, axes, query.shape, key.shape)
   specs = {"heads": P(batch, None, heads, None), "tokens": P(batch, None),
-           "kv": P(batch, heads, None, None), "norm": P(batch, heads, None), None: None}
+           "kv": P(batch, heads, None, None), "norm": P(batch, heads, None), "decay": P(heads),
+           None: None}
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[k] for k in in_kinds),
                        out_specs=tuple(specs[k] for k in out_kinds), check_vma=False)
 
@@ -43,14 +44,17 @@ def linear_train(query, key, value, *, spec: LinearSpec, scale: float, segment_i
                  precision=None, mesh=None, rules=(), axes=None) -> jax.Array:
   """Causal linear attention over whole sequences: query [B, T, N, H], key / value
   [B, T, K, H], segment_ids [B, T] (packed rows; 0 = padding) -> context [B, T, N, H]."""
-  def run(query, key, value, segment_ids):
+  def run(query, key, value, segment_ids, log_decay):
     context, _ = linear_attention(query, key, value, spec=spec, scale=scale,
-                                  segment_ids=segment_ids, precision=precision)
+                                  segment_ids=segment_ids, log_decay=log_decay,
+                                  precision=precision)
     return (context,)
 
-  kinds = ("heads", "heads", "heads", None if segment_ids is None else "tokens")
+  log_decay = spec.log_decay(key.shape[2])  # [K]: a shard takes its heads' gammas
+  kinds = ("heads", "heads", "heads", None if segment_ids is None else "tokens",
+           None if log_decay is None else "decay")
   (context,) = _sharded(run, mesh, rules, axes, query, key, kinds, ("heads",))(
-      query, key, value, segment_ids)
+      query, key, value, segment_ids, log_decay)
   return context
 
 
@@ -75,28 +79,33 @@ def linear_cached_step(cache, rows: jax.Array, query: jax.Array, key: jax.Array,
   norm = jnp.where(occupied[:, None, None], norm, 0.0)
   decode = query.shape[1] == 1
 
-  def run(query, key, value, valid, kv, norm):
+  def run(query, key, value, valid, kv, norm, log_decay):
     state = LinearState(kv, norm)
     if decode:
       context, state = linear_attention_step(query[:, 0], key[:, 0], value[:, 0], state,
                                              spec=spec, scale=scale, valid=valid[:, 0],
-                                             precision=precision)
+                                             log_decay=log_decay, precision=precision)
       context = context[:, None]  # [b, 1, N, H]
     else:
       context, state = linear_attention(query, key, value, spec=spec, scale=scale, valid=valid,
-                                        initial=state, precision=precision)
+                                        initial=state, log_decay=log_decay, precision=precision)
     return context, state.kv, state.norm
 
-  kinds = ("heads", "heads", "heads", "tokens", "kv", "norm")
+  log_decay = spec.log_decay(key.shape[2])  # [K]
+  kinds = ("heads", "heads", "heads", "tokens", "kv", "norm",
+           None if log_decay is None else "decay")
   context, kv, norm = _sharded(run, mesh, rules, axes, query, key, kinds,
-                               ("heads", "kv", "norm"))(query, key, value, valid, kv, norm)
+                               ("heads", "kv", "norm"))(query, key, value, valid, kv, norm,
+                                                        log_decay)
   cache.write(rows, kv, norm, jnp.any(valid, axis=1), new_lengths)
   return context
 
 
-def check_linear_call(*, self_attention_length: bool, mask, bias, sow_weights: bool) -> None:
+def check_linear_call(*, self_attention_length: bool, mask, bias, sow_weights: bool,
+                      kv_segment_ids=None) -> None:
   """Raise ValueError for train-mode arguments a linear-attention layer cannot honour."""
   refused = {"mask": mask is not None, "bias": bias is not None, "sow_weights": sow_weights,
+             "kv_segment_ids": kv_segment_ids is not None,
              "inputs_kv of another length (cross-attention)": not self_attention_length}
   bad = [name for name, on in refused.items() if on]
   if bad:

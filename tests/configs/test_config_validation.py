@@ -84,7 +84,7 @@ INVALID = {
   ),
   "attention_type": (
     ["attention_type=causal"],
-    r"attention_type: 'causal' is not one of \['global', 'local_sliding', 'chunk', 'full'\]",
+    r"attention_type: 'causal' is not one of \['global', 'local_sliding', 'chunk', 'full', 'linear'\]",
   ),
   "pattern_entry": (
     ["attention_layer_pattern=[global, sliding]"],

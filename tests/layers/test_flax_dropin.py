@@ -197,9 +197,6 @@ def test_attnax_errors():
     MultiHeadAttention(num_heads=4, in_features=8, num_kv_heads=8, **base)
   with pytest.raises(ValueError, match="even head_dim"):
     MultiHeadAttention(num_heads=2, in_features=6, use_rope=True, **base)
-  for kind in ("linear", "lite"):
-    with pytest.raises(NotImplementedError, match="issue 18"):
-      MultiHeadAttention(num_heads=2, in_features=8, attention_type=kind, **base)
   with pytest.raises(ValueError, match="attention_fn and attention_type=LITE"):
     MultiHeadAttention(num_heads=2, in_features=8, attention_type="lite",
                        attention_fn=lambda *a, **k: a[0], **base)
