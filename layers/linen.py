@@ -9,6 +9,14 @@ cached_value / cache_index with decode=True), so variables move both ways. Insid
 each call the NNX drop-in (`meshattn.layers.MultiHeadAttention`, hence
 `Attention`) is built from the input shapes and run through Flax's NNX -> Linen
 bridge, sharing this module's scope so no extra name level appears.
+
+With a mesh in `settings` (`settings=FrozenDict(mesh=mesh)`, optionally with
+`logical_axis_rules`), each parameter comes boxed as Linen's own
+`nn.LogicallyPartitioned` with the layer's logical axis names, as
+`nn.with_logical_partitioning` would box it: `nn.get_partition_spec` and
+`nn.logical_to_mesh_sharding(specs, mesh, rules)` then place it exactly as
+`meshattn.sharding.get_param_shardings` places the NNX layer's. Without a mesh
+the variables are plain arrays, Flax's trees exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from flax.core import FrozenDict
 
 from meshattn.layers.flax_compat import MultiHeadAttention
 from meshattn.layers.projections import default_bias_init, default_kernel_init
+from meshattn.layers.settings import DEFAULT_LOGICAL_AXIS_RULES, normalize_rules
 
 
 class _LinenBacked(MultiHeadAttention):
@@ -33,6 +42,20 @@ class _LinenBacked(MultiHeadAttention):
     super().__init__(*args, **kwargs)
     if cache_shape is not None:  # [batch..., L, kv_heads, head_dim] -> init_cache's input shape
       self.init_cache((*cache_shape[:-2], 0), cache_dtype)
+
+
+def _logical_boxes(mesh, rules):
+  """The bridge's metadata_fn with a mesh: parameters as nn.LogicallyPartitioned by their
+  logical axes (Linen's logical-sharding box); caches and anything unnamed stay raw."""
+
+  def box(variable: nnx.Variable):
+    value = variable.get_value()
+    names = variable.get_metadata().get("logical_axes")
+    if not isinstance(variable, nnx.Param) or names is None:
+      return value
+    return nn.LogicallyPartitioned(value, tuple(names), mesh=mesh, rules=rules)
+
+  return box
 
 
 def _attend(module, inputs_q, inputs_k, inputs_v, *, decode, first_call, **kwargs):
@@ -116,9 +139,15 @@ class MultiHeadDotProductAttention(nn.Module):
       deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
       if not deterministic:
         rngs = nnx.Rngs(dropout=self.make_rng("dropout") if dropout_rng is None else dropout_rng)
-    # Raw arrays in Linen's collections (metadata_fn=None): Flax's variable trees exactly.
+    # Raw arrays in Linen's collections (metadata_fn=None): Flax's variable trees exactly;
+    # with a mesh, parameters boxed by logical axes so Linen's sharding tools place them.
+    mesh = self.settings.get("mesh")
+    metadata_fn = None
+    if mesh is not None:
+      rules = normalize_rules(self.settings.get("logical_axis_rules", DEFAULT_LOGICAL_AXIS_RULES))
+      metadata_fn = _logical_boxes(mesh, rules)
     layer = nnx.bridge.ToLinen(_LinenBacked, kwargs=FrozenDict(kwargs), skip_rng=False,
-                               metadata_fn=None)
+                               metadata_fn=metadata_fn)
     nn.share_scope(self, layer)
     return layer(inputs_q, inputs_k, inputs_v, nnx_method=_attend, decode=self.decode,
                  first_call=first_call, mask=mask, deterministic=bool(deterministic),
