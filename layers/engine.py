@@ -33,6 +33,7 @@ from flax import nnx
 
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
+from meshattn.layers.engine_pages import EnginePages
 from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
 from meshattn.layers.engine_step import KINDS, StepInputs, make_engine_step, run_step, step_inputs
 
@@ -70,6 +71,7 @@ class Engine:
                                num_pages=first.num_pages, tokens_per_page=first.tokens_per_page,
                                chunk_size=chunk_size, prefill_rows=prefill_rows,
                                end_token=end_token)
+    self.pages = EnginePages(self.caches)  # the engine owns the caches' pages from here
     self._step = make_engine_step()
     self._clock = clock
     self._t0 = clock()
@@ -112,24 +114,14 @@ class Engine:
 
   # ---- steps ------------------------------------------------------------------
 
-  def warmup(self, kinds: Iterable[str] = KINDS, *, max_free_sizes: int = 32) -> None:
-    """Compile the step kinds now, with every row gated off: the caches are unchanged.
-
-    Also frees a slot holding 1, 2, ... pages, up to `max_free_sizes` page counts:
-    `PagedKVCache.free` zeroes the freed pages with an eager scatter compiled once per
-    page count, which would otherwise stall the first steps that finish requests of
-    each size (on CPU, ~0.1-1 s per new size)."""
+  def warmup(self, kinds: Iterable[str] = KINDS) -> None:
+    """Compile the step kinds and the page update now, with every row gated off and no
+    page changed: the caches are unchanged."""
     plan = StepPlan((), (), (), (), {})
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     for kind in kinds:
       np.asarray(run_step(self._step, self.model, inputs, kind)[0])
-    tpp = self.scheduler.tokens_per_page
-    most = min(self.scheduler.pages_for(self.max_length), self.num_pages, max_free_sizes)
-    if not self.scheduler.running:  # slot 0 is free: borrow it
-      for pages in range(1, most + 1):
-        for cache in self.caches:
-          cache.reserve(0, min(pages * tpp, self.max_length))
-          cache.free(0)
+    self.pages.push(self.model, force=True)
 
   def step(self) -> list[RequestResult]:
     """Admit (reserving pages), plan, run one compiled step, sample, free finished slots.
@@ -138,10 +130,8 @@ class Engine:
     scheduler = self.scheduler
     admitted = scheduler.admit()
     if admitted:  # a request's worst case, reserved once (engine_schedule: admission)
-      slots = np.array([s.slot for s in admitted], np.int32)
-      tokens = np.array([s.worst_case_tokens for s in admitted])
-      for cache in self.caches:  # every layer's page manager makes the same choices
-        cache.reserve_for_step(slots, tokens)  # the slots are empty: tokens = total
+      self.pages.reserve([s.slot for s in admitted], [s.worst_case_tokens for s in admitted])
+      self.pages.push(self.model)  # every layer's tables, in one call
     plan = scheduler.plan()
     if plan.empty:
       return []
@@ -158,9 +148,9 @@ class Engine:
         plan, {s: int(next_decode[s]) for s in plan.decode_slots},
         {c.slot: int(next_chunk[row]) for row, c in enumerate(plan.chunks) if c.last})
     self._first_token.update({rid: done_at for rid in first})
-    for seq in finished:  # one slot per call: one compiled shape for the length reset
-      for cache in self.caches:
-        cache.free(seq.slot)
+    for seq in finished:
+      self.pages.release(seq.slot)
+    self.pages.push(self.model)  # (only if something was released)
     out = []
     for seq in finished:
       rid = seq.request.id

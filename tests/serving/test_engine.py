@@ -88,6 +88,9 @@ def test_engine_equals_uncached_greedy_decode():
   assert kinds == {"chunk", "mixed", "decode"}, kinds  # the schedule exercised every kind
   assert max(s.chunk_rows for s in engine.steps) == 2
   assert max(s.running for s in engine.steps) == 3  # every slot held at once
-  # every page went back, in every layer
-  assert all(c.num_free_pages() == c.num_pages for c in engine.caches)
+  # every page went back, in every layer, zeroed (no request's K/V left in the pool)
+  for cache in engine.caches:
+    assert cache.num_free_pages() == cache.num_pages
+    assert not np.asarray(cache.key_pages[...]).any() and not np.asarray(cache.value_pages[...]).any()
+    assert not np.asarray(cache.lengths[...]).any()
   assert engine.scheduler.pages_reserved() == 0
