@@ -15,6 +15,9 @@ matplotlib is installed) under --out:
            lengths, contiguous and paged: ms and GB/s of *valid* K/V bytes
            read, and that as a fraction of the device copy bandwidth
            measured in the same run.
+  linear   (not in the default sections; scripts/bench_linear.py) linear
+           attention fwd+bwd against flash causal at b1 s65536, and its
+           decode step (state) against softmax decode at kv 4096 / 65536.
 
 Baselines timed in the same run: jax.nn.dot_product_attention with
 implementation="xla" and "cudnn" (GPU), and tokamax's Mosaic GPU kernel where
@@ -40,6 +43,7 @@ from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import (
     TOLERANCE, Row, copy_bandwidth, failed, rel_err, time_fn, to_pages)
+from meshattn.scripts.bench_linear import bench_linear
 from meshattn.scripts.bench_prefill import bench_features, bench_long, bench_prefill
 
 __all__ = ["Row", "TOLERANCE", "rel_err", "time_fn", "main"]
@@ -269,7 +273,14 @@ def parse(argv):
   p.add_argument("--layer-batch", type=int, default=4)
   p.add_argument("--layer-seq", type=int, default=4096)
   p.add_argument("--sections", nargs="+", default=["prefill", "features", "decode", "layer"],
-                 choices=["prefill", "features", "long", "decode", "layer"])
+                 choices=["prefill", "features", "long", "decode", "layer", "linear"])
+  p.add_argument("--linear-train", type=lambda s: tuple(int(x) for x in s.split("x")),
+                 default=(1, 65536), help="linear section: BATCHxSEQ of fwd+bwd vs flash")
+  p.add_argument("--linear-chunks", type=int, nargs="+", default=[64, 128, 256],
+                 help="linear section: chunk sizes timed")
+  p.add_argument("--linear-decode", type=lambda s: tuple(int(x) for x in s.split("x")),
+                 nargs="+", default=[(8, 4096), (8, 65536)],
+                 help="linear section: BATCHxKVLEN of the decode step, linear vs softmax")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--decode-iters", type=int, default=200,
                  help="calls per timed sample in the decode section: its kernels take 0.1-0.5 ms; "
@@ -287,6 +298,7 @@ def parse(argv):
     args.emb, args.layer_batch, args.layer_seq = 128, 1, 64
     args.decode, args.tokens_per_page, args.iters, args.dtype = [(4, 64)], 16, 2, "float32"
     args.decode_iters = 2
+    args.linear_train, args.linear_chunks, args.linear_decode = (1, 96), [40], [(2, 64), (2, 128)]
   return args
 
 
@@ -305,6 +317,8 @@ def main(argv: list[str]) -> int:
     rows += bench_decode(args, platform)
   if "layer" in args.sections:
     rows += bench_layer(args, platform)
+  if "linear" in args.sections:
+    rows += bench_linear(args, platform)
   print_table(rows)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,14 @@ from meshattn.scripts import bench
 
 
 def test_bench_cpu_smoke(tmp_path, capsys):
-  sections = ["prefill", "features", "long", "decode", "layer"]
+  sections = ["prefill", "features", "long", "decode", "layer", "linear"]
   assert bench.main(["--cpu-smoke", "--check", "--out", str(tmp_path), "--sections", *sections]) == 0
   out = capsys.readouterr().out
   for section in ("prefill fwd", "prefill fwd+bwd", "soft cap fwd", "segments x4 + sinks fwd+bwd",
-                  "decode", "layer fwd+bwd"):
+                  "decode", "layer fwd+bwd", "linear fwd+bwd", "linear decode"):
     assert section in out
   rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
   kernels = {r["kernel"] for r in rows}
   assert {"dot_product", "blockwise", "jax.nn xla", "ragged (reference)", "paged (reference)",
-          "meshattn Attention"} <= kernels
+          "meshattn Attention", "linear (chunk 40)", "linear step (state)"} <= kernels
   assert all(r["status"].startswith("ok") for r in rows), [r for r in rows if r["status"] != "ok"]
