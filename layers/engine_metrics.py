@@ -6,7 +6,8 @@ time is when its step's result reached the host.
 - time to first token (TTFT): first token time - arrival (queueing included);
 - time per output token (TPOT): (last token time - first token time) /
   (output tokens - 1), for requests with at least two output tokens;
-- throughput: output tokens / (last finish - first arrival);
+- throughput: output tokens / (last finish - first arrival); decode-only
+  steps' tokens / their time (dispatch to tokens on the host);
 - per step: decode rows, chunk rows, tokens, running and waiting requests,
   cache pages reserved (each running request's worst case) and filled
   (holding its cached tokens), the same in every layer.
@@ -69,6 +70,8 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
   end = max(r.finish_time for r in results)
   output_tokens = sum(len(r.tokens) for r in results)
   ttft = [r.ttft for r in results]
+  decode_steps = [s for s in steps if s.kind == "decode"]
+  decode_s = sum(s.time - s.start for s in decode_steps)
   tpot = [r.tpot for r in results]
   return {
       "requests": len(results),
@@ -78,6 +81,9 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
       "tokens_per_s": output_tokens / max(end - start, 1e-9),
       "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
       "tpot_p50_s": percentile(tpot, 50), "tpot_p90_s": percentile(tpot, 90),
+      # decode-only steps, dispatch to tokens on the host (what the loop pays per step)
+      "decode_tokens_per_s": sum(s.decode_rows for s in decode_steps) / decode_s if decode_s else 0.0,
+      "decode_step_s": decode_s / len(decode_steps) if decode_steps else float("nan"),
       "steps": len(steps),
       "mixed_steps": sum(s.kind == "mixed" for s in steps),
       "max_pages_reserved": max((s.pages_reserved for s in steps), default=0),

@@ -20,6 +20,12 @@ loop pays), the median of `iters` steps after one warm-up. Before each chunk
 or mixed step slot S-1 is cut back to `context` tokens (untimed: freed and
 prefilled again), so every chunk continues the same context. The issue's
 target on the GPU: mixed <= 1.2 x (decode + chunk).
+
+With `--trace N` it then serves N requests (random prompts of `context`
+tokens, `--new-tokens` outputs, all arriving at once) through the whole
+Engine loop (layers/engine.py: scheduler, page tables, steps, sampling on
+the host) and prints its throughput, the decode-only steps' tokens/s and
+ms per step (the loop's per-step cost, host included), TTFT and TPOT.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from flax import nnx
 
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
-from meshattn.layers.engine_schedule import Chunk, StepPlan
+from meshattn.layers.engine import Engine
+from meshattn.layers.engine_schedule import Chunk, Request, StepPlan
 from meshattn.layers.engine_step import make_engine_step, run_step, step_inputs
 from meshattn.sharding import create_mesh, shard_module
 
@@ -49,6 +56,10 @@ def parse(argv):
   p.add_argument("--chunk", type=int, default=512, help="C: prefill chunk length")
   p.add_argument("--context", type=int, default=512, help="tokens already in every slot")
   p.add_argument("--iters", type=int, default=10, help="timed steps per kind")
+  p.add_argument("--trace", type=int, default=0,
+                 help="then serve this many requests (prompt `context` tokens, all at once) "
+                      "through the Engine and report its loop's throughput, TTFT and TPOT")
+  p.add_argument("--new-tokens", type=int, default=64, help="output tokens per --trace request")
   p.add_argument("--json", help="write the table as JSON here")
   return p.parse_args(argv)
 
@@ -62,8 +73,9 @@ class Bench:
       raise ValueError("--slots must be >= 2 (S-1 decode rows and one chunk slot)")
     base = load_config(args.config, *args.overrides)
     tpp = base.tokens_per_page
-    max_length = self.context + max(self.chunk, 2 * self.iters + 4)
-    decode_pages = (self.slots - 1) * math.ceil((self.context + 3 * self.iters + 4) / tpp)
+    growth = max(3 * self.iters + 4, args.new_tokens if args.trace else 0)
+    max_length = self.context + max(self.chunk, growth)
+    decode_pages = self.slots * math.ceil((self.context + growth) / tpp)
     pages = decode_pages + math.ceil(max_length / tpp) + 1
     sizes = [f"max_target_length={max_length}"] if max_length > base.max_target_length else []
     prefill = max(self.chunk, self.context, base.max_prefill_predict_length)
@@ -136,6 +148,18 @@ class Bench:
     return times
 
 
+def serve_trace(bench: Bench, args) -> dict:
+  """The whole engine loop (scheduler, pages, steps, sampling) on `args.trace` requests."""
+  engine = Engine(bench.model, num_slots=bench.slots, chunk_size=bench.chunk,
+                  max_length=bench.context + args.new_tokens)
+  engine.warmup()
+  rng = np.random.default_rng(1)
+  trace = [Request(i, rng.integers(1, bench.cfg.vocab_size, bench.context).astype(np.int32),
+                   args.new_tokens) for i in range(args.trace)]
+  engine.run(trace, realtime=False)
+  return engine.summary()
+
+
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
   bench = Bench(args)
@@ -153,11 +177,22 @@ def main(argv=None) -> int:
   for name, shape, tokens, t in rows:
     print(f"{name:<8}{shape:<26}{tokens:>8}{t:>10.3f}")
   print(f"mixed / (decode + chunk) = {ratio:.3f}   (issue 17 target on GPU: <= 1.2)")
+  result = {"config": args.config, "overrides": args.overrides, "slots": s, "chunk": c,
+            "context": bench.context, "ms": ms, "ratio": ratio,
+            "device": jax.devices()[0].device_kind}
+  if args.trace:
+    summary = result["trace"] = serve_trace(bench, args)
+    print(f"\nengine loop: {args.trace} requests of {bench.context} prompt + {args.new_tokens} "
+          f"output tokens, all at once, {s} slots, chunk {c}")
+    print(f"output tokens/s {summary['tokens_per_s']:.0f}   decode-only steps: "
+          f"{summary['decode_tokens_per_s']:.0f} tokens/s, {1e3 * summary['decode_step_s']:.2f} ms "
+          f"per step   TTFT p50 / p90 {1e3 * summary['ttft_p50_s']:.1f} / "
+          f"{1e3 * summary['ttft_p90_s']:.1f} ms   TPOT p50 / p90 "
+          f"{1e3 * summary['tpot_p50_s']:.2f} / {1e3 * summary['tpot_p90_s']:.2f} ms   "
+          f"steps {summary['steps']} ({summary['mixed_steps']} mixed)")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"config": args.config, "overrides": args.overrides, "slots": s, "chunk": c,
-                 "context": bench.context, "ms": ms, "ratio": ratio,
-                 "device": jax.devices()[0].device_kind}, f, indent=1)
+      json.dump(result, f, indent=1)
   return 0
 
 
