@@ -58,6 +58,8 @@ def parse(argv):
   p.add_argument("--requests", type=int, default=64, help="requests in the trace")
   p.add_argument("--rate", type=float, default=40.0, help="arrivals per second (inf: all at once)")
   p.add_argument("--new-tokens", type=int, default=8, help="max output tokens per request")
+  p.add_argument("--end-token", type=int, default=None,
+                 help="stop a request when it generates this token id (default: length only)")
   p.add_argument("--slots", type=int, default=8, help="cache slots (batch of the decode rows)")
   p.add_argument("--chunk", type=int, default=16, help="prefill chunk length")
   p.add_argument("--prefill-rows", type=int, default=1, help="prefill chunks per step")
@@ -89,7 +91,8 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
   mesh = create_mesh(cfg)
   model = restore_params(args.checkpoint, cfg, mesh, step=args.step)
   engine = Engine(model, num_slots=args.slots, chunk_size=args.chunk,
-                  prefill_rows=args.prefill_rows, max_length=max_length)
+                  prefill_rows=args.prefill_rows, max_length=max_length,
+                  end_token=args.end_token)
   started = time.perf_counter()
   engine.warmup()
   compile_s = time.perf_counter() - started

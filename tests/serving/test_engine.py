@@ -94,3 +94,20 @@ def test_engine_equals_uncached_greedy_decode():
     assert not np.asarray(cache.key_pages[...]).any() and not np.asarray(cache.value_pages[...]).any()
     assert not np.asarray(cache.lengths[...]).any()
   assert engine.scheduler.pages_reserved() == 0
+
+
+def test_engine_refuses_bad_settings_and_requests_before_any_change():
+  cfg, model = build(sharded=False)
+  with pytest.raises(ValueError, match="chunk_size=64 exceeds .*max_prefill_predict_length=32"):
+    Engine(model, num_slots=2, chunk_size=64)
+  with pytest.raises(ValueError, match="prefill_rows=3 must be <= num_slots=2"):
+    Engine(model, num_slots=2, chunk_size=8, prefill_rows=3)
+  engine = Engine(model, num_slots=2, chunk_size=8)
+  with pytest.raises(ValueError, match="exceed the cache's max_length=32"):
+    engine.submit(np.ones(30, np.int32), max_new_tokens=4)
+  with pytest.raises(ValueError, match="integer token ids"):
+    engine.submit(np.ones(3, np.float32), max_new_tokens=4)
+  engine.submit(np.ones(3, np.int32), max_new_tokens=2, id=5)
+  with pytest.raises(ValueError, match="id 5 was already submitted"):
+    engine.submit(np.ones(3, np.int32), max_new_tokens=2, id=5)
+  assert len(engine.scheduler.waiting) == 1 and engine.scheduler.running == {}
