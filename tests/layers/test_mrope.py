@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from helpers.layer_params import randomize, ref_settings
-from helpers.numpy_reference import (apply_rope_np, attention_layer_naive, attention_layer_np,
-                                     mrope_streams_np)
+from helpers.naive_reference import attention_layer_naive
+from helpers.numpy_reference import apply_rope_np, attention_layer_np, mrope_streams_np
 from meshattn.configs import ConfigError, load_config
 from meshattn.layers import Attention, MaskSpec, RopeSpec
 from meshattn.layers.rope import apply_rope
