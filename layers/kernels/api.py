@@ -172,15 +172,17 @@ def check_operands(query: jax.Array, key: jax.Array, call: TrainCall) -> None:
 TrainImpl = Callable[..., tuple[jax.Array, jax.Array | None]]
 
 
-def train_kernel(name: str, features: frozenset[str] | None = None, *, index_masked: bool = False,
+def train_kernel(name: str, features: frozenset[str] | None = None, *,
+                 index_masked: bool | Callable[[KernelOptions], bool] = False,
                  no_empty_rows: bool = False) -> Callable[[TrainImpl], Callable]:
   """Register-time wrapper of a train implementation `impl(query, key, value, call, **tuning)`.
 
   The wrapped kernel takes the train protocol's keywords (module doc), builds the
   `TrainCall` and checks, once for every kernel: `check_operands`; the requested features
-  against `features` (None: every feature, the reference); for `index_masked` kernels
-  (flash: masks from token indices inside the call) that the positions are the token
-  indices; with `no_empty_rows`, that no query is left without a key.
+  against `features` (None: the implementation checks its own, or takes every feature); for
+  `index_masked` kernels (flash: masks from token indices inside the call; a predicate of
+  the options where only some masks are) that the positions are the token indices; with
+  `no_empty_rows`, that no query is left without a key.
   """
 
   def wrap(impl: TrainImpl) -> Callable:
@@ -200,7 +202,7 @@ def train_kernel(name: str, features: frozenset[str] | None = None, *, index_mas
             bias=bias, deterministic=deterministic, return_weights=return_weights)
         reject_unsupported(name, features, requested)
       q_len, kv_len = query.shape[1], key.shape[1]
-      if index_masked:
+      if index_masked is True or (callable(index_masked) and index_masked(options)):
         check_index_positions(q_positions, kv_positions, q_len, kv_len, name)
       if no_empty_rows:
         check_no_empty_rows(options.mask, q_len, kv_len, name)

@@ -25,8 +25,9 @@ import pytest
 from helpers.kernel_checks import rel_err, values_and_grads
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels.train.flash_gpu import CUDNN_FEATURES, cudnn_attention, cudnn_available
+from meshattn.layers.kernels.api import ALL_FEATURES
 from meshattn.layers.kernels.train.flash_tpu import (
-    ALL_FEATURES, SPLASH_FEATURES, default_block_sizes, splash_attention)
+    SPLASH_FEATURES, default_block_sizes, splash_attention)
 
 B, N, H = 2, 4, 32
 BLOCKS_128 = default_block_sizes(128, 128)  # 128 everywhere, also on 256-token sequences

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.shared.online_softmax import NEG, hide, live_keys, live_queries
-from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
 from meshattn.layers.kernels.train.dot_product import mod_indices, to_group_layout, visible_mask
 
 BLOCKWISE_FEATURES = frozenset({
@@ -335,25 +335,9 @@ def _inexact(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def blockwise_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-    block_q: int = 512,
-    block_kv: int = 512,
-) -> tuple[jax.Array, None]:
+@train_kernel("blockwise_attention", BLOCKWISE_FEATURES)
+def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
+                        block_q: int = 512, block_kv: int = 512) -> tuple[jax.Array, None]:
   """Attention of query [B, T, N, H] over key/value [B, S, K, H], blockwise.
 
   Same arguments and result as dot_product_attention (see there), plus the
@@ -362,35 +346,24 @@ def blockwise_attention(
 
   Returns (context [B, T, N, H], None): the weights are never materialised.
   """
-  del dropout_rng
-  if return_weights:
-    raise ValueError("blockwise_attention cannot return attention weights (return_weights=True): "
-                     "it never materialises them; use the dot_product kernel")
-  if options.dropout_rate > 0.0 and not deterministic:
-    raise ValueError(f"blockwise_attention does not support attention dropout "
-                     f"(dropout_rate={options.dropout_rate}); use the dot_product kernel")
   if block_q <= 0 or block_kv <= 0:
     raise ValueError(f"block sizes must be > 0, got block_q={block_q}, block_kv={block_kv}")
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
   group = num_heads // kv_heads
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
 
   bq, bk = min(block_q, q_len), min(block_kv, kv_len)
   q_pad, kv_pad = -(-q_len // bq) * bq, -(-kv_len // bk) * bk
   q5 = _pad(query.reshape(batch, q_len, kv_heads, group, head_dim), 1, q_pad, 0)  # [B, T', K, G, H]
   k = _pad(key, 1, kv_pad, 0)  # [B, S', K, H]
   v = _pad(value, 1, kv_pad, 0)  # [B, S', K, Hv]
-  q_pos = _pad(q_positions, 1, q_pad, 0)  # [B, T']: padded rows are dropped below
-  kv_pos = _pad(kv_positions, 1, kv_pad, -1)  # [B, S']: -1 = empty slot, never attended
-  q_seg = _pad(q_segment_ids, 1, q_pad, 0)
-  kv_seg = _pad(kv_segment_ids, 1, kv_pad, 0)
-  bias5 = to_group_layout(bias, batch, kv_heads, q_len, kv_len, "bias")  # [B, 1|K, 1|G, T, S]
+  q_pos = _pad(call.q_positions, 1, q_pad, 0)  # [B, T']: padded rows are dropped below
+  kv_pos = _pad(call.kv_positions, 1, kv_pad, -1)  # [B, S']: -1 = empty slot, never attended
+  q_seg = _pad(call.q_segment_ids, 1, q_pad, 0)
+  kv_seg = _pad(call.kv_segment_ids, 1, kv_pad, 0)
+  bias5 = to_group_layout(call.bias, batch, kv_heads, q_len, kv_len, "bias")  # [B, 1|K, 1|G, T, S]
   bias5 = _pad(_pad(bias5, 3, q_pad, 0), 4, kv_pad, 0)  # [B, 1|K, 1|G, T', S']
-  mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
+  mask5 = to_group_layout(call.mask, batch, kv_heads, q_len, kv_len, "mask")
   if mask5 is not None:
     mask5 = _pad(_pad(mask5.astype(bool), 3, q_pad, False), 4, kv_pad, False)
 
@@ -399,19 +372,19 @@ def blockwise_attention(
   # table), so that custom_vjp can return cotangents for them.
   indices = mod_indices(batch, kv_heads, group, q_pos[:, :bq], kv_pos[:, :bk])
   score_fn, score_consts, mask_fn, mask_consts = None, [], None, []
-  if options.score_mod is not None:
-    raw = jax.eval_shape(functools.partial(_raw_scores, options=options), q5[:, :bq], k[:, :bk])
-    dtype = jnp.float32 if options.float32_logits else raw.dtype
+  if call.options.score_mod is not None:
+    raw = jax.eval_shape(functools.partial(_raw_scores, options=call.options), q5[:, :bq], k[:, :bk])
+    dtype = jnp.float32 if call.options.float32_logits else raw.dtype
     example = jnp.zeros(raw.shape, dtype)  # [B, K, G, t, s]
-    score_fn, score_consts = jax.closure_convert(options.score_mod, example, *indices)
-  if options.mask_mod is not None:
-    mask_fn, mask_consts = jax.closure_convert(options.mask_mod, *indices)
+    score_fn, score_consts = jax.closure_convert(call.options.score_mod, example, *indices)
+  if call.options.mask_mod is not None:
+    mask_fn, mask_consts = jax.closure_convert(call.options.mask_mod, *indices)
   cfg = _Config(
-      options=dataclasses.replace(options, mask_mod=None), block_q=bq, block_kv=bk,
+      options=dataclasses.replace(call.options, mask_mod=None), block_q=bq, block_kv=bk,
       kv_heads=kv_heads, group=group, score_fn=score_fn, mask_fn=mask_fn,
       score_diff=tuple(_inexact(c) for c in score_consts),
       bias_diff=bias5 is not None and _inexact(bias5))
-  out = _attention(cfg, q5, k, v, sinks, bias5, list(score_consts), q_pos, kv_pos, q_seg, kv_seg,
+  out = _attention(cfg, q5, k, v, call.sinks, bias5, list(score_consts), q_pos, kv_pos, q_seg, kv_seg,
                    mask5, list(mask_consts))  # [B, T', K, G, Hv]
   context = out[:, :q_len].reshape(batch, q_len, num_heads, value.shape[-1])  # [B, T, N, Hv]
   return context, None

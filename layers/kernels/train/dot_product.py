@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
 from meshattn.layers.kernels.shared.online_softmax import hide, live_keys, live_queries
 from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
 
@@ -71,23 +71,9 @@ def visible_mask(options: KernelOptions, q_positions, kv_positions, q_segment_id
   return allowed
 
 
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+@train_kernel("dot_product_attention")
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                          call: TrainCall) -> tuple[jax.Array, jax.Array | None]:
   """Attention of query [B, T, N, H] over key/value [B, S, K, H].
 
   q_positions [B, T] / kv_positions [B, S] drive the structural mask (a key
@@ -99,14 +85,10 @@ def dot_product_attention(
   """
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
   group = num_heads // kv_heads
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
 
-  mask5 = to_group_layout(mask, batch, kv_heads, q_len, kv_len, "mask")
-  allowed = visible_mask(options, q_positions, kv_positions, q_segment_ids, kv_segment_ids, mask5,
+  mask5 = to_group_layout(call.mask, batch, kv_heads, q_len, kv_len, "mask")
+  allowed = visible_mask(call.options, call.q_positions, call.kv_positions, call.q_segment_ids, call.kv_segment_ids, mask5,
                          kv_heads, group)  # [B, 1|K, 1|G, T, S]
   # Rows no pair uses (padding, empty slots) may hold NaN / inf: zeroed by a
   # select, or 0 * NaN would reach p @ V, dq and dk (online_softmax.py).
@@ -115,19 +97,19 @@ def dot_product_attention(
   key, value = hide(key, live_k), hide(value, live_k)  # [B, S, K, H]
   q = hide(query.reshape(batch, q_len, kv_heads, group, head_dim), live_q)  # [B, T, K, G, H]
   logits = jnp.einsum(
-      "BTKGH,BSKH->BKGTS", q, key, precision=options.precision,
-      preferred_element_type=jnp.float32 if options.float32_qk_product else None)  # [B, K, G, T, S]
-  if options.float32_logits:
+      "BTKGH,BSKH->BKGTS", q, key, precision=call.options.precision,
+      preferred_element_type=jnp.float32 if call.options.float32_qk_product else None)  # [B, K, G, T, S]
+  if call.options.float32_logits:
     logits = logits.astype(jnp.float32)
-  logits = logits * jnp.asarray(options.scale, logits.dtype)
-  bias5 = to_group_layout(bias, batch, kv_heads, q_len, kv_len, "bias")
+  logits = logits * jnp.asarray(call.options.scale, logits.dtype)
+  bias5 = to_group_layout(call.bias, batch, kv_heads, q_len, kv_len, "bias")
   if bias5 is not None:
     logits = logits + bias5.astype(logits.dtype)
-  if options.score_mod is not None:
-    indices = mod_indices(batch, kv_heads, group, q_positions, kv_positions)
-    logits = options.score_mod(logits, *indices).astype(logits.dtype)
-  if options.soft_cap:
-    cap = jnp.asarray(options.soft_cap, logits.dtype)
+  if call.options.score_mod is not None:
+    indices = mod_indices(batch, kv_heads, group, call.q_positions, call.kv_positions)
+    logits = call.options.score_mod(logits, *indices).astype(logits.dtype)
+  if call.options.soft_cap:
+    cap = jnp.asarray(call.options.soft_cap, logits.dtype)
     logits = cap * jnp.tanh(logits / cap)
 
   # A large finite negative (not -inf) keeps fully masked rows NaN-free; their
@@ -137,29 +119,29 @@ def dot_product_attention(
   # Softmax always runs in float32 (as jax.nn.dot_product_attention does);
   # float32_logits moves the cast earlier, before scale, bias and soft cap.
   logits = logits.astype(jnp.float32)
-  if sinks is not None:
-    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)  # [1, K, G, 1, 1]
+  if call.sinks is not None:
+    sink = call.sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)  # [1, K, G, 1, 1]
     sink = jnp.broadcast_to(sink, logits.shape[:-1] + (1,))  # [B, K, G, T, 1]
     probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :kv_len]
   else:
     probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, T, S]
   probs = jnp.where(allowed, probs, 0.0)
 
-  if options.dropout_rate > 0.0 and not deterministic:
-    if dropout_rng is None:
+  if call.options.dropout_rate > 0.0 and not call.deterministic:
+    if call.dropout_rng is None:
       raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout rng")
-    keep_prob = 1.0 - options.dropout_rate
+    keep_prob = 1.0 - call.options.dropout_rate
     # broadcast_dropout: one mask for every batch element and head, like Flax.
-    shape = (1, 1, 1, q_len, kv_len) if options.broadcast_dropout else probs.shape
-    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    shape = (1, 1, 1, q_len, kv_len) if call.options.broadcast_dropout else probs.shape
+    keep = jax.random.bernoulli(call.dropout_rng, keep_prob, shape)
     probs = probs * (keep.astype(probs.dtype) / jnp.asarray(keep_prob, probs.dtype))
 
   context = jnp.einsum(
       "BKGTS,BSKH->BTKGH", probs.astype(value.dtype), value,
-      precision=options.precision)  # [B, T, K, G, H]
+      precision=call.options.precision)  # [B, T, K, G, H]
   # Already zero forward. The select zeroes the cotangent of a query that sees
   # nothing: a NaN sent back to a padding row would reach dv through p^T dO.
   context = hide(context, live_q)  # [B, T, K, G, H]
   context = context.reshape(batch, q_len, num_heads, value.shape[-1])  # [B, T, N, H]
-  weights = probs.reshape(batch, num_heads, q_len, kv_len) if return_weights else None
+  weights = probs.reshape(batch, num_heads, q_len, kv_len) if call.return_weights else None
   return context, weights

@@ -35,9 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
-from meshattn.layers.kernels.api import KernelOptions
-from meshattn.layers.kernels.train.flash_tpu import (
-    check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+from meshattn.layers.kernels.api import TrainCall, train_kernel
 from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
@@ -73,41 +71,16 @@ def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
   return jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len))  # [b, n, T, S]
 
 
-def cudnn_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-) -> tuple[jax.Array, None]:
+@train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True)
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    call: TrainCall) -> tuple[jax.Array, None]:
   """cuDNN attention of query [B, T, N, H] over key/value [B, S, K, H].
 
   Same arguments and results as `dot_product_attention` (weights are always
   None); see the module docstring for what is refused and why.
   """
-  del dropout_rng  # dropout is rejected below; the rng has nothing to do
   batch, q_len, num_heads, _ = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  requested = requested_features(
-      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
-      bias=bias, deterministic=deterministic, return_weights=return_weights)
-  reject_unsupported("cudnn_attention", CUDNN_FEATURES, requested)
-  check_index_positions(q_positions, kv_positions, q_len, kv_len, "cudnn_attention")
-  check_no_empty_rows(options.mask, q_len, kv_len, "cudnn_attention")
   if query.dtype not in _CUDNN_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
     raise ValueError("cudnn_attention needs float16 or bfloat16 query/key/value of one dtype, "
                      f"got {query.dtype}/{key.dtype}/{value.dtype}")
@@ -116,21 +89,21 @@ def cudnn_attention(
     raise ValueError("cudnn_attention cannot run "
                      + "; ".join(registry.CUDNN_LIMITS.violations(shape)))
 
-  spec = options.mask
+  spec = call.options.mask
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
-  mask4 = None if mask is None else _to_bnts(mask.astype(bool), q_len, kv_len, "mask")
-  bias4 = None if bias is None else _to_bnts(bias.astype(query.dtype), q_len, kv_len, "bias")
+  mask4 = None if call.mask is None else _to_bnts(call.mask.astype(bool), q_len, kv_len, "mask")
+  bias4 = None if call.bias is None else _to_bnts(call.bias.astype(query.dtype), q_len, kv_len, "bias")
   if mask4 is not None:
     # cuDNN turns the mask into a large negative bias: a hidden key's NaN K makes the logit NaN,
     # and its p = 0 still multiplies V (0 * NaN), as a hidden query's q meets dLogits = 0 in dK.
     # The keys no query sees and the queries that see nothing are zeroed by a select first.
-    allowed = structural_mask(spec, q_positions, kv_positions)[:, None] & mask4  # [B, n, T, S]
+    allowed = structural_mask(spec, call.q_positions, call.kv_positions)[:, None] & mask4  # [B, n, T, S]
     keep = allowed.any(axis=-1).transpose(0, 2, 1)[..., None]  # [B, T, n, 1]
     seen = allowed.any(axis=(1, 2))[:, :, None, None]  # [B, S, 1, 1]
     query = hide(query, keep)
     key, value = hide(key, seen), hide(value, seen)
   context = jax.nn.dot_product_attention(
-      query, key, value, bias=bias4, mask=mask4, scale=options.scale,
+      query, key, value, bias=bias4, mask=mask4, scale=call.options.scale,
       is_causal=spec.is_causal, local_window_size=window,
       implementation="cudnn")  # [B, T, N, H]
   if mask4 is not None:

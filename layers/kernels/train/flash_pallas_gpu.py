@@ -61,16 +61,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from meshattn.layers.kernels.train import flash_bounds as fb
-from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
 from meshattn.layers.kernels.train.flash_pallas_gpu_tiles import call_tiles
-from meshattn.layers.kernels.train.flash_tpu import (
-    check_index_positions, keys_with_rows, reject_unsupported, requested_features, rows_with_keys)
+from meshattn.layers.kernels.shared.live_tokens import keys_with_rows, rows_with_keys
 from meshattn.layers.kernels.shared.online_softmax import NEG, hide
 from meshattn.layers.masks import MaskSpec
 
 PALLAS_GPU_FLASH_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "backward",
     "float32"})
+
+
+
+def _masks_by_index(options: KernelOptions) -> bool:
+  """Causal loop bounds skip key blocks by token index: positions must be the indices."""
+  return options.mask.is_causal
+
 
 # Sinks are handed to the kernel as a tiny [N, _SINK_LANES] tile (Triton
 # blocks must be powers of two >= 1; a reduction of it yields the scalar).
@@ -393,34 +399,15 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def pallas_gpu_flash_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-    block_q: int | None = None,
-    block_kv: int | None = None,
-    block_q_bwd: int | None = None,
-    block_kv_bwd: int | None = None,
-    block_q_dkv: int | None = None,
-    block_kv_dkv: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    num_warps_bwd: int | None = None,
-    num_stages_bwd: int | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, None]:
+@train_kernel("pallas_gpu_flash_attention", PALLAS_GPU_FLASH_FEATURES,
+              index_masked=_masks_by_index)
+def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall,
+                               *, block_q: int | None = None, block_kv: int | None = None,
+                               block_q_bwd: int | None = None, block_kv_bwd: int | None = None,
+                               block_q_dkv: int | None = None, block_kv_dkv: int | None = None,
+                               num_warps: int | None = None, num_stages: int | None = None,
+                               num_warps_bwd: int | None = None, num_stages_bwd: int | None = None,
+                               interpret: bool = False) -> tuple[jax.Array, None]:
   """Flash attention of query [B, T, N, H] over key/value [B, S, K, H] in Pallas/Triton.
 
   Same arguments and results as `dot_product_attention` (weights are always None), plus tuning
@@ -437,20 +424,8 @@ def pallas_gpu_flash_attention(
   limit (not in interpret mode). `interpret` runs the kernels in the Pallas interpreter (any
   backend, for tests). Features outside PALLAS_GPU_FLASH_FEATURES raise ValueError naming them.
   """
-  del dropout_rng  # dropout is refused below
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  requested = requested_features(
-      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
-      bias=bias, deterministic=deterministic, return_weights=return_weights)
-  reject_unsupported("pallas_gpu_flash_attention", PALLAS_GPU_FLASH_FEATURES, requested)
-  if options.mask.is_causal:
-    # Loop bounds skip key blocks by token index; other positions would be wrong.
-    check_index_positions(q_positions, kv_positions, q_len, kv_len, "pallas_gpu_flash_attention")
   if head_dim < 16 or head_dim & (head_dim - 1) or value.shape[-1] != head_dim:
     raise ValueError(f"pallas_gpu_flash_attention needs one power-of-two head dim >= 16 for q, k "
                      f"and v, got {head_dim} / {value.shape[-1]}")
@@ -462,14 +437,14 @@ def pallas_gpu_flash_attention(
   # Powers of two: the padded lengths are multiples of every tile.
   t_pad = _round_up(q_len, max(tiles.block_q, tiles.block_q_bwd, tiles.block_q_dkv))
   s_pad = _round_up(kv_len, max(tiles.block_kv, tiles.block_kv_bwd, tiles.block_kv_dkv))
-  st = _Static(spec=options.mask, scale=float(options.scale), soft_cap=options.soft_cap or None,
+  st = _Static(spec=call.options.mask, scale=float(call.options.scale), soft_cap=call.options.soft_cap or None,
                kv_heads=kv_heads, group=num_heads // kv_heads, kv_len=kv_len,
-               has_segments=q_segment_ids is not None, has_sinks=sinks is not None,
+               has_segments=call.q_segment_ids is not None, has_sinks=call.sinks is not None,
                fast_tanh=not interpret and jnp.dtype(query.dtype).itemsize < 4,
                interpret=interpret, **dataclasses.asdict(tiles))
 
-  q_pos = jnp.broadcast_to(q_positions.astype(jnp.int32), (batch, q_len))  # [B, T]
-  kv_pos = jnp.broadcast_to(kv_positions.astype(jnp.int32), (batch, kv_len))  # [B, S]
+  q_pos = jnp.broadcast_to(call.q_positions.astype(jnp.int32), (batch, q_len))  # [B, T]
+  kv_pos = jnp.broadcast_to(call.kv_positions.astype(jnp.int32), (batch, kv_len))  # [B, S]
   # Padding queries continue the token index; padding keys are empty slots.
   q_pos = jnp.concatenate(
       [q_pos, jnp.broadcast_to(jnp.arange(q_len, t_pad, dtype=jnp.int32), (batch, t_pad - q_len))],
@@ -479,20 +454,20 @@ def pallas_gpu_flash_attention(
   # no real pair uses (padding, empty slots) are zeroed by a select first (online_softmax.py).
   q_seg = kv_seg = ranges = live_q = live_k = None
   if st.has_segments:
-    q_seg = _pad_to(q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
-    kv_seg = _pad_to(kv_segment_ids.astype(jnp.int32), s_pad, 1, 0)  # [B, S']
+    q_seg = _pad_to(call.q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
+    kv_seg = _pad_to(call.kv_segment_ids.astype(jnp.int32), s_pad, 1, 0)  # [B, S']
     # Token-level segment ranges, once for forward and backward (O(S log S)).
-    same = q_segment_ids is kv_segment_ids and t_pad == s_pad
+    same = call.q_segment_ids is call.kv_segment_ids and t_pad == s_pad
     ranges = fb.segment_ranges(q_seg, kv_seg, same=same)
-    live_q = rows_with_keys(options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len], q_segment_ids,
-                            kv_segment_ids)[:, :, None, None]  # [B, T, 1, 1]
-    live_k = keys_with_rows(q_segment_ids, kv_segment_ids)  # [B, S]
-  if not options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
+    live_q = rows_with_keys(call.options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len], call.q_segment_ids,
+                            call.kv_segment_ids)[:, :, None, None]  # [B, T, 1, 1]
+    live_k = keys_with_rows(call.q_segment_ids, call.kv_segment_ids)  # [B, S]
+  if not call.options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
     live_k = kv_pos[:, :kv_len] >= 0 if live_k is None else live_k & (kv_pos[:, :kv_len] >= 0)
   q = _pad_to(query if live_q is None else hide(query, live_q), t_pad, 1, 0)  # [B, T', N, H]
   k, v = (_pad_to(x if live_k is None else hide(x, live_k[:, :, None, None]), s_pad, 1, 0)
           for x in (key, value))  # [B, S', K, H]
-  context = _flash(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[:, :q_len]
+  context = _flash(st, q, k, v, call.sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[:, :q_len]
   if live_q is not None:  # also zeroes a padding query's (maybe NaN) cotangent: p^T @ dO, delta
     context = hide(context, live_q)  # [B, T, N, H]
   return context, None

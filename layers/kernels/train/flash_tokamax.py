@@ -35,9 +35,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.api import KernelOptions
-from meshattn.layers.kernels.train.flash_tpu import (
-    check_index_positions, check_no_empty_rows, reject_unsupported, requested_features)
+from meshattn.layers.kernels.api import TrainCall, train_kernel
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -139,42 +137,17 @@ def tokamax_available() -> bool:
     return False
 
 
-def tokamax_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-) -> tuple[jax.Array, None]:
+@train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True)
+def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                      call: TrainCall) -> tuple[jax.Array, None]:
   """tokamax Mosaic GPU attention of query [B, T, N, H] over key/value [B, S, K, H].
 
   Same arguments and results as `dot_product_attention` (weights are always
   None). Features outside TOKAMAX_FEATURES, float32 inputs, or a missing
   tokamax raise ValueError naming them, before any GPU work.
   """
-  del dropout_rng  # dropout is refused below
   num_heads, kv_heads = query.shape[2], key.shape[2]
   q_len, kv_len = query.shape[1], key.shape[1]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  requested = requested_features(
-      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
-      bias=bias, deterministic=deterministic, return_weights=return_weights)
-  reject_unsupported("tokamax_attention", TOKAMAX_FEATURES, requested)
-  check_index_positions(q_positions, kv_positions, q_len, kv_len, "tokamax_attention")
-  check_no_empty_rows(options.mask, q_len, kv_len, "tokamax_attention")
   if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
     raise ValueError("tokamax_attention needs float16 or bfloat16 query/key/value of one dtype, "
                      f"got {query.dtype}/{key.dtype}/{value.dtype}")
@@ -182,14 +155,14 @@ def tokamax_attention(
   if tokamax is None:
     raise ValueError("tokamax_attention needs the tokamax package (pip install meshattn[tokamax])")
   if q_len % TOKAMAX_LENGTH_MULTIPLE or kv_len % TOKAMAX_LENGTH_MULTIPLE:
-    return _fallback(query, key, value, options=options, q_positions=q_positions,
-                     kv_positions=kv_positions)
+    return _fallback(query, key, value, options=call.options, q_positions=call.q_positions,
+                     kv_positions=call.kv_positions)
 
-  spec = options.mask
+  spec = call.options.mask
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
   context = tokamax.dot_product_attention(
-      query, key, value, scale=options.scale, is_causal=spec.is_causal,
-      local_window_size=window, logits_soft_cap=options.soft_cap or None,
+      query, key, value, scale=call.options.scale, is_causal=spec.is_causal,
+      local_window_size=window, logits_soft_cap=call.options.soft_cap or None,
       implementation="mosaic")  # [B, T, N, H]
   return context, None
 

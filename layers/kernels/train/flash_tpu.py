@@ -44,13 +44,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from meshattn.layers.kernels.api import KernelOptions
-from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
-
-# Every feature name a fast kernel may be asked for (see requested_features).
-ALL_FEATURES = frozenset({
-    "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "user_mask",
-    "user_bias", "score_mod", "mask_mod", "dropout", "weights", "backward"})
+from meshattn.layers.kernels.api import TrainCall, train_kernel
+from meshattn.layers.kernels.shared.live_tokens import keys_with_rows, rows_with_keys
+from meshattn.layers.masks import MaskSpec
 
 # Splash has no bias/mask operand and no hook for arbitrary logits functions
 # (its static masks are numpy objects, its mask_function sees only indices
@@ -60,81 +56,6 @@ SPLASH_FEATURES = frozenset({
 
 # Splash's kv blocks must be multiples of the 128-lane vreg width.
 _LANES = 128
-
-
-# ---- Shared by the fast kernels (flash_gpu imports these) ----------------------
-
-
-def requested_features(query: jax.Array, key: jax.Array, *, options: KernelOptions,
-                       q_segment_ids, sinks, mask, bias, deterministic: bool,
-                       return_weights: bool) -> frozenset[str]:
-  """The feature names one call needs ("backward" is never requested here)."""
-  kind = options.mask.attention_type
-  wanted = {
-      "gqa": key.shape[2] != query.shape[2],
-      "causal": kind == "global",
-      "full": kind == "full",
-      "window": kind == "local_sliding",
-      "chunk": kind == "chunk",
-      "segment_ids": q_segment_ids is not None,
-      "soft_cap": bool(options.soft_cap),
-      "sinks": sinks is not None,
-      "user_mask": mask is not None,
-      "user_bias": bias is not None,
-      "score_mod": options.score_mod is not None,
-      "mask_mod": options.mask_mod is not None,
-      # Dropout only happens when it is both configured and active.
-      "dropout": options.dropout_rate > 0.0 and not deterministic,
-      "weights": return_weights,
-  }
-  return frozenset(name for name, on in wanted.items() if on)
-
-
-def reject_unsupported(kernel: str, supported: frozenset[str], requested: frozenset[str]) -> None:
-  """ValueError naming every requested feature the kernel lacks (never a silent fallback)."""
-  missing = sorted(requested - supported)
-  if missing:
-    raise ValueError(
-        f"{kernel} does not support {', '.join(missing)}; it supports {sorted(supported)}. "
-        "Use the dot_product kernel for these features.")
-
-
-def check_index_positions(q_positions: jax.Array, kv_positions: jax.Array, q_len: int,
-                          kv_len: int, kernel: str) -> None:
-  """Fast kernels mask on token index, so positions must be 0..T-1 / 0..S-1.
-
-  Positions under a trace cannot be inspected and are trusted (the layer's
-  train mode passes aranges); concrete ones that differ raise ValueError,
-  since ignoring them would silently change the mask.
-  """
-  for name, positions, length in (("q_positions", q_positions, q_len),
-                                  ("kv_positions", kv_positions, kv_len)):
-    if positions.shape[-1] != length:
-      raise ValueError(f"{kernel}: {name} has length {positions.shape[-1]}, expected {length}")
-    if isinstance(positions, jax.core.Tracer):
-      continue
-    if not np.array_equal(np.asarray(positions),
-                          np.broadcast_to(np.arange(length), positions.shape)):
-      raise ValueError(
-          f"{kernel}: {name} must be the token indices 0..{length - 1} (its masks are index "
-          "based, train mode only); use the dot_product kernel for other positions")
-
-
-def check_no_empty_rows(spec: MaskSpec, q_len: int, kv_len: int, kernel: str) -> None:
-  """Reject structural masks that leave some query with no key at all.
-
-  The reference returns zeros for such rows; flash kernels skip fully masked
-  blocks and divide by an empty softmax sum (NaN forward and backward), so the
-  case is refused rather than patched. Only cross-attention with q_len > kv_len
-  reaches it: causal rows always see key 0, full rows every key.
-  """
-  last = q_len - 1
-  if spec.attention_type == "local_sliding" and last - spec.window + 1 > kv_len - 1:
-    raise ValueError(f"{kernel}: window {spec.window} with q_len {q_len} > kv_len {kv_len} "
-                     "leaves queries with no visible key")
-  if spec.attention_type == "chunk" and (last // spec.chunk) * spec.chunk > kv_len - 1:
-    raise ValueError(f"{kernel}: chunk {spec.chunk} with q_len {q_len} > kv_len {kv_len} "
-                     "leaves queries with no visible key")
 
 
 # ---- Splash --------------------------------------------------------------------
@@ -198,59 +119,10 @@ def _splash_kernel(spec: MaskSpec, q_len: int, kv_len: int, num_heads: int, mqa:
                 interpret=pltpu.InterpretParams() if interpret else False)
 
 
-def _same_ids(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> bool:
-  """True when the kv ids are known to be the query ids (self-attention)."""
-  if q_segment_ids is kv_segment_ids:
-    return True
-  if isinstance(q_segment_ids, jax.core.Tracer) or isinstance(kv_segment_ids, jax.core.Tracer):
-    return False
-  return q_segment_ids.shape == kv_segment_ids.shape and bool(
-      np.array_equal(np.asarray(q_segment_ids), np.asarray(kv_segment_ids)))
-
-
-def rows_with_keys(spec: MaskSpec, q_positions, kv_positions, q_segment_ids,
-                   kv_segment_ids) -> jax.Array:
-  """[B, T] True where a query has at least one visible key (segments included).
-
-  Self-attention with one ids array needs no scan: every structural mask keeps
-  the diagonal, so a query sees at least itself unless its id is 0. Otherwise
-  the [B, T, S] comparison is reduced at once (XLA fuses it; nothing of size
-  T x S is stored).
-  """
-  q_len, kv_len = q_positions.shape[-1], kv_positions.shape[-1]
-  if q_len == kv_len and _same_ids(q_segment_ids, kv_segment_ids):
-    return q_segment_ids != 0  # [B, T]
-  allowed = structural_mask(spec, q_positions, kv_positions) & segment_mask(
-      q_segment_ids, kv_segment_ids)  # [B, T, S]
-  return allowed.any(axis=-1)  # [B, T]
-
-
-def keys_with_rows(q_segment_ids, kv_segment_ids) -> jax.Array:
-  """[B, S] True where some query shares a key's (non-zero) segment; as rows_with_keys."""
-  if _same_ids(q_segment_ids, kv_segment_ids):
-    return kv_segment_ids != 0  # [B, S]
-  return segment_mask(q_segment_ids, kv_segment_ids).any(axis=1)  # [B, S]
-
-
-def splash_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-    interpret: bool = False,
-    block_sizes: splash.BlockSizes | None = None,
-) -> tuple[jax.Array, None]:
+@train_kernel("splash_attention", SPLASH_FEATURES, index_masked=True, no_empty_rows=True)
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
+                     interpret: bool = False,
+                     block_sizes: splash.BlockSizes | None = None) -> tuple[jax.Array, None]:
   """Splash attention of query [B, T, N, H] over key/value [B, S, K, H].
 
   Same arguments and results as `dot_product_attention` (weights are always
@@ -258,49 +130,38 @@ def splash_attention(
   on CPU in tests) and `block_sizes` (default: the largest of 512/256/128
   dividing each length). Lengths must be multiples of 128.
   """
-  del dropout_rng  # dropout is rejected below; the rng has nothing to do
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  requested = requested_features(
-      query, key, options=options, q_segment_ids=q_segment_ids, sinks=sinks, mask=mask,
-      bias=bias, deterministic=deterministic, return_weights=return_weights)
-  reject_unsupported("splash_attention", SPLASH_FEATURES, requested)
-  check_index_positions(q_positions, kv_positions, q_len, kv_len, "splash_attention")
-  check_no_empty_rows(options.mask, q_len, kv_len, "splash_attention")
   if block_sizes is None:
     block_sizes = default_block_sizes(q_len, kv_len)
 
   mqa = kv_heads == 1
-  kernel = _splash_kernel(options.mask, q_len, kv_len, num_heads, mqa, options.soft_cap or None,
+  kernel = _splash_kernel(call.options.mask, q_len, kv_len, num_heads, mqa, call.options.soft_cap or None,
                           block_sizes, bool(interpret))
 
   # Splash does not scale; (q * scale) . k is the reference's (q . k) * scale.
-  q = (query * jnp.asarray(options.scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
+  q = (query * jnp.asarray(call.options.scale, query.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
   k = key.transpose(0, 2, 1, 3)  # [B, K, S, H]
   v = value.transpose(0, 2, 1, 3)  # [B, K, S, H]
   if mqa:
     k, v = k[:, 0], v[:, 0]  # [B, S, H]
   segments = None
-  if q_segment_ids is not None:
-    segments = splash.SegmentIds(q=q_segment_ids.astype(jnp.int32),
-                                 kv=kv_segment_ids.astype(jnp.int32))  # [B, T] / [B, S]
+  if call.q_segment_ids is not None:
+    segments = splash.SegmentIds(q=call.q_segment_ids.astype(jnp.int32),
+                                 kv=call.kv_segment_ids.astype(jnp.int32))  # [B, T] / [B, S]
     # Splash zeroes the p of a masked pair but still multiplies it into p @ V
     # (0 * NaN = NaN), and lets padding attend to padding: the tokens no real
     # token pairs with are zeroed by a select first, so whatever they hold
     # reaches no visible output or gradient (as in online_softmax.py).
-    live_q = rows_with_keys(options.mask, q_positions, kv_positions, q_segment_ids,
-                            kv_segment_ids)  # [B, T]
-    live_k = keys_with_rows(q_segment_ids, kv_segment_ids)  # [B, S]
+    live_q = rows_with_keys(call.options.mask, call.q_positions, call.kv_positions, call.q_segment_ids,
+                            call.kv_segment_ids)  # [B, T]
+    live_k = keys_with_rows(call.q_segment_ids, call.kv_segment_ids)  # [B, S]
     q = jnp.where(live_q[:, None, :, None], q, jnp.zeros((), q.dtype))  # [B, N, T, H]
     live_k = live_k[:, :, None] if mqa else live_k[:, None, :, None]  # [B, S, 1] / [B, 1, S, 1]
     k, v = (jnp.where(live_k, x, jnp.zeros((), x.dtype)) for x in (k, v))
 
   def one_example(q, k, v, segments):
-    return kernel(q, k, v, segment_ids=segments, sinks=sinks)  # [N, T, H]
+    return kernel(q, k, v, segment_ids=segments, sinks=call.sinks)  # [N, T, H]
 
   if interpret:
     # The TPU interpreter cannot batch a pallas_call (vmap adds a grid axis its
@@ -309,7 +170,7 @@ def splash_attention(
   else:
     context = jax.vmap(one_example)(q, k, v, segments)  # [B, N, T, H]
   context = context.transpose(0, 2, 1, 3)  # [B, T, N, H]
-  if q_segment_ids is not None:
+  if call.q_segment_ids is not None:
     # Also zeroes those rows' cotangents before splash's backward sees them.
     context = jnp.where(live_q[:, :, None, None], context, jnp.zeros((), context.dtype))
   return context.astype(query.dtype), None

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
 from meshattn.layers.kernels.train.dot_product import visible_mask
 from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
 
@@ -83,53 +83,34 @@ def _ring_size(axis_name) -> int:
   return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-def ring_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    options: KernelOptions,
-    q_positions: jax.Array,
-    kv_positions: jax.Array,
-    q_segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sinks: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    dropout_rng: jax.Array | None = None,
-    deterministic: bool = True,
-    return_weights: bool = False,
-    axis_name: str | tuple[str, ...] | None = None,
-) -> tuple[jax.Array, None]:
+@train_kernel("ring_attention")
+def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
+                   axis_name: str | tuple[str, ...] | None = None) -> tuple[jax.Array, None]:
   """Attention of this shard's query [B, T, N, H] over the whole ring's key/value, of which
   this shard holds [B, S, K, H] (positions and segment ids likewise: the block's own).
 
   axis_name: the mesh axis (or axes) the sequence is split over; None = no
   ring. Returns (context [B, T, N, H], None).
   """
-  unsupported = {"mask": mask is not None, "bias": bias is not None,
-                 "score_mod": options.score_mod is not None,
-                 "mask_mod": options.mask_mod is not None, "return_weights": return_weights,
-                 "dropout": options.dropout_rate > 0 and not deterministic}
+  unsupported = {"mask": call.mask is not None, "bias": call.bias is not None,
+                 "score_mod": call.options.score_mod is not None,
+                 "mask_mod": call.options.mask_mod is not None, "return_weights": call.return_weights,
+                 "dropout": call.options.dropout_rate > 0 and not call.deterministic}
   bad = [name for name, on in unsupported.items() if on]
   if bad:
     raise NotImplementedError(f"ring attention does not support {bad} (use blockwise or "
                               "dot_product)")
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
   batch, q_len, num_heads, head_dim = query.shape
   kv_heads = key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
   group = num_heads // kv_heads
   q5 = query.reshape(batch, q_len, kv_heads, group, head_dim)  # [B, T, K, G, H]
   # What travels around the ring: the block and the positions / ids that mask it.
-  block = (key, value, kv_positions) + (() if q_segment_ids is None else (kv_segment_ids,))
+  block = (key, value, call.kv_positions) + (() if call.q_segment_ids is None else (call.kv_segment_ids,))
 
   def attend(kv_block):
     k, v, kv_pos, *kv_seg = kv_block
-    return _block(q5, k, v, q_positions, kv_pos, q_segment_ids, kv_seg[0] if kv_seg else None,
-                  options)
+    return _block(q5, k, v, call.q_positions, kv_pos, call.q_segment_ids, kv_seg[0] if kv_seg else None,
+                  call.options)
 
   attend = jax.checkpoint(attend)  # the backward recomputes each step's logits
   size = _ring_size(axis_name)
@@ -150,8 +131,8 @@ def ring_attention(
     m, l, acc = _merge(partial, attend(block))
   else:
     m, l, acc = attend(block)
-  if sinks is not None:  # one more partial: probability mass, no value
-    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
+  if call.sinks is not None:  # one more partial: probability mass, no value
+    sink = call.sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1)  # [1, K, G, 1]
     sink = jnp.broadcast_to(sink, m.shape)  # [B, K, G, T]
     m, l, acc = _merge((m, l, acc), (sink, jnp.ones_like(l), jnp.zeros_like(acc)))
   l = jnp.moveaxis(l, 3, 1)[..., None]  # [B, T, K, G, 1]
