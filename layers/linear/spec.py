@@ -50,7 +50,7 @@ class LinearSpec:
     feature map).
   """
 
-  chunk_size: int = 64
+  chunk_size: int = 128  # H200, s65536 h128: 64 / 128 / 256 took 43 / 31 / 27 ms fwd+bwd
   feature_map: str = "elu_plus_one"
   decay: tuple[float, ...] = ()
   normalize: bool = True
