@@ -106,8 +106,9 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
                 num_pages=pages, title=f"{summary['label']}: {len(trace)} requests, "
                 f"{args.slots} slots, chunk {args.chunk}")
   return {"summary": summary,
-          "requests": [dict(id=r.id, prompt_length=len(r.prompt), tokens=r.tokens,
-                            ttft=r.ttft, tpot=r.tpot, finish_reason=r.finish_reason)
+          "requests": [dict(id=r.id, arrival=r.arrival, prompt_length=len(r.prompt),
+                            tokens=r.tokens, ttft=r.ttft, tpot=r.tpot,
+                            finish_reason=r.finish_reason)
                        for r in results.values()],
           "steps": [dataclasses.asdict(s) for s in engine.steps]}
 

@@ -1,5 +1,5 @@
 """scripts/serve.py end to end on a tiny checkpoint: restore onto a mesh other than the
-training one, replay a trace (one variant here: each costs a restore and its compiles),
+training one, replay a trace in real time (one variant here: each costs a restore and its compiles),
 the table, JSON and plot. The recall accuracy
 it reports is recomputed here from the answers of the task's prompts."""
 
@@ -35,7 +35,7 @@ def test_serve_cpu_end_to_end(tmp_path, capsys):
   ckpt, out = tmp_path / "ckpt", tmp_path / "out"
   cfg = write_checkpoint(ckpt)
   args = [str(ckpt), "ici_tensor_parallelism=2", "ici_fsdp_parallelism=4", "tokens_per_page=4",
-          "--requests", "6", "--rate", "inf", "--new-tokens", "3", "--slots", "4", "--chunk", "4",
+          "--requests", "6", "--rate", "300", "--new-tokens", "3", "--slots", "4", "--chunk", "4",
           "--variants", "int8_kv", "--out", str(out)]
   assert serve.main(args) == 0
   printed = capsys.readouterr().out
@@ -51,5 +51,7 @@ def test_serve_cpu_end_to_end(tmp_path, capsys):
     assert summary["recall_accuracy"] == want
     assert [r["prompt_length"] for r in sorted(run["requests"], key=lambda r: r["id"])] == [
         len(p) for p in prompts]
+    arrivals = [r["arrival"] for r in run["requests"]]
+    assert max(arrivals) > 0 and all(r["ttft"] > 0 for r in run["requests"])  # Poisson, 300/s
     assert max(s["pages_reserved"] for s in run["steps"]) == summary["max_pages_reserved"] > 0
     assert (out / f"serve_{name}.png").stat().st_size > 0
