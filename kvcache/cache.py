@@ -36,11 +36,10 @@ from flax import nnx
 from meshattn.configs.vocabulary import CACHE_DIMS, is_axis_permutation
 from meshattn.kvcache.quant import (
     KVQuant, dequantize, from_cache_basis, quantize, scales_by_token, to_cache_basis)
-from meshattn.kvcache.step_checks import (
-    Rejection, StepRejected, explain, fold, is_concrete, raise_now)
+from meshattn.kvcache.step_checks import is_concrete
+from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
 from meshattn.kvcache.views import ContiguousView
 
-CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
 
 def _check_axis_order(axis_order: Sequence[int]) -> tuple[int, ...]:
@@ -51,16 +50,12 @@ def _check_axis_order(axis_order: Sequence[int]) -> tuple[int, ...]:
   return order
 
 
-def _is_concrete(*xs) -> bool:
-  return is_concrete(*xs)
-
-
 def raise_if(condition: jax.Array, message_fn) -> None:
   """Raise ValueError(message_fn()) now if `condition` is concrete and holds anywhere.
 
   For host-side (eager) operations; traced steps use `step_checks` instead.
   """
-  if _is_concrete(condition) and bool(np.any(np.asarray(condition))):
+  if is_concrete(condition) and bool(np.any(np.asarray(condition))):
     raise ValueError(message_fn())
 
 
@@ -74,7 +69,7 @@ def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int):
   return key, value, lengths.at[rows].set(0, mode="drop"), scales
 
 
-class KVCache(nnx.Module):
+class KVCache(KVCacheBase):
   """Contiguous (or ring-buffer) KV cache for `batch_size` sequences."""
 
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, *,
@@ -82,53 +77,28 @@ class KVCache(nnx.Module):
                window: int | None = None, quant: KVQuant | None = None,
                mesh: jax.sharding.Mesh | None = None, rules=(),
                axis_names: Sequence[str] = CACHE_AXIS_NAMES):
-    if batch_size < 1 or max_length < 1:
-      raise ValueError(f"KVCache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
-    self.batch_size = batch_size
-    self.max_length = max_length
-    self.num_kv_heads = num_kv_heads
-    self.head_dim = head_dim
-    self.dtype = dtype
+    super().__init__(batch_size, max_length, num_kv_heads, head_dim, dtype=dtype, quant=quant,
+                     mesh=mesh, rules=rules, axis_names=axis_names)
     self.axis_order = _check_axis_order(axis_order)
     self.window = window
     self.capacity = min(window, max_length) if window else max_length
-    self.quant = quant
-    self.mesh = mesh
-    self.rules = tuple(rules)
-    self.axis_names = tuple(axis_names)
     logical_shape = (batch_size, self.capacity, num_kv_heads, head_dim)
     storage_shape = tuple(logical_shape[a] for a in self.axis_order)
     storage_names = tuple(self.axis_names[a] for a in self.axis_order)
-    store_dtype = quant.storage_dtype if quant else dtype
-    self.key = nnx.Cache(self._place(jnp.zeros(storage_shape, store_dtype), storage_names),
+    self.key = nnx.Cache(self.place(jnp.zeros(storage_shape, self.storage_dtype), storage_names),
                          logical_axes=storage_names)
-    self.value = nnx.Cache(self._place(jnp.zeros(storage_shape, store_dtype), storage_names),
+    self.value = nnx.Cache(self.place(jnp.zeros(storage_shape, self.storage_dtype), storage_names),
                            logical_axes=storage_names)
     if quant:
       scale_shape = (batch_size, quant.scale_shape(num_kv_heads), self.capacity)
       scale_names = (self.axis_names[0], self.axis_names[2] if quant.axis == "dkv" else None,
                      self.axis_names[1])
-      self.key_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), scale_names),
+      self.key_scale = nnx.Cache(self.place(jnp.ones(scale_shape, jnp.float32), scale_names),
                                  logical_axes=scale_names)
-      self.value_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), scale_names),
+      self.value_scale = nnx.Cache(self.place(jnp.ones(scale_shape, jnp.float32), scale_names),
                                    logical_axes=scale_names)
-    self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), self.axis_names[:1]),
-                             logical_axes=self.axis_names[:1])
-    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
-    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
-
-  # ---- placement -------------------------------------------------------------
-
-  def _place(self, x: jax.Array, names) -> jax.Array:
-    if self.mesh is None:
-      return x
-    from meshattn.sharding import logical_to_sharding
-    return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
 
   # ---- the decode kernels' view --------------------------------------------------
-
-  # What this kind asks of a decode kernel (registry features): nothing beyond the call's.
-  kernel_features: frozenset[str] = frozenset()
 
   def decode_view(self, rows: jax.Array, new_lengths: jax.Array, *,
                   all_slots: bool) -> ContiguousView:
@@ -159,14 +129,6 @@ class KVCache(nnx.Module):
   def logical_view(self, stored: jax.Array) -> jax.Array:
     """Storage layout -> [B, C, K, H] (free for the default order; a transpose otherwise)."""
     return jnp.transpose(stored, np.argsort(self.axis_order))
-
-  @property
-  def bytes_per_token(self) -> float:
-    """Cache bytes per cached token per sequence (K and V, scales included)."""
-    if self.quant:
-      values = 2 * self.num_kv_heads * self.head_dim * self.quant.bits / 8
-      return values + 2 * self.quant.scale_shape(self.num_kv_heads) * 4
-    return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
   # ---- positions -------------------------------------------------------------
 
@@ -208,10 +170,6 @@ class KVCache(nnx.Module):
         block = dequantize(block, scales_by_token(scales), dtype)  # scales [b, K or 1, size]
       out.append(block.astype(dtype))
     return out[0], out[1]
-
-  def read_all(self, dtype) -> tuple[jax.Array, jax.Array]:
-    """The whole cache as K, V [B, C, K, H] (tests and inspection)."""
-    return self.read_block(None, 0, self.capacity, dtype)
 
   # ---- writing ---------------------------------------------------------------
 
@@ -261,32 +219,6 @@ class KVCache(nnx.Module):
     """stored [B, K or 1, C] <- updates [b, T, K or 1] at (rows[b], index[b, t]), in place."""
     return stored.at[rows[:, None], :, index].set(updates, mode="drop")
 
-  # ---- step checks -------------------------------------------------------------
-
-  def step_conditions(self, rows: jax.Array, new_lengths: jax.Array) -> dict[Rejection, jax.Array]:
-    """What would reject a step writing slots rows [b] up to new_lengths [b] (see step_checks)."""
-    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
-            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length}
-
-  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
-    detail = {}
-    if rows is not None and _is_concrete(rows):
-      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
-    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
-                   kind=type(self).__name__, detail=detail)
-
-  def check_slots(self, rows: jax.Array) -> None:
-    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
-    if _is_concrete(rows):  # on the host: no device op, no wait
-      host = np.asarray(rows)
-      if np.any((host < 0) | (host >= self.batch_size)):
-        raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
-
-  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
-    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
-    bits = fold(self.step_conditions(rows, new_lengths))
-    raise_now(bits, lambda b: self.explain(b, rows))
-
   # ---- slot management ---------------------------------------------------------
 
   def reset(self, slot) -> None:
@@ -298,7 +230,7 @@ class KVCache(nnx.Module):
     """
     # Host ints stay on the host for the check (a device array would make it wait for the
     # steps in flight); the clear itself is one dispatch that updates the buffers in place.
-    rows = np.atleast_1d(np.asarray(slot)) if _is_concrete(slot) else jnp.atleast_1d(slot)
+    rows = np.atleast_1d(np.asarray(slot)) if is_concrete(slot) else jnp.atleast_1d(slot)
     self.check_slots(rows)
     rows = jnp.asarray(rows, jnp.int32)
     scales = (self.key_scale[...], self.value_scale[...]) if self.quant else ()

@@ -19,10 +19,12 @@ Logical entry j of a slot is position j of its sequence (no ring buffer:
 `window` is None), stored at page page_table[slot, j // tpp], offset
 j % tpp.
 
-The class has KVCache's duck-typed interface (`block_size`,
-`entry_positions`, `read_block`, `read_all`, `write`, `check_slots`,
-`check_room`, `reset`, `insert`, `lengths`, `capacity`, ...), so
-`cached_step` / `attend_with_cache` use it unchanged: one block is one page.
+Like KVCache it derives kvcache/base.py's KVCacheBase (lengths, rejection
+bits, placement, the step checks) and has the same reading / writing
+interface (`block_size`, `entry_positions`, `read_block`, `write`, `reset`,
+`insert`, `capacity`, ...), so `cached_step` / `attend_with_cache` use it
+unchanged: one block is one page. No ring buffer (`window` is None). Decode
+kernels read it through its `decode_view` (kvcache/views.py PagedView).
 
 Pages are handed out by a host-side page manager (`reserve`,
 `reserve_for_step`, `free`, `num_free_pages`, `pages_of`) that runs eagerly,
@@ -53,41 +55,30 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache.cache import CACHE_AXIS_NAMES, _is_concrete, raise_if
-from meshattn.kvcache.step_checks import Rejection, explain, fold, raise_now
+from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
+from meshattn.kvcache.cache import raise_if
+from meshattn.kvcache.step_checks import Rejection, is_concrete
 from meshattn.kvcache.quant import KVQuant, dequantize, from_cache_basis, quantize, to_cache_basis
 from meshattn.kvcache.views import PagedView
 
 
-class PagedKVCache(nnx.Module):
+class PagedKVCache(KVCacheBase):
   """Paged KV cache for `batch_size` slots of up to `max_length` tokens over a shared page pool."""
-
-  window = None  # no ring buffer: every position has its own entry
 
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, *,
                num_pages: int, tokens_per_page: int, dtype=jnp.float32,
                quant: KVQuant | None = None, mesh: jax.sharding.Mesh | None = None, rules=(),
                axis_names: Sequence[str] = CACHE_AXIS_NAMES):
-    if batch_size < 1 or max_length < 1:
-      raise ValueError(f"PagedKVCache needs batch_size >= 1 and max_length >= 1, "
-                       f"got {batch_size}, {max_length}")
     if num_pages < 1 or tokens_per_page < 1:
       raise ValueError(f"PagedKVCache needs num_pages >= 1 and tokens_per_page >= 1, "
                        f"got {num_pages}, {tokens_per_page}")
-    self.batch_size = batch_size
-    self.max_length = max_length
-    self.num_kv_heads = num_kv_heads
-    self.head_dim = head_dim
-    self.dtype = dtype
-    self.quant = quant
+    super().__init__(batch_size, max_length, num_kv_heads, head_dim, dtype=dtype, quant=quant,
+                     mesh=mesh, rules=rules, axis_names=axis_names)
     self.num_pages = num_pages
     self.tokens_per_page = tokens_per_page
     self.max_pages_per_sequence = math.ceil(max_length / tokens_per_page)
     # Per-slot logical capacity: whole pages, so blocks (= pages) tile it exactly.
     self.capacity = self.max_pages_per_sequence * tokens_per_page
-    self.mesh = mesh
-    self.rules = tuple(rules)
-    self.axis_names = tuple(axis_names)
     batch_name, _, heads_name, kv_name = self.axis_names
     # Pages are shared by every slot, so the page axis is never sharded by batch;
     # heads / head_dim shard as in the contiguous cache.
@@ -95,47 +86,26 @@ class PagedKVCache(nnx.Module):
     self._table_names = (batch_name, None)
     self._owner_names = (None,)
     pool_shape = (num_pages, tokens_per_page, num_kv_heads, head_dim)
-    store_dtype = quant.storage_dtype if quant else dtype
-    self.key_pages = nnx.Cache(self._place(jnp.zeros(pool_shape, store_dtype), self._pool_names),
-                               logical_axes=self._pool_names)
-    self.value_pages = nnx.Cache(self._place(jnp.zeros(pool_shape, store_dtype), self._pool_names),
-                                 logical_axes=self._pool_names)
+    self.key_pages = nnx.Cache(self.place(jnp.zeros(pool_shape, self.storage_dtype),
+                                          self._pool_names), logical_axes=self._pool_names)
+    self.value_pages = nnx.Cache(self.place(jnp.zeros(pool_shape, self.storage_dtype),
+                                            self._pool_names), logical_axes=self._pool_names)
     if quant:
       scale_shape = (num_pages, tokens_per_page, quant.scale_shape(num_kv_heads))
       self._scale_names = (None, None, heads_name if quant.axis == "dkv" else None)
-      self.key_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
+      self.key_scale = nnx.Cache(self.place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
                                  logical_axes=self._scale_names)
-      self.value_scale = nnx.Cache(self._place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
+      self.value_scale = nnx.Cache(self.place(jnp.ones(scale_shape, jnp.float32), self._scale_names),
                                    logical_axes=self._scale_names)
     self.page_table = nnx.Cache(
-        self._place(jnp.full((batch_size, self.max_pages_per_sequence), -1, jnp.int32),
-                    self._table_names), logical_axes=self._table_names)
-    self.page_owner = nnx.Cache(self._place(jnp.full((num_pages,), -1, jnp.int32), self._owner_names),
+        self.place(jnp.full((batch_size, self.max_pages_per_sequence), -1, jnp.int32),
+                   self._table_names), logical_axes=self._table_names)
+    self.page_owner = nnx.Cache(self.place(jnp.full((num_pages,), -1, jnp.int32), self._owner_names),
                                 logical_axes=self._owner_names)
-    self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), (batch_name,)),
-                             logical_axes=(batch_name,))
-    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
-    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
-
-  # ---- placement -------------------------------------------------------------
-
-  def _place(self, x: jax.Array, names) -> jax.Array:
-    if self.mesh is None:
-      return jnp.asarray(x)
-    from meshattn.sharding import logical_to_sharding
-    return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
-
-  @property
-  def bytes_per_token(self) -> float:
-    """Cache bytes per cached token (K and V, scales included), as KVCache.bytes_per_token."""
-    if self.quant:
-      values = 2 * self.num_kv_heads * self.head_dim * self.quant.bits / 8
-      return values + 2 * self.quant.scale_shape(self.num_kv_heads) * 4
-    return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
   # ---- the decode kernels' view --------------------------------------------------
 
-  # What this kind asks of a decode kernel (registry features): one that reads pages.
+  # What this kind asks of a decode kernel: one that reads pages (registry feature).
   kernel_features: frozenset[str] = frozenset({"paged_kv"})
 
   def decode_view(self, rows: jax.Array, new_lengths: jax.Array, *,
@@ -219,10 +189,6 @@ class PagedKVCache(nnx.Module):
       out.append(block)  # [b, size, K, H]
     return out[0], out[1]
 
-  def read_all(self, dtype) -> tuple[jax.Array, jax.Array]:
-    """Every slot's logical entries as K, V [B, C, K, H] (tests and inspection)."""
-    return self.read_block(None, 0, self.capacity, dtype)
-
   # ---- writing ---------------------------------------------------------------
 
   def _scatter(self, pool: jax.Array, updates: jax.Array, flat: jax.Array) -> jax.Array:
@@ -267,31 +233,16 @@ class PagedKVCache(nnx.Module):
     owner = self.page_owner[...][jnp.maximum(table, 0)]  # [b, M]
     owned = (table >= 0) & (owner == safe_rows[:, None])  # [b, M]
     missing = (column < needed_pages[:, None]) & ~owned  # [b, M]
-    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
-            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length,
-            Rejection.PAGES_NOT_RESERVED: missing}
+    return {**super().step_conditions(rows, new_lengths), Rejection.PAGES_NOT_RESERVED: missing}
 
-  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
-    detail = {}
-    if rows is not None and _is_concrete(rows):
-      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
-      lengths = ("" if new_lengths is None or not _is_concrete(new_lengths)
+  def rejection_detail(self, rows=None, new_lengths=None) -> dict[Rejection, str]:
+    detail = super().rejection_detail(rows, new_lengths)
+    if rows is not None and is_concrete(rows):
+      lengths = ("" if new_lengths is None or not is_concrete(new_lengths)
                  else f", new lengths {np.asarray(new_lengths).tolist()}")
       detail[Rejection.PAGES_NOT_RESERVED] = (
           f"slots {np.asarray(rows).tolist()}{lengths}, {self.tokens_per_page} tokens per page")
-    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
-                   kind="PagedKVCache", detail=detail)
-
-  def check_slots(self, rows: jax.Array) -> None:
-    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
-    bits = fold({Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size)})
-    raise_now(bits, lambda b: self.explain(b, rows))
-
-  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
-    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit
-    max_length or the slots' reserved pages."""
-    bits = fold(self.step_conditions(rows, new_lengths))
-    raise_now(bits, lambda b: self.explain(b, rows, new_lengths))
+    return detail
 
   # ---- page manager (host side, eager) ---------------------------------------
 
@@ -303,7 +254,7 @@ class PagedKVCache(nnx.Module):
     (a collective every process joins, as it joins the step).
     """
     value = getattr(self, name)[...]
-    if not _is_concrete(value):
+    if not is_concrete(value):
       raise ValueError(f"PagedKVCache.{name} is traced: reserve / free / insert manage pages on the "
                        "host and must be called outside jit, between steps")
     if not value.is_fully_addressable:
@@ -312,7 +263,7 @@ class PagedKVCache(nnx.Module):
     return np.array(value)
 
   def _host_slots(self, slot) -> np.ndarray:
-    if not _is_concrete(slot):
+    if not is_concrete(slot):
       raise ValueError("PagedKVCache: page management needs concrete slot ids (call it outside jit)")
     slots = np.atleast_1d(np.asarray(slot)).astype(np.int64).reshape(-1)
     bad = slots[(slots < 0) | (slots >= self.batch_size)]
@@ -348,8 +299,8 @@ class PagedKVCache(nnx.Module):
 
   def _store_tables(self, owner: np.ndarray, table: np.ndarray) -> None:
     # From NumPy straight to the global layout: every process holds the same tables.
-    self.page_owner.set_value(self._place(np.asarray(owner, np.int32), self._owner_names))
-    self.page_table.set_value(self._place(np.asarray(table, np.int32), self._table_names))
+    self.page_owner.set_value(self.place(np.asarray(owner, np.int32), self._owner_names))
+    self.page_table.set_value(self.place(np.asarray(table, np.int32), self._table_names))
 
   def reserve(self, slot: int, num_tokens: int) -> None:
     """Make `slot` own enough pages for `num_tokens` tokens in total (idempotent; never shrinks).
@@ -395,11 +346,11 @@ class PagedKVCache(nnx.Module):
       ids = jnp.asarray(pages, jnp.int32)
       for name in ("key_pages", "value_pages"):
         pool = getattr(self, name)
-        pool[...] = self._place(pool[...].at[ids].set(0), self._pool_names)
+        pool[...] = self.place(pool[...].at[ids].set(0), self._pool_names)
       if self.quant:
         for name in ("key_scale", "value_scale"):
           scale = getattr(self, name)
-          scale[...] = self._place(scale[...].at[ids].set(1.0), self._scale_names)
+          scale[...] = self.place(scale[...].at[ids].set(1.0), self._scale_names)
     self._store_tables(owner, table)
     self.lengths[...] = self.lengths[...].at[jnp.asarray(slots, jnp.int32)].set(0)
 
