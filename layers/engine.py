@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.paged import PagedKVCache
+from meshattn.layers.attention import Attention
 from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
 from meshattn.layers.engine_pages import EnginePages
 from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
@@ -45,7 +46,7 @@ class Engine:
 
   def __init__(self, model, *, num_slots: int, chunk_size: int, prefill_rows: int = 1,
                max_length: int | None = None, end_token: int | None = None,
-               clock: Callable[[], float] = time.perf_counter):
+               specialize: bool = True, clock: Callable[[], float] = time.perf_counter):
     if num_slots < 1 or chunk_size < 1 or prefill_rows < 1:
       raise ValueError(f"Engine: num_slots, chunk_size and prefill_rows must be >= 1, got "
                        f"{num_slots}, {chunk_size}, {prefill_rows}")
@@ -72,6 +73,9 @@ class Engine:
                                chunk_size=chunk_size, prefill_rows=prefill_rows,
                                end_token=end_token)
     self.pages = EnginePages(self.caches)  # the engine owns the caches' pages from here
+    # specialize=False runs every step as the mixed kind (gated rows cost their shape): one
+    # compile instead of three, for short runs where compiling is most of the time.
+    self.kinds = KINDS if specialize else ("mixed",)
     self._step = make_engine_step()
     self._clock = clock
     self._t0 = clock()
@@ -114,12 +118,12 @@ class Engine:
 
   # ---- steps ------------------------------------------------------------------
 
-  def warmup(self, kinds: Iterable[str] = KINDS) -> None:
+  def warmup(self) -> None:
     """Compile the step kinds and the page update now, with every row gated off and no
     page changed: the caches are unchanged."""
     plan = StepPlan((), (), (), (), {})
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
-    for kind in kinds:
+    for kind in self.kinds:
       np.asarray(run_step(self._step, self.model, inputs, kind)[0])
     self.pages.push(self.model, force=True)
 
@@ -137,7 +141,8 @@ class Engine:
       return []
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     started = self.now()
-    next_decode, next_chunk = run_step(self._step, self.model, inputs)
+    kind = inputs.kind if inputs.kind in self.kinds else "mixed"
+    next_decode, next_chunk = run_step(self._step, self.model, inputs, kind)
     next_decode, next_chunk = np.asarray(next_decode), np.asarray(next_chunk)  # waits for the step
     done_at = self.now()
     running = len(scheduler.running)
@@ -159,11 +164,10 @@ class Engine:
       self._results[rid] = result
       out.append(result)
     self.steps.append(StepRecord(
-        start=started, time=done_at, kind=inputs.kind,
+        start=started, time=done_at, kind=inputs.kind,  # what it held (compiled as `kind`)
         decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
         running=running, waiting=len(scheduler.waiting), pages_reserved=reserved,
-        pages_filled=filled,
-        idle_after=scheduler.idle))
+        pages_filled=filled, idle_after=scheduler.idle))
     return out
 
   def run(self, requests: Iterable[Request], *, realtime: bool = True) -> dict[int, RequestResult]:
@@ -192,7 +196,6 @@ class Engine:
 
 def _check_layers(model, chunk_size: int) -> None:
   """Refuse settings the step cannot serve, before any cache is built."""
-  from meshattn.layers.attention import Attention
   for _, node in nnx.iter_graph(model):
     if isinstance(node, Attention):
       s = node.settings

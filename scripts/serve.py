@@ -63,6 +63,9 @@ def parse(argv):
   p.add_argument("--slots", type=int, default=8, help="cache slots (batch of the decode rows)")
   p.add_argument("--chunk", type=int, default=16, help="prefill chunk length")
   p.add_argument("--prefill-rows", type=int, default=1, help="prefill chunks per step")
+  p.add_argument("--single-kind", action="store_true",
+                 help="compile one step kind (mixed) instead of three: faster start, each "
+                      "step pays for both parts' shapes (short CPU runs)")
   p.add_argument("--pages", type=int, default=0,
                  help="cache pages per layer (0: every slot can hold a whole sequence)")
   p.add_argument("--variants", default=",".join(VARIANTS),
@@ -92,7 +95,7 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
   model = restore_params(args.checkpoint, cfg, mesh, step=args.step)
   engine = Engine(model, num_slots=args.slots, chunk_size=args.chunk,
                   prefill_rows=args.prefill_rows, max_length=max_length,
-                  end_token=args.end_token)
+                  end_token=args.end_token, specialize=not args.single_kind)
   started = time.perf_counter()
   engine.warmup()
   compile_s = time.perf_counter() - started
