@@ -1,6 +1,6 @@
 """The output gate on softmax layers (attention_output_gate, attnax's LITE, issue 18): against
 float64 NumPy with sinks, soft cap and a sliding window; prefill + decode == train on the
-paged and int8 caches; attention_fn composes with it; the attnax drop-in keeps attnax's error
+contiguous, paged and int8 caches; attention_fn composes with it; the attnax drop-in keeps attnax's error
 and builds LITE and LINEAR layers. (Sharded == unsharded with the gate: test_linear_layer.)"""
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def test_train_matches_float64_layer(gate):
   assert rel_err(train(model, x), want) < 1e-5
 
 
-@pytest.mark.parametrize("cache", ["paged", "int8"])
+@pytest.mark.parametrize("cache", ["contiguous", "paged", "int8"])
 def test_prefill_decode_equal_train(cache):
-  """Prefill 5 tokens, decode 3: within 1e-5 (paged, headwise gate) or the int8 bound 2e-2
-  (contiguous int8: the gate applies after the context leaves the cache's rotated basis)."""
+  """Prefill 5 tokens, decode 3: within 1e-5 (contiguous; paged with the headwise gate) or the
+  int8 bound 2e-2 (the gate applies after the context leaves the cache's rotated basis)."""
   model = build("headwise" if cache == "paged" else "elementwise",
                 kv_quant=KVQuant("int8") if cache == "int8" else None)
   randomize(model, seed=3)
