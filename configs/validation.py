@@ -144,7 +144,8 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
   _one_of(cfg, "attention_type", vocab.LAYER_TYPES)
   for i, kind in enumerate(cfg["attention_layer_pattern"]):
     if kind not in vocab.LAYER_TYPES:
-      _fail("attention_layer_pattern", f"entry {i} {kind!r} is not one of {list(vocab.LAYER_TYPES)}")
+      _fail("attention_layer_pattern",
+            f"entry {i} {kind!r} is not one of {list(vocab.LAYER_TYPES)}")
   used = {cfg["attention_type"], *cfg["attention_layer_pattern"]}
   for kind, key in vocab.MASK_SIZE_KEYS.items():
     if cfg[key] < 0:

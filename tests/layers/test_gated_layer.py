@@ -1,7 +1,8 @@
 """The output gate on softmax layers (attention_output_gate, attnax's LITE, issue 18): against
 float64 NumPy with sinks, soft cap and a sliding window; prefill + decode == train on the
-contiguous, paged and int8 caches; attention_fn composes with it; the attnax drop-in keeps attnax's error
-and builds LITE and LINEAR layers. (Sharded == unsharded with the gate: test_linear_layer.)"""
+contiguous, paged and int8 caches; attention_fn composes with it; the attnax drop-in keeps
+attnax's error and builds LITE and LINEAR layers. (Sharded == unsharded with the gate:
+test_linear_layer.)"""
 
 from __future__ import annotations
 
