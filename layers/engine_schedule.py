@@ -8,12 +8,11 @@ them:
 
 - admission: a waiting request gets a free slot when the page pool can hold
   its worst case (prompt + max_new_tokens - 1 tokens; the last sampled token
-  is never written), and the engine reserves those pages at once in every
-  layer's cache. A running request can then never run out of pages (no
-  preemption), and the host touches the page tables only when a request
-  arrives or leaves, not at every page boundary (each touch reads the tables
-  back from the devices of every layer). Lazy reservation would not admit
-  more: admission already counts the worst case;
+  is never written), and the engine reserves those pages at once
+  (engine_pages). A running request can then never run out of pages (no
+  preemption), and the page tables change only when a request arrives or
+  leaves, not at every page boundary. Lazy reservation would not admit more:
+  admission already counts the worst case;
 - chunks: the oldest admitted requests still prefilling get one row each, the
   next `chunk_size` tokens of their prompt (the last chunk is shorter and
   right-padded). The chunk that ends a prompt yields its first output token;
@@ -40,7 +39,7 @@ class Request:
   id: int
   prompt: np.ndarray  # [P] int32 token ids
   max_new_tokens: int
-  arrival: float = 0.0  # seconds after the trace starts (engine.run_trace)
+  arrival: float = 0.0  # seconds after the trace starts (Engine.run)
 
 
 @dataclasses.dataclass
