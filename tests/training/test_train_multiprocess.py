@@ -23,7 +23,7 @@ from meshattn.sharding import create_mesh
 RUN = ["num_decoder_layers=1", "mlp_dim=64", "max_target_length=32",
        "max_prefill_predict_length=32", "task_max_pairs=4", "task_num_queries=2",
        "global_batch_size=8", "task_eval_rows=8", "log_period=1", "eval_period=2", "steps=2",
-       "learning_rate=1e-2", "warmup_steps=0", "ici_fsdp_parallelism=-1", "checkpoint_period=2",
+       "learning_rate=1e-2", "warmup_steps=0", "checkpoint_period=2",
        # Adam divides by sqrt(v) + eps: with the default 1e-8, a parameter whose gradient is
        # ~0 moves by ~lr in a direction set by reduction-order noise. A larger eps keeps the
        # comparison about the training, not about that noise.
@@ -32,7 +32,8 @@ TOLERANCE = 1e-5  # relative; measured differences are float32 reduction order
 
 
 def _worker(out_dir):
-  cfg = load_config("tiny-lm", *RUN, "dcn_data_parallelism=2", 'output_dir=""',
+  cfg = load_config("tiny-lm", *RUN, "dcn_data_parallelism=2", "ici_data_parallelism=1",
+                    "ici_fsdp_parallelism=-1", 'output_dir=""',
                     f"checkpoint_dir={out_dir}/checkpoints")
   result = train(cfg, progress=False)
   if jax.process_index() == 0:
@@ -43,7 +44,8 @@ def _worker(out_dir):
 def test_two_processes_train_like_one_and_their_checkpoint_restores_here(tmp_path):
   run_in_processes(_worker, str(tmp_path / "two"))
   two = json.loads((tmp_path / "two" / "losses.json").read_text())
-  cfg = load_config("tiny-lm", *RUN, "ici_data_parallelism=2", 'output_dir=""', "checkpoint_period=0")
+  cfg = load_config("tiny-lm", *RUN, "ici_data_parallelism=2", "ici_fsdp_parallelism=-1",
+                    'output_dir=""', "checkpoint_period=0")
   one = train(cfg, progress=False)
   np.testing.assert_allclose(two, [h["loss"] for h in one["history"]], rtol=TOLERANCE)
 
