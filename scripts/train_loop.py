@@ -69,6 +69,24 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   return adamw
 
 
+def model_flops_per_token(cfg: Config) -> float:
+  """Training FLOPs per token (forward + backward = 3x the forward's 2 per multiply-add):
+  every projection, the MLP and the logits, plus attention's scores and values over the
+  keys a causal query sees on average (T/2 of a row, at most the window of a sliding layer).
+  Divide tokens/s x this by the chip's peak for the MFU."""
+  d, n, k, h, f, v = (cfg.emb_dim, cfg.num_query_heads, cfg.num_kv_heads, cfg.head_dim,
+                      cfg.mlp_dim, cfg.vocab_size)
+  per_block = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f  # weights a token multiplies by
+  pattern = cfg.attention_layer_pattern or (cfg.attention_type,)
+  keys = 0.0
+  for i in range(cfg.num_decoder_layers):
+    seen = cfg.max_target_length / 2
+    if pattern[i % len(pattern)] == "local_sliding":
+      seen = min(seen, cfg.sliding_window_size)
+    keys += seen
+  return 6.0 * (cfg.num_decoder_layers * per_block + d * v) + 12.0 * n * h * keys
+
+
 # ---- loss --------------------------------------------------------------------
 
 
@@ -248,6 +266,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
   eval_batch = trainer.batch(EVAL_STREAM, 0, cfg.task_eval_rows)
   schedule = learning_rate_schedule(cfg)
   tokens_per_step = cfg.global_batch_size * cfg.max_target_length
+  flops_per_token = model_flops_per_token(cfg)
   bar = _progress_bar(progress, start, cfg.steps)
   began = time.perf_counter()
   last_time, last_step, done = began, start, start
@@ -262,6 +281,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
                 "accuracy": float(metrics["accuracy"]), "grad_norm": float(metrics["grad_norm"]),
                 "learning_rate": float(schedule(done - 1)),
                 "tokens_per_s": tokens_per_step * (done - last_step) / (now - last_time)}
+      record["model_tflops_per_s"] = record["tokens_per_s"] * flops_per_token / 1e12
       history.append(record)
       last_time, last_step = now, done
       if bar is not None:
@@ -291,6 +311,9 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
   summary = {"steps_done": done, "steps_this_run": done - start, "resumed_from": start,
              "wall_s_this_run": wall, "final_eval": evals[-1],
              "stopped_at_accuracy": stopped_early, "mesh": mesh_shape_string(mesh),
+             "model_flops_per_token": flops_per_token,
+             "last_tokens_per_s": history[-1]["tokens_per_s"] if history else None,
+             "last_model_tflops_per_s": history[-1]["model_tflops_per_s"] if history else None,
              "processes": jax.process_count(), "devices": jax.device_count()}
   _write_outputs(cfg, summary, history, evals)
   trainer_result = dict(summary, history=history, evals=evals)

@@ -13,6 +13,7 @@ from helpers.numpy_reference import attention_layer_np, rms_norm_np
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.serving import jit_step
+from meshattn.scripts.train_loop import model_flops_per_token
 from meshattn.sharding import create_mesh, shard_module
 
 MESH = ["ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"]
@@ -151,3 +152,12 @@ def test_presets_build(preset, params_min, params_max):
   model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert params_min <= count <= params_max, count
+  # Training FLOPs per token: 6 per weight of every matmul (all but the norm scales; the
+  # tied embedding is the logits' matmul) plus attention's 12 * N * H per key seen.
+  norms = (2 * cfg.num_decoder_layers + 1) * cfg.emb_dim
+  pattern = cfg.attention_layer_pattern or (cfg.attention_type,)
+  seen = sum(min(cfg.max_target_length / 2, cfg.sliding_window_size)
+             if pattern[i % len(pattern)] == "local_sliding" else cfg.max_target_length / 2
+             for i in range(cfg.num_decoder_layers))
+  attention = 12 * cfg.num_query_heads * cfg.head_dim * seen
+  assert model_flops_per_token(cfg) == pytest.approx(6 * (count - norms) + attention)
