@@ -54,15 +54,23 @@ def platform(settings) -> str:
 
 
 def select(settings, mode: str, features: frozenset[str],
-           lengths: tuple[int | None, int | None] = (None, None)) -> registry.Kernel:
+           lengths: tuple[int | None, int | None] = (None, None), cache=None) -> registry.Kernel:
   """The kernel for this call: `attention` in train mode, `decode_attention` in
   autoregressive mode, the reference cached step for prefill. lengths (query, key),
-  where known, let autoselect skip kernels that cannot tile them."""
+  where known, let autoselect skip kernels that cannot tile them; a cache (decode) adds
+  what it stores (dtype, capacity, per-head scales), which decode variants are limited by."""
   s = settings
   name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
+  kv = {}
+  if cache is not None:
+    quant = cache.quant
+    per_head = quant is not None and quant.scale_shape(cache.num_kv_heads) == cache.num_kv_heads
+    kv = dict(kv_dtype=cache.storage_dtype, group=s.group_size,
+              kv_quant_axis=None if quant is None else "dkv" if per_head else "heads_and_dkv")
+    lengths = (lengths[0], cache.capacity)
   return registry.select(name, registry.Request(platform(s), mode, features,
                                                 head_dim=s.head_dim, dtype=s.dtype,
-                                                q_len=lengths[0], kv_len=lengths[1]))
+                                                q_len=lengths[0], kv_len=lengths[1], **kv))
 
 
 def load(settings, kernel: registry.Kernel) -> Callable:
@@ -99,6 +107,6 @@ def call_train_kernel(kernel: Callable, mesh, rules, axes, query, key, value, *,
 def decode_kernel(settings, cache) -> Callable | None:
   """The decode-protocol kernel for an autoregressive step over `cache`, or None where the
   registry picks the reference cached step (the block-by-block pass of cached_step)."""
-  kernel = select(settings, "autoregressive", call_features(settings, "autoregressive",
-                                                            cache=cache))
+  features = call_features(settings, "autoregressive", cache=cache)
+  kernel = select(settings, "autoregressive", features, cache=cache)
   return load(settings, kernel) if kernel.protocol == "decode" else None

@@ -51,7 +51,12 @@ class Request:
   head_dim: int | None = None
   dtype: str | None = None
   q_len: int | None = None  # query and key lengths of the call, where known
-  kv_len: int | None = None
+  kv_len: int | None = None  # (a decode step: the cache's capacity per slot)
+  # A decode step over a cache, where known: the dtype it stores, its kv_quant_axis, and the
+  # query heads per kv head.
+  kv_dtype: str | None = None
+  kv_quant_axis: str | None = None
+  group: int | None = None
 
   def __post_init__(self):
     unknown = set(self.features) - set(FEATURES)
@@ -60,8 +65,9 @@ class Request:
     if self.head_dim is not None and (isinstance(self.head_dim, bool)
                                       or not isinstance(self.head_dim, int) or self.head_dim < 1):
       raise ValueError(f"head_dim must be a positive int or None, got {self.head_dim!r}")
-    if self.dtype is not None:
-      object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)  # "bfloat16", ...
+    for name in ("dtype", "kv_dtype"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, jnp.dtype(getattr(self, name)).name)  # "bfloat16", ...
 
   @property
   def input_dtype(self) -> str | None:
@@ -151,6 +157,8 @@ class Kernel:
   # Takes `interpret=True`: a Pallas kernel that runs in TPU interpret mode on this host
   # (settings.pallas_interpret, CPU tests).
   interpretable: bool = False
+  # Keyword arguments bound when loaded (one function serving two platforms: `backend`).
+  bind: tuple[tuple[str, object], ...] = ()
 
   @property
   def length_layout(self) -> str:
@@ -170,7 +178,8 @@ class Kernel:
 
   def load(self) -> Callable:
     module, _, function = self.impl.partition(":")
-    return getattr(importlib.import_module(module), function)
+    fn = getattr(importlib.import_module(module), function)
+    return functools.partial(fn, **dict(self.bind)) if self.bind else fn
 
 
 def _cudnn_available() -> bool:
@@ -225,8 +234,10 @@ AUTOSELECT_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 def register(kernel: Kernel) -> Kernel:
   """Add a kernel variant; a name may have several per platform (tried in
   registration order, e.g. GPU flash: cuDNN, then the Pallas kernel for what
-  cuDNN cannot express). Re-registering the same implementation replaces it."""
-  _REGISTRY[:] = [k for k in _REGISTRY if not (k.name == kernel.name and k.impl == kernel.impl)]
+  cuDNN cannot express). Re-registering the same implementation (name, function, platforms)
+  replaces it."""
+  same = lambda k: (k.name, k.impl, k.platforms) == (kernel.name, kernel.impl, kernel.platforms)
+  _REGISTRY[:] = [k for k in _REGISTRY if not same(k)]
   _REGISTRY.append(kernel)
   return kernel
 
@@ -415,13 +426,8 @@ register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FL
                 masks_by_index=True, limits=PALLAS_GPU_FLASH_LIMITS))
 register(Kernel("ring", ALL, frozenset({"train"}), RING_FEATURES,
                 f"{_K}.train.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
-register(Kernel("ragged", ALL, frozenset({"autoregressive"}), RAGGED_FEATURES,
-                f"{_K}.decode.decode:ragged_decode", "Pallas on GPU/TPU, JAX on CPU",
-                limits=TRITON_DECODE_LIMITS, protocol="decode", interpretable=True))
-register(Kernel("paged", ALL, frozenset({"autoregressive"}), PAGED_FEATURES,
-                f"{_K}.decode.decode:paged_decode", "Pallas on GPU/TPU, JAX on CPU",
-                requires=frozenset({"paged_kv"}), limits=TRITON_DECODE_LIMITS, protocol="decode",
-                interpretable=True))
+# The decode implementations (ragged, paged) register in decode/catalogue.py, imported at the
+# end of this module.
 
 
 def limits_table_markdown() -> str:
@@ -436,6 +442,9 @@ def limits_table_markdown() -> str:
                    f"{lim.why} |")
   return "\n".join(lines)
 
+
+# pylint: disable-next=wrong-import-position,unused-import
+from meshattn.layers.kernels.decode import catalogue  # noqa: E402,F401  (registers decode rows)
 
 if __name__ == "__main__":
   print(feature_table_markdown())

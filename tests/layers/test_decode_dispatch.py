@@ -10,6 +10,7 @@ from flax import nnx
 
 from meshattn.kvcache import KVQuant
 from meshattn.layers import Attention, MaskSpec
+from meshattn.layers.kernels import registry
 from meshattn.sharding import create_mesh, shard_module
 
 AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
@@ -113,16 +114,22 @@ def test_unsupported_decode_requests_are_refused():
 
 
 @pytest.mark.parametrize("platform, dtype, paged, want", [
-    ("gpu", jnp.bfloat16, False, ("pallas", "gpu")),
-    ("gpu", jnp.int8, True, ("pallas", "gpu")),
-    ("gpu", jnp.int4, False, ("pallas", "gpu")),  # the ragged GPU kernel reads int4
-    ("gpu", jnp.int4, True, ("reference", "gpu")),  # the paged kernel does not
-    ("tpu", jnp.int8, False, ("pallas", "tpu")),
-    ("tpu", jnp.int4, False, ("reference", "tpu")),
-    ("cpu", jnp.bfloat16, False, ("reference", "gpu")),
+    ("gpu", jnp.bfloat16, False, "Triton (GPU)"),
+    ("gpu", jnp.int8, True, "Triton (GPU)"),
+    ("gpu", jnp.int4, False, "Triton (GPU)"),  # the ragged GPU kernel reads int4
+    ("gpu", jnp.int4, True, "JAX reference"),  # the paged kernel does not
+    ("tpu", jnp.int8, False, "Mosaic TPU"),
+    ("tpu", jnp.int4, False, "JAX reference"),
+    ("cpu", jnp.bfloat16, False, "JAX reference"),
 ])
-def test_auto_decode_implementation_per_platform(monkeypatch, platform, dtype, paged, want):
-  from meshattn.layers.kernels.decode import decode
-  monkeypatch.setattr(decode.jax, "default_backend", lambda: platform)
-  assert decode.choose_implementation("auto", False, dtype, paged=paged) == want
-  assert decode.choose_implementation("reference", False, dtype, paged=paged)[0] == "reference"
+def test_decode_implementation_per_platform(platform, dtype, paged, want):
+  """The registry's decode rows (decode/catalogue.py): the Pallas kernel on GPU and TPU, the
+  reference where no Pallas kernel reads the cache and on CPU (the Mosaic GPU int8 kernel
+  only where it was measured faster: not on this host)."""
+  name = "paged" if paged else "ragged"
+  features = frozenset({"causal", "gqa"} | ({"quantized_kv"} if dtype != jnp.bfloat16 else set())
+                       | ({"paged_kv"} if paged else set()))
+  request = registry.Request(platform, "autoregressive", features, head_dim=64,
+                             dtype=jnp.bfloat16, kv_len=256, kv_dtype=dtype,
+                             kv_quant_axis=None if dtype == jnp.bfloat16 else "dkv", group=4)
+  assert registry.select(name, request).description == want

@@ -475,3 +475,14 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   sink = None if sinks is None else sinks.astype(jnp.float32).reshape(kv_heads, 1, group)
   out = decode_splits.combine_splits(m, l, acc, nonempty, sink, query.dtype)  # [B, K, H, G]
   return jnp.swapaxes(out, 2, 3).reshape(batch, heads, head_dim)
+
+
+def ragged_int8_decode(query, key, value, lengths, *, scale: float, soft_cap=None, window=None,
+                       sinks=None, key_scale=None, value_scale=None):
+  """The decode protocol's entry (kernels/api.py: a contiguous cache's view): what the
+  registry hands this kernel is in its scope (decode/catalogue.py), which has no soft cap
+  and no window."""
+  if soft_cap is not None or window is not None:
+    raise ValueError("the Mosaic GPU int8 decode kernel takes no soft cap or window")
+  return int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, scale=scale,
+                          sinks=sinks)
