@@ -137,9 +137,11 @@ class Decoder(nnx.Module):
     x = self._constrain(x, axes)
     run = _bind_block(model_mode, slots, deterministic)
     if model_mode == "train" and self.remat != "none":
-      run = nnx.remat(run, policy=remat_policy(self.remat))
-    for block in self.blocks:
-      x = run(block, x, positions, segment_ids, rngs)  # [B, T, D]
+      run = _rematerialized(run, remat_policy(self.remat))
+    # One dropout key per block, drawn here: an Rngs stream cannot advance inside remat.
+    keys = [None if rngs is None else rngs.dropout() for _ in self.blocks]
+    for block, key in zip(self.blocks, keys):
+      x = run(block, x, positions, segment_ids, key)  # [B, T, D]
     y = self.final_norm(x)  # [B, T, D]
     if self.logits is None:
       d = y.shape[-1]
@@ -155,14 +157,33 @@ class Decoder(nnx.Module):
 
 
 def _bind_block(model_mode: str, slots, deterministic: bool):
-  """block(x, positions, segment_ids, rngs) with the Python-valued arguments bound (what
-  nnx.remat traces is then only arrays and modules)."""
+  """block(x, positions, segment_ids, dropout_key) with the Python-valued arguments bound
+  (what nnx.remat traces is then only arrays and modules)."""
 
-  def run(block, x, positions, segment_ids, rngs):
+  def run(block, x, positions, segment_ids, dropout_key):
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     return block(x, positions, segment_ids, model_mode=model_mode, slots=slots,
                  deterministic=deterministic, rngs=rngs)
 
   return run
+
+
+def _rematerialized(run, policy):
+  """`run` under jax.checkpoint over the block's arrays. The block is split outside and
+  merged inside, and its state after the call is dropped: a train-mode block changes no
+  state (no cache; dropout keys come in as arguments), and nnx.remat's write-back would
+  touch Variables of an outer trace (the dropout stream of a layer built with
+  dropout_rate > 0), which NNX refuses."""
+
+  def call(block, x, positions, segment_ids, dropout_key):
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x, positions, segment_ids, dropout_key):
+      return run(nnx.merge(graphdef, state), x, positions, segment_ids, dropout_key)
+
+    return jax.checkpoint(pure, policy=policy)(state, x, positions, segment_ids, dropout_key)
+
+  return call
 
 
 def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:

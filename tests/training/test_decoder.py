@@ -88,6 +88,10 @@ def test_decoder_matches_numpy_and_sharded_remat_gradients():
     (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
     return logits, grads
 
+  def remats(model):  # blocks under jax.checkpoint in the traced train forward
+    return str(jax.make_jaxpr(lambda t: model(t))(tokens)).count("remat2[")
+
+  assert (remats(single), remats(sharded)) == (0, cfg.num_decoder_layers)
   got_single, grads_single = forward_and_grad(single, tokens, positions, segment_ids)
   got_sharded, grads_sharded = forward_and_grad(sharded, tokens, positions, segment_ids)
   scale = np.max(np.abs(want))
