@@ -158,7 +158,7 @@ class Decoder(nnx.Module):
 
 def _bind_block(model_mode: str, slots, deterministic: bool):
   """block(x, positions, segment_ids, dropout_key) with the Python-valued arguments bound
-  (what nnx.remat traces is then only arrays and modules)."""
+  (what jax.checkpoint traces is then only arrays and modules)."""
 
   def run(block, x, positions, segment_ids, dropout_key):
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
