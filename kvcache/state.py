@@ -34,53 +34,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache.cache import CACHE_AXIS_NAMES
-from meshattn.kvcache.step_checks import (
-    Rejection, StepRejected, explain, fold, is_concrete, raise_now)
+from meshattn.kvcache.base import CACHE_AXIS_NAMES, CacheBase
+from meshattn.kvcache.step_checks import is_concrete
 
 
-class LinearStateCache(nnx.Module):
-  """Recurrent state of causal linear attention for `batch_size` sequences."""
+class LinearStateCache(CacheBase):
+  """Recurrent state of causal linear attention for `batch_size` sequences.
 
-  window = None  # no ring buffer: the state already covers the whole sequence
-  quant = None  # the state is not quantized (float32 running sums)
+  CacheBase gives the slots, `lengths`, `rejected`, placement and the step checks; no
+  ring buffer (`window` None: the state covers the whole sequence) and no quantization
+  (`quant` None: float32 running sums)."""
 
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
                value_dim: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
                rules=(), axis_names: Sequence[str] = CACHE_AXIS_NAMES):
-    if batch_size < 1 or max_length < 1:
-      raise ValueError(f"LinearStateCache needs batch_size >= 1 and max_length >= 1, got "
-                       f"{batch_size}, {max_length}")
-    if len(axis_names) != 4:
-      raise ValueError(f"axis_names {tuple(axis_names)}: need 4 (batch, sequence, kv heads, "
-                       "head_dim), as the KV caches' cache_axis_names")
-    self.batch_size = batch_size
-    self.max_length = max_length
-    self.num_kv_heads = num_kv_heads
-    self.head_dim = head_dim
+    super().__init__(batch_size, max_length, num_kv_heads, head_dim, mesh=mesh, rules=rules,
+                     axis_names=axis_names)
     self.value_dim = value_dim or head_dim
-    self.mesh = mesh
-    self.rules = tuple(rules)
-    self.axis_names = tuple(axis_names)
     batch_name, _, heads_name, dim_name = self.axis_names
     kv_names = (batch_name, heads_name, dim_name, None)  # [B, K, Hk, Hv]
     norm_names = (batch_name, heads_name, dim_name)  # [B, K, Hk]
-    self.kv = nnx.Cache(self._place(
+    self.kv = nnx.Cache(self.place(
         jnp.zeros((batch_size, num_kv_heads, head_dim, self.value_dim), jnp.float32), kv_names),
         logical_axes=kv_names)
-    self.norm = nnx.Cache(self._place(
+    self.norm = nnx.Cache(self.place(
         jnp.zeros((batch_size, num_kv_heads, head_dim), jnp.float32), norm_names),
         logical_axes=norm_names)
-    self.lengths = nnx.Cache(self._place(jnp.zeros((batch_size,), jnp.int32), (batch_name,)),
-                             logical_axes=(batch_name,))
-    # Rejection bits of the last step (0 = served); replicated, so every process can read it.
-    self.rejected = nnx.Cache(self._place(jnp.zeros((), jnp.int32), ()), logical_axes=())
-
-  def _place(self, x: jax.Array, names) -> jax.Array:
-    if self.mesh is None:
-      return x
-    from meshattn.sharding import logical_to_sharding
-    return jax.device_put(x, logical_to_sharding(names, self.mesh, self.rules, x.shape))
 
   @property
   def bytes_per_slot(self) -> int:
@@ -103,32 +82,6 @@ class LinearStateCache(nnx.Module):
     self.kv[...] = self.kv[...].at[index].set(kv.astype(jnp.float32), mode="drop")
     self.norm[...] = self.norm[...].at[index].set(norm.astype(jnp.float32), mode="drop")
     self.lengths[...] = self.lengths[...].at[index].set(new_lengths, mode="drop")
-
-  # ---- step checks (the KV caches' interface) ---------------------------------------
-
-  def step_conditions(self, rows: jax.Array, new_lengths: jax.Array) -> dict[Rejection, jax.Array]:
-    """What would reject a step writing slots rows [b] up to new_lengths [b] (see step_checks)."""
-    return {Rejection.SLOT_OUT_OF_RANGE: (rows < 0) | (rows >= self.batch_size),
-            Rejection.PAST_MAX_LENGTH: new_lengths > self.max_length}
-
-  def explain(self, bits: int, rows=None, new_lengths=None) -> str:
-    detail = {}
-    if rows is not None and is_concrete(rows):
-      detail[Rejection.PAST_MAX_LENGTH] = f"slots {np.asarray(rows).tolist()}"
-    return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
-                   kind=type(self).__name__, detail=detail)
-
-  def check_slots(self, rows) -> None:
-    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
-    if is_concrete(rows):
-      host = np.asarray(rows)
-      if np.any((host < 0) | (host >= self.batch_size)):
-        raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
-
-  def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
-    """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
-    bits = fold(self.step_conditions(rows, new_lengths))
-    raise_now(bits, lambda b: self.explain(b, rows))
 
   # ---- slot management (host side, between steps) -----------------------------------
 

@@ -40,13 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache.cache import KVCache
-from meshattn.kvcache.paged import PagedKVCache
-from meshattn.kvcache.state import LinearStateCache
+from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers.step_inputs import host_raises_after_step
 
-_CACHES = (KVCache, PagedKVCache, LinearStateCache)
+_CACHES = (CacheBase,)  # every cache kind: KVCache, PagedKVCache, LinearStateCache
 
 
 def caches_of(*trees) -> list:
