@@ -247,6 +247,8 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
   when there is none). Checkpoints are written every `checkpoint_period` steps and at the
   end when `checkpoint_period` > 0; the JSON log and the plot go to `output_dir`.
   """
+  if resume and cfg.checkpoint_period == 0:
+    raise ValueError("resume needs checkpoints: set checkpoint_period > 0 (and checkpoint_dir)")
   mesh = create_mesh(cfg) if mesh is None else mesh
   trainer = Trainer.create(cfg, mesh)
   history, evals, start = [], [], 0
@@ -260,8 +262,6 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
       trainer.params, trainer.opt_state, saved = checkpointing.restore_train_state(
           manager, latest, trainer.params, trainer.opt_state)
       history, evals, start = saved["history"], saved["evals"], int(saved["step"])
-  elif resume:
-    raise ValueError("resume needs checkpoints: set checkpoint_period > 0 (and checkpoint_dir)")
   end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
   eval_batch = trainer.batch(EVAL_STREAM, 0, cfg.task_eval_rows)
   schedule = learning_rate_schedule(cfg)
