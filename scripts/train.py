@@ -30,7 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--stop-at-step", type=int, default=None,
                       help="stop (and checkpoint) after this step, as if preempted")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  return parser.parse_args(argv)
+  return parser.parse_intermixed_args(argv)  # options before, between or after the overrides
 
 
 def main(argv: list[str]) -> int:
