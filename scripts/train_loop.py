@@ -283,6 +283,14 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None,
                 "tokens_per_s": tokens_per_step * (done - last_step) / (now - last_time)}
       record["model_tflops_per_s"] = record["tokens_per_s"] * flops_per_token / 1e12
       history.append(record)
+      if not math.isfinite(record["loss"]):  # read on the host: every process sees it
+        if manager is not None:
+          manager.wait_until_finished()
+          manager.close()
+        raise FloatingPointError(
+            f"loss is {record['loss']} at step {done} (learning_rate "
+            f"{record['learning_rate']:.3g}; the loss is read every log_period steps, and the "
+            "checkpoints saved so far are kept): lower learning_rate or raise warmup_steps")
       last_time, last_step = now, done
       if bar is not None:
         bar.update(done - bar.n)
