@@ -244,9 +244,12 @@ class MultiHeadAttention(Attention):
     """Flax: `init_cache(input_shape, dtype=jnp.float32)`, input_shape [batch..., max_length,
     features]: cached_key / cached_value [batch..., max_length, kv_heads, head_dim] and one
     cache_index, as Flax keeps them. An int first argument builds meshattn's own KV cache
-    instead (`Attention.init_cache(batch_size, max_length, ...)`, for model_mode= calls)."""
+    instead (`Attention.init_cache(batch_size, max_length, ...)`, for model_mode= calls). A
+    linear-attention layer keeps no K/V: it builds its LinearStateCache, one slot per row."""
     if isinstance(input_shape, int):
       return super().init_cache(input_shape, *args, **kwargs)
+    if self.settings.linear is not None:
+      return super().init_cache(math.prod(input_shape[:-2]), input_shape[-2])
     dtype = args[0] if args else kwargs.pop("dtype", jnp.float32)
     shape = (*input_shape[:-1], self.num_kv_heads, self.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
@@ -303,14 +306,13 @@ class MultiHeadAttention(Attention):
 
   def _flax_decode(self, inputs_q, inputs_k, inputs_v, mask, deterministic, dropout, sow_weights):
     """One token per call against Flax's cache: write K/V at cache_index, attend over
-    keys 0..cache_index (and the caller's mask), advance cache_index."""
+    keys 0..cache_index (and the caller's mask), advance cache_index. A linear layer
+    continues each row's state instead (_linear_decode)."""
+    if self.settings.linear is not None:
+      return self._linear_decode(inputs_q, inputs_k, inputs_v, mask)
     if self.cached_key is None or self.cached_value is None or self.cache_index is None:
       raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
     s = self.settings
-    if s.linear is not None:
-      raise NotImplementedError("decode=True (Flax's K/V cache) with linear attention: use "
-                                "meshattn's state cache, init_cache(batch_size, max_length) and "
-                                "model_mode='prefill' / 'autoregressive'")
     *batch_dims, max_length, kv_heads, head_dim = self.cached_key.shape
     batch_dims = tuple(batch_dims)
     for name, x in (("query", inputs_q), ("key", inputs_k), ("value", inputs_v)):
@@ -357,6 +359,22 @@ class MultiHeadAttention(Attention):
       weights = weights.reshape(batch_dims + weights.shape[1:])  # [batch..., N, 1, L]
       self.sow(nnx.Intermediate, "attention_weights", weights)
     out = self._output(context, axes, flat(inputs_q))  # [B, 1, D_out]
+    return out.reshape(batch_dims + out.shape[1:])
+
+  def _linear_decode(self, inputs_q, inputs_k, inputs_v, mask):
+    """Flax's decode for a linear-attention layer: one token per row and call, continuing the
+    row's state in its LinearStateCache (a one-token prefill: it also serves the first token)."""
+    if self.cache is None:
+      raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
+    if mask is not None or inputs_k is not inputs_q or inputs_v is not inputs_q:
+      raise ValueError("decode=True with linear attention takes self-attention inputs and no mask")
+    batch_dims = inputs_q.shape[:-2]
+    if inputs_q.shape[-2] != 1 or math.prod(batch_dims) != self.cache.batch_size:
+      raise ValueError(f"Autoregressive cache shape error, expected query input shape "
+                       f"[batch..., 1, features] with {self.cache.batch_size} rows, got "
+                       f"{inputs_q.shape}.")
+    out = Attention.__call__(self, inputs_q.reshape((-1, 1, inputs_q.shape[-1])),
+                             model_mode="prefill")  # [B, 1, D_out]
     return out.reshape(batch_dims + out.shape[1:])
 
 

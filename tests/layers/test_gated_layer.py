@@ -96,4 +96,8 @@ def test_attention_fn_composes_and_attnax_lite_keeps_its_error():
   linear = MultiHeadAttention(N, EMB, attention_type="linear", linear_attention_chunk_size=4,
                               decode=False, rngs=nnx.Rngs(0))
   assert linear.settings.linear.chunk_size == 4
-  assert nnx.jit(lambda m, x: m(x))(linear, x).shape == x.shape
+  whole = nnx.jit(lambda m, x: m(x))(linear, x)  # [B, T, D]
+  linear.init_cache(x.shape)  # Flax's decode: one token per call through the state cache
+  decode = nnx.jit(lambda m, x: m(x, decode=True))
+  steps = jnp.concatenate([decode(linear, x[:, t:t + 1]) for t in range(T)], axis=1)
+  np.testing.assert_allclose(steps, whole, rtol=1e-5, atol=1e-6)
