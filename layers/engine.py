@@ -25,9 +25,11 @@ logits [B, T, vocab], `model.init_cache(batch, max_length, paged=True)`,
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -36,7 +38,9 @@ from meshattn.layers.attention import Attention
 from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
 from meshattn.layers.engine_pages import EnginePages
 from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
-from meshattn.layers.engine_step import KINDS, StepInputs, make_engine_step, run_step, step_inputs
+from meshattn.layers.engine_step import (KINDS, first_previous, make_engine_step, run_step,
+                                         step_inputs)
+from meshattn.layers.serving import raise_if_rejected
 
 __all__ = ["Engine", "Request", "RequestResult", "StepRecord", "summarize", "plot_timeline"]
 
@@ -46,7 +50,8 @@ class Engine:
 
   def __init__(self, model, *, num_slots: int, chunk_size: int, prefill_rows: int = 1,
                max_length: int | None = None, end_token: int | None = None,
-               specialize: bool = True, clock: Callable[[], float] = time.perf_counter):
+               specialize: bool = True, overlap: bool = True,
+               clock: Callable[[], float] = time.perf_counter):
     if num_slots < 1 or chunk_size < 1 or prefill_rows < 1:
       raise ValueError(f"Engine: num_slots, chunk_size and prefill_rows must be >= 1, got "
                        f"{num_slots}, {chunk_size}, {prefill_rows}")
@@ -77,6 +82,9 @@ class Engine:
     # compile instead of three, for short runs where compiling is most of the time.
     self.kinds = KINDS if specialize else ("mixed",)
     self._step = make_engine_step()
+    self.overlap = overlap  # dispatch step n+1 before reading step n (see step)
+    self._previous = first_previous(model, num_slots, prefill_rows)  # last step's tokens
+    self._in_flight: _InFlight | None = None
     self._clock = clock
     self._t0 = clock()
     self._next_id = 0
@@ -109,8 +117,8 @@ class Engine:
 
   @property
   def idle(self) -> bool:
-    """Nothing waiting or running."""
-    return self.scheduler.idle
+    """Nothing waiting, running or in flight."""
+    return self.scheduler.idle and self._in_flight is None
 
   def results(self) -> dict[int, RequestResult]:
     """Every finished request so far, by id."""
@@ -124,35 +132,54 @@ class Engine:
     plan = StepPlan((), (), (), (), {})
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     for kind in self.kinds:
-      np.asarray(run_step(self._step, self.model, inputs, kind)[0])
+      np.asarray(run_step(self._step, self.model, inputs, kind, self._previous)[0])
     self.pages.push(self.model, force=True)
 
   def step(self) -> list[RequestResult]:
-    """Admit (reserving pages), plan, run one compiled step, sample, free finished slots.
+    """Admit (reserving pages), plan and dispatch one compiled step, then read back the
+    previous step's tokens (overlap) or this one's, free finished requests' slots.
 
-    Returns the requests that finished in this step (also kept in results())."""
+    With `overlap` (the default) the host plans and dispatches step n+1 before reading
+    step n's tokens, so its own work runs while the device computes: decode rows take
+    their token from step n's outputs on the device, and a request that stops on
+    `end_token` in step n has one more row in step n+1, whose token is dropped.
+    Returns the requests that finished (also kept in results())."""
     scheduler = self.scheduler
     admitted = scheduler.admit()
     if admitted:  # a request's worst case, reserved once (engine_schedule: admission)
       self.pages.reserve([s.slot for s in admitted], [s.worst_case_tokens for s in admitted])
       self.pages.push(self.model)  # every layer's tables, in one call
     plan = scheduler.plan()
-    if plan.empty:
-      return []
-    inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
-    started = self.now()
-    kind = inputs.kind if inputs.kind in self.kinds else "mixed"
-    next_decode, next_chunk = run_step(self._step, self.model, inputs, kind)
-    next_decode, next_chunk = np.asarray(next_decode), np.asarray(next_chunk)  # waits for the step
+    launched = None
+    if not plan.empty:
+      inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
+      kind = inputs.kind if inputs.kind in self.kinds else "mixed"
+      started = self.now()
+      tokens, bits = run_step(self._step, self.model, inputs, kind, self._previous)
+      self._previous = tokens
+      launched = _InFlight(plan, inputs.kind, tokens, bits, started, len(scheduler.running),
+                           len(scheduler.waiting), scheduler.pages_reserved(),
+                           scheduler.pages_filled())
+    finished = []
+    if self._in_flight is not None:  # step n, while step n+1 runs
+      finished = self._read_back(self._in_flight, idle_after=launched is None)
+    self._in_flight = launched
+    if launched is not None and not self.overlap:
+      finished += self._read_back(launched, idle_after=True)
+      self._in_flight = None
+    return finished
+
+  def _read_back(self, step: "_InFlight", *, idle_after: bool) -> list[RequestResult]:
+    """Wait for a dispatched step's tokens, commit them, free the finished requests."""
+    tokens = np.asarray(step.tokens)  # [S + R]: waits for the step
+    if int(np.asarray(step.bits)):
+      raise_if_rejected(self.model)
     done_at = self.now()
-    running = len(scheduler.running)
-    reserved, filled = scheduler.pages_reserved(), scheduler.pages_filled(plan)
+    plan, scheduler = step.plan, self.scheduler
     # Requests whose prompt ends in this step get their first token now.
-    first = [scheduler.running[c.slot].request.id for c in plan.chunks if c.last]
-    finished = scheduler.commit(
-        plan, {s: int(next_decode[s]) for s in plan.decode_slots},
-        {c.slot: int(next_chunk[row]) for row, c in enumerate(plan.chunks) if c.last})
-    self._first_token.update({rid: done_at for rid in first})
+    self._first_token.update({seq.request.id: done_at for seq, chunk
+                              in zip(plan.chunk_sequences, plan.chunks) if chunk.last})
+    finished = scheduler.commit(plan, tokens)
     for seq in finished:
       self.pages.release(seq.slot)
     self.pages.push(self.model)  # (only if something was released)
@@ -164,10 +191,10 @@ class Engine:
       self._results[rid] = result
       out.append(result)
     self.steps.append(StepRecord(
-        start=started, time=done_at, kind=inputs.kind,  # what it held (compiled as `kind`)
+        start=step.started, time=done_at, kind=step.kind,
         decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
-        running=running, waiting=len(scheduler.waiting), pages_reserved=reserved,
-        pages_filled=filled, idle_after=scheduler.idle))
+        running=step.running, waiting=step.waiting, pages_reserved=step.pages_reserved,
+        pages_filled=step.pages_filled, idle_after=idle_after and scheduler.idle))
     return out
 
   def run(self, requests: Iterable[Request], *, realtime: bool = True) -> dict[int, RequestResult]:
@@ -205,3 +232,17 @@ def _check_layers(model, chunk_size: int) -> None:
       if s.mask.attention_type == "full":
         raise ValueError("Engine: a bidirectional (attention_type='full') layer cannot be "
                          "served in chunks and decode steps; use a causal attention_type")
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+  """A dispatched step whose tokens are not read back yet, and the counts during it."""
+  plan: StepPlan
+  kind: str
+  tokens: jax.Array  # [S + R]
+  bits: jax.Array  # rejection bits
+  started: float
+  running: int
+  waiting: int
+  pages_reserved: int
+  pages_filled: int

@@ -7,7 +7,7 @@ time is when its step's result reached the host.
 - time per output token (TPOT): (last token time - first token time) /
   (output tokens - 1), for requests with at least two output tokens;
 - throughput: output tokens / (last finish - first arrival); decode-only
-  steps' tokens / their time (dispatch to tokens on the host);
+  steps' tokens / their periods (read-back to read-back: the loop's rate);
 - per step: decode rows, chunk rows, tokens, running and waiting requests,
   cache pages reserved (each running request's worst case) and filled
   (holding its cached tokens), the same in every layer.
@@ -70,8 +70,13 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
   end = max(r.finish_time for r in results)
   output_tokens = sum(len(r.tokens) for r in results)
   ttft = [r.ttft for r in results]
-  decode_steps = [s for s in steps if s.kind == "decode"]
-  decode_s = sum(s.time - s.start for s in decode_steps)
+  # A step's period: from the previous read-back (or its dispatch, after an idle gap) to its
+  # own; with overlap, steps run while the host handles the one before, so dispatch-to-read
+  # times overlap and would add up to more than the run.
+  periods = [s.time - max(s.start, steps[i - 1].time if i else s.start)
+             for i, s in enumerate(steps)]
+  decode = [(s, p) for s, p in zip(steps, periods) if s.kind == "decode"]
+  decode_s = sum(p for _, p in decode)
   tpot = [r.tpot for r in results]
   return {
       "requests": len(results),
@@ -81,9 +86,9 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
       "tokens_per_s": output_tokens / max(end - start, 1e-9),
       "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
       "tpot_p50_s": percentile(tpot, 50), "tpot_p90_s": percentile(tpot, 90),
-      # decode-only steps, dispatch to tokens on the host (what the loop pays per step)
-      "decode_tokens_per_s": sum(s.decode_rows for s in decode_steps) / decode_s if decode_s else 0.0,
-      "decode_step_s": decode_s / len(decode_steps) if decode_steps else float("nan"),
+      # decode-only steps: their rows over their periods (what the loop pays per step)
+      "decode_tokens_per_s": sum(s.decode_rows for s, _ in decode) / decode_s if decode_s else 0.0,
+      "decode_step_s": decode_s / len(decode) if decode else float("nan"),
       "steps": len(steps),
       "mixed_steps": sum(s.kind == "mixed" for s in steps),
       "max_pages_reserved": max((s.pages_reserved for s in steps), default=0),

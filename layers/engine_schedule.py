@@ -42,14 +42,22 @@ class Request:
   arrival: float = 0.0  # seconds after the trace starts (Engine.run)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Sequence:
-  """A request while it holds a slot."""
+  """A request while it holds a slot.
+
+  Planning runs one step ahead of the sampled values (the engine plans and
+  dispatches step n+1 while step n runs): `prefilled` and `planned` count
+  what the planned steps will have done, `output` holds the tokens already
+  read back. A decode row whose token is not back yet takes it on the device
+  from row `last_row` of the previous step's outputs."""
   request: Request
   slot: int
-  prefilled: int = 0  # prompt tokens cached so far
-  output: list[int] = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None  # "length" or "end_token" once done
+  prefilled: int = 0  # prompt tokens cached once the planned steps ran
+  planned: int = 0  # output tokens the planned steps produce
+  output: list[int] = dataclasses.field(default_factory=list)  # tokens read back so far
+  finish_reason: str | None = None  # "length" or "end_token", once its last token is back
+  last_row: int = -1  # output row of the last planned step that samples token `planned - 1`
 
   @property
   def prompt_length(self) -> int:
@@ -57,12 +65,14 @@ class Sequence:
 
   @property
   def decoding(self) -> bool:
-    return self.prefilled == self.prompt_length and self.finish_reason is None
+    """Its next step is a decode row: prompt planned, tokens left, not stopped."""
+    return (self.prefilled == self.prompt_length and 1 <= self.planned
+            < self.request.max_new_tokens and self.finish_reason is None)
 
   @property
   def cache_length(self) -> int:
-    """Tokens in this slot's cache before the next step."""
-    return self.prefilled + max(len(self.output) - 1, 0)
+    """Tokens in this slot's cache once the planned steps ran."""
+    return self.prefilled + max(self.planned - 1, 0)
 
   @property
   def worst_case_tokens(self) -> int:
@@ -80,12 +90,18 @@ class Chunk:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-  """What one engine step runs; `lengths_after`: slot -> cache tokens it holds after it."""
+  """What one engine step runs. Its outputs are [S] decode rows (by slot), then [R] chunk
+  rows. decode_tokens[i] is fed unless decode_sources[i] >= 0: then the previous step's
+  output row decode_sources[i] is (sampled on the device, not yet read back).
+  lengths_after: slot -> cache tokens it holds after the step."""
   decode_slots: tuple[int, ...]
-  decode_tokens: tuple[int, ...]  # the token each decode slot feeds
-  decode_positions: tuple[int, ...]  # its position in the sequence
+  decode_tokens: tuple[int, ...]
+  decode_positions: tuple[int, ...]  # each row's position in its sequence
   chunks: tuple[Chunk, ...]
   lengths_after: dict[int, int]
+  decode_sources: tuple[int, ...] = ()  # () = every token from the host
+  decode_sequences: tuple[Sequence, ...] = ()  # for commit (a slot may change hands meanwhile)
+  chunk_sequences: tuple[Sequence, ...] = ()
 
   @property
   def empty(self) -> bool:
@@ -164,52 +180,62 @@ class Scheduler:
   # ---- steps ------------------------------------------------------------------
 
   def plan(self) -> StepPlan:
-    """The next step: every decoding slot, and the oldest prefilling slots' next chunks."""
+    """The next step (every decoding slot, the oldest prefilling slots' next chunks), and
+    advance the planned counts by it. At most one planned step may await its commit."""
     decoding = [s for s in self.running.values() if s.decoding]
     prefilling = [s for s in self.running.values() if s.prefilled < s.prompt_length]
-    chunks = []
-    for seq in prefilling[:self.prefill_rows]:
+    chunks, chunk_sequences = [], prefilling[:self.prefill_rows]
+    for seq in chunk_sequences:
       end = min(seq.prefilled + self.chunk_size, seq.prompt_length)
       tokens = np.asarray(seq.request.prompt[seq.prefilled:end], np.int32)
       chunks.append(Chunk(seq.slot, seq.prefilled, tokens, end == seq.prompt_length))
-    lengths_after = {s.slot: s.cache_length + 1 for s in decoding}
-    lengths_after.update({c.slot: c.start + len(c.tokens) for c in chunks})
-    return StepPlan(
+    back = [len(s.output) == s.planned for s in decoding]  # last token read back already
+    plan = StepPlan(
         decode_slots=tuple(s.slot for s in decoding),
-        decode_tokens=tuple(s.output[-1] for s in decoding),
+        decode_tokens=tuple(s.output[-1] if b else 0 for s, b in zip(decoding, back)),
         decode_positions=tuple(s.cache_length for s in decoding),
-        chunks=tuple(chunks), lengths_after=lengths_after)
-
-  def commit(self, plan: StepPlan, decode_next: dict[int, int],
-             chunk_next: dict[int, int]) -> list[Sequence]:
-    """Apply a finished step: slot -> sampled token for decode rows and for prompt-ending
-    chunks. Returns the sequences that finished (their slots are free again)."""
-    for chunk in plan.chunks:
-      seq = self.running[chunk.slot]
+        chunks=tuple(chunks),
+        lengths_after={**{s.slot: s.cache_length + 1 for s in decoding},
+                       **{c.slot: c.start + len(c.tokens) for c in chunks}},
+        decode_sources=tuple(-1 if b else s.last_row for s, b in zip(decoding, back)),
+        decode_sequences=tuple(decoding), chunk_sequences=tuple(chunk_sequences))
+    for seq in decoding:
+      seq.planned += 1
+      seq.last_row = seq.slot
+    for row, (seq, chunk) in enumerate(zip(chunk_sequences, chunks)):
       seq.prefilled = chunk.start + len(chunk.tokens)
       if chunk.last:
-        self._append(seq, chunk_next[chunk.slot])
-    for slot in plan.decode_slots:
-      self._append(self.running[slot], decode_next[slot])
-    finished = [s for s in self.running.values() if s.finish_reason is not None]
+        seq.planned, seq.last_row = 1, self.num_slots + row
+    return plan
+
+  def commit(self, plan: StepPlan, tokens: np.ndarray) -> list[Sequence]:
+    """Take a step's sampled tokens [S + R] (decode rows by slot, then chunk rows). Returns
+    the sequences that finished; their slots and pages are free again. Rows of a sequence
+    that stopped on end_token in the step before are dropped (planned before it was known)."""
+    finished = []
+    for row, (seq, chunk) in enumerate(zip(plan.chunk_sequences, plan.chunks)):
+      if chunk.last and seq.finish_reason is None:
+        finished += self._append(seq, tokens[self.num_slots + row])
+    for seq in plan.decode_sequences:
+      if seq.finish_reason is None:
+        finished += self._append(seq, tokens[seq.slot])
     for seq in finished:
       del self.running[seq.slot]
       self.committed_pages -= self.pages_for(seq.worst_case_tokens)
     return finished
 
-  def _append(self, seq: Sequence, token: int) -> None:
+  def _append(self, seq: Sequence, token) -> list[Sequence]:
     seq.output.append(int(token))
     if self.end_token is not None and int(token) == self.end_token:
       seq.finish_reason = "end_token"
     elif len(seq.output) >= seq.request.max_new_tokens:
       seq.finish_reason = "length"
+    return [seq] if seq.finish_reason else []
 
   def pages_reserved(self) -> int:
     """Pages the running requests hold (their worst case, reserved at admission)."""
     return self.committed_pages
 
-  def pages_filled(self, plan: StepPlan | None = None) -> int:
-    """Pages holding cached tokens of the running requests (after `plan`, if given)."""
-    after = plan.lengths_after if plan is not None else {}
-    return sum(self.pages_for(after.get(slot, seq.cache_length))
-               for slot, seq in self.running.items())
+  def pages_filled(self) -> int:
+    """Pages holding cached tokens of the running requests once the planned steps ran."""
+    return sum(self.pages_for(seq.cache_length) for seq in self.running.values())

@@ -14,7 +14,11 @@ step costs about its decode part plus its chunk part, not S x C). A step
 with no chunk (or no decoding slot) runs the decode-only (chunk-only)
 variant: three compiled variants at most, each of fixed shapes.
 
-Sampling is greedy, inside the step: only S + R int32 tokens come back.
+Sampling is greedy, inside the step: only S + R int32 tokens come back,
+[S] by slot then [R] by chunk row, with the OR of the caches' rejection
+bits. A decode row may take its token from the previous step's outputs on
+the device (`decode_sources`), so the host can dispatch step n+1 before
+reading step n's tokens (layers/engine.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.layers.engine_schedule import StepPlan
-from meshattn.layers.serving import jit_step
+from meshattn.layers.serving import caches_of, jit_step
 
 KINDS = ("decode", "chunk", "mixed")
 
@@ -35,6 +39,7 @@ KINDS = ("decode", "chunk", "mixed")
 class StepInputs:
   """Host arrays of one step, fixed shapes: S = slots, R = prefill rows, C = chunk size."""
   decode_tokens: np.ndarray  # [S, 1] int32
+  decode_sources: np.ndarray  # [S, 1] int32: -1 = decode_tokens, else a previous output row
   decode_positions: np.ndarray  # [S, 1] int32
   decode_segments: np.ndarray  # [S, 1] int32, 1 = the slot decodes
   chunk_tokens: np.ndarray  # [R, C] int32
@@ -54,8 +59,12 @@ def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: i
   decode_tokens = np.zeros((num_slots, 1), np.int32)  # [S, 1]
   decode_positions = np.zeros((num_slots, 1), np.int32)  # [S, 1]
   decode_segments = np.zeros((num_slots, 1), np.int32)  # [S, 1]
-  for slot, token, position in zip(plan.decode_slots, plan.decode_tokens, plan.decode_positions):
+  decode_sources = np.full((num_slots, 1), -1, np.int32)  # [S, 1]
+  sources = plan.decode_sources or (-1,) * len(plan.decode_slots)
+  for slot, token, position, source in zip(plan.decode_slots, plan.decode_tokens,
+                                           plan.decode_positions, sources):
     decode_tokens[slot, 0], decode_positions[slot, 0], decode_segments[slot, 0] = token, position, 1
+    decode_sources[slot, 0] = source
   chunk_tokens = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
   chunk_positions = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
   chunk_segments = np.zeros((prefill_rows, chunk_size), np.int32)  # [R, C]
@@ -71,8 +80,8 @@ def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: i
     chunk_positions[row] = chunk.start + np.arange(chunk_size)
     chunk_segments[row, :n] = 1
     chunk_last[row] = n - 1
-  return StepInputs(decode_tokens, decode_positions, decode_segments, chunk_tokens,
-                    chunk_positions, chunk_segments, chunk_slots, chunk_last)
+  return StepInputs(decode_tokens, decode_sources, decode_positions, decode_segments,
+                    chunk_tokens, chunk_positions, chunk_segments, chunk_slots, chunk_last)
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -80,14 +89,18 @@ def greedy(logits: jax.Array) -> jax.Array:
   return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
 
 
-def _engine_step(model, decode_tokens, decode_positions, decode_segments, chunk_tokens,
-                 chunk_positions, chunk_segments, chunk_slots, chunk_last, kind):
-  """(next token per slot [S], next token per chunk row [R]); a part not run gives zeros."""
+def _engine_step(model, decode_tokens, decode_sources, decode_positions, decode_segments,
+                 chunk_tokens, chunk_positions, chunk_segments, chunk_slots, chunk_last,
+                 previous, kind):
+  """(next tokens [S + R]: by slot, then by chunk row; rejection bits); a part not run
+  gives zeros. previous [S + R]: the last step's outputs, read where decode_sources >= 0."""
   num_slots, rows = decode_tokens.shape[0], chunk_tokens.shape[0]
   next_decode = jnp.zeros((num_slots,), jnp.int32)  # [S]
   next_chunk = jnp.zeros((rows,), jnp.int32)  # [R]
   if kind in ("decode", "mixed"):
-    logits = model(decode_tokens, decode_positions, decode_segments,
+    fed = jnp.where(decode_sources >= 0, previous[jnp.maximum(decode_sources, 0)],
+                    decode_tokens)  # [S, 1]
+    logits = model(fed, decode_positions, decode_segments,
                    model_mode="autoregressive")  # [S, 1, vocab]
     next_decode = greedy(logits[:, 0])  # [S]
   if kind in ("chunk", "mixed"):
@@ -95,15 +108,36 @@ def _engine_step(model, decode_tokens, decode_positions, decode_segments, chunk_
                    slots=chunk_slots)  # [R, C, vocab]
     last = jnp.take_along_axis(logits, chunk_last[:, None, None], axis=1)[:, 0]  # [R, vocab]
     next_chunk = greedy(last)  # [R]
-  return next_decode, next_chunk
+  tokens = jnp.concatenate([next_decode, next_chunk])  # [S + R]
+  if getattr(model, "mesh", None) is not None:  # replicated, like `previous` is placed
+    tokens = jax.lax.with_sharding_constraint(tokens, replicated(model.mesh))
+  bits = jnp.zeros((), jnp.int32)
+  for cache in caches_of(model):
+    bits = bits | cache.rejected[...]
+  return tokens, bits
+
+
+def replicated(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def first_previous(model, num_slots: int, prefill_rows: int) -> jax.Array:
+  """Outputs [S + R] to pass as `previous` before any step ran (never read)."""
+  zeros = np.zeros((num_slots + prefill_rows,), np.int32)
+  mesh = getattr(model, "mesh", None)
+  return jax.device_put(zeros, replicated(mesh)) if mesh is not None else jnp.asarray(zeros)
 
 
 def make_engine_step():
-  """A fresh compiled step (its own compile cache): step(model, **StepInputs fields, kind=)."""
-  return jit_step(_engine_step, static_argnames="kind")
+  """A fresh compiled step (its own compile cache): step(model, **StepInputs fields,
+  previous=, kind=) -> (tokens [S + R], rejection bits). It does not wait for the step:
+  the caller reads the bits with the tokens (`raise_if_rejected` names the reason)."""
+  return jit_step(_engine_step, static_argnames="kind", check=False)
 
 
-def run_step(step, model, inputs: StepInputs, kind: str | None = None):
-  """Dispatch one step; returns device arrays (next_decode [S], next_chunk [R])."""
+def run_step(step, model, inputs: StepInputs, kind: str | None = None, previous=None):
+  """Dispatch one step; returns device arrays (tokens [S + R], rejection bits), at once."""
   fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(StepInputs)}
-  return step(model, **fields, kind=kind or inputs.kind)
+  if previous is None:
+    previous = first_previous(model, inputs.decode_tokens.shape[0], inputs.chunk_tokens.shape[0])
+  return step(model, **fields, previous=previous, kind=kind or inputs.kind)

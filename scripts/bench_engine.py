@@ -60,6 +60,8 @@ def parse(argv):
                  help="then serve this many requests (prompt `context` tokens, all at once) "
                       "through the Engine and report its loop's throughput, TTFT and TPOT")
   p.add_argument("--new-tokens", type=int, default=64, help="output tokens per --trace request")
+  p.add_argument("--no-overlap", action="store_true",
+                 help="--trace: read each step's tokens before dispatching the next")
   p.add_argument("--json", help="write the table as JSON here")
   return p.parse_args(argv)
 
@@ -151,7 +153,7 @@ class Bench:
 def serve_trace(bench: Bench, args) -> dict:
   """The whole engine loop (scheduler, pages, steps, sampling) on `args.trace` requests."""
   engine = Engine(bench.model, num_slots=bench.slots, chunk_size=bench.chunk,
-                  max_length=bench.context + args.new_tokens)
+                  max_length=bench.context + args.new_tokens, overlap=not args.no_overlap)
   engine.warmup()
   rng = np.random.default_rng(1)
   trace = [Request(i, rng.integers(1, bench.cfg.vocab_size, bench.context).astype(np.int32),
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
   if args.trace:
     summary = result["trace"] = serve_trace(bench, args)
     print(f"\nengine loop: {args.trace} requests of {bench.context} prompt + {args.new_tokens} "
-          f"output tokens, all at once, {s} slots, chunk {c}")
+          f"output tokens, all at once, {s} slots, chunk {c}, overlap {not args.no_overlap}")
     print(f"output tokens/s {summary['tokens_per_s']:.0f}   decode-only steps: "
           f"{summary['decode_tokens_per_s']:.0f} tokens/s, {1e3 * summary['decode_step_s']:.2f} ms "
           f"per step   TTFT p50 / p90 {1e3 * summary['ttft_p50_s']:.1f} / "

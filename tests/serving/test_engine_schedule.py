@@ -18,12 +18,10 @@ def request(rid, prompt_len, max_new):
 
 
 def run_step(s, token=7):
-  """Admit, plan, commit with `token` sampled everywhere."""
+  """Admit, plan, commit with `token` sampled in every row."""
   s.admit()
   plan = s.plan()
-  decode = {slot: token for slot in plan.decode_slots}
-  chunk = {c.slot: token for c in plan.chunks if c.last}
-  return plan, s.commit(plan, decode, chunk)
+  return plan, s.commit(plan, np.full(s.num_slots + s.prefill_rows, token))
 
 
 def test_chunks_then_decode_with_positions_and_pages():
@@ -33,8 +31,8 @@ def test_chunks_then_decode_with_positions_and_pages():
   while not s.idle:
     s.admit()
     plan = s.plan()
-    plans.append((plan, s.pages_reserved(), s.pages_filled(plan)))
-    run_step(s)
+    plans.append((plan, s.pages_reserved(), s.pages_filled()))
+    s.commit(plan, np.full(3, 7))
   starts = [[(c.start, len(c.tokens), c.last) for c in p.chunks] for p, _, _ in plans]
   assert starts == [[(0, 5, False)], [(5, 5, False)], [(10, 2, True)], [], []]
   assert [p.decode_positions for p, _, _ in plans] == [(), (), (), (12,), (13,)]
@@ -44,6 +42,32 @@ def test_chunks_then_decode_with_positions_and_pages():
   assert [f for _, _, f in plans] == [2, 3, 3, 4, 4]
   assert s.committed_pages == 0 and s.pages_filled() == 0
   assert s.running == {}
+
+
+def test_planning_a_step_ahead_feeds_tokens_from_the_device_and_drops_rows_after_end():
+  """Plans n+1 before n's tokens are back (the engine's overlap): decode rows then name the
+  previous step's output row; a request that ended on end_token in n has its row of n+1
+  dropped at commit."""
+  s = scheduler(num_slots=2, prefill_rows=1, end_token=9)
+  s.submit(request(0, 3, 4))
+  s.admit()
+  first = s.plan()  # the whole prompt: row 2 (= S + 0) samples token 0
+  second = s.plan()  # decode, its token is row 2 of `first`, not back yet
+  assert second.decode_slots == (0,) and second.decode_sources == (2,)
+  assert second.decode_positions == (3,)
+  assert s.commit(first, np.array([0, 0, 5])) == []
+  third = s.plan()  # token 1 comes from `second`'s row for slot 0
+  assert third.decode_sources == (0,) and third.decode_positions == (4,)
+  finished = s.commit(second, np.array([9, 0, 0]))  # end token
+  assert [q.output for q in finished] == [[5, 9]] and finished[0].finish_reason == "end_token"
+  assert s.commit(third, np.array([4, 0, 0])) == []  # the extra row is dropped
+  assert finished[0].output == [5, 9] and s.idle and s.committed_pages == 0
+  s.submit(request(1, 1, 2))
+  s.admit()
+  plan = s.plan()
+  s.commit(plan, np.array([0, 0, 6]))
+  nxt = s.plan()  # everything back: the token comes from the host
+  assert nxt.decode_sources == (-1,) and nxt.decode_tokens == (6,)
 
 
 def test_output_and_finish_reason():
