@@ -22,12 +22,17 @@ import jax
 Axes = tuple[tuple[str, tuple[str | None, ...]], ...]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _View:
-  """What every view has: named arrays (None where absent) with logical axes."""
+  """What every view has: named arrays (None where absent) with logical axes (static)."""
 
-  axes: Axes
-  batch_name: str | None
-  heads_name: str | None
+  axes: Axes = ()  # (array name, its logical axis names) for every array, in keyword order
+  batch_name: str | None = None  # the logical name that follows the queries' batch sharding
+  heads_name: str | None = None  # the one that follows their head sharding (split > 1 only)
+  # Rows are cache slots: a step on some slots scatters its queries into a [B] batch.
+  by_slot: bool = False
+  # A ring buffer holds exactly the window: the kernel reads it whole, with no window mask.
+  holds_window: bool = False
 
   def arrays(self) -> dict[str, jax.Array | None]:
     """The kernel's keyword arguments (None where the cache has no such array)."""
@@ -41,7 +46,7 @@ def _view(data_fields: list[str]):
   meta = ["axes", "batch_name", "heads_name", "by_slot", "holds_window"]
 
   def wrap(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
     return jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta)
 
   return wrap
@@ -56,13 +61,7 @@ class ContiguousView(_View):
   lengths: jax.Array  # [B]: row b reads entries [0, lengths[b]) (0: the row is skipped)
   key_scale: jax.Array | None  # [B, K or 1, C] float32 when quantized
   value_scale: jax.Array | None
-  axes: Axes = ()
-  batch_name: str | None = None
-  heads_name: str | None = None
-  # Rows are cache slots: a step on some slots scatters its queries into a [B] batch.
   by_slot: bool = True
-  # A ring buffer holds exactly the window: the kernel reads it whole, with no window mask.
-  holds_window: bool = False
 
   def static_args(self, options) -> dict[str, Any]:
     """The kernel's static keywords besides scale / soft cap / sinks."""
@@ -84,11 +83,6 @@ class PagedView(_View):
   slots: jax.Array  # [b]: the cache slot of each row
   key_scale: jax.Array | None  # [P, tpp, K or 1] float32 when quantized
   value_scale: jax.Array | None
-  axes: Axes = ()
-  batch_name: str | None = None
-  heads_name: str | None = None
-  by_slot: bool = False
-  holds_window: bool = False
 
   def static_args(self, options) -> dict[str, Any]:
     del options  # no window: paged kernels serve causal masks only (registry features)

@@ -447,6 +447,8 @@ def limits_table_markdown() -> str:
 from meshattn.layers.kernels.decode import catalogue  # noqa: E402,F401  (registers decode rows)
 
 if __name__ == "__main__":
-  print(feature_table_markdown())
+  # The imported module, not __main__: the decode rows registered there.
+  from meshattn.layers.kernels import registry as _registry  # pylint: disable=import-self
+  print(_registry.feature_table_markdown())
   print()
-  print(limits_table_markdown())
+  print(_registry.limits_table_markdown())
