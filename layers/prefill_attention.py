@@ -61,7 +61,7 @@ def whole_slot_attention(layer, axes, *, sinks, lengths=(None, None)):
     selected = dispatch.select(layer.settings, "train", features, lengths)
   except ValueError:
     return None
-  if selected.name == "dot_product":
+  if selected.materializes_logits:
     return None
   kernel, layout = dispatch.load(layer.settings, selected), selected.length_layout
   options = dataclasses.replace(dispatch.kernel_options(layer.settings), mask=MaskSpec("full"))

@@ -28,6 +28,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from meshattn.configs.vocabulary import MASK_FEATURE
 from meshattn.layers.masks import MaskSpec
 
 
@@ -91,13 +92,9 @@ def requested_features(query: jax.Array, key: jax.Array, *, options: KernelOptio
                        q_segment_ids, sinks, mask, bias, deterministic: bool,
                        return_weights: bool) -> frozenset[str]:
   """The feature names one call needs ("backward" is never requested here)."""
-  kind = options.mask.attention_type
   wanted = {
+      MASK_FEATURE[options.mask.attention_type]: True,
       "gqa": key.shape[2] != query.shape[2],
-      "causal": kind == "global",
-      "full": kind == "full",
-      "window": kind == "local_sliding",
-      "chunk": kind == "chunk",
       "segment_ids": q_segment_ids is not None,
       "soft_cap": bool(options.soft_cap),
       "sinks": sinks is not None,

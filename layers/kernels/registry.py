@@ -157,6 +157,9 @@ class Kernel:
   # Takes `interpret=True`: a Pallas kernel that runs in TPU interpret mode on this host
   # (settings.pallas_interpret, CPU tests).
   interpretable: bool = False
+  # Forms the whole [B, N, T, S] logits (the reference einsum): fine for training's own
+  # lengths, not for attending a chunk over a whole cache slot (prefill_attention).
+  materializes_logits: bool = False
   # Keyword arguments bound when loaded (one function serving two platforms: `backend`).
   bind: tuple[tuple[str, object], ...] = ()
 
@@ -397,7 +400,8 @@ TRITON_DECODE_LIMITS = Limits(_GPU, min_head_dim=16, head_dim_power_of_two=True,
                               why="the Triton decode kernels' block shapes")
 
 register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
-                f"{_K}.train.dot_product:dot_product_attention", "reference einsum"))
+                f"{_K}.train.dot_product:dot_product_attention", "reference einsum",
+                materializes_logits=True))
 register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _ALL_DECODE,
                 "meshattn.layers.cached_step:cached_step", "reference cached, online softmax",
                 protocol="cached"))
