@@ -14,8 +14,10 @@ chunks interleaved with the decode steps of the running requests, and free
 their slot and pages when they finish (max_new_tokens or `end_token`).
 Sampling is greedy. Each step is one compiled function of fixed shapes
 (engine_step): a decode row per slot plus `prefill_rows` chunks of
-`chunk_size` tokens. The host side (admission, pages, chunks) is
-engine_schedule; the measurements are engine_metrics.
+`chunk_size` tokens. The host dispatches step n+1 before reading step n's
+tokens (`overlap`), so its own work hides behind the device's. The host
+side (admission, chunks) is engine_schedule, the page tables of every layer
+engine_pages, the measurements engine_metrics.
 
 The model is anything with the decoder's serving interface:
 `model(tokens, positions, segment_ids, model_mode=..., slots=...)` ->

@@ -22,6 +22,8 @@ them:
 
 Cache length of a sequence = prompt tokens cached + output tokens - 1 once
 it decodes: the newest sampled token is fed (and written) by the next step.
+`plan` advances these counts at once, so the next step can be planned
+before the last one's tokens are read back (`commit`).
 """
 
 from __future__ import annotations
