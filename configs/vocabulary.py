@@ -33,7 +33,7 @@ ATTENTION_TYPES: tuple[str, ...] = tuple(MASK_FEATURE)  # global, local_sliding,
 # linear attention (layers/linear), which has no mask of its own (it is causal).
 LAYER_TYPES: tuple[str, ...] = ATTENTION_TYPES + ("linear",)
 # Linear attention's feature maps; the positive ones keep the normalizer's denominator > 0.
-LINEAR_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu", "identity")
+LINEAR_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu", "silu", "identity")
 POSITIVE_FEATURE_MAPS: tuple[str, ...] = ("elu_plus_one", "relu")
 # Gated attention's output gate (layers/output_gate.py): per head and channel, per head, or none.
 OUTPUT_GATES: tuple[str, ...] = ("none", "elementwise", "headwise")

@@ -30,6 +30,7 @@ from meshattn.configs import vocabulary as vocab
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "elu_plus_one": lambda x: jax.nn.elu(x) + 1.0,
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,  # lightning attention (MiniMax-01) runs its q / k through SiLU
     "identity": lambda x: x,
 }
 assert tuple(FEATURE_MAPS) == vocab.LINEAR_FEATURE_MAPS

@@ -19,6 +19,7 @@ import numpy as np
 FEATURES = {
     "elu_plus_one": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))),
     "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
     "identity": lambda x: x,
 }
 
