@@ -45,12 +45,16 @@ def serve(model, x, prompt_len, lengths):
 
 
 def expected(model, x, prompt_len, lengths):
-  """Each row's own train forward over its real prompt tokens then the decoded tokens."""
-  rows = []
-  for b, n in enumerate(lengths):
-    seq = jnp.concatenate([x[b:b + 1, :n], x[b:b + 1, prompt_len:]], axis=1)
-    rows.append(model(seq, model_mode="train")[0, n:])  # the decode positions
-  return jnp.stack(rows)
+  """Each row's own train forward over its real prompt tokens then the decoded tokens: row b
+  is its n = lengths[b] prompt tokens and the decoded ones at positions 0.., right-padded to
+  x's length (segment 0: causal attention keeps padding out of the real tokens); one
+  compiled train call for every row."""
+  decoded = x.shape[1] - prompt_len
+  rows = [jnp.concatenate([x[b, :n], x[b, prompt_len:], jnp.zeros_like(x[b, :prompt_len - n])])
+          for b, n in enumerate(lengths)]  # [T, D] each
+  seg = jnp.asarray([[1] * (n + decoded) + [0] * (prompt_len - n) for n in lengths], jnp.int32)
+  out = run(model, jnp.stack(rows), "train", seg)  # [B, T, D]
+  return jnp.stack([out[b, n:n + decoded] for b, n in enumerate(lengths)])  # the decode positions
 
 
 CASES = {
