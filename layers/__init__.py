@@ -1,6 +1,8 @@
-"""The Attention layer, its settings, masks, RoPE and the Linen bridge."""
+"""The Attention layer, its settings, masks, RoPE, the Linen bridge and the decoder LM built
+from it."""
 
 from meshattn.layers.attention import KNOWN_KERNELS, Attention
+from meshattn.layers.decoder import Decoder
 from meshattn.layers.flax_compat import AttentionType, MultiHeadAttention
 from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.train.dot_product import dot_product_attention
@@ -13,7 +15,7 @@ from meshattn.layers.settings import (
 
 __all__ = [
     "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings", "AttentionType",
-    "DEFAULT_LOGICAL_AXIS_RULES", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
+    "DEFAULT_LOGICAL_AXIS_RULES", "Decoder", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
     "ModeAxes", "MultiHeadAttention", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen",
     "combine_masks", "dot_product_attention", "make_attention_mask", "make_causal_mask",
 ]
