@@ -365,3 +365,28 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
     store_group(m_ref, m, group, live)
     store_group(l_ref, l, group, live)
     store_group(acc_ref, acc, group, live)
+
+
+def tpu_decode_call(kernel, prefetch, operands, in_specs, *, grid, batch: int, kv_heads: int,
+                    group: int, head_dim: int, dtype, interpret, name: str) -> jax.Array:
+  """One TPU decode pallas_call (ragged and paged): `prefetch` scalar arrays first (lengths,
+  page tables), a [B, K, G, H] output block per row, float32 m / l / acc scratch; programs
+  split over rows ("parallel") and walk their key blocks ("arbitrary"). Returns [B, N, H]."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(prefetch),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, *_: (b, 0, 0, 0)),
+      scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, 1), jnp.float32),
+                      pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
+  out = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), dtype),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+      name=name,
+  )(*prefetch, *operands)  # [B, K, G, H]
+  return out.reshape(batch, kv_heads * group, head_dim)  # [B, N, H]

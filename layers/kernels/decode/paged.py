@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 from meshattn.layers.kernels.decode.decode_common import (
     auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
     gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2, masked_decode_attention,
-    next_pow2, online_block_update, unpack_gpu_refs)
+    next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import call_gpu_decode, split_layout, split_nonempty
 from meshattn.layers.kernels.shared.online_softmax import finish
 
@@ -322,7 +322,6 @@ def _tpu_kernel(lengths_ref, table_ref, *refs, pages_per_block, max_pages, kv_he
 def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
                key_scale, value_scale, pages_per_block, interpret):
   """The TPU kernel over page_table [B, maxp] as `owned_page_table` left it (-1: not readable)."""
-  from jax.experimental.pallas import tpu as pltpu
 
   batch, num_heads, head_dim = query.shape
   tpp, kv_heads = key_pages.shape[1:3]
@@ -354,27 +353,15 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
   if sinks is not None:
     operands.append(sinks.astype(jnp.float32).reshape(kv_heads, group, 1))
     in_specs.append(pl.BlockSpec((kv_heads, group, 1), lambda b, i, L, T: (0, 0, 0)))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
-      grid=(batch, pl.cdiv(max_pages, ppb)),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L, T: (b, 0, 0, 0)),
-      scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
-                      pltpu.VMEM((kv_heads, group, 1), jnp.float32),
-                      pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
   kernel = functools.partial(_tpu_kernel, pages_per_block=ppb, max_pages=max_pages,
                              kv_heads=kv_heads,
                              scale=float(scale), soft_cap=float(soft_cap) if soft_cap else None,
                              has_sinks=sinks is not None, quantized=quantized)
-  out = pl.pallas_call(
-      kernel,
-      grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), query.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-      interpret=interpret,
-      name="paged_decode_tpu",
-  )(lengths.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1), *operands)
-  return out.reshape(batch, num_heads, head_dim)  # [B, N, H]
+  prefetch = [lengths.astype(jnp.int32), page_table.astype(jnp.int32).reshape(-1)]
+  return tpu_decode_call(kernel, prefetch, operands, in_specs,
+                         grid=(batch, pl.cdiv(max_pages, ppb)), batch=batch, kv_heads=kv_heads,
+                         group=group, head_dim=head_dim, dtype=query.dtype, interpret=interpret,
+                         name="paged_decode_tpu")  # [B, N, H]
 
 
 # ---- public entry point -------------------------------------------------------------

@@ -86,7 +86,7 @@ from meshattn.kvcache.quant import scales_by_token
 from meshattn.layers.kernels.decode.decode_common import (
     auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
     gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2, masked_decode_attention,
-    next_pow2, online_block_update, unpack_gpu_refs)
+    next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import (
     call_gpu_decode, split_layout, split_nonempty, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
 from meshattn.layers.kernels.shared.online_softmax import finish
@@ -310,8 +310,6 @@ def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window,
 
 def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, key_scale,
                 value_scale, block_kv, interpret):
-  from jax.experimental.pallas import tpu as pltpu
-
   batch, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
@@ -344,26 +342,13 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   if sinks is not None:
     operands.append(sinks.astype(jnp.float32).reshape(kv_heads, group, 1))
     in_specs.append(pl.BlockSpec((kv_heads, group, 1), lambda b, i, L: (0, 0, 0)))
-  grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(batch, num_blocks),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, i, L: (b, 0, 0, 0)),
-      scratch_shapes=[pltpu.VMEM((kv_heads, group, 1), jnp.float32),
-                      pltpu.VMEM((kv_heads, group, 1), jnp.float32),
-                      pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)])
   kernel = functools.partial(_tpu_kernel, block_kv=block_kv, kv_heads=kv_heads, scale=float(scale),
                              soft_cap=float(soft_cap) if soft_cap else None, window=window,
                              has_sinks=sinks is not None, quantized=quantized)
-  out = pl.pallas_call(
-      kernel,
-      grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), query.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-      interpret=interpret,
-      name="ragged_decode_tpu",
-  )(lengths.astype(jnp.int32), *operands)  # [B, K, G, H]
-  return out.reshape(batch, num_heads, head_dim)
+  return tpu_decode_call(kernel, [lengths.astype(jnp.int32)], operands, in_specs,
+                         grid=(batch, num_blocks), batch=batch, kv_heads=kv_heads, group=group,
+                         head_dim=head_dim, dtype=query.dtype, interpret=interpret,
+                         name="ragged_decode_tpu")  # [B, N, H]
 
 
 # ---- public entry point -------------------------------------------------------------
