@@ -367,6 +367,15 @@ def gpu_decode_program(body, *, q_ref, sink_ref, out_refs, first, last, group: i
     store_group(acc_ref, acc, group, live)
 
 
+def init_tpu_scratch(m_ref, l_ref, acc_ref, sink_ref, *, kv_heads: int, group: int,
+                     head_dim: int) -> None:
+  """A TPU decode program's first step: each kv head's running max / sum / accumulator
+  ([K, G, 1], [K, G, 1], [K, G, H] scratch) start from its sink (sink_ref [K, G, 1]) or empty."""
+  for kv in range(kv_heads):
+    m, l, acc = initial_carry(None if sink_ref is None else sink_ref[kv], group, head_dim)
+    m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+
+
 def tpu_decode_call(kernel, prefetch, operands, in_specs, *, grid, batch: int, kv_heads: int,
                     group: int, head_dim: int, dtype, interpret, name: str) -> jax.Array:
   """One TPU decode pallas_call (ragged and paged): `prefetch` scalar arrays first (lengths,

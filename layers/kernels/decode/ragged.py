@@ -85,8 +85,8 @@ from jax.experimental import pallas as pl
 from meshattn.kvcache.quant import scales_by_token
 from meshattn.layers.kernels.decode.decode_common import (
     auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
-    gpu_decode_program, gpu_load_tile_update, initial_carry, is_pow2, masked_decode_attention,
-    next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
+    gpu_decode_program, gpu_load_tile_update, is_pow2, masked_decode_attention,
+    init_tpu_scratch, next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import (
     call_gpu_decode, split_layout, split_nonempty, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
 from meshattn.layers.kernels.shared.online_softmax import finish
@@ -275,11 +275,8 @@ def _tpu_kernel(lengths_ref, *refs, block_kv, kv_heads, scale, soft_cap, window,
   length = lengths_ref[b]
   group, head_dim = q_ref.shape[1], q_ref.shape[2]
 
-  @pl.when(i == 0)
-  def _init():
-    for kv in range(kv_heads):
-      m, l, acc = initial_carry(sink_ref[kv] if has_sinks else None, group, head_dim)
-      m_ref[kv], l_ref[kv], acc_ref[kv] = m, l, acc
+  pl.when(i == 0)(lambda: init_tpu_scratch(m_ref, l_ref, acc_ref, sink_ref, kv_heads=kv_heads,
+                                           group=group, head_dim=head_dim))
 
   first, last = ragged_block_range(length, block_kv, window)
   lo = 0 if window is None else jnp.maximum(length - window, 0)
