@@ -76,6 +76,15 @@ class TrainCall:
   deterministic: bool = True
   return_weights: bool = False
 
+  # What each array's dimensions index, so shard_map wrappers (kernels/sharded.py) give
+  # each the mesh axes of the query / key dimension it follows; a broadcast (size 1)
+  # dimension is never split, nor a None one (a mask's keys: each shard's queries see every
+  # key). The dropout key is not an array to split.
+  DIMS = {"q_positions": ("batch", "q_length"), "kv_positions": ("batch", "kv_length"),
+          "q_segment_ids": ("batch", "q_length"), "kv_segment_ids": ("batch", "kv_length"),
+          "sinks": ("heads",), "mask": ("batch", "heads", "q_length", None),
+          "bias": ("batch", "heads", "q_length", None)}
+
   @property
   def dropout(self) -> bool:
     """Dropout happens only when it is both configured and active."""

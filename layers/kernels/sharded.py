@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from meshattn.layers.kernels.api import TrainCall
 from meshattn.sharding import logical_to_spec
 
 
@@ -67,19 +68,17 @@ def sharded_kernel_call(kernel: Callable, mesh: jax.sharding.Mesh, rules, axes, 
   if ring:
     kwargs = dict(kwargs, axis_name=length)
 
-  def pairwise_spec(x):  # mask / bias [B|1, N|1, T|1, S|1]
-    return P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None,
-             length if x.shape[2] > 1 else None, None)
+  # Each operand's dimensions say what they index (TrainCall.DIMS): the mesh axes of that
+  # dimension of the query (K/V: whole, or split like the queries on the ring).
+  mesh_axes = {"batch": batch, "heads": heads, "q_length": length, "kv_length": kv_length}
 
-  spec_of = {
-      "q_positions": P(batch, length), "kv_positions": P(batch, kv_length),
-      "q_segment_ids": P(batch, length), "kv_segment_ids": P(batch, kv_length),
-      "sinks": P(heads),
-  }
-  array_args = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) and k != "dropout_rng"}
+  def spec(name, x):
+    return P(*(None if dim is None or x.shape[i] == 1 else mesh_axes[dim]
+               for i, dim in enumerate(TrainCall.DIMS[name])))
+
+  array_args = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array) and k in TrainCall.DIMS}
   static_args = {k: v for k, v in kwargs.items() if k not in array_args}
-  in_specs = {k: pairwise_spec(v) if k in ("mask", "bias") else spec_of[k]
-              for k, v in array_args.items()}
+  in_specs = {k: spec(k, v) for k, v in array_args.items()}
 
   def per_shard(query, key, value, arrays):
     return kernel(query, key, value, **arrays, **static_args)
