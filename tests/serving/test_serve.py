@@ -6,11 +6,11 @@ recomputed here from the task's answers. One variant: each costs a restore and c
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from helpers.greedy import greedy_reference
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.scripts import serve
@@ -35,19 +35,6 @@ def write_checkpoint(directory):
   return cfg, model
 
 
-def greedy(model, prompt, width=32):
-  """Uncached greedy decode (train forward over the growing sequence, right-padded)."""
-  forward = nnx.jit(lambda m, t, s: m(t, segment_ids=s, model_mode="train"))
-  sequence = list(prompt)
-  for _ in range(NEW_TOKENS):
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, :len(sequence)] = sequence
-    segments = (np.arange(width) < len(sequence)).astype(np.int32)[None]
-    logits = forward(model, jnp.asarray(tokens), jnp.asarray(segments))  # [1, W, V]
-    sequence.append(int(jnp.argmax(logits[0, len(sequence) - 1])))
-  return sequence[len(prompt):]
-
-
 def test_serve_cpu_end_to_end(tmp_path, capsys):
   ckpt, out = tmp_path / "ckpt", tmp_path / "out"
   cfg, model = write_checkpoint(ckpt)
@@ -60,7 +47,7 @@ def test_serve_cpu_end_to_end(tmp_path, capsys):
   run = json.loads((out / "serve.json").read_text())["runs"]["base"]
   prompts, answers = recall_prompts(cfg, 6, seed=0)
   requests = sorted(run["requests"], key=lambda r: r["id"])
-  assert [r["tokens"] for r in requests] == [greedy(model, p) for p in prompts]
+  assert [r["tokens"] for r in requests] == [greedy_reference(model, p, NEW_TOKENS) for p in prompts]
   assert [r["prompt_length"] for r in requests] == [len(p) for p in prompts]
   summary = run["summary"]
   assert summary["requests"] == 6 and summary["output_tokens"] == 6 * NEW_TOKENS
