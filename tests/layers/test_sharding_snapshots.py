@@ -1,6 +1,8 @@
 """Golden sharding snapshots: for every preset in configs/models/ and two 8-device topologies,
-the PartitionSpec of every parameter, of every activation per mode and of every cache array
-(contiguous and paged), checked in as tests/layers/sharding_snapshots.json.
+the PartitionSpec of every parameter, of every activation per mode and of every array of the
+caches `init_cache` builds (contiguous and paged for softmax layers, the recurrent state for
+linear ones; every layer of `attention_layer_pattern`), checked in as
+tests/layers/sharding_snapshots.json.
 
 A change of the logical rules, of a preset, or of a layer's logical names that moves a spec
 fails here with a readable diff (key: checked-in -> now). If the move is intended, review it
@@ -21,7 +23,7 @@ import jax
 from flax import nnx
 
 from meshattn.configs import list_presets, load_config
-from meshattn.kvcache import KVCache, PagedKVCache
+from meshattn.kvcache import KVCache, LinearStateCache, PagedKVCache
 from meshattn.layers import Attention
 from meshattn.sharding import get_param_specs, logical_to_spec
 
@@ -36,7 +38,7 @@ TOPOLOGIES = {
 }
 BATCH = 8  # rows per step, divisible by every batch split above
 CACHE = dict(batch_size=BATCH, max_length=64)
-PAGES = dict(num_pages=16, tokens_per_page=16)
+CACHE_KINDS = {KVCache: "contiguous", PagedKVCache: "paged", LinearStateCache: "linear_state"}
 
 
 def _spec(spec) -> str:
@@ -75,6 +77,7 @@ def snapshot_of(preset: str) -> dict[str, str]:
   layer = nnx.eval_shape(lambda: Attention(base, rngs=nnx.Rngs(0)))
   s = layer.settings
   heads, kv_heads, head_dim = s.num_query_heads, s.num_kv_heads, s.head_dim
+  caches = _built_caches(base)
   lengths = {"train": s.max_target_length, "prefill": s.max_prefill_predict_length,
              "autoregressive": 1}
   for topology, overrides in TOPOLOGIES.items():
@@ -91,13 +94,36 @@ def snapshot_of(preset: str) -> dict[str, str]:
       for part, shape in shapes.items():
         spec = logical_to_spec(getattr(axes, part), rules, mesh, shape)
         out[f"{topology}/activations/{mode}/{part}"] = _spec(spec)
-    cache_args = dict(num_kv_heads=kv_heads, head_dim=head_dim, dtype=s.dtype, quant=s.kv_quant,
-                      rules=rules, axis_names=s.cache_axis_names)
-    caches = {"contiguous": lambda: KVCache(**CACHE, **cache_args),
-              "paged": lambda: PagedKVCache(**CACHE, **PAGES, **cache_args)}
-    for kind, build in caches.items():
-      for name, spec in _flat_specs(nnx.eval_shape(build), mesh, rules).items():
-        out[f"{topology}/cache/{kind}/{name}"] = spec
+    for key, spec in _cache_specs(caches, mesh, rules).items():
+      out[f"{topology}/cache/{key}"] = spec
+  return out
+
+
+def _built_caches(base) -> list[tuple[int, str, nnx.Module]]:
+  """(layer_idx, kind, abstract cache) for what each layer of the pattern builds with
+  init_cache, paged=False and paged=True (a linear layer builds its state cache either way)."""
+  caches = []
+  for layer_idx in range(max(1, len(base["attention_layer_pattern"]))):
+    for paged in (False, True):
+      def build(layer_idx=layer_idx, paged=paged):
+        layer = Attention(base, rngs=nnx.Rngs(0), layer_idx=layer_idx)
+        return layer.init_cache(**CACHE, paged=paged)
+      cache = nnx.eval_shape(build)
+      caches.append((layer_idx, CACHE_KINDS[type(cache)], cache))
+  return caches
+
+
+def _cache_specs(caches, mesh, rules) -> dict[str, str]:
+  """{"<kind>/<name>": spec} of every cache array. Layers of one kind must agree, since the
+  key does not name the layer."""
+  out, built_by = {}, {}
+  for layer_idx, kind, cache in caches:
+    for name, spec in _flat_specs(cache, mesh, rules).items():
+      key = f"{kind}/{name}"
+      assert out.setdefault(key, spec) == spec, (
+          f"layers {built_by[key]} and {layer_idx} build {key} with specs {out[key]} and "
+          f"{spec}: record the cache per layer")
+      built_by.setdefault(key, layer_idx)
   return out
 
 
