@@ -16,9 +16,6 @@ constrained. Named checkpoints (`query_proj`, `key_proj`, `value_proj`,
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -27,23 +24,23 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.configs.vocabulary import DECODE_KERNELS, TRAIN_KERNELS
-from meshattn.kvcache.cache import KVCache
-from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
-from meshattn.kvcache.state import LinearStateCache
+from meshattn.layers.cache_builder import build_cache
 from meshattn.layers.cached_step import cached_attention, step_positions
 from meshattn.layers.kernels import dispatch
-from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
-from meshattn.layers.linear.steps import check_linear_call, linear_cached_step, linear_train
-from meshattn.layers.masks import packed_mask_inputs
+from meshattn.layers.linear.steps import check_linear_call
 from meshattn.layers.output_gate import make_output_gate
-from meshattn.layers.positions import flatten_positions, temperature_tune
+from meshattn.layers.positions import temperature_tune
 from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
 from meshattn.layers.serving import structure_changed
-from meshattn.layers.step_inputs import plan_step, record
+from meshattn.layers.step_inputs import (plan_step, record, refuse_train_arguments, restore_on_error,
+                                         rope_positions)
+from meshattn.layers.train_attention import train_context
+from meshattn.layers.train_inputs import flatten_train_inputs
 from meshattn.sharding import constrain
 
 KNOWN_KERNELS: tuple[str, ...] = TRAIN_KERNELS
@@ -100,7 +97,7 @@ class Attention(nnx.Module):
       self.sinks = nnx.Param(jnp.zeros((n,), s.weight_dtype), logical_axes=("q_heads",))
     # Dropout draws from this layer's own stream unless the call passes rngs.
     self.rngs = rngs.fork() if s.dropout_rate > 0 else None
-    self.cache: KVCache | None = nnx.data(None)  # created by init_cache
+    self.cache: CacheBase | None = nnx.data(None)  # created by init_cache
 
   # ---- helpers ---------------------------------------------------------------
 
@@ -145,7 +142,7 @@ class Attention(nnx.Module):
   # ---- call -----------------------------------------------------------------
 
   def init_cache(self, batch_size: int, max_length: int | None = None, *, for_prefill: bool = False,
-                 ring_buffer: bool | None = None, paged: bool | None = None) -> KVCache | PagedKVCache:
+                 ring_buffer: bool | None = None, paged: bool | None = None) -> CacheBase:
     """Create this layer's KV cache for `batch_size` slots of up to `max_length` tokens.
 
     Layout: `ar_cache_axis_order`, or `prefill_cache_axis_order` when
@@ -156,26 +153,9 @@ class Attention(nnx.Module):
     pages of `tokens_per_page` tokens instead; its pages are reserved on the
     host with `cache.reserve_for_step(slots, tokens)` before each step.
     """
-    s = self.settings
     structure_changed()  # serving steps bound to this module must split it again
-    if s.linear is not None:  # a linear-attention layer keeps a state per slot, not K/V
-      self.cache = LinearStateCache(batch_size, max_length or s.max_target_length, s.num_kv_heads,
-                                    s.head_dim, mesh=self.mesh, rules=s.logical_axis_rules,
-                                    axis_names=s.cache_axis_names)
-      return self.cache
-    if s.paged_kv_cache if paged is None else paged:
-      self.cache = PagedKVCache(
-          batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim,
-          num_pages=s.num_pages, tokens_per_page=s.tokens_per_page, dtype=s.dtype,
-          quant=s.kv_quant, mesh=self.mesh, rules=s.logical_axis_rules, axis_names=s.cache_axis_names)
-      return self.cache
-    ring = s.sliding_window_ring_buffer if ring_buffer is None else ring_buffer
-    window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
-    self.cache = KVCache(
-        batch_size, max_length or s.max_target_length, s.num_kv_heads, s.head_dim, dtype=s.dtype,
-        axis_order=s.prefill_cache_axis_order if for_prefill else s.ar_cache_axis_order,
-        window=window, quant=s.kv_quant, mesh=self.mesh, rules=s.logical_axis_rules,
-        axis_names=s.cache_axis_names)
+    self.cache = build_cache(self.settings, self.mesh, batch_size, max_length,
+                             for_prefill=for_prefill, ring_buffer=ring_buffer, paged=paged)
     return self.cache
 
   def __call__(
@@ -232,16 +212,10 @@ class Attention(nnx.Module):
                          inputs_v=inputs_v, inputs_kv_positions=inputs_kv_positions,
                          kv_segment_ids=kv_segment_ids, mask=mask, bias=bias,
                          deterministic=deterministic, rngs=rngs, sow_weights=sow_weights)
-    unsupported = {"inputs_kv (cross-attention)": inputs_kv is not None and inputs_kv is not inputs_q,
-                   "inputs_v": inputs_v is not None,
-                   "inputs_kv_positions": inputs_kv_positions is not None,
-                   "kv_segment_ids": kv_segment_ids is not None, "mask": mask is not None,
-                   "bias": bias is not None, "sow_weights": sow_weights,
-                   "attention_fn": self.settings.attention_fn is not None,
-                   "dropout (deterministic=False)": not deterministic and self.settings.dropout_rate > 0}
-    bad = [name for name, on in unsupported.items() if on]
-    if bad:
-      raise ValueError(f"model_mode={model_mode!r} does not support {bad}; they apply to train mode")
+    refuse_train_arguments(self.settings, model_mode, inputs_q=inputs_q, inputs_kv=inputs_kv,
+                           inputs_v=inputs_v, inputs_kv_positions=inputs_kv_positions,
+                           kv_segment_ids=kv_segment_ids, mask=mask, bias=bias,
+                           sow_weights=sow_weights, deterministic=deterministic)
     return self._cached(inputs_q, inputs_positions, decoder_segment_ids, model_mode=model_mode,
                         slots=slots)
 
@@ -284,157 +258,38 @@ class Attention(nnx.Module):
   def _train(self, inputs_q, inputs_kv, inputs_positions, decoder_segment_ids, *, inputs_v,
              inputs_kv_positions, kv_segment_ids, mask, bias, deterministic, rngs, sow_weights):
     s = self.settings
-    self_attention = (inputs_kv is None or inputs_kv is inputs_q) and inputs_v is None
-    if inputs_kv is None:
-      inputs_kv = inputs_q
-    if inputs_q.ndim < 3 or inputs_kv.ndim != inputs_q.ndim:
-      raise ValueError(f"inputs_q {inputs_q.shape} and inputs_kv {inputs_kv.shape} must be "
-                       "[batch..., length, features] with the same batch dims")
-    batch_shape = inputs_q.shape[:-2]
-    if inputs_kv.shape[:-2] != batch_shape:
-      raise ValueError(f"inputs_kv batch dims {inputs_kv.shape[:-2]} != inputs_q batch dims {batch_shape}")
-    if inputs_v is not None and inputs_v.shape[:-1] != inputs_kv.shape[:-1]:
-      raise ValueError(f"inputs_v {inputs_v.shape} must match inputs_kv {inputs_kv.shape} "
-                       "but for the features")
-    q_len, kv_len = inputs_q.shape[-2], inputs_kv.shape[-2]
-    batch = math.prod(batch_shape)
-
-    def flat(x, trailing):  # [batch..., *trailing] (leading dims broadcast) -> [B, *trailing]
-      if x is None:
-        return None
-      x = jnp.broadcast_to(x, batch_shape + x.shape[x.ndim - trailing:])
-      return x.reshape((batch,) + x.shape[len(batch_shape):])
-
-    x_q = flat(inputs_q, 2)  # [B, T, D]
-    x_kv = x_q if self_attention else flat(inputs_kv, 2)  # [B, S, D_kv]
-    x_v = flat(inputs_v, 2)  # [B, S, D_kv] or None
-    q_idx = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))  # [B, T]
-    kv_idx = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))  # [B, S]
-    streams = s.num_position_streams
-    q_pos = flatten_positions(inputs_positions, batch_shape, streams, "inputs_positions")
-    q_pos = q_idx if q_pos is None else q_pos  # [B, T] or MRoPE [n, B, T]
-    kv_pos = flatten_positions(inputs_kv_positions, batch_shape, streams, "inputs_kv_positions")
-    if kv_pos is None:
-      # Decided by shape, not identity: under jit the same array passed twice
-      # arrives as two tracers.
-      kv_pos = q_pos if kv_len == q_len else kv_idx
-    for name, ids, want in (("decoder_segment_ids", decoder_segment_ids, q_len),
-                            ("kv_segment_ids", kv_segment_ids, kv_len)):
-      if ids is not None and (jnp.ndim(ids) < 1 or jnp.shape(ids)[-1] != want):
-        raise ValueError(f"{name} has shape {jnp.shape(ids)}; its last axis must be the "
-                         f"{'query' if name[0] == 'd' else 'key'} length {want} ([batch..., {want}])")
-    q_seg = flat(decoder_segment_ids, 1)  # [B, T]
-    kv_seg = flat(kv_segment_ids, 1) if kv_segment_ids is not None else q_seg  # [B, S]
-    if q_seg is not None and kv_seg.shape[-1] != kv_len:
-      raise ValueError(f"cross-attention (key length {kv_len} != query length {q_len}) with "
-                       "decoder_segment_ids also needs kv_segment_ids [batch..., S]")
-    user_mask = _flatten_pairwise(mask, batch_shape, batch)
-    user_bias = _flatten_pairwise(bias, batch_shape, batch)
-
+    inputs = flatten_train_inputs(inputs_q, inputs_kv, inputs_v, inputs_positions,
+                                  inputs_kv_positions, decoder_segment_ids, kv_segment_ids, mask,
+                                  bias, position_streams=s.num_position_streams)
     axes = s.axes["train"]
     if s.linear is not None:
-      check_linear_call(self_attention_length=kv_len == q_len, mask=mask, bias=bias,
+      check_linear_call(self_attention_length=len(set(inputs.lengths)) == 1, mask=mask, bias=bias,
                         sow_weights=sow_weights, kv_segment_ids=kv_segment_ids)
-    query, key, value = self._qkv(x_q, x_kv, self_attention, axes, q_pos, kv_pos, x_v)
-    dropout_rng = None
-    if s.dropout_rate > 0 and not deterministic:
-      stream = rngs if rngs is not None else self.rngs
-      dropout_rng = stream.dropout()
-    sinks = self.sinks[...] if s.attention_sink else None
-    # The structural mask runs on token index in train mode (positions only rotate).
-    kernel_args = dict(options=dispatch.kernel_options(s), q_positions=q_idx, kv_positions=kv_idx,
-                       q_segment_ids=q_seg, kv_segment_ids=kv_seg, sinks=sinks, mask=user_mask,
-                       bias=user_bias, dropout_rng=dropout_rng, deterministic=deterministic)
-
-    def packed_args(by_index: bool) -> dict:
-      # Packed rows (one ids array for queries and keys): each sequence gets the mask it has
-      # alone, chunks counted from its first token (masks.packed_mask_inputs).
-      if q_seg is None or kv_segment_ids is not None:
-        return kernel_args
-      spec, pos, seg = packed_mask_inputs(s.mask, q_seg, by_index=by_index)
-      return dict(kernel_args, options=dataclasses.replace(kernel_args["options"], mask=spec),
-                  q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
-
-    if s.linear is not None:
-      context, weights = linear_train(query, key, value, spec=s.linear, scale=s.scale,
-                                      segment_ids=q_seg, precision=s.precision, mesh=self.mesh,
-                                      rules=s.logical_axis_rules, axes=axes), None
-    elif s.attention_fn is not None:
-      context, weights = call_flax_attention_fn(s.attention_fn, query, key, value, dtype=s.dtype,
-                                                precision=s.precision, **packed_args(False))
-    else:
-      dropout_on = dropout_rng is not None
-      features = dispatch.call_features(s, "train", segments=q_seg is not None,
-                                        mask=user_mask is not None, bias=user_bias is not None,
-                                        dropout=dropout_on, weights=sow_weights)
-      kernel, layout = self._kernel_fn("train", features, (q_len, kv_len))
-      # Explicit partitioning; dropout and sown weights run auto-sharded
-      # instead (one shard's RNG stream would repeat on every shard).
-      context, weights = self._call_kernel(kernel, axes, query, key, value,
-                                           shard=not dropout_on and not sow_weights,
-                                           layout=layout, return_weights=sow_weights,
-                                           **packed_args(layout == "whole"))
-    if sow_weights and weights is not None:
-      self.sow(nnx.Intermediate, "attention_weights", weights.reshape(batch_shape + weights.shape[1:]))
-    out = self._output(context, axes, x_q)  # [B, T, D_out]
-    return out.reshape(batch_shape + out.shape[1:])
+    query, key, value = self._qkv(inputs.x_q, inputs.x_kv, inputs.self_attention, axes,
+                                  inputs.q_pos, inputs.kv_pos, inputs.x_v)
+    context = train_context(self, query, key, value, inputs, axes=axes, deterministic=deterministic,
+                            rngs=rngs, sow_weights=sow_weights)  # [B, T, N, H]
+    out = self._output(context, axes, inputs.x_q)  # [B, T, D_out]
+    return out.reshape(inputs.batch_shape + out.shape[1:])
 
   def _cached(self, inputs_q, inputs_positions, decoder_segment_ids, *, model_mode, slots):
     s = self.settings
     cache = self.cache
-    if cache is None:
-      raise ValueError(f"model_mode={model_mode!r} needs a KV cache: call init_cache(batch_size, "
-                       "max_length) first")
     # Checked once for the whole call (every chunk included) before anything is written.
     plan = plan_step(s, cache, inputs_q, decoder_segment_ids, slots, model_mode)
-    batch, length = inputs_q.shape[:2]
+    length = inputs_q.shape[1]
     positions = step_positions(cache, jnp.clip(plan.rows, 0, cache.batch_size - 1), length)  # [B, T]
-    rope_positions = positions
-    if inputs_positions is not None:  # [B, T], or MRoPE streams [n, B, T]
-      rope_positions = flatten_positions(jnp.asarray(inputs_positions), (batch,),
-                                         s.num_position_streams, "inputs_positions")
-      if rope_positions.shape[-1] != length:
-        raise ValueError(f"inputs_positions has shape {inputs_positions.shape}: its last axis "
-                         f"must be the input length {length}")
-
+    rotated = rope_positions(inputs_positions, positions, s.num_position_streams)  # [B, T] / [n, B, T]
     axes = s.axes[model_mode]
-    query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rope_positions, rope_positions)
+    query, key, value = self._qkv(inputs_q, inputs_q, True, axes, rotated, rotated)
     # A quantized cache holds K/V in a rotated basis (kvcache.quant): the step attends there
     # (the logits are unchanged) and the context comes back at the end.
     query, key, value = (to_cache_basis(t, cache.quant) for t in (query, key, value))
     sinks = self.sinks[...] if s.attention_sink else None
-    with _restore_on_error(cache):
-      if s.linear is not None:
-        context = linear_cached_step(cache, plan.rows, query, key, value, valid=plan.valid,
-                                     spec=s.linear, scale=s.scale, precision=s.precision,
-                                     mesh=self.mesh, rules=s.logical_axis_rules, axes=axes)
-      else:
-        context = cached_attention(self, cache, plan, query, key, value, positions=positions,
-                                   model_mode=model_mode, axes=axes, sinks=sinks,
-                                   padded=decoder_segment_ids is not None)  # [B, T, N, H]
+    with restore_on_error(cache):
+      context = cached_attention(self, cache, plan, query, key, value, positions=positions,
+                                 model_mode=model_mode, axes=axes, sinks=sinks,
+                                 padded=decoder_segment_ids is not None)  # [B, T, N, H]
       record(cache, plan, self.mesh)
     return self._output(from_cache_basis(context, cache.quant), axes, inputs_q)
 
-
-@contextlib.contextmanager
-def _restore_on_error(cache):
-  """Put the cache back as it was if an eager step fails part-way (state
-  updates under jit are only applied on success anyway)."""
-  saved = jax.tree.map(lambda x: x, nnx.state(cache))  # new Variables over the same (immutable) arrays
-  try:
-    yield
-  except Exception:
-    nnx.update(cache, saved)
-    raise
-
-
-def _flatten_pairwise(x: jax.Array | None, batch_shape: tuple[int, ...], batch: int):
-  """A mask/bias broadcastable to [batch..., heads, T, S] -> [B, heads|1, T|1, S|1]."""
-  if x is None:
-    return None
-  rank = len(batch_shape) + 3
-  if x.ndim > rank:
-    raise ValueError(f"mask/bias of shape {x.shape} has more dims than [batch..., heads, q_len, kv_len]")
-  x = x.reshape((1,) * (rank - x.ndim) + x.shape)
-  x = jnp.broadcast_to(x, batch_shape + x.shape[len(batch_shape):])
-  return x.reshape((batch,) + x.shape[len(batch_shape):])

@@ -25,6 +25,7 @@ from meshattn.layers.kernels import dispatch
 from meshattn.layers.kernels.decode.cached import attend_with_cache
 from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.sharded import sharded_decode_call
+from meshattn.layers.linear.steps import linear_cached_step
 from meshattn.layers.masks import structural_mask
 from meshattn.layers.prefill_attention import fresh_prompt_attention, whole_slot_attention
 
@@ -175,13 +176,18 @@ def cached_attention(layer, cache, plan, query: jax.Array, key: jax.Array, value
 
   plan: the checked step (step_inputs.plan_step); query [b, T, N, H], key/value
   [b, T, K, H] in the cache's basis; positions [b, T] from `step_positions`; padded:
-  the call gave segment ids (right padding). Decode runs the registry's decode kernel
+  the call gave segment ids (right padding). A linear-attention layer continues each
+  slot's recurrent state (LinearStateCache, layers/linear). Decode runs the registry's decode kernel
   when it picks one (else the reference cached step); prefill runs in chunks of
   prefill_chunk_size with chunked prefill, the first chunk of a fresh prompt through
   the train kernel, and chunks continuing their slots through a tiled kernel over the
   whole slot (prefill_attention) where one serves.
   """
   s = layer.settings
+  if s.linear is not None:  # a linear-attention layer continues each slot's state
+    return linear_cached_step(cache, plan.rows, query, key, value, valid=plan.valid,
+                              spec=s.linear, scale=s.scale, precision=s.precision,
+                              mesh=layer.mesh, rules=s.logical_axis_rules, axes=axes)
   options = dispatch.kernel_options(s)
   if model_mode == "autoregressive":
     kernel = dispatch.decode_kernel(s, cache)

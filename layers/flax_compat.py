@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
-from meshattn.layers.attention import Attention, _flatten_pairwise
+from meshattn.layers.attention import Attention
 from meshattn.layers.kernels import dispatch
 from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
 from meshattn.layers.linear.spec import LinearSpec
@@ -35,6 +35,7 @@ from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import _init_flat, default_bias_init, default_kernel_init
 from meshattn.layers.rope import RopeSpec
 from meshattn.layers.settings import AttentionSettings
+from meshattn.layers.train_inputs import flatten_pairwise
 
 # Flax's defaults (NNX's and Linen's): meshattn's own kernels compute the same thing.
 _FLAX_ATTENTION_FNS = (nnx.dot_product_attention, linen.dot_product_attention)
@@ -336,7 +337,7 @@ class MultiHeadAttention(Attention):
     self.cached_value[...] = values.reshape(self.cached_value.shape)
     self.cache_index[...] = index + 1
     written = jnp.arange(max_length) <= index  # [L]: Flax's decode mask
-    user = _flatten_pairwise(mask, batch_dims, batch)  # [B, 1|N, 1, L] or None
+    user = flatten_pairwise(mask, batch_dims, batch)  # [B, 1|N, 1, L] or None
     visible = written[None, None, None] if user is None else jnp.logical_and(user, written)
     visible = jnp.broadcast_to(visible, (batch,) + visible.shape[1:])  # [B, 1|N, 1, L]
     kv_positions = jnp.broadcast_to(jnp.arange(max_length, dtype=jnp.int32), (batch, max_length))

@@ -16,9 +16,11 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from meshattn.kvcache.step_checks import (
     Rejection, StepRejected, fold, host_callbacks_available, is_concrete, raise_now)
+from meshattn.layers.positions import flatten_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,48 @@ def host_raises_after_step():
     yield
   finally:
     _host_raises.on = previous
+
+
+def refuse_train_arguments(settings, model_mode: str, *, inputs_q, inputs_kv, inputs_v,
+                           inputs_kv_positions, kv_segment_ids, mask, bias, sow_weights,
+                           deterministic) -> None:
+  """A prefill / decode call is self-attention over the cache: arguments that only
+  train mode uses are refused (named), not ignored."""
+  unsupported = {"inputs_kv (cross-attention)": inputs_kv is not None and inputs_kv is not inputs_q,
+                 "inputs_v": inputs_v is not None,
+                 "inputs_kv_positions": inputs_kv_positions is not None,
+                 "kv_segment_ids": kv_segment_ids is not None, "mask": mask is not None,
+                 "bias": bias is not None, "sow_weights": sow_weights,
+                 "attention_fn": settings.attention_fn is not None,
+                 "dropout (deterministic=False)": not deterministic and settings.dropout_rate > 0}
+  bad = [name for name, on in unsupported.items() if on]
+  if bad:
+    raise ValueError(f"model_mode={model_mode!r} does not support {bad}; they apply to train mode")
+
+
+def rope_positions(inputs_positions, positions: jax.Array, streams: int) -> jax.Array:
+  """RoPE positions of a cached step: the tokens' positions [B, T] in their sequences, or
+  the caller's inputs_positions ([B, T], or MRoPE streams [n, B, T]) when given."""
+  if inputs_positions is None:
+    return positions
+  batch, length = positions.shape
+  rotated = flatten_positions(jnp.asarray(inputs_positions), (batch,), streams, "inputs_positions")
+  if rotated.shape[-1] != length:
+    raise ValueError(f"inputs_positions has shape {inputs_positions.shape}: its last axis "
+                     f"must be the input length {length}")
+  return rotated
+
+
+@contextlib.contextmanager
+def restore_on_error(cache):
+  """Put the cache back as it was if an eager step fails part-way (state
+  updates under jit are only applied on success anyway)."""
+  saved = jax.tree.map(lambda x: x, nnx.state(cache))  # new Variables over the same (immutable) arrays
+  try:
+    yield
+  except Exception:
+    nnx.update(cache, saved)
+    raise
 
 
 def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode) -> None:
@@ -86,6 +130,9 @@ def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_m
 
 def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode) -> StepPlan:
   """Validate a cached call's inputs and check it against the cache (see module doc)."""
+  if cache is None:
+    raise ValueError(f"model_mode={model_mode!r} needs a KV cache: call init_cache(batch_size, "
+                     "max_length) first")
   _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
   batch, length = inputs_q.shape[:2]
   if slots is None:
