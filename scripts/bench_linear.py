@@ -53,17 +53,10 @@ def quadratic_reference(q, k, v, spec: LinearSpec, scale: float):
 
 def bench_linear_train(args, platform: str) -> list[Row]:
   """Forward+backward of linear attention (several chunk sizes) and of flash causal."""
-  from meshattn.scripts.bench_prefill import _ours
-  dtype = jnp.dtype(args.dtype)
+  from meshattn.scripts.bench_prefill import _inputs, _ours
   b, t = args.linear_train
-  n, kv_heads, h = args.heads, args.kv_heads, args.head_dim
-  keys = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(keys[0], (b, t, n, h), dtype)  # [B, T, N, H]
-  k = jax.random.normal(keys[1], (b, t, kv_heads, h), dtype)  # [B, T, K, H]
-  v = jax.random.normal(keys[2], (b, t, kv_heads, h), dtype)  # [B, T, K, H]
-  cot = jax.random.normal(keys[3], (b, t, n, h), dtype)  # [B, T, N, H]
-  shape = f"b{b} s{t} n{n} k{kv_heads} h{h}"
-  scale = h ** -0.5
+  (q, k, v), cot, _, shape = _inputs(b, t, args)  # the prefill section's q, k, v, cotangent
+  scale = args.head_dim ** -0.5
   candidates = {}
   flash = _ours("flash", platform, {"causal", "gqa"}, args)
   name = "flash causal"
