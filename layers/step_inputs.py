@@ -15,7 +15,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.step_checks import (
@@ -185,9 +184,3 @@ def record(cache, plan: StepPlan, mesh) -> None:
         raise StepRejected(message(bits))
 
     jax.debug.callback(check, plan.bits)
-
-
-def describe_rejection(cache) -> str | None:
-  """The message for a cache whose last step was rejected, else None (host side)."""
-  bits = int(np.asarray(cache.rejected[...]))
-  return cache.explain(bits) if bits else None
