@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -104,7 +105,6 @@ class EnginePages:
     """Write the changes since the last push to every layer's cache (one compiled call)."""
     if not (self._dirty or force):
       return
-    import jax
     table = jax.device_put(self.table, self._table_sharding)
     owner = jax.device_put(self.owner, self._owner_sharding)
     self._apply(model, table, owner, self._freed.copy(), self._released.copy())

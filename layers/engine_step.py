@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.layers.engine_schedule import StepPlan
-from meshattn.layers.serving import caches_of, jit_step
+from meshattn.layers.serving import caches_of, jit_step, rejected_bits
 
 KINDS = ("decode", "chunk", "mixed")
 
@@ -111,10 +111,7 @@ def _engine_step(model, decode_tokens, decode_sources, decode_positions, decode_
   tokens = jnp.concatenate([next_decode, next_chunk])  # [S + R]
   if getattr(model, "mesh", None) is not None:  # replicated, like `previous` is placed
     tokens = jax.lax.with_sharding_constraint(tokens, replicated(model.mesh))
-  bits = jnp.zeros((), jnp.int32)
-  for cache in caches_of(model):
-    bits = bits | cache.rejected[...]
-  return tokens, bits
+  return tokens, rejected_bits(caches_of(model))
 
 
 def replicated(mesh):

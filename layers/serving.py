@@ -44,7 +44,7 @@ from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers.step_inputs import host_raises_after_step
 
-_CACHES = (CacheBase,)  # every cache kind: KVCache, PagedKVCache, LinearStateCache
+_CACHES = (CacheBase,)  # every cache kind derives CacheBase
 
 
 def caches_of(*trees) -> list:
@@ -57,7 +57,7 @@ def caches_of(*trees) -> list:
   return found
 
 
-def _rejected_bits(caches) -> jax.Array:
+def rejected_bits(caches) -> jax.Array:
   """OR of every cache's rejection bits: one replicated int32 scalar."""
   bits = jnp.zeros((), jnp.int32)
   for cache in caches:
@@ -159,7 +159,7 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
     new_params = [None if n is o else n for n, o in zip((n for n, p in zip(new, is_param) if p), params)]
     new_others = [n if donate or n is not o else None
                   for n, o in zip((n for n, p in zip(new, is_param) if not p), others)]
-    return out, new_params, new_others, _rejected_bits(caches_of(module))
+    return out, new_params, new_others, rejected_bits(caches_of(module))
 
   def bind(module) -> _Binding:
     binding = _Binding(module)
