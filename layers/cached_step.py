@@ -4,6 +4,12 @@ The step's queries attend over what the cache held before the step plus the
 step's own keys/values (so a chunk never reads entries it is about to
 overwrite in a ring buffer), and only then are the new tokens written.
 
+Chunks continuing their slots: where exact and a partial kernel serves
+(prefill_split.py: cuDNN on the GPU), the chunk is written, then attends over
+the slot's earlier entries and over itself in two flash passes merged by
+their log-sum-exps; elsewhere, with a tiled train kernel, over the whole slot
+under an explicit mask (prefill_attention.py); else block by block.
+
 Fresh prompts: when every row's slot is empty before the step, the step's
 tokens are positions 0..T-1 and attend only over themselves, which is
 train-mode attention over the prompt; a caller may then pass a
@@ -28,6 +34,7 @@ from meshattn.layers.kernels.sharded import sharded_decode_call
 from meshattn.layers.linear.steps import linear_cached_step
 from meshattn.layers.masks import structural_mask
 from meshattn.layers.prefill_attention import fresh_prompt_attention, whole_slot_attention
+from meshattn.layers.prefill_split import split_chunk_attention
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -36,6 +43,9 @@ StepAttention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array
 # (query [b, T, N, H], key, value [b, C, K, H], mask [b, 1, T, C], q_positions [b, T],
 #  kv_positions [b, C]) -> context [b, T, N, H]
 SlotAttention = Callable[..., jax.Array]
+# (cache, rows [b], query [b, T, N, H], key, value [b, T, K, H], start [b], valid [b, T])
+#  -> context [b, T, N, H] (prefill_split.split_chunk_attention)
+SplitAttention = Callable[..., jax.Array]
 
 
 def step_positions(cache: KVCache, rows: jax.Array, length: int) -> jax.Array:
@@ -48,7 +58,8 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
                 value: jax.Array, *, positions: jax.Array, valid: jax.Array,
                 options: KernelOptions, sinks: jax.Array | None = None,
                 fresh_attention: StepAttention | None = None,
-                slot_attention: SlotAttention | None = None) -> jax.Array:
+                slot_attention: SlotAttention | None = None,
+                split_attention: SplitAttention | None = None) -> jax.Array:
   """Attend query [b, T, N, H] over cache rows + key/value [b, T, K, H]; then store them.
 
   positions [b, T] from `step_positions`; valid [b, T]: real tokens, a
@@ -71,12 +82,24 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
   the structural mask and emptiness give. A ring buffer keeps the read-then-
   write order (a chunk may overwrite entries its own first queries need).
 
+  split_attention(cache, rows, query, key, value, start, valid), if given and
+  the cache is no ring buffer, is used instead of slot_attention: the step's
+  tokens are written, then the queries attend over the slot's first `start`
+  entries and over the step's own key/value, merged exactly (prefill_split).
+
   The caller has checked the step (`step_checks`) and cleared `valid` if it
   was rejected, so a rejected step writes nothing and keeps every length.
   """
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   operands = (query, key, value, valid)
+  if split_attention is not None and not cache.window:
+    cache.write(rows, key, value, positions, valid, new_lengths)
+
+    def over_split(query, key, value, valid):
+      return split_attention(cache, rows, query, key, value, start, valid)  # [b, T, N, H]
+
+    return _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_split, operands)
   if slot_attention is not None and not cache.window:
     cache.write(rows, key, value, positions, valid, new_lengths)
 
@@ -180,8 +203,9 @@ def cached_attention(layer, cache, plan, query: jax.Array, key: jax.Array, value
   slot's recurrent state (LinearStateCache, layers/linear). Decode runs the registry's decode kernel
   when it picks one (else the reference cached step); prefill runs in chunks of
   prefill_chunk_size with chunked prefill, the first chunk of a fresh prompt through
-  the train kernel, and chunks continuing their slots through a tiled kernel over the
-  whole slot (prefill_attention) where one serves.
+  the train kernel, and chunks continuing their slots through the split path
+  (prefill_split) or else a tiled kernel over the whole slot (prefill_attention)
+  where one serves.
   """
   s = layer.settings
   if s.linear is not None:  # a linear-attention layer continues each slot's state
@@ -204,13 +228,15 @@ def cached_attention(layer, cache, plan, query: jax.Array, key: jax.Array, value
   first = min(chunk, length)
   fresh = (fresh_prompt_attention(layer, axes, padded=padded, sinks=sinks, length=first)
            if model_mode == "prefill" else None)
+  split = split_chunk_attention(layer, cache, axes, sinks=sinks) if model_mode == "prefill" else None
   slot = (whole_slot_attention(layer, axes, sinks=sinks, lengths=(first, cache.capacity))
-          if model_mode == "prefill" else None)
+          if model_mode == "prefill" and split is None else None)
   contexts = []
   for start in range(0, length, chunk):
     part = slice(start, min(start + chunk, length))
     contexts.append(cached_step(
         cache, plan.rows, query[:, part], key[:, part], value[:, part],
         positions=positions[:, part], valid=plan.valid[:, part], options=options, sinks=sinks,
-        fresh_attention=fresh if start == 0 else None, slot_attention=slot))  # [b, chunk, N, H]
+        fresh_attention=fresh if start == 0 else None, slot_attention=slot,
+        split_attention=split))  # [b, chunk, N, H]
   return jnp.concatenate(contexts, axis=1) if len(contexts) > 1 else contexts[0]
