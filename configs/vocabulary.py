@@ -98,6 +98,18 @@ def is_axis_permutation(order: Sequence[int]) -> bool:
   return sorted(order) == list(range(len(CACHE_DIMS)))
 
 
+DEFAULT_CACHE_AXIS_ORDER: tuple[int, ...] = tuple(range(len(CACHE_DIMS)))
+
+
+def paged_axis_order_problem(order: Sequence[int]) -> str | None:
+  """The cache axis orders lay out the contiguous cache; a paged cache's pool has one
+  layout, so with paged_kv_cache they stay the identity (never ignored silently)."""
+  if tuple(order) != DEFAULT_CACHE_AXIS_ORDER:
+    return ("lays out the contiguous cache only; a paged cache keeps its pool [pages, tokens, "
+            "kv heads, head_dim] in one layout: leave it [0, 1, 2, 3]")
+  return None
+
+
 def parallelism_problem(value: int) -> str | None:
   """An ici_* / dcn_* degree is >= 1, or -1 to fill the remaining devices."""
   if value == -1 or value >= 1:

@@ -1,10 +1,12 @@
 """The cache a layer's settings call for: `Attention.init_cache` builds it here.
 
-A linear-attention layer keeps a recurrent state per slot (LinearStateCache);
-a softmax layer keeps K/V, in one page pool shared by the slots
-(PagedKVCache) or in a contiguous buffer per slot (KVCache), which is a ring
-of `sliding_window_size` entries on a sliding-window layer. Every kind is
-placed on the layer's mesh by the cache's logical axis names.
+`settings.cache` (layers/cache_specs.py) is a tagged choice and this builds
+what it says: a linear-attention layer's recurrent state per slot
+(StateCache -> LinearStateCache); a softmax layer's K/V in one page pool
+shared by the slots (PagedCache -> PagedKVCache) or in a contiguous buffer
+per slot (ContiguousCache -> KVCache), which is a ring of
+`sliding_window_size` entries on a sliding-window layer. Every kind is placed
+on the layer's mesh by the cache's logical axis names.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.state import LinearStateCache
+from meshattn.layers.cache_specs import ContiguousCache, PagedCache, StateCache
 from meshattn.layers.settings import AttentionSettings
 
 
@@ -22,18 +25,26 @@ def build_cache(settings: AttentionSettings, mesh: jax.sharding.Mesh | None, bat
                 ring_buffer: bool | None = None,
                 paged: bool | None = None) -> KVCache | PagedKVCache | LinearStateCache:
   """The cache for `batch_size` slots of up to `max_length` tokens (default
-  max_target_length); the arguments are `Attention.init_cache`'s."""
+  max_target_length); the arguments are `Attention.init_cache`'s: `paged` and
+  `ring_buffer` pick another kind than `settings.cache` (settings.cache_for),
+  `for_prefill` the contiguous cache's prefill axis order."""
   s = settings
-  max_length = max_length or s.max_target_length
-  placement = dict(mesh=mesh, rules=s.logical_axis_rules, axis_names=s.cache_axis_names)
-  if s.linear is not None:  # a linear-attention layer keeps a state per slot, not K/V
-    return LinearStateCache(batch_size, max_length, s.num_kv_heads, s.head_dim, **placement)
-  if s.paged_kv_cache if paged is None else paged:
-    return PagedKVCache(batch_size, max_length, s.num_kv_heads, s.head_dim,
-                        num_pages=s.num_pages, tokens_per_page=s.tokens_per_page, dtype=s.dtype,
-                        quant=s.kv_quant, **placement)
-  ring = s.sliding_window_ring_buffer if ring_buffer is None else ring_buffer
-  window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
-  return KVCache(batch_size, max_length, s.num_kv_heads, s.head_dim, dtype=s.dtype,
-                 axis_order=s.prefill_cache_axis_order if for_prefill else s.ar_cache_axis_order,
-                 window=window, quant=s.kv_quant, **placement)
+  spec = s.cache_for(paged=paged, ring_buffer=ring_buffer)
+  max_length = max_length or s.lengths.max_target_length
+  sizes = (batch_size, max_length, s.shape.num_kv_heads, s.shape.head_dim)
+  placement = dict(mesh=mesh, rules=s.sharding.logical_axis_rules,
+                   axis_names=spec.cache_axis_names)
+  if for_prefill and isinstance(spec, PagedCache):
+    raise ValueError("init_cache(for_prefill=True) picks prefill_cache_axis_order, which only a "
+                     f"contiguous cache has; this layer's cache is paged ({spec})")
+  match spec:
+    case StateCache():  # a linear-attention layer keeps a state per slot, not K/V
+      return LinearStateCache(*sizes, **placement)
+    case PagedCache(num_pages=num_pages, tokens_per_page=tokens_per_page):
+      return PagedKVCache(*sizes, num_pages=num_pages, tokens_per_page=tokens_per_page,
+                          dtype=s.dtype, quant=spec.kv_quant, **placement)
+    case ContiguousCache(sliding_window_ring_buffer=ring):
+      window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
+      return KVCache(*sizes, dtype=s.dtype, axis_order=spec.axis_order(for_prefill),
+                     window=window, quant=spec.kv_quant, **placement)
+  raise TypeError(f"settings.cache={spec!r}: not a cache kind this builder knows")

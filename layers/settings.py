@@ -3,12 +3,18 @@
 `AttentionSettings` is the keyword constructor underneath
 `Attention(config, ...)`: people embedding the layer in their own model build
 it from keyword arguments; YAML users get it from `AttentionSettings.from_config`.
-The config is read here, once; the layer reads only these fields.
+The config is read here, once. The flat fields (the config keys' names) are the
+record (==, hash, dataclasses.replace); `__post_init__` checks them and groups
+them into typed specs (layers/specs.py, layers/cache_specs.py): `shape`,
+`projection`, `kernel`, `sharding`, `lengths`, `cache`, beside `mask`, `rope`
+and `linear`, which the layer and the kernels read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -16,78 +22,23 @@ import jax.numpy as jnp
 
 from meshattn.configs import vocabulary as vocab
 from meshattn.configs.validation import POSITIVE_OR_UNSET, check_values
-from meshattn.configs.vocabulary import MODEL_MODES, QK_NORM_TYPES
+from meshattn.configs.vocabulary import MODEL_MODES, QK_NORM_TYPES  # noqa: F401  (re-exported)
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
+from meshattn.layers.cache_specs import (CACHE_KEYWORDS, CacheSpec, cache_keywords, cache_spec)
 from meshattn.layers.linear.spec import LinearSpec, check_linear_layer
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
 from meshattn.layers.quantization import check_quantization
 from meshattn.layers.rope import RopeSpec
+from meshattn.layers.specs import (  # noqa: F401  (ActivationAxes, the rules: re-exported)
+    DEFAULT_LOGICAL_AXIS_RULES, ActivationAxes, KernelSpec, LengthSpec, ModeAxes, ProjectionSpec,
+    ShapeSpec, ShardingSpec, TemperatureTuning)
 
 DTYPES: Mapping[str, jnp.dtype] = {name: getattr(jnp, name) for name in vocab.DTYPE_NAMES}
 PRECISIONS: Mapping[str, jax.lax.Precision | None] = {
     name: None if name == "default" else jax.lax.Precision[name.upper()]
     for name in vocab.MATMUL_PRECISIONS}
-
-# Logical axis rules used when the layer is built without a config; the same
-# table as configs/base.yml.
-DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", "context"),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("prefill_activation_length", "context"),
-    ("decode_batch", ("data", "fsdp", "autoregressive")),
-    ("embed", "fsdp"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("cache_batch", ("data", "fsdp", "autoregressive")),
-    ("cache_heads", "tensor"),
-    ("cache_sequence", "context"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationAxes:
-  """Logical names of the activations of one mode."""
-
-  inputs: tuple[str | None, ...]  # inputs and layer output [B, T, D]
-  query: tuple[str | None, ...]  # [B, T, N, H]
-  key: tuple[str | None, ...]  # [B, S, K, H]
-  value: tuple[str | None, ...]  # [B, S, K, H]
-  out: tuple[str | None, ...]  # attention context [B, T, N, H]
-
-  def __post_init__(self):
-    if len(self.inputs) != 3:
-      raise ValueError(f"input axis names need 3 entries [batch, length, embed], got {self.inputs}")
-    for field in ("query", "key", "value", "out"):
-      if len(getattr(self, field)) != 4:
-        raise ValueError(f"{field} axis names need 4 entries [batch, length, heads, head_dim], "
-                         f"got {getattr(self, field)}")
-
-
-def _mode_axes(length: str, batch: str = "activation_batch") -> ActivationAxes:
-  return ActivationAxes(
-      inputs=(batch, length, "activation_embed"),
-      query=(batch, length, "activation_heads", "activation_kv"),
-      key=(batch, length, "activation_kv_heads", "activation_kv"),
-      value=(batch, length, "activation_kv_heads", "activation_kv"),
-      out=(batch, length, "activation_heads", "activation_kv"))
-
-
-@dataclasses.dataclass(frozen=True)
-class ModeAxes:
-  """Activation logical names for each model_mode (hashable: layer settings are static)."""
-
-  train: ActivationAxes = _mode_axes("activation_length")
-  prefill: ActivationAxes = _mode_axes("prefill_activation_length")
-  autoregressive: ActivationAxes = _mode_axes("decode_length", batch="decode_batch")
-
-  def __getitem__(self, mode: str) -> ActivationAxes:
-    if mode not in MODEL_MODES:
-      raise ValueError(f"model_mode={mode!r}: allowed {MODEL_MODES}")
-    return getattr(self, mode)
 
 _CONFIG_PREFIX = {"train": "", "prefill": "prefill_", "autoregressive": "decode_"}
 
@@ -215,9 +166,8 @@ class AttentionSettings:
       raise ValueError("fused_qkv needs inputs_kv with emb_dim features (self-attention)")
     if not vocab.dropout_in_range(self.dropout_rate):
       raise ValueError(f"dropout_rate={self.dropout_rate}: allowed {vocab.DROPOUT_RANGE}")
-    for name in ("prefill_cache_axis_order", "ar_cache_axis_order"):
-      if not vocab.is_axis_permutation(getattr(self, name)):
-        raise ValueError(f"{name}={getattr(self, name)}: must be a permutation of (0, 1, 2, 3)")
+    # The cache's tagged kind; raises naming the keys a paged cache has no use for.
+    set_("cache", self.cache_for())
     if self.attention_output_gate not in vocab.OUTPUT_GATES:
       raise ValueError(f"attention_output_gate={self.attention_output_gate!r}: allowed "
                        f"{list(vocab.OUTPUT_GATES)}")
@@ -227,20 +177,59 @@ class AttentionSettings:
                          soft_cap=self.attn_logits_soft_cap, score_mod=self.score_mod,
                          mask_mod=self.mask_mod, attention_fn=self.attention_fn,
                          dropout_rate=self.dropout_rate)
+    self._group()
+
+  def _group(self) -> None:
+    """Build the typed groups from the checked flat fields (resolved values only)."""
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("shape", ShapeSpec(
+        emb_dim=self.emb_dim, num_query_heads=self.num_query_heads,
+        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        out_features=self.out_features or self.emb_dim, kv_emb_dim=self.kv_emb_dim or self.emb_dim,
+        position_streams=self.position_streams or len(self.rope.mrope_section) or 1))
+    tuning = (TemperatureTuning(self.temperature_tuning_scale, self.temperature_tuning_floor_scale)
+              if self.temperature_tuning else None)
+    set_("projection", ProjectionSpec(
+        fused_qkv=self.fused_qkv, share_kv_projections=self.share_kv_projections,
+        use_bias=self.use_bias, qk_norm=self.qk_norm_type if self.use_qk_norm else None,
+        normalization_layer_epsilon=self.normalization_layer_epsilon,
+        temperature_tuning=tuning, quantization=self.quantization,
+        qkv_dot_general=self.qkv_dot_general, out_dot_general=self.out_dot_general,
+        kernel_init=self.kernel_init, bias_init=self.bias_init,
+        attention_output_gate=self.attention_output_gate))
+    set_("kernel", KernelSpec(
+        attention=self.attention, decode_attention=self.decode_attention,
+        pallas_interpret=self.pallas_interpret,
+        # Applied at run time (never folded into initialisers).
+        scale=(self.query_pre_attn_scalar or self.head_dim) ** -0.5,
+        attn_logits_soft_cap=self.attn_logits_soft_cap, attention_sink=self.attention_sink,
+        float32_qk_product=self.float32_qk_product, float32_logits=self.float32_logits,
+        dropout_rate=self.dropout_rate, broadcast_dropout=self.broadcast_dropout,
+        attention_fn=self.attention_fn, score_mod=self.score_mod, mask_mod=self.mask_mod))
+    set_("sharding", ShardingSpec(self.logical_axis_rules, self.axes))
+    set_("lengths", LengthSpec(
+        self.max_target_length, self.max_prefill_predict_length,
+        self.prefill_chunk_size if self.use_chunked_prefill else None))
+
+  def cache_for(self, *, paged: bool | None = None, ring_buffer: bool | None = None) -> CacheSpec:
+    """`settings.cache`: the cache kind the flat keys describe, or the kind
+    `init_cache(paged=..., ring_buffer=...)` asks for instead (None: the keys' choice)."""
+    return cache_spec({name: getattr(self, name) for name in CACHE_KEYWORDS},
+                      linear=self.linear is not None, paged=paged, ring_buffer=ring_buffer)
 
   @property
   def num_position_streams(self) -> int:
     """n when inputs_positions are [n, batch..., T] streams (MRoPE), 1 for [batch..., T]."""
-    return self.position_streams or len(self.rope.mrope_section) or 1
+    return self.shape.position_streams
 
   @property
   def group_size(self) -> int:
-    return self.num_query_heads // self.num_kv_heads
+    return self.shape.group_size
 
   @property
   def scale(self) -> float:
     """Softmax scale, applied at run time (never folded into initialisers)."""
-    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+    return self.kernel.scale
 
   @classmethod
   def from_config(cls, config, *, layer_idx: int = 0, **overrides) -> "AttentionSettings":
@@ -314,12 +303,42 @@ class AttentionSettings:
 
   @classmethod
   def with_overrides(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> "AttentionSettings":
-    """Build from `base` kwargs plus keyword overrides, naming any unknown keyword."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    """Build from `base` kwargs plus keyword overrides, naming any unknown keyword.
+
+    A `cache=` spec replaces the base's flat cache keys (a config's among them)."""
+    known = {f.name for f in dataclasses.fields(cls)} | {"cache"}
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise TypeError(f"Attention got unknown keyword(s) {unknown}; allowed: {sorted(known)}")
+    if overrides.get("cache") is not None:
+      base = {name: value for name, value in base.items() if name not in CACHE_KEYWORDS}
     return cls(**{**base, **overrides})
+
+
+def _accept_cache_spec(init: Callable[..., None]) -> Callable[..., None]:
+  """Let `AttentionSettings(cache=PagedCache(...))` stand for the flat cache keywords.
+
+  The spec is unfolded into them before the dataclass's own __init__, so the flat
+  fields stay the one record (==, hash, and dataclasses.replace, which passes every
+  field again) and `settings.cache` is rebuilt from them; giving both is an error."""
+
+  @functools.wraps(init)
+  def __init__(self, *args, cache: CacheSpec | None = None, **kwargs):
+    if cache is not None:
+      given = sorted(set(kwargs) & set(CACHE_KEYWORDS))
+      if given:
+        raise ValueError(f"cache={cache!r} sets the cache keywords; give it or {given}, not both")
+      kwargs.update(cache_keywords(cache))
+    init(self, *args, **kwargs)
+
+  signature = inspect.signature(init)
+  __init__.__signature__ = signature.replace(parameters=[
+      *signature.parameters.values(),
+      inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None)])
+  return __init__
+
+
+AttentionSettings.__init__ = _accept_cache_spec(AttentionSettings.__init__)
 
 
 def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:

@@ -57,8 +57,9 @@ def refuse_train_arguments(settings, model_mode: str, *, inputs_q, inputs_kv, in
                  "inputs_kv_positions": inputs_kv_positions is not None,
                  "kv_segment_ids": kv_segment_ids is not None, "mask": mask is not None,
                  "bias": bias is not None, "sow_weights": sow_weights,
-                 "attention_fn": settings.attention_fn is not None,
-                 "dropout (deterministic=False)": not deterministic and settings.dropout_rate > 0}
+                 "attention_fn": settings.kernel.attention_fn is not None,
+                 "dropout (deterministic=False)": (not deterministic
+                                                   and settings.kernel.dropout_rate > 0)}
   bad = [name for name, on in unsupported.items() if on]
   if bad:
     raise ValueError(f"model_mode={model_mode!r} does not support {bad}; they apply to train mode")
@@ -95,17 +96,18 @@ def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_m
     raise ValueError(f"model_mode={model_mode!r} takes inputs_q [batch, length, emb_dim], "
                      f"got shape {inputs_q.shape}")
   batch, length = inputs_q.shape[:2]
-  if settings.mask.attention_type == "full" and (model_mode == "autoregressive"
-                                                 or settings.use_chunked_prefill):
+  chunked = settings.lengths.prefill_chunk_size is not None
+  if settings.mask.attention_type == "full" and (model_mode == "autoregressive" or chunked):
     # A bidirectional layer's earlier tokens would have to see later ones: a
     # cache can only serve it as one whole-prompt prefill.
     raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
                      "chunks; use one prefill call per prompt or a causal attention_type")
   if model_mode == "autoregressive" and length != 1:
     raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
-  if model_mode == "prefill" and length > settings.max_prefill_predict_length:
+  longest = settings.lengths.max_prefill_predict_length
+  if model_mode == "prefill" and length > longest:
     raise ValueError(f"prefill of {length} tokens: longer than max_prefill_predict_length="
-                     f"{settings.max_prefill_predict_length}; split the prompt into several "
+                     f"{longest}; split the prompt into several "
                      "prefill calls (or set use_chunked_prefill) or raise that key")
   if decoder_segment_ids is not None:
     seg = jnp.asarray(decoder_segment_ids)

@@ -18,13 +18,13 @@ from meshattn.layers.kernels.sharded import sharded_kernel_call
 
 
 def kernel_options(settings) -> KernelOptions:
-  """The static options every kernel of this layer gets."""
-  s = settings
+  """The static options every kernel of this layer gets (settings.kernel, the mask)."""
+  k = settings.kernel
   return KernelOptions(
-      mask=s.mask, scale=s.scale, soft_cap=s.attn_logits_soft_cap,
-      float32_qk_product=s.float32_qk_product, float32_logits=s.float32_logits,
-      dropout_rate=s.dropout_rate, broadcast_dropout=s.broadcast_dropout, precision=s.precision,
-      score_mod=s.score_mod, mask_mod=s.mask_mod)
+      mask=settings.mask, scale=k.scale, soft_cap=k.attn_logits_soft_cap,
+      float32_qk_product=k.float32_qk_product, float32_logits=k.float32_logits,
+      dropout_rate=k.dropout_rate, broadcast_dropout=k.broadcast_dropout,
+      precision=settings.precision, score_mod=k.score_mod, mask_mod=k.mask_mod)
 
 
 def call_features(settings, mode: str, *, cache=None, segments: bool = False,
@@ -34,15 +34,15 @@ def call_features(settings, mode: str, *, cache=None, segments: bool = False,
 
   A cached mode adds what the cache's kind asks of a kernel (`cache.kernel_features`,
   e.g. "paged_kv": only kernels that read pages serve it)."""
-  s = settings
+  k = settings.kernel
   flags = {
-      "gqa": s.num_kv_heads < s.num_query_heads, "segment_ids": segments,
-      "soft_cap": s.attn_logits_soft_cap is not None, "sinks": s.attention_sink,
-      "user_mask": mask, "user_bias": bias, "score_mod": s.score_mod is not None,
-      "mask_mod": s.mask_mod is not None, "dropout": dropout, "weights": weights,
-      "backward": mode == "train", "float32": jnp.dtype(s.dtype) == jnp.float32,
-      "quantized_kv": mode != "train" and s.kv_quant is not None}
-  wanted = {MASK_FEATURE[s.mask.attention_type]} | {name for name, on in flags.items() if on}
+      "gqa": settings.shape.group_size > 1, "segment_ids": segments,
+      "soft_cap": k.attn_logits_soft_cap is not None, "sinks": k.attention_sink,
+      "user_mask": mask, "user_bias": bias, "score_mod": k.score_mod is not None,
+      "mask_mod": k.mask_mod is not None, "dropout": dropout, "weights": weights,
+      "backward": mode == "train", "float32": jnp.dtype(settings.dtype) == jnp.float32,
+      "quantized_kv": mode != "train" and settings.cache.kv_quant is not None}
+  wanted = {MASK_FEATURE[settings.mask.attention_type]} | {n for n, on in flags.items() if on}
   if mode != "train" and cache is not None:
     wanted |= cache.kernel_features
   return frozenset(wanted)
@@ -50,7 +50,7 @@ def call_features(settings, mode: str, *, cache=None, segments: bool = False,
 
 def platform(settings) -> str:
   """Where the kernels run: pallas_interpret runs the TPU Pallas kernels on this host."""
-  return "tpu" if settings.pallas_interpret else registry.current_platform()
+  return "tpu" if settings.kernel.pallas_interpret else registry.current_platform()
 
 
 def select(settings, mode: str, features: frozenset[str],
@@ -59,24 +59,24 @@ def select(settings, mode: str, features: frozenset[str],
   autoregressive mode, the reference cached step for prefill. lengths (query, key),
   where known, let autoselect skip kernels that cannot tile them; a cache (decode) adds
   what it stores (dtype, capacity, per-head scales), which decode variants are limited by."""
-  s = settings
-  name = {"train": s.attention, "autoregressive": s.decode_attention}.get(mode, "dot_product")
+  k, shape = settings.kernel, settings.shape
+  name = {"train": k.attention, "autoregressive": k.decode_attention}.get(mode, "dot_product")
   kv = {}
   if cache is not None:
     quant = cache.quant
     per_head = quant is not None and quant.scale_shape(cache.num_kv_heads) == cache.num_kv_heads
-    kv = dict(kv_dtype=cache.storage_dtype, group=s.group_size,
+    kv = dict(kv_dtype=cache.storage_dtype, group=shape.group_size,
               kv_quant_axis=None if quant is None else "dkv" if per_head else "heads_and_dkv")
     lengths = (lengths[0], cache.capacity)
-  return registry.select(name, registry.Request(platform(s), mode, features,
-                                                head_dim=s.head_dim, dtype=s.dtype,
+  return registry.select(name, registry.Request(platform(settings), mode, features,
+                                                head_dim=shape.head_dim, dtype=settings.dtype,
                                                 q_len=lengths[0], kv_len=lengths[1], **kv))
 
 
 def load(settings, kernel: registry.Kernel) -> Callable:
   """The kernel's function; kernels with a Pallas interpret mode get it when asked."""
   fn = kernel.load()
-  if settings.pallas_interpret and kernel.interpretable:
+  if settings.kernel.pallas_interpret and kernel.interpretable:
     fn = functools.partial(fn, interpret=True)
   return fn
 
