@@ -15,7 +15,9 @@ Two protocols:
   (kvcache/views.py: contiguous or paged): its arrays, named as the kernel's keyword
   arguments, and their logical axes.
 
-No kernel imports another platform's kernel module: what they share lives here or in
+Each kernel registers itself with the registry in its own file (registry.train_variant /
+decode_variant, beside the function), from the same feature constant its checks read. No
+kernel imports another platform's kernel module: what they share lives here or in
 `shared/`.
 """
 
@@ -215,6 +217,7 @@ def train_kernel(name: str, features: frozenset[str] | None = None, *,
       return impl(query, key, value, call, **tuning)
 
     kernel.features = features
+    kernel.index_masked = index_masked  # registry.train_variant reads it (masks_by_index)
     return kernel
 
   return wrap

@@ -24,7 +24,8 @@ import dataclasses
 import functools
 import importlib
 import logging
-from typing import Callable, Iterable
+import pkgutil
+from typing import Callable, Iterable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,13 @@ from meshattn.configs.vocabulary import (  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("meshattn.kernels")
 
-_ALL_TRAIN = frozenset(FEATURES) - {"quantized_kv", "paged_kv"}
-_ALL_DECODE = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap", "sinks",
-                         "score_mod", "mask_mod", "quantized_kv", "paged_kv", "float32"})
+# Platform sets and input dtypes the kernel modules' registrations name.
+ALL = frozenset(PLATFORMS)
+GPU, TPU = frozenset({"gpu"}), frozenset({"tpu"})
+HALF_DTYPES = frozenset({"bfloat16", "float16"})
+# The registry's column for float32 inputs: a dtype the kernel accepts, not a feature a call
+# asks for, so the modules' own feature sets (what their call checks compare) leave it out.
+FLOAT32 = frozenset({"float32"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +143,10 @@ class Kernel:
   available: Callable[[], bool] | None = None
   # Features the request must have (the paged kernel reads only a paged cache).
   requires: frozenset[str] = frozenset()
-  # Variants of one name are tried in registration order unless this ranks
-  # them per request (higher first): measured speed differs by request, e.g.
-  # forward-only vs forward+backward (scripts/bench.py, docs/benchmarks.md).
-  rank: Callable[[Request], int] | None = None
+  # Variants of one name are tried by rank, higher first: a number, or a function of the
+  # request where measured speed differs by request, e.g. forward-only vs forward+backward
+  # (scripts/bench.py, docs/benchmarks.md). Variants that can serve one request never tie.
+  rank: int | Callable[[Request], int] = 0
   # Masks from token indices inside the call, not from the positions it is
   # given (flash kernels): under shard_map the query length must stay whole.
   masks_by_index: bool = False
@@ -170,6 +175,9 @@ class Kernel:
     split, K/V gathered)."""
     return "whole" if self.masks_by_index else "ring" if self.ring else "split"
 
+  def rank_for(self, request: Request) -> int:
+    return self.rank(request) if callable(self.rank) else self.rank
+
   def missing(self, request: Request) -> set[str]:
     return set(request.features) - set(self.features)
 
@@ -185,36 +193,9 @@ class Kernel:
     return functools.partial(fn, **dict(self.bind)) if self.bind else fn
 
 
-def _cudnn_available() -> bool:
-  try:
-    from meshattn.layers.kernels.train.flash_gpu import cudnn_available
-  except ImportError:
-    return False
-  return cudnn_available()
-
-
-def _tokamax_available() -> bool:
-  try:
-    from meshattn.layers.kernels.train.flash_tokamax import tokamax_available
-  except ImportError:
-    return False
-  return tokamax_available()
-
-
-def _tokamax_rank(request: Request) -> int:
-  # H100 bf16, same run (docs/benchmarks.md): tokamax's forward is 1.13x
-  # cuDNN's, its forward+backward 0.87-0.97x: first for forward-only
-  # requests, else in registration order (after cuDNN, before Pallas Triton).
-  # Above head_dim 128 its backward is slow: H200, h256 soft cap, fwd+bwd
-  # 16.2 ms against the Pallas kernel's 11.7 (2026-12-04): after Pallas there.
-  if "backward" not in request.features:
-    return 1
-  return -1 if request.head_dim and request.head_dim > 128 else 0
-
-
 def _ordered(variants: list[Kernel], request: Request) -> list[Kernel]:
-  """Variants in the order they are tried (stable: registration order breaks ties)."""
-  return sorted(variants, key=lambda k: -(k.rank(request) if k.rank else 0))
+  """Variants in the order they are tried: by rank, higher first."""
+  return sorted(variants, key=lambda k: -k.rank_for(request))
 
 
 _REGISTRY: list[Kernel] = []
@@ -234,15 +215,57 @@ AUTOSELECT_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+def _listing_key(kernel: Kernel) -> tuple:
+  """The order `kernels()`, the tables and errors list variants in, whatever order the
+  modules were found in: by name, train rows first, then by rank for a typical request (in
+  train mode: with backward), as a request on one platform tries them."""
+  platform, mode = min(kernel.platforms), min(kernel.modes)
+  typical = Request(platform, mode, frozenset({"backward"} if mode == "train" else ()))
+  return kernel.name, "train" not in kernel.modes, -kernel.rank_for(typical)
+
+
 def register(kernel: Kernel) -> Kernel:
-  """Add a kernel variant; a name may have several per platform (tried in
-  registration order, e.g. GPU flash: cuDNN, then the Pallas kernel for what
-  cuDNN cannot express). Re-registering the same implementation (name, function, platforms)
-  replaces it."""
+  """Add a kernel variant; a name may have several per platform (tried by rank, e.g. GPU
+  flash: cuDNN, then tokamax, then the Pallas kernel for what neither can express).
+  Re-registering the same implementation (name, function, platforms) replaces it."""
   same = lambda k: (k.name, k.impl, k.platforms) == (kernel.name, kernel.impl, kernel.platforms)
-  _REGISTRY[:] = [k for k in _REGISTRY if not same(k)]
-  _REGISTRY.append(kernel)
+  _REGISTRY[:] = sorted([k for k in _REGISTRY if not same(k)] + [kernel], key=_listing_key)
   return kernel
+
+
+Fn = TypeVar("Fn", bound=Callable)
+
+
+def _variant(name: str, platforms: Iterable[str], modes: Iterable[str], features: Iterable[str],
+             description: str, **fields) -> Callable[[Fn], Fn]:
+  def wrap(fn: Fn) -> Fn:
+    register(Kernel(name, frozenset(platforms), frozenset(modes), frozenset(features),
+                    f"{fn.__module__}:{fn.__name__}", description, **fields))
+    return fn
+
+  return wrap
+
+
+def train_variant(name: str, platforms: Iterable[str], features: Iterable[str], description: str,
+                  **fields) -> Callable[[Fn], Fn]:
+  """Registers the decorated train kernel (an `api.train_kernel`) as a variant of `name` for
+  train mode, with `fields` of `Kernel`. Its train_kernel's `index_masked` says whether it
+  masks by token index (`masks_by_index`: whole query rows under shard_map)."""
+
+  def wrap(fn: Fn) -> Fn:
+    by_index = getattr(fn, "index_masked", False) is not False
+    return _variant(name, platforms, {"train"}, features, description, masks_by_index=by_index,
+                    **fields)(fn)
+
+  return wrap
+
+
+def decode_variant(name: str, platforms: Iterable[str], features: Iterable[str],
+                   description: str, **fields) -> Callable[[Fn], Fn]:
+  """Registers the decorated decode-protocol function (kernels/api.py) as a variant of
+  `name` for autoregressive steps, with `fields` of `Kernel`."""
+  return _variant(name, platforms, {"autoregressive"}, features, description, protocol="decode",
+                  **fields)
 
 
 def kernels(name: str | None = None) -> list[Kernel]:
@@ -251,6 +274,15 @@ def kernels(name: str | None = None) -> list[Kernel]:
 
 def current_platform() -> str:
   return jax.default_backend() if jax.default_backend() in PLATFORMS else "cpu"
+
+
+@functools.cache
+def gpu_capability() -> float | None:
+  """The default GPU's compute capability, None without a GPU (then Hopper is assumed)."""
+  try:
+    return float(getattr(jax.devices("gpu")[0], "compute_capability", "nan"))
+  except (RuntimeError, ValueError):
+    return None
 
 
 def select(name: str, request: Request) -> Kernel:
@@ -327,113 +359,6 @@ def feature_table_markdown(platforms: Iterable[str] = PLATFORMS) -> str:
   return "\n".join(lines)
 
 
-# ---- the catalogue ---------------------------------------------------------------
-# Feature sets are stated here (the registry must not import Pallas / cuDNN
-# code to answer a question); tests check them against each module's own
-# *_FEATURES constant.
-
-_K = "meshattn.layers.kernels"
-ALL = frozenset(PLATFORMS)
-SPLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
-                             "sinks", "backward", "float32"})
-# cuDNN takes only fp16/bf16 inputs: no "float32".
-CUDNN_FEATURES = frozenset({"gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
-# tokamax's Mosaic GPU kernel (optional extra, Hopper+): soft cap, no segments / sinks.
-TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
-# The Pallas GPU flash kernel covers what cuDNN and tokamax cannot express.
-PALLAS_GPU_FLASH_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids",
-                                       "soft_cap", "sinks", "backward", "float32"})
-BLOCKWISE_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
-                                "sinks", "user_mask", "user_bias", "score_mod", "mask_mod", "backward",
-                                "float32"})
-# Ring attention (context parallelism by passing K/V around the shards).
-RING_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
-                           "sinks", "backward", "float32"})
-RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv", "float32"})
-PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv", "float32"})
-
-# What each GPU kernel can run besides its features (the CPU / reference kernels run any
-# head_dim and dtype). Checked before a variant is chosen: autoselect skips it, a named kernel
-# raises ValueError naming the limit.
-
-
-@functools.cache
-def _gpu_capability() -> float | None:
-  """The default GPU's compute capability, None without a GPU (then Hopper is assumed)."""
-  try:
-    return float(getattr(jax.devices("gpu")[0], "compute_capability", "nan"))
-  except (RuntimeError, ValueError):
-    return None
-
-
-def _cudnn_fits(request: Request) -> str | None:
-  capability = _gpu_capability()
-  if request.head_dim and request.head_dim > 128 and capability is not None and capability < 9.0:
-    return f"head_dim {request.head_dim} (<= 128 before Hopper; this GPU: sm {capability})"
-  return None
-
-
-def _pallas_gpu_fits(request: Request) -> str | None:
-  # Pure Python (no Pallas import): the tiles chosen for this head_dim / dtype and the
-  # shared memory they need against the GPU's per-block limit.
-  # pylint: disable-next=import-outside-toplevel
-  from meshattn.layers.kernels.train import flash_pallas_gpu_tiles as tiles
-  return tiles.unsupported(request.head_dim, request.input_dtype,
-                           backward="backward" in request.features,
-                           limit=tiles.shared_memory_limit())
-
-
-_GPU = frozenset({"gpu"})
-_HALF = frozenset({"bfloat16", "float16"})
-CUDNN_LIMITS = Limits(_GPU, max_head_dim=256, head_dim_multiple=8, dtypes=_HALF, fits=_cudnn_fits,
-                      why="cuDNN's fused attention (jax.nn.dot_product_attention)")
-# tokamax pads head_dim to 64 itself; 256 is the widest its Mosaic kernel ran at (H200, forward
-# and backward, 2026-12-04).
-TOKAMAX_LIMITS = Limits(_GPU, max_head_dim=256, dtypes=_HALF, why="tokamax's Mosaic GPU kernel")
-PALLAS_GPU_FLASH_LIMITS = Limits(
-    _GPU, min_head_dim=16, max_head_dim=256, head_dim_power_of_two=True,
-    dtypes=frozenset({"float32"}) | _HALF, fits=_pallas_gpu_fits,
-    why="Triton block shapes; tiles per head_dim that fit shared memory (flash_pallas_gpu_tiles)")
-# The Triton decode kernels (ragged.py, paged.py) tile K/V per head_dim to fit shared memory
-# but need power-of-two head dims, from 16 (the smallest dot).
-TRITON_DECODE_LIMITS = Limits(_GPU, min_head_dim=16, head_dim_power_of_two=True,
-                              why="the Triton decode kernels' block shapes")
-
-register(Kernel("dot_product", ALL, frozenset({"train"}), _ALL_TRAIN,
-                f"{_K}.train.dot_product:dot_product_attention", "reference einsum",
-                materializes_logits=True))
-register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), _ALL_DECODE,
-                "meshattn.layers.cached_step:cached_step", "reference cached, online softmax",
-                protocol="cached"))
-register(Kernel("blockwise", ALL, frozenset({"train"}), BLOCKWISE_FEATURES,
-                f"{_K}.train.blockwise:blockwise_attention", "pure-JAX online softmax, custom VJP"))
-def _splash_fits(request: Request) -> str | None:
-  # Splash tiles both lengths in blocks of 128 lanes (flash_tpu._largest_block).
-  bad = [f"{name} {n}" for name, n in (("q_len", request.q_len), ("kv_len", request.kv_len))
-         if n is not None and n % 128]
-  return f"{' and '.join(bad)} not a multiple of 128" if bad else None
-
-
-register(Kernel("flash", frozenset({"tpu"}), frozenset({"train"}), SPLASH_FEATURES,
-                f"{_K}.train.flash_tpu:splash_attention", "Pallas TPU splash",
-                masks_by_index=True, interpretable=True,
-                limits=Limits(fits=_splash_fits, why="splash tiles lengths in 128-lane blocks")))
-register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), CUDNN_FEATURES,
-                f"{_K}.train.flash_gpu:cudnn_attention", "cuDNN", available=_cudnn_available,
-                masks_by_index=True, limits=CUDNN_LIMITS))
-register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), TOKAMAX_FEATURES,
-                f"{_K}.train.flash_tokamax:tokamax_attention", "tokamax Mosaic GPU",
-                available=_tokamax_available, rank=_tokamax_rank,
-                masks_by_index=True, limits=TOKAMAX_LIMITS))
-register(Kernel("flash", frozenset({"gpu"}), frozenset({"train"}), PALLAS_GPU_FLASH_FEATURES,
-                f"{_K}.train.flash_pallas_gpu:pallas_gpu_flash_attention", "Pallas GPU (Triton)",
-                masks_by_index=True, limits=PALLAS_GPU_FLASH_LIMITS))
-register(Kernel("ring", ALL, frozenset({"train"}), RING_FEATURES,
-                f"{_K}.train.ring:ring_attention", "ring over the sequence shards (ppermute)", ring=True))
-# The decode implementations (ragged, paged) register in decode/catalogue.py, imported at the
-# end of this module.
-
-
 def limits_table_markdown() -> str:
   """The kernels with shape limits: where they hold, head dims, dtypes, why (for the docs)."""
   lines = ["| kernel | where | head_dim | dtypes | why |", "| --- | --- | --- | --- | --- |"]
@@ -447,11 +372,18 @@ def limits_table_markdown() -> str:
   return "\n".join(lines)
 
 
-# pylint: disable-next=wrong-import-position,unused-import
-from meshattn.layers.kernels.decode import catalogue  # noqa: E402,F401  (registers decode rows)
+def _discover() -> None:
+  """Imports every module of kernels/train and kernels/decode: each registers its variants."""
+  for package_name in ("train", "decode"):
+    package = importlib.import_module(f"meshattn.layers.kernels.{package_name}")
+    for module in pkgutil.iter_modules(package.__path__):
+      importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+_discover()
 
 if __name__ == "__main__":
-  # The imported module, not __main__: the decode rows registered there.
+  # The imported module, not __main__: the kernel modules registered there.
   from meshattn.layers.kernels import registry as _registry  # pylint: disable=import-self
   print(_registry.feature_table_markdown())
   print()

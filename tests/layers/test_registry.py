@@ -1,8 +1,16 @@
 """The kernel registry: explicit choices that cannot serve a request raise with
 the documented message, autoselect never loses a feature, its choice per
-platform is pinned, and docs/kernels.md's table is the registry's."""
+platform is pinned, docs/kernels.md's table is the registry's, and every kernel
+module registers itself, from the feature constant it declares once."""
 
+import dataclasses
+import importlib
+import inspect
+import os
 import pathlib
+import pkgutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +19,10 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from meshattn.layers import Attention
+from meshattn.kvcache.views import ContiguousView, PagedView
+from meshattn.layers.kernels import decode as kernels_decode
 from meshattn.layers.kernels import registry
+from meshattn.layers.kernels import train as kernels_train
 from meshattn.layers.kernels.registry import FEATURES, Request, select
 
 README = pathlib.Path(__file__).resolve().parents[2] / "docs" / "kernels.md"  # the kernels page
@@ -119,21 +130,88 @@ def test_layer_refuses_an_explicit_kernel_missing_a_feature():
     Attention(rngs=nnx.Rngs(0), emb_dim=16, num_query_heads=2, decode_attention="flash")
 
 
-@pytest.mark.parametrize("module, constant, registered", [
-    ("train.flash_tpu", "SPLASH_FEATURES", "SPLASH_FEATURES"),
-    ("train.flash_gpu", "CUDNN_FEATURES", "CUDNN_FEATURES"),
-    ("train.flash_tokamax", "TOKAMAX_FEATURES", "TOKAMAX_FEATURES"),
-    ("train.flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", "PALLAS_GPU_FLASH_FEATURES"),
-    ("train.blockwise", "BLOCKWISE_FEATURES", "BLOCKWISE_FEATURES"),
-    ("decode.ragged", "RAGGED_FEATURES", "RAGGED_FEATURES"),
-    ("decode.paged", "PAGED_FEATURES", "PAGED_FEATURES"),
+@pytest.mark.parametrize("module, constant, checked", [
+    ("train.flash_tpu", "SPLASH_FEATURES", True),
+    ("train.flash_gpu", "CUDNN_FEATURES", True),
+    ("train.flash_tokamax", "TOKAMAX_FEATURES", True),
+    ("train.flash_pallas_gpu", "PALLAS_GPU_FLASH_FEATURES", True),
+    ("train.blockwise", "BLOCKWISE_FEATURES", True),
+    ("train.ring", "RING_FEATURES", False),  # the ring kernel refuses the rest itself
+    ("decode.ragged", "RAGGED_FEATURES", False),
+    ("decode.paged", "PAGED_FEATURES", False),
+    ("decode.decode_int8_mgpu", "INT8_MGPU_FEATURES", False),
 ])
-def test_registered_features_match_each_kernel_module(module, constant, registered):
-  """The registry states features without importing kernels; they must agree."""
-  import importlib
-  declared = getattr(importlib.import_module(f"meshattn.layers.kernels.{module}"), constant)
-  # "float32" (accepts float32 inputs) is a registry-level dtype fact, not in the modules' sets.
-  assert frozenset(declared) - {"float32"} == getattr(registry, registered) - {"float32"}
+def test_registered_features_are_each_kernel_modules_constant(module, constant, checked):
+  """A kernel's features are declared once, in its module: its registry rows and (train
+  kernels) its train_kernel checks read that constant."""
+  kernel_module = importlib.import_module(f"meshattn.layers.kernels.{module}")
+  declared = getattr(kernel_module, constant)
+  rows = [k for k in registry.kernels() if k.impl.startswith(f"{kernel_module.__name__}:")]
+  assert rows
+  for row in rows:
+    # "float32" (accepts float32 inputs) is a dtype column, not in the modules' call-check sets.
+    assert row.features - registry.FLOAT32 == declared - registry.FLOAT32, row
+    if checked:
+      assert row.load().features is declared
+
+
+def _protocol_functions():
+  """(module:function, protocol) of every public function in kernels/train and kernels/decode
+  that takes a kernel protocol: a train_kernel, or a function taking a cache view's arrays
+  and the decode keywords (the front doors that ask the registry, taking `implementation`,
+  are not kernels)."""
+  views = [{f.name for f in dataclasses.fields(view) if f.init} - {"axes", "batch_name",
+           "heads_name", "by_slot", "holds_window"} for view in (ContiguousView, PagedView)]
+  for package in (kernels_train, kernels_decode):
+    for info in pkgutil.iter_modules(package.__path__):
+      module = importlib.import_module(f"{package.__name__}.{info.name}")
+      for name, fn in vars(module).items():
+        if (name.startswith("_") or not inspect.isfunction(fn)
+            or fn.__module__ != module.__name__):
+          continue
+        params = set(inspect.signature(fn).parameters)
+        if hasattr(fn, "index_masked"):
+          yield f"{module.__name__}:{name}", "train"
+        elif "implementation" not in params and any(
+            {"query", "scale", "soft_cap", "sinks"} | view <= params for view in views):
+          yield f"{module.__name__}:{name}", "decode"
+
+
+def test_discovery_registers_every_kernel_module():
+  """A kernel is its file: the registry imports every module of train/ and decode/, and each
+  function there that takes a kernel protocol is registered (a forgotten registration fails
+  here), with its protocol."""
+  found = dict(_protocol_functions())
+  assert len(found) >= 11, found  # 7 train kernels, 4 decode functions today
+  registered = {k.impl: k.protocol for k in registry.kernels()}
+  assert {impl: registered.get(impl) for impl in found} == found
+  assert set(registered) - set(found) == {"meshattn.layers.cached_step:cached_step"}
+
+
+def test_variants_of_a_name_never_tie_in_rank():
+  """Which variant is tried first is its rank, never the order the modules were found in."""
+  for kernel in registry.kernels():
+    for platform in kernel.platforms:
+      for mode in kernel.modes:
+        rivals = [k for k in registry.kernels(kernel.name)
+                  if platform in k.platforms and mode in k.modes]
+        for features, head_dim in [((), None), (("backward",), None), (("backward",), 256)]:
+          request = Request(platform, mode, frozenset(features), head_dim=head_dim)
+          ranks = [k.rank_for(request) for k in rivals]
+          assert len(set(ranks)) == len(ranks), (rivals, request)
+
+
+def test_importing_the_layers_loads_no_pallas_backend():
+  """Discovery imports every kernel module; they import their Pallas backend (Triton, Mosaic
+  GPU / TPU, splash) on first use, so that importing meshattn stays cheap on any host."""
+  heavy = ["jax.experimental.pallas.triton", "jax.experimental.pallas.mosaic_gpu",
+           "jax.experimental.pallas.tpu", "jax.experimental.pallas.ops.tpu.splash_attention"]
+  code = ("import sys, meshattn.layers\n"
+          "from meshattn.layers.kernels import registry\n"
+          f"print(len(registry.kernels()), [m for m in {heavy!r} if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert out.stdout.split() == [str(len(registry.kernels())), "[]"], out.stdout + out.stderr
 
 
 def test_gpu_flash_variants_ranked_per_request():
@@ -240,7 +318,7 @@ def test_autoselect_skips_variants_that_cannot_run_the_shape(head_dim, dtype, ex
 
 
 def test_cudnn_head_dim_limit_before_hopper(monkeypatch):
-  monkeypatch.setattr(registry, "_gpu_capability", lambda: 8.0)
+  monkeypatch.setattr(registry, "gpu_capability", lambda: 8.0)
   request = Request("gpu", "train", frozenset({"causal", "backward"}), head_dim=256,
                     dtype="bfloat16")
   with pytest.raises(ValueError, match=r"cuDNN cannot run head_dim 256 \(<= 128 before Hopper"):

@@ -17,9 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import KernelOptions
+from meshattn.layers.kernels.registry import ALL, Kernel, register
 from meshattn.layers.kernels.train.dot_product import mod_indices
 from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
 from meshattn.layers.masks import structural_mask
+
+# The reference cached step (layers/cached_step.py, reading the cache through
+# attend_with_cache) serves prefill and decode over every cache kind and mask kind;
+# `dot_product` names it for those modes.
+CACHED_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "soft_cap", "sinks",
+                             "score_mod", "mask_mod", "quantized_kv", "paged_kv", "float32"})
+register(Kernel("dot_product", ALL, frozenset({"prefill", "autoregressive"}), CACHED_FEATURES,
+                "meshattn.layers.cached_step:cached_step", "reference cached, online softmax",
+                protocol="cached"))
 
 # (start index) -> key, value [B, block, K, H] and positions [B, block]
 BlockReader = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]

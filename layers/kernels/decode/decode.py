@@ -3,7 +3,7 @@
 The layer reaches the decode kernels through kernels/dispatch.py with its cache's view;
 code that holds the arrays itself calls `ragged_decode` / `paged_decode`, which build the
 same registry request from the arrays and run the implementation it picks
-(decode/catalogue.py). Both read only each sequence's valid keys: row b attends over
+(each kernel module registers its variants). Both read only each sequence's valid keys: row b attends over
 cache entries [0, lengths[b]).
 
 implementation: "auto" (what the registry picks on this host), "pallas" (the best Pallas
@@ -46,7 +46,7 @@ def _implementation(name: str, implementation: str, interpret: bool, query, key,
   variants = [k for k in registry.kernels(name) if platform in k.platforms]
   if implementation == "pallas":  # the Pallas variants only, each refusing what it cannot read
     variants = [k for k in variants if not k.impl.endswith("_reference")]
-    ordered = sorted(variants, key=lambda k: -(k.rank(request) if k.rank else 0))
+    ordered = sorted(variants, key=lambda k: -k.rank_for(request))
     kernel = next((k for k in ordered if k.serves(request)), ordered[0])
   else:
     kernel = registry.select(name, request)

@@ -1,7 +1,9 @@
 """What the ragged and paged decode kernels share: the reference math, the
 online-softmax block updates, argument checks and the GPU in-kernel helpers.
 The length-aware split-K (flash-decoding) layout and the Triton call
-plumbing are in decode_splits.py. See ragged.py for the design."""
+plumbing are in decode_splits.py. See ragged.py for the design. Also what their
+registrations share: the Triton kernels' head_dim limits and the pair of Pallas
+variants (GPU, TPU) each of them registers."""
 
 from __future__ import annotations
 
@@ -11,7 +13,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode.decode_int8 import int8_pair_dot, rows_to_int8, uses_int8_pv
+from meshattn.layers.kernels.registry import GPU, TPU, Limits, Request, decode_variant
 from meshattn.layers.kernels.shared.online_softmax import NEG, finish
+
+# ---- registration -----------------------------------------------------------------
+
+# The Triton decode kernels tile K/V per head_dim to fit shared memory but need power-of-two
+# head dims, from 16 (the smallest dot). The references keep these limits on GPU too, as
+# `ragged` / `paged` always did.
+TRITON_DECODE_LIMITS = Limits(GPU, min_head_dim=16, head_dim_power_of_two=True,
+                              why="the Triton decode kernels' block shapes")
+
+
+def no_int4_load(request: Request) -> str | None:
+  """The TPU kernels and the paged GPU kernel have no sub-byte load."""
+  return "an int4 cache (no sub-byte load)" if request.kv_dtype == "int4" else None
+
+
+def pallas_decode_variants(name: str, features: frozenset[str], gpu_limits: Limits, **fields):
+  """Registers a Pallas decode function taking `backend` as two variants of `name`: Triton
+  on GPU and Mosaic on TPU (interpretable: runs in TPU interpret mode on this host), both
+  ranked 1, ahead of the JAX reference (rank 0), which serves what they cannot read."""
+
+  def wrap(fn):
+    decode_variant(name, GPU, features, "Triton (GPU)", rank=1, bind=(("backend", "gpu"),),
+                   limits=gpu_limits, **fields)(fn)
+    return decode_variant(name, TPU, features, "Mosaic TPU", rank=1, bind=(("backend", "tpu"),),
+                          interpretable=True, limits=Limits(TPU, fits=no_int4_load), **fields)(fn)
+
+  return wrap
+
 
 
 

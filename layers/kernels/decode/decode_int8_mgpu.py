@@ -61,9 +61,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from meshattn.layers.kernels.decode import decode_splits
+from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, decode_variant
+from meshattn.layers.kernels.shared.lazy_import import lazy_module
+
+# Imported when a kernel is built (registry discovery imports this module on every host).
+plgpu = lazy_module("jax.experimental.pallas.mosaic_gpu")
 
 # Query heads per kv head are padded to this many columns (wgmma N, and 32
 # bytes of bfloat16 p^T per key so the p tile can be swizzled).
@@ -477,10 +481,32 @@ def int8_decode_mgpu(query, key, value, lengths, key_scale, value_scale, *, scal
   return jnp.swapaxes(out, 2, 3).reshape(batch, heads, head_dim)
 
 
+# What the registry may hand it: an int8 contiguous cache; no soft cap or window.
+INT8_MGPU_FEATURES = frozenset({"gqa", "causal", "sinks", "quantized_kv"})
+
+
+def _fits(request: Request) -> str | None:
+  if request.kv_dtype != "int8" or request.kv_quant_axis != "dkv":
+    return "needs an int8 cache with per-head scales (kv_quant_axis dkv)"
+  if request.group is not None and request.group > PADDED_GROUP:
+    return f"{request.group} query heads per kv head (at most {PADDED_GROUP})"
+  if request.kv_len is not None and request.kv_len % BLOCK_KV:
+    return f"cache length {request.kv_len} not a multiple of {BLOCK_KV}"
+  return None
+
+
+# On the H200 an int8 cache in its scope runs 1.45-1.54x the Triton int8 kernel's speed at
+# full and uniformly ragged lengths, 1.03x on a skewed, latency-bound batch
+# (docs/benchmarks.md, 2026-11-30 second entry): ranked above the Triton kernel (1) there;
+# other Hopper parts until measured: Triton (`measured_faster_here`).
+@decode_variant("ragged", GPU, INT8_MGPU_FEATURES, "Mosaic GPU int8 (H200)",
+                available=measured_faster_here, requires=frozenset({"quantized_kv"}), rank=2,
+                limits=Limits(GPU, min_head_dim=128, max_head_dim=128, dtypes=HALF_DTYPES,
+                              fits=_fits, why="measured at head_dim 128, 64-token tiles"))
 def ragged_int8_decode(query, key, value, lengths, *, scale: float, soft_cap=None, window=None,
                        sinks=None, key_scale=None, value_scale=None):
   """The decode protocol's entry (kernels/api.py: a contiguous cache's view): what the
-  registry hands this kernel is in its scope (decode/catalogue.py), which has no soft cap
+  registry hands this kernel is in its scope (its registration above), which has no soft cap
   and no window."""
   if soft_cap is not None or window is not None:
     raise ValueError("the Mosaic GPU int8 decode kernel takes no soft cap or window")

@@ -50,6 +50,7 @@ the output).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -58,13 +59,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode.decode_common import (
-    auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
-    gpu_decode_program, gpu_load_tile_update, is_pow2, masked_decode_attention,
-    init_tpu_scratch, next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
+    TRITON_DECODE_LIMITS, auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize,
+    dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2,
+    masked_decode_attention, init_tpu_scratch, next_pow2, no_int4_load, online_block_update,
+    pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import call_gpu_decode, split_layout, split_nonempty
+from meshattn.layers.kernels.registry import ALL, FLOAT32, decode_variant
 from meshattn.layers.kernels.shared.online_softmax import finish
 
 PAGED_FEATURES = frozenset({"gqa", "causal", "soft_cap", "sinks", "quantized_kv", "paged_kv"})
+# The registry's rows (the reference below, the Pallas pair at the entry point) also take
+# float32 queries, and serve only a paged cache.
+_REGISTERED, _PAGED = PAGED_FEATURES | FLOAT32, frozenset({"paged_kv"})
+# Neither Pallas kernel reads int4 pages.
+_TRITON_LIMITS = dataclasses.replace(TRITON_DECODE_LIMITS, fits=no_int4_load,
+                                     why=TRITON_DECODE_LIMITS.why + "; no int4 load")
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
@@ -112,6 +121,8 @@ def check_ownership_args(key_pages, page_table, page_owner, slots):
                        "(page_owner: one slot per pool page; slots: one per table row)")
 
 
+@decode_variant("paged", ALL, _REGISTERED, "JAX reference", requires=_PAGED,
+                limits=TRITON_DECODE_LIMITS)
 def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *, page_owner,
                            slots, scale, soft_cap=None, sinks=None, key_scale=None,
                            value_scale=None):
@@ -364,6 +375,7 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 # ---- public entry point -------------------------------------------------------------
 
 
+@pallas_decode_variants("paged", _REGISTERED, _TRITON_LIMITS, requires=_PAGED)
 def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, page_owner, slots,
                         scale, soft_cap=None, sinks=None, key_scale=None, value_scale=None,
                         pages_per_block: int | None = None, interpret=False,

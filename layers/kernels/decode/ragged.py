@@ -84,15 +84,20 @@ from jax.experimental import pallas as pl
 
 from meshattn.kvcache.quant import scales_by_token
 from meshattn.layers.kernels.decode.decode_common import (
-    auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize, dequantize_or_cast,
-    gpu_decode_program, gpu_load_tile_update, is_pow2, masked_decode_attention,
-    init_tpu_scratch, next_pow2, online_block_update, tpu_decode_call, unpack_gpu_refs)
+    TRITON_DECODE_LIMITS, auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize,
+    dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2,
+    masked_decode_attention, init_tpu_scratch, next_pow2, online_block_update,
+    pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import (
     call_gpu_decode, split_layout, split_nonempty, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
+from meshattn.layers.kernels.registry import ALL, FLOAT32, decode_variant
 from meshattn.layers.kernels.shared.online_softmax import finish
 
 
 RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "quantized_kv"})
+# The registry's rows (the reference below, the Pallas pair at the entry point) also take
+# float32 queries.
+_REGISTERED = RAGGED_FEATURES | FLOAT32
 
 
 # ---- the specification -----------------------------------------------------------
@@ -108,6 +113,7 @@ def ragged_visible(lengths: jax.Array, capacity: int, window: int | None) -> jax
   return visible
 
 
+@decode_variant("ragged", ALL, _REGISTERED, "JAX reference", limits=TRITON_DECODE_LIMITS)
 def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                             sinks=None, key_scale=None, value_scale=None):
   """Decode attention of query [B, N, H] over key/value [B, S, K, H] for rows of `lengths` [B].
@@ -351,6 +357,7 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
 # ---- public entry point -------------------------------------------------------------
 
 
+@pallas_decode_variants("ragged", _REGISTERED, TRITON_DECODE_LIMITS)
 def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                          sinks=None, key_scale=None, value_scale=None,
                          block_kv: int | None = None, interpret=False, backend: str = "gpu",

@@ -22,7 +22,7 @@ visible key gives zeros and finite (zero) gradients. Masks select, never
 multiply: what an invisible token holds (NaN, inf) reaches neither a visible
 output nor a gradient (online_softmax.py). Dropout and returning
 the weights are not supported (they need the full probability matrix) and
-raise; the kernel registry declares BLOCKWISE_FEATURES.
+raise; BLOCKWISE_FEATURES is what its checks and its registry row read.
 
 T and S are padded to multiples of the block sizes; padding keys get
 position -1 (an empty slot, never attended) and padded query rows are
@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels.shared.online_softmax import NEG, hide, live_keys, live_queries
 from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
+from meshattn.layers.kernels.registry import ALL, FLOAT32, train_variant
 from meshattn.layers.kernels.train.dot_product import mod_indices, to_group_layout, visible_mask
 
 BLOCKWISE_FEATURES = frozenset({
@@ -335,6 +336,8 @@ def _inexact(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
+@train_variant("blockwise", ALL, BLOCKWISE_FEATURES | FLOAT32,
+               "pure-JAX online softmax, custom VJP")
 @train_kernel("blockwise_attention", BLOCKWISE_FEATURES)
 def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
                         block_q: int = 512, block_kv: int = 512) -> tuple[jax.Array, None]:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
+from meshattn.layers.kernels.api import ALL_FEATURES, KernelOptions, TrainCall, train_kernel
+from meshattn.layers.kernels.registry import ALL, FLOAT32, train_variant
 from meshattn.layers.kernels.shared.online_softmax import hide, live_keys, live_queries
 from meshattn.layers.masks import MaskSpec, segment_mask, structural_mask
 
@@ -71,6 +72,8 @@ def visible_mask(options: KernelOptions, q_positions, kv_positions, q_segment_id
   return allowed
 
 
+@train_variant("dot_product", ALL, ALL_FEATURES | FLOAT32, "reference einsum",
+               materializes_logits=True)
 @train_kernel("dot_product_attention")
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                           call: TrainCall) -> tuple[jax.Array, jax.Array | None]:

@@ -24,7 +24,7 @@ masks are index based. A query whose user mask hides every key gets zeros, as
 in the reference (cuDNN alone would average the values). Keys the mask hides
 from every query may hold NaN / inf: they (and such queries) are zeroed first.
 cuDNN runs float16 / bfloat16 only, head_dim a multiple of 8 up to 256 on
-Hopper (128 before; registry.CUDNN_LIMITS); other inputs raise ValueError.
+Hopper (128 before; CUDNN_LIMITS); other inputs raise ValueError.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.api import TrainCall, train_kernel
+from meshattn.layers.kernels.registry import train_variant
 from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
@@ -43,6 +44,18 @@ CUDNN_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
 
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+
+
+def _cudnn_fits(request: registry.Request) -> str | None:
+  capability = registry.gpu_capability()
+  if request.head_dim and request.head_dim > 128 and capability is not None and capability < 9.0:
+    return f"head_dim {request.head_dim} (<= 128 before Hopper; this GPU: sm {capability})"
+  return None
+
+
+CUDNN_LIMITS = registry.Limits(
+    registry.GPU, max_head_dim=256, head_dim_multiple=8, dtypes=registry.HALF_DTYPES,
+    fits=_cudnn_fits, why="cuDNN's fused attention (jax.nn.dot_product_attention)")
 
 
 @functools.cache
@@ -71,6 +84,9 @@ def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
   return jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len))  # [b, n, T, S]
 
 
+# cuDNN takes only fp16/bf16 inputs: no float32. Ranked first for training (docs/benchmarks.md).
+@train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", available=cudnn_available, rank=2,
+               limits=CUDNN_LIMITS)
 @train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True)
 def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     call: TrainCall) -> tuple[jax.Array, None]:
@@ -85,9 +101,8 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     raise ValueError("cudnn_attention needs float16 or bfloat16 query/key/value of one dtype, "
                      f"got {query.dtype}/{key.dtype}/{value.dtype}")
   shape = registry.Request("gpu", "train", frozenset(), head_dim=query.shape[-1], dtype=query.dtype)
-  if registry.CUDNN_LIMITS.violations(shape):
-    raise ValueError("cudnn_attention cannot run "
-                     + "; ".join(registry.CUDNN_LIMITS.violations(shape)))
+  if CUDNN_LIMITS.violations(shape):
+    raise ValueError("cudnn_attention cannot run " + "; ".join(CUDNN_LIMITS.violations(shape)))
 
   spec = call.options.mask
   window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None

@@ -58,18 +58,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from meshattn.layers.kernels.train import flash_bounds as fb
 from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
-from meshattn.layers.kernels.train.flash_pallas_gpu_tiles import call_tiles
+from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, train_variant
+from meshattn.layers.kernels.shared.lazy_import import lazy_module
+from meshattn.layers.kernels.train.flash_pallas_gpu_tiles import (
+    call_tiles, shared_memory_limit, unsupported)
 from meshattn.layers.kernels.shared.live_tokens import keys_with_rows, rows_with_keys
 from meshattn.layers.kernels.shared.online_softmax import NEG, hide
 from meshattn.layers.masks import MaskSpec
 
+# Imported when a kernel is built (registry discovery imports this module on every host).
+plgpu = lazy_module("jax.experimental.pallas.triton")
+
+# What cuDNN and tokamax cannot express: chunk masks, segment ids, sinks, float32 inputs.
 PALLAS_GPU_FLASH_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap", "sinks", "backward",
     "float32"})
+
+
+def _fits(request: Request) -> str | None:
+  # The tiles chosen for this head_dim / dtype and the shared memory they need against the
+  # GPU's per-block limit (pure Python: no Pallas import).
+  return unsupported(request.head_dim, request.input_dtype,
+                     backward="backward" in request.features, limit=shared_memory_limit())
+
+
+PALLAS_GPU_FLASH_LIMITS = Limits(
+    GPU, min_head_dim=16, max_head_dim=256, head_dim_power_of_two=True,
+    dtypes=frozenset({"float32"}) | HALF_DTYPES, fits=_fits,
+    why="Triton block shapes; tiles per head_dim that fit shared memory (flash_pallas_gpu_tiles)")
 
 
 
@@ -399,6 +418,8 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+@train_variant("flash", GPU, PALLAS_GPU_FLASH_FEATURES, "Pallas GPU (Triton)",
+               limits=PALLAS_GPU_FLASH_LIMITS)
 @train_kernel("pallas_gpu_flash_attention", PALLAS_GPU_FLASH_FEATURES,
               index_masked=_masks_by_index)
 def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall,

@@ -13,7 +13,7 @@ with the Pallas GPU kernel.
 What it serves: causal / full / left sliding window masks (index based, so
 positions must be token indices), GQA / MQA without repeating K/V, soft cap,
 gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs, head_dim up to
-256 (registry.TOKAMAX_LIMITS). Lengths that are not a multiple of
+256 (TOKAMAX_LIMITS). Lengths that are not a multiple of
 TOKAMAX_LENGTH_MULTIPLE go to cuDNN (no soft cap) or the Pallas GPU kernel
 where their limits allow the head_dim, else to the blockwise kernel, so a
 registry choice never fails on shape.
@@ -36,10 +36,15 @@ import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import TrainCall, train_kernel
+from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, train_variant
 
 logger = logging.getLogger("meshattn.kernels")
 
+# Soft cap, no segments / sinks; fp16 / bf16 inputs only (no float32).
 TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
+# tokamax pads head_dim to 64 itself; 256 is the widest its Mosaic kernel ran at (H200, forward
+# and backward, 2026-12-04).
+TOKAMAX_LIMITS = Limits(GPU, max_head_dim=256, dtypes=HALF_DTYPES, why="tokamax's Mosaic GPU kernel")
 
 _DTYPES = (jnp.float16, jnp.bfloat16)
 # tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
@@ -137,6 +142,19 @@ def tokamax_available() -> bool:
     return False
 
 
+def _rank(request: Request) -> int:
+  # H100 bf16, same run (docs/benchmarks.md): tokamax's forward is 1.13x
+  # cuDNN's (rank 2), its forward+backward 0.87-0.97x: first for forward-only
+  # requests, else after cuDNN and before Pallas Triton (rank 0).
+  # Above head_dim 128 its backward is slow: H200, h256 soft cap, fwd+bwd
+  # 16.2 ms against the Pallas kernel's 11.7 (2026-12-04): after Pallas there.
+  if "backward" not in request.features:
+    return 3
+  return -1 if request.head_dim and request.head_dim > 128 else 1
+
+
+@train_variant("flash", GPU, TOKAMAX_FEATURES, "tokamax Mosaic GPU", available=tokamax_available,
+               rank=_rank, limits=TOKAMAX_LIMITS)
 @train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True)
 def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       call: TrainCall) -> tuple[jax.Array, None]:
@@ -176,9 +194,9 @@ def _fallback(query, key, value, **kwargs):
   from meshattn.layers.kernels import registry
   shape = registry.Request("gpu", "train", frozenset({"backward"}), head_dim=query.shape[-1],
                            dtype=query.dtype)
-  if (not kwargs["options"].soft_cap and not registry.CUDNN_LIMITS.violations(shape)
+  if (not kwargs["options"].soft_cap and not flash_gpu.CUDNN_LIMITS.violations(shape)
       and flash_gpu.cudnn_available()):
     return flash_gpu.cudnn_attention(query, key, value, **kwargs)
-  if not registry.PALLAS_GPU_FLASH_LIMITS.violations(shape):
+  if not flash_pallas_gpu.PALLAS_GPU_FLASH_LIMITS.violations(shape):
     return flash_pallas_gpu.pallas_gpu_flash_attention(query, key, value, **kwargs)
   return blockwise.blockwise_attention(query, key, value, **kwargs)

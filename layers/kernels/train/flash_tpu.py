@@ -40,13 +40,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from meshattn.layers.kernels.api import TrainCall, train_kernel
+from meshattn.layers.kernels.registry import FLOAT32, TPU, Limits, Request, train_variant
+from meshattn.layers.kernels.shared.lazy_import import lazy_module
 from meshattn.layers.kernels.shared.live_tokens import keys_with_rows, rows_with_keys
 from meshattn.layers.masks import MaskSpec
+
+# Imported when a kernel is built (registry discovery imports this module on every host).
+pltpu = lazy_module("jax.experimental.pallas.tpu")
+splash = lazy_module("jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel")
+splash_mask = lazy_module("jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask")
 
 # Splash has no bias/mask operand and no hook for arbitrary logits functions
 # (its static masks are numpy objects, its mask_function sees only indices
@@ -119,6 +123,15 @@ def _splash_kernel(spec: MaskSpec, q_len: int, kv_len: int, num_heads: int, mqa:
                 interpret=pltpu.InterpretParams() if interpret else False)
 
 
+def _splash_fits(request: Request) -> str | None:
+  # Splash tiles both lengths in blocks of 128 lanes (_largest_block).
+  bad = [f"{name} {n}" for name, n in (("q_len", request.q_len), ("kv_len", request.kv_len))
+         if n is not None and n % _LANES]
+  return f"{' and '.join(bad)} not a multiple of {_LANES}" if bad else None
+
+
+@train_variant("flash", TPU, SPLASH_FEATURES | FLOAT32, "Pallas TPU splash", interpretable=True,
+               limits=Limits(fits=_splash_fits, why="splash tiles lengths in 128-lane blocks"))
 @train_kernel("splash_attention", SPLASH_FEATURES, index_masked=True, no_empty_rows=True)
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
                      interpret: bool = False,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
+from meshattn.layers.kernels.registry import ALL, FLOAT32, train_variant
 from meshattn.layers.kernels.train.dot_product import visible_mask
 from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
 
@@ -83,6 +84,14 @@ def _ring_size(axis_name) -> int:
   return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
+# What the ring passes around: no user mask / bias, hooks, dropout or weights (the kernel
+# refuses those itself, naming them).
+RING_FEATURES = frozenset({"gqa", "causal", "full", "window", "chunk", "segment_ids", "soft_cap",
+                           "sinks", "backward"})
+
+
+@train_variant("ring", ALL, RING_FEATURES | FLOAT32, "ring over the sequence shards (ppermute)",
+               ring=True)
 @train_kernel("ring_attention")
 def ring_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
                    axis_name: str | tuple[str, ...] | None = None) -> tuple[jax.Array, None]:
