@@ -17,6 +17,9 @@ bf16, every slot filled to the given length. Rows:
           forward of the same tokens, and a 512-token chunk over 3584 cached
           tokens against projections + a flash-class pass (cuDNN on GPU,
           non-causal over all 4096 keys: an upper bound) + the 512-token write.
+          The chunk's attention on the split path (layers/prefill_split.py:
+          two cuDNN passes with their LSEs, merged) is also timed alone,
+          against that cuDNN pass alone.
 
 ratio = step / parts (or / train forward). Writes layer.json under --out.
 """
@@ -34,8 +37,9 @@ import numpy as np
 from flax import nnx
 
 from meshattn.configs import load_config
-from meshattn.layers import Attention
+from meshattn.layers import Attention, prefill_split
 from meshattn.layers.kernels import dispatch, registry
+from meshattn.layers.kernels.train import partial_attention
 from meshattn.layers.serving import jit_step
 from meshattn.layers.step_inputs import host_raises_after_step
 from meshattn.scripts.bench_common import fmt, time_fn
@@ -223,7 +227,14 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
     return step(attn, x)
 
   chunk_ms = time_fn(chunk_step, x[:, :chunk], iters=iters)
+
+  def chunk_unchecked(x):
+    set_lengths(attn, cached)
+    return unchecked(attn, x)
+
+  chunk_unchecked_ms = time_fn(chunk_unchecked, x[:, :chunk], iters=iters)
   s = attn.settings
+  split_name, split_ms = split_alone(attn, batch, chunk, cached, iters)
 
   proj_ms = time_fn(jit_step(project, donate=False, check=False), attn, x[:, :chunk], iters=iters)
   q = jnp.ones((batch, chunk, s.num_query_heads, s.head_dim), s.dtype)
@@ -252,8 +263,36 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
            ms=train_ms, ratio=1.0),
       dict(section="prefill", cache="contiguous", shape=name, what="chunk step", ms=chunk_ms,
            ratio=chunk_ms / parts),
+      dict(section="prefill", cache="contiguous", shape=name, what="  the same, check=False",
+           ms=chunk_unchecked_ms, ratio=chunk_unchecked_ms / parts),
+      dict(section="prefill", cache="contiguous", shape=name, what=f"  split alone ({split_name})",
+           ms=split_ms, ratio=None if split_ms is None else split_ms / flash_ms),
+      dict(section="prefill", cache="contiguous", shape=name, what=f"  {impl} alone",
+           ms=flash_ms, ratio=1.0),
       dict(section="prefill", cache="contiguous", shape=name, what="parts: proj + "
            f"{impl} + write", ms=parts, ratio=1.0)]
+
+
+def split_alone(attn, batch: int, chunk: int, cached: int, iters: int):
+  """The chunk's attention on the split path alone (prefill_split: the slot's old entries
+  read and zeroed past `cached`, two partial passes, the merge): (kernel name, ms), or
+  (why not, None) where the layer does not take that path."""
+  s = attn.settings
+  kernel = prefill_split.partial_kernel(s)
+  if kernel is None:
+    if jax.default_backend() == "gpu":
+      return "not used", None
+    kernel = partial_attention.reference_partial_attention  # the CPU stand-in (--cpu-smoke)
+  label = "cudnn" if kernel is partial_attention.cudnn_partial_attention else "xla reference"
+  c, k, h = attn.cache.capacity, s.num_kv_heads, s.head_dim
+  q = jax.random.normal(jax.random.key(5), (batch, chunk, s.num_query_heads, h), s.dtype)
+  k_old = jax.random.normal(jax.random.key(6), (batch, c, k, h), s.dtype)
+  k_new = jax.random.normal(jax.random.key(7), (batch, chunk, k, h), s.dtype)
+  start = jnp.full((batch,), cached, jnp.int32)
+  valid = jnp.ones((batch, chunk), bool)
+  split = jax.jit(functools.partial(prefill_split.split_attention, kernel, start=start,
+                                    valid=valid, scale=s.scale))
+  return label, time_fn(split, q, k_old, k_old, k_new, k_new, iters=iters)
 
 
 def print_table(rows: list[dict]) -> None:
