@@ -55,6 +55,13 @@ def test_engine_equals_uncached_greedy_decode():
   assert all(jax.tree.leaves(same))
   assert len(model.embedding[...].sharding.device_set) == 8
   engine = Engine(model, num_slots=3, chunk_size=6, prefill_rows=2)
+  # warmup serves scratch requests (to run each kernel once) and must leave no trace of them
+  assert engine.warmup() > 0
+  assert not engine.results() and not engine.steps and engine.idle
+  for cache in engine.caches:
+    assert cache.num_free_pages() == cache.num_pages
+    assert not np.asarray(cache.lengths[...]).any()
+    assert not np.asarray(cache.key_pages[...]).any()
   for i in range(2):
     engine.submit(prompts[i], MAX_NEW[i], id=i)
   arrivals = {2: 1, 3: 2, 4: 3, 5: 6}  # request -> step after which it arrives (mid-flight)
