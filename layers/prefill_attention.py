@@ -5,7 +5,9 @@ reference, and what every cache kind and mask supports. Two cases have a
 faster exact equivalent through the layer's train kernel (flash on GPU/TPU):
 - a fresh prompt (every slot empty): train-mode attention over the prompt;
 - a chunk continuing its slots (no ring buffer): the chunk is written first
-  and attends over the whole slot under an explicit position mask.
+  and attends over the whole slot under an explicit position mask (where the
+  split path of prefill_split.py is exact and has a kernel, it runs instead:
+  no dense mask).
 Both return None where no tiled kernel serves the request.
 """
 

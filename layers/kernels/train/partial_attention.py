@@ -23,7 +23,8 @@ Row b's queries 0..q_lengths[b]-1 attend over its keys 0..kv_lengths[b]-1
 keys <= t: top-left aligned). K < N key heads serve N // K query heads each
 (GQA / MQA), never repeated. `lse` is the natural log of the sum of
 exp(scale * q.k) over the keys a query sees, -inf where it sees none (a row
-with kv_lengths 0); out and lse of padding queries are unspecified (the caller
+with kv_lengths 0), and `out` is then unspecified (the merge selects it
+away); out and lse of padding queries are unspecified too (the caller
 selects them away). Keys at or past kv_lengths must not hold NaN / inf for
 the cuDNN kernel (it multiplies their zero weight by the value): the caller
 zeroes them (prefill_split does, in the same pass that reads the cache).
