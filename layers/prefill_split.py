@@ -65,15 +65,16 @@ def partial_kernel(settings) -> PartialAttention | None:
   return cudnn_partial_attention
 
 
-def split_chunk_attention(layer, cache, axes, *, sinks):
+def split_chunk_attention(layer, cache, axes, *, sinks, kernel: PartialAttention | None = None):
   """fn(cache, rows, query, key, value, start, valid) -> context [b, T, N, H] for
-  `cached_step`, or None where the split is not exact or no partial kernel serves."""
+  `cached_step`, or None where the split is not exact or no partial kernel serves.
+  kernel: the partial kernel (default `partial_kernel(layer.settings)`)."""
   s = layer.settings
   exact = (s.mask.attention_type == "global" and not s.attn_logits_soft_cap
            and s.score_mod is None and s.mask_mod is None)
   if not exact or not isinstance(cache, KVCache) or cache.window:
     return None
-  kernel = partial_kernel(s)
+  kernel = kernel or partial_kernel(s)
   if kernel is None:
     return None
 

@@ -40,6 +40,8 @@ from meshattn.configs import load_config
 from meshattn.layers import Attention, prefill_split
 from meshattn.layers.kernels import dispatch, registry
 from meshattn.layers.kernels.train import partial_attention
+from meshattn.layers.cached_step import cached_step, step_positions
+from meshattn.layers.prefill_attention import fresh_prompt_attention
 from meshattn.layers.serving import jit_step
 from meshattn.layers.step_inputs import host_raises_after_step
 from meshattn.scripts.bench_common import fmt, time_fn
@@ -235,6 +237,7 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
   chunk_unchecked_ms = time_fn(chunk_unchecked, x[:, :chunk], iters=iters)
   s = attn.settings
   split_name, split_ms = split_alone(attn, batch, chunk, cached, iters)
+  bare = bare_split_steps(attn, x, chunk, cached, iters)
 
   proj_ms = time_fn(jit_step(project, donate=False, check=False), attn, x[:, :chunk], iters=iters)
   q = jnp.ones((batch, chunk, s.num_query_heads, s.head_dim), s.dtype)
@@ -269,6 +272,9 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
            ms=split_ms, ratio=None if split_ms is None else split_ms / flash_ms),
       dict(section="prefill", cache="contiguous", shape=name, what=f"  {impl} alone",
            ms=flash_ms, ratio=1.0),
+      *(dict(section="prefill", cache="contiguous", shape=shape, what=what, ms=ms,
+             ratio=ms / (parts if "over" in shape else train_ms))
+        for (shape, what), ms in bare.items()),
       dict(section="prefill", cache="contiguous", shape=name, what="parts: proj + "
            f"{impl} + write", ms=parts, ratio=1.0)]
 
@@ -293,6 +299,48 @@ def split_alone(attn, batch: int, chunk: int, cached: int, iters: int):
   split = jax.jit(functools.partial(prefill_split.split_attention, kernel, start=start,
                                     valid=valid, scale=s.scale))
   return label, time_fn(split, q, k_old, k_old, k_new, k_new, iters=iters)
+
+
+def bare_split_steps(attn, x, chunk: int, cached: int, iters: int) -> dict:
+  """The prefill step on the split path without the layer's checks, RoPE and norms
+  (projections, `cached_step`, output projection; check=False), with the fresh-prompt
+  `lax.cond` the layer puts around it and without (the split alone also serves empty
+  slots: its first pass then sees no key). XLA:GPU runs a cond by copying the predicate
+  to the host and waiting for it; these rows show what that costs, for the chunk over
+  `cached` tokens and for the whole prompt on empty slots. {(shape, what): ms}."""
+  s = attn.settings
+  kernel = prefill_split.partial_kernel(s)
+  if kernel is None and jax.default_backend() == "gpu":
+    return {}
+  kernel = kernel or partial_attention.reference_partial_attention  # CPU stand-in (--cpu-smoke)
+  axes = s.axes["prefill"]
+  split = prefill_split.split_chunk_attention(attn, attn.cache, axes, sinks=None, kernel=kernel)
+  options = dispatch.kernel_options(s)
+  out = {}
+  for length, start, label in ((chunk, cached, f"b{x.shape[0]} {chunk} over {cached}"),
+                               (x.shape[1], 0, f"b{x.shape[0]} s{x.shape[1]}")):
+    fresh = fresh_prompt_attention(attn, axes, padded=False, sinks=None, length=length)
+
+    def bare(attn, x, with_cond):
+      b, t = x.shape[:2]
+      rows = jnp.arange(b, dtype=jnp.int32)
+      query, key, value = attn._project_qkv(x, x)  # [b, T, N, H], [b, T, K, H]
+      context = cached_step(attn.cache, rows, query, key, value,
+                            positions=step_positions(attn.cache, rows, t),
+                            valid=jnp.ones((b, t), bool), options=options,
+                            fresh_attention=fresh if with_cond else None,
+                            split_attention=split)  # [b, T, N, H]
+      return attn.out(context)
+
+    step = jit_step(bare, static_argnames="with_cond", check=False)
+    for with_cond in (True, False):
+      def run(x, with_cond=with_cond, start=start):
+        set_lengths(attn, start)
+        return step(attn, x, with_cond=with_cond)
+
+      what = f"  bare split step, {'with' if with_cond else 'no'} cond"
+      out[(label, what)] = time_fn(run, x[:, :length], iters=iters)
+  return out
 
 
 def print_table(rows: list[dict]) -> None:
