@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from meshattn.kvcache.cache import KVCache
 from meshattn.layers.kernels import dispatch, registry
+from meshattn.layers.kernels.train.flash_gpu import CUDNN_LIMITS
 from meshattn.layers.kernels.train.partial_attention import (
     PartialAttention, cudnn_partial_attention, cudnn_partial_usable, merge_partials)
 from meshattn.sharding import logical_to_spec
@@ -40,13 +41,6 @@ from meshattn.sharding import logical_to_spec
 # The layer's `attention` names whose GPU kernel is cuDNN first: the split path stands in
 # for their whole-slot call. A kernel the user named otherwise (blockwise, ring) keeps its own.
 CUDNN_ATTENTION_NAMES = frozenset({"autoselected", "flash"})
-
-
-def _cudnn_limits() -> registry.Limits:
-  """cuDNN's head_dim / dtype limits, where they are written once (flash_gpu once the kernels
-  register themselves, the registry before)."""
-  from meshattn.layers.kernels.train import flash_gpu  # pylint: disable=import-outside-toplevel
-  return getattr(flash_gpu, "CUDNN_LIMITS", None) or registry.CUDNN_LIMITS
 
 
 def partial_kernel(settings) -> PartialAttention | None:
@@ -60,7 +54,7 @@ def partial_kernel(settings) -> PartialAttention | None:
     return None
   request = registry.Request("gpu", "train", frozenset(), head_dim=settings.head_dim,
                              dtype=settings.dtype)
-  if _cudnn_limits().violations(request) or not cudnn_partial_usable():
+  if CUDNN_LIMITS.violations(request) or not cudnn_partial_usable():
     return None
   return cudnn_partial_attention
 

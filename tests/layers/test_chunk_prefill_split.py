@@ -73,13 +73,17 @@ def step_inputs(num_heads, kv_heads, dtype, seed=1):
   return q, k, v, jnp.asarray(valid)
 
 
-def run_step(cache, q, k, v, valid, dtype, **paths):
-  rows = jnp.arange(4, dtype=jnp.int32)
-  positions = step_positions(cache, rows, CHUNK)
-  options = dispatch.kernel_options(paths.pop("settings"))
-  return cached_step(cache, rows, jnp.asarray(q, dtype), jnp.asarray(k, dtype),
-                     jnp.asarray(v, dtype), positions=positions, valid=valid, options=options,
-                     **paths)  # [4, T, N, H]
+def run_step(cache, q, k, v, valid, dtype, settings, sinks, **paths):
+  """One cached_step on `cache` (compiled once, as a serving step runs it)."""
+  options = dispatch.kernel_options(settings)
+
+  @nnx.jit
+  def step(cache, q, k, v, valid, sinks):
+    rows = jnp.arange(4, dtype=jnp.int32)
+    return cached_step(cache, rows, q, k, v, positions=step_positions(cache, rows, CHUNK),
+                       valid=valid, options=options, sinks=sinks, **paths)  # [4, T, N, H]
+
+  return step(cache, *(jnp.asarray(x, dtype) for x in (q, k, v)), valid, sinks)
 
 
 CASES = {"mha-f32": (4, 4, jnp.float32, False), "gqa-bf16-sinks": (4, 2, jnp.bfloat16, True),
