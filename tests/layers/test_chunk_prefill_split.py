@@ -235,19 +235,25 @@ def test_sharded_split_equals_single_device(sizes, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
+GPU_SHAPES = {  # chunk T, slot C, cached lengths (0 and a full slot), new tokens per row
+    "aligned": (256, 1024, [0, 300, 1024, 777], [256, 100, 0, 256]),
+    "odd": (77, 300, [0, 5, 300, 123], [77, 1, 0, 50])}
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on the GPU only")
-def test_cudnn_partial_equals_the_reference_on_gpu():
+@pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
+def test_cudnn_partial_equals_the_reference_on_gpu(shape):
   """cuDNN (head_dim 128, bf16) against the XLA reference: both parts, lengths with 0 and
   full rows, GQA; then the whole split step (NaN in the entries past each row's start)
   against the reference split step."""
   assert partial.cudnn_partial_usable(), "cuDNN partial attention did not pass its check"
   rng = np.random.default_rng(0)
-  b, t, c, n, k, h = 4, 256, 1024, 8, 2, 128
+  t, c, cached, new = GPU_SHAPES[shape]
+  b, n, k, h = 4, 8, 2, 128
   q, k_old, v_old, k_new, v_new = (
       jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
       for shape in ((b, t, n, h), (b, c, k, h), (b, c, k, h), (b, t, k, h), (b, t, k, h)))
-  start = jnp.array([0, 300, 1024, 777], jnp.int32)
-  n_new = jnp.array([256, 100, 0, 256], jnp.int32)
+  start, n_new = jnp.array(cached, jnp.int32), jnp.array(new, jnp.int32)
   valid = jnp.arange(t)[None, :] < n_new[:, None]
   real = np.asarray(valid)[..., None]  # [b, T, 1]
   for key, value, kv_len, causal in ((k_old, v_old, start, False), (k_new, v_new, n_new, True)):
