@@ -91,12 +91,12 @@ def split_attention(kernel: PartialAttention, query: jax.Array, k_old: jax.Array
   padding queries give zeros. Under a mesh, each shard takes its batch rows and heads."""
   n_new = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   old = jnp.arange(k_old.shape[1], dtype=jnp.int32)[None, :] < start[:, None]  # [b, C]
-  # Entries past `start` (and padding tokens) may hold anything, a previous occupant's NaN
-  # included: zeroed here (fused into the read of the cache), as cuDNN multiplies their
-  # zero weight by the value.
+  # Entries past `start` and padding tokens' keys/values may hold anything, a previous
+  # occupant's NaN included: zeroed here (fused into the read of the cache), as cuDNN
+  # multiplies their zero weight by the value. A padding query only reaches its own
+  # output row, which is selected away at the end.
   k_old, v_old = (jnp.where(old[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (k_old, v_old))
   key, value = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (key, value))
-  query = jnp.where(valid[:, :, None, None], query, jnp.zeros((), query.dtype))
 
   def local(query, k_old, v_old, key, value, start, n_new, valid, sinks):
     out_a, lse_a = kernel(query, k_old, v_old, q_lengths=n_new, kv_lengths=start, causal=False,

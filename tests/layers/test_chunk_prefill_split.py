@@ -69,7 +69,7 @@ def step_inputs(num_heads, kv_heads, dtype, seed=1):
   k, v = (rng.standard_normal((4, CHUNK, kv_heads, HEAD_DIM)) for _ in range(2))
   valid = np.arange(CHUNK)[None, :] < NEW[:, None]  # [4, T]
   # Padding tokens hold NaN: they must reach neither an output nor the cache.
-  k, v = (np.where(valid[:, :, None, None], x, np.nan) for x in (k, v))
+  q, k, v = (np.where(valid[:, :, None, None], x, np.nan) for x in (q, k, v))
   return q, k, v, jnp.asarray(valid)
 
 
@@ -244,8 +244,8 @@ GPU_SHAPES = {  # chunk T, slot C, cached lengths (0 and a full slot), new token
 @pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
 def test_cudnn_partial_equals_the_reference_on_gpu(shape):
   """cuDNN (head_dim 128, bf16) against the XLA reference: both parts, lengths with 0 and
-  full rows, GQA; then the whole split step (NaN in the entries past each row's start)
-  against the reference split step."""
+  full rows, GQA; then the whole split step (NaN in the entries past each row's start and
+  in the padding tokens' q / k / v) against the reference split step."""
   assert partial.cudnn_partial_usable(), "cuDNN partial attention did not pass its check"
   rng = np.random.default_rng(0)
   t, c, cached, new = GPU_SHAPES[shape]
@@ -268,10 +268,13 @@ def test_cudnn_partial_equals_the_reference_on_gpu(shape):
   sinks = jnp.linspace(-1.0, 1.0, n)
   stale = (jnp.arange(c)[None, :] >= start[:, None])[:, :, None, None]  # [b, C, 1, 1]
   k_old, v_old = (jnp.where(stale, jnp.nan, x).astype(x.dtype) for x in (k_old, v_old))
+  padding = ~valid[:, :, None, None]  # [b, T, 1, 1]
+  q, k_new, v_new = (jnp.where(padding, jnp.nan, x).astype(x.dtype) for x in (q, k_new, v_new))
   step = lambda kernel: jax.jit(functools.partial(
       prefill_split.split_attention, kernel, start=start, valid=valid, scale=h ** -0.5,
       sinks=sinks))(q, k_old, v_old, k_new, v_new)
   got, want = step(partial.cudnn_partial_attention), step(partial.reference_partial_attention)
+  assert np.all(np.isfinite(np.asarray(got, np.float32)))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2, rtol=0)
   np.testing.assert_array_equal(np.asarray(got, np.float32)[~np.asarray(valid)], 0.0)
