@@ -2,9 +2,9 @@
 
 The layer reaches the decode kernels through kernels/dispatch.py with its cache's view;
 code that holds the arrays itself calls `ragged_decode` / `paged_decode`, which build the
-same registry request from the arrays and run the implementation it picks
-(each kernel module registers its variants). Both read only each sequence's valid keys: row b attends over
-cache entries [0, lengths[b]).
+same registry request from the arrays and run the implementation it picks (each kernel
+module registers its own variants). Both read only each sequence's valid keys: row b
+attends over cache entries [0, lengths[b]).
 
 implementation: "auto" (what the registry picks on this host), "pallas" (the best Pallas
 variant: GPU, or TPU on a TPU host) or "reference"; `interpret` runs the TPU Pallas kernels

@@ -1,19 +1,17 @@
 """Int8 KV decode on Hopper, written for Mosaic GPU (Pallas `plgpu`).
 
 It has `ragged_decode_reference`'s contract for int8 caches: row lengths,
-split-K, attention sinks. `decode.ragged_decode` routes int8 caches within
-its scope to it on the devices where it was measured faster than the
-Triton int8 kernel (`serves`, `MEASURED_FASTER_ON`). Its benchmark is
-scripts/bench_int8_mgpu.py, which checks it against the reference before
-timing it.
+split-K, attention sinks. Its registry row (at the end) ranks it above the
+Triton int8 kernel for int8 caches within its scope on the devices where it
+was measured faster (`MEASURED_FASTER_ON`). Its benchmark is
+scripts/bench_int8_mgpu.py, which checks it against the reference first.
 
 On the H200 (docs/benchmarks.md, "2026-11-30, second entry"), against the
-bfloat16 Triton kernel in the same run, with `auto_splits`: 1.69x at b64
-kv4096, 1.74x at b64 kv8192, 1.71x at b8 kv32768, 1.65x / 1.60x at b64
-with lengths uniform in [1, 8192] / [1, 4096], 0.96x with one row in 8 at
-4096 and the rest at 256 (a latency-bound batch). The Triton int8 kernel:
-1.14-1.17x, 1.07x / 1.07x, 0.94x. The TMA stream alone (an ablation)
-runs 1.82x at b64 kv4096.
+bfloat16 Triton kernel in the same run, with `auto_splits`: 1.60-1.74x at
+full and uniformly ragged lengths (b64 kv4096 / kv8192, b8 kv32768, b64 at
+[1, 8192] / [1, 4096]), 0.96x with one row in 8 at 4096 and the rest at 256
+(a latency-bound batch); the Triton int8 kernel: 1.07-1.17x and 0.94x. The
+TMA stream alone (an ablation) runs 1.82x at b64 kv4096.
 
 How it differs from the Triton kernel:
 
@@ -42,10 +40,9 @@ How it differs from the Triton kernel:
   their merge.
 
 Budget: 83 registers per thread (ptxas) and about 80 KB of shared memory
-at the default tiling (bk 64, 2 stages), so two programs share an SM.
-With V's early refill, 2 stages beat 3 in 17 of 18 shape-runs (three
-runs of six shapes) by 0.3-4.8%, and lost one, the skewed batch, by 3.7%. More stages, or a third V buffer,
-cost the second program (4 stages: 0.75x as fast).
+at the default tiling (bk 64, 2 stages), so two programs share an SM; with
+V's early refill 2 stages beat 3 in 17 of 18 shape-runs, and more stages or
+a third V buffer cost the second program (docs/benchmarks.md).
 
 Scope: int8 K and V with per-token-per-head float32 scales, a 16-bit query,
 at most 16 query heads per kv head, head_dim 128 or 256 (the int8 tiles are
@@ -63,6 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode import decode_splits
+from meshattn.layers.kernels.decode.decode_splits import launch_order
 from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, decode_variant
 from meshattn.layers.kernels.shared.lazy_import import lazy_module
 
@@ -303,19 +301,6 @@ def auto_splits(programs: int, max_blocks: int, cores: int | None = None) -> int
   return int(max(1, min(fit, max_blocks // decode_splits.MIN_BLOCKS_PER_SPLIT)))
 
 
-def launch_order(lengths: jax.Array) -> jax.Array:
-  """[B] int32: the rows by decreasing length (ties in row order), the order programs launch in.
-
-  Programs start in grid order as SMs free up, so launching the longest
-  rows first is longest-processing-time-first scheduling: the short rows
-  fill the gaps at the end instead of a long row starting last and running
-  alone. On the H200 this took b64 at lengths uniform in [1, 4096] from
-  1.07x to 1.54x the bfloat16 kernel, unsplit, in one A/B run
-  (docs/benchmarks.md).
-  """
-  return jnp.argsort(-lengths, stable=True).astype(jnp.int32)
-
-
 # Devices where this kernel was measured faster than the Triton int8 kernel
 # (docs/benchmarks.md, 2026-11-30). It runs on any Hopper GPU (wgmma, TMA),
 # but other parts (the H100) keep the Triton kernel until measured.
@@ -495,12 +480,11 @@ def _fits(request: Request) -> str | None:
   return None
 
 
-# On the H200 an int8 cache in its scope runs 1.45-1.54x the Triton int8 kernel's speed at
-# full and uniformly ragged lengths, 1.03x on a skewed, latency-bound batch
-# (docs/benchmarks.md, 2026-11-30 second entry): ranked above the Triton kernel (1) there;
-# other Hopper parts until measured: Triton (`measured_faster_here`).
+# Rank 2, above the Triton kernel (1), where measured faster (the module doc); other Hopper
+# parts keep Triton until measured (`measured_faster_here`, looked up when asked).
 @decode_variant("ragged", GPU, INT8_MGPU_FEATURES, "Mosaic GPU int8 (H200)",
-                available=measured_faster_here, requires=frozenset({"quantized_kv"}), rank=2,
+                available=lambda: measured_faster_here(), requires=frozenset({"quantized_kv"}),
+                rank=2,
                 limits=Limits(GPU, min_head_dim=128, max_head_dim=128, dtypes=HALF_DTYPES,
                               fits=_fits, why="measured at head_dim 128, 64-token tiles"))
 def ragged_int8_decode(query, key, value, lengths, *, scale: float, soft_cap=None, window=None,

@@ -85,8 +85,8 @@ def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
 
 
 # cuDNN takes only fp16/bf16 inputs: no float32. Ranked first for training (docs/benchmarks.md).
-@train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", available=cudnn_available, rank=2,
-               limits=CUDNN_LIMITS)
+@train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", rank=2, limits=CUDNN_LIMITS,
+               available=lambda: cudnn_available())  # looked up when asked
 @train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True)
 def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     call: TrainCall) -> tuple[jax.Array, None]:

@@ -44,7 +44,8 @@ logger = logging.getLogger("meshattn.kernels")
 TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
 # tokamax pads head_dim to 64 itself; 256 is the widest its Mosaic kernel ran at (H200, forward
 # and backward, 2026-12-04).
-TOKAMAX_LIMITS = Limits(GPU, max_head_dim=256, dtypes=HALF_DTYPES, why="tokamax's Mosaic GPU kernel")
+TOKAMAX_LIMITS = Limits(GPU, max_head_dim=256, dtypes=HALF_DTYPES,
+                        why="tokamax's Mosaic GPU kernel")
 
 _DTYPES = (jnp.float16, jnp.bfloat16)
 # tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
@@ -153,8 +154,8 @@ def _rank(request: Request) -> int:
   return -1 if request.head_dim and request.head_dim > 128 else 1
 
 
-@train_variant("flash", GPU, TOKAMAX_FEATURES, "tokamax Mosaic GPU", available=tokamax_available,
-               rank=_rank, limits=TOKAMAX_LIMITS)
+@train_variant("flash", GPU, TOKAMAX_FEATURES, "tokamax Mosaic GPU", rank=_rank,
+               limits=TOKAMAX_LIMITS, available=lambda: tokamax_available())  # looked up when asked
 @train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True)
 def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       call: TrainCall) -> tuple[jax.Array, None]:
