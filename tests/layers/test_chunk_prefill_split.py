@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from meshattn.kvcache import KVCache, KVQuant
+from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers import Attention
 from meshattn.layers import prefill_split
 from meshattn.layers.cached_step import cached_step, step_positions
@@ -205,6 +206,14 @@ def test_layer_step_equals_the_reference_layer(case, monkeypatch):
   for a, b in zip(jax.tree.leaves(nnx.state(got_model.cache)),
                   jax.tree.leaves(nnx.state(want_model.cache))):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+  # A chunk that overflows slot 0 (10 + 4 > 12) is rejected: nothing written, lengths kept.
+  cache = got_model.cache
+  names = ["key", "value", "lengths"] + (["key_scale", "value_scale"] if cache.quant else [])
+  before = {name: np.asarray(getattr(cache, name)[...]) for name in names}
+  with pytest.raises(StepRejected, match="max_length"):
+    prefill(got_model, x[:, 5:9], jnp.ones((3, 4), jnp.int32))
+  for name in names:
+    np.testing.assert_array_equal(np.asarray(getattr(cache, name)[...]), before[name], name)
 
 
 @pytest.mark.parametrize("sizes", [dict(data=2, fsdp=2, tensor=2), dict(data=2, tensor=4)],
