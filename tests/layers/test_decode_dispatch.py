@@ -127,9 +127,9 @@ def test_unsupported_decode_requests_are_refused():
     ("cpu", jnp.bfloat16, False, "JAX reference"),
 ])
 def test_decode_implementation_per_platform(platform, dtype, paged, want):
-  """The registry's decode rows (decode/catalogue.py): the Pallas kernel on GPU and TPU, the
-  reference where no Pallas kernel reads the cache and on CPU (the Mosaic GPU int8 kernel
-  only where it was measured faster: not on this host)."""
+  """The registry's decode rows (each registered in its kernel's module): the Pallas kernel on
+  GPU and TPU, the reference where no Pallas kernel reads the cache and on CPU (the Mosaic GPU
+  int8 kernel only where it was measured faster: not on this host)."""
   name = "paged" if paged else "ragged"
   features = frozenset({"causal", "gqa"} | ({"quantized_kv"} if dtype != jnp.bfloat16 else set())
                        | ({"paged_kv"} if paged else set()))
