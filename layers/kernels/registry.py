@@ -16,6 +16,14 @@ kernel as in train mode (a request without "backward") over the prompt, then
 writes the cache; prefill that continues non-empty slots (and later chunks of
 a chunked prefill), or whose train kernel cannot serve the inputs, runs the
 reference cached path, which also attends over what the cache holds.
+
+Each kernel module registers its own variants beside the function: `train_variant` /
+`decode_variant`, or `register(Kernel(...))` for a row whose function lives elsewhere (the
+reference cached step). Importing the registry imports every module of kernels/train and
+kernels/decode (`_discover`), so a new kernel is its file and its test: no list names it.
+Kernel modules import their Pallas backend on first use (shared/lazy_import.py), which keeps
+that cheap on any host. Variants of one name are tried by their `rank`, never in the order
+they were found.
 """
 
 from __future__ import annotations
@@ -216,9 +224,10 @@ AUTOSELECT_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def _listing_key(kernel: Kernel) -> tuple:
-  """The order `kernels()`, the tables and errors list variants in, whatever order the
-  modules were found in: by name, train rows first, then by rank for a typical request (in
-  train mode: with backward), as a request on one platform tries them."""
+  """The order `kernels()` and errors list variants in (the tables: by name and platforms,
+  then this order), whatever order the modules were found in: by name, train rows first,
+  then by rank for a typical request (in train mode: with backward), as a request tries
+  them."""
   platform, mode = min(kernel.platforms), min(kernel.modes)
   typical = Request(platform, mode, frozenset({"backward"} if mode == "train" else ()))
   return kernel.name, "train" not in kernel.modes, -kernel.rank_for(typical)
@@ -233,12 +242,12 @@ def register(kernel: Kernel) -> Kernel:
   return kernel
 
 
-Fn = TypeVar("Fn", bound=Callable)
+_Fn = TypeVar("_Fn", bound=Callable)
 
 
 def _variant(name: str, platforms: Iterable[str], modes: Iterable[str], features: Iterable[str],
-             description: str, **fields) -> Callable[[Fn], Fn]:
-  def wrap(fn: Fn) -> Fn:
+             description: str, **fields) -> Callable[[_Fn], _Fn]:
+  def wrap(fn: _Fn) -> _Fn:
     register(Kernel(name, frozenset(platforms), frozenset(modes), frozenset(features),
                     f"{fn.__module__}:{fn.__name__}", description, **fields))
     return fn
@@ -247,12 +256,12 @@ def _variant(name: str, platforms: Iterable[str], modes: Iterable[str], features
 
 
 def train_variant(name: str, platforms: Iterable[str], features: Iterable[str], description: str,
-                  **fields) -> Callable[[Fn], Fn]:
+                  **fields) -> Callable[[_Fn], _Fn]:
   """Registers the decorated train kernel (an `api.train_kernel`) as a variant of `name` for
   train mode, with `fields` of `Kernel`. Its train_kernel's `index_masked` says whether it
   masks by token index (`masks_by_index`: whole query rows under shard_map)."""
 
-  def wrap(fn: Fn) -> Fn:
+  def wrap(fn: _Fn) -> _Fn:
     by_index = getattr(fn, "index_masked", False) is not False
     return _variant(name, platforms, {"train"}, features, description, masks_by_index=by_index,
                     **fields)(fn)
@@ -261,7 +270,7 @@ def train_variant(name: str, platforms: Iterable[str], features: Iterable[str], 
 
 
 def decode_variant(name: str, platforms: Iterable[str], features: Iterable[str],
-                   description: str, **fields) -> Callable[[Fn], Fn]:
+                   description: str, **fields) -> Callable[[_Fn], _Fn]:
   """Registers the decorated decode-protocol function (kernels/api.py) as a variant of
   `name` for autoregressive steps, with `fields` of `Kernel`."""
   return _variant(name, platforms, {"autoregressive"}, features, description, protocol="decode",
