@@ -36,7 +36,6 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.api import TrainCall, train_kernel
-from meshattn.layers.kernels.registry import train_variant
 from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
@@ -84,9 +83,10 @@ def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
   return jnp.broadcast_to(x, x.shape[:2] + (q_len, kv_len))  # [b, n, T, S]
 
 
-# cuDNN takes only fp16/bf16 inputs: no float32. Ranked first for training (docs/benchmarks.md).
-@train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", rank=2, limits=CUDNN_LIMITS,
-               available=lambda: cudnn_available())  # looked up when asked
+# cuDNN takes only fp16/bf16 inputs: no float32. Ranked first for training (docs/benchmarks.md);
+# whether it is available is looked up when asked.
+@registry.train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", rank=2,
+                        limits=CUDNN_LIMITS, available=lambda: cudnn_available())
 @train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True)
 def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     call: TrainCall) -> tuple[jax.Array, None]:

@@ -154,8 +154,9 @@ def _rank(request: Request) -> int:
   return -1 if request.head_dim and request.head_dim > 128 else 1
 
 
+# Whether it is available is looked up when asked.
 @train_variant("flash", GPU, TOKAMAX_FEATURES, "tokamax Mosaic GPU", rank=_rank,
-               limits=TOKAMAX_LIMITS, available=lambda: tokamax_available())  # looked up when asked
+               limits=TOKAMAX_LIMITS, available=lambda: tokamax_available())
 @train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True)
 def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       call: TrainCall) -> tuple[jax.Array, None]:
