@@ -21,8 +21,9 @@ process that fails gets the others killed; a hang is killed with SIGKILL at
 `timeout` (JAX catches SIGTERM). On failure the test fails with every
 process's output.
 
-Cost: about 3 s of start-up per launch plus the compiles, so put several
-checks in one function and launch once per test module.
+Cost: a few seconds of CPU per process per launch (Python, JAX, the
+distributed client, imports) before the compiles, so the suite launches once:
+tests/multihost/test_two_processes.py runs every multi-process part in one job.
 """
 
 from __future__ import annotations

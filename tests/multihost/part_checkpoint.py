@@ -1,10 +1,11 @@
-"""Orbax across processes: saved from 2 processes x 4 devices (parameters split between
-them), restored in the same 2 on another mesh, and in 1 process x 8 devices.
+"""Part of test_two_processes.py: Orbax across processes. `run` saves from 2 processes x
+4 devices (parameters split between them) and restores in the same 2 on another mesh;
+`check` restores the same checkpoint in 1 process x 8 devices.
 
-The parameters are `Attention(cfg, rngs=nnx.Rngs(0))`'s, which this process
-rebuilds unsharded: every restore must give them back bit-exactly, placed as
-the target mesh's rules say, and differ from the target's own initialisation
-(the restore mattered).
+The parameters are `Attention(cfg, rngs=nnx.Rngs(0))`'s, which `check` rebuilds
+unsharded: every restore must give them back bit-exactly, placed as the target
+mesh's rules say, and differ from the target's own initialisation (the restore
+mattered).
 """
 
 import pathlib
@@ -14,7 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from helpers.multiprocess import run_in_processes
 from meshattn.configs import load_config
 from meshattn.layers import Attention
 from meshattn.sharding import create_mesh, get_param_shardings, shard_module
@@ -44,7 +44,8 @@ def _restore(path, cfg):
   return restored
 
 
-def _worker(out_dir):
+def run(out_dir):
+  """In each of the 2 processes: save the sharded parameters, restore them on another mesh."""
   from jax.experimental import multihost_utils
 
   gather = lambda tree: jax.tree.map(
@@ -53,7 +54,7 @@ def _worker(out_dir):
   mesh = create_mesh(cfg)
   model = shard_module(Attention(cfg, mesh=mesh, rngs=nnx.Rngs(0)), mesh, cfg.logical_axis_rules)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  assert not params["query"]["kernel"].is_fully_addressable  # split between the processes
+  assert not params["query"]["kernel"].is_fully_addressable, "not split between the processes"
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(pathlib.Path(out_dir) / "attn", params)
   checkpointer.wait_until_finished()
@@ -61,22 +62,23 @@ def _worker(out_dir):
   other_mesh = load_config("tiny", *FEATURES, *RESTORE_MESH_2)
   restored = _restore(pathlib.Path(out_dir) / "attn", other_mesh)
   saved, back = _flat(gather(params)), _flat(gather(restored))
-  assert saved.keys() == back.keys()
+  assert saved.keys() == back.keys(), (sorted(saved), sorted(back))
   for key in saved:
     np.testing.assert_array_equal(back[key], saved[key], err_msg=key)
   if jax.process_index() == 0:
     np.savez(pathlib.Path(out_dir) / "saved.npz", **saved)
 
 
-def test_save_in_two_restore_in_two_and_in_one(tmp_path):
-  run_in_processes(_worker, str(tmp_path))
+def check(out_dir):
+  """Here, on 8 devices: the checkpoint `run` wrote restores to the parameters it saved."""
+  out_dir = pathlib.Path(out_dir)
   cfg = load_config("tiny", *FEATURES, *RESTORE_MESH_1)
   want = _flat(nnx.to_pure_dict(nnx.state(Attention(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
-  saved = dict(np.load(tmp_path / "saved.npz"))
-  restored = _flat(_restore(tmp_path / "attn", cfg))
+  saved = dict(np.load(out_dir / "saved.npz"))
+  restored = _flat(_restore(out_dir / "attn", cfg))
   fresh = _flat(nnx.to_pure_dict(nnx.state(Attention(cfg, rngs=nnx.Rngs(7)), nnx.Param)))
-  assert saved.keys() == restored.keys() == want.keys()
+  assert saved.keys() == restored.keys() == want.keys(), (sorted(saved), sorted(restored))
   for key in want:
     np.testing.assert_array_equal(saved[key], want[key], err_msg=f"saved {key}")
     np.testing.assert_array_equal(np.asarray(restored[key]), want[key], err_msg=f"restored {key}")
-  assert any(not np.array_equal(fresh[k], want[k]) for k in want)  # the restore mattered
+  assert any(not np.array_equal(fresh[k], want[k]) for k in want), "the restore changed nothing"

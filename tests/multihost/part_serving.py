@@ -1,12 +1,13 @@
-"""Serving across 2 processes x 4 CPU devices equals 1 process x 8 (issues 14.1, 15.2, 15.3).
+"""Part of test_two_processes.py: serving across 2 processes x 4 CPU devices equals
+1 process x 8 (issues 14.1, 15.2, 15.3).
 
-One launch runs, in both processes, a ragged prefill and decode steps through
+`run` runs, in both processes, a ragged prefill and decode steps through
 `jit_step` over a contiguous and a paged int8 cache (the paged cache's page
 manager gathers its tables on every process), then a prefill that would grow
 every slot past max_length: it must raise StepRejected on every process,
 promptly (no rendezvous timeout, no abort), with the cache unchanged, and
-the next step (after freeing the full slot) must run. This process computes the same on its 8 devices;
-the outputs must agree bit for bit.
+the next step (after freeing the full slot) must run. `check` computes the same on
+the test's 8 devices; the outputs must agree bit for bit.
 """
 
 import pathlib
@@ -22,7 +23,6 @@ from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers import Attention
 from meshattn.layers.serving import jit_step
 from meshattn.sharding import create_mesh, make_global_array, process_part, shard_module
-from helpers.multiprocess import run_in_processes
 
 # The paged cache is quantized (int8) too: three cache features in two launches' worth of
 # compiles, for the suite's time.
@@ -98,21 +98,20 @@ def _serve(processes: int, cache_kind: str) -> dict[str, np.ndarray]:
   return result
 
 
-def _worker(out_dir):
-  assert jax.process_count() == 2
+def run(out_dir):
+  """In each of the 2 processes: serve on both cache kinds; process 0 writes the outputs."""
+  assert jax.process_count() == 2, jax.process_count()
   for kind in CACHES:
     result = _serve(2, kind)
     if jax.process_index() == 0:
       np.savez(pathlib.Path(out_dir) / f"{kind}.npz", **result)
 
 
-def test_two_processes_serve_like_one(tmp_path):
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
-  run_in_processes(_worker, str(tmp_path))
+def check(out_dir):
+  """Here, on 8 devices: the same serving steps give what `run` wrote, bit for bit."""
   for kind in CACHES:
     want = _serve(1, kind)
-    got = np.load(tmp_path / f"{kind}.npz")
-    np.testing.assert_array_equal(got["lengths"], [0, 6, 8, 4])
+    got = np.load(pathlib.Path(out_dir) / f"{kind}.npz")
+    np.testing.assert_array_equal(got["lengths"], [0, 6, 8, 4], err_msg=f"{kind} lengths")
     for key, value in want.items():
       np.testing.assert_array_equal(got[key], value, err_msg=f"{kind} {key}")

@@ -1,10 +1,12 @@
-"""Training as 2 processes x 4 CPU devices equals 1 process x 8 devices.
+"""Part of test_two_processes.py: training as 2 processes x 4 CPU devices equals
+1 process x 8 devices.
 
-Both processes run `train` with the data axis across them (`dcn_data_parallelism=2`),
-each generating and placing only its own rows, and checkpoint from both; this process
-runs the same steps on the ici-only mesh of the same layout. The logged losses agree to
-float32 reduction order (the cross-process sums go through gloo), and the checkpoint
-written by the 2 processes restores here, onto another mesh, to the same parameters.
+In `run` both processes run `train` with the data axis across them
+(`dcn_data_parallelism=2`), each generating and placing only its own rows, and
+checkpoint from both; `check` runs the same steps in the test's process on the
+ici-only mesh of the same layout. The logged losses agree to float32 reduction
+order (the cross-process sums go through gloo), and the checkpoint written by the
+2 processes restores there, onto another mesh, to the same parameters.
 """
 
 import json
@@ -14,7 +16,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from helpers.multiprocess import run_in_processes
 from meshattn.configs import load_config
 from meshattn.scripts import checkpointing
 from meshattn.scripts.train_loop import train
@@ -31,7 +32,8 @@ RUN = ["num_decoder_layers=1", "mlp_dim=64", "max_target_length=32",
 TOLERANCE = 1e-5  # relative; measured differences are float32 reduction order
 
 
-def _worker(out_dir):
+def run(out_dir):
+  """In each of the 2 processes: train and checkpoint; process 0 writes the logged losses."""
   cfg = load_config("tiny-lm", *RUN, "dcn_data_parallelism=2", "ici_data_parallelism=1",
                     "ici_fsdp_parallelism=-1", 'output_dir=""',
                     f"checkpoint_dir={out_dir}/checkpoints")
@@ -41,15 +43,17 @@ def _worker(out_dir):
     pathlib.Path(out_dir, "losses.json").write_text(json.dumps(losses))
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_restores_here(tmp_path):
-  run_in_processes(_worker, str(tmp_path / "two"))
-  two = json.loads((tmp_path / "two" / "losses.json").read_text())
+def check(out_dir):
+  """Here, on 8 devices: the same training logs the same losses; the checkpoint restores."""
+  out_dir = pathlib.Path(out_dir)
+  two = json.loads((out_dir / "losses.json").read_text())
   cfg = load_config("tiny-lm", *RUN, "ici_data_parallelism=2", "ici_fsdp_parallelism=-1",
                     'output_dir=""', "checkpoint_period=0")
   one = train(cfg, progress=False)
-  np.testing.assert_allclose(two, [h["loss"] for h in one["history"]], rtol=TOLERANCE)
+  np.testing.assert_allclose(two, [h["loss"] for h in one["history"]], rtol=TOLERANCE,
+                             err_msg="losses of 2 processes vs 1")
 
-  ckpt = tmp_path / "two" / "checkpoints"
+  ckpt = out_dir / "checkpoints"
   other = checkpointing.load_checkpoint_config(ckpt, "ici_tensor_parallelism=2",
                                                "ici_fsdp_parallelism=-1")
   restored = checkpointing.restore_params(ckpt, other, create_mesh(other))

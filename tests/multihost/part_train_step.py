@@ -1,11 +1,12 @@
-"""2 processes x 4 CPU devices equal 1 process x 8: the mesh from `dcn_*` and the train step.
+"""Part of test_two_processes.py: 2 processes x 4 CPU devices equal 1 process x 8, the mesh
+from `dcn_*` and the layer's train step.
 
-One launch (`_worker`) runs every check in both processes: the mesh groups
-devices by process (CPU devices all report slice 0), the layer's train
-forward + backward over global arrays built from each process's rows. This
-process (8 fake devices) computes the same step on the ici-only mesh of the
-same layout and compares: the forward bit-exact, gradients within 1e-6 of
-their scale (the cross-process reductions go through gloo, in another order).
+`run` (in both processes) checks that the mesh groups devices by process (CPU
+devices all report slice 0) and runs the layer's train forward + backward over
+global arrays built from each process's rows. `check` (in the test's process,
+8 fake devices) computes the same step on the ici-only mesh of the same layout
+and compares: the forward bit-exact, gradients within 1e-6 of their scale (the
+cross-process reductions go through gloo, in another order).
 """
 
 import pathlib
@@ -25,7 +26,6 @@ from meshattn.sharding import (
   process_part,
   shard_module,
 )
-from helpers.multiprocess import run_in_processes
 
 # name: (2 processes, 1 process): the same mesh shape and device layout, dcn vs ici.
 TOPOLOGIES = {
@@ -88,7 +88,8 @@ def _check_mesh(mesh, overrides):
     assert {d.process_index for d in block.flat} == {p}, (p, block)
 
 
-def _worker(out_dir):
+def run(out_dir):
+  """In each of the 2 processes: the mesh checks and the train step; arrays to out_dir."""
   from jax.experimental import multihost_utils
 
   # No grouping has 4 equal parts here: the error names what was tried.
@@ -134,13 +135,14 @@ def _reference(name):
           **{"g" + k: np.asarray(v) for k, v in _flat(g_params).items()}}
 
 
-def test_two_processes_equal_one(tmp_path):
-  run_in_processes(_worker, str(tmp_path))
+def check(out_dir):
+  """Here, on 8 devices: what `run` wrote equals the same step on one process."""
+  out_dir = pathlib.Path(out_dir)
   for name in TOPOLOGIES:
     want = _reference(name)
     rows = BATCH // 2
     for pid in range(2):
-      got = dict(np.load(tmp_path / f"{name}_p{pid}.npz"))
+      got = dict(np.load(out_dir / f"{name}_p{pid}.npz"))
       np.testing.assert_array_equal(got["out"], want["out"], err_msg=f"{name} p{pid} forward")
       # Batch over (data, fsdp), dcn outermost: process p holds rows [4p, 4p + 4).
       mine = slice(pid * rows, (pid + 1) * rows)

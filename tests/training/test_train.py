@@ -67,7 +67,7 @@ def test_loss_falls_and_resume_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
   # The checkpoint's parameters come back whole on one device (onto another mesh, with
-  # logits: test_train_multiprocess.py).
+  # logits: tests/multihost/part_train_loop.py).
   ckpt = tmp_path / "resumed"
   restored = checkpointing.restore_params(ckpt, checkpointing.load_checkpoint_config(ckpt), None)
   got = _flat(nnx.to_pure_dict(nnx.state(restored, nnx.Param)))
