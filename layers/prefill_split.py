@@ -19,10 +19,11 @@ cuDNN the same problem as one call under a [b, 1, T, C] boolean mask, which
 cuDNN can only take as a dense bias.
 
 Exact where it runs: causal (`global`) mask, no soft cap, score_mod or
-mask_mod, a contiguous cache that is no ring buffer (entry j holds position
-j). Like the block-by-block reference path, (b) attends over the step's own
-keys/values as computed, (a) over the cache as stored (an int8 / int4 cache
-dequantized). Everything else keeps the other paths.
+mask_mod, a contiguous cache that is no ring buffer, or a paged cache (entry
+j of a slot holds position j; the paged cache gathers the slot through its
+page table). Like the block-by-block reference path, (b) attends over the
+step's own keys/values as computed, (a) over the cache as stored (an int8 /
+int4 cache dequantized). Everything else keeps the other paths.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from meshattn.kvcache.cache import KVCache
+from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.kernels import dispatch, registry
 from meshattn.layers.kernels.train.flash_gpu import CUDNN_LIMITS
 from meshattn.layers.kernels.train.partial_attention import (
@@ -66,7 +68,7 @@ def split_chunk_attention(layer, cache, axes, *, sinks, kernel: PartialAttention
   s = layer.settings
   exact = (s.mask.attention_type == "global" and not s.attn_logits_soft_cap
            and s.score_mod is None and s.mask_mod is None)
-  if not exact or not isinstance(cache, KVCache) or cache.window:
+  if not exact or not isinstance(cache, (KVCache, PagedKVCache)) or cache.window:
     return None
   kernel = kernel or partial_kernel(s)
   if kernel is None:

@@ -169,13 +169,16 @@ def decode(model, x):
 
 def serve(model, x):
   """Fresh prefill (slot 2 stays empty), a ragged chunk on every slot, one decode step."""
-  model.init_cache(3, 12)
+  cache = model.init_cache(3, 12)
+  if model.settings.paged_kv_cache:
+    cache.reserve_for_step(np.arange(3), 12)
   first = prefill(model, x[:, :5], jnp.array([[1] * 5, [1] * 5, [0] * 5], jnp.int32))
   second = prefill(model, x[:, 5:9], jnp.array([[1] * 4, [1, 1, 0, 0], [1] * 4], jnp.int32))
   return first, second, decode(model, x[:, 9:10])
 
 
-LAYER_CASES = {"gqa-sinks": dict(num_kv_heads=2, attention_sink=True),
+LAYER_CASES = {"gqa-sinks-paged": dict(num_kv_heads=2, attention_sink=True, paged_kv_cache=True,
+                                       num_pages=9, tokens_per_page=4),
                "mqa-int8-bf16": dict(num_kv_heads=1, kv_quant=KVQuant("int8"), dtype=jnp.bfloat16)}
 
 
@@ -208,7 +211,8 @@ def test_layer_step_equals_the_reference_layer(case, monkeypatch):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
   # A chunk that overflows slot 0 (10 + 4 > 12) is rejected: nothing written, lengths kept.
   cache = got_model.cache
-  names = ["key", "value", "lengths"] + (["key_scale", "value_scale"] if cache.quant else [])
+  names = [name for name in ("key", "value", "key_pages", "value_pages", "key_scale",
+                             "value_scale", "lengths") if hasattr(cache, name)]
   before = {name: np.asarray(getattr(cache, name)[...]) for name in names}
   with pytest.raises(StepRejected, match="max_length"):
     prefill(got_model, x[:, 5:9], jnp.ones((3, 4), jnp.int32))
