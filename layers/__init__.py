@@ -2,6 +2,7 @@
 from it."""
 
 from meshattn.layers.attention import KNOWN_KERNELS, Attention
+from meshattn.layers.cache_specs import ContiguousCache, PagedCache, StateCache
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.flax_compat import AttentionType, MultiHeadAttention
 from meshattn.layers.kernels.api import KernelOptions
@@ -15,6 +16,7 @@ from meshattn.layers.settings import (
 
 __all__ = [
     "ATTENTION_TYPES", "ActivationAxes", "Attention", "AttentionSettings", "AttentionType",
+    "ContiguousCache", "PagedCache", "StateCache",
     "DEFAULT_LOGICAL_AXIS_RULES", "Decoder", "KNOWN_KERNELS", "KernelOptions", "MODEL_MODES", "MaskSpec",
     "ModeAxes", "MultiHeadAttention", "ROPE_TYPES", "RopeSpec", "apply_rope", "attention_as_linen",
     "combine_masks", "dot_product_attention", "make_attention_mask", "make_causal_mask",

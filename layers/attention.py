@@ -143,15 +143,15 @@ class Attention(nnx.Module):
 
   def init_cache(self, batch_size: int, max_length: int | None = None, *, for_prefill: bool = False,
                  ring_buffer: bool | None = None, paged: bool | None = None) -> CacheBase:
-    """Create this layer's KV cache for `batch_size` slots of up to `max_length` tokens.
+    """Build the cache `settings.cache` names for `batch_size` slots of `max_length` tokens.
 
     Layout: `ar_cache_axis_order`, or `prefill_cache_axis_order` when
     `for_prefill` (a cache whose sequences are later `insert`ed into a decode
     cache). Sliding-window layers get a ring buffer of `sliding_window_size`
     entries unless `ring_buffer=False` (or `sliding_window_ring_buffer: false`).
-    `paged` (default `paged_kv_cache`) builds a PagedKVCache of `num_pages`
-    pages of `tokens_per_page` tokens instead; its pages are reserved on the
-    host with `cache.reserve_for_step(slots, tokens)` before each step.
+    `paged` (default `paged_kv_cache`) builds a PagedKVCache of `num_pages` pages of
+    `tokens_per_page` tokens instead (no ring_buffer / for_prefill: ValueError), whose
+    pages are reserved with `cache.reserve_for_step(slots, tokens)` before each step.
     """
     structure_changed()  # serving steps bound to this module must split it again
     self.cache = build_cache(self.settings, self.mesh, batch_size, max_length,

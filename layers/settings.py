@@ -25,7 +25,7 @@ from meshattn.configs.validation import POSITIVE_OR_UNSET, check_values
 from meshattn.configs.vocabulary import MODEL_MODES, QK_NORM_TYPES  # noqa: F401  (re-exported)
 from meshattn.kvcache.cache import CACHE_AXIS_NAMES
 from meshattn.kvcache.quant import KVQuant
-from meshattn.layers.cache_specs import (CACHE_KEYWORDS, CacheSpec, cache_keywords, cache_spec)
+from meshattn.layers.cache_specs import CACHE_KEYWORDS, CacheSpec, cache_keywords, cache_spec
 from meshattn.layers.linear.spec import LinearSpec, check_linear_layer
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import Initializer, default_bias_init, default_kernel_init
@@ -45,7 +45,12 @@ _CONFIG_PREFIX = {"train": "", "prefill": "prefill_", "autoregressive": "decode_
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSettings:
-  """Every knob of the layer. Sizes follow Flax: qkv_features = heads * head_dim."""
+  """Every knob of the layer. Sizes follow Flax: qkv_features = heads * head_dim.
+
+  Built from these fields (not fields themselves, so ==, hash and replace ignore them):
+  `shape`, `projection`, `kernel`, `sharding`, `lengths` (layers/specs.py) and `cache`
+  (layers/cache_specs.py). `cache=` takes a ContiguousCache / PagedCache in place of the
+  flat cache keywords (cache_specs.CACHE_KEYWORDS)."""
 
   emb_dim: int  # D, features of inputs_q
   num_query_heads: int  # N
