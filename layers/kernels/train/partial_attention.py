@@ -20,7 +20,8 @@ A partial kernel's signature (`PartialAttention`):
 
 Row b's queries 0..q_lengths[b]-1 attend over its keys 0..kv_lengths[b]-1
 (right padding on both sides), causally by index if `causal` (query t sees
-keys <= t: top-left aligned). K < N key heads serve N // K query heads each
+keys <= t; callers pass q_lengths == kv_lengths then, where a top-left and a
+bottom-right aligned causal mask agree). K < N key heads serve N // K query heads each
 (GQA / MQA), never repeated. `lse` is the natural log of the sum of
 exp(scale * q.k) over the keys a query sees, -inf where it sees none (a row
 with kv_lengths 0), and `out` is then unspecified (the merge selects it
@@ -109,8 +110,7 @@ def cudnn_partial_attention(query: jax.Array, key: jax.Array, value: jax.Array, 
   """The partial-kernel contract through cuDNN (bf16 / fp16, head_dim per CUDNN_LIMITS).
 
   Padding (and causal) masks come from the lengths, so no dense mask is
-  formed; cuDNN's causal mask is top-left aligned, which is what the
-  contract asks. A row with no key (or no query) is run with length 1 and
+  formed. A row with no key (or no query) is run with length 1 and
   its lse set to -inf afterwards (cuDNN's result for an empty row is not
   specified). Returns out [B, T, N, H] in the query dtype, lse [B, T, N]
   float32.
@@ -133,8 +133,9 @@ def cudnn_partial_attention(query: jax.Array, key: jax.Array, value: jax.Array, 
 def cudnn_partial_usable() -> bool:
   """Whether `cudnn_partial_attention` runs here and returns the natural-log LSE (cached).
 
-  Runs one tiny problem on the GPU (GQA, padding, causal) against the
-  reference; False without a GPU, without the private API (or with a changed
+  Runs the two problems the split path asks on the GPU (GQA: a padded causal
+  pass with equal query / key lengths, and a padded non-causal one with other
+  key lengths) against the reference; False without a GPU, without the private API (or with a changed
   signature), or if its results disagree (logged).
   """
   if _cudnn_fa is None:
@@ -151,13 +152,15 @@ def cudnn_partial_usable() -> bool:
     rng = np.random.default_rng(0)
     q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), device)
                for shape in ((2, 128, 4, 64), (2, 128, 2, 64), (2, 128, 2, 64)))
-    lengths = dict(q_lengths=jnp.array([100, 128], jnp.int32),
-                   kv_lengths=jnp.array([128, 70], jnp.int32), causal=True, scale=0.125)
-    got = jax.jit(functools.partial(cudnn_partial_attention, **lengths))(q, k, v)
-    want = jax.jit(functools.partial(reference_partial_attention, **lengths))(q, k, v)
-    real = np.arange(128)[None, :, None] < np.array([100, 128])[:, None, None]  # [B, T, 1]
-    out_err = float(np.max(np.abs(np.where(real[..., None], got[0] - want[0], 0.0))))
-    lse_err = float(np.max(np.abs(np.where(real, got[1] - want[1], 0.0))))
+    q_lengths = jnp.array([100, 128], jnp.int32)
+    real = np.arange(128)[None, :, None] < np.asarray(q_lengths)[:, None, None]  # [B, T, 1]
+    out_err = lse_err = 0.0
+    for kv_lengths, causal in ((q_lengths, True), (jnp.array([128, 70], jnp.int32), False)):
+      kw = dict(q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, scale=0.125)
+      got = jax.jit(functools.partial(cudnn_partial_attention, **kw))(q, k, v)
+      want = jax.jit(functools.partial(reference_partial_attention, **kw))(q, k, v)
+      out_err = max(out_err, float(np.max(np.abs(np.where(real[..., None], got[0] - want[0], 0)))))
+      lse_err = max(lse_err, float(np.max(np.abs(np.where(real, got[1] - want[1], 0)))))
   except Exception as err:  # pylint: disable=broad-except  # any failure means "not usable here"
     logger.info("cuDNN partial attention not usable: %s", err)
     return False
