@@ -310,3 +310,18 @@ def test_autoselected_layer_runs_the_cudnn_split_on_gpu():
   for a, b in zip(*outs):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on the GPU only")
+def test_cudnn_check_first_made_inside_a_trace_still_passes():
+  """A layer usually asks first while its step is being traced; the check must still run
+  concretely (it once saw tracers there, failed and cached False for the process)."""
+  partial.cudnn_partial_usable.cache_clear()
+  seen = []
+
+  def traced(x):
+    seen.append(partial.cudnn_partial_usable())
+    return x
+
+  jax.jit(traced)(jnp.ones(2))
+  assert seen == [True]

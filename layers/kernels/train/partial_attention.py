@@ -149,21 +149,29 @@ def cudnn_partial_usable() -> bool:
   except (RuntimeError, ValueError, TypeError):  # no GPU backend, or JAX_PLATFORMS excludes it
     return False
   try:
-    rng = np.random.default_rng(0)
-    q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), device)
-               for shape in ((2, 128, 4, 64), (2, 128, 2, 64), (2, 128, 2, 64)))
-    q_lengths = jnp.array([100, 128], jnp.int32)
-    real = np.arange(128)[None, :, None] < np.asarray(q_lengths)[:, None, None]  # [B, T, 1]
-    out_err = lse_err = 0.0
-    for kv_lengths, causal in ((q_lengths, True), (jnp.array([128, 70], jnp.int32), False)):
-      kw = dict(q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, scale=0.125)
-      got = jax.jit(functools.partial(cudnn_partial_attention, **kw))(q, k, v)
-      want = jax.jit(functools.partial(reference_partial_attention, **kw))(q, k, v)
-      out_err = max(out_err, float(np.max(np.abs(np.where(real[..., None], got[0] - want[0], 0)))))
-      lse_err = max(lse_err, float(np.max(np.abs(np.where(real, got[1] - want[1], 0)))))
+    # The first call is often made while a layer's step is being traced: evaluate the
+    # check concretely anyway (without this it saw tracers, failed and cached False).
+    with jax.ensure_compile_time_eval():
+      return _check_against_reference(device)
   except Exception as err:  # pylint: disable=broad-except  # any failure means "not usable here"
     logger.info("cuDNN partial attention not usable: %s", err)
     return False
+
+
+def _check_against_reference(device) -> bool:
+  """cuDNN vs the reference on the problems the split asks (see cudnn_partial_usable)."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16), device)
+             for shape in ((2, 128, 4, 64), (2, 128, 2, 64), (2, 128, 2, 64)))
+  q_lengths = jnp.array([100, 128], jnp.int32)
+  real = np.arange(128)[None, :, None] < np.asarray(q_lengths)[:, None, None]  # [B, T, 1]
+  out_err = lse_err = 0.0
+  for kv_lengths, causal in ((q_lengths, True), (jnp.array([128, 70], jnp.int32), False)):
+    kw = dict(q_lengths=q_lengths, kv_lengths=kv_lengths, causal=causal, scale=0.125)
+    got = jax.jit(functools.partial(cudnn_partial_attention, **kw))(q, k, v)
+    want = jax.jit(functools.partial(reference_partial_attention, **kw))(q, k, v)
+    out_err = max(out_err, float(np.max(np.abs(np.where(real[..., None], got[0] - want[0], 0)))))
+    lse_err = max(lse_err, float(np.max(np.abs(np.where(real, got[1] - want[1], 0)))))
   if out_err > 2e-2 or lse_err > 2e-2:
     logger.warning("cuDNN partial attention disagrees with the reference (out %.3g, lse %.3g): "
                    "not used", out_err, lse_err)
