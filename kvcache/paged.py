@@ -30,10 +30,12 @@ Pages are handed out by a host-side page manager (`reserve`,
 `reserve_for_step`, `free`, `num_free_pages`, `pages_of`) that runs eagerly,
 outside jit, between steps: allocation is a data-dependent, variable-size
 decision that belongs to the serving loop's scheduler, and the tables it
-touches are tiny. Inside a step nothing is allocated; `check_room` fails the
-step (before any state changes, like KVCache) if a token would land in a
-page that was not reserved, and `write` drops such tokens rather than
-writing them anywhere.
+touches are tiny. The policy itself (which pages a slot gets, what freeing
+releases) is kvcache/page_plan.py, shared with the serving engine's host
+tables; `clear_freed` is the device side of freeing, shared likewise.
+Inside a step nothing is allocated; `check_room` fails the step (before any
+state changes, like KVCache) if a token would land in a page that was not
+reserved, and `write` drops such tokens rather than writing them anywhere.
 
 Isolation: a page freed by one sequence and reused by another must never
 leak the first sequence's K/V. Two independent defences:
@@ -55,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meshattn.kvcache import page_plan
 from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
 from meshattn.kvcache.cache import raise_if
 from meshattn.kvcache.step_checks import Rejection, is_concrete
@@ -265,37 +268,12 @@ class PagedKVCache(KVCacheBase):
   def _host_slots(self, slot) -> np.ndarray:
     if not is_concrete(slot):
       raise ValueError("PagedKVCache: page management needs concrete slot ids (call it outside jit)")
-    slots = np.atleast_1d(np.asarray(slot)).astype(np.int64).reshape(-1)
-    bad = slots[(slots < 0) | (slots >= self.batch_size)]
-    if bad.size:
-      raise ValueError(f"PagedKVCache: slot {bad.tolist()} out of range; slots must be in "
-                       f"[0, {self.batch_size})")
-    return slots
+    return page_plan.as_slots(slot, self.batch_size, "PagedKVCache")
 
-  def _plan(self, owner: np.ndarray, table: np.ndarray, slots: np.ndarray,
-            totals: np.ndarray) -> None:
-    """Allocate pages in owner/table (numpy, in place) so each slot holds totals tokens.
-
-    Raises before touching the arrays if the pool cannot satisfy all slots.
-    """
-    bad = totals[(totals < 0) | (totals > self.max_length)]
-    if bad.size:
-      raise ValueError(f"PagedKVCache: cannot reserve {bad.tolist()} tokens; a sequence holds 0 to "
-                       f"max_length={self.max_length} tokens")
-    need = {}
-    for slot, total in zip(slots.tolist(), totals.tolist()):
-      need[slot] = max(need.get(slot, 0), -(-total // self.tokens_per_page))
-    wanted = [(slot, col) for slot, pages in sorted(need.items()) for col in range(pages)
-              if table[slot, col] < 0]
-    free_ids = np.flatnonzero(owner == -1)
-    if len(wanted) > len(free_ids):
-      raise ValueError(f"PagedKVCache out of pages: slots {sorted(need)} need {len(wanted)} more "
-                       f"page(s) of {self.tokens_per_page} tokens but only {len(free_ids)} of "
-                       f"num_pages={self.num_pages} are free; free finished sequences or build the "
-                       "cache with more pages")
-    for (slot, col), page in zip(wanted, free_ids):
-      owner[page] = slot
-      table[slot, col] = page
+  def _allocate(self, owner: np.ndarray, table: np.ndarray, slots: np.ndarray, totals) -> bool:
+    """page_plan.allocate with this cache's sizes (in place, all-or-nothing)."""
+    return page_plan.allocate(owner, table, slots, totals, tokens_per_page=self.tokens_per_page,
+                              max_length=self.max_length, who="PagedKVCache")
 
   def _store_tables(self, owner: np.ndarray, table: np.ndarray) -> None:
     # From NumPy straight to the global layout: every process holds the same tables.
@@ -323,11 +301,8 @@ class PagedKVCache(KVCacheBase):
 
   def _reserve_many(self, slot, totals) -> None:
     slots = self._host_slots(slot)
-    totals = np.broadcast_to(np.asarray(totals, np.int64).reshape(-1), slots.shape)
     owner, table = self._host("page_owner"), self._host("page_table")
-    before = table.copy()
-    self._plan(owner, table, slots, totals)
-    if not np.array_equal(table, before):
+    if self._allocate(owner, table, slots, totals):
       self._store_tables(owner, table)
 
   def free(self, slot) -> None:
@@ -339,20 +314,31 @@ class PagedKVCache(KVCacheBase):
     """
     slots = self._host_slots(slot)
     owner, table = self._host("page_owner"), self._host("page_table")
-    pages = np.flatnonzero(np.isin(owner, slots))
-    owner[pages] = -1
-    table[slots] = -1
-    if pages.size:
-      ids = jnp.asarray(pages, jnp.int32)
-      for name in ("key_pages", "value_pages"):
-        pool = getattr(self, name)
-        pool[...] = self.place(pool[...].at[ids].set(0), self._pool_names)
-      if self.quant:
-        for name in ("key_scale", "value_scale"):
-          scale = getattr(self, name)
-          scale[...] = self.place(scale[...].at[ids].set(1.0), self._scale_names)
+    freed = page_plan.release(owner, table, slots)  # [P]
     self._store_tables(owner, table)
-    self.lengths[...] = self.lengths[...].at[jnp.asarray(slots, jnp.int32)].set(0)
+    self._clear_now(freed, page_plan.released_mask(slots, self.batch_size))
+
+  def _clear_now(self, freed: np.ndarray, released: np.ndarray) -> None:
+    """clear_freed from the host: the masks placed like the tables, one compiled call of
+    fixed shapes (the same program for every page count)."""
+    self.clear_freed(self.place(freed, self._owner_names),  # [P]
+                     self.place(released, (self._table_names[0],)))  # [S]
+
+  def clear_freed(self, freed: jax.Array, released: jax.Array) -> None:
+    """Zero the K/V of the pages in `freed` [P] bool (scales back to 1) and set the
+    length of the slots in `released` [S] bool to 0: the device side of `free`.
+
+    Runs eagerly (`free`) or traced (the engine writes every layer's tables and calls
+    this in one compiled call); the tables themselves are the caller's to write.
+    """
+    scales = (self.key_scale, self.value_scale) if self.quant else ()
+    pools, scale_values, lengths = _cleared(
+        (self.key_pages[...], self.value_pages[...]), tuple(s[...] for s in scales),
+        self.lengths[...], freed, released)
+    self.key_pages[...], self.value_pages[...] = pools
+    for variable, value in zip(scales, scale_values):
+      variable[...] = value
+    self.lengths[...] = lengths
 
   def num_free_pages(self) -> int:
     return int(np.sum(self._host("page_owner") == -1))
@@ -389,15 +375,26 @@ class PagedKVCache(KVCacheBase):
     rows = jnp.asarray(slots, jnp.int32)
     raise_if(src_len > self.max_length,
              lambda: f"PagedKVCache: inserted sequence longer than max_length={self.max_length}")
-    # Dry run on copies: the free + reserve below cannot fail halfway.
+    # Free the slots' pages and reserve the source length on host copies first: if the
+    # pool is short this raises before anything changes.
     owner, table = self._host("page_owner"), self._host("page_table")
-    owner[np.isin(owner, slots)] = -1
-    table[slots] = -1
-    self._plan(owner, table, slots, np.asarray(src_len, np.int64))
-    self.free(slots)
-    self._reserve_many(slots, np.asarray(src_len, np.int64))
+    freed = page_plan.release(owner, table, slots)  # [P]
+    self._allocate(owner, table, slots, np.asarray(src_len, np.int64))
+    self._store_tables(owner, table)
+    self._clear_now(freed, page_plan.released_mask(slots, self.batch_size))
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
     # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
     key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
     self.write(rows, key, value, positions, positions >= 0, src_len)
+
+
+@jax.jit
+def _cleared(pools, scales, lengths, freed, released):
+  """pools (K, V [P, tpp, K, H]) zeroed and scales ([P, tpp, K or 1]) set to 1 on the pages
+  in freed [P]; lengths [S] set to 0 on the slots in released [S]."""
+  pools = tuple(jnp.where(freed[:, None, None, None], jnp.zeros((), pool.dtype), pool)
+                for pool in pools)  # [P, tpp, K, H]
+  scales = tuple(jnp.where(freed[:, None, None], jnp.ones((), scale.dtype), scale)
+                 for scale in scales)  # [P, tpp, K or 1]
+  return pools, scales, jnp.where(released, 0, lengths)  # [S]
