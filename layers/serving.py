@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.nnx.variablelib import is_array_ref
 
 from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.step_checks import StepRejected
@@ -105,40 +106,39 @@ class _Binding:
     self.is_param = tuple(isinstance(v, nnx.Param) for v in variables)
     self.params = [v for v, p in zip(variables, self.is_param) if p]
     self.others = [v for v, p in zip(variables, self.is_param) if not p]
-    self.plain_params = [_is_plain(v) for v in self.params]
-    self.plain_others = [_is_plain(v) for v in self.others]
+    self.ref_params = [_holds_ref(v) for v in self.params]
+    self.ref_others = [_holds_ref(v) for v in self.others]
     self.epoch = _structure_epoch[0]
 
   def arrays(self) -> tuple[list, list]:
-    return _read(self.params, self.plain_params), _read(self.others, self.plain_others)
+    return _read(self.params, self.ref_params), _read(self.others, self.ref_others)
 
   def store(self, params, others) -> None:
-    _write(self.params, self.plain_params, params)
-    _write(self.others, self.plain_others, others)
+    _write(self.params, self.ref_params, params)
+    _write(self.others, self.ref_others, others)
 
 
-# get_value / set_value copy the value through jax.tree.map and look for array refs and
-# hooks: ~20 us per Variable per call, most of a small step's host time. A plain
-# Variable (a bare array, no get/set hooks) holds its value as its raw value, so the
-# binding reads and writes that directly.
-def _is_plain(variable: nnx.Variable) -> bool:
-  metadata = variable.get_metadata()
-  return ("on_get_value" not in metadata and "on_set_value" not in metadata
-          and isinstance(variable.get_raw_value(), jax.Array))
+# The step moves raw values, as nnx.split / nnx.merge (and so nnx.jit) do: a Variable's
+# get / set hooks run inside the step, where the module reads and writes it, not again
+# here. (get_value / set_value would also copy through jax.tree.map: ~20 us per Variable
+# per call, most of a small step's host time.) A Variable holding an array ref is read
+# and written through the ref. Which ones hold refs is fixed when the module is bound.
+def _holds_ref(variable: nnx.Variable) -> bool:
+  return is_array_ref(variable.get_raw_value())
 
 
-def _read(variables, plain) -> list:
-  return [v.get_raw_value() if p else v.get_value() for v, p in zip(variables, plain)]
+def _read(variables, refs) -> list:
+  return [v.get_raw_value()[...] if ref else v.get_raw_value() for v, ref in zip(variables, refs)]
 
 
-def _write(variables, plain, arrays) -> None:
-  for variable, is_plain, array in zip(variables, plain, arrays):
+def _write(variables, refs, arrays) -> None:
+  for variable, ref, array in zip(variables, refs, arrays):
     if array is None:  # a Variable the step left unchanged
       continue
-    if is_plain:
-      variable.set_raw_value(array)
+    if ref:
+      variable.get_raw_value()[...] = array
     else:
-      variable.set_value(array)
+      variable.set_raw_value(array)
 
 
 def _merge(is_param, params, others):
