@@ -25,7 +25,8 @@
   0.4 ms decode step for one Llama-3-8B layer (docs/benchmarks.md).
 
 `raise_if_rejected(module)` does the host half for a step compiled some other
-way (e.g. a plain `nnx.jit` on a multi-device mesh).
+way (e.g. a plain `nnx.jit` on a multi-device mesh), or for `check=False` steps:
+it reports every rejection since the last check and clears the bits.
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def rejected_bits(caches) -> jax.Array:
 
 
 def raise_if_rejected(*modules) -> None:
-  """Raise StepRejected if the last step of any cache in `modules` was rejected (host side)."""
+  """Raise StepRejected if any step of a cache in `modules` was rejected since the last
+  check (host side). The caches' bits are cleared first, so each rejection is reported
+  once and the next steps start clean."""
   messages = []
   for cache in caches_of(*modules):
     bits = int(np.asarray(cache.rejected[...]))
     if bits:
       messages.append(cache.explain(bits))
+      cache.rejected[...] = jnp.zeros_like(cache.rejected[...])
   if messages:
     raise StepRejected(messages[0] if len(messages) == 1 else
                        f"{len(messages)} caches rejected the step: " + " | ".join(messages))
@@ -161,7 +165,9 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
   Reading the rejection bits waits for the step to finish. A loop that syncs
   anyway a little later (to read its sampled tokens) can pass `check=False`
   and call `raise_if_rejected(module)` then: the step returns at once and the
-  host can dispatch the next one while this one runs.
+  host can dispatch the next one while this one runs. The caches accumulate the
+  bits of every step until that call, so a step rejected several steps earlier
+  is still reported (the rejected step itself wrote nothing).
   """
   if fn is None:
     return functools.partial(jit_step, static_argnames=static_argnames, donate=donate,

@@ -163,7 +163,7 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
 
 
 def record(cache, plan: StepPlan, mesh) -> None:
-  """Store the step's rejection bits in the cache (read by the host after the step).
+  """Add the step's rejection bits to the cache's (read and cleared by the host).
 
   A traced step outside `serving.jit_step` on one CPU device also raises from
   a host callback, as a plain `nnx.jit` caller expects: one device has no
@@ -172,7 +172,9 @@ def record(cache, plan: StepPlan, mesh) -> None:
   asynchronously and poison the outputs); the caller reads the bits
   (`raise_if_rejected`).
   """
-  cache.rejected[...] = plan.bits
+  # OR, not set: a loop that checks only now and then (jit_step(check=False)) must still
+  # hear of a step rejected several steps ago; raise_if_rejected clears the bits it reports.
+  cache.rejected[...] = cache.rejected[...] | plan.bits
   if is_concrete(plan.bits) or getattr(_host_raises, "on", False):
     return
   single_device = mesh is None or mesh.size == 1
