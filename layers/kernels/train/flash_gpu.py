@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.api import TrainCall, train_kernel
+from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
 from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
@@ -60,15 +61,18 @@ CUDNN_LIMITS = registry.Limits(
 @functools.cache
 def cudnn_available() -> bool:
   """Whether a GPU backend is present and a tiny cuDNN attention compiles and runs (cached)."""
-  try:
-    device = jax.devices("gpu")[0]
-  except RuntimeError:  # no GPU backend (or JAX_PLATFORMS excludes it)
+  device = local_gpu()
+  if device is None:
     return False
-  try:
+
+  def probe(device):
     x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
     attend = jax.jit(functools.partial(
         jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
     jax.block_until_ready(attend(x, x, x))
+
+  try:
+    run_probe(probe, device)
     return True
   except Exception:  # pylint: disable=broad-except  # any failure means "not usable here"
     return False

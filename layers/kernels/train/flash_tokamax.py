@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import TrainCall, train_kernel
 from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, train_variant
+from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -125,17 +126,18 @@ def tokamax_available() -> bool:
   tokamax = _tokamax()
   if tokamax is None:
     return False
-  try:
-    device = jax.devices("gpu")[0]
-  except RuntimeError:
+  device = local_gpu()
+  if device is None or float(getattr(device, "compute_capability", "0")) < 9.0:
     return False
-  if float(getattr(device, "compute_capability", "0")) < 9.0:
-    return False
-  try:
+
+  def probe(device):
     x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
     attend = jax.jit(functools.partial(tokamax.dot_product_attention, is_causal=True,
                                        implementation="mosaic"))
     jax.block_until_ready(attend(x, x, x))
+
+  try:
+    run_probe(probe, device)
     return True
   except Exception as error:  # pylint: disable=broad-except  # any failure: "not usable here"
     logger.warning("tokamax is installed but its Mosaic kernel failed here (%s: %s); flash on "

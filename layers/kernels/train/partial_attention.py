@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
+
 logger = logging.getLogger("meshattn.kernels")
 
 PartialAttention = Callable[..., tuple[jax.Array, jax.Array]]
@@ -142,19 +144,22 @@ def cudnn_partial_usable() -> bool:
     return False
   try:
     params = inspect.signature(_cudnn_fa.dot_product_attention).parameters
-    if any(name not in params for name in _CUDNN_KEYWORDS):
-      logger.info("cuDNN partial attention: private API lacks %s", _CUDNN_KEYWORDS)
-      return False
-    device = jax.devices("gpu")[0]
-  except (RuntimeError, ValueError, TypeError):  # no GPU backend, or JAX_PLATFORMS excludes it
+  except (TypeError, ValueError):
+    return False
+  if any(name not in params for name in _CUDNN_KEYWORDS):
+    logger.warning("cuDNN partial attention: the private API lacks some of %s; the split "
+                   "prefill path is off", _CUDNN_KEYWORDS)
+    return False
+  device = local_gpu()
+  if device is None:
     return False
   try:
-    # The first call is often made while a layer's step is being traced: evaluate the
-    # check concretely anyway (without this it saw tracers, failed and cached False).
-    with jax.ensure_compile_time_eval():
-      return _check_against_reference(device)
+    # Run now even if first asked while a step is traced, on this process's own GPU
+    # (shared/gpu_probe: every process must reach the same answer).
+    return run_probe(_check_against_reference, device)
   except Exception as err:  # pylint: disable=broad-except  # any failure means "not usable here"
-    logger.info("cuDNN partial attention not usable: %s", err)
+    logger.warning("cuDNN partial attention failed its check here (%s: %s); the split prefill "
+                   "path is off", type(err).__name__, str(err)[:300])
     return False
 
 

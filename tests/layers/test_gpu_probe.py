@@ -1,0 +1,51 @@
+"""Availability probes run concretely even when first asked inside a traced step, and
+on this process's own GPU (layers/kernels/shared/gpu_probe.py)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
+from meshattn.layers.kernels.train import flash_gpu, flash_tokamax
+
+
+def _failing_at_run_time(device):
+  """Fails only when executed (a NaN check on a computed value), like a kernel that
+  compiles but breaks when it runs."""
+  y = jax.jit(lambda x: x / 0.0)(jax.device_put(jnp.zeros(()), device))
+  if not bool(jnp.isfinite(y)):
+    raise RuntimeError("the probe ran and failed")
+  return True
+
+
+def test_a_probe_inside_a_trace_runs_now_and_sees_run_time_failures():
+  device = jax.devices()[0]
+  seen = []
+
+  def traced(x):
+    seen.append(run_probe(lambda d: float(jax.jit(lambda v: v * 2)(jax.device_put(
+        jnp.ones(()), d))), device))
+    with pytest.raises(RuntimeError, match="ran and failed"):
+      run_probe(_failing_at_run_time, device)
+    return x
+
+  jax.jit(traced)(jnp.ones(2))
+  assert seen == [2.0]
+
+
+def test_local_gpu_is_none_without_a_gpu_and_local_with_one():
+  device = local_gpu()
+  if jax.default_backend() != "gpu":
+    assert device is None
+  else:
+    assert device.process_index == jax.process_index()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="probes a GPU kernel")
+@pytest.mark.parametrize("check", [flash_gpu.cudnn_available, flash_tokamax.tokamax_available])
+def test_gpu_availability_first_asked_inside_a_trace_matches_asked_outside(check):
+  check.cache_clear()
+  seen = []
+  jax.jit(lambda x: (seen.append(check()), x)[1])(jnp.ones(2))
+  check.cache_clear()
+  assert seen == [check()]
