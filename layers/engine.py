@@ -1,7 +1,7 @@
 """A continuous-batching serving engine over the paged KV cache.
 
     engine = Engine(model, num_slots=8, chunk_size=32)   # model: a Decoder (layers.decoder)
-    engine.warmup()                                      # compile the step kinds up front
+    engine.warmup()                                      # compile the step kinds, run each kernel once
     rid = engine.submit(prompt_ids, max_new_tokens=16)
     while not engine.idle:
       for result in engine.step():                       # finished requests, this step
@@ -150,7 +150,7 @@ class Engine:
 
   def _run_scratch_requests(self) -> int:
     """Serve two short requests (see warmup), then forget them."""
-    longest = self.max_length - 2  # room for the 2 output tokens
+    longest = self.max_length - 1  # prompt + 2 outputs - 1 written tokens fit max_length
     prompts = [min(1, longest), min(2 * self.chunk_size + 1, longest)]
     for length in prompts:
       try:
@@ -158,15 +158,25 @@ class Engine:
       except ValueError:  # it can never fit this engine's cache: nothing to warm with it
         continue
     steps = 0
-    while not self.idle:
-      self.step()
-      steps += 1
+    try:
+      while not self.idle:
+        self.step()
+        steps += 1
+    finally:  # also when a scratch step failed: no scratch request may stay behind
+      self._forget_requests()
+    return steps
+
+  def _forget_requests(self) -> None:
+    """Drop every request, free every slot and page, clear ids, results and records."""
+    for slot in self.scheduler.drop_all():
+      self.pages.release(slot)
+    self.pages.push(self.model)
+    self._in_flight = None
     self._next_id = 0
     self._arrival.clear()
     self._first_token.clear()
     self._results.clear()
     self.steps.clear()
-    return steps
 
   def step(self) -> list[RequestResult]:
     """Admit (reserving pages), plan and dispatch one compiled step, then read back the

@@ -234,6 +234,14 @@ class Scheduler:
       seq.finish_reason = "length"
     return [seq] if seq.finish_reason else []
 
+  def drop_all(self) -> list[int]:
+    """Forget every waiting and running request; returns the slots that were running."""
+    slots = list(self.running)
+    self.waiting.clear()
+    self.running.clear()
+    self.committed_pages = 0
+    return slots
+
   def pages_reserved(self) -> int:
     """Pages the running requests hold (their worst case, reserved at admission)."""
     return self.committed_pages

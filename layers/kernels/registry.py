@@ -14,8 +14,10 @@ Config keys: `attention` picks the train-mode kernel, `decode_attention` the
 autoregressive one. Prefill of a prompt on empty slots runs the `attention`
 kernel as in train mode (a request without "backward") over the prompt, then
 writes the cache; prefill that continues non-empty slots (and later chunks of
-a chunked prefill), or whose train kernel cannot serve the inputs, runs the
-reference cached path, which also attends over what the cache holds.
+a chunked prefill) runs the split path on a GPU where it is exact
+(layers/prefill_split.py: two cuDNN passes merged), else a tiled train kernel
+over the whole slot under an explicit mask (layers/prefill_attention.py), else
+the reference cached path, which also attends over what the cache holds.
 
 Each kernel module registers its own variants beside the function: `train_variant` /
 `decode_variant`, or `register(Kernel(...))` for a row whose function lives elsewhere (the

@@ -219,7 +219,7 @@ def test_cudnn_refuses_float32(monkeypatch):
 @pytest.mark.parametrize("head_dim, match", [(100, r"head_dim 100 \(runs a multiple of 8, <= 256"),
                                               (512, "head_dim 512")])
 def test_cudnn_refuses_head_dims_it_cannot_run(head_dim, match, monkeypatch):
-  """registry.CUDNN_LIMITS, checked before any GPU call (a multiple of 8 up to 256 on Hopper)."""
+  """flash_gpu.CUDNN_LIMITS, checked before any GPU call (a multiple of 8 up to 256 on Hopper)."""
   monkeypatch.setattr(jax.nn, "dot_product_attention", None)  # must not be reached
   x = jnp.zeros((1, 16, 2, head_dim), jnp.bfloat16)  # [B, T, N, H]
   pos = jnp.arange(16)[None]  # [1, T]
