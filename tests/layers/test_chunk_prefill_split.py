@@ -20,10 +20,11 @@ from flax import nnx
 from meshattn.kvcache import KVCache, KVQuant
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers import Attention
-from meshattn.layers import prefill_split
+from meshattn.layers import prefill_split, score_mods
 from meshattn.layers.cached_step import cached_step, step_positions
 from meshattn.layers.kernels import dispatch
 from meshattn.layers.kernels.train import partial_attention as partial
+from meshattn.layers.masks import MaskSpec
 from meshattn.layers.prefill_attention import whole_slot_attention
 from meshattn.layers.serving import jit_step
 from meshattn.sharding import create_mesh, shard_module
@@ -246,6 +247,20 @@ def test_sharded_split_equals_single_device(sizes, monkeypatch):
   assert calls, "the chunk step did not run the split path"
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+INEXACT_CASES = {  # the split is exact only for a global causal mask with plain logits
+    "soft-cap": dict(attn_logits_soft_cap=5.0),
+    "window": dict(mask=MaskSpec("local_sliding", window=3), sliding_window_ring_buffer=False),
+    "chunk-mask": dict(mask=MaskSpec("chunk", chunk=4)),
+    "score-mod": dict(score_mod=score_mods.alibi(4))}
+
+
+@pytest.mark.parametrize("case", sorted(INEXACT_CASES))
+def test_the_split_is_not_taken_where_it_is_not_exact(case, monkeypatch):
+  calls = reference_for_blockwise(monkeypatch)
+  serve(build("blockwise", **INEXACT_CASES[case]), jax.random.normal(jax.random.key(1), (3, 10, 32)))
+  assert calls == [], f"{case}: the split path ran"
 
 
 GPU_SHAPES = {  # chunk T, slot C, cached lengths (0 and a full slot), new tokens per row
