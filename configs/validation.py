@@ -239,7 +239,8 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
 
 
 def _validate_lengths(cfg: Mapping[str, Any]) -> None:
-  """Sequence lengths, KV-cache quantization and layout (a paged cache has no axis order)."""
+  """Sequence lengths, KV-cache quantization and layout (a paged decode cache has no axis
+  order)."""
   prefill, target = cfg["max_prefill_predict_length"], cfg["max_target_length"]
   if not 1 <= prefill <= target:
     _fail(
@@ -254,9 +255,11 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
         f"must be a permutation of [0, 1, 2, 3] ({', '.join(vocab.CACHE_DIMS)}), "
         f"got {_thaw(cfg[key])!r}",
       )
-    problem = cfg["paged_kv_cache"] and vocab.paged_axis_order_problem(cfg[key])
-    if problem:
-      _fail(key, f"{problem} (paged_kv_cache is true), got {_thaw(cfg[key])!r}")
+  # A paged decode cache has no axis order; a prefill cache is contiguous whatever the kind.
+  problem = cfg["paged_kv_cache"] and vocab.paged_axis_order_problem(cfg["ar_cache_axis_order"])
+  if problem:
+    _fail("ar_cache_axis_order",
+          f"{problem} (paged_kv_cache is true), got {_thaw(cfg['ar_cache_axis_order'])!r}")
 
 
 def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:

@@ -102,11 +102,13 @@ DEFAULT_CACHE_AXIS_ORDER: tuple[int, ...] = tuple(range(len(CACHE_DIMS)))
 
 
 def paged_axis_order_problem(order: Sequence[int]) -> str | None:
-  """The cache axis orders lay out the contiguous cache; a paged cache's pool has one
-  layout, so with paged_kv_cache they stay the identity (never ignored silently)."""
+  """`ar_cache_axis_order` lays out the contiguous decode cache; a paged decode cache's
+  pool has one layout, so with paged_kv_cache it stays the identity (never ignored
+  silently). `prefill_cache_axis_order` is free: a prefill cache is contiguous."""
   if tuple(order) != DEFAULT_CACHE_AXIS_ORDER:
-    return ("lays out the contiguous cache only; a paged cache keeps its pool [pages, tokens, "
-            "kv heads, head_dim] in one layout: leave it [0, 1, 2, 3]")
+    return ("lays out the contiguous decode cache only; a paged cache keeps its pool [pages, "
+            "tokens, kv heads, head_dim] in one layout: leave it [0, 1, 2, 3] "
+            "(prefill_cache_axis_order still lays out a contiguous prefill cache)")
   return None
 
 

@@ -9,7 +9,8 @@
     StateCache       linear attention's recurrent state per slot, no K/V (layers/linear)
 
 Each kind holds only its own knobs, so a paged cache with a ring buffer or an axis
-order cannot be written. Field names are the config keys, so an error names the key
+order cannot be written (the flat keys refuse `ar_cache_axis_order` with
+`paged_kv_cache`; `prefill_cache_axis_order` stays, for a contiguous prefill cache). Field names are the config keys, so an error names the key
 either way. `AttentionSettings(cache=PagedCache(...))` (or `Attention(..., cache=...)`)
 sets the KV kinds in one typed value; the flat keywords and config keys build the same
 spec (`settings.cache`, through `cache_spec` below). Chunked prefill is a prefill
@@ -123,12 +124,17 @@ def cache_spec(keywords: Mapping[str, Any], *, linear: bool, paged: bool | None 
             for name in ("prefill_cache_axis_order", "ar_cache_axis_order")}
   if linear:  # the KV keys are the softmax layers' (a hybrid config sets them for all)
     return StateCache(k["cache_axis_names"])
+  # The decode cache's layout with a paged decode cache is a contradiction of the keys
+  # themselves; the prefill order still lays out a contiguous prefill cache
+  # (init_cache(paged=False, for_prefill=True)) whose sequences are inserted into pages.
+  problem = k["paged_kv_cache"] and vocab.paged_axis_order_problem(orders["ar_cache_axis_order"])
+  if problem:
+    raise ValueError(f"ar_cache_axis_order={orders['ar_cache_axis_order']} with "
+                     f"paged_kv_cache=True: {problem}")
   if k["paged_kv_cache"] if paged is None else paged:
+    # init_cache(paged=True) on a contiguous layer: its orders lay out the contiguous kind
+    # it builds otherwise; the page pool has none, so they do not apply here.
     source = "paged_kv_cache=True" if paged is None else "init_cache(paged=True)"
-    for name, order in orders.items():
-      problem = vocab.paged_axis_order_problem(order)
-      if problem:
-        raise ValueError(f"{name}={order} with {source}: {problem}")
     if ring_buffer is not None:
       raise ValueError(f"init_cache(ring_buffer={ring_buffer}) with {source}: the ring buffer "
                        "is the contiguous cache's; a paged cache keeps every token in its pages")

@@ -40,9 +40,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.validation import REMAT_POLICIES
+from meshattn.layers.cache_builder import build_cache
 from meshattn.layers.decoder_block import DecoderBlock
 from meshattn.layers.mlp import model_norm
 from meshattn.layers.projections import DenseGeneral
+from meshattn.layers.serving import structure_changed
 from meshattn.layers.settings import MODEL_MODES
 from meshattn.sharding import constrain
 
@@ -95,9 +97,16 @@ class Decoder(nnx.Module):
                  paged: bool | None = None) -> list:
     """One KV cache per block (`Attention.init_cache`), `batch_size` slots of up to
     `max_length` tokens (default max_target_length); `paged` (default paged_kv_cache)
-    builds paged caches, each with its own page pool. Returns `caches()`."""
-    for block in self.blocks:
-      block.attention.init_cache(batch_size, max_length, paged=paged)
+    builds paged caches, each with its own page pool. Returns `caches()`.
+
+    Every block's cache is built before any is kept, so an error in one (a hybrid
+    model's softmax layer refusing what its linear layers took) leaves every block's
+    cache as it was."""
+    built = [build_cache(block.attention.settings, block.attention.mesh, batch_size,
+                         max_length, paged=paged) for block in self.blocks]
+    structure_changed()  # serving steps bound to this model must split it again
+    for block, cache in zip(self.blocks, built):
+      block.attention.cache = cache  # what Attention.init_cache keeps
     return self.caches()
 
   def caches(self) -> list:

@@ -310,14 +310,38 @@ class AttentionSettings:
   def with_overrides(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> "AttentionSettings":
     """Build from `base` kwargs plus keyword overrides, naming any unknown keyword.
 
-    A `cache=` spec replaces the base's flat cache keys (a config's among them)."""
+    A `cache=` spec replaces the base's flat cache keys (a config's among them): the kind
+    and its knobs. KV quantization and the cache's axis names belong to every kind, so a
+    base that sets them and a spec left at their defaults is an error naming the config
+    key, never a silent drop (`_check_cache_spec_keeps`)."""
     known = {f.name for f in dataclasses.fields(cls)} | {"cache"}
     unknown = sorted(set(overrides) - known)
     if unknown:
       raise TypeError(f"Attention got unknown keyword(s) {unknown}; allowed: {sorted(known)}")
     if overrides.get("cache") is not None:
+      _check_cache_spec_keeps(base, overrides["cache"])
       base = {name: value for name, value in base.items() if name not in CACHE_KEYWORDS}
     return cls(**{**base, **overrides})
+
+
+# Cache keywords every KV kind has -> the config keys that set them.
+_SHARED_CACHE_KEYS = {"kv_quant": "quantize_kvcache (kv_quant_dtype, kv_quant_axis)",
+                      "cache_axis_names": "cache_axis_names"}
+
+
+def _check_cache_spec_keeps(base: Mapping[str, Any], spec: Any) -> None:
+  """Raise when `base` (a config) sets a knob both kinds share that `spec` leaves at its
+  default: the user asked for it once and `cache=` would drop it unseen. A spec that sets
+  its own value wins. Checked before any settings exist."""
+  for name, config_key in _SHARED_CACHE_KEYS.items():
+    default = _FIELD_DEFAULTS[name]
+    ours = base.get(name, default)
+    theirs = getattr(spec, name, default)
+    if ours != default and theirs == default:
+      raise ValueError(f"cache={spec!r} replaces the config's cache keys, and the config sets "
+                       f"{config_key} ({name}={ours!r}) which the spec leaves at its default "
+                       f"{default!r}: set {name}={ours!r} in the spec (or unset {config_key} "
+                       "in the config)")
 
 
 def _accept_cache_spec(init: Callable[..., None]) -> Callable[..., None]:
@@ -344,6 +368,8 @@ def _accept_cache_spec(init: Callable[..., None]) -> Callable[..., None]:
 
 
 AttentionSettings.__init__ = _accept_cache_spec(AttentionSettings.__init__)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AttentionSettings)
+                   if f.default is not dataclasses.MISSING}
 
 
 def normalize_rules(rules: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:

@@ -95,9 +95,9 @@ def test_paged_cache_has_no_contiguous_knobs():
     (lambda: AttentionSettings(emb_dim=16, num_query_heads=2, paged_kv_cache=True,
                                ar_cache_axis_order=(0, 2, 1, 3)),
      ValueError, r"ar_cache_axis_order=\(0, 2, 1, 3\) with paged_kv_cache=True: lays out the "
-                 r"contiguous cache only"),
-    (lambda: load_config("tiny", "paged_kv_cache=true", "prefill_cache_axis_order=[1, 0, 2, 3]"),
-     ConfigError, r"prefill_cache_axis_order: lays out the contiguous cache only; .*"
+                 r"contiguous decode cache only"),
+    (lambda: load_config("tiny", "paged_kv_cache=true", "ar_cache_axis_order=[0, 2, 1, 3]"),
+     ConfigError, r"ar_cache_axis_order: lays out the contiguous decode cache only; .*"
                   r"\(paged_kv_cache is true\)"),
     # The typed spec and the flat keys it stands for, both given.
     (lambda: AttentionSettings(emb_dim=16, num_query_heads=2, cache=PagedCache(), num_pages=4),
@@ -152,11 +152,43 @@ def test_init_cache_builds_the_tagged_kind():
     paged.init_cache(2, 16, ring_buffer=False)
   with pytest.raises(ValueError, match=r"init_cache\(for_prefill=True\) .* cache is paged"):
     paged.init_cache(2, 16, for_prefill=True)
-  ordered = _layer(ar_cache_axis_order=(0, 2, 1, 3))
-  with pytest.raises(ValueError, match=r"ar_cache_axis_order=\(0, 2, 1, 3\) with "
-                                       r"init_cache\(paged=True\)"):
-    ordered.init_cache(2, 16, paged=True)
   assert type(_layer(num_pages=6, tokens_per_page=4).init_cache(2, 16, paged=True)) is PagedKVCache
+
+
+def test_axis_orders_with_paged_caches():
+  """Only a decode-cache order with paged_kv_cache is a contradiction: a tuned contiguous
+  layout still serves an Engine (init_cache(paged=True)), and a prefill order lays out the
+  contiguous prefill cache whose sequences are inserted into the pages."""
+  tuned = _layer(ar_cache_axis_order=(0, 2, 1, 3), prefill_cache_axis_order=(1, 0, 2, 3),
+                 num_pages=6, tokens_per_page=4)
+  assert type(tuned.init_cache(2, 16, paged=True)) is PagedKVCache  # what Engine asks for
+  assert tuned.init_cache(2, 16).axis_order == (0, 2, 1, 3)  # the contiguous kind keeps it
+  paged = _layer(prefill_cache_axis_order=(1, 0, 2, 3), paged_kv_cache=True, num_pages=6,
+                 tokens_per_page=4)
+  assert type(paged.init_cache(2, 16)) is PagedKVCache
+  assert paged.init_cache(2, 16, paged=False, for_prefill=True).axis_order == (1, 0, 2, 3)
+  from_config = load_config("tiny", "paged_kv_cache=true", "prefill_cache_axis_order=[1, 0, 2, 3]")
+  assert AttentionSettings.from_config(from_config).cache.kind == "paged"
+  # The decode order with paged_kv_cache is refused, keywords and config alike:
+  # test_impossible_cache_combinations_raise_naming_the_keys.
+
+
+def test_cache_spec_does_not_drop_the_configs_shared_cache_keys():
+  """`cache=` replaces the config's kind, but quantization and axis names belong to every
+  kind: a spec left at their defaults is an error naming the config key, not a silent drop."""
+  int8 = load_config("tiny", "quantize_kvcache=true")
+  with pytest.raises(ValueError, match=r"config sets quantize_kvcache .*kv_quant=KVQuant\("
+                                       r".*set kv_quant=KVQuant\(.* in the spec"):
+    AttentionSettings.from_config(int8, cache=PagedCache(num_pages=8))
+  quant = AttentionSettings.from_config(int8).kv_quant
+  kept = AttentionSettings.from_config(int8, cache=PagedCache(num_pages=8, kv_quant=quant))
+  assert kept.cache == PagedCache(num_pages=8, kv_quant=quant)
+  named = load_config("tiny", "cache_axis_names=[b, s, k, h]")
+  with pytest.raises(ValueError, match=r"config sets cache_axis_names .*set cache_axis_names="):
+    AttentionSettings.from_config(named, cache=ContiguousCache())
+  # Keys of the kind itself are replaced, as documented.
+  ordered = load_config("tiny", "ar_cache_axis_order=[0, 2, 1, 3]")
+  assert AttentionSettings.from_config(ordered, cache=PagedCache(8)).cache == PagedCache(8)
 
 
 def test_linear_layer_builds_its_state_whatever_the_kv_kind():
@@ -168,6 +200,25 @@ def test_linear_layer_builds_its_state_whatever_the_kv_kind():
   assert linear.settings.cache == StateCache() and type(linear.init_cache(2, 8)) is LinearStateCache
   assert type(linear.init_cache(2, 8, paged=False)) is LinearStateCache
   assert softmax.settings.cache.kind == "paged" and type(softmax.init_cache(2, 8)) is PagedKVCache
+
+
+def test_decoder_init_cache_changes_nothing_when_a_layer_fails(monkeypatch):
+  """A hybrid model builds every block's cache before keeping any: when a softmax layer's
+  paged cache fails after the linear layers' states were built, every block keeps its cache."""
+  from meshattn.layers import Decoder, cache_builder
+  cfg = load_config("hybrid-linear", "emb_dim=32", "num_query_heads=2", "num_kv_heads=2",
+                    "head_dim=16", "linear_decay_per_head=[]", "num_decoder_layers=4")
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  before = model.init_cache(2, 8)
+  kinds = [type(c) for c in before]
+  assert LinearStateCache in kinds and KVCache in kinds and kinds[-1] is KVCache
+
+  def short_pool(*args, **kwargs):
+    raise ValueError("page pool too small")
+  monkeypatch.setattr(cache_builder, "PagedKVCache", short_pool)
+  with pytest.raises(ValueError, match="page pool too small"):
+    model.init_cache(2, 8, paged=True)
+  assert all(a is b for a, b in zip(model.caches(), before, strict=True))
 
 
 def test_settings_stay_static_jit_arguments():
