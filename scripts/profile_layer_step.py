@@ -1,11 +1,13 @@
 """Where a serving step's time goes: XLA's cost analysis and a profiler trace.
 
-    python scripts/profile_layer_step.py --out DIR [--decode 64x4096] [--prefill 8x4096x512]
+    python scripts/profile_layer_step.py --out DIR [--decode 64x4096] [--caches contiguous paged]
+        [--prefill 8x4096x512]
 
-For the decode step, the fresh prefill and the chunked prefill of
-scripts/bench_layer.py (Llama 3 8B attention, bf16): prints the bytes and
-FLOPs XLA counts for the compiled step and the device time of its ten
-costliest kernels (from a `jax.profiler` trace written under DIR).
+For the decode step (one call, and 16 steps in one `lax.scan`) of each cache
+kind, the fresh prefill, the `reset` that empties its slots (one call per slot,
+and one call for all) and the chunked prefill of scripts/bench_layer.py (Llama
+3 8B attention, bf16): prints the device time of the costliest kernels per
+step (from a `jax.profiler` trace written under DIR).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import glob
 import gzip
 import json
 import pathlib
+import time
 
 import jax
 import numpy as np
 
 from meshattn.layers.serving import jit_step
-from meshattn.scripts.bench_layer import build, fill, set_lengths
+from meshattn.scripts.bench_layer import SCAN_STEPS, build, fill, scan_steps, set_lengths
 
 
 def top_kernels(trace_dir: pathlib.Path, count: int = 10) -> list[tuple[str, float, int]]:
@@ -40,18 +43,22 @@ def top_kernels(trace_dir: pathlib.Path, count: int = 10) -> list[tuple[str, flo
   return [(name, us, calls[name]) for name, us in total.most_common(count)]
 
 
-def profile(name: str, fn, args, out: pathlib.Path, reset=None, runs: int = 5) -> None:
+def profile(name: str, fn, args, out: pathlib.Path, reset=None, runs: int = 5,
+            count: int = 10) -> None:
   jax.block_until_ready(fn(*args))
   trace_dir = out / name
   jax.profiler.start_trace(str(trace_dir))
+  start = time.perf_counter()
   for _ in range(runs):
     if reset:
       reset()
     y = fn(*args)
   jax.block_until_ready(y)
+  wall_ms = (time.perf_counter() - start) * 1e3 / runs
   jax.profiler.stop_trace()
-  print(f"\n## {name}: device kernels over {runs} steps (us per step)")
-  for kernel, us, calls in top_kernels(trace_dir):
+  print(f"\n## {name}: device kernels over {runs} runs (us per run; wall {wall_ms:.3f} ms per "
+        "run while tracing)")
+  for kernel, us, calls in top_kernels(trace_dir, count):
     print(f"{us / runs:10.1f}  x{calls // runs:<3} {kernel[:110]}")
 
 
@@ -59,20 +66,40 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="profile_out")
   parser.add_argument("--decode", default="64x4096")
+  parser.add_argument("--caches", nargs="*", default=["contiguous"])
   parser.add_argument("--prefill", default="8x4096x512")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   b, kv = (int(n) for n in args.decode.split("x"))
-  attn = build({}, "contiguous", b, kv + 64, 16)
-  fill(attn, kv)
-  x = jax.random.normal(jax.random.key(0), (b, 1, attn.settings.emb_dim), attn.settings.dtype)
-  step = jit_step(lambda m, x: m(x, model_mode="autoregressive"), check=False)
-  profile(f"decode_b{b}_kv{kv}", step, (attn, x), out, reset=lambda: set_lengths(attn, kv))
+  for kind in args.caches:
+    attn = build({}, kind, b, kv + 8 * SCAN_STEPS, 64)
+    fill(attn, kv)
+    if kind == "paged":
+      attn.cache.reserve_for_step(np.arange(b), 8 * SCAN_STEPS)
+    x = jax.random.normal(jax.random.key(0), (b, 1, attn.settings.emb_dim), attn.settings.dtype)
+    step = jit_step(lambda m, x: m(x, model_mode="autoregressive"), check=False)
+    profile(f"decode_{kind}_b{b}_kv{kv}", step, (attn, x), out, reset=lambda: set_lengths(attn, kv),
+            count=25)
+    set_lengths(attn, kv)
+    _, state, run = scan_steps(attn, None)
+    holder = {"state": state}
+
+    def scanned(xs):
+      holder["state"], ys = run(holder["state"], xs)
+      return ys
+
+    xs = jax.numpy.broadcast_to(x, (SCAN_STEPS,) + x.shape)
+    profile(f"scan_{kind}_b{b}_kv{kv} (x{SCAN_STEPS} steps per run)", scanned, (xs,), out,
+            runs=2, count=25)
   b, p, c = (int(n) for n in args.prefill.split("x"))
   attn = build({}, "contiguous", b, p, 16)
   x = jax.random.normal(jax.random.key(1), (b, p, attn.settings.emb_dim), attn.settings.dtype)
   prefill = jit_step(lambda m, x: m(x, model_mode="prefill"), check=False)
   profile(f"fresh_prefill_b{b}_s{p}", prefill, (attn, x), out, reset=lambda: set_lengths(attn, 0))
+  single = lambda: [attn.cache.reset(slot) for slot in range(b)][-1] or attn.cache.lengths[...]
+  profile(f"reset_{b}_slots_one_call_each", single, (), out)
+  batched = lambda: attn.cache.reset(np.arange(b)) or attn.cache.lengths[...]
+  profile(f"reset_{b}_slots_in_one_call", batched, (), out)
   profile(f"chunk_b{b}_{c}_over_{p - c}", prefill, (attn, x[:, :c]), out,
           reset=lambda: set_lengths(attn, p - c))
   train = jit_step(lambda m, x: m(x, model_mode="train"), check=False, donate=False)
