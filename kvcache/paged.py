@@ -202,14 +202,16 @@ class PagedKVCache(KVCacheBase):
     return flat_pool.reshape(pool.shape)
 
   def write(self, rows: jax.Array, key: jax.Array, value: jax.Array, positions: jax.Array,
-            valid: jax.Array, new_lengths: jax.Array) -> None:
+            valid: jax.Array, new_lengths: jax.Array, *, run: bool = False) -> None:
     """Store key/value [b, T, K, H] of tokens at `positions` [b, T] into slots `rows` [b].
 
     Token p of a slot goes to page page_table[slot, p // tpp], offset
     p % tpp. Only tokens with `valid` [b, T] whose page the slot owns are
     written; the others are sent to an out-of-range index and dropped, never
-    onto another page. Sets lengths[rows] = new_lengths [b].
+    onto another page. Sets lengths[rows] = new_lengths [b]. (`run`, as for
+    KVCache.write, changes nothing here: a slot's pages are not contiguous.)
     """
+    del run
     rows = jnp.asarray(rows, jnp.int32)
     page, offset, owned = self._locate(rows, positions)  # [b, T] each
     keep = valid & owned

@@ -94,14 +94,14 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   operands = (query, key, value, valid)
   if split_attention is not None and not cache.window:
-    cache.write(rows, key, value, positions, valid, new_lengths)
+    cache.write(rows, key, value, positions, valid, new_lengths, run=True)
 
     def over_split(query, key, value, valid):
       return split_attention(cache, rows, query, key, value, start, valid)  # [b, T, N, H]
 
     return _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_split, operands)
   if slot_attention is not None and not cache.window:
-    cache.write(rows, key, value, positions, valid, new_lengths)
+    cache.write(rows, key, value, positions, valid, new_lengths, run=True)
 
     def over_slot(query, key, value, valid):
       k_all, v_all = cache.read_block(rows, 0, cache.capacity, query.dtype)  # [b, C, K, H]
@@ -128,7 +128,7 @@ def cached_step(cache: KVCache, rows: jax.Array, query: jax.Array, key: jax.Arra
         sinks=sinks)  # [b, T, N, H]
 
   context = _fresh_or_cached(jnp.all(start == 0), fresh_attention, over_cache, operands)
-  cache.write(rows, key, value, positions, valid, new_lengths)
+  cache.write(rows, key, value, positions, valid, new_lengths, run=True)
   return context
 
 
@@ -174,7 +174,7 @@ def decode_with_kernel(cache, rows: jax.Array, query: jax.Array, key: jax.Array,
   """
   start = cache.lengths[...][rows]  # [b]
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
-  cache.write(rows, key, value, positions, valid, new_lengths)
+  cache.write(rows, key, value, positions, valid, new_lengths, run=True)
   view = cache.decode_view(rows, new_lengths, all_slots=all_slots)
   shared = dict(scale=options.scale, soft_cap=options.soft_cap, sinks=sinks,
                 **view.static_args(options))

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.variablelib import is_array_ref
 
+from meshattn.kvcache import variable_arrays
 from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers.step_inputs import host_raises_after_step
@@ -110,8 +110,8 @@ class _Binding:
     self.is_param = tuple(isinstance(v, nnx.Param) for v in variables)
     self.params = [v for v, p in zip(variables, self.is_param) if p]
     self.others = [v for v, p in zip(variables, self.is_param) if not p]
-    self.ref_params = [_holds_ref(v) for v in self.params]
-    self.ref_others = [_holds_ref(v) for v in self.others]
+    self.ref_params = [variable_arrays.holds_ref(v) for v in self.params]
+    self.ref_others = [variable_arrays.holds_ref(v) for v in self.others]
     self.epoch = _structure_epoch[0]
 
   def arrays(self) -> tuple[list, list]:
@@ -124,25 +124,15 @@ class _Binding:
 
 # The step moves raw values, as nnx.split / nnx.merge (and so nnx.jit) do: a Variable's
 # get / set hooks run inside the step, where the module reads and writes it, not again
-# here. (get_value / set_value would also copy through jax.tree.map: ~20 us per Variable
-# per call, most of a small step's host time.) A Variable holding an array ref is read
-# and written through the ref. Which ones hold refs is fixed when the module is bound.
-def _holds_ref(variable: nnx.Variable) -> bool:
-  return is_array_ref(variable.get_raw_value())
-
-
+# here (kvcache.variable_arrays). Which Variables hold array refs is fixed at bind.
 def _read(variables, refs) -> list:
-  return [v.get_raw_value()[...] if ref else v.get_raw_value() for v, ref in zip(variables, refs)]
+  return [variable_arrays.read(v, ref) for v, ref in zip(variables, refs)]
 
 
 def _write(variables, refs, arrays) -> None:
   for variable, ref, array in zip(variables, refs, arrays):
-    if array is None:  # a Variable the step left unchanged
-      continue
-    if ref:
-      variable.get_raw_value()[...] = array
-    else:
-      variable.set_raw_value(array)
+    if array is not None:  # None: a Variable the step left unchanged
+      variable_arrays.replace(variable, array, ref)
 
 
 def _merge(is_param, params, others):

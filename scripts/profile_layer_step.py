@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     profile(f"decode_{kind}_b{b}_kv{kv}", step, (attn, x), out, reset=lambda: set_lengths(attn, kv),
             count=25)
     set_lengths(attn, kv)
-    _, state, run = scan_steps(attn, None)
+    _, _, state, run = scan_steps(attn)
     holder = {"state": state}
 
     def scanned(xs):
