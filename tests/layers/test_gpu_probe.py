@@ -1,10 +1,13 @@
 """Availability probes run concretely even when first asked inside a traced step, and
 on this process's own GPU (layers/kernels/shared/gpu_probe.py)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from meshattn.layers.kernels.shared import gpu_probe
 from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
 from meshattn.layers.kernels.train import flash_gpu, flash_tokamax
 
@@ -49,3 +52,33 @@ def test_gpu_availability_first_asked_inside_a_trace_matches_asked_outside(check
   jax.jit(lambda x: (seen.append(check()), x)[1])(jnp.ones(2))
   check.cache_clear()
   assert seen == [check()]
+
+
+def test_gpu_probe_passes_runs_concretely_and_turns_failures_into_false(monkeypatch, caplog):
+  """The shared availability check, on a CPU device standing in for this process's GPU."""
+  monkeypatch.setattr(gpu_probe, "local_gpu", lambda: jax.devices()[0])
+  seen = []
+
+  def traced(x):
+    seen.append(gpu_probe.gpu_probe_passes(lambda d: float(jax.jit(lambda v: v * 2)(
+        jax.device_put(jnp.ones(()), d))) == 2.0))
+    with caplog.at_level(logging.WARNING, logger="meshattn.kernels"):
+      seen.append(gpu_probe.gpu_probe_passes(_failing_at_run_time, warning="probe broke (%s: %s)"))
+    seen.append(gpu_probe.gpu_probe_passes(lambda d: False))
+    return x
+
+  jax.jit(traced)(jnp.ones(2))
+  assert seen == [True, False, False]
+  assert "probe broke (RuntimeError: the probe ran and failed)" in caplog.text
+  # A device below min_capability (a CPU has none) is refused before the probe runs.
+  assert not gpu_probe.gpu_probe_passes(_never_called, min_capability=9.0)
+
+
+def _never_called(device):
+  raise AssertionError("the probe ran on a device below min_capability")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the answer without a GPU")
+def test_gpu_probe_passes_is_false_without_a_gpu_and_runs_nothing():
+  assert not gpu_probe.gpu_probe_passes(_never_called)
+  assert not flash_gpu.cudnn_available()

@@ -8,15 +8,24 @@ They use this process's first GPU: `jax.devices("gpu")[0]` belongs to process 0
 in a multi-host job, so a probe placed there fails on every other process, and
 processes that decide differently trace different programs and hang in their
 collectives.
+
+`gpu_probe_passes` is what an availability check calls: the GPU lookup, the
+concrete run and the "any failure means not usable here" rule live there once.
+Callers cache its answer per process (`functools.cache`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 
 T = TypeVar("T")
+
+logger = logging.getLogger("meshattn.kernels")
 
 
 def local_gpu() -> jax.Device | None:
@@ -32,3 +41,36 @@ def run_probe(probe: Callable[[jax.Device], T], device: jax.Device) -> T:
   """probe(device), executed now even when called while a computation is traced."""
   with jax.ensure_compile_time_eval():
     return probe(device)
+
+
+def causal_attention_runs(attend: Callable[..., jax.Array]) -> Callable[[jax.Device], bool]:
+  """A probe: attend(q, k, v, is_causal=True) on a tiny bfloat16 problem compiles and runs."""
+
+  def probe(device: jax.Device) -> bool:
+    x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
+    jax.block_until_ready(jax.jit(functools.partial(attend, is_causal=True))(x, x, x))
+    return True
+
+  return probe
+
+
+def gpu_probe_passes(probe: Callable[[jax.Device], bool], *, min_capability: float = 0.0,
+                     warning: str | None = None) -> bool:
+  """Whether probe(device) returns True on this process's first GPU (run now, even in a trace).
+
+  False without a local GPU, on one whose compute capability is below
+  `min_capability`, when the probe returns False, or when it raises: any
+  failure means "not usable here". `warning`, a logging format with two `%s`
+  (the error's type and its message), is logged when the probe raises.
+  """
+  device = local_gpu()
+  if device is None:
+    return False
+  if min_capability and float(getattr(device, "compute_capability", "0")) < min_capability:
+    return False
+  try:
+    return bool(run_probe(probe, device))
+  except Exception as error:  # pylint: disable=broad-except  # any failure: "not usable here"
+    if warning is not None:
+      logger.warning(warning, type(error).__name__, str(error)[:300])
+    return False

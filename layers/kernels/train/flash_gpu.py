@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.api import TrainCall, train_kernel
-from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
+from meshattn.layers.kernels.shared.gpu_probe import causal_attention_runs, gpu_probe_passes
 from meshattn.layers.kernels.shared.online_softmax import hide
 from meshattn.layers.masks import structural_mask
 
@@ -61,21 +61,8 @@ CUDNN_LIMITS = registry.Limits(
 @functools.cache
 def cudnn_available() -> bool:
   """Whether a GPU backend is present and a tiny cuDNN attention compiles and runs (cached)."""
-  device = local_gpu()
-  if device is None:
-    return False
-
-  def probe(device):
-    x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
-    attend = jax.jit(functools.partial(
-        jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
-    jax.block_until_ready(attend(x, x, x))
-
-  try:
-    run_probe(probe, device)
-    return True
-  except Exception:  # pylint: disable=broad-except  # any failure means "not usable here"
-    return False
+  return gpu_probe_passes(causal_attention_runs(
+      functools.partial(jax.nn.dot_product_attention, implementation="cudnn")))
 
 
 def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:

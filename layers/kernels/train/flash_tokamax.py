@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import TrainCall, train_kernel
 from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, train_variant
-from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
+from meshattn.layers.kernels.shared.gpu_probe import causal_attention_runs, gpu_probe_passes
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -126,23 +126,12 @@ def tokamax_available() -> bool:
   tokamax = _tokamax()
   if tokamax is None:
     return False
-  device = local_gpu()
-  if device is None or float(getattr(device, "compute_capability", "0")) < 9.0:
-    return False
-
-  def probe(device):
-    x = jax.device_put(jnp.zeros((1, 128, 1, 64), jnp.bfloat16), device)  # [B, T, N, H]
-    attend = jax.jit(functools.partial(tokamax.dot_product_attention, is_causal=True,
-                                       implementation="mosaic"))
-    jax.block_until_ready(attend(x, x, x))
-
-  try:
-    run_probe(probe, device)
-    return True
-  except Exception as error:  # pylint: disable=broad-except  # any failure: "not usable here"
-    logger.warning("tokamax is installed but its Mosaic kernel failed here (%s: %s); flash on "
-                   "GPU uses cuDNN / Pallas", type(error).__name__, str(error)[:300])
-    return False
+  return gpu_probe_passes(
+      causal_attention_runs(functools.partial(tokamax.dot_product_attention,
+                                              implementation="mosaic")),
+      min_capability=9.0,
+      warning="tokamax is installed but its Mosaic kernel failed here (%s: %s); flash on "
+              "GPU uses cuDNN / Pallas")
 
 
 def _rank(request: Request) -> int:

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meshattn.layers.kernels.shared.gpu_probe import local_gpu, run_probe
+from meshattn.layers.kernels.shared.gpu_probe import gpu_probe_passes
 
 logger = logging.getLogger("meshattn.kernels")
 
@@ -150,17 +150,12 @@ def cudnn_partial_usable() -> bool:
     logger.warning("cuDNN partial attention: the private API lacks some of %s; the split "
                    "prefill path is off", _CUDNN_KEYWORDS)
     return False
-  device = local_gpu()
-  if device is None:
-    return False
-  try:
-    # Run now even if first asked while a step is traced, on this process's own GPU
-    # (shared/gpu_probe: every process must reach the same answer).
-    return run_probe(_check_against_reference, device)
-  except Exception as err:  # pylint: disable=broad-except  # any failure means "not usable here"
-    logger.warning("cuDNN partial attention failed its check here (%s: %s); the split prefill "
-                   "path is off", type(err).__name__, str(err)[:300])
-    return False
+  # Run now even if first asked while a step is traced, on this process's own GPU
+  # (shared/gpu_probe: every process must reach the same answer).
+  return gpu_probe_passes(
+      _check_against_reference,
+      warning="cuDNN partial attention failed its check here (%s: %s); the split prefill "
+              "path is off")
 
 
 def _check_against_reference(device) -> bool:
