@@ -10,15 +10,28 @@ program (`xla_cpu_parallel_codegen_split_count=1`) about a fifth of that again
 (measured 2026-12-04: 12 train / prefill / decode programs 7.0 s -> 1.4 s of
 CPU; the whole suite 1110 -> 568 CPU-s, every test passing). The programs
 compute the same HLO; only the host code generated for it differs. `make test`
-sets the same flags.
+relies on these flags (an XLA_FLAGS already set is kept).
+
+XLA aborts the process on a flag it does not know, and jaxlib 0.11 (the GPU
+machine's) no longer has `xla_cpu_use_fusion_emitters` (checked 2026-12-04: every
+pytest worker died at start), so that one is set only for older jaxlibs.
 """
 
+import importlib.metadata
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
+
+def _suite_xla_flags() -> str:
+  flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+           "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_parallel_codegen_split_count=1"]
+  jaxlib = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
+  if jaxlib < (0, 11):
+    flags.append("--xla_cpu_use_fusion_emitters=false")
+  return " ".join(flags)
+
+
+os.environ.setdefault("XLA_FLAGS", _suite_xla_flags())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Shared helpers (tests/helpers/...) are imported as top-level modules.
