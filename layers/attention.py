@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from meshattn.configs.vocabulary import DECODE_KERNELS, TRAIN_KERNELS
 from meshattn.kvcache.base import CacheBase
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
-from meshattn.layers.cache_builder import build_cache
+from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.cached_step import cached_attention, step_positions
 from meshattn.layers.kernels import dispatch
 from meshattn.layers.linear.steps import check_linear_call
@@ -36,7 +36,6 @@ from meshattn.layers.projections import DenseGeneral, make_qk_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.layers.rope import apply_rope
 from meshattn.layers.settings import MODEL_MODES, AttentionSettings
-from meshattn.layers.serving import structure_changed
 from meshattn.layers.step_inputs import (plan_step, record, refuse_train_arguments, restore_on_error,
                                          rope_positions)
 from meshattn.layers.train_attention import train_context
@@ -153,10 +152,8 @@ class Attention(nnx.Module):
     `tokens_per_page` tokens instead (no ring_buffer / for_prefill: ValueError), whose
     pages are reserved with `cache.reserve_for_step(slots, tokens)` before each step.
     """
-    structure_changed()  # serving steps bound to this module must split it again
-    self.cache = build_cache(self.settings, self.mesh, batch_size, max_length,
-                             for_prefill=for_prefill, ring_buffer=ring_buffer, paged=paged)
-    return self.cache
+    return init_caches([self], batch_size, max_length, for_prefill=for_prefill,
+                       ring_buffer=ring_buffer, paged=paged)[0]
 
   def __call__(
       self,

@@ -7,9 +7,17 @@ shared by the slots (PagedCache -> PagedKVCache) or in a contiguous buffer
 per slot (ContiguousCache -> KVCache), which is a ring of
 `sliding_window_size` entries on a sliding-window layer. Every kind is placed
 on the layer's mesh by the cache's logical axis names.
+
+`init_caches` is what `Attention.init_cache` and `Decoder.init_cache` call: it
+builds every layer's cache before keeping any, so an error in one (a hybrid
+model's softmax layer refusing what its linear layers took) leaves every
+layer's cache as it was.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 
@@ -17,13 +25,35 @@ from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.cache_specs import ContiguousCache, PagedCache, StateCache
+from meshattn.layers.serving import structure_changed
 from meshattn.layers.settings import AttentionSettings
+
+Cache = KVCache | PagedKVCache | LinearStateCache
+
+
+class CachedLayer(Protocol):
+  """What init_caches reads and sets on a layer (an `Attention`)."""
+  settings: AttentionSettings
+  mesh: jax.sharding.Mesh | None
+  cache: Cache | None
+
+
+def init_caches(layers: Sequence[CachedLayer], batch_size: int, max_length: int | None = None,
+                **kind) -> list[Cache]:
+  """Build each layer's cache (`build_cache`; `kind` is its for_prefill / ring_buffer /
+  paged), then keep them all: a failure in any leaves every layer's cache in place."""
+  built = [build_cache(layer.settings, layer.mesh, batch_size, max_length, **kind)
+           for layer in layers]
+  structure_changed()  # serving steps bound to these layers must split them again
+  for layer, cache in zip(layers, built, strict=True):
+    layer.cache = cache
+  return built
 
 
 def build_cache(settings: AttentionSettings, mesh: jax.sharding.Mesh | None, batch_size: int,
                 max_length: int | None = None, *, for_prefill: bool = False,
                 ring_buffer: bool | None = None,
-                paged: bool | None = None) -> KVCache | PagedKVCache | LinearStateCache:
+                paged: bool | None = None) -> Cache:
   """The cache for `batch_size` slots of up to `max_length` tokens (default
   max_target_length); the arguments are `Attention.init_cache`'s: `paged` and
   `ring_buffer` pick another kind than `settings.cache` (settings.cache_for),

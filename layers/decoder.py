@@ -40,11 +40,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.validation import REMAT_POLICIES
-from meshattn.layers.cache_builder import build_cache
+from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.decoder_block import DecoderBlock
 from meshattn.layers.mlp import model_norm
 from meshattn.layers.projections import DenseGeneral
-from meshattn.layers.serving import structure_changed
 from meshattn.layers.settings import MODEL_MODES
 from meshattn.sharding import constrain
 
@@ -102,11 +101,7 @@ class Decoder(nnx.Module):
     Every block's cache is built before any is kept, so an error in one (a hybrid
     model's softmax layer refusing what its linear layers took) leaves every block's
     cache as it was."""
-    built = [build_cache(block.attention.settings, block.attention.mesh, batch_size,
-                         max_length, paged=paged) for block in self.blocks]
-    structure_changed()  # serving steps bound to this model must split it again
-    for block, cache in zip(self.blocks, built):
-      block.attention.cache = cache  # what Attention.init_cache keeps
+    init_caches([block.attention for block in self.blocks], batch_size, max_length, paged=paged)
     return self.caches()
 
   def caches(self) -> list:
