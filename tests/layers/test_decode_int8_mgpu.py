@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
+from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.decode import decode
 from meshattn.layers.kernels.decode import decode_int8_mgpu as mgpu
 
@@ -125,16 +126,27 @@ def test_not_routed_off_hopper(monkeypatch):
   device = jax.devices()[0]
   assert mgpu.on_hopper() == (device.platform == "gpu"
                               and str(getattr(device, "compute_capability", "")).startswith("9"))
+  # An int8 request in the kernel's scope (its registration: head_dim 128, per-head scales,
+  # a cache length on the tile): only where it was measured does the registry pick it.
+  request = registry.Request("gpu", "autoregressive", frozenset({"causal", "gqa", "quantized_kv"}),
+                             head_dim=128, dtype=jnp.bfloat16, kv_len=256, kv_dtype=jnp.int8,
+                             kv_quant_axis="dkv", group=4)
+  entry = next(k for k in registry.kernels("ragged") if k.impl.endswith(":ragged_int8_decode"))
   try:
+    monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mgpu, "MEASURED_FASTER_ON", (device.device_kind,))
+    mgpu.measured_faster_here.cache_clear()
+    assert entry.serves(request) and registry.select("ragged", request) is entry
     monkeypatch.setattr(mgpu, "on_hopper", lambda: False)
     mgpu.measured_faster_here.cache_clear()
     assert not mgpu.measured_faster_here()
-    assert not mgpu.serves(*_args(b=2), None)
+    assert not entry.serves(request) and registry.select("ragged", request) is not entry
     # A Hopper part it was not measured on keeps the Triton kernel.
     monkeypatch.setattr(mgpu, "on_hopper", lambda: True)
     monkeypatch.setattr(mgpu, "MEASURED_FASTER_ON", ())
     mgpu.measured_faster_here.cache_clear()
     assert not mgpu.measured_faster_here()
+    assert not entry.serves(request) and registry.select("ragged", request) is not entry
   finally:
     mgpu.measured_faster_here.cache_clear()  # recomputed from the real device after the patches
 

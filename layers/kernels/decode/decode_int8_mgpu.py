@@ -323,20 +323,6 @@ def measured_faster_here() -> bool:
   return on_hopper() and jax.devices()[0].device_kind in MEASURED_FASTER_ON
 
 
-def serves(query, key, value, lengths, key_scale, value_scale, sinks, *, soft_cap=None,
-           window=None) -> bool:
-  """Whether `ragged_decode` routes this request here: the kernel's scope, at head_dim 128,
-  on a device where it was measured faster than the Triton int8 kernel."""
-  if soft_cap is not None or window is not None or not measured_faster_here():
-    return False
-  try:
-    check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, block_kv=BLOCK_KV,
-                    stages=STAGES, ablation=None)
-  except ValueError:
-    return False
-  return key.shape[-1] == MEASURED_HEAD_DIM
-
-
 def check_arguments(query, key, value, lengths, key_scale, value_scale, sinks, *,
                     block_kv: int, stages: int, ablation: str | None) -> None:
   """Raise ValueError naming the argument unless the kernel serves this request."""
