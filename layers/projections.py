@@ -93,14 +93,18 @@ def _rms_normalize(x: jax.Array, epsilon: float) -> jax.Array:
   return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
 
 
-class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis with a learned scale (the default QK norm)."""
+class _ScaledNorm(nnx.Module):
+  """A norm over the last axis with a learned scale [features] (named by `scale_axes`)."""
 
   def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
                dtype: jnp.dtype | None = None, weight_dtype: jnp.dtype = jnp.float32):
     self.epsilon = epsilon
     self.dtype = dtype
     self.scale = nnx.Param(jnp.ones((features,), weight_dtype), logical_axes=tuple(scale_axes))
+
+
+class RMSNorm(_ScaledNorm):
+  """RMSNorm over the last axis with a learned scale (the default QK norm)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out = _rms_normalize(x, self.epsilon) * self.scale[...].astype(jnp.float32)
@@ -118,14 +122,8 @@ class L2Norm(nnx.Module):
     return _rms_normalize(x, self.epsilon).astype(self.dtype or x.dtype)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(_ScaledNorm):
   """LayerNorm over the last axis with a learned scale and no bias (Flax's normalize_qk)."""
-
-  def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
-               dtype: jnp.dtype | None = None, weight_dtype: jnp.dtype = jnp.float32):
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.scale = nnx.Param(jnp.ones((features,), weight_dtype), logical_axes=tuple(scale_axes))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
