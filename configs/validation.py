@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshattn.configs import vocabulary as vocab
-from meshattn.configs.vocabulary import (  # noqa: F401  (re-exported: the loader, tests)
-  ATTENTION_TYPES, DECODE_KERNELS, KV_QUANT_AXES, KV_QUANT_DTYPES, MATMUL_PRECISIONS,
-  QK_NORM_TYPES, QUANTIZATION_MODES, ROPE_TYPES)
+from meshattn.configs.vocabulary import (  # noqa: F401  (re-exported: the loader, the model, tests)
+  ATTENTION_TYPES, DECODE_KERNELS, KV_QUANT_AXES, KV_QUANT_DTYPES, LR_SCHEDULES, MATMUL_PRECISIONS,
+  MLP_ACTIVATIONS, QK_NORM_TYPES, QUANTIZATION_MODES, REMAT_POLICIES, ROPE_TYPES)
 
 # Allowed values of the enumerated keys (configs/vocabulary.py). KNOWN_KERNELS
 # is read at validation time (not bound at import), so a kernel registry may
@@ -110,6 +110,13 @@ def check_values(items: Iterable[tuple[str, Any]], owner: str = "") -> None:
             f"got {value!r}")
 
 
+def _validate_enumerated(cfg: Mapping[str, Any]) -> None:
+  """Every enumerated key holds one of its allowed values (vocabulary.KEY_VALUES)."""
+  for key, allowed in vocab.KEY_VALUES.items():
+    _one_of(cfg, key, allowed)
+  _one_of(cfg, "attention", KNOWN_KERNELS)  # read now: a kernel registry may extend it
+
+
 def _validate_shape(cfg: Mapping[str, Any]) -> None:
   """Head counts and widths the projections can be built with."""
   if cfg["num_query_heads"] % cfg["num_kv_heads"]:
@@ -117,16 +124,11 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
       "num_kv_heads",
       f"{cfg['num_kv_heads']} must divide num_query_heads={cfg['num_query_heads']}",
     )
-  _one_of(cfg, "dtype", DTYPES)
-  _one_of(cfg, "weight_dtype", DTYPES)
-  _one_of(cfg, "matmul_precision", MATMUL_PRECISIONS)
   if cfg["fused_qkv"] and cfg["share_kv_projections"]:
     _fail("fused_qkv", "fused_qkv and share_kv_projections cannot both be true")
-  _one_of(cfg, "quantization", QUANTIZATION_MODES)
   if cfg["quantization"] and cfg["matmul_precision"] != "default":
     _fail("quantization", f"{cfg['quantization']!r} runs integer matmuls and takes no "
           f"matmul_precision (got {cfg['matmul_precision']!r}): use matmul_precision default")
-  _one_of(cfg, "qk_norm_type", QK_NORM_TYPES)
   _at_least(cfg, "nope_layer_interval", 0)
   _positive(cfg, "temperature_tuning_floor_scale")
   if cfg["temperature_tuning"] and not (cfg["nope_layer_interval"] > 0
@@ -139,9 +141,6 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
 
 def _validate_attention(cfg: Mapping[str, Any]) -> None:
   """Kernel, attention types and the window sizes the chosen types need."""
-  _one_of(cfg, "attention", KNOWN_KERNELS)
-  _one_of(cfg, "decode_attention", DECODE_KERNELS)
-  _one_of(cfg, "attention_type", vocab.LAYER_TYPES)
   for i, kind in enumerate(cfg["attention_layer_pattern"]):
     if kind not in vocab.LAYER_TYPES:
       _fail("attention_layer_pattern",
@@ -161,8 +160,6 @@ def _validate_attention(cfg: Mapping[str, Any]) -> None:
 
 def _validate_linear(cfg: Mapping[str, Any]) -> None:
   """Linear attention's keys, the softmax features its layers refuse, and the output gate."""
-  _one_of(cfg, "attention_output_gate", vocab.OUTPUT_GATES)
-  _one_of(cfg, "linear_feature_map", vocab.LINEAR_FEATURE_MAPS)
   problem = vocab.linear_normalize_problem(cfg["linear_normalize"], cfg["linear_feature_map"])
   if problem:
     _fail("linear_normalize", problem)
@@ -192,7 +189,6 @@ def _validate_linear(cfg: Mapping[str, Any]) -> None:
 
 def _validate_rope(cfg: Mapping[str, Any]) -> None:
   """RoPE rotates pairs of dims, so every rotated width must be even and non-empty."""
-  _one_of(cfg, "rope_type", ROPE_TYPES)
   rope_type = cfg["rope_type"]
   factor = cfg["partial_rotary_factor"]
   if not 0 < factor <= 1:
@@ -246,8 +242,6 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
     _fail(
       "max_prefill_predict_length", f"must be in [1, max_target_length={target}], got {prefill}"
     )
-  _one_of(cfg, "kv_quant_dtype", KV_QUANT_DTYPES)
-  _one_of(cfg, "kv_quant_axis", KV_QUANT_AXES)
   for key in ("prefill_cache_axis_order", "ar_cache_axis_order"):
     if not vocab.is_axis_permutation(cfg[key]):
       _fail(
@@ -343,12 +337,6 @@ def _validate_axis_names(cfg: Mapping[str, Any]) -> None:
       _fail(key, f"must be a list of {length} str logical axis names, got {_thaw(names)!r}")
 
 
-# Decoder model and training (layers/decoder.py, scripts/train.py): the allowed values,
-# read by the model and the trainer from here.
-MLP_ACTIVATIONS = ("silu", "gelu")
-REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj",
-                  "save_dot_except_mlp")
-LR_SCHEDULES = ("constant", "cosine", "linear")
 RECALL_SPECIAL_TOKENS = 2  # recall task ids 0 (padding) and 1 (separator); keys, values follow
 
 
@@ -367,9 +355,6 @@ def _validate_training(cfg: Mapping[str, Any]) -> None:
   for key in ("seed", "warmup_steps", "checkpoint_period", "max_checkpoints_to_keep",
               "weight_decay", "grad_clip_norm"):
     _at_least(cfg, key, 0)
-  _one_of(cfg, "mlp_activation", MLP_ACTIVATIONS)
-  _one_of(cfg, "remat_policy", REMAT_POLICIES)
-  _one_of(cfg, "lr_schedule", LR_SCHEDULES)
   _positive(cfg, "learning_rate")
   _positive(cfg, "adam_eps")
   for key in ("adam_b1", "adam_b2"):
@@ -408,6 +393,7 @@ def validate(cfg: Mapping[str, Any], num_devices: int | None = None) -> None:
   to ``jax.device_count()``.
   """
   check_values(cfg.items())
+  _validate_enumerated(cfg)
   _validate_shape(cfg)
   _validate_attention(cfg)
   _validate_linear(cfg)

@@ -49,6 +49,34 @@ KV_QUANT_DTYPES: tuple[str, ...] = tuple(KV_QUANT_QMAX)
 KV_QUANT_AXES: tuple[str, ...] = ("dkv", "heads_and_dkv")
 # The logical dims of a cache entry, in the order a cache axis permutation refers to.
 CACHE_DIMS: tuple[str, ...] = ("batch", "sequence", "kv heads", "head_dim")
+# The decoder model and the trainer (layers/decoder.py, layers/mlp.py, scripts/train.py).
+MLP_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu")
+REMAT_POLICIES: tuple[str, ...] = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj",
+                                   "save_dot_except_mlp")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear")
+
+# Each enumerated config key and its allowed values: configs/validation.py checks every
+# entry ("<key>: 'x' is not one of [...]"), so a new enumerated key is one line here. The
+# keyword path checks its own arguments against the same sets, in its own wording.
+# `attention` is not listed: its kernels are read when a config is validated
+# (validation.KNOWN_KERNELS, which a kernel registry may extend).
+KEY_VALUES: Mapping[str, tuple[str, ...]] = {
+    "dtype": DTYPE_NAMES,
+    "weight_dtype": DTYPE_NAMES,
+    "matmul_precision": MATMUL_PRECISIONS,
+    "quantization": QUANTIZATION_MODES,
+    "qk_norm_type": QK_NORM_TYPES,
+    "decode_attention": DECODE_KERNELS,
+    "attention_type": LAYER_TYPES,
+    "attention_output_gate": OUTPUT_GATES,
+    "linear_feature_map": LINEAR_FEATURE_MAPS,
+    "rope_type": ROPE_TYPES,
+    "kv_quant_dtype": KV_QUANT_DTYPES,
+    "kv_quant_axis": KV_QUANT_AXES,
+    "mlp_activation": MLP_ACTIVATIONS,
+    "remat_policy": REMAT_POLICIES,
+    "lr_schedule": LR_SCHEDULES,
+}
 
 # ---- one-value rules -------------------------------------------------------------
 # Each returns what is wrong (a phrase without the key's name) or None.

@@ -1,0 +1,35 @@
+"""Enumerated config keys are declared once (configs/vocabulary.KEY_VALUES) and all checked:
+each is a base.yml key whose default is allowed, a value outside its set is refused naming
+the key and the set, and a string key of base.yml is either listed there or known free text.
+
+No JAX: configs are loaded, nothing is built.
+"""
+
+import re
+
+import pytest
+
+from meshattn.configs import ConfigError, load_config
+from meshattn.configs import vocabulary as vocab
+
+N = 8  # device count the mesh checks use
+# String keys whose value is not one of a fixed set: paths, and the train kernel, whose
+# allowed names are read at validation time (validation.KNOWN_KERNELS, extensible).
+FREE_OR_LATE = {"output_dir", "checkpoint_dir", "attention"}
+
+
+def test_string_keys_are_enumerated_or_known_free_text():
+  base = load_config("base", num_devices=N)
+  strings = {key for key, value in base.items() if isinstance(value, str)}
+  assert strings - FREE_OR_LATE == set(vocab.KEY_VALUES), (
+      "a string key of base.yml is neither in vocabulary.KEY_VALUES nor free text")
+  for key, allowed in vocab.KEY_VALUES.items():
+    assert base[key] in allowed, (key, base[key])
+
+
+@pytest.mark.parametrize("key", [*vocab.KEY_VALUES, "attention"])
+def test_a_value_outside_the_set_names_the_key_and_the_allowed_values(key):
+  allowed = vocab.KEY_VALUES.get(key, vocab.TRAIN_KERNELS)
+  want = f"{key}: 'not_a_value' is not one of {list(allowed)}"
+  with pytest.raises(ConfigError, match=re.escape(want)):
+    load_config("base", f"{key}=not_a_value", num_devices=N)
