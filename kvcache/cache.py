@@ -224,7 +224,7 @@ class KVCache(KVCacheBase):
 
     XLA's scatter of b*T single tokens ran at ~6% of copy bandwidth on the H200 (a
     4096-token prefill of 8 slots: 0.26 ms per array); a slice write moves the same bytes
-    at copy speed. Each row's window [s, s+T) is read and written back with the kept
+    at copy speed (9 us). Each row's window [s, s+T) is read and written back with the kept
     tokens in it, so dropped tokens (padding, a rejected step, a row out of range) leave
     their entries as they were. T <= capacity; a window that would pass the end is moved
     back to end at the capacity (s = min(start, C - T)) and the tokens shifted into it.
@@ -233,22 +233,25 @@ class KVCache(KVCacheBase):
     seq_axis, batch_axis = self.axis_order.index(1), self.axis_order.index(0)
     rest = [a for a in self.axis_order if a > 1]  # kv heads / head_dim in storage order
     upd = jnp.transpose(updates, (0, 1, *rest)).astype(stored.dtype)  # [b, T, rest...]
-    keep = keep & ((rows >= 0) & (rows < self.batch_size))[:, None]  # [b, T]
+    in_range = (rows >= 0) & (rows < self.batch_size)  # [b]
+    keep = keep & in_range[:, None]  # [b, T]
+    slots = jnp.where(in_range, rows, 0)  # [b]; a dropped row rewrites slot 0's entries as they are
     window_start = jnp.clip(start, 0, self.capacity - t)  # [b]
-    shift = start - window_start  # [b] >= 0 where start is in range
-    pad = jnp.zeros_like(upd)  # [b, T, rest...]
+    # Window entry j of row i holds token j - shift[i] (a gather along T: the same shift as
+    # a concatenate + dynamic slice gave wrong entries under XLA:GPU, jax 0.11).
+    token = jnp.arange(t)[None, :] - (start - window_start)[:, None]  # [b, T]
+    taken = jnp.clip(token, 0, t - 1)  # [b, T]
+    keep = (token >= 0) & jnp.take_along_axis(keep, taken, axis=1)  # [b, T] by window entry
+    upd = jnp.take_along_axis(upd, taken.reshape(taken.shape + (1,) * (upd.ndim - 2)),
+                              axis=1)  # [b, T, rest...] by window entry
+    sizes = list(stored.shape)
+    sizes[batch_axis], sizes[seq_axis] = 1, t
     for i in range(rows.shape[0]):  # unrolled: b is static
-      # Token j lands at window entry j + shift[i]: slide the row's tokens into place.
-      row_upd = jax.lax.dynamic_slice_in_dim(jnp.concatenate([pad[i], upd[i]]), t - shift[i], t)
-      row_keep = jax.lax.dynamic_slice_in_dim(
-          jnp.concatenate([jnp.zeros_like(keep[i]), keep[i]]), t - shift[i], t)  # [T]
       starts = [0] * stored.ndim
-      starts[batch_axis], starts[seq_axis] = rows[i], window_start[i]
-      sizes = list(stored.shape)
-      sizes[batch_axis], sizes[seq_axis] = 1, t
+      starts[batch_axis], starts[seq_axis] = slots[i], window_start[i]
       old = jax.lax.dynamic_slice(stored, starts, sizes)  # storage layout, batch 1, T entries
-      new = jnp.moveaxis(row_upd[None], (0, 1), (batch_axis, seq_axis))  # as `old`
-      mask = row_keep.reshape([t if a == seq_axis else 1 for a in range(stored.ndim)])
+      new = jnp.moveaxis(upd[i][None], (0, 1), (batch_axis, seq_axis))  # as `old`
+      mask = keep[i].reshape([t if a == seq_axis else 1 for a in range(stored.ndim)])
       stored = jax.lax.dynamic_update_slice(stored, jnp.where(mask, new, old), starts)
       # Kept apart: fused, XLA computes the b writes as one pass over the whole cache.
       stored = jax.lax.optimization_barrier(stored)

@@ -54,6 +54,20 @@ def test_gpu_availability_first_asked_inside_a_trace_matches_asked_outside(check
   assert seen == [check()]
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="probes a GPU kernel")
+def test_installed_tokamax_passes_its_probe_on_hopper_even_inside_a_trace():
+  """Its Mosaic kernel binds named axes: a probe evaluated op by op (as jax 0.11 does a jitted
+  call under ensure_compile_time_eval) failed "unbound axis name: q_tiles", so flash lost
+  its fastest GPU kernel on the H200."""
+  pytest.importorskip("tokamax")
+  if float(local_gpu().compute_capability) < 9.0:
+    pytest.skip("tokamax's Mosaic kernel needs Hopper or newer")
+  flash_tokamax.tokamax_available.cache_clear()
+  seen = []
+  jax.jit(lambda x: (seen.append(flash_tokamax.tokamax_available()), x)[1])(jnp.ones(2))
+  assert seen == [True]
+
+
 def test_gpu_probe_passes_runs_concretely_and_turns_failures_into_false(monkeypatch, caplog):
   """The shared availability check, on a CPU device standing in for this process's GPU."""
   monkeypatch.setattr(gpu_probe, "local_gpu", lambda: jax.devices()[0])

@@ -3,7 +3,7 @@
 Kernel availability is first asked while a layer's step is being traced: a probe
 run there would only be recorded into that trace (its result is a tracer, so
 nothing fails and "available" is cached although the kernel never ran). Probes
-therefore run under `jax.ensure_compile_time_eval`, which executes them now.
+therefore run in a thread of their own, outside the caller's trace.
 They use this process's first GPU: `jax.devices("gpu")[0]` belongs to process 0
 in a multi-host job, so a probe placed there fails on every other process, and
 processes that decide differently trace different programs and hang in their
@@ -16,6 +16,7 @@ Callers cache its answer per process (`functools.cache`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 from typing import Callable, TypeVar
@@ -38,9 +39,16 @@ def local_gpu() -> jax.Device | None:
 
 
 def run_probe(probe: Callable[[jax.Device], T], device: jax.Device) -> T:
-  """probe(device), executed now even when called while a computation is traced."""
-  with jax.ensure_compile_time_eval():
-    return probe(device)
+  """probe(device), executed now even when called while a computation is traced.
+
+  It runs in a thread of its own: JAX's trace state is per thread, so there the
+  probe's jitted call compiles and runs as at top level. (Under
+  `jax.ensure_compile_time_eval` jax 0.11 evaluates a jitted call op by op, which a
+  Mosaic GPU kernel with named axes cannot do: tokamax's probe failed there with
+  "unbound axis name: q_tiles" and flash lost its fastest GPU kernel, H200, 2026-12-04.)
+  """
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    return pool.submit(probe, device).result()
 
 
 def causal_attention_runs(attend: Callable[..., jax.Array]) -> Callable[[jax.Device], bool]:
