@@ -33,13 +33,9 @@ alternative per kernel on two shapes (12 runs). Writes tune_decode.json under --
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import pathlib
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -51,6 +47,8 @@ from meshattn.layers.kernels.decode.paged import paged_decode_pallas
 from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 from meshattn.scripts.bench_common import (
     copy_bandwidth, fmt, rel_err, time_fn, time_synced, to_pages)
+from meshattn.scripts.tune_common import (
+    TimeBox, past_share, sweep_platform, tuning_parser, write_results)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,19 +238,11 @@ def print_table(rows: list[Row]):
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="tune_out", help="folder for tune_decode.json")
-  p.add_argument("--quick", action="store_true", help="2 configs per kernel on 2 shapes")
-  p.add_argument("--cpu-smoke", action="store_true",
-                 help="interpret mode on CPU, tiny shapes (checks the script, times nothing real)")
+  p = tuning_parser(__doc__, "tune_decode.json", quick_help="2 configs per kernel on 2 shapes",
+                    budget_s=240.0,
+                    budget_help="wall-clock budget of the sweep (per-shape data set-up included)")
   p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
-  p.add_argument("--budget-s", type=float, default=240.0,
-                 help="wall-clock budget of the sweep (per-shape data set-up included)")
-  p.add_argument("--iters", type=int, default=20)
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--heads", type=int, default=32)
-  p.add_argument("--kv-heads", type=int, default=8)
-  p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--tokens-per-page", type=int, default=16)
   args = p.parse_args(argv)
   if args.cpu_smoke:
@@ -263,11 +253,10 @@ def parse(argv):
 
 def main(argv: list[str]) -> int:
   args = parse(argv)
-  platform = jax.default_backend()
-  interpret = args.cpu_smoke
-  if platform != "gpu" and not interpret:
-    print(f"platform {platform}: the sweep needs a GPU (or --cpu-smoke)")
+  platform = sweep_platform(args)
+  if platform is None:
     return 2
+  interpret = args.cpu_smoke
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({platform}, {decode_splits.sm_count()} SMs), "
         f"jax {jax.__version__}")
@@ -280,18 +269,16 @@ def main(argv: list[str]) -> int:
   print(f"device copy: {bandwidth:.1f} GB/s ({biggest / 2**20:.0f} MiB)")
   # int8 speedups are against the best bfloat16 ragged config: KERNELS runs that first.
   kernels = [k for k in KERNELS if k in args.kernels]
-  deadline = time.perf_counter() + args.budget_s
+  budget = TimeBox(args.budget_s, len(shapes) * len(kernels))
   rows: list[Row] = []
-  combos_left = len(shapes) * len(kernels)
   for shape in shapes:
     problem = make_problem(shape, heads=args.heads, kv_heads=args.kv_heads,
                            head_dim=args.head_dim, dtype=dtype, tpp=args.tokens_per_page,
                            interpret=interpret)
     for kernel in kernels:
-      slice_end = time.perf_counter() + max(deadline - time.perf_counter(), 0) / combos_left
-      combos_left -= 1
+      share_end = budget.next_share()
       for i, config in enumerate(candidates[kernel]):
-        if i and time.perf_counter() > slice_end:
+        if past_share(i, share_end):
           rows.append(Row(kernel, shape.name, config_name(config), status="skipped (budget)",
                           params=dict(config)))
           continue
@@ -325,15 +312,10 @@ def main(argv: list[str]) -> int:
       print(f"best {kernel:<12} over all shapes: {overall[0]} (geomean {overall[1]:.3f}x the "
             "per-shape best)")
       summary.setdefault(kernel, {})["overall"] = {"config": overall[0], "geomean": overall[1]}
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   meta = {"device": device.device_kind, "platform": platform, "jax": jax.__version__,
           "sm_count": decode_splits.sm_count(), "copy_gbps": bandwidth,
           "interpret": interpret, "args": vars(args)}
-  path = out / "tune_decode.json"
-  path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows],
-                              "best": summary}, indent=1, default=str))
-  print(f"wrote {path}")
+  write_results(args.out, "tune_decode.json", meta, rows, summary)
   failed = [r for r in rows if r.status == "MISMATCH"]
   return 1 if failed else 0
 

@@ -40,13 +40,9 @@ case as pallas_gpu_flash_attention keyword arguments.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +52,8 @@ from meshattn.layers.kernels.train.dot_product import dot_product_attention
 from meshattn.layers.kernels.train.flash_pallas_gpu import pallas_gpu_flash_attention
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import TOLERANCE, failed, fmt, rel_err, time_fn
+from meshattn.scripts.tune_common import (
+    TimeBox, past_share, sweep_platform, tuning_parser, write_results)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,19 +281,11 @@ def print_table(rows: list[Row], base_name: str):
 
 
 def parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="tune_out", help="folder for tune_flash_pallas_gpu.json")
-  p.add_argument("--quick", action="store_true", help="2 fwd + 2 fwd+bwd configs per case")
-  p.add_argument("--cpu-smoke", action="store_true",
-                 help="interpret mode on CPU, tiny shapes (checks the script, times nothing real)")
-  p.add_argument("--budget-s", type=float, default=220.0,
-                 help="wall-clock budget of the sweep (after the baseline)")
-  p.add_argument("--iters", type=int, default=20)
+  p = tuning_parser(__doc__, "tune_flash_pallas_gpu.json",
+                    quick_help="2 fwd + 2 fwd+bwd configs per case", budget_s=220.0,
+                    budget_help="wall-clock budget of the sweep (after the baseline)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=4096)
-  p.add_argument("--heads", type=int, default=32)
-  p.add_argument("--kv-heads", type=int, default=8)
-  p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--dtype", default="bfloat16", choices=sorted(TOLERANCE))
   p.add_argument("--soft-cap", type=float, default=50.0)
   p.add_argument("--documents", type=int, default=4, help="packed documents per row")
@@ -310,11 +300,10 @@ def parse(argv):
 
 def main(argv: list[str]) -> int:
   args = parse(argv)
-  platform = jax.default_backend()
-  interpret = args.cpu_smoke
-  if platform != "gpu" and not interpret:
-    print(f"platform {platform}: the sweep needs a GPU (or --cpu-smoke)")
+  platform = sweep_platform(args)
+  if platform is None:
     return 2
+  interpret = args.cpu_smoke
   device = jax.devices()[0]
   b, s, n, kh, h = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
   shape = f"b{b} s{s} n{n} k{kh} h{h} {args.dtype}"
@@ -330,9 +319,8 @@ def main(argv: list[str]) -> int:
   else:
     print(f"baseline {base['name']}: {base.get('status')} (no ratios)", flush=True)
 
-  deadline = time.perf_counter() + args.budget_s
   chosen = [c for i, c in enumerate(cases(args)) if i in args.cases]
-  slots_left = 2 * len(chosen)
+  budget = TimeBox(args.budget_s, 2 * len(chosen))  # a forward and a fwd+bwd group per case
   rows: list[Row] = []
   best: dict = {}
   for case in chosen:
@@ -341,14 +329,13 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # noqa: BLE001 -- e.g. the O(s^2) reference out of memory
       rows.append(Row(case.name, "reference", "-", status=failed(error)))
       print(f"  {case.name}: reference {failed(error)}", flush=True)
-      slots_left -= 2
+      budget.drop(2)
       continue
     fwd_best = None
     for mode, candidates in (("fwd", fwd_candidates), ("fwd+bwd", bwd_candidates)):
-      slice_end = time.perf_counter() + max(deadline - time.perf_counter(), 0) / slots_left
-      slots_left -= 1
+      share_end = budget.next_share()
       for i, config in enumerate(candidates):
-        if i and time.perf_counter() > slice_end:
+        if past_share(i, share_end):
           rows.append(Row(case.name, mode, config_name(config), dict(config),
                           status="skipped (budget)"))
           continue
@@ -383,15 +370,10 @@ def main(argv: list[str]) -> int:
             f"{top['tflops']:.1f} TFLOP/s  x{fmt(top['x_cudnn'], '.2f')} {base['name']}{gain}")
     if "kwargs" in best.get(case.name, {}):
       print(f"  kwargs: {best[case.name]['kwargs']}")
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   meta = {"device": device.device_kind, "platform": platform, "jax": jax.__version__,
           "shape": shape, "interpret": interpret, "baseline": base,
           "flops_fwd": flops, "args": vars(args)}
-  path = out / "tune_flash_pallas_gpu.json"
-  path.write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows],
-                              "best": best}, indent=1, default=str))
-  print(f"wrote {path}")
+  write_results(args.out, "tune_flash_pallas_gpu.json", meta, rows, best)
   return 1 if any(r.status == "MISMATCH" for r in rows) else 0
 
 
