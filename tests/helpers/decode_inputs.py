@@ -127,6 +127,22 @@ def ragged_inputs(case, kv_heads, seed=0, dtype=jnp.float32):
   return jnp.asarray(q, dtype), key, value, kwargs, (q.astype(np.float64), k64, v64, sinks)
 
 
+def poison_past_lengths(key, value, kwargs, lengths):
+  """(key, value, kwargs) with every entry past each row's length made harmful if read: NaN
+  keys and inf values, or for an int8 cache extreme codes and NaN scales [B, K|1, S]."""
+  past = jnp.arange(key.shape[1])[None, :] >= lengths[:, None]  # [B, S]
+  kwargs = dict(kwargs)
+  if kwargs.get("key_scale") is not None:
+    key = jnp.where(past[..., None, None], jnp.int8(127), key)
+    value = jnp.where(past[..., None, None], jnp.int8(-127), value)
+    kwargs["key_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["key_scale"])
+    kwargs["value_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["value_scale"])
+  else:
+    key = jnp.where(past[..., None, None], jnp.nan, key)
+    value = jnp.where(past[..., None, None], jnp.inf, value)
+  return key, value, kwargs
+
+
 def to_pages(logical, lengths, rng, fill=0.0):
   """logical [B, C, ...] -> (pages [P, TPP, ...], page_table [B, MAX_PAGES]) in shuffled page order.
 

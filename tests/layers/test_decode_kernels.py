@@ -25,8 +25,8 @@ from meshattn.layers.kernels.decode.ragged import (
 
 from helpers.decode_inputs import (
     BACKENDS, BLOCK, CASES, KV_HEADS, LENGTHS, MAX_PAGES, PAGED_CASES, PAGED_LENGTHS, S, TOL,
-    TPP, check_ragged_pallas, kernel_matrix, numpy_for, paged_inputs, ragged_inputs, ragged_pallas,
-    ragged_visible_np, to_pages)
+    TPP, check_ragged_pallas, kernel_matrix, numpy_for, paged_inputs, poison_past_lengths,
+    ragged_inputs, ragged_pallas, ragged_visible_np, to_pages)
 
 
 # ---- ragged -----------------------------------------------------------------------------
@@ -84,15 +84,7 @@ def test_ragged_ignores_entries_past_length(case):
   q, k, v, kwargs, _ = ragged_inputs(case, 2)
   lengths = jnp.asarray(LENGTHS)
   clean = ragged_decode_reference(q, k, v, lengths, **kwargs)
-  past = jnp.arange(S)[None, :] >= lengths[:, None]  # [B, S]
-  if kwargs.get("key_scale") is not None:
-    k = jnp.where(past[..., None, None], jnp.int8(127), k)
-    v = jnp.where(past[..., None, None], jnp.int8(-127), v)
-    kwargs["key_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["key_scale"])  # [B, K|1, S]
-    kwargs["value_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["value_scale"])
-  else:
-    k = jnp.where(past[..., None, None], jnp.nan, k)
-    v = jnp.where(past[..., None, None], jnp.inf, v)
+  k, v, kwargs = poison_past_lengths(k, v, kwargs, lengths)
   outs = [ragged_decode_reference(q, k, v, lengths, **kwargs)]
   for backend in ("gpu", "tpu"):  # the configurations of test_ragged_pallas_vs_reference[case-gqa]
     outs.append(ragged_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,

@@ -19,7 +19,8 @@ from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_d
 
 from helpers.decode_inputs import (
     BACKENDS, BLOCK, H, LENGTHS, MAX_PAGES, N, PAGED_LENGTHS, S, SCALE, TOL, TPP,
-    attention_np, check_ragged_pallas, numpy_for, paged_inputs, ragged_inputs, ragged_visible_np)
+    attention_np, check_ragged_pallas, numpy_for, paged_inputs, poison_past_lengths, ragged_inputs,
+    ragged_visible_np)
 
 
 # ---- split-K (flash-decoding) GPU variants ------------------------------------------------
@@ -57,14 +58,7 @@ def test_ragged_split_ignores_entries_past_length(case):
   q, k, v, kwargs, _ = ragged_inputs(case, 2)
   lengths = jnp.asarray(LENGTHS)
   clean = ragged_decode_reference(q, k, v, lengths, **kwargs)
-  past = jnp.arange(S)[None, :] >= lengths[:, None]  # [B, S]
-  if kwargs.get("key_scale") is not None:
-    k = jnp.where(past[..., None, None], jnp.int8(127), k)
-    kwargs["key_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["key_scale"])  # [B, K|1, S]
-    kwargs["value_scale"] = jnp.where(past[:, None], jnp.nan, kwargs["value_scale"])
-  else:
-    k = jnp.where(past[..., None, None], jnp.nan, k)
-    v = jnp.where(past[..., None, None], jnp.inf, v)
+  k, v, kwargs = poison_past_lengths(k, v, kwargs, lengths)
   out = ragged_decode_pallas(q, k, v, lengths, **kwargs, block_kv=BLOCK, interpret=True,
                              num_splits=3)
   assert np.all(np.isfinite(np.asarray(out)))
