@@ -254,6 +254,12 @@ def write_plot(rows: list[Row], path: pathlib.Path) -> bool:
   return True
 
 
+# The sections in the order they run (--sections picks which).
+SECTIONS: dict[str, Callable[..., list[Row]]] = {
+    "prefill": bench_prefill, "features": bench_features, "long": bench_long,
+    "decode": bench_decode, "layer": bench_layer, "linear": bench_linear}
+
+
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--prefill", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="+",
@@ -273,7 +279,7 @@ def parse(argv):
   p.add_argument("--layer-batch", type=int, default=4)
   p.add_argument("--layer-seq", type=int, default=4096)
   p.add_argument("--sections", nargs="+", default=["prefill", "features", "decode", "layer"],
-                 choices=["prefill", "features", "long", "decode", "layer", "linear"])
+                 choices=list(SECTIONS))
   p.add_argument("--linear-train", type=lambda s: tuple(int(x) for x in s.split("x")),
                  default=(1, 65536), help="linear section: BATCHxSEQ of fwd+bwd vs flash")
   p.add_argument("--linear-chunks", type=int, nargs="+", default=[64, 128, 256],
@@ -307,18 +313,9 @@ def main(argv: list[str]) -> int:
   platform = registry.current_platform()
   print(f"device: {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}, dtype {args.dtype}")
   rows = []
-  if "prefill" in args.sections:
-    rows += bench_prefill(args, platform)
-  if "features" in args.sections:
-    rows += bench_features(args, platform)
-  if "long" in args.sections:
-    rows += bench_long(args, platform)
-  if "decode" in args.sections:
-    rows += bench_decode(args, platform)
-  if "layer" in args.sections:
-    rows += bench_layer(args, platform)
-  if "linear" in args.sections:
-    rows += bench_linear(args, platform)
+  for name, section in SECTIONS.items():
+    if name in args.sections:
+      rows += section(args, platform)
   print_table(rows)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
