@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from meshattn.layers import Attention, MaskSpec
-from meshattn.sharding import create_mesh, shard_module
+from meshattn.sharding import shard_module
 
-AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
+from helpers.meshes import mesh_of
 
 
 def build(mesh=None, **kw):
@@ -91,11 +91,7 @@ def test_a_step_failing_part_way_restores_the_cache(monkeypatch):
 
 
 def test_sharded_ragged_decode_with_kv_heads_not_dividing_tensor():
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
-  mesh = create_mesh({"mesh_axes": AXES, "ici_data_parallelism": 2, "ici_fsdp_parallelism": 1,
-                      "ici_context_parallelism": 1, "ici_tensor_parallelism": 4,
-                      "ici_autoregressive_parallelism": 1})
+  mesh = mesh_of(data=2, tensor=4)
   kw = dict(num_query_heads=8, num_kv_heads=2, decode_attention="ragged")
   x = jax.random.normal(jax.random.key(1), (2, 7, 32))
 

@@ -11,9 +11,9 @@ from flax import nnx
 from meshattn.kvcache import KVQuant
 from meshattn.layers import Attention, MaskSpec
 from meshattn.layers.kernels import registry
-from meshattn.sharding import create_mesh, shard_module
+from meshattn.sharding import shard_module
 
-AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
+from helpers.meshes import mesh_of
 
 
 def build(mesh=None, **kw):
@@ -89,11 +89,7 @@ def test_decode_kernel_equals_train(case):
 
 @pytest.mark.parametrize("case", ["ragged", "paged"])
 def test_sharded_decode_kernel_equals_single_device(case):
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
-  mesh = create_mesh({"mesh_axes": AXES, "ici_data_parallelism": 2, "ici_fsdp_parallelism": 2,
-                      "ici_tensor_parallelism": 2, "ici_context_parallelism": 1,
-                      "ici_autoregressive_parallelism": 1})
+  mesh = mesh_of(data=2, fsdp=2, tensor=2)
   kw = {**CASES[case], "num_pages": 24} if case == "paged" else CASES[case]
   x = jax.random.normal(jax.random.key(2), (4, 8, 32))
   lengths = [5, 1, 3, 4]

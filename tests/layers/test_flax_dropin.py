@@ -18,6 +18,8 @@ from meshattn.layers.kernels.train.dot_product import dot_product_attention
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.rope import RopeSpec, apply_rope
 
+from helpers.meshes import mesh_of
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -145,14 +147,9 @@ def test_decode_token_by_token():
 def test_sharded_like_flax():
   """With a mesh, the drop-in is meshattn's sharded layer: parameters placed by the logical
   rules, and the result still Flax's."""
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from meshattn.sharding import create_mesh, shard_module
-  mesh = create_mesh({"mesh_axes": ("data", "fsdp", "context", "tensor", "autoregressive"),
-                      "ici_data_parallelism": 2, "ici_fsdp_parallelism": 2,
-                      "ici_context_parallelism": 1, "ici_tensor_parallelism": 2,
-                      "ici_autoregressive_parallelism": 1})
+  from meshattn.sharding import shard_module
+  mesh = mesh_of(data=2, fsdp=2, tensor=2)
   kw = dict(num_heads=4, num_kv_heads=2, in_features=16, decode=False)
   flax_layer = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
   ours = MultiHeadAttention(**kw, mesh=mesh, rngs=nnx.Rngs(0))

@@ -8,24 +8,19 @@ place it exactly as meshattn places the NNX layer's, and the unboxed tree is Fla
 
 import jax
 import numpy as np
-import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 
 from meshattn.layers import MultiHeadAttention
 from meshattn.layers import linen as mlinen
-from meshattn.sharding import create_mesh, get_param_shardings
+from meshattn.sharding import get_param_shardings
 
-AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
+from helpers.meshes import mesh_of
 
 
 def test_linen_params_are_placed_by_the_logical_rules():
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
-  mesh = create_mesh({"mesh_axes": AXES, "ici_data_parallelism": 2, "ici_fsdp_parallelism": 2,
-                      "ici_context_parallelism": 1, "ici_tensor_parallelism": 2,
-                      "ici_autoregressive_parallelism": 1})
+  mesh = mesh_of(data=2, fsdp=2, tensor=2)
   x = jax.random.normal(jax.random.key(1), (4, 6, 16))  # [B, T, D]
   ours = mlinen.MultiHeadDotProductAttention(num_heads=4, settings=FrozenDict(mesh=mesh))
   boxed = jax.eval_shape(ours.init, jax.random.key(0), x)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from helpers.layer_params import randomize, ref_settings
+from helpers.meshes import mesh_of
 from helpers.numpy_reference import attention_layer_np, int8_dense_np, int8_operands_np
 from meshattn.configs import ConfigError, load_config, validation
 from meshattn.layers import Attention, MaskSpec
@@ -205,14 +206,8 @@ def test_int8_sharded_matches_unsharded(topology):
   """Forward and input gradient of the int8 layer with parameters placed by the logical rules
   (fsdp shards the contracted embed axis of the q/k/v kernels, tensor their heads) equal the
   single-device layer: the per-token and per-feature maxima do not depend on the placement."""
-  from meshattn.sharding import create_mesh, shard_module
-  if len(jax.devices()) < 8:
-    pytest.skip("needs 8 devices")
-  data, fsdp, context, tensor = topology
-  mesh = create_mesh({"mesh_axes": ("data", "fsdp", "context", "tensor", "autoregressive"),
-                      "ici_data_parallelism": data, "ici_fsdp_parallelism": fsdp,
-                      "ici_context_parallelism": context, "ici_tensor_parallelism": tensor,
-                      "ici_autoregressive_parallelism": 1})
+  from meshattn.sharding import shard_module
+  mesh = mesh_of(*topology)
   kw = dict(emb_dim=D, num_query_heads=8, num_kv_heads=4, head_dim=8, quantization="int8")
   x = jnp.asarray(_x(shape=(8, T, D)))
   cot = jnp.asarray(_x(seed=3, shape=(8, T, D)))

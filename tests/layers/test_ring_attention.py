@@ -14,17 +14,13 @@ from jax.sharding import PartitionSpec as P
 from meshattn.layers import Attention, KernelOptions, MaskSpec, dot_product_attention
 from meshattn.layers.kernels import registry
 from meshattn.layers.kernels.train.ring import ring_attention
-from meshattn.sharding import create_mesh, shard_module
+from meshattn.sharding import shard_module
 
-AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
+from helpers.meshes import mesh_of
 
 
 def make_mesh(data, context, tensor):
-  if len(jax.devices()) < data * context * tensor:
-    pytest.skip("needs 8 devices")
-  return create_mesh({"mesh_axes": AXES, "ici_data_parallelism": data, "ici_fsdp_parallelism": 1,
-                      "ici_context_parallelism": context, "ici_tensor_parallelism": tensor,
-                      "ici_autoregressive_parallelism": 1})
+  return mesh_of(data=data, context=context, tensor=tensor)
 
 
 def _inputs(kv_heads, b=2, t=16, n=4, h=8, seed=0):

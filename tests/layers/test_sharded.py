@@ -15,19 +15,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meshattn.layers import Attention, MaskSpec
-from meshattn.sharding import create_mesh, get_param_shardings, shard_module
+from meshattn.sharding import get_param_shardings, shard_module
 
-AXES = ("data", "fsdp", "context", "tensor", "autoregressive")
+from helpers.meshes import mesh_of
+
 # (data, fsdp, context, tensor) on 8 devices.
 TOPOLOGIES = [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (1, 2, 1, 4), (2, 1, 2, 2), (1, 1, 2, 4)]
 
 
 def make_mesh(data, fsdp, context, tensor):
-  if len(jax.devices()) < data * fsdp * context * tensor:
-    pytest.skip("needs 8 devices")
-  return create_mesh({"mesh_axes": AXES, "ici_data_parallelism": data, "ici_fsdp_parallelism": fsdp,
-                      "ici_context_parallelism": context, "ici_tensor_parallelism": tensor,
-                      "ici_autoregressive_parallelism": 1})
+  return mesh_of(data, fsdp, context, tensor)
 
 
 def build(mesh, num_kv_heads, **kw):
