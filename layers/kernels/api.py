@@ -28,6 +28,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from meshattn.configs.vocabulary import MASK_FEATURE
@@ -177,12 +178,22 @@ def check_operands(query: jax.Array, key: jax.Array, call: TrainCall) -> None:
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
 
 
+def check_half_precision(query: jax.Array, key: jax.Array, value: jax.Array, kernel: str) -> None:
+  """Kernels that run float16 / bfloat16 only (cuDNN, tokamax): query, key and value of one
+  of those dtypes."""
+  if (query.dtype not in (jnp.float16, jnp.bfloat16) or key.dtype != query.dtype
+      or value.dtype != query.dtype):
+    raise ValueError(f"{kernel} needs float16 or bfloat16 query/key/value of one dtype, "
+                     f"got {query.dtype}/{key.dtype}/{value.dtype}")
+
+
 TrainImpl = Callable[..., tuple[jax.Array, jax.Array | None]]
 
 
 def train_kernel(name: str, features: frozenset[str] | None = None, *,
                  index_masked: bool | Callable[[KernelOptions], bool] = False,
-                 no_empty_rows: bool = False) -> Callable[[TrainImpl], Callable]:
+                 no_empty_rows: bool = False,
+                 half_precision: bool = False) -> Callable[[TrainImpl], Callable]:
   """Register-time wrapper of a train implementation `impl(query, key, value, call, **tuning)`.
 
   The wrapped kernel takes the train protocol's keywords (module doc), builds the
@@ -190,7 +201,8 @@ def train_kernel(name: str, features: frozenset[str] | None = None, *,
   against `features` (None: the implementation checks its own, or takes every feature); for
   `index_masked` kernels (flash: masks from token indices inside the call; a predicate of
   the options where only some masks are) that the positions are the token indices; with
-  `no_empty_rows`, that no query is left without a key.
+  `no_empty_rows`, that no query is left without a key; with `half_precision`, that query,
+  key and value are float16 or bfloat16, of one dtype.
   """
 
   def wrap(impl: TrainImpl) -> Callable:
@@ -214,6 +226,8 @@ def train_kernel(name: str, features: frozenset[str] | None = None, *,
         check_index_positions(q_positions, kv_positions, q_len, kv_len, name)
       if no_empty_rows:
         check_no_empty_rows(options.mask, q_len, kv_len, name)
+      if half_precision:
+        check_half_precision(query, key, value, name)
       return impl(query, key, value, call, **tuning)
 
     kernel.features = features

@@ -227,6 +227,18 @@ def test_cudnn_refuses_head_dims_it_cannot_run(head_dim, match, monkeypatch):
     cudnn_attention(x, x, x, options=KernelOptions(scale=0.1), q_positions=pos, kv_positions=pos)
 
 
+def test_cudnn_refuses_float32_and_mixed_dtypes(monkeypatch):
+  """train_kernel(half_precision=True): fp16 / bf16 operands of one dtype, before any GPU call."""
+  monkeypatch.setattr(jax.nn, "dot_product_attention", None)  # must not be reached
+  x = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)  # [B, T, N, H]
+  pos = jnp.arange(16)[None]  # [1, T]
+  for q, v, got in ((x.astype(jnp.float32), x.astype(jnp.float32), "float32/bfloat16/float32"),
+                    (x, x.astype(jnp.float16), "bfloat16/bfloat16/float16")):
+    with pytest.raises(ValueError, match="cudnn_attention needs float16 or bfloat16 "
+                       f"query/key/value of one dtype, got {got}"):
+      cudnn_attention(q, x, v, options=KernelOptions(scale=0.1), q_positions=pos, kv_positions=pos)
+
+
 # ---- cuDNN vs reference (GPU only) -----------------------------------------------------
 
 # (id, kv heads, MaskSpec, q_len, kv_len, extras: user "mask" / "bias").

@@ -43,8 +43,6 @@ from meshattn.layers.masks import structural_mask
 CUDNN_FEATURES = frozenset({
     "gqa", "causal", "full", "window", "user_mask", "user_bias", "backward"})
 
-_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
-
 
 def _cudnn_fits(request: registry.Request) -> str | None:
   capability = registry.gpu_capability()
@@ -78,7 +76,8 @@ def _to_bnts(x: jax.Array, q_len: int, kv_len: int, name: str) -> jax.Array:
 # whether it is available is looked up when asked.
 @registry.train_variant("flash", registry.GPU, CUDNN_FEATURES, "cuDNN", rank=2,
                         limits=CUDNN_LIMITS, available=lambda: cudnn_available())
-@train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True)
+@train_kernel("cudnn_attention", CUDNN_FEATURES, index_masked=True, no_empty_rows=True,
+              half_precision=True)
 def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                     call: TrainCall) -> tuple[jax.Array, None]:
   """cuDNN attention of query [B, T, N, H] over key/value [B, S, K, H].
@@ -88,9 +87,6 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """
   batch, q_len, num_heads, _ = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
-  if query.dtype not in _CUDNN_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-    raise ValueError("cudnn_attention needs float16 or bfloat16 query/key/value of one dtype, "
-                     f"got {query.dtype}/{key.dtype}/{value.dtype}")
   shape = registry.Request("gpu", "train", frozenset(), head_dim=query.shape[-1], dtype=query.dtype)
   if CUDNN_LIMITS.violations(shape):
     raise ValueError("cudnn_attention cannot run " + "; ".join(CUDNN_LIMITS.violations(shape)))

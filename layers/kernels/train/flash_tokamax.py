@@ -33,7 +33,6 @@ import logging
 import types
 
 import jax
-import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import TrainCall, train_kernel
 from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, train_variant
@@ -47,8 +46,6 @@ TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "ba
 # and backward, 2026-12-04).
 TOKAMAX_LIMITS = Limits(GPU, max_head_dim=256, dtypes=HALF_DTYPES,
                         why="tokamax's Mosaic GPU kernel")
-
-_DTYPES = (jnp.float16, jnp.bfloat16)
 # tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
 # and window masks unless the length is a multiple of its 128-row tile
 # (checked on the H100); other lengths go to `_fallback`.
@@ -148,7 +145,8 @@ def _rank(request: Request) -> int:
 # Whether it is available is looked up when asked.
 @train_variant("flash", GPU, TOKAMAX_FEATURES, "tokamax Mosaic GPU", rank=_rank,
                limits=TOKAMAX_LIMITS, available=lambda: tokamax_available())
-@train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True)
+@train_kernel("tokamax_attention", TOKAMAX_FEATURES, index_masked=True, no_empty_rows=True,
+              half_precision=True)
 def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                       call: TrainCall) -> tuple[jax.Array, None]:
   """tokamax Mosaic GPU attention of query [B, T, N, H] over key/value [B, S, K, H].
@@ -159,9 +157,6 @@ def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """
   num_heads, kv_heads = query.shape[2], key.shape[2]
   q_len, kv_len = query.shape[1], key.shape[1]
-  if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-    raise ValueError("tokamax_attention needs float16 or bfloat16 query/key/value of one dtype, "
-                     f"got {query.dtype}/{key.dtype}/{value.dtype}")
   tokamax = _tokamax()
   if tokamax is None:
     raise ValueError("tokamax_attention needs the tokamax package (pip install meshattn[tokamax])")
