@@ -58,6 +58,17 @@ KERNEL_OF_TYPE: dict[AttentionType, str] = {
     AttentionType.LINEAR: "autoselected", AttentionType.LITE: "autoselected"}
 
 
+def key_input(inputs_q, inputs_k, inputs_v):
+  """Flax's default: inputs_k, else inputs_q; inputs_v without inputs_k is Flax's error."""
+  if inputs_k is not None:
+    return inputs_k
+  if inputs_v is not None:
+    raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
+                     "`inputs_k` and `inputs_v` be the same value, pass in the value to "
+                     "`inputs_k` and leave `inputs_v` as None.")
+  return inputs_q
+
+
 def _unsupported(**given: bool) -> None:
   bad = [name for name, on in given.items() if on]
   if bad:
@@ -270,12 +281,7 @@ class MultiHeadAttention(Attention):
     go to `Attention.__call__`; with model_mode, Flax's decode flag is not read."""
     _unsupported(out_sharding=out_sharding is not None, qkv_sharding=qkv_sharding is not None)
     stream = self.rngs if rngs is None else (rngs.dropout if isinstance(rngs, nnx.Rngs) else rngs)
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
-                         "`inputs_k` and `inputs_v` be the same value, pass in the value to "
-                         "`inputs_k` and leave `inputs_v` as None.")
-      inputs_k = inputs_q
+    inputs_k = key_input(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"Incompatible input dimension, got {inputs_q.shape[-1]} but module "
                        f"expects {self.in_features}.")

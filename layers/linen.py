@@ -29,7 +29,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 
-from meshattn.layers.flax_compat import MultiHeadAttention
+from meshattn.layers.flax_compat import MultiHeadAttention, key_input
 from meshattn.layers.projections import default_bias_init, default_kernel_init
 from meshattn.layers.settings import DEFAULT_LOGICAL_AXIS_RULES, normalize_rules
 
@@ -105,12 +105,7 @@ class MultiHeadDotProductAttention(nn.Module):
                          "None. If `inputs_kv` is not None, both `inputs_k` and `inputs_v` must "
                          "be None.")
       inputs_k = inputs_v = inputs_kv
-    elif inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("`inputs_k` cannot be None if `inputs_v` is not None. To have both "
-                         "`inputs_k` and `inputs_v` be the same value, pass in the value to "
-                         "`inputs_k` and leave `inputs_v` as None.")
-      inputs_k = inputs_q
+    inputs_k = key_input(inputs_q, inputs_k, inputs_v)
     inputs_v = inputs_k if inputs_v is None else inputs_v
     kwargs = dict(
         num_heads=self.num_heads, in_features=inputs_q.shape[-1],
