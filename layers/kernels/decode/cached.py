@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.registry import ALL, Kernel, register
 from meshattn.layers.kernels.train.dot_product import mod_indices
-from meshattn.layers.kernels.shared.online_softmax import NEG, finish, hide, live_keys, live_queries
+from meshattn.layers.kernels.shared.online_softmax import (
+    NEG, finish, hide, live_keys, live_queries, online_step)
 from meshattn.layers.masks import structural_mask
 
 # The reference cached step (layers/cached_step.py, reading the cache through
@@ -59,11 +60,7 @@ def _block_update(carry, q, key, value, q_pos, kv_pos, q_valid, options: KernelO
     logits = options.score_mod(logits, *indices).astype(jnp.float32)
   if options.soft_cap:
     logits = options.soft_cap * jnp.tanh(logits / options.soft_cap)
-  logits = jnp.where(allowed, logits, NEG)
-  m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, T]
-  p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)  # [B, K, G, T, S]
-  correction = jnp.exp(m - m_new)  # [B, K, G, T]
-  l_new = l * correction + p.sum(-1)
+  m_new, l_new, p, correction = online_step(m, l, logits, allowed)  # p: [B, K, G, T, S]
   pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(value.dtype), value, precision=options.precision,
                   preferred_element_type=jnp.float32)  # [B, K, G, T, H]
   # Zero forward for a query that sees nothing here; the select keeps its

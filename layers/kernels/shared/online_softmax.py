@@ -1,5 +1,5 @@
-"""What every online-softmax kernel here shares: the masked logit, hiding invisible entries, and
-the last step."""
+"""What every online-softmax kernel here shares: the masked logit, hiding invisible entries, the
+step over a tile (the pure-JAX kernels) and the last step."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ def live_queries(allowed: jax.Array) -> jax.Array:
 def hide(x: jax.Array, live: jax.Array) -> jax.Array:
   """x where `live` (broadcast against it), else zeros: nothing invisible enters a product."""
   return jnp.where(live, x, jnp.zeros((), x.dtype))
+
+
+def online_step(m, l, logits, allowed):
+  """One online-softmax step over a tile: logits [..., t, s] (visible where `allowed`), the
+  running max m and sum l [..., t] -> (m_new, l_new, p [..., t, s], correction [..., t]):
+  p is zero where not allowed (selected, never exp() underflow), and what was accumulated
+  before this tile is rescaled by correction."""
+  logits = jnp.where(allowed, logits, NEG)
+  m_new = jnp.maximum(m, logits.max(-1))  # [..., t]
+  p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)  # [..., t, s]
+  correction = jnp.exp(m - m_new)  # [..., t]
+  return m_new, l * correction + p.sum(-1), p, correction
 
 
 def finish(l, acc):

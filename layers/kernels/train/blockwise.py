@@ -38,7 +38,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from meshattn.layers.kernels.shared.online_softmax import NEG, hide, live_keys, live_queries
+from meshattn.layers.kernels.shared.online_softmax import (
+    NEG, hide, live_keys, live_queries, online_step)
 from meshattn.layers.kernels.api import KernelOptions, TrainCall, train_kernel
 from meshattn.layers.kernels.registry import ALL, FLOAT32, train_variant
 from meshattn.layers.kernels.train.dot_product import mod_indices, to_group_layout, visible_mask
@@ -177,11 +178,7 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
         q_t, k_t, v_t = _hide_tile(allowed, q_blk, k_blk, v_blk)
         logits = _scores(cfg, _raw_scores(q_t, k_t, cfg.options), bias_blk, score_consts,
                          indices).astype(jnp.float32)  # [B, K, G, t, s]
-        logits = jnp.where(allowed, logits, NEG)
-        m_new = jnp.maximum(m, logits.max(-1))  # [B, K, G, t]
-        p = jnp.where(allowed, jnp.exp(logits - m_new[..., None]), 0.0)  # [B, K, G, t, s]
-        correction = jnp.exp(m - m_new)  # [B, K, G, t]
-        l_new = l * correction + p.sum(-1)
+        m_new, l_new, p, correction = online_step(m, l, logits, allowed)  # p: [B, K, G, t, s]
         acc_new = acc * correction[..., None] + jnp.einsum(
             "BKGTS,BSKH->BKGTH", p.astype(v.dtype), v_t, precision=cfg.options.precision,
             preferred_element_type=jnp.float32)  # [B, K, G, t, Hv]
