@@ -15,6 +15,12 @@ matplotlib is installed) under --out:
            lengths, contiguous and paged: ms and GB/s of *valid* K/V bytes
            read, and that as a fraction of the device copy bandwidth
            measured in the same run.
+  steps    the layer's serving steps against their parts (scripts/bench_layer.py):
+           decode through `jit_step` (checked and not), `nnx.jit` and a
+           16-step `lax.scan` against kernel + projections + one-token write,
+           contiguous / paged / int8; a fresh prefill against the train
+           forward; a chunk over cached tokens against projections + cuDNN +
+           write. The ratio (lower is better) is in the status column.
   linear   (not in the default sections; scripts/bench_linear.py) linear
            attention fwd+bwd against flash causal at b1 s65536, and its
            decode step (state) against softmax decode at kv 4096 / 65536.
@@ -43,6 +49,7 @@ from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.masks import MaskSpec
 from meshattn.scripts.bench_common import (
     TOLERANCE, Row, copy_bandwidth, failed, rel_err, time_fn, to_pages)
+from meshattn.scripts import bench_layer as bench_layer_steps
 from meshattn.scripts.bench_linear import bench_linear
 from meshattn.scripts.bench_prefill import bench_features, bench_long, bench_prefill
 
@@ -242,6 +249,8 @@ def write_plot(rows: list[Row], path: pathlib.Path) -> bool:
   except ImportError:
     return False
   sections = sorted({r.section for r in rows if r.rate is not None})
+  if not sections:  # e.g. only the steps section: times and ratios, no rates to plot
+    return False
   fig, axes = plt.subplots(1, len(sections), figsize=(6 * len(sections), 4), squeeze=False)
   for ax, section in zip(axes[0], sections):
     picked = [r for r in rows if r.section == section and r.rate is not None]
@@ -257,7 +266,8 @@ def write_plot(rows: list[Row], path: pathlib.Path) -> bool:
 # The sections in the order they run (--sections picks which).
 SECTIONS: dict[str, Callable[..., list[Row]]] = {
     "prefill": bench_prefill, "features": bench_features, "long": bench_long,
-    "decode": bench_decode, "layer": bench_layer, "linear": bench_linear}
+    "decode": bench_decode, "layer": bench_layer, "steps": bench_layer_steps.steps_section,
+    "linear": bench_linear}
 
 
 def parse(argv):
@@ -278,8 +288,14 @@ def parse(argv):
   p.add_argument("--emb", type=int, default=4096, help="layer section: model width")
   p.add_argument("--layer-batch", type=int, default=4)
   p.add_argument("--layer-seq", type=int, default=4096)
-  p.add_argument("--sections", nargs="+", default=["prefill", "features", "decode", "layer"],
-                 choices=list(SECTIONS))
+  p.add_argument("--sections", nargs="+",
+                 default=["prefill", "features", "decode", "layer", "steps"], choices=list(SECTIONS))
+  p.add_argument("--steps-decode", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*",
+                 default=[(64, 4096), (8, 32768)], help="steps section: BATCHxKVLEN of the decode step")
+  p.add_argument("--steps-caches", nargs="+", default=["contiguous", "paged", "int8"],
+                 choices=["contiguous", "paged", "int8"])
+  p.add_argument("--steps-prefill", type=lambda s: tuple(int(x) for x in s.split("x")),
+                 default=(8, 4096, 512), help="steps section: BATCHxPROMPTxCHUNK")
   p.add_argument("--linear-train", type=lambda s: tuple(int(x) for x in s.split("x")),
                  default=(1, 65536), help="linear section: BATCHxSEQ of fwd+bwd vs flash")
   p.add_argument("--linear-chunks", type=int, nargs="+", default=[64, 128, 256],
@@ -305,6 +321,7 @@ def parse(argv):
     args.decode, args.tokens_per_page, args.iters, args.dtype = [(4, 64)], 16, 2, "float32"
     args.decode_iters = 2
     args.linear_train, args.linear_chunks, args.linear_decode = (1, 96), [40], [(2, 64), (2, 128)]
+    args.steps_decode, args.steps_prefill = [(2, 32)], (2, 32, 8)
   return args
 
 
@@ -326,7 +343,7 @@ def main(argv: list[str]) -> int:
   if write_plot(rows, out / "bench.png"):
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
   else:
-    print(f"wrote {out / 'bench.json'} (no matplotlib: no plot)")
+    print(f"wrote {out / 'bench.json'} (no plot: no matplotlib, or no rates to plot)")
   return 1 if any(r.status == "MISMATCH" for r in rows) else 0
 
 

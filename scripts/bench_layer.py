@@ -234,6 +234,12 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
     return unchecked(attn, x)
 
   unchecked_ms = time_fn(fresh_unchecked, x, iters=iters)
+
+  def fresh_one_reset_unchecked(x):  # the documented serving pattern
+    attn.cache.reset(slots)
+    return unchecked(attn, x)
+
+  one_reset_unchecked_ms = time_fn(fresh_one_reset_unchecked, x, iters=iters)
   train = jit_step(lambda m, x: m(x, model_mode="train"), donate=False, check=False)
   train_ms = time_fn(train, attn, x, iters=iters)
   cached = prompt - chunk
@@ -275,6 +281,9 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
       dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
            what=f"fresh prefill (+1 reset, {batch} slots)", ms=fresh_one_reset_ms,
            ratio=fresh_one_reset_ms / train_ms),
+      dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
+           what="  the same, check=False", ms=one_reset_unchecked_ms,
+           ratio=one_reset_unchecked_ms / train_ms),
       dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
            what=f"1 reset of {batch} slots alone", ms=one_reset_ms, ratio=one_reset_ms / train_ms),
       dict(section="prefill", cache="contiguous", shape=f"b{batch} s{prompt}",
@@ -362,6 +371,28 @@ def bare_split_steps(attn, x, chunk: int, cached: int, iters: int) -> dict:
   return out
 
 
+SMOKE_DIMS = dict(emb_dim=64, num_query_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def steps_section(args, platform: str) -> list:
+  """The `steps` section of scripts/bench.py: these rows as bench rows (the ratio, step /
+  parts or / train forward, in the status column: lower is better, unlike `x baseline`)."""
+  del platform
+  from meshattn.scripts.bench_common import Row  # pylint: disable=import-outside-toplevel
+  dims = SMOKE_DIMS if args.cpu_smoke else {}
+  iters = 2 if args.cpu_smoke else 20
+  rows = []
+  for b, kv in args.steps_decode:
+    for kind in args.steps_caches:
+      rows += bench_decode(dims, f"{b}x{kv}", kind, iters, 8 if args.cpu_smoke else 64)
+  if args.steps_prefill:
+    rows += bench_prefill(dims, *args.steps_prefill, iters)
+  return [Row(f"steps {r['section']}", f"{r['cache']}: {r['what'].strip()}", r["shape"], r["ms"],
+              None, "", status="" if r["ratio"] is None else f"{r['ratio']:.2f}x "
+              f"{'train forward' if 'over' not in r['shape'] and r['section'] == 'prefill' else 'parts'}")
+          for r in rows]
+
+
 def print_table(rows: list[dict]) -> None:
   print(f"{'section':8} {'cache':10} {'shape':22} {'what':28} {'ms':>9} {'ratio':>7}")
   for r in rows:
@@ -381,7 +412,7 @@ def main(argv=None) -> list[dict]:
   args = parser.parse_args(argv)
   dims = {}
   if args.cpu_smoke:
-    dims = dict(emb_dim=64, num_query_heads=4, num_kv_heads=2, head_dim=16)
+    dims = SMOKE_DIMS
     args.decode, args.prefill, args.iters, args.tokens_per_page = ["2x32"], "2x32x8", 2, 8
   rows = []
   for shape in args.decode:
