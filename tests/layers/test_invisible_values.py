@@ -215,6 +215,34 @@ def test_pallas_gpu_interpret_padding_values_do_not_reach_real_tokens(kv_heads, 
   assert_padding_never_leaks(out, want, pad, grads, clean_grads)
 
 
+def test_pallas_gpu_interpret_padding_cotangent_does_not_reach_sink_gradients():
+  """With sinks, d sinks = -sum p_sink * rowsum(o * do): a padding row's NaN / inf cotangent
+  (its output is zero) must not enter it, nor the padding's q / k / v the outputs."""
+  seg = PALLAS_SEGMENTS
+  pad = seg == 0  # [B, T]
+  keys = jax.random.split(jax.random.key(6), 5)
+  q, cot = (jax.random.normal(x, (B, PALLAS_T, N, PALLAS_H), jnp.float32) for x in keys[:2])
+  k, v = (jax.random.normal(x, (B, PALLAS_T, 2, PALLAS_H), jnp.float32) for x in keys[2:4])
+  sinks = jax.random.normal(keys[4], (N,), jnp.float32)  # [N]
+  idx = jnp.broadcast_to(jnp.arange(PALLAS_T, dtype=jnp.int32), (B, PALLAS_T))  # [B, T]
+  kw = dict(options=KernelOptions(mask=MaskSpec("global"), scale=PALLAS_H ** -0.5),
+            q_positions=idx, kv_positions=idx, q_segment_ids=jnp.asarray(seg),
+            kv_segment_ids=jnp.asarray(seg), block_q=16, block_kv=16, interpret=True)
+
+  @jax.jit
+  def run(q, k, v, sinks, cot):
+    context, vjp = jax.vjp(lambda q, k, v, s: pallas_gpu_flash_attention(
+        q, k, v, sinks=s, **kw)[0], q, k, v, sinks)
+    return context, vjp(cot)
+
+  clean_out, clean_grads = run(q, k, v, sinks, cot)
+  out, grads = run(*(_poison(x, pad) for x in (q, k, v)), sinks, _poison(cot, pad))
+  np.testing.assert_allclose(out, clean_out, rtol=1e-6, atol=1e-7)
+  for name, got, clean in zip(("q", "k", "v", "sinks"), grads, clean_grads):
+    assert np.isfinite(np.asarray(got)).all(), f"d{name} is not finite"
+    np.testing.assert_allclose(got, clean, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
+
+
 def test_cudnn_wrapper_user_mask_padding_values_do_not_reach_real_tokens(monkeypatch):
   """cudnn_attention's only way to hide keys is the user mask (it refuses segment ids). On CPU
   jax.nn's XLA implementation stands in for cuDNN: it masks the same way (a large negative
