@@ -65,7 +65,8 @@ from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, 
 from meshattn.layers.kernels.shared.lazy_import import lazy_module
 from meshattn.layers.kernels.train.flash_pallas_gpu_tiles import (
     call_tiles, shared_memory_limit, unsupported)
-from meshattn.layers.kernels.shared.online_softmax import NEG
+from meshattn.layers.kernels.shared.live_tokens import keys_with_rows, rows_with_keys
+from meshattn.layers.kernels.shared.online_softmax import NEG, hide
 from meshattn.layers.masks import MaskSpec
 
 # Imported when a kernel is built (registry discovery imports this module on every host).
@@ -166,20 +167,6 @@ def _tile_mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg):
   if st.has_segments:
     allowed = allowed & (q_seg[:, None] == kv_seg[None, :]) & (q_seg[:, None] != 0)
   return jnp.broadcast_to(allowed, (q_pos.shape[0], kv_pos.shape[0]))  # [bq, bkv]
-
-
-def _live_keys(st: _Static, kv_pos, kv_seg):
-  """[bkv] False for a key no query may see whatever its position (an empty slot, position
-  -1; padding, segment 0). Such a key's k / v may hold NaN / inf."""
-  live = kv_pos >= 0
-  return live & (kv_seg != 0) if st.has_segments else live
-
-
-def _zero_dead(x, live):
-  """x [n, H] with the rows of dead tokens zeroed by a select: a masked pair's zero p or ds
-  still multiplies their k / v / q / do tile in a dot (0 * NaN = NaN). Only masked tiles
-  hold dead tokens; the select runs on the tile in registers, not as a pass over the input."""
-  return x if live is None else jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
 
 
 def _logits(st: _Static, q, k):
@@ -283,10 +270,8 @@ def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
     s, _ = _logits(st, q, k)  # [bq, bkv] log2 units
     if masked:
       kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
-      kv_pos = r["kv_pos"][kv_slice]  # [bkv]
-      allowed = _tile_mask(st, q_pos, kv_pos, q_seg, kv_seg)  # [bq, bkv]
+      allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
       s = jnp.where(allowed, s, NEG)
-      v = _zero_dead(v, _live_keys(st, kv_pos, kv_seg))  # [bkv, H]
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))  # [bq]
     p = jnp.exp2(s - m_new[:, None])  # [bq, bkv]
     if masked:
@@ -486,18 +471,24 @@ def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Arra
       [q_pos, jnp.broadcast_to(jnp.arange(q_len, t_pad, dtype=jnp.int32), (batch, t_pad - q_len))],
       axis=1)  # [B, T']
   kv_pos = _pad_to(kv_pos, s_pad, 1, -1)  # [B, S']
-  # Padding (segment 0) and empty slots (position -1) may hold NaN / inf: the kernels zero
-  # their q / k / v / do rows by a select inside the masked tiles (_zero_dead), where a
-  # masked pair's zero p or ds would multiply them. Zeroing them in XLA before the call
-  # instead cost a pass over q, k, v and the output (~0.2 ms of a 0.8 ms forward, H200).
-  q_seg = kv_seg = ranges = None
+  # The kernels multiply a zeroed p / dLogits into V, dO, K and Q (0 * NaN = NaN): the q, k, v
+  # no real pair uses (padding, empty slots) are zeroed by a select first (online_softmax.py).
+  q_seg = kv_seg = ranges = live_q = live_k = None
   if st.has_segments:
     q_seg = _pad_to(call.q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
     kv_seg = _pad_to(call.kv_segment_ids.astype(jnp.int32), s_pad, 1, 0)  # [B, S']
     # Token-level segment ranges, once for forward and backward (O(S log S)).
     same = call.q_segment_ids is call.kv_segment_ids and t_pad == s_pad
     ranges = fb.segment_ranges(q_seg, kv_seg, same=same)
-  q = _pad_to(query, t_pad, 1, 0)  # [B, T', N, H]
-  k, v = (_pad_to(x, s_pad, 1, 0) for x in (key, value))  # [B, S', K, H]
-  context = _flash(st, q, k, v, call.sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)  # [B, T', N, H]
-  return context[:, :q_len], None
+    live_q = rows_with_keys(call.options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len], call.q_segment_ids,
+                            call.kv_segment_ids)[:, :, None, None]  # [B, T, 1, 1]
+    live_k = keys_with_rows(call.q_segment_ids, call.kv_segment_ids)  # [B, S]
+  if not call.options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
+    live_k = kv_pos[:, :kv_len] >= 0 if live_k is None else live_k & (kv_pos[:, :kv_len] >= 0)
+  q = _pad_to(query if live_q is None else hide(query, live_q), t_pad, 1, 0)  # [B, T', N, H]
+  k, v = (_pad_to(x if live_k is None else hide(x, live_k[:, :, None, None]), s_pad, 1, 0)
+          for x in (key, value))  # [B, S', K, H]
+  context = _flash(st, q, k, v, call.sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[:, :q_len]
+  if live_q is not None:  # also zeroes a padding query's (maybe NaN) cotangent: p^T @ dO, delta
+    context = hide(context, live_q)  # [B, T, N, H]
+  return context, None

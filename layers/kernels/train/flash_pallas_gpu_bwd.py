@@ -27,8 +27,7 @@ from jax.experimental import pallas as pl
 from meshattn.layers.kernels.train import flash_bounds as fb
 from meshattn.layers.kernels.train.flash_pallas_gpu import (
     _LOG2E, _Static, _common_inputs, _compiler_params, _dot, _kv_bounds_input, _kv_ranges,
-    _live_keys, _logits, _optional_specs, _per_q_head_specs, _q_ranges, _tile_loops, _tile_mask,
-    _unpack, _zero_dead)
+    _logits, _optional_specs, _per_q_head_specs, _q_ranges, _tile_loops, _tile_mask, _unpack)
 
 
 def _probs_and_dlogits(st: _Static, q, k, v, do, lse2, delta, allowed):
@@ -47,8 +46,6 @@ def _probs_and_dlogits(st: _Static, q, k, v, do, lse2, delta, allowed):
   ds = p * (dp - delta[:, None])  # [bq, bkv]
   if t is not None:
     ds = ds * (1.0 - t * t)
-  if allowed is not None:  # p = 0 there, but a dead token's dp or tanh may be NaN
-    ds = jnp.where(allowed, ds, 0.0)
   return p, ds
 
 
@@ -69,9 +66,7 @@ def _dq_kernel(*refs, st: _Static, num_kv_blocks: int):
     allowed = None
     if masked:
       kv_seg = None if r["kv_seg"] is None else r["kv_seg"][kv_slice]
-      kv_pos = r["kv_pos"][kv_slice]  # [bkv]
-      allowed = _tile_mask(st, q_pos, kv_pos, q_seg, kv_seg)  # [bq, bkv]
-      k = _zero_dead(k, _live_keys(st, kv_pos, kv_seg))  # ds @ k: [bkv, H]
+      allowed = _tile_mask(st, q_pos, r["kv_pos"][kv_slice], q_seg, kv_seg)  # [bq, bkv]
     _, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
     return dq + _dot(ds.astype(k.dtype), k)  # [bq, H]
 
@@ -100,8 +95,6 @@ def _dkv_kernel(*refs, st: _Static, num_q_blocks: int):
     if masked:
       q_seg = None if r["q_seg"] is None else r["q_seg"][q_slice]
       allowed = _tile_mask(st, r["q_pos"][q_slice], kv_pos, q_seg, kv_seg)  # [bq, bkv]
-      if q_seg is not None:  # p^T @ do and ds^T @ q: a padding query's rows (segment 0)
-        q, do = (_zero_dead(x, q_seg != 0) for x in (q, do))  # [bq, H]
     p, ds = _probs_and_dlogits(st, q, k, v, do, lse2, delta, allowed)
     dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)  # [bkv, H]
     dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)  # [bkv, H]
@@ -123,12 +116,8 @@ def backward_kernels(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges,
   # d(sinks) is computed outside the kernels.
   st, dkv_st = (dataclasses.replace(x, has_sinks=False) for x in (st.backward(), st.dkv()))
   kh, g_, bq, bkv = st.kv_heads, st.group, st.block_q, st.block_kv
-  if q_seg is not None:  # a padding query's cotangent may be NaN (its output is 0)
-    do_live = jnp.where((q_seg != 0)[:, :, None, None], do, jnp.zeros((), do.dtype))
-  else:
-    do_live = do
   delta = jnp.einsum("BTNH,BTNH->BNT", o.astype(jnp.float32),
-                     do_live.astype(jnp.float32))  # [B, N, T]; the select fuses into it
+                     do.astype(jnp.float32))  # [B, N, T]
   params = _compiler_params(st)
 
   specs = _per_q_head_specs(st, kv_len, head_dim)
