@@ -49,6 +49,7 @@ leak the first sequence's K/V. Two independent defences:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -57,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache import page_plan
+from meshattn.kvcache import page_plan, variable_arrays
 from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
 from meshattn.kvcache.cache import raise_if
 from meshattn.kvcache.step_checks import Rejection, is_concrete
@@ -334,13 +335,16 @@ class PagedKVCache(KVCacheBase):
     this in one compiled call); the tables themselves are the caller's to write.
     """
     scales = (self.key_scale, self.value_scale) if self.quant else ()
+    # The pools are donated, so an eager free rewrites them in place: a copy would need a
+    # second pool's worth of memory for the moment, which a pool sized to fill the device
+    # does not have. (Under an outer trace the caller's jit decides.)
     pools, scale_values, lengths = _cleared(
-        (self.key_pages[...], self.value_pages[...]), tuple(s[...] for s in scales),
-        self.lengths[...], freed, released)
-    self.key_pages[...], self.value_pages[...] = pools
-    for variable, value in zip(scales, scale_values):
-      variable[...] = value
-    self.lengths[...] = lengths
+        (variable_arrays.read(self.key_pages), variable_arrays.read(self.value_pages)),
+        tuple(variable_arrays.read(s) for s in scales), variable_arrays.read(self.lengths),
+        freed, released)
+    for variable, value in zip((self.key_pages, self.value_pages, *scales, self.lengths),
+                               (*pools, *scale_values, lengths)):
+      variable_arrays.replace(variable, value)
 
   def num_free_pages(self) -> int:
     return int(np.sum(self._host("page_owner") == -1))
@@ -391,7 +395,7 @@ class PagedKVCache(KVCacheBase):
     self.write(rows, key, value, positions, positions >= 0, src_len)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
 def _cleared(pools, scales, lengths, freed, released):
   """pools (K, V [P, tpp, K, H]) zeroed and scales ([P, tpp, K or 1]) set to 1 on the pages
   in freed [P]; lengths [S] set to 0 on the slots in released [S]."""

@@ -323,6 +323,26 @@ def test_freed_pages_never_leak_to_the_next_sequence():
   np.testing.assert_array_equal(cache.value_pages[...], fresh.value_pages[...])
 
 
+@pytest.mark.parametrize("quant", [None, KVQuant("int8", "dkv")], ids=["bf", "int8"])
+def test_free_clears_the_pool_in_place(quant):
+  """An eager free rewrites the pools in place (donated): a copy would need a second pool's
+  worth of device memory for the moment. Only the freed pages change."""
+  cache = PagedKVCache(2, 16, 2, 4, num_pages=8, tokens_per_page=4, quant=quant)
+  for slot in (0, 1):
+    cache.reserve(slot, 8)
+  ones = jnp.ones((2, 8, 2, 4), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  cache.write(jnp.arange(2), ones, ones, positions, positions >= 0, jnp.full((2,), 8))
+  kept, freed = cache.pages_of(1), cache.pages_of(0)
+  before = [cache.key_pages[...], cache.value_pages[...]]
+  kept_before = np.asarray(before[0])[kept]
+  cache.free(0)
+  assert all(old.is_deleted() for old in before)  # donated, not copied
+  np.testing.assert_array_equal(np.asarray(cache.key_pages[...])[freed], 0)
+  np.testing.assert_array_equal(np.asarray(cache.key_pages[...])[kept], kept_before)
+  np.testing.assert_array_equal(cache.lengths[...], [0, 8])
+
+
 def test_reads_and_writes_are_confined_to_owned_pages():
   """Defence 1: even a page table pointing at another slot's page exposes nothing."""
   cache = PagedKVCache(2, 8, 1, 2, num_pages=4, tokens_per_page=2)
