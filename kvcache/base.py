@@ -131,6 +131,13 @@ class KVCacheBase(CacheBase):
       return values + 2 * self.quant.scale_shape(self.num_kv_heads) * 4
     return 2 * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
 
+  def write_in_place(self, rows, key, value, positions, valid, new_lengths) -> None:
+    """`write`, compiled with the cache donated, for host-side calls between steps
+    (`insert`): an eager write would build a new cache array beside the old one, a second
+    cache's worth of device memory for the moment. Under an outer trace the caller's jit
+    decides."""
+    _write_donated(self, rows, key, value, positions, valid, new_lengths)
+
   def read_block(self, rows, start, size: int, dtype) -> tuple[jax.Array, jax.Array]:
     """Entries [start, start+size) of the given rows (None: all), dequantized: K, V
     [b, size, K, H] (each kind implements it)."""
@@ -139,3 +146,8 @@ class KVCacheBase(CacheBase):
   def read_all(self, dtype) -> tuple[jax.Array, jax.Array]:
     """Every slot's entries as K, V [B, C, K, H] (tests and inspection)."""
     return self.read_block(None, 0, self.capacity, dtype)
+
+
+@nnx.jit(donate_argnums=0)
+def _write_donated(cache, rows, key, value, positions, valid, new_lengths):
+  cache.write(rows, key, value, positions, valid, new_lengths)

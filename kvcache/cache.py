@@ -353,4 +353,4 @@ class KVCache(KVCacheBase):
     # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
     key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
-    self.write(rows, key, value, positions, positions >= 0, src_len)
+    self.write_in_place(rows, key, value, positions, positions >= 0, src_len)

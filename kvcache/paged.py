@@ -392,7 +392,7 @@ class PagedKVCache(KVCacheBase):
     # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
     key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
-    self.write(rows, key, value, positions, positions >= 0, src_len)
+    self.write_in_place(rows, key, value, positions, positions >= 0, src_len)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))

@@ -157,3 +157,22 @@ def test_layer_serves_the_same_with_slice_writes(extra, monkeypatch):
     np.testing.assert_array_equal(g, w)
   for name in want_state:
     np.testing.assert_array_equal(got_state[name], want_state[name], err_msg=name)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_insert_writes_the_cache_in_place(paged):
+  """insert (host side, between steps) donates the cache to its write: an eager write would
+  hold a second cache's worth of device memory for the moment."""
+  from meshattn.kvcache.paged import PagedKVCache
+  source = _filled((0, 1, 2, 3), None)
+  cache = (PagedKVCache(B, C, K, H, num_pages=8, tokens_per_page=4) if paged
+           else KVCache(B, C, K, H))
+  pools = ("key_pages", "value_pages") if paged else ("key", "value")
+  before = [getattr(cache, name)[...] for name in pools]
+  cache.insert(2, source, 1)
+  assert all(old.is_deleted() for old in before)
+  got_k, got_v = cache.read_block(jnp.asarray([2]), 0, 3, jnp.float32)  # [1, 3, K, H]
+  want_k, want_v = source.read_block(jnp.asarray([1]), 0, 3, jnp.float32)
+  np.testing.assert_array_equal(got_k, want_k)
+  np.testing.assert_array_equal(got_v, want_v)
+  np.testing.assert_array_equal(cache.lengths[...], [0, 0, 3, 0])
