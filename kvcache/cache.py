@@ -43,9 +43,13 @@ from meshattn.kvcache.views import ContiguousView
 
 
 
-# Writes of at least this many tokens per row (a prefill) take one slice write per row
-# instead of a scatter of single tokens (KVCache._run_write).
-_RUN_MIN_TOKENS = 64
+# Writes of at least this many tokens per row (a prefill), for at most this many rows, take
+# one slice write per row instead of a scatter of single tokens (KVCache._run_write). On the
+# H200 the scatter moves a token's K or V in ~8 ns, a slice write costs a launch (~3 us)
+# plus copy speed: the slices win from a few hundred tokens a row; the rows are unrolled
+# into the program, so their count is bounded.
+_RUN_MIN_TOKENS = 512
+_RUN_MAX_ROWS = 64
 
 
 def _check_axis_order(axis_order: Sequence[int]) -> tuple[int, ...]:
@@ -72,8 +76,8 @@ def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int, by_slices
   `by_slices` (rows checked on the host, the cache on one device): one in-place slice
   write per row, which moves only the rows' bytes at copy speed; XLA's scatter of whole
   slots ran at ~6% of copy bandwidth on the H200 (8 slots of a 64 MiB cache: 0.24 ms per
-  array). Otherwise the scatter: it drops an out-of-range traced row instead of clamping it
-  onto the last slot as a slice write would, and on a mesh it stays local to each shard
+  array). Otherwise the scatter: it drops an out-of-range traced row (a negative one too)
+  instead of clamping it onto the last slot as a slice write would, and on a mesh it stays local to each shard
   where a slice at a dynamic slot would make XLA's partitioner gather the batch.
   """
   if by_slices:
@@ -87,6 +91,9 @@ def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int, by_slices
     key, value = clear(key, 0, batch_axis), clear(value, 0, batch_axis)
     scales = tuple(clear(s, 1.0, 0) for s in scales)  # [B, K or 1, C]
   else:
+    # A negative index would wrap onto the last slots: send every row out of range past the
+    # end, where the scatter drops it.
+    rows = jnp.where((rows < 0) | (rows >= lengths.shape[0]), lengths.shape[0], rows)  # [b]
     where = tuple(rows if a == batch_axis else slice(None) for a in range(key.ndim))
     key = key.at[where].set(0, mode="drop")
     value = value.at[where].set(0, mode="drop")
@@ -241,7 +248,7 @@ class KVCache(KVCacheBase):
     # a concatenate + dynamic slice gave wrong entries under XLA:GPU, jax 0.11).
     token = jnp.arange(t)[None, :] - (start - window_start)[:, None]  # [b, T]
     taken = jnp.clip(token, 0, t - 1)  # [b, T]
-    keep = (token >= 0) & jnp.take_along_axis(keep, taken, axis=1)  # [b, T] by window entry
+    keep = (token >= 0) & (token < t) & jnp.take_along_axis(keep, taken, axis=1)  # [b, T]
     upd = jnp.take_along_axis(upd, taken.reshape(taken.shape + (1,) * (upd.ndim - 2)),
                               axis=1)  # [b, T, rest...] by window entry
     sizes = list(stored.shape)
@@ -265,12 +272,12 @@ class KVCache(KVCacheBase):
       return self.mesh is None or self.mesh.size == 1
     return len(stored.sharding.device_set) == 1
 
-  def _writes_runs(self, stored: jax.Array, length: int) -> bool:
-    """Whether a write of `length` tokens per row takes the slice-write path: a prefill
-    (a decode token's scatter is already one small kernel), no ring (its entries wrap), one
-    device."""
+  def _writes_runs(self, stored: jax.Array, rows: int, length: int) -> bool:
+    """Whether a write of `length` tokens to each of `rows` rows takes the slice-write path:
+    a long prefill of not too many rows (a decode token's scatter is already one small
+    kernel), no ring (its entries wrap), one device."""
     return (not self.window and _RUN_MIN_TOKENS <= length <= self.capacity
-            and self._on_one_device(stored))
+            and rows <= _RUN_MAX_ROWS and self._on_one_device(stored))
 
   def write(self, rows: jax.Array, key: jax.Array, value: jax.Array, positions: jax.Array,
             valid: jax.Array, new_lengths: jax.Array, *, run: bool = False) -> None:
@@ -282,7 +289,8 @@ class KVCache(KVCacheBase):
     positions are consecutive (positions[b, t] = positions[b, 0] + t, as a step's
     are), which lets a long write take one slice write per row.
     """
-    keep = valid & (positions >= 0)
+    in_range = (rows >= 0) & (rows < self.batch_size)  # [b]; a negative row must not wrap
+    keep = valid & (positions >= 0) & in_range[:, None]  # [b, T]
     if self.window:
       keep = keep & (positions >= new_lengths[:, None] - self.capacity)
     index = jnp.where(keep, positions % self.capacity if self.window else positions,
@@ -292,14 +300,15 @@ class KVCache(KVCacheBase):
       value, value_scale = quantize(value, self.quant)
       self.key_scale[...] = self._scatter_scale(self.key_scale[...], key_scale, rows, index)
       self.value_scale[...] = self._scatter_scale(self.value_scale[...], value_scale, rows, index)
-    if run and self._writes_runs(self.key[...], positions.shape[1]):
+    if run and self._writes_runs(self.key[...], *positions.shape):
       start = positions[:, 0]  # [b]
       self.key[...] = self._run_write(self.key[...], key, rows, start, keep)
       self.value[...] = self._run_write(self.value[...], value, rows, start, keep)
     else:
       self.key[...] = self._scatter(self.key[...], key, rows, index)
       self.value[...] = self._scatter(self.value[...], value, rows, index)
-    self.lengths[...] = self.lengths[...].at[rows].set(new_lengths)
+    self.lengths[...] = self.lengths[...].at[jnp.where(in_range, rows, self.batch_size)].set(
+        new_lengths, mode="drop")
 
   @staticmethod
   def _scatter_scale(stored, updates, rows, index):
@@ -320,8 +329,8 @@ class KVCache(KVCacheBase):
     # arrays move in and out without the Variables' hooks (~0.1 ms of host time per call).
     rows = np.atleast_1d(np.asarray(slot)) if is_concrete(slot) else jnp.atleast_1d(slot)
     self.check_slots(rows)
-    if isinstance(rows, np.ndarray) and not np.issubdtype(rows.dtype, np.integer):
-      raise ValueError(f"reset: slots must be integers, got {rows.dtype}")
+    if isinstance(rows, np.ndarray) and rows.size and not np.issubdtype(rows.dtype, np.integer):
+      raise ValueError(f"reset: slot must be integers, got {rows.dtype}")
     key = variable_arrays.read(self.key)
     by_slices = isinstance(rows, np.ndarray) and self._on_one_device(key)
     rows = rows.astype(np.int32) if isinstance(rows, np.ndarray) else rows.astype(jnp.int32)

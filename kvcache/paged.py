@@ -225,7 +225,9 @@ class PagedKVCache(KVCacheBase):
       self.value_scale[...] = self._scatter(self.value_scale[...], value_scale, flat)
     self.key_pages[...] = self._scatter(self.key_pages[...], key, flat)
     self.value_pages[...] = self._scatter(self.value_pages[...], value, flat)
-    self.lengths[...] = self.lengths[...].at[rows].set(new_lengths)
+    in_range = (rows >= 0) & (rows < self.batch_size)  # [b]; a negative row must not wrap
+    self.lengths[...] = self.lengths[...].at[jnp.where(in_range, rows, self.batch_size)].set(
+        new_lengths, mode="drop")
 
   # ---- step checks -----------------------------------------------------------
 

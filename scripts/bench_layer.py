@@ -143,8 +143,8 @@ def scan_steps(attn):
 
   @functools.partial(jax.jit, donate_argnums=1)
   def run(params, state, xs):
-    params = jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
-                          else p, params)
+    params = jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p,
+                          params)  # the weight matrices; norm scales stay float32
 
     def body(state, x):
       model = nnx.merge(graphdef, params, state)

@@ -19,13 +19,16 @@ pytest worker died at start), so that one is set only for older jaxlibs.
 
 import importlib.metadata
 import os
+import re
 import sys
 
 
 def _suite_xla_flags() -> str:
   flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
            "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_parallel_codegen_split_count=1"]
-  jaxlib = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2])
+  # "0.10.2", "0.11.0rc1", "0.11.dev20261201": the leading major.minor.
+  major_minor = re.match(r"(\d+)\.(\d+)", importlib.metadata.version("jaxlib"))
+  jaxlib = tuple(int(part) for part in major_minor.groups())
   if jaxlib < (0, 11):
     flags.append("--xla_cpu_use_fusion_emitters=false")
   return " ".join(flags)

@@ -36,14 +36,21 @@ def _state(cache) -> dict:
 @pytest.mark.parametrize("quant", [None, KVQuant("int8", "dkv")], ids=["bf", "int8"])
 @pytest.mark.parametrize("order", ORDERS, ids=str)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_run_write_equals_the_token_scatter(order, quant, jit, monkeypatch):
+@pytest.mark.parametrize("case", ["mixed", "edges"])
+def test_run_write_equals_the_token_scatter(order, quant, jit, case, monkeypatch):
   monkeypatch.setattr(cache_module, "_RUN_MIN_TOKENS", 2)
+  runs = _count_run_writes(monkeypatch)
   t = 3
-  # Rows: a middle start; start 0 with padding; a slot out of range (dropped); a start
-  # whose window passes the end (shifted back), one token kept; a duplicate-free set.
-  rows = jnp.asarray([2, 0, 7, 3], jnp.int32)
-  start = jnp.asarray([4, 0, 1, 6], jnp.int32)
-  kept = jnp.asarray([3, 2, 3, 1], jnp.int32)
+  if case == "mixed":
+    # Rows: a middle start; start 0 with padding; a slot out of range (dropped); a start
+    # whose window passes the end (shifted back), one token kept.
+    rows, start, kept = [2, 0, 7, 3], [4, 0, 1, 6], [3, 2, 3, 1]
+  else:
+    # A negative start (its first tokens dropped, none written twice); valid tokens past
+    # the capacity (dropped); a start at the capacity (a full slot: nothing written); a
+    # negative row (dropped).
+    rows, start, kept = [1, 2, 0, -1], [-2, 7, C, 2], [3, 3, 2, 3]
+  rows, start, kept = (jnp.asarray(x, jnp.int32) for x in (rows, start, kept))
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [b, T]
   valid = jnp.arange(t)[None] < kept[:, None]  # [b, T]
   rng = np.random.default_rng(1)
@@ -54,7 +61,7 @@ def test_run_write_equals_the_token_scatter(order, quant, jit, monkeypatch):
     cache.write(rows, key, 2 * key, positions, valid, new_lengths, run=run)
 
   results = []
-  for run in (True, False):
+  for run in (True, False):  # the slice writes run for run=True only
     cache = _filled(order, quant)
     (nnx.jit(write, static_argnums=1, donate_argnums=0) if jit else write)(cache, run)
     results.append(_state(cache))
@@ -62,6 +69,20 @@ def test_run_write_equals_the_token_scatter(order, quant, jit, monkeypatch):
     np.testing.assert_array_equal(results[0][name], results[1][name], err_msg=name)
   before = _state(_filled(order, quant))
   assert not np.array_equal(before["key"], results[0]["key"])  # the write did write
+  assert runs == [2], runs  # K and V took the slice writes (one traced / eager call each)
+
+
+def _count_run_writes(monkeypatch) -> list:
+  """A list whose one entry counts the slice writes traced (or run eagerly) so far."""
+  calls = [0]
+  original = KVCache._run_write
+
+  def counted(self, *args):
+    calls[0] += 1
+    return original(self, *args)
+
+  monkeypatch.setattr(KVCache, "_run_write", counted)
+  return calls
 
 
 def test_run_write_covers_a_whole_slot_and_leaves_other_slots(monkeypatch):
@@ -79,20 +100,22 @@ def test_run_write_covers_a_whole_slot_and_leaves_other_slots(monkeypatch):
 
 
 def test_run_write_is_not_taken_for_a_ring_a_decode_token_or_a_sharded_batch():
-  takes = lambda cache, length: cache._writes_runs(cache.key[...], length)
-  assert takes(KVCache(B, 256, K, H), 128)
-  assert not takes(KVCache(B, 256, K, H), 1)  # one token per row: the scatter
-  assert not takes(KVCache(B, 256, K, H, window=128), 128)  # a ring wraps
-  assert not takes(KVCache(B, 64, K, H), 128)  # longer than the slot
+  takes = lambda cache, length, rows=B: cache._writes_runs(cache.key[...], rows, length)
+  assert takes(KVCache(B, 1024, K, H), 512)
+  assert not takes(KVCache(B, 1024, K, H), 1)  # one token per row: the scatter
+  assert not takes(KVCache(B, 1024, K, H), 256)  # short rows: the scatter is cheaper
+  assert not takes(KVCache(B, 1024, K, H), 512, rows=65)  # rows are unrolled: bounded
+  assert not takes(KVCache(B, 1024, K, H, window=512), 512)  # a ring wraps
+  assert not takes(KVCache(B, 256, K, H), 512)  # longer than the slot
   cpus = jax.devices("cpu")
   if len(cpus) < 2:
     pytest.skip("needs 2 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
   mesh = jax.sharding.Mesh(np.asarray(cpus[:2]), ("data",))
-  sharded = KVCache(B, 256, K, H, mesh=mesh, rules=(("cache_batch", "data"),))
+  sharded = KVCache(B, 1024, K, H, mesh=mesh, rules=(("cache_batch", "data"),))
   assert len(sharded.key[...].sharding.device_set) == 2
-  assert not takes(sharded, 128)
+  assert not takes(sharded, 512)
   traced = []
-  jax.jit(lambda k: traced.append(sharded._writes_runs(k, 128)) or k)(sharded.key[...])
+  jax.jit(lambda k: traced.append(sharded._writes_runs(k, B, 512)) or k)(sharded.key[...])
   assert traced == [False]
 
 
@@ -121,6 +144,9 @@ def test_reset_refuses_bad_slots_before_any_change():
     cache.reset([1, 4])
   with pytest.raises(ValueError, match="integers"):
     cache.reset([1.9])
+  cache.reset([])  # no finished slot: nothing to do
+  # Traced, a slot out of range (a negative one too) is dropped, never wrapped onto a slot.
+  nnx.jit(lambda cache, rows: cache.reset(rows), donate_argnums=0)(cache, jnp.asarray([-1, B]))
   after = _state(cache)
   for name in before:
     np.testing.assert_array_equal(after[name], before[name])
@@ -152,7 +178,10 @@ def test_layer_serves_the_same_with_slice_writes(extra, monkeypatch):
     outs += [step(model, x[:, 8:9], None, "autoregressive") for _ in range(2)]
     return [np.asarray(o) for o in outs], _state(cache)
 
-  (got, got_state), (want, want_state) = serve(2), serve(10**6)
+  runs = _count_run_writes(monkeypatch)
+  got, got_state = serve(2)
+  assert runs[0] > 0  # the layer's prefill steps took the slice writes
+  want, want_state = serve(10**6)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(g, w)
   for name in want_state:

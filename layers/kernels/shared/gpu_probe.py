@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import re
 from typing import Callable, TypeVar
 
 import jax
@@ -46,6 +47,8 @@ def run_probe(probe: Callable[[jax.Device], T], device: jax.Device) -> T:
   `jax.ensure_compile_time_eval` jax 0.11 evaluates a jitted call op by op, which a
   Mosaic GPU kernel with named axes cannot do: tokamax's probe failed there with
   "unbound axis name: q_tiles" and flash lost its fastest GPU kernel, H200, 2026-12-04.)
+  The thread does not inherit the caller's JAX context managers (x64, default matmul
+  precision, a mesh): probes pin their dtypes and devices and ask only "does it run here".
   """
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     return pool.submit(probe, device).result()
@@ -62,6 +65,12 @@ def causal_attention_runs(attend: Callable[..., jax.Array]) -> Callable[[jax.Dev
   return probe
 
 
+def _capability(device: jax.Device) -> float:
+  """The device's compute capability as a number ("9.0" -> 9.0, "12.0a" -> 12.0; 0 unknown)."""
+  match = re.match(r"\d+(\.\d+)?", str(getattr(device, "compute_capability", "")))
+  return float(match.group()) if match else 0.0
+
+
 def gpu_probe_passes(probe: Callable[[jax.Device], bool], *, min_capability: float = 0.0,
                      warning: str | None = None) -> bool:
   """Whether probe(device) returns True on this process's first GPU (run now, even in a trace).
@@ -74,7 +83,7 @@ def gpu_probe_passes(probe: Callable[[jax.Device], bool], *, min_capability: flo
   device = local_gpu()
   if device is None:
     return False
-  if min_capability and float(getattr(device, "compute_capability", "0")) < min_capability:
+  if min_capability and _capability(device) < min_capability:
     return False
   try:
     return bool(run_probe(probe, device))
