@@ -199,62 +199,32 @@ def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list
   d = attn.settings.emb_dim
   x = jax.random.normal(jax.random.key(4), (batch, prompt, d), attn.settings.dtype)
   step = jit_step(lambda m, x: m(x, model_mode="prefill"))
-  slots = list(range(batch))
-
-  def fresh(x):
-    for slot in slots:  # as a serving loop frees finished slots one by one
-      attn.cache.reset(slot)
-    return step(attn, x)
-
-  fresh_ms = time_fn(fresh, x, iters=iters)
-
-  def fresh_one_reset(x):
-    attn.cache.reset(slots)  # the finished slots emptied in one call
-    return step(attn, x)
-
-  fresh_one_reset_ms = time_fn(fresh_one_reset, x, iters=iters)
-
-  def resets():
-    for slot in slots:
-      attn.cache.reset(slot)
-    return attn.cache.lengths[...]
-
-  resets_ms = time_fn(resets, iters=iters)
-  one_reset_ms = time_fn(lambda: attn.cache.reset(slots) or attn.cache.lengths[...], iters=iters)
-
-  def fresh_only(x):
-    set_lengths(attn, 0)
-    return step(attn, x)
-
-  fresh_only_ms = time_fn(fresh_only, x, iters=iters)
   unchecked = jit_step(lambda m, x: m(x, model_mode="prefill"), check=False)
-
-  def fresh_unchecked(x):
-    set_lengths(attn, 0)
-    return unchecked(attn, x)
-
-  unchecked_ms = time_fn(fresh_unchecked, x, iters=iters)
-
-  def fresh_one_reset_unchecked(x):  # the documented serving pattern
-    attn.cache.reset(slots)
-    return unchecked(attn, x)
-
-  one_reset_unchecked_ms = time_fn(fresh_one_reset_unchecked, x, iters=iters)
-  train = jit_step(lambda m, x: m(x, model_mode="train"), donate=False, check=False)
-  train_ms = time_fn(train, attn, x, iters=iters)
+  slots = list(range(batch))
   cached = prompt - chunk
 
-  def chunk_step(x):
-    set_lengths(attn, cached)
-    return step(attn, x)
+  def timed(prepare, fn, x):
+    """ms per call of prepare() (the host-side work a serving loop does first), then fn."""
+    def run(x):
+      prepare()
+      return fn(attn, x)
+    return time_fn(run, x, iters=iters)
 
-  chunk_ms = time_fn(chunk_step, x[:, :chunk], iters=iters)
-
-  def chunk_unchecked(x):
-    set_lengths(attn, cached)
-    return unchecked(attn, x)
-
-  chunk_unchecked_ms = time_fn(chunk_unchecked, x[:, :chunk], iters=iters)
+  reset_each = lambda: [attn.cache.reset(slot) for slot in slots]  # freed one by one
+  reset_all = lambda: attn.cache.reset(slots)  # the finished slots emptied in one call
+  empty = lambda: set_lengths(attn, 0)
+  fill = lambda: set_lengths(attn, cached)
+  fresh_ms = timed(reset_each, step, x)
+  fresh_one_reset_ms = timed(reset_all, step, x)
+  resets_ms = time_fn(lambda: (reset_each(), attn.cache.lengths[...])[1], iters=iters)
+  one_reset_ms = time_fn(lambda: (reset_all(), attn.cache.lengths[...])[1], iters=iters)
+  fresh_only_ms = timed(empty, step, x)
+  unchecked_ms = timed(empty, unchecked, x)
+  one_reset_unchecked_ms = timed(reset_all, unchecked, x)  # the documented serving pattern
+  train = jit_step(lambda m, x: m(x, model_mode="train"), donate=False, check=False)
+  train_ms = time_fn(train, attn, x, iters=iters)
+  chunk_ms = timed(fill, step, x[:, :chunk])
+  chunk_unchecked_ms = timed(fill, unchecked, x[:, :chunk])
   s = attn.settings
   split_name, split_ms = split_alone(attn, batch, chunk, cached, iters)
   bare = bare_split_steps(attn, x, chunk, cached, iters)
