@@ -34,6 +34,12 @@ from meshattn.kvcache.step_checks import (
 CACHE_AXIS_NAMES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
 
 
+def rows_or_past_end(rows: jax.Array, size: int) -> jax.Array:
+  """rows [b] with every row outside [0, size) replaced by `size`, which a mode="drop"
+  update drops (a negative index would otherwise wrap onto the last slots)."""
+  return jnp.where((rows >= 0) & (rows < size), rows, size)
+
+
 class CacheBase(nnx.Module):
   """Per-slot sequences for `batch_size` slots of up to `max_length` tokens."""
 

@@ -38,7 +38,7 @@ from meshattn.kvcache.quant import (
     KVQuant, dequantize, from_cache_basis, quantize, scales_by_token, to_cache_basis)
 from meshattn.kvcache import variable_arrays
 from meshattn.kvcache.step_checks import is_concrete
-from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
+from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase, rows_or_past_end
 from meshattn.kvcache.views import ContiguousView
 
 
@@ -93,7 +93,7 @@ def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int, by_slices
   else:
     # A negative index would wrap onto the last slots: send every row out of range past the
     # end, where the scatter drops it.
-    rows = jnp.where((rows < 0) | (rows >= lengths.shape[0]), lengths.shape[0], rows)  # [b]
+    rows = rows_or_past_end(rows, lengths.shape[0])  # [b]
     where = tuple(rows if a == batch_axis else slice(None) for a in range(key.ndim))
     key = key.at[where].set(0, mode="drop")
     value = value.at[where].set(0, mode="drop")
@@ -224,36 +224,43 @@ class KVCache(KVCacheBase):
       upd = jnp.moveaxis(upd, (0, 1), (first, first + 1))
     return stored.at[tuple(where)].set(upd, mode="drop")
 
-  def _run_write(self, stored: jax.Array, updates: jax.Array, rows: jax.Array,
-                 start: jax.Array, keep: jax.Array) -> jax.Array:
-    """stored (storage layout) <- updates [b, T, K, H] at entries start[b] + t of slots
-    rows[b], where keep [b, T]: one in-place slice write of T entries per row.
-
-    XLA's scatter of b*T single tokens ran at ~6% of copy bandwidth on the H200 (a
-    4096-token prefill of 8 slots: 0.26 ms per array); slice writes moved the same bytes
-    in about half the time of the scatters, window reads included (2026-12-04). Each row's window [s, s+T) is read and written back with the kept
-    tokens in it, so dropped tokens (padding, a rejected step, a row out of range) leave
-    their entries as they were. T <= capacity; a window that would pass the end is moved
-    back to end at the capacity (s = min(start, C - T)) and the tokens shifted into it.
-    """
-    t = updates.shape[1]
-    seq_axis, batch_axis = self.axis_order.index(1), self.axis_order.index(0)
-    rest = [a for a in self.axis_order if a > 1]  # kv heads / head_dim in storage order
-    upd = jnp.transpose(updates, (0, 1, *rest)).astype(stored.dtype)  # [b, T, rest...]
+  def _run_plan(self, rows: jax.Array, start: jax.Array, keep: jax.Array, t: int):
+    """Where each row's slice write of T entries goes (shared by K and V): (slots [b],
+    window_start [b], taken [b, T] the token at each window entry, keep [b, T] by window
+    entry). A window that would pass the end is moved back to end at the capacity
+    (s = min(start, C - T)) and the tokens shifted into it; a row out of range writes
+    slot 0's entries back as they are."""
     in_range = (rows >= 0) & (rows < self.batch_size)  # [b]
-    keep = keep & in_range[:, None]  # [b, T]
-    slots = jnp.where(in_range, rows, 0)  # [b]; a dropped row rewrites slot 0's entries as they are
+    slots = jnp.where(in_range, rows, 0)  # [b]
     window_start = jnp.clip(start, 0, self.capacity - t)  # [b]
     # Window entry j of row i holds token j - shift[i] (a gather along T: the same shift as
     # a concatenate + dynamic slice gave wrong entries under XLA:GPU, jax 0.11).
     token = jnp.arange(t)[None, :] - (start - window_start)[:, None]  # [b, T]
     taken = jnp.clip(token, 0, t - 1)  # [b, T]
-    keep = (token >= 0) & (token < t) & jnp.take_along_axis(keep, taken, axis=1)  # [b, T]
+    keep = ((token >= 0) & (token < t) & in_range[:, None]
+            & jnp.take_along_axis(keep, taken, axis=1))  # [b, T]
+    return slots, window_start, taken, keep
+
+  def _run_write(self, stored: jax.Array, updates: jax.Array, plan) -> jax.Array:
+    """stored (storage layout) <- updates [b, T, K, H] by `plan` (_run_plan): one in-place
+    slice write of T entries per row.
+
+    XLA's scatter of b*T single tokens ran at ~6% of copy bandwidth on the H200 (a
+    4096-token prefill of 8 slots: 0.26 ms per array); slice writes moved the same bytes
+    in about half the time of the scatters, window reads included (2026-12-04). Each row's
+    window is read and written back with the kept tokens in it, so dropped tokens
+    (padding, a rejected step, a row out of range) leave their entries as they were.
+    """
+    slots, window_start, taken, keep = plan
+    t = updates.shape[1]
+    seq_axis, batch_axis = self.axis_order.index(1), self.axis_order.index(0)
+    rest = [a for a in self.axis_order if a > 1]  # kv heads / head_dim in storage order
+    upd = jnp.transpose(updates, (0, 1, *rest)).astype(stored.dtype)  # [b, T, rest...]
     upd = jnp.take_along_axis(upd, taken.reshape(taken.shape + (1,) * (upd.ndim - 2)),
                               axis=1)  # [b, T, rest...] by window entry
     sizes = list(stored.shape)
     sizes[batch_axis], sizes[seq_axis] = 1, t
-    for i in range(rows.shape[0]):  # unrolled: b is static
+    for i in range(slots.shape[0]):  # unrolled: b is static
       starts = [0] * stored.ndim
       starts[batch_axis], starts[seq_axis] = slots[i], window_start[i]
       old = jax.lax.dynamic_slice(stored, starts, sizes)  # storage layout, batch 1, T entries
@@ -289,8 +296,8 @@ class KVCache(KVCacheBase):
     positions are consecutive (positions[b, t] = positions[b, 0] + t, as a step's
     are), which lets a long write take one slice write per row.
     """
-    in_range = (rows >= 0) & (rows < self.batch_size)  # [b]; a negative row must not wrap
-    keep = valid & (positions >= 0) & in_range[:, None]  # [b, T]
+    rows = rows_or_past_end(rows, self.batch_size)  # [b]; a negative row must not wrap
+    keep = valid & (positions >= 0) & (rows < self.batch_size)[:, None]  # [b, T]
     if self.window:
       keep = keep & (positions >= new_lengths[:, None] - self.capacity)
     index = jnp.where(keep, positions % self.capacity if self.window else positions,
@@ -301,14 +308,13 @@ class KVCache(KVCacheBase):
       self.key_scale[...] = self._scatter_scale(self.key_scale[...], key_scale, rows, index)
       self.value_scale[...] = self._scatter_scale(self.value_scale[...], value_scale, rows, index)
     if run and self._writes_runs(self.key[...], *positions.shape):
-      start = positions[:, 0]  # [b]
-      self.key[...] = self._run_write(self.key[...], key, rows, start, keep)
-      self.value[...] = self._run_write(self.value[...], value, rows, start, keep)
+      plan = self._run_plan(rows, positions[:, 0], keep, positions.shape[1])
+      self.key[...] = self._run_write(self.key[...], key, plan)
+      self.value[...] = self._run_write(self.value[...], value, plan)
     else:
       self.key[...] = self._scatter(self.key[...], key, rows, index)
       self.value[...] = self._scatter(self.value[...], value, rows, index)
-    self.lengths[...] = self.lengths[...].at[jnp.where(in_range, rows, self.batch_size)].set(
-        new_lengths, mode="drop")
+    self.lengths[...] = self.lengths[...].at[rows].set(new_lengths, mode="drop")
 
   @staticmethod
   def _scatter_scale(stored, updates, rows, index):

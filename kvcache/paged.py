@@ -59,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache import page_plan, variable_arrays
-from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase
+from meshattn.kvcache.base import CACHE_AXIS_NAMES, KVCacheBase, rows_or_past_end
 from meshattn.kvcache.cache import raise_if
 from meshattn.kvcache.step_checks import Rejection, is_concrete
 from meshattn.kvcache.quant import KVQuant, dequantize, from_cache_basis, quantize, to_cache_basis
@@ -225,8 +225,8 @@ class PagedKVCache(KVCacheBase):
       self.value_scale[...] = self._scatter(self.value_scale[...], value_scale, flat)
     self.key_pages[...] = self._scatter(self.key_pages[...], key, flat)
     self.value_pages[...] = self._scatter(self.value_pages[...], value, flat)
-    in_range = (rows >= 0) & (rows < self.batch_size)  # [b]; a negative row must not wrap
-    self.lengths[...] = self.lengths[...].at[jnp.where(in_range, rows, self.batch_size)].set(
+    # A negative row must not wrap onto the last slot.
+    self.lengths[...] = self.lengths[...].at[rows_or_past_end(rows, self.batch_size)].set(
         new_lengths, mode="drop")
 
   # ---- step checks -----------------------------------------------------------
