@@ -15,7 +15,11 @@ the most recent token whose position p has p % window == j.
 
 Every slot is its own sequence (ragged batch). Positions of the cached
 entries are derived from `lengths`, and an entry whose position is -1 is
-empty; kernels mask on positions, so a slot never sees stale entries.
+empty; kernels mask on positions, so a slot never sees stale entries. Outside
+a ring, a slot's entries at or past its length are zeros (created zeroed;
+`reset` and `insert` clear the slot; writes land below the new length and
+never for padding tokens or rejected steps; tests/kvcache/test_zero_past_length.py):
+the chunked prefill's cuDNN pass reads the cache in place and relies on it.
 
 A step the cache cannot serve is rejected with nothing changed (see
 `step_checks`): eagerly it raises `StepRejected`; under jit it gates its

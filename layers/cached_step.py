@@ -228,7 +228,8 @@ def cached_attention(layer, cache, plan, query: jax.Array, key: jax.Array, value
   first = min(chunk, length)
   fresh = (fresh_prompt_attention(layer, axes, padded=padded, sinks=sinks, length=first)
            if model_mode == "prefill" else None)
-  split = split_chunk_attention(layer, cache, axes, sinks=sinks) if model_mode == "prefill" else None
+  split = (split_chunk_attention(layer, cache, axes, sinks=sinks, all_slots=plan.all_slots)
+           if model_mode == "prefill" else None)
   slot = (whole_slot_attention(layer, axes, sinks=sinks, lengths=(first, cache.capacity))
           if model_mode == "prefill" and split is None else None)
   contexts = []

@@ -117,10 +117,17 @@ def decode_parts(attn, x) -> dict[str, float]:
     context = kernel(query[:, 0], **cache_args(attn.cache, start + 1), **common)  # [b, N, H]
     return attn.out(context[:, None])
 
-  lengths = cache.lengths[...]
+  lengths = np.asarray(cache.lengths[...])  # a host copy: the step donates the cache's arrays
   bare_ms = time_fn(jit_step(bare_step, check=False), attn, x, iters=50)
-  cache.lengths[...] = lengths
-  return dict(kernel=kernel_ms, bare=bare_ms)
+  cache.lengths[...] = jnp.asarray(lengths)
+  # The same with the weight matrices already in the compute dtype, as the scan rows get
+  # them (cast once before the loop): the like-for-like baseline of a scan step.
+  params = nnx.state(attn, nnx.Param)
+  nnx.update(attn, jax.tree.map(lambda p: p.astype(s.dtype) if p.ndim >= 2 else p, params))
+  cast_ms = time_fn(jit_step(bare_step, check=False), attn, x, iters=50)
+  nnx.update(attn, params)
+  cache.lengths[...] = jnp.asarray(lengths)
+  return dict(kernel=kernel_ms, bare=bare_ms, bare_cast=cast_ms)
 
 
 def project(attn, x):
@@ -190,8 +197,11 @@ def bench_decode(dims, shape: str, cache_kind: str, iters: int, tpp: int) -> lis
           row("jit_step, check=False", unchecked_ms, unchecked_ms / bare),
           row("nnx.jit (donated)", plain_ms, plain_ms / bare),
           row(f"lax.scan x{SCAN_STEPS}", scan_ms, scan_ms / bare),
+          row(f"lax.scan x{SCAN_STEPS} / parts, weights cast", scan_ms,
+              scan_ms / parts["bare_cast"]),
           row("parts: kernel alone", parts["kernel"], None),
-          row("parts: kernel+proj+write", bare, 1.0)]
+          row("parts: kernel+proj+write", bare, 1.0),
+          row("parts, weights cast once", parts["bare_cast"], parts["bare_cast"] / bare)]
 
 
 def bench_prefill(dims, batch: int, prompt: int, chunk: int, iters: int) -> list[dict]:
@@ -294,8 +304,9 @@ def split_alone(attn, batch: int, chunk: int, cached: int, iters: int):
   k_new = jax.random.normal(jax.random.key(7), (batch, chunk, k, h), s.dtype)
   start = jnp.full((batch,), cached, jnp.int32)
   valid = jnp.ones((batch, chunk), bool)
+  in_place = prefill_split.reads_in_place(attn.cache, s.dtype)  # as the layer's step reads it
   split = jax.jit(functools.partial(prefill_split.split_attention, kernel, start=start,
-                                    valid=valid, scale=s.scale))
+                                    valid=valid, scale=s.scale, old_zeroed=in_place))
   return label, time_fn(split, q, k_old, k_old, k_new, k_new, iters=iters)
 
 
@@ -312,7 +323,8 @@ def bare_split_steps(attn, x, chunk: int, cached: int, iters: int) -> dict:
     return {}
   kernel = kernel or partial_attention.reference_partial_attention  # CPU stand-in (--cpu-smoke)
   axes = s.axes["prefill"]
-  split = prefill_split.split_chunk_attention(attn, attn.cache, axes, sinks=None, kernel=kernel)
+  split = prefill_split.split_chunk_attention(attn, attn.cache, axes, sinks=None, kernel=kernel,
+                                              all_slots=True)  # rows 0..B-1, as the layer's
   options = dispatch.kernel_options(s)
   out = {}
   for length, start, label in ((chunk, cached, f"b{x.shape[0]} {chunk} over {cached}"),

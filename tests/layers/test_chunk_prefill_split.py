@@ -180,7 +180,9 @@ def serve(model, x):
 
 LAYER_CASES = {"gqa-sinks-paged": dict(num_kv_heads=2, attention_sink=True, paged_kv_cache=True,
                                        num_pages=9, tokens_per_page=4),
-               "mqa-int8-bf16": dict(num_kv_heads=1, kv_quant=KVQuant("int8"), dtype=jnp.bfloat16)}
+               "mqa-int8-bf16": dict(num_kv_heads=1, kv_quant=KVQuant("int8"), dtype=jnp.bfloat16),
+               # all slots, stored in the compute dtype: the cache is read in place
+               "gqa-contiguous": dict(num_kv_heads=2)}
 
 
 def build(attention, mesh=None, **kw):
@@ -195,6 +197,10 @@ def build(attention, mesh=None, **kw):
 def test_layer_step_equals_the_reference_layer(case, monkeypatch):
   """Through jit_step: the same outputs and cache as the dot_product / dot_product layer."""
   calls = reference_for_blockwise(monkeypatch)
+  in_place = []
+  reads_in_place = prefill_split.reads_in_place
+  monkeypatch.setattr(prefill_split, "reads_in_place",
+                      lambda *a: in_place.append(reads_in_place(*a)) or in_place[-1])
   x = jax.random.normal(jax.random.key(1), (3, 10, 32))
   want_model = build("dot_product", **LAYER_CASES[case])
   want = serve(want_model, x)
@@ -203,6 +209,7 @@ def test_layer_step_equals_the_reference_layer(case, monkeypatch):
   bf16 = "dtype" in LAYER_CASES[case]
   dtype = jnp.dtype(jnp.bfloat16 if bf16 else jnp.float32)
   assert sorted(set(calls)) == [(False, dtype), (True, dtype)], calls  # traced into the step
+  assert set(in_place) == {case == "gqa-contiguous"}, in_place  # traced into both prefills
   tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=2e-5, atol=2e-5)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)

@@ -27,8 +27,9 @@ exp(scale * q.k) over the keys a query sees, -inf where it sees none (a row
 with kv_lengths 0), and `out` is then unspecified (the merge selects it
 away); out and lse of padding queries are unspecified too (the caller
 selects them away). Keys at or past kv_lengths must not hold NaN / inf for
-the cuDNN kernel (it multiplies their zero weight by the value): the caller
-zeroes them (prefill_split does, in the same pass that reads the cache).
+the cuDNN kernel (it multiplies their zero weight by the value): prefill_split
+zeroes them where it copies the cache anyway (a gather of rows, a dequantization)
+and reads a contiguous cache in place otherwise, where the cache keeps them zero.
 
 Two implementations:
 * `reference_partial_attention`: plain XLA, float32 logits and softmax,

@@ -1,0 +1,76 @@
+"""The contiguous cache's invariant: a slot's entries at or past its length hold zeros.
+
+The split chunk path reads a contiguous cache in place (layers/prefill_split.py,
+`reads_in_place`) and lets cuDNN multiply masked entries' zero weights by their values,
+so it relies on this: the cache is created zeroed, `reset` / `insert` clear the slot,
+writes land below the new length, padding tokens (a NaN in a padding input included)
+are never written, and a rejected step writes nothing. Checked after every operation of
+a serving sequence through the layer, for slice writes and token scatters, plain and
+int8 caches (whose cleared entries dequantize to zero).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import meshattn.kvcache.cache as cache_module
+from meshattn.kvcache.quant import KVQuant
+from meshattn.kvcache.step_checks import StepRejected
+from meshattn.layers import Attention
+from meshattn.layers.serving import jit_step
+
+B, MAX_LEN, D = 3, 12, 32
+
+
+@jit_step
+def prefill(model, x, seg, slots=None):
+  return model(x, decoder_segment_ids=seg, model_mode="prefill", slots=slots)
+
+
+@jit_step
+def decode(model, x):
+  return model(x, model_mode="autoregressive")
+
+
+def assert_zero_past_lengths(cache, when: str) -> None:
+  lengths = np.asarray(cache.lengths[...])  # [B]
+  key, value = cache.read_block(None, 0, cache.capacity, jnp.float32)  # [B, C, K, H]
+  past = np.arange(cache.capacity)[None, :] >= lengths[:, None]  # [B, C]
+  for name, x in (("key", key), ("value", value)):
+    stale = np.asarray(x)[past]
+    assert np.all(stale == 0.0), f"after {when}: {name} entries past the lengths {lengths} hold {stale[stale != 0][:4]}"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "int8"])
+@pytest.mark.parametrize("run_min_tokens", [2, 10 ** 9], ids=["slices", "scatter"])
+def test_entries_past_each_length_stay_zero(quantized, run_min_tokens, monkeypatch):
+  monkeypatch.setattr(cache_module, "_RUN_MIN_TOKENS", run_min_tokens)
+  kw = dict(kv_quant=KVQuant("int8")) if quantized else {}
+  model = Attention(emb_dim=D, num_query_heads=4, num_kv_heads=2, head_dim=8,
+                    decode_attention="dot_product", rngs=nnx.Rngs(0), **kw)
+  cache = model.init_cache(B, MAX_LEN)
+  assert_zero_past_lengths(cache, "init_cache")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((B, 10, D)), jnp.float32)
+  # A ragged prompt whose padding inputs are NaN: the padding is never written.
+  seg = jnp.array([[1] * 4, [1, 1, 0, 0], [0] * 4], jnp.int32)
+  prefill(model, jnp.where(seg[..., None] == 0, jnp.nan, x[:, :4]), seg)
+  assert_zero_past_lengths(cache, "a padded prefill")
+  prefill(model, x[:, 4:7], jnp.array([[1, 1, 0], [1] * 3, [1, 0, 0]], jnp.int32))
+  assert_zero_past_lengths(cache, "a chunk continuing the slots")
+  decode(model, x[:, 7:8])
+  assert_zero_past_lengths(cache, "a decode step")
+  with pytest.raises(StepRejected):  # slot 0 holds 7: 7 + 6 > 12
+    prefill(model, x[:, :6], jnp.ones((B, 6), jnp.int32))
+  assert_zero_past_lengths(cache, "a rejected step")
+  cache.reset([0, 2])
+  assert_zero_past_lengths(cache, "reset")
+  source = Attention(emb_dim=D, num_query_heads=4, num_kv_heads=2, head_dim=8,
+                     rngs=nnx.Rngs(1), **kw)
+  source.init_cache(1, MAX_LEN, for_prefill=True)
+  prefill(source, x[:1, :2], jnp.ones((1, 2), jnp.int32))
+  cache.insert(1, source.cache, 0)  # a shorter sequence over a longer one: its tail cleared
+  assert_zero_past_lengths(cache, "insert")
+  np.testing.assert_array_equal(cache.lengths[...], [0, 2, 0])
