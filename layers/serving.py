@@ -118,6 +118,7 @@ class _Binding:
     return _read(self.params, self.ref_params), _read(self.others, self.ref_others)
 
   def store(self, params, others) -> None:
+    variable_arrays.can_update(self.params + self.others)  # one trace-level check for all
     _write(self.params, self.ref_params, params)
     _write(self.others, self.ref_others, others)
 
@@ -132,7 +133,7 @@ def _read(variables, refs) -> list:
 def _write(variables, refs, arrays) -> None:
   for variable, ref, array in zip(variables, refs, arrays):
     if array is not None:  # None: a Variable the step left unchanged
-      variable_arrays.replace(variable, array, ref)
+      variable_arrays.replace(variable, array, ref, checked=True)
 
 
 def _merge(is_param, params, others):
