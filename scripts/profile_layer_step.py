@@ -6,8 +6,10 @@
 For the decode step (one call, and 16 steps in one `lax.scan`) of each cache
 kind, the fresh prefill, the `reset` that empties its slots (one call per slot,
 and one call for all) and the chunked prefill of scripts/bench_layer.py (Llama
-3 8B attention, bf16): prints the device time of the costliest kernels per
-step (from a `jax.profiler` trace written under DIR).
+3 8B attention, bf16): prints the host time per call (dispatched back to back,
+untraced), the device time per call and the costliest kernels (from a
+`jax.profiler` trace written under DIR). A step whose host time per call is
+above its device time makes the device wait.
 """
 
 from __future__ import annotations
@@ -43,8 +45,28 @@ def top_kernels(trace_dir: pathlib.Path, count: int = 10) -> list[tuple[str, flo
   return [(name, us, calls[name]) for name, us in total.most_common(count)]
 
 
+def host_ms(fn, args, reset=None, calls: int = 50) -> float:
+  """Host time per call (ms): `calls` calls (each after `reset`) dispatched back to back,
+  timed until the last returns, not until it is done. Below the device time per call, the
+  device never waits for the host."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(calls):
+    if reset:
+      reset()
+    y = fn(*args)
+  elapsed = time.perf_counter() - start
+  jax.block_until_ready(y)
+  return elapsed * 1e3 / calls
+
+
 def profile(name: str, fn, args, out: pathlib.Path, reset=None, runs: int = 5,
-            count: int = 10) -> None:
+            count: int = 10, host_calls: int = 50) -> None:
+  """Prints the host time per call, then the costliest device kernels per call (their
+  total: the device time) from a trace of `runs` calls."""
+  host = host_ms(fn, args, reset, calls=host_calls)
+  if reset:
+    reset()
   jax.block_until_ready(fn(*args))
   trace_dir = out / name
   jax.profiler.start_trace(str(trace_dir))
@@ -56,9 +78,13 @@ def profile(name: str, fn, args, out: pathlib.Path, reset=None, runs: int = 5,
   jax.block_until_ready(y)
   wall_ms = (time.perf_counter() - start) * 1e3 / runs
   jax.profiler.stop_trace()
-  print(f"\n## {name}: device kernels over {runs} runs (us per run; wall {wall_ms:.3f} ms per "
-        "run while tracing)")
-  for kernel, us, calls in top_kernels(trace_dir, count):
+  kernels = top_kernels(trace_dir, 10 ** 6)
+  device_ms = sum(us for _, us, _ in kernels) / runs / 1e3
+  launches = sum(calls for _, _, calls in kernels) / runs
+  print(f"\n## {name}: host {host:.3f} ms per call untraced; device kernels {device_ms:.3f} ms "
+        f"({launches:.0f} kernels) per run over {runs} runs (wall {wall_ms:.3f} ms per run while "
+        "tracing); the costliest, us per run:")
+  for kernel, us, calls in kernels[:count]:
     print(f"{us / runs:10.1f}  x{calls // runs:<3} {kernel[:110]}")
 
 
@@ -90,7 +116,7 @@ def main(argv=None) -> None:
 
     xs = jax.numpy.broadcast_to(x, (SCAN_STEPS,) + x.shape)
     profile(f"scan_{kind}_b{b}_kv{kv} (x{SCAN_STEPS} steps per run)", scanned, (xs,), out,
-            runs=2, count=25)
+            runs=2, count=25, host_calls=2)  # the cache has room for 8 x 16 steps
   b, p, c = (int(n) for n in args.prefill.split("x"))
   attn = build({}, "contiguous", b, p, 16)
   x = jax.random.normal(jax.random.key(1), (b, p, attn.settings.emb_dim), attn.settings.dtype)
