@@ -2,7 +2,8 @@
 
 A prefill / decode step that the cache cannot serve (a slot out of range or
 named twice, a sequence growing past max_length, tokens landing in pages that
-were not reserved, left padding, a bidirectional layer continuing a slot) is
+were not reserved, left padding, a row packing several sequences, a
+bidirectional layer continuing a slot) is
 *rejected*: the cache stays exactly as it was and the caller gets a
 `StepRejected` (a `ValueError`) naming what was wrong.
 
@@ -44,6 +45,7 @@ class Rejection(enum.IntFlag):
   PAGES_NOT_RESERVED = 8
   LEFT_PADDING = 16
   BIDIRECTIONAL_NOT_EMPTY = 32
+  PACKED_ROW = 64
 
 
 def explain(bits: int, *, batch_size: int, max_length: int, kind: str = "KVCache",
@@ -66,6 +68,10 @@ def explain(bits: int, *, batch_size: int, max_length: int, kind: str = "KVCache
       Rejection.BIDIRECTIONAL_NOT_EMPTY:
           "attention_type='full' (bidirectional) prefill must start on an empty slot (one "
           "prefill call per prompt)",
+      Rejection.PACKED_ROW:
+          "decoder_segment_ids must hold one sequence per row in prefill / decode (one nonzero "
+          "id, then 0 padding): a row packing several sequences continues one cache slot, so "
+          "they would see each other; give each sequence its own row and slot",
   }
   parts = []
   for flag, text in reasons.items():

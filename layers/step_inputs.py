@@ -154,6 +154,10 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
   if decoder_segment_ids is not None and length > 1:
     # Tokens are appended at consecutive positions, so padding may only trail.
     conditions[Rejection.LEFT_PADDING] = valid[:, 1:] & ~valid[:, :-1]
+    # A row continues one slot: a second id in it would be a second sequence attending to the
+    # first (train mode packs rows; a cache cannot).
+    seg = jnp.asarray(decoder_segment_ids)  # [b, T]
+    conditions[Rejection.PACKED_ROW] = valid & (seg != seg[:, :1])
   if settings.mask.attention_type == "full":
     conditions[Rejection.BIDIRECTIONAL_NOT_EMPTY] = start > 0
   bits = fold(conditions)

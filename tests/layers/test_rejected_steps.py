@@ -146,3 +146,31 @@ def test_single_device_plain_jit_still_raises():
     step_fn(model, jnp.ones((2, 1, 64)), "autoregressive")
     raise_if_rejected(model)  # reached only where no callback raised (not the CPU)
   assert_unchanged(before, cache)
+
+
+@jit_step
+def segmented_prefill(model, x, seg):
+  return model(x, decoder_segment_ids=seg, model_mode="prefill")
+
+
+@pytest.mark.parametrize("where", ["eager", "jit", "mesh"])
+def test_a_row_packing_two_sequences_is_rejected(where):
+  """Prefill continues one cache slot per row: a second nonzero id in a row (a packed row, as
+  train mode takes) would attend to the first sequence, so the step is rejected, whatever id
+  labels the row's one sequence."""
+  if where == "mesh":
+    model = tiny_on_mesh()
+  else:
+    model = Attention(load_config("tiny"), rngs=nnx.Rngs(0))
+  model.init_cache(8, 8)
+  x = jax.random.normal(jax.random.key(0), (8, 4, 64))
+  run = (lambda m, x, seg: m(x, decoder_segment_ids=seg, model_mode="prefill")) if where == "eager" \
+      else segmented_prefill
+  before = snapshot(model.cache)
+  packed = jnp.array([[1, 1, 2, 2]] + [[1, 1, 1, 0]] * 7, jnp.int32)
+  with pytest.raises(StepRejected, match="one sequence per row"):
+    run(model, x, packed)
+  assert_unchanged(before, model.cache)
+  one_each = jnp.array([[3, 3, 3, 3], [7, 7, 0, 0]] + [[1, 1, 1, 0]] * 6, jnp.int32)
+  run(model, x, one_each)  # any nonzero id labels a row's one sequence
+  np.testing.assert_array_equal(model.cache.lengths[...], [4, 2] + [3] * 6)
