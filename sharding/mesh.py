@@ -40,6 +40,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from meshattn.configs import vocabulary as vocab
+
 __all__ = ["create_mesh", "device_groups", "mesh_devices", "mesh_shape_string"]
 
 
@@ -81,25 +83,21 @@ def _read_parallelism(config: Any, prefix: str, axes: Sequence[str]) -> dict[str
 
 
 def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
-  """Replace at most one -1 so that the sizes multiply to `total`; check the product.
+  """Replace at most one -1 so that the sizes multiply to `total`; check the product (the
+  rule of configs/vocabulary.mesh_product_problem, which config validation also applies).
 
   `what` describes `total` in error messages (e.g. "8 devices per slice").
   """
   fill_keys = [k for k, v in sizes.items() if v == -1]
   if len(fill_keys) > 1:
     raise ValueError(f"only one of these may be -1, got -1 for {', '.join(fill_keys)}")
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  described = " * ".join(f"{k}={v}" for k, v in sizes.items())
+  problem = vocab.mesh_product_problem(sizes, total)
+  if problem:
+    named = fill_keys[0] if fill_keys else next((k for k, v in sizes.items() if v != 1), "mesh")
+    raise ValueError(f"{named}: {problem} (the device count here: {what})")
   if fill_keys:
-    key = fill_keys[0]
-    if total % fixed:
-      raise ValueError(
-        f"{key}=-1 cannot be filled: {what} is not divisible by the "
-        f"product {fixed} of the other sizes ({described})"
-      )
-    return {**sizes, key: total // fixed}
-  if fixed != total:
-    raise ValueError(f"{described} = {fixed}, but the mesh needs {what}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    return {**sizes, fill_keys[0]: total // fixed}
   return dict(sizes)
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meshattn.configs import vocabulary as vocab
 from meshattn.configs.vocabulary import MASK_FEATURE
 from meshattn.layers.masks import MaskSpec
 
@@ -54,8 +55,8 @@ class KernelOptions:
   def __post_init__(self):
     if self.soft_cap is not None and self.soft_cap <= 0:
       raise ValueError(f"attn_logits_soft_cap={self.soft_cap}: must be > 0 (or None/0 to disable)")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed [0, 1)")
+    if not vocab.dropout_in_range(self.dropout_rate):
+      raise ValueError(f"dropout_rate={self.dropout_rate}: allowed {vocab.DROPOUT_RANGE}")
 
 
 @functools.partial(jax.tree_util.register_dataclass,

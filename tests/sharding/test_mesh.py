@@ -105,7 +105,7 @@ def test_bad_product_names_keys_and_numbers():
 
 
 def test_fill_not_divisible():
-  with pytest.raises(ValueError, match=r"ici_fsdp_parallelism=-1 cannot be filled"):
+  with pytest.raises(ValueError, match=r"ici_fsdp_parallelism: -1 fill impossible.*not divisible"):
     create_mesh(_config(ici_fsdp_parallelism=-1, ici_tensor_parallelism=3))
 
 
