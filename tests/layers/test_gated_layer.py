@@ -1,8 +1,9 @@
 """The output gate on softmax layers (attention_output_gate, attnax's LITE, issue 18): against
-float64 NumPy with sinks, soft cap and a sliding window; prefill + decode == train on the
-contiguous, paged and int8 caches; attention_fn composes with it; the attnax drop-in keeps
-attnax's error and builds LITE and LINEAR layers. (Sharded == unsharded with the gate:
-test_linear_layer.)"""
+float64 NumPy with sinks, soft cap and a sliding window, outputs and gradients (against central
+differences of the float64 layer); prefill + decode == train on the ring-buffer, contiguous,
+paged, int8 and int4 caches; attention_fn composes with it; the attnax drop-in keeps attnax's
+error and builds LITE and LINEAR layers. (Sharded == unsharded: test_gated_sharded for softmax
+layers, test_linear_layer for linear ones.)"""
 
 from __future__ import annotations
 
@@ -42,41 +43,96 @@ def run(model, x, mode):
   return model(x, model_mode=mode)
 
 
+def layer_np(p, x, gate):
+  """The gated softmax layer in float64: projections, RoPE, windowed soft-capped attention
+  with sinks, sigmoid(x W_gate) on the context (per channel or per head), out projection."""
+  x = np.asarray(x, np.float64)
+  pos = np.broadcast_to(np.arange(x.shape[1]), x.shape[:2])
+  q = apply_rope_np(np.einsum("btd,dnh->btnh", x, p["query.kernel"]), pos, None)
+  k = apply_rope_np(np.einsum("btd,dkh->btkh", x, p["key.kernel"]), pos, None)
+  v = np.einsum("btd,dkh->btkh", x, p["value.kernel"])
+  visible = structural_visible_np("local_sliding", x.shape[1], x.shape[1], window=WINDOW)
+  context, _ = attention_core_np(q, k, v, scale=H ** -0.5, visible=visible, soft_cap=CAP,
+                                 sinks=p["sinks"])
+  logits = np.einsum("btd,d...->bt...", x, p["gate.kernel"])  # [B, T, N, H] or [B, T, N]
+  weights = 1 / (1 + np.exp(-logits))
+  context = context * (weights if gate == "elementwise" else weights[..., None])
+  return np.einsum("btnh,nhd->btd", context, p["out.kernel"])
+
+
 @pytest.mark.parametrize("gate", ["elementwise", "headwise"])
 def test_train_matches_float64_layer(gate):
   model = build(gate)
   p = randomize(model, seed=2)
   x = tokens()
-  xf = np.asarray(x, np.float64)
-  pos = np.broadcast_to(np.arange(T), (2, T))
-  q = apply_rope_np(np.einsum("btd,dnh->btnh", xf, p["query.kernel"]), pos, None)
-  k = apply_rope_np(np.einsum("btd,dkh->btkh", xf, p["key.kernel"]), pos, None)
-  v = np.einsum("btd,dkh->btkh", xf, p["value.kernel"])
-  visible = structural_visible_np("local_sliding", T, T, window=WINDOW)
-  context, _ = attention_core_np(q, k, v, scale=H ** -0.5, visible=visible, soft_cap=CAP,
-                                 sinks=p["sinks"])
-  logits = np.einsum("btd,d...->bt...", xf, p["gate.kernel"])  # [B, T, N, H] or [B, T, N]
-  weights = 1 / (1 + np.exp(-logits))
-  context = context * (weights if gate == "elementwise" else weights[..., None])
-  want = np.einsum("btnh,nhd->btd", context, p["out.kernel"])
-  assert rel_err(train(model, x), want) < 1e-5
+  assert rel_err(train(model, x), layer_np(p, x, gate)) < 1e-5
 
 
-@pytest.mark.parametrize("cache", ["contiguous", "paged", "int8"])
+@nnx.jit
+def grads(model, x, cot):
+  """d sum(out * cot) / d (params, x), in one jit."""
+  def loss(model, x):
+    return jnp.sum(model(x, model_mode="train") * cot)
+  return nnx.grad(loss, argnums=(0, 1))(model, x)
+
+
+@pytest.mark.parametrize("gate", ["elementwise", "headwise"])
+def test_gradients_match_central_differences_of_the_float64_layer(gate):
+  """Per tensor (the input and every parameter, gate.kernel included), JAX's gradient in a
+  random direction equals the float64 layer's central difference in that direction."""
+  model = build(gate)
+  p = randomize(model, seed=5)
+  x = tokens()
+  rng = np.random.default_rng(12)
+  cot = rng.normal(size=x.shape).astype(np.float32)  # [B, T, D]; exact in float64 too
+  g_params, g_x = grads(model, x, jnp.asarray(cot))
+  got = {".".join(map(str, path)): np.asarray(g[...], np.float64)
+         for path, g in nnx.to_flat_state(g_params)}
+  got["x"] = np.asarray(g_x, np.float64)
+  at = {**p, "x": np.asarray(x, np.float64)}
+  assert set(got) == set(at), (sorted(got), sorted(at))
+
+  def loss_np(moved):
+    values = {**at, **moved}
+    return np.sum(layer_np(values, values["x"], gate) * cot)
+
+  eps = 1e-4
+  for name, value in at.items():
+    direction = rng.normal(size=value.shape)
+    predicted = float(np.sum(got[name] * direction))
+    measured = (loss_np({name: value + eps * direction}) -
+                loss_np({name: value - eps * direction})) / (2 * eps)
+    assert abs(predicted - measured) < 1e-4 * max(1.0, abs(measured)), (name, predicted, measured)
+
+
+# name: (gate, init_cache keywords, kv_quant, bound on the error vs train). The quantized
+# caches are rings too (the layer's default for its window): 8 tokens through 3 entries.
+CACHES = {
+    "ring": ("elementwise", dict(ring_buffer=True), None, 1e-5),
+    "contiguous": ("headwise", dict(ring_buffer=False), None, 1e-5),
+    "paged": ("headwise", dict(paged=True), None, 1e-5),
+    "int8": ("elementwise", {}, KVQuant("int8"), 2e-2),
+    "int4": ("headwise", {}, KVQuant("int4"), 0.25),
+}
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
 def test_prefill_decode_equal_train(cache):
-  """Prefill 5 tokens, decode 3: within 1e-5 (contiguous; paged with the headwise gate) or the
-  int8 bound 2e-2 (the gate applies after the context leaves the cache's rotated basis)."""
-  model = build("headwise" if cache == "paged" else "elementwise",
-                kv_quant=KVQuant("int8") if cache == "int8" else None)
+  """Prefill 5 tokens, decode 3: within 1e-5, or the stated int8 / int4 bounds (2e-2, 0.25;
+  the gate applies after the context leaves the quantized cache's rotated basis)."""
+  gate, kind, quant, bound = CACHES[cache]
+  model = build(gate, kv_quant=quant)
   randomize(model, seed=3)
   x = tokens()
   want = train(model, x)
-  made = model.init_cache(2, 12, paged=cache == "paged")
+  made = model.init_cache(2, 12, **kind)
   if cache == "paged":
     made.reserve_for_step(np.arange(2), np.full(2, T))
+  else:  # a ring holds the window only, so the decode steps overwrite its entries
+    assert made.capacity == (WINDOW if cache in ("ring", "int8", "int4") else 12)
   got = jnp.concatenate([run(model, x[:, :5], "prefill")] +
                         [run(model, x[:, t:t + 1], "autoregressive") for t in range(5, T)], axis=1)
-  assert rel_err(got, want) < (2e-2 if cache == "int8" else 1e-5)
+  assert rel_err(got, want) < bound
 
 
 def test_attention_fn_composes_and_attnax_lite_keeps_its_error():
