@@ -2,8 +2,9 @@
 float64 NumPy with sinks, soft cap and a sliding window, outputs and gradients (against central
 differences of the float64 layer); prefill + decode == train on the ring-buffer, contiguous,
 paged, int8 and int4 caches; attention_fn composes with it; the attnax drop-in keeps attnax's
-error and builds LITE and LINEAR layers. (Sharded == unsharded: test_gated_sharded for softmax
-layers, test_linear_layer for linear ones.)"""
+error and builds LITE and LINEAR layers; a hybrid decoder (linear + gated softmax layers) serves
+through jit_step, and the paged-only Engine refuses it. (Sharded == unsharded:
+test_gated_sharded for softmax layers, test_linear_layer for linear ones.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from flax import nnx
 from helpers.kernel_checks import rel_err
 from helpers.layer_params import randomize
 from helpers.numpy_reference import apply_rope_np, attention_core_np, structural_visible_np
-from meshattn.kvcache import KVQuant
+from meshattn.configs import load_config
+from meshattn.kvcache import KVCache, KVQuant, LinearStateCache
 from meshattn.layers import Attention, AttentionType, MaskSpec, MultiHeadAttention
+from meshattn.layers.decoder import Decoder
+from meshattn.layers.engine import Engine
+from meshattn.layers.serving import jit_step
 
 EMB, N, K, H, T = 16, 4, 2, 8, 8
 WINDOW, CAP = 3, 5.0
@@ -157,3 +162,29 @@ def test_attention_fn_composes_and_attnax_lite_keeps_its_error():
   decode = nnx.jit(lambda m, x: m(x, decode=True))
   steps = jnp.concatenate([decode(linear, x[:, t:t + 1]) for t in range(T)], axis=1)
   np.testing.assert_allclose(steps, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_hybrid_decoder_serves_through_jit_step_not_the_engine():
+  """The hybrid-linear preset, shrunk: the Engine refuses it (its linear layers keep a
+  LinearStateCache, not pages); the layers' own steps serve it: prefill 5 tokens + decode 3
+  under jit_step give the train logits."""
+  cfg = load_config("hybrid-linear", "emb_dim=16", "mlp_dim=32", "num_query_heads=4",
+                    "num_kv_heads=2", "head_dim=8", "num_decoder_layers=4", "vocab_size=40",
+                    "max_target_length=32", "max_prefill_predict_length=32",
+                    "paged_kv_cache=true", num_devices=1)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="LinearStateCache"):
+    Engine(model, num_slots=2, chunk_size=4)
+  ids = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)  # [B, T]
+  want = nnx.jit(lambda m, ids: m(ids, model_mode="train"))(model, ids)  # [B, T, V]
+  caches = model.init_cache(2, 16, paged=False)
+  assert [type(c) for c in caches] == [LinearStateCache] * 3 + [KVCache]
+
+  @jit_step(static_argnames="mode")
+  def step(model, ids, mode):
+    return model(ids, model_mode=mode)
+
+  got = jnp.concatenate([step(model, ids[:, :5], "prefill")] +
+                        [step(model, ids[:, t:t + 1], "autoregressive") for t in range(5, T)],
+                        axis=1)  # [B, T, V]
+  assert rel_err(got, want) < 1e-5
