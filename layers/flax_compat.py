@@ -193,17 +193,22 @@ class MultiHeadAttention(Attention):
     if not normalize_qk:
       self.query_ln = nnx.data(None)  # Flax's attributes, also when absent
       self.key_ln = nnx.data(None)
-    super().__init__(mesh=mesh, rngs=rngs, **settings)
-    s = self.settings
-    out_dim = s.out_features or in_features
-    if normalize_qk or out_kernel_init is not None or out_bias_init is not None:
-      # Flax draws the two LayerNorm keys before the output projection's: redrawing it here
-      # keeps nnx.Rngs(seed) giving Flax's parameters (with normalize_qk).
-      self.out.kernel[...] = _init_flat(out_kernel_init or kernel_init, rngs.params(),
+    # The input projections (query, key, value: fewer when meshattn fuses or shares them) draw
+    # 1 + use_bias keys each, then out; Flax's LayerNorms draw theirs just before out.
+    projections = (1 if settings.get("fused_qkv") else
+                   2 if settings.get("share_kv_projections") else 3)
+    out_draw = projections * (1 + use_bias)
+    draws = _FlaxDrawOrder(rngs, skip_at=out_draw, skip=2 if normalize_qk else 0)
+    super().__init__(mesh=mesh, rngs=draws, **settings)
+    out_dim = self.settings.out_features or in_features
+    # Attention initialises `out` with kernel_init / bias_init; Flax's own out inits get the
+    # very keys that projection drew, so no key is drawn twice.
+    if out_kernel_init is not None:
+      self.out.kernel[...] = _init_flat(out_kernel_init, draws.keys[out_draw],
                                         (num_heads, head_dim), (out_dim,), param_dtype)
-      if use_bias:
-        self.out.bias[...] = (out_bias_init or bias_init)(rngs.params(), (out_dim,), param_dtype)
-    # Flax's public attributes (read by user code and by nnx.view's set_view).
+    if self.out.bias is not None and out_bias_init is not None:
+      self.out.bias[...] = out_bias_init(draws.keys[out_draw + 1], (out_dim,), param_dtype)
+    # Flax's public attributes (read by user code; set_view sets deterministic and decode).
     self.num_heads, self.in_features, self.num_kv_heads = num_heads, in_features, num_kv_heads
     self.qkv_features, self.head_dim = qkv_features, head_dim
     self.out_features = in_features if out_features is None else out_features
@@ -214,10 +219,24 @@ class MultiHeadAttention(Attention):
     self.use_bias, self.normalize_qk, self.attention_fn = use_bias, normalize_qk, attention_fn
     self.attention_block_size, self.rope_max_positions = attention_block_size, rope_max_positions
     # Flax keeps the dropout stream itself (an RngStream), so its state tree is Flax's.
-    self.rngs = rngs.dropout.fork() if keep_rngs and dropout_rate > 0 else None
+    # nnx.data: Attention left `rngs` a static None (_FlaxDrawOrder.fork).
+    if keep_rngs and dropout_rate > 0:
+      self.rngs = nnx.data(rngs.dropout.fork())
     self.cached_key: nnx.Cache | None = nnx.data(None)
     self.cached_value: nnx.Cache | None = nnx.data(None)
     self.cache_index: nnx.Cache | None = nnx.data(None)
+
+  def set_view(self, deterministic: bool | None = None, decode: bool | None = None,
+               batch_size: int | tuple[int, ...] | None = None, max_length: int | None = None):
+    """`nnx.view(layer, deterministic=..., decode=...)`: Flax's flags, and only those (nnx.view
+    reports any other key as unused). batch_size / max_length are taken as Flax takes them;
+    as in Flax 0.12, whose cache attributes always exist, they build no cache: `init_cache`
+    does."""
+    del batch_size, max_length
+    if deterministic is not None:
+      self.deterministic = deterministic
+    if decode is not None:
+      self.decode = decode
 
   # Attention names its QK norms query_norm / key_norm; Flax's tree says query_ln / key_ln.
   query_norm = property(lambda self: self.query_ln,
@@ -383,6 +402,31 @@ class MultiHeadAttention(Attention):
     out = Attention.__call__(self, inputs_q.reshape((-1, 1, inputs_q.shape[-1])),
                              model_mode="prefill")  # [B, 1, D_out]
     return out.reshape(batch_dims + out.shape[1:])
+
+
+class _FlaxDrawOrder:
+  """The `rngs` Attention is built with, so that nnx.Rngs(seed) gives flax.nnx's parameters.
+
+  Attention draws params keys for query, key, value, then out (then extras Flax lacks).
+  Flax's normalize_qk LayerNorms draw one key each between value and out: those `skip` keys
+  are drawn from the caller's stream, unused, before the `skip_at`-th key. Attention's own
+  dropout fork (`fork()`) draws nothing: Flax forks the dropout stream once, with keep_rngs,
+  and the drop-in does that itself, so the caller's streams end where Flax leaves them.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, *, skip_at: int, skip: int):
+    self._rngs, self._skip_at, self._skip = rngs, skip_at, skip
+    self.keys: list[jax.Array] = []  # every params key handed out, in order
+
+  def params(self) -> jax.Array:
+    if len(self.keys) == self._skip_at:
+      for _ in range(self._skip):
+        self._rngs.params()
+    self.keys.append(self._rngs.params())
+    return self.keys[-1]
+
+  def fork(self) -> None:
+    return None  # MultiHeadAttention.__init__ sets self.rngs as Flax does
 
 
 def _with_blocks(fn, size: int):

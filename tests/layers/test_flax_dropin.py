@@ -43,8 +43,14 @@ def _pair(**kw):
   pure_f, pure_o = nnx.to_pure_dict(nnx.state(flax_layer)), nnx.to_pure_dict(nnx.state(ours))
   assert jax.tree.structure(pure_f) == jax.tree.structure(pure_o)
   # Same seed, same parameters: the init order and initialisers are Flax's.
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), pure_f, pure_o)
+  jax.tree.map(_assert_same_bits, pure_f, pure_o)
   return flax_layer, ours
+
+
+def _assert_same_bits(a, b):
+  """Equal arrays, typed PRNG keys included (compared by their key data)."""
+  bits = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  np.testing.assert_array_equal(bits(a), bits(b))
 
 
 def _x(shape, seed):
@@ -278,3 +284,63 @@ def test_linen_self_attention_decode():
     vars_f, vars_o = {**vars_f, **cache_f}, {**vars_o, **cache_o}
   np.testing.assert_allclose(vars_o["cache"]["cached_value"], vars_f["cache"]["cached_value"],
                              **TOL)
+
+
+_OUT_INITS = {"flax_defaults": {},
+              "out_kernel_init": dict(out_kernel_init=nnx.initializers.normal(0.5)),
+              "out_bias_init": dict(out_bias_init=nnx.initializers.normal(1.0)),
+              "both_out_inits": dict(out_kernel_init=nnx.initializers.normal(0.5),
+                                     out_bias_init=nnx.initializers.normal(1.0)),
+              "bias_init": dict(bias_init=nnx.initializers.normal(1.0))}
+
+
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.1])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("normalize_qk", [False, True])
+@pytest.mark.parametrize("inits", sorted(_OUT_INITS))
+def test_same_seed_same_state(inits, normalize_qk, use_bias, dropout_rate):
+  """nnx.Rngs(seed) gives Flax's parameters and dropout stream, and leaves the caller's
+  streams where Flax leaves them (so the next layer of a model draws Flax's keys too)."""
+  kw = dict(num_heads=2, in_features=8, qkv_features=16, out_features=6, decode=False,
+            normalize_qk=normalize_qk, use_bias=use_bias, dropout_rate=dropout_rate,
+            **_OUT_INITS[inits])
+  for rngs_f, rngs_o in ((nnx.Rngs(5), nnx.Rngs(5)),
+                         (nnx.Rngs(params=5, dropout=6), nnx.Rngs(params=5, dropout=6))):
+    state_f = nnx.to_pure_dict(nnx.state(nnx.MultiHeadAttention(**kw, rngs=rngs_f)))
+    state_o = nnx.to_pure_dict(nnx.state(MultiHeadAttention(**kw, rngs=rngs_o)))
+    assert jax.tree.structure(state_o) == jax.tree.structure(state_f)
+    jax.tree.map(_assert_same_bits, state_o, state_f)
+    _assert_same_bits(rngs_o.params(), rngs_f.params())
+    _assert_same_bits(rngs_o.dropout(), rngs_f.dropout())
+
+
+
+def test_view_flags_like_flax():
+  """nnx.view takes Flax's set_view flags: deterministic switches dropout off and on as in
+  Flax's module, decode switches Flax's decode path; a flag Flax refuses is refused."""
+  flax_layer, ours = _pair(num_heads=2, in_features=8, dropout_rate=0.5)
+  x = _x((2, 4, 8), 20)
+  with pytest.raises(ValueError, match="No `deterministic` argument"):
+    ours(x)  # like Flax: dropout on and no flag anywhere
+  det_f, det_o = nnx.view(flax_layer, deterministic=True), nnx.view(ours, deterministic=True)
+  assert det_o.deterministic and ours.deterministic is None  # a view, the layer unchanged
+  np.testing.assert_allclose(det_o(x), det_f(x), **TOL)
+  np.testing.assert_allclose(det_o(x), ours(x, deterministic=True), **TOL)
+  drop_f, drop_o = nnx.view(flax_layer, deterministic=False), nnx.view(ours, deterministic=False)
+  dropped = drop_o(x)
+  assert not np.allclose(dropped, det_o(x), **TOL)
+  np.testing.assert_allclose(dropped, drop_f(x), **TOL)  # the same seed, the same dropout keys
+  # decode: the view's decode path reads Flax's cache (built by init_cache, as in Flax).
+  flax_layer, ours = _pair(num_heads=2, in_features=8)
+  view_f = nnx.view(flax_layer, decode=True, batch_size=2, max_length=4)
+  view_o = nnx.view(ours, decode=True, batch_size=2, max_length=4)
+  assert view_o.decode and not ours.decode and view_o.cached_key is None
+  view_f.init_cache(x.shape)
+  view_o.init_cache(x.shape)
+  for t in range(x.shape[1]):
+    np.testing.assert_allclose(view_o(x[:, t:t + 1]), view_f(x[:, t:t + 1]), **TOL)
+  for bad in (dict(train=True), dict(deterministic=True, batch_sizes=2)):
+    with pytest.raises(ValueError, match="Unused keys found in nnx.view"):
+      nnx.view(flax_layer, **bad)
+    with pytest.raises(ValueError, match="Unused keys found in nnx.view"):
+      nnx.view(ours, **bad)
