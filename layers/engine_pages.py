@@ -88,9 +88,15 @@ class EnginePages:
     """Write the changes since the last push to every layer's cache (one compiled call)."""
     if not (self._dirty or force):
       return
-    table = jax.device_put(self.table, self._table_sharding)
-    owner = jax.device_put(self.owner, self._owner_sharding)
-    self._apply(model, table, owner, self._freed.copy(), self._released.copy())
-    self._freed[:] = False
-    self._released[:] = False
+    # The devices get snapshots, never the live tables: the CPU runtime may place an aligned
+    # NumPy array without copying it (its device buffer *is* the host memory; jax 0.10's
+    # may_alias=False does not prevent that for NumPy input), and reserve / release write
+    # these tables in place while the step that reads them may still be queued behind the
+    # running one. Issue 17: a step then ran with tables from a later reserve / release
+    # (StepRejected: pages not reserved). The masks are handed over and started afresh.
+    table = jax.device_put(self.table.copy(), self._table_sharding)  # [S, M]
+    owner = jax.device_put(self.owner.copy(), self._owner_sharding)  # [P]
+    freed, self._freed = self._freed, np.zeros_like(self._freed)  # [P]
+    released, self._released = self._released, np.zeros_like(self._released)  # [S]
+    self._apply(model, table, owner, freed, released)
     self._dirty = False
