@@ -44,7 +44,9 @@ class LinearSpec:
   chunk_size: tokens per chunk of the chunkwise-parallel form (train and
     prefill): quadratic inside a chunk, through the running state between
     chunks. Any length works (the last chunk is padded with invisible tokens).
-  feature_map: a key of FEATURE_MAPS.
+  feature_map: a key of FEATURE_MAPS, or (Python keyword path only) a callable
+    phi(x) -> array of x's shape, applied elementwise-per-token to q and k in float32:
+    with `normalize`, phi must be positive (the denominator is not checked).
   decay: () for none (gamma = 1), one gamma for every kv head, or one per kv
     head; each in (0, 1].
   normalize: divide by the decayed sum of phi(q) . phi(k) (needs a positive
@@ -52,7 +54,7 @@ class LinearSpec:
   """
 
   chunk_size: int = 128  # H200, s65536 h128: 64 / 128 / 256 took 43 / 31 / 27 ms fwd+bwd
-  feature_map: str = "elu_plus_one"
+  feature_map: str | Callable[[jax.Array], jax.Array] = "elu_plus_one"
   decay: tuple[float, ...] = ()
   normalize: bool = True
 
@@ -64,12 +66,15 @@ class LinearSpec:
     if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
         or self.chunk_size < 1:
       raise ValueError(f"linear_attention_chunk_size={self.chunk_size!r}: must be an integer >= 1")
-    if self.feature_map not in FEATURE_MAPS:
-      raise ValueError(f"linear_feature_map={self.feature_map!r}: allowed {list(FEATURE_MAPS)}")
+    custom = callable(self.feature_map)
+    if not custom and self.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"linear_feature_map={self.feature_map!r}: allowed {list(FEATURE_MAPS)} "
+                       "(or a callable phi(x), given as LinearSpec(feature_map=...))")
     problem = vocab.linear_decay_problem(self.decay)
     if problem:
       raise ValueError(f"linear_decay={list(self.decay)}: {problem} (or () / 0 for no decay)")
-    problem = vocab.linear_normalize_problem(self.normalize, self.feature_map)
+    # A callable's sign is the caller's to promise (documented above); a named map's is known.
+    problem = None if custom else vocab.linear_normalize_problem(self.normalize, self.feature_map)
     if problem:
       raise ValueError(f"linear_normalize=True {problem}")
 
@@ -89,7 +94,12 @@ class LinearSpec:
 
   def features(self, x: jax.Array) -> jax.Array:
     """phi(x) in float32 (the state accumulates in float32 whatever the activations' dtype)."""
-    return FEATURE_MAPS[self.feature_map](x.astype(jnp.float32))
+    phi = self.feature_map if callable(self.feature_map) else FEATURE_MAPS[self.feature_map]
+    features = phi(x.astype(jnp.float32))
+    if features.shape != x.shape:
+      raise ValueError(f"linear feature_map {phi!r} must keep the shape {x.shape} of its input, "
+                       f"got {features.shape}")
+    return features.astype(jnp.float32)
 
 
 def decay_powers(log_decay: jax.Array | None, distance: jax.Array, visible: jax.Array,

@@ -52,7 +52,7 @@ def linear_attention_np(q, k, v, *, feature_map="elu_plus_one", decay=(), normal
   kv_heads = k.shape[2]
   valid = np.ones((b, t), bool) if valid is None else np.asarray(valid, bool)
   visible, distance = visibility_np(valid, segment_ids)
-  phi = FEATURES[feature_map]
+  phi = feature_map if callable(feature_map) else FEATURES[feature_map]  # a callable: NumPy
   gammas = (np.ones(kv_heads) if not decay else
             np.asarray(tuple(decay) * kv_heads if len(decay) == 1 else decay, np.float64))
   out = np.zeros(q.shape[:3] + (v.shape[-1],))

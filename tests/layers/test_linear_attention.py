@@ -161,3 +161,19 @@ def test_spec_rejects_misuse():
     LinearSpec(chunk_size=0)
   with pytest.raises(ValueError, match="one gamma per kv head"):
     LinearSpec(decay=(0.9, 0.8, 0.7)).check_heads(2)
+
+
+def test_a_callable_feature_map():
+  """LinearSpec(feature_map=fn) on the keyword path: a squared ReLU (positive, so with the
+  normalizer) equals the float64 form with the same map; a map that changes the shape is
+  refused naming it."""
+  spec = LinearSpec(chunk_size=4, feature_map=lambda x: jnp.square(jax.nn.relu(x)) + 1e-3)
+  q, key, v = _qkv(4, 2, seed=7)
+  got = jax.jit(lambda q, k, v: linear_attention(q, k, v, spec=spec, scale=SCALE,
+                                                 segment_ids=SEGMENTS)[0])(q, key, v)
+  want = linear_attention_np(q, k=key, v=v, feature_map=lambda x: np.maximum(x, 0) ** 2 + 1e-3,
+                             decay=(), normalize=True, scale=SCALE, segment_ids=SEGMENTS)
+  assert rel_err(got, want) < 1e-5
+  bad = LinearSpec(feature_map=lambda x: x[..., :2])
+  with pytest.raises(ValueError, match="must keep the shape"):
+    linear_attention(jnp.asarray(q), jnp.asarray(key), jnp.asarray(v), spec=bad, scale=SCALE)
