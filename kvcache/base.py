@@ -116,6 +116,11 @@ class CacheBase(nnx.Module):
 class KVCacheBase(CacheBase):
   """A cache of keys and values (`dtype`, or `quant`'s storage dtype with float32 scales)."""
 
+  # Whether its K/V arrays hold the slots as rows, entry j of a slot at row index j (outside
+  # a ring): then a step over every slot can read them as stored (prefill_split) and holds
+  # zeros past each slot's length. A page pool gathers its slots through the page table.
+  slots_are_rows: bool = False
+
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, *,
                dtype=jnp.float32, quant=None, mesh: jax.sharding.Mesh | None = None, rules=(),
                axis_names: Sequence[str] = CACHE_AXIS_NAMES):

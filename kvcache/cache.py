@@ -108,6 +108,8 @@ def _clear_rows(key, value, lengths, scales, rows, *, batch_axis: int, by_slices
 class KVCache(KVCacheBase):
   """Contiguous (or ring-buffer) KV cache for `batch_size` sequences."""
 
+  slots_are_rows = True
+
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, *,
                dtype=jnp.float32, axis_order: Sequence[int] = (0, 1, 2, 3),
                window: int | None = None, quant: KVQuant | None = None,

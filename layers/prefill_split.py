@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from meshattn.kvcache.cache import KVCache
-from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.base import KVCacheBase
 from meshattn.layers.kernels import dispatch, registry
 from meshattn.layers.kernels.train.flash_gpu import CUDNN_LIMITS
 from meshattn.layers.kernels.train.partial_attention import (
@@ -71,7 +70,8 @@ def split_chunk_attention(layer, cache, axes, *, sinks, kernel: PartialAttention
   s = layer.settings
   exact = (s.mask.attention_type == "global" and not s.attn_logits_soft_cap
            and s.score_mod is None and s.mask_mod is None)
-  if not exact or not isinstance(cache, (KVCache, PagedKVCache)) or cache.window:
+  # Entry j of a slot must hold position j: a key/value cache (contiguous or paged), no ring.
+  if not exact or not isinstance(cache, KVCacheBase) or cache.window:
     return None
   kernel = kernel or partial_kernel(s)
   if kernel is None:
@@ -99,7 +99,7 @@ def reads_in_place(cache, dtype) -> bool:
   entries start..new_length-1 hold the chunk's own (real) tokens; the first pass masks
   them by kv_lengths = start, and their values are finite wherever the outputs are.
   """
-  return (isinstance(cache, KVCache) and not cache.quant and not cache.window
+  return (cache.slots_are_rows and not cache.quant and not cache.window
           and cache.storage_dtype == dtype)
 
 
