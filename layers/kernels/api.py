@@ -13,7 +13,8 @@ Two protocols:
 * decode (`decode/`): `kernel(query [B, N, H], **view.arrays(), scale, soft_cap, sinks,
   [window]) -> [B, N, H]`, where the view is the cache's typed view of itself
   (kvcache/views.py: contiguous or paged): its arrays, named as the kernel's keyword
-  arguments, and their logical axes.
+  arguments, and their logical axes. `decode_kernel(layout)` wraps an implementation
+  with the checks every decode kernel of that layout shares (`check_decode_operands`).
 
 Each kernel registers itself with the registry in its own file (registry.train_variant /
 decode_variant, beside the function), from the same feature constant its checks read. No
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable
 
 import jax
@@ -233,6 +235,97 @@ def train_kernel(name: str, features: frozenset[str] | None = None, *,
 
     kernel.features = features
     kernel.index_masked = index_masked  # registry.train_variant reads it (masks_by_index)
+    return kernel
+
+  return wrap
+
+
+# ---- the decode protocol ----------------------------------------------------------------
+
+DECODE_LAYOUTS = ("contiguous", "paged")
+
+
+def check_decode_operands(layout: str, query, key, value, *, key_scale=None, value_scale=None,
+                          window=None, sinks=None, page_table=None, page_owner=None,
+                          slots=None) -> None:
+  """What every decode kernel of `layout` requires of its operands (ValueError naming one):
+  query [B, N, H] with N a multiple of the kv heads; key and value of one shape, a
+  contiguous cache's [B, S, K, H] or a page pool's [P, tpp, K, H]; integer K/V with their
+  scales, both scales or none, shaped as the layout stores them (contiguous: head-major
+  [B, K or 1, S]; paged: [P, tpp, K or 1]); sinks [N]; a window >= 1 (contiguous); and
+  for a paged cache, integer page_owner [P] and slots [B] (the kernels read only pages a
+  row's slot owns)."""
+  if layout not in DECODE_LAYOUTS:
+    raise ValueError(f"decode layout {layout!r}: allowed {DECODE_LAYOUTS}")
+  if key.ndim != 4 or value.shape != key.shape:
+    raise ValueError(f"key and value must be of one [.., .., K, H] shape, got {key.shape} and "
+                     f"{value.shape}")
+  num_heads, kv_heads = query.shape[1], key.shape[2]
+  if query.ndim != 3 or query.shape[2] != key.shape[3]:
+    raise ValueError(f"query must be [B, N, H] with H = {key.shape[3]}, got {query.shape}")
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  if sinks is not None and jnp.shape(sinks) != (num_heads,):
+    raise ValueError(f"sinks must be [N] = [{num_heads}], got {jnp.shape(sinks)}")
+  if window is not None and window < 1:
+    raise ValueError(f"window={window}: must be >= 1 (or None)")
+  for name, x, scale in (("key", key, key_scale), ("value", value, value_scale)):
+    if jnp.issubdtype(x.dtype, jnp.integer) and scale is None:
+      raise ValueError(f"{name} is {x.dtype} but no {name}_scale was given")
+  if (key_scale is None) != (value_scale is None):
+    raise ValueError("key_scale and value_scale must be given together")
+  if layout == "contiguous":
+    batch, kv_len = key.shape[:2]
+    for name, scale in (("key_scale", key_scale), ("value_scale", value_scale)):
+      if scale is not None and (scale.ndim != 3 or scale.shape[0] != batch
+                                or scale.shape[2] != kv_len or scale.shape[1] not in (kv_heads, 1)):
+        raise ValueError(f"{name} must be [B, K or 1, S] = [{batch}, {kv_heads} or 1, {kv_len}] "
+                         f"(head-major, as the cache stores it), got {scale.shape}")
+    return
+  pages, tpp = key.shape[:2]
+  for name, scale in (("key_scale", key_scale), ("value_scale", value_scale)):
+    if scale is not None and (scale.ndim != 3 or scale.shape[:2] != (pages, tpp)
+                              or scale.shape[2] not in (kv_heads, 1)):
+      raise ValueError(f"{name} must be [P, tpp, K or 1] = [{pages}, {tpp}, {kv_heads} or 1] "
+                       f"(per page, as the pool stores it), got {scale.shape}")
+  for name, x, shape in (("page_owner", page_owner, key.shape[:1]),
+                         ("slots", slots, jnp.shape(page_table)[:1])):
+    dtype = None if x is None else jnp.asarray(x).dtype
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array (the paged kernels read only pages "
+                       f"each row's slot owns), got {dtype}")
+    if tuple(jnp.shape(x)) != tuple(shape):
+      raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; expected {tuple(shape)} "
+                       "(page_owner: one slot per pool page; slots: one per table row)")
+
+
+def decode_kernel(layout: str) -> Callable[[Callable], Callable]:
+  """Register-time wrapper of a decode implementation of `layout` ("contiguous":
+  `fn(query, key, value, lengths, *, ...)`; "paged": `fn(query, key_pages, value_pages,
+  page_table, lengths, *, page_owner, slots, ...)`): runs `check_decode_operands` once,
+  before the implementation, which keeps only the checks of its own (dtypes it loads,
+  tuning knobs)."""
+  if layout not in DECODE_LAYOUTS:
+    raise ValueError(f"decode layout {layout!r}: allowed {DECODE_LAYOUTS}")
+
+  names = ("key", "value") if layout == "contiguous" else ("key_pages", "value_pages")
+
+  def wrap(impl: Callable) -> Callable:
+    signature = inspect.signature(impl)
+
+    @functools.wraps(impl)
+    def kernel(*args, **kwargs):
+      # Callers pass the view's arrays by name (cached_step) or by position (tests, benches).
+      bound = signature.bind(*args, **kwargs).arguments
+      get = lambda name: bound.get(name)
+      check_decode_operands(layout, get("query"), get(names[0]), get(names[1]),
+                            key_scale=get("key_scale"), value_scale=get("value_scale"),
+                            window=get("window"), sinks=get("sinks"),
+                            page_table=get("page_table"), page_owner=get("page_owner"),
+                            slots=get("slots"))
+      return impl(*args, **kwargs)
+
+    kernel.decode_layout = layout
     return kernel
 
   return wrap

@@ -65,9 +65,7 @@ def masked_decode_attention(query, key, value, visible, *, scale, soft_cap=None,
   """
   batch, num_heads, head_dim = query.shape
   kv_heads = key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
-  group = num_heads // kv_heads
+  group = num_heads // kv_heads  # a multiple: api.check_decode_operands
   key = jnp.where(visible[:, :, None, None], key, 0.0)  # [B, S, K, H]
   value = jnp.where(visible[:, :, None, None], value, 0.0)  # [B, S, K, H]
   q = query.astype(jnp.float32).reshape(batch, kv_heads, group, head_dim)  # [B, K, G, H]
@@ -240,19 +238,15 @@ def initial_carry(sink, group: int, head_dim: int):
 # ---- argument checks and shapes -------------------------------------------------------
 
 
-def check_kernel_kv(key, value, key_scale, value_scale, *, allow_int4: bool = False):
-  """The Pallas kernels read float or int8 K/V (int4 where allow_int4); quantized K/V need scales."""
+def check_kernel_kv(key, value, *, allow_int4: bool = False):
+  """The Pallas kernels load float or int8 K/V (int4 where allow_int4). The shapes and
+  scales every decode kernel needs are checked before (api.decode_kernel)."""
   allowed = (jnp.int8, jnp.int4) if allow_int4 else (jnp.int8,)
-  for name, x, s in (("key", key, key_scale), ("value", value, value_scale)):
-    if jnp.issubdtype(x.dtype, jnp.integer):
-      if x.dtype not in allowed:
-        what = "int8 or int4" if allow_int4 else "int8"
-        raise NotImplementedError(f"{name} dtype {x.dtype}: this Pallas decode kernel reads {what} "
-                                  "or float K/V (use the reference)")
-      if s is None:
-        raise ValueError(f"{name} is {x.dtype} but no {name}_scale was given")
-  if (key_scale is None) != (value_scale is None):
-    raise ValueError("key_scale and value_scale must be given together")
+  for name, x in (("key", key), ("value", value)):
+    if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype not in allowed:
+      what = "int8 or int4" if allow_int4 else "int8"
+      raise NotImplementedError(f"{name} dtype {x.dtype}: this Pallas decode kernel reads {what} "
+                                "or float K/V (use the reference)")
 
 
 def is_pow2(n: int) -> bool:

@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode import decode_splits
 from meshattn.layers.kernels.decode.decode_splits import launch_order
+from meshattn.layers.kernels.api import decode_kernel
 from meshattn.layers.kernels.registry import GPU, HALF_DTYPES, Limits, Request, decode_variant
 from meshattn.layers.kernels.shared.lazy_import import lazy_module
 
@@ -473,6 +474,7 @@ def _fits(request: Request) -> str | None:
                 rank=2,
                 limits=Limits(GPU, min_head_dim=128, max_head_dim=128, dtypes=HALF_DTYPES,
                               fits=_fits, why="measured at head_dim 128, 64-token tiles"))
+@decode_kernel("contiguous")
 def ragged_int8_decode(query, key, value, lengths, *, scale: float, soft_cap=None, window=None,
                        sinks=None, key_scale=None, value_scale=None):
   """The decode protocol's entry (kernels/api.py: a contiguous cache's view): what the

@@ -64,6 +64,7 @@ from meshattn.layers.kernels.decode.decode_common import (
     masked_decode_attention, init_tpu_scratch, next_pow2, no_int4_load, online_block_update,
     pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import call_gpu_decode, split_layout, split_nonempty
+from meshattn.layers.kernels.api import decode_kernel
 from meshattn.layers.kernels.registry import ALL, FLOAT32, decode_variant
 from meshattn.layers.kernels.shared.online_softmax import finish
 
@@ -108,21 +109,9 @@ def owned_page_table(page_table, page_owner, slots) -> jax.Array:
   return jnp.where(owned_pages(page_table, page_owner, slots), page_table, -1).astype(jnp.int32)
 
 
-def check_ownership_args(key_pages, page_table, page_owner, slots):
-  """page_owner [P] and slots [B] integer arrays matching the pool and the table."""
-  for name, x, shape in (("page_owner", page_owner, key_pages.shape[:1]),
-                         ("slots", slots, page_table.shape[:1])):
-    dtype = None if x is None else jnp.asarray(x).dtype
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer array (the paged kernels read only pages "
-                       f"each row's slot owns), got {dtype}")
-    if tuple(jnp.shape(x)) != tuple(shape):
-      raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; expected {tuple(shape)} "
-                       "(page_owner: one slot per pool page; slots: one per table row)")
-
-
 @decode_variant("paged", ALL, _REGISTERED, "JAX reference", requires=_PAGED,
                 limits=TRITON_DECODE_LIMITS)
+@decode_kernel("paged")
 def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *, page_owner,
                            slots, scale, soft_cap=None, sinks=None, key_scale=None,
                            value_scale=None):
@@ -136,7 +125,6 @@ def paged_decode_reference(query, key_pages, value_pages, page_table, lengths, *
   touched), then masks entries j >= lengths[b] and entries of pages the row
   does not own or that are missing.
   """
-  check_ownership_args(key_pages, page_table, page_owner, slots)
   page_table = owned_page_table(page_table, page_owner, slots)  # [B, maxp]
   tpp = key_pages.shape[1]
   k = gather_pages(key_pages, page_table)  # [B, C, K, H]
@@ -376,6 +364,7 @@ def _paged_tpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
 
 
 @pallas_decode_variants("paged", _REGISTERED, _TRITON_LIMITS, requires=_PAGED)
+@decode_kernel("paged")
 def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, page_owner, slots,
                         scale, soft_cap=None, sinks=None, key_scale=None, value_scale=None,
                         pages_per_block: int | None = None, interpret=False,
@@ -400,12 +389,8 @@ def paged_decode_pallas(query, key_pages, value_pages, page_table, lengths, *, p
     pages_per_block = 1
   if pages_per_block is not None and pages_per_block < 1:
     raise ValueError(f"pages_per_block={pages_per_block}: must be >= 1")
-  check_kernel_kv(key_pages, value_pages, key_scale, value_scale)
+  check_kernel_kv(key_pages, value_pages)
   check_tunables(num_warps, num_stages)
-  if query.shape[1] % key_pages.shape[2]:
-    raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads "
-                     f"{key_pages.shape[2]}")
-  check_ownership_args(key_pages, page_table, page_owner, slots)
   if backend not in ("gpu", "tpu"):
     raise ValueError(f"backend={backend!r}: allowed 'gpu', 'tpu'")
   table = owned_page_table(page_table, page_owner, slots)  # [B, maxp]

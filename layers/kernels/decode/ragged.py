@@ -90,6 +90,7 @@ from meshattn.layers.kernels.decode.decode_common import (
     pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import (
     call_gpu_decode, split_layout, split_nonempty, QUANTIZED_NUM_STAGES, QUANTIZED_TILE_KEYS)
+from meshattn.layers.kernels.api import decode_kernel
 from meshattn.layers.kernels.registry import ALL, FLOAT32, decode_variant
 from meshattn.layers.kernels.shared.online_softmax import finish
 
@@ -114,6 +115,7 @@ def ragged_visible(lengths: jax.Array, capacity: int, window: int | None) -> jax
 
 
 @decode_variant("ragged", ALL, _REGISTERED, "JAX reference", limits=TRITON_DECODE_LIMITS)
+@decode_kernel("contiguous")
 def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                             sinks=None, key_scale=None, value_scale=None):
   """Decode attention of query [B, N, H] over key/value [B, S, K, H] for rows of `lengths` [B].
@@ -124,28 +126,11 @@ def ragged_decode_reference(query, key, value, lengths, *, scale, soft_cap=None,
   cache stores them) dequantize int8/int4 K/V. Returns [B, N, H] in
   query.dtype; a row of length 0 gives zeros.
   """
-  _check_window(window)
-  check_scales(key, key_scale, value_scale)
   visible = ragged_visible(lengths, key.shape[1], window)  # [B, S]
   token_major = [None if s is None else scales_by_token(s) for s in (key_scale, value_scale)]
   k = dequantize_or_cast(key, token_major[0], jnp.float32)  # [B, S, K, H]
   v = dequantize_or_cast(value, token_major[1], jnp.float32)  # [B, S, K, H]
   return masked_decode_attention(query, k, v, visible, scale=scale, soft_cap=soft_cap, sinks=sinks)
-
-
-def check_scales(key, key_scale, value_scale) -> None:
-  """Scales of key [B, S, K, H] must be float [B, K or 1, S] (head-major); else ValueError."""
-  batch, kv_len, kv_heads = key.shape[:3]
-  for name, s in (("key_scale", key_scale), ("value_scale", value_scale)):
-    if s is not None and (s.ndim != 3 or s.shape[0] != batch or s.shape[2] != kv_len
-                          or s.shape[1] not in (kv_heads, 1)):
-      raise ValueError(f"{name} must be [B, K or 1, S] = [{batch}, {kv_heads} or 1, {kv_len}] "
-                       f"(head-major, as the cache stores it), got {s.shape}")
-
-
-def _check_window(window):
-  if window is not None and window < 1:
-    raise ValueError(f"window={window}: must be >= 1 (or None)")
 
 
 # ---- GPU (Triton) kernel -------------------------------------------------------------
@@ -358,6 +343,7 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
 
 
 @pallas_decode_variants("ragged", _REGISTERED, TRITON_DECODE_LIMITS)
+@decode_kernel("contiguous")
 def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                          sinks=None, key_scale=None, value_scale=None,
                          block_kv: int | None = None, interpret=False, backend: str = "gpu",
@@ -383,14 +369,10 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
       kernel, when interpreting). At most one of the two.
     num_warps, num_stages: Triton launch parameters (None: 4 and 2).
   """
-  _check_window(window)
   # int4 on GPU: the Triton lowering loads a contiguous int4 row as bytes and
   # splits the nibbles; the paged kernel's gathered rows have no such path.
-  check_kernel_kv(key, value, key_scale, value_scale, allow_int4=backend == "gpu")
-  check_scales(key, key_scale, value_scale)
+  check_kernel_kv(key, value, allow_int4=backend == "gpu")
   check_tunables(num_warps, num_stages)
-  if query.shape[1] % key.shape[2]:
-    raise ValueError(f"query heads {query.shape[1]} must be a multiple of kv heads {key.shape[2]}")
   args = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
               value_scale=value_scale, interpret=interpret)
   if backend == "gpu":
