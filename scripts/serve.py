@@ -14,7 +14,8 @@ A trace of recall prompts from the training task (held-out stream) arrives
 as a Poisson process of `--rate` requests per second (inf = all at once);
 each prompt ends at a query, and the answer is the first output token. The
 engine (layers/engine.py) serves it: slots, pages, chunked prefill mixed
-with decode steps, greedy sampling, up to `--new-tokens` tokens per request.
+with decode steps, greedy sampling, up to `--new-tokens` tokens per request (a
+fixed count, or LOW:HIGH drawn per request by the trace).
 Each variant (`--variants`, default base,int8_kv,int4_kv,int8_proj) is the
 checkpoint restored with its overrides on top of yours and the same trace
 replayed. Printed: one table of throughput, time to first token and time per
@@ -51,13 +52,26 @@ VARIANTS = {
 }
 
 
+def _token_range(text: str) -> tuple[int, int]:
+  """'N' or 'LOW:HIGH' (inclusive) -> (low, high), both >= 1."""
+  try:
+    low, _, high = text.partition(":")
+    bounds = (int(low), int(high or low))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--new-tokens {text!r}: give N or LOW:HIGH") from None
+  if not 1 <= bounds[0] <= bounds[1]:
+    raise argparse.ArgumentTypeError(f"--new-tokens {text!r}: need 1 <= LOW <= HIGH")
+  return bounds
+
+
 def parse(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("checkpoint", help="checkpoint_dir written by scripts/train.py")
   p.add_argument("overrides", nargs="*", help="key=value config overrides (mesh, kernels, ...)")
   p.add_argument("--requests", type=int, default=64, help="requests in the trace")
   p.add_argument("--rate", type=float, default=40.0, help="arrivals per second (inf: all at once)")
-  p.add_argument("--new-tokens", type=int, default=8, help="max output tokens per request")
+  p.add_argument("--new-tokens", type=_token_range, default=(8, 8),
+                 help="max output tokens per request: N, or LOW:HIGH drawn per request")
   p.add_argument("--end-token", type=int, default=None,
                  help="stop a request when it generates this token id (default: length only)")
   p.add_argument("--slots", type=int, default=8, help="cache slots (batch of the decode rows)")
@@ -136,7 +150,7 @@ def main(argv=None) -> int:
   cfg = load_checkpoint_config(args.checkpoint, *args.overrides)
   prompts, answers = recall_prompts(cfg, args.requests, seed=args.seed)
   trace = poisson_trace(prompts, rate=args.rate, max_new_tokens=args.new_tokens, seed=args.seed)
-  max_length = max(len(p) for p in prompts) + args.new_tokens - 1
+  max_length = max(len(p) for p in prompts) + args.new_tokens[1] - 1  # the longest a request grows
   runs = {}
   for name in args.variants.split(","):
     print(f"[serve] {name}: restoring {args.checkpoint} and replaying {len(trace)} requests",

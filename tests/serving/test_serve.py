@@ -7,6 +7,7 @@ recomputed here from the task's answers. One variant: each costs a restore and c
 import json
 
 import numpy as np
+import pytest
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -56,3 +57,13 @@ def test_serve_cpu_end_to_end(tmp_path, capsys):
   assert max(r["arrival"] for r in requests) > 0 and all(r["ttft"] > 0 for r in requests)
   assert max(s["pages_reserved"] for s in run["steps"]) == summary["max_pages_reserved"] > 0
   assert (out / "serve_base.png").stat().st_size > 0
+
+
+def test_new_tokens_takes_a_count_or_a_range():
+  """--new-tokens N or LOW:HIGH (the trace draws each request's length in the range)."""
+  args = serve.parse(["ckpt", "--new-tokens", "3:9"])
+  assert args.new_tokens == (3, 9) and serve.parse(["ckpt"]).new_tokens == (8, 8)
+  assert serve.parse(["ckpt", "--new-tokens", "5"]).new_tokens == (5, 5)
+  for bad in ("0", "9:3", "two"):
+    with pytest.raises(SystemExit):
+      serve.parse(["ckpt", "--new-tokens", bad])
