@@ -45,13 +45,18 @@ def serve(model, x, paged):
 
 
 # Each path with one dtype (the key-channel test below runs both on the reference path).
-@pytest.mark.parametrize("dtype,decode,paged", [("int4", "dot_product", False),
-                                                ("int8", "ragged", False), ("int4", "ragged", False),
-                                                ("int8", "paged", True)])
-def test_bounds_hold_with_an_outlier_input_feature(dtype, decode, paged):
+@pytest.mark.parametrize("dtype,decode,paged,axis", [
+    ("int4", "dot_product", False, "dkv"), ("int8", "ragged", False, "dkv"),
+    ("int4", "ragged", False, "dkv"), ("int8", "paged", True, "dkv"),
+    ("int4", "paged", True, "dkv"), ("int8", "ragged", False, "heads_and_dkv"),
+    ("int4", "dot_product", False, "heads_and_dkv")])
+def test_bounds_hold_with_an_outlier_input_feature(dtype, decode, paged, axis):
+  """Every path, both dtypes, and one scale per token (heads_and_dkv) as well as per token
+  and head: the stated bounds assume either."""
   extra = dict(paged_kv_cache=True, num_pages=8, tokens_per_page=4) if paged else {}
   model = Attention(emb_dim=EMB, num_query_heads=4, num_kv_heads=2, head_dim=32,
-                    kv_quant=KVQuant(dtype), decode_attention=decode, rngs=nnx.Rngs(1), **extra)
+                    kv_quant=KVQuant(dtype, axis), decode_attention=decode, rngs=nnx.Rngs(1),
+                    **extra)
   x = outlier_inputs()
   want = model(x)  # train forward: no cache, no quantization
   assert rel(serve(model, x, paged), want) < BOUND[dtype]
