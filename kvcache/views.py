@@ -66,7 +66,7 @@ class ContiguousView(_View):
   def static_args(self, options) -> dict[str, Any]:
     """The kernel's static keywords besides scale / soft cap / sinks."""
     mask = options.mask
-    window = mask.window if mask.attention_type == "local_sliding" else None
+    window = mask.window
     return {"window": None if self.holds_window else window}
 
 

@@ -74,7 +74,7 @@ def build_cache(settings: AttentionSettings, mesh: jax.sharding.Mesh | None, bat
       return PagedKVCache(*sizes, num_pages=num_pages, tokens_per_page=tokens_per_page,
                           dtype=s.dtype, quant=spec.kv_quant, **placement)
     case ContiguousCache(sliding_window_ring_buffer=ring):
-      window = s.mask.window if s.mask.attention_type == "local_sliding" and ring else None
+      window = s.mask.window if ring else None
       return KVCache(*sizes, dtype=s.dtype, axis_order=spec.axis_order(for_prefill),
                      window=window, quant=spec.kv_quant, **placement)
   raise TypeError(f"settings.cache={spec!r}: not a cache kind this builder knows")

@@ -272,7 +272,7 @@ def _check_layers(model, chunk_size: int) -> None:
       if chunk_size > s.max_prefill_predict_length:
         raise ValueError(f"Engine: chunk_size={chunk_size} exceeds the layers' "
                          f"max_prefill_predict_length={s.max_prefill_predict_length}")
-      if s.mask.attention_type == "full":
+      if not s.mask.is_causal:
         raise ValueError("Engine: a bidirectional (attention_type='full') layer cannot be "
                          "served in chunks and decode steps; use a causal attention_type")
 

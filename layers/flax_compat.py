@@ -260,7 +260,7 @@ class MultiHeadAttention(Attention):
     context, weights = super()._call_kernel(kernel, axes, query, key, value, **kwargs)
     mask = kwargs.get("mask")  # [B, 1|N, T|1, S|1]
     if (mask is None or kwargs.get("q_segment_ids") is not None
-        or self.settings.mask.attention_type != "full"):
+        or self.settings.mask.is_causal):
       return context, weights
     has_key = jnp.any(mask, axis=-1)  # [B, 1|N, T|1]
     group = query.shape[2] // key.shape[2]

@@ -37,6 +37,10 @@ class MaskSpec:
     chunk: causal and both in the same `chunk`-token chunk
       (key_pos // chunk == query_pos // chunk), as in Llama 4.
     full: bidirectional, every key.
+
+  `window` is kept only for local_sliding and `chunk` only for chunk (None otherwise), so
+  readers test `spec.window` / `spec.chunk` / `spec.is_causal` instead of the kind's name,
+  and two specs of one pattern are equal.
   """
 
   attention_type: AttentionType = "global"
@@ -52,10 +56,20 @@ class MaskSpec:
       raise ValueError(
           f"attention_type={self.attention_type!r} needs "
           f"{vocab.MASK_SIZE_KEYS[self.attention_type]} > 0, got {size}")
+    if self.attention_type != "local_sliding":
+      object.__setattr__(self, "window", None)  # a size the kind does not use is not kept
+    if self.attention_type != "chunk":
+      object.__setattr__(self, "chunk", None)
 
   @property
   def is_causal(self) -> bool:
+    """Keys at or before the query only (every kind but full)."""
     return self.attention_type != "full"
+
+  @property
+  def plain_causal(self) -> bool:
+    """Causal and nothing else: no window, no chunk (the global kind)."""
+    return self.is_causal and self.window is None and self.chunk is None
 
 
 def structural_mask(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array) -> jax.Array:
@@ -69,9 +83,9 @@ def structural_mask(spec: MaskSpec, q_pos: jax.Array, kv_pos: jax.Array) -> jax.
   mask = k >= 0  # [B, 1, S]
   if spec.is_causal:
     mask = mask & (k <= q)
-  if spec.attention_type == "local_sliding":
+  if spec.window:
     mask = mask & (q - k < spec.window)
-  elif spec.attention_type == "chunk":
+  elif spec.chunk:
     mask = mask & (q // spec.chunk == k // spec.chunk)
   return jnp.broadcast_to(mask, (q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]))
 

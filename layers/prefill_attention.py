@@ -31,7 +31,7 @@ def fresh_prompt_attention(layer, axes, *, padded: bool, sinks, length: int | No
   (`full`) layer excludes padding keys by segment ids (valid 1, padding 0).
   Padding queries output zeros, as on the cached path.
   """
-  segments = padded and layer.settings.mask.attention_type == "full"
+  segments = padded and not layer.settings.mask.is_causal
   features = dispatch.call_features(layer.settings, "train", segments=segments) - {"backward"}
   try:
     kernel, layout = layer._kernel_fn("train", features, (length, length))

@@ -68,7 +68,7 @@ def split_chunk_attention(layer, cache, axes, *, sinks, kernel: PartialAttention
   step's rows are the cache's slots 0..B-1 in order (then a contiguous cache stored in
   the compute dtype is read in place, see `reads_in_place`)."""
   s = layer.settings
-  exact = (s.mask.attention_type == "global" and not s.attn_logits_soft_cap
+  exact = (s.mask.plain_causal and not s.attn_logits_soft_cap
            and s.score_mod is None and s.mask_mod is None)
   # Entry j of a slot must hold position j: a key/value cache (contiguous or paged), no ring.
   if not exact or not isinstance(cache, KVCacheBase) or cache.window:

@@ -97,7 +97,7 @@ def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_m
                      f"got shape {inputs_q.shape}")
   batch, length = inputs_q.shape[:2]
   chunked = settings.lengths.prefill_chunk_size is not None
-  if settings.mask.attention_type == "full" and (model_mode == "autoregressive" or chunked):
+  if not settings.mask.is_causal and (model_mode == "autoregressive" or chunked):
     # A bidirectional layer's earlier tokens would have to see later ones: a
     # cache can only serve it as one whole-prompt prefill.
     raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
@@ -158,7 +158,7 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
     # first (train mode packs rows; a cache cannot).
     seg = jnp.asarray(decoder_segment_ids)  # [b, T]
     conditions[Rejection.PACKED_ROW] = valid & (seg != seg[:, :1])
-  if settings.mask.attention_type == "full":
+  if not settings.mask.is_causal:
     conditions[Rejection.BIDIRECTIONAL_NOT_EMPTY] = start > 0
   bits = fold(conditions)
   raise_now(bits, lambda b: cache.explain(b, rows, new_lengths))

@@ -163,10 +163,10 @@ def check_no_empty_rows(spec: MaskSpec, q_len: int, kv_len: int, kernel: str) ->
   reaches it: causal rows always see key 0, full rows every key.
   """
   last = q_len - 1
-  if spec.attention_type == "local_sliding" and last - spec.window + 1 > kv_len - 1:
+  if spec.window and last - spec.window + 1 > kv_len - 1:
     raise ValueError(f"{kernel}: window {spec.window} with q_len {q_len} > kv_len {kv_len} "
                      "leaves queries with no visible key")
-  if spec.attention_type == "chunk" and (last // spec.chunk) * spec.chunk > kv_len - 1:
+  if spec.chunk and (last // spec.chunk) * spec.chunk > kv_len - 1:
     raise ValueError(f"{kernel}: chunk {spec.chunk} with q_len {q_len} > kv_len {kv_len} "
                      "leaves queries with no visible key")
 

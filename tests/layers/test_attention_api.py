@@ -103,6 +103,17 @@ def test_unknown_keyword_and_bad_mode():
     MaskSpec("local_sliding")
 
 
+def test_mask_spec_keeps_only_the_size_its_kind_uses():
+  """Readers test spec.window / spec.chunk / spec.is_causal, never the kind's name: a size
+  given to a kind that does not use it is dropped, so equal patterns give equal specs."""
+  assert MaskSpec("global", window=5, chunk=8) == MaskSpec("global")
+  assert MaskSpec("chunk", window=5, chunk=8) == MaskSpec("chunk", chunk=8)
+  spec = MaskSpec("local_sliding", window=5, chunk=8)
+  assert (spec.window, spec.chunk, spec.is_causal, spec.plain_causal) == (5, None, True, False)
+  assert MaskSpec("global").plain_causal and not MaskSpec("full").is_causal
+  assert not MaskSpec("full").plain_causal
+
+
 def test_matches_flax_multi_head_attention():
   """Full (bidirectional) attention without RoPE is Flax's MultiHeadAttention."""
   d, n, h = 32, 4, 8

@@ -44,13 +44,12 @@ def kv_block_range(spec: MaskSpec, block_q: int, block_kv: int, q_block, num_kv_
   """[lo, hi) key blocks that a query block can see."""
   first_q = q_block * block_q
   last_q = first_q + block_q - 1
-  kind = spec.attention_type
-  if kind == "full":
+  if not spec.is_causal:
     return 0, num_kv_blocks
   hi = jnp.minimum(lax.div(last_q, block_kv) + 1, num_kv_blocks)
-  if kind == "local_sliding":
+  if spec.window:
     lo = lax.div(jnp.maximum(first_q - spec.window + 1, 0), block_kv)
-  elif kind == "chunk":
+  elif spec.chunk:
     lo = lax.div(lax.div(first_q, spec.chunk) * spec.chunk, block_kv)
   else:
     lo = 0
@@ -64,15 +63,14 @@ def kv_block_interior(spec: MaskSpec, block_q: int, block_kv: int, q_block, full
   """
   first_q = q_block * block_q
   last_q = first_q + block_q - 1
-  kind = spec.attention_type
-  if kind == "full":
+  if not spec.is_causal:
     return 0, full_kv_blocks  # key positions < 0 come from the data bounds
   # The last key of the tile must not be after the first query.
   hi = jnp.minimum(lax.div(first_q + 1, block_kv), full_kv_blocks)
-  if kind == "local_sliding":
+  if spec.window:
     # The last query must still see the first key: k >= last_q - window + 1.
     lo = _cdiv(jnp.maximum(last_q - spec.window + 1, 0), block_kv)
-  elif kind == "chunk":
+  elif spec.chunk:
     chunk = lax.div(first_q, spec.chunk)
     lo = _cdiv(chunk * spec.chunk, block_kv)
     # A query block spanning two chunks has no tile that both chunks see whole.
@@ -86,13 +84,12 @@ def q_block_range(spec: MaskSpec, block_q: int, block_kv: int, kv_block, num_q_b
   """[lo, hi) query blocks that can see a key block."""
   first_k = kv_block * block_kv
   last_k = first_k + block_kv - 1
-  kind = spec.attention_type
-  if kind == "full":
+  if not spec.is_causal:
     return 0, num_q_blocks
   lo = lax.div(first_k, block_q)
-  if kind == "local_sliding":
+  if spec.window:
     hi = jnp.minimum(lax.div(last_k + spec.window - 1, block_q) + 1, num_q_blocks)
-  elif kind == "chunk":
+  elif spec.chunk:
     last_q = (lax.div(last_k, spec.chunk) + 1) * spec.chunk - 1
     hi = jnp.minimum(lax.div(last_q, block_q) + 1, num_q_blocks)
   else:
@@ -103,17 +100,16 @@ def q_block_range(spec: MaskSpec, block_q: int, block_kv: int, kv_block, num_q_b
 def q_block_interior(spec: MaskSpec, block_q: int, block_kv: int, kv_block, num_q_blocks: int,
                      full_kv_blocks: int):
   """[a, c) query blocks whose every query may see every key of the key block."""
-  kind = spec.attention_type
-  if kind == "full":
+  if not spec.is_causal:
     return 0, num_q_blocks
   first_k = kv_block * block_kv
   last_k = first_k + block_kv - 1
   # The first query of the block must not be before the last key.
   lo = _cdiv(last_k, block_q)
-  if kind == "local_sliding":
+  if spec.window:
     # The last query must still see the first key: q <= first_k + window - 1.
     hi = jnp.minimum(lax.div(first_k + spec.window, block_q), num_q_blocks)
-  elif kind == "chunk":
+  elif spec.chunk:
     chunk = lax.div(first_k, spec.chunk)
     hi = jnp.minimum(lax.div((chunk + 1) * spec.chunk, block_q), num_q_blocks)
     hi = jnp.where(chunk == lax.div(last_k, spec.chunk), hi, lo)
@@ -226,7 +222,7 @@ def kv_data_bounds(spec: MaskSpec, block_q: int, block_kv: int, num_q_blocks: in
 
   None when the structural bounds are all there is (no segment ids, causal kinds).
   """
-  full = spec.attention_type == "full"
+  full = not spec.is_causal
   if ranges is None and not full:
     return None
   batch, num_kv = kv_pos.shape[0], kv_pos.shape[1] // block_kv
@@ -247,7 +243,7 @@ def kv_data_bounds(spec: MaskSpec, block_q: int, block_kv: int, num_q_blocks: in
 def q_data_bounds(spec: MaskSpec, block_q: int, block_kv: int, num_q_blocks: int, kv_pos,
                   q_seg=None, kv_seg=None, ranges: SegmentRanges | None = None):
   """[B, (S / block_kv) * 4] (lo, hi, a, c) in query blocks per key block (dkv), or None."""
-  full = spec.attention_type == "full"
+  full = not spec.is_causal
   if ranges is None and not full:
     return None
   batch, num_kv = kv_pos.shape[0], kv_pos.shape[1] // block_kv

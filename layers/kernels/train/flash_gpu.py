@@ -92,7 +92,7 @@ def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     raise ValueError("cudnn_attention cannot run " + "; ".join(CUDNN_LIMITS.violations(shape)))
 
   spec = call.options.mask
-  window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
+  window = (spec.window - 1, 0) if spec.window else None
   mask4 = None if call.mask is None else _to_bnts(call.mask.astype(bool), q_len, kv_len, "mask")
   bias4 = None if call.bias is None else _to_bnts(call.bias.astype(query.dtype), q_len, kv_len, "bias")
   if mask4 is not None:

@@ -138,7 +138,7 @@ class _Static:
   @property
   def has_bounds(self) -> bool:
     """Whether the kernels get data bounds (flash_bounds) besides the structural ones."""
-    return self.has_segments or self.spec.attention_type == "full"
+    return self.has_segments or not self.spec.is_causal
 
   def backward(self) -> _Static:
     return dataclasses.replace(self, block_q=self.block_q_bwd, block_kv=self.block_kv_bwd,
@@ -159,9 +159,9 @@ def _tile_mask(st: _Static, q_pos, kv_pos, q_seg, kv_seg):
   allowed = k >= 0  # [1, bkv]
   if st.spec.is_causal:
     allowed = allowed & (k <= q)  # [bq, bkv]
-  if st.spec.attention_type == "local_sliding":
+  if st.spec.window:
     allowed = allowed & (q - k < st.spec.window)
-  elif st.spec.attention_type == "chunk":
+  elif st.spec.chunk:
     # Positions of visible keys are >= 0, so truncating division is floor.
     allowed = allowed & (lax.div(q, st.spec.chunk) == lax.div(jnp.maximum(k, 0), st.spec.chunk))
   if st.has_segments:

@@ -165,7 +165,7 @@ def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
                      kv_positions=call.kv_positions)
 
   spec = call.options.mask
-  window = (spec.window - 1, 0) if spec.attention_type == "local_sliding" else None
+  window = (spec.window - 1, 0) if spec.window else None
   context = tokamax.dot_product_attention(
       query, key, value, scale=call.options.scale, is_causal=spec.is_causal,
       local_window_size=window, logits_soft_cap=call.options.soft_cap or None,

@@ -95,14 +95,12 @@ def _chunked_causal_mask(shape: tuple[int, int], chunk: int) -> splash_mask.Mask
 def splash_mask_for(spec: MaskSpec, q_len: int, kv_len: int) -> splash_mask.Mask:
   """The index-based splash mask equal to `structural_mask` on aranges."""
   shape = (q_len, kv_len)
-  if spec.attention_type == "global":
-    return splash_mask.CausalMask(shape)
-  if spec.attention_type == "local_sliding":
+  if spec.window:
     # The query at t sees t-window+1 .. t: window-1 keys to the left, none to the right.
     return splash_mask.LocalMask(shape, window_size=(spec.window - 1, 0), offset=0)
-  if spec.attention_type == "chunk":
+  if spec.chunk:
     return _chunked_causal_mask(shape, spec.chunk)
-  return splash_mask.FullMask(shape)
+  return splash_mask.CausalMask(shape) if spec.is_causal else splash_mask.FullMask(shape)
 
 
 @functools.lru_cache(maxsize=64)
