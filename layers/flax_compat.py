@@ -19,6 +19,7 @@ differs from Flax and why.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import types
 from typing import Any, Callable
@@ -245,12 +246,13 @@ class MultiHeadAttention(Attention):
                       lambda self, module: setattr(self, "key_ln", module))
 
   def _kernel_fn(self, mode, features, lengths=(None, None)):
-    """Attention's kernel, with attnax's attention_block_size as the blockwise tiles."""
+    """Attention's kernel, with attnax's attention_block_size as the tiles of a kernel that
+    takes any size (its registry row's block_keywords: blockwise)."""
     kernel = dispatch.select(self.settings, mode, features, lengths)
     fn = dispatch.load(self.settings, kernel)
     size = self.attention_block_size
-    if size and kernel.name == "blockwise":
-      fn = _with_blocks(fn, size)
+    if size and kernel.block_keywords:  # the kernels whose tiles take any size (blockwise)
+      fn = functools.partial(fn, **{name: size for name in kernel.block_keywords})
     return fn, kernel.length_layout
 
   def _call_kernel(self, kernel, axes, query, key, value, **kwargs):
@@ -427,9 +429,3 @@ class _FlaxDrawOrder:
 
   def fork(self) -> None:
     return None  # MultiHeadAttention.__init__ sets self.rngs as Flax does
-
-
-def _with_blocks(fn, size: int):
-  def blockwise(*args, **kwargs):
-    return fn(*args, block_q=size, block_kv=size, **kwargs)
-  return blockwise

@@ -177,6 +177,9 @@ class Kernel:
   materializes_logits: bool = False
   # Keyword arguments bound when loaded (one function serving two platforms: `backend`).
   bind: tuple[tuple[str, object], ...] = ()
+  # Its tile-size keywords that take any positive size (a user's block size, e.g. attnax's
+  # attention_block_size, is passed to these); () where tiles are tuned or constrained.
+  block_keywords: tuple[str, ...] = ()
 
   @property
   def length_layout(self) -> str:

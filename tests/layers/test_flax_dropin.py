@@ -234,6 +234,10 @@ def test_attnax_extras_against_reference(attention_type):
   layer.init_cache(x.shape)
   steps = [_run(layer, x[:, t:t + 1], decode=True) for t in range(x.shape[1])]
   np.testing.assert_allclose(jnp.concatenate(steps, 1), want, **TOL)
+  # attention_block_size reaches the tiles of a kernel whose row takes any size (blockwise).
+  fn, _ = layer._kernel_fn("train", frozenset({"gqa", "window"}), (9, 9))
+  tiles = getattr(fn, "keywords", {})
+  assert (tiles == {"block_q": 4, "block_kv": 4}) == (attention_type == "memory_efficient"), tiles
 
 
 def test_score_mod_reaches_the_kernel():

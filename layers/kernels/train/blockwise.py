@@ -334,7 +334,7 @@ def _inexact(x) -> bool:
 
 
 @train_variant("blockwise", ALL, BLOCKWISE_FEATURES | FLOAT32,
-               "pure-JAX online softmax, custom VJP")
+               "pure-JAX online softmax, custom VJP", block_keywords=("block_q", "block_kv"))
 @train_kernel("blockwise_attention", BLOCKWISE_FEATURES)
 def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, call: TrainCall, *,
                         block_q: int = 512, block_kv: int = 512) -> tuple[jax.Array, None]:
