@@ -86,10 +86,16 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_fn: Callable[..., jax.Array] = nnx.dot_product_attention
   decode: bool = False
   normalize_qk: bool = False
+  # Flax's softmax in float32 for half-precision inputs: meshattn's float32_logits.
+  force_fp32_for_softmax: bool = False
   qkv_dot_general: Callable | None = None
   out_dot_general: Callable | None = None
   qkv_dot_general_cls: Any = None
   out_dot_general_cls: Any = None
+  # Flax hands these einsum modules to its own dot_product_attention; meshattn's kernels
+  # compute q.k and p.v themselves, so they are refused (named), never ignored.
+  qk_attn_weights_einsum_cls: Any = None
+  attn_weights_value_einsum_cls: Any = None
   settings: FrozenDict = FrozenDict()
 
   @nn.compact
@@ -107,6 +113,13 @@ class MultiHeadDotProductAttention(nn.Module):
       inputs_k = inputs_v = inputs_kv
     inputs_k = key_input(inputs_q, inputs_k, inputs_v)
     inputs_v = inputs_k if inputs_v is None else inputs_v
+    einsums = [name for name in ("qk_attn_weights_einsum_cls", "attn_weights_value_einsum_cls")
+               if getattr(self, name) is not None]
+    if einsums:
+      raise NotImplementedError(f"meshattn.layers.linen.MultiHeadDotProductAttention does not "
+                                f"take {einsums}: its kernels compute q.k and p.v themselves "
+                                "(a custom attention_fn still runs; docs/migration.md)")
+    extra = dict(float32_logits=True) if self.force_fp32_for_softmax else {}
     kwargs = dict(
         num_heads=self.num_heads, in_features=inputs_q.shape[-1],
         qkv_features=self.qkv_features, out_features=self.out_features,
@@ -118,7 +131,8 @@ class MultiHeadDotProductAttention(nn.Module):
         decode=self.decode, normalize_qk=self.normalize_qk,
         qkv_dot_general=self.qkv_dot_general, out_dot_general=self.out_dot_general,
         qkv_dot_general_cls=self.qkv_dot_general_cls,
-        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
+        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **extra,
+        **self.settings)
     first_call = not self.has_variable("cache", "cached_key")
     if self.decode and not first_call:
       cached = self.get_variable("cache", "cached_key")

@@ -269,6 +269,28 @@ def test_linen_trees_and_apply_with_flax_variables():
                              jax.jit(flax_layer.apply)(flax_vars, q, kv), **TOL)
 
 
+def test_linen_fields_are_flax_s_in_order():
+  """Every field of flax.linen.MultiHeadDotProductAttention, in Flax's order (positional
+  construction too); force_fp32_for_softmax gives Flax's bf16 result; the einsum modules
+  Flax hands its own dot_product_attention are refused, named."""
+  import dataclasses
+  from flax import linen as nn
+  from meshattn.layers import linen as mlinen
+  names = lambda cls: [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+  assert names(mlinen.MultiHeadDotProductAttention) == names(nn.MultiHeadDotProductAttention) + ["settings"]
+  x = _x((2, 5, 16), 18).astype(jnp.bfloat16)
+  kw = dict(num_heads=2, dtype=jnp.bfloat16, force_fp32_for_softmax=True)
+  flax_layer, ours = nn.MultiHeadDotProductAttention(**kw), mlinen.MultiHeadDotProductAttention(**kw)
+  variables = jax.jit(flax_layer.init)(jax.random.key(0), x)
+  np.testing.assert_allclose(np.asarray(jax.jit(ours.apply)(variables, x), np.float32),
+                             np.asarray(jax.jit(flax_layer.apply)(variables, x), np.float32),
+                             rtol=2e-2, atol=2e-2)
+  for name in ("qk_attn_weights_einsum_cls", "attn_weights_value_einsum_cls"):
+    with pytest.raises(NotImplementedError, match=name):
+      mlinen.MultiHeadDotProductAttention(num_heads=2, **{name: nn.Einsum}).init(
+          jax.random.key(0), x)
+
+
 def test_linen_self_attention_decode():
   from flax import linen as nn
   from meshattn.layers import linen as mlinen
