@@ -107,6 +107,14 @@ class CacheBase(nnx.Module):
       if np.any((host < 0) | (host >= self.batch_size)):
         raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
 
+  def check_distinct_slots(self, rows) -> None:
+    """Raise StepRejected now if concrete slots name one slot twice (`insert`: two sequences
+    into one slot would leave the longer one's tail past the shorter one's length)."""
+    if is_concrete(rows):
+      host = np.asarray(rows).ravel()
+      if np.unique(host).size != host.size:
+        raise StepRejected(self.explain(int(Rejection.DUPLICATE_SLOT), rows))
+
   def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
     """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""
     bits = fold(self.step_conditions(rows, new_lengths))

@@ -378,6 +378,7 @@ class PagedKVCache(KVCacheBase):
     src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
     if src_rows.shape != slots.shape:
       raise ValueError(f"insert: {slots.shape[0]} slots but {src_rows.shape[0]} source slots")
+    self.check_distinct_slots(slots)
     source.check_slots(src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     rows = jnp.asarray(slots, jnp.int32)

@@ -109,6 +109,7 @@ class LinearStateCache(CacheBase):
     if rows.shape != src_rows.shape:
       raise ValueError(f"insert: {rows.shape[0]} slots but {src_rows.shape[0]} source slots")
     self.check_slots(rows)
+    self.check_distinct_slots(rows)
     source.check_slots(src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)

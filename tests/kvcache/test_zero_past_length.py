@@ -74,3 +74,28 @@ def test_entries_past_each_length_stay_zero(quantized, run_min_tokens, monkeypat
   cache.insert(1, source.cache, 0)  # a shorter sequence over a longer one: its tail cleared
   assert_zero_past_lengths(cache, "insert")
   np.testing.assert_array_equal(cache.lengths[...], [0, 2, 0])
+
+
+def test_insert_refuses_one_slot_named_twice():
+  """Two sequences inserted into one slot would leave the first one's tail past the second's
+  length (and break the zeros the split chunk path relies on): refused, nothing changed, for
+  every cache kind."""
+  from meshattn.kvcache import KVCache, PagedKVCache
+  from meshattn.kvcache.state import LinearStateCache
+  source = KVCache(2, 8, 1, 4)
+  k = jnp.ones((2, 5, 1, 4))
+  positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  source.write(jnp.arange(2, dtype=jnp.int32), k, k, positions,
+               jnp.array([[True] * 5, [True, True, False, False, False]]), jnp.array([5, 2]))
+  targets = [KVCache(2, 8, 1, 4), PagedKVCache(2, 8, 1, 4, num_pages=8, tokens_per_page=4)]
+  for cache in targets:
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(cache))]
+    with pytest.raises(StepRejected, match="at most once"):
+      cache.insert([0, 0], source, [0, 1])
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(cache))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)), type(cache).__name__
+    with pytest.raises(ValueError, match="2 slots but 1 source"):
+      cache.insert([0, 1], source, [0])
+  state = LinearStateCache(2, 8, 1, 4)
+  with pytest.raises(StepRejected, match="at most once"):
+    state.insert([1, 1], LinearStateCache(2, 8, 1, 4), [0, 1])
