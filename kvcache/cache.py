@@ -372,9 +372,10 @@ class KVCache(KVCacheBase):
     source.check_slots(src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
-    self.reset(rows)  # nothing of the slot's previous sequence survives past the inserted one
+    # Read before the reset: the source may be this cache (a slot copied onto itself).
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
     # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
     key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
+    self.reset(rows)  # nothing of the slot's previous sequence survives past the inserted one
     self.write_in_place(rows, key, value, positions, positions >= 0, src_len)

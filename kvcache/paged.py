@@ -389,12 +389,13 @@ class PagedKVCache(KVCacheBase):
     owner, table = self._host("page_owner"), self._host("page_table")
     freed = page_plan.release(owner, table, slots)  # [P]
     self._allocate(owner, table, slots, np.asarray(src_len, np.int64))
-    self._store_tables(owner, table)
-    self._clear_now(freed, page_plan.released_mask(slots, self.batch_size))
+    # Read before the slots' pages are freed: the source may be this cache.
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]
     # From the source's basis to this cache's (rotated iff quantized, see kvcache.quant).
     key, value = (to_cache_basis(from_cache_basis(x, source.quant), self.quant) for x in (key, value))
     positions = source.entry_positions(src_len)  # [b, Cs]
+    self._store_tables(owner, table)
+    self._clear_now(freed, page_plan.released_mask(slots, self.batch_size))
     self.write_in_place(rows, key, value, positions, positions >= 0, src_len)
 
 

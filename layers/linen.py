@@ -119,7 +119,6 @@ class MultiHeadDotProductAttention(nn.Module):
       raise NotImplementedError(f"meshattn.layers.linen.MultiHeadDotProductAttention does not "
                                 f"take {einsums}: its kernels compute q.k and p.v themselves "
                                 "(a custom attention_fn still runs; docs/migration.md)")
-    extra = dict(float32_logits=True) if self.force_fp32_for_softmax else {}
     kwargs = dict(
         num_heads=self.num_heads, in_features=inputs_q.shape[-1],
         qkv_features=self.qkv_features, out_features=self.out_features,
@@ -131,8 +130,9 @@ class MultiHeadDotProductAttention(nn.Module):
         decode=self.decode, normalize_qk=self.normalize_qk,
         qkv_dot_general=self.qkv_dot_general, out_dot_general=self.out_dot_general,
         qkv_dot_general_cls=self.qkv_dot_general_cls,
-        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **extra,
-        **self.settings)
+        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
+    if self.force_fp32_for_softmax:  # also when `settings` names float32_logits itself
+      kwargs["float32_logits"] = True
     first_call = not self.has_variable("cache", "cached_key")
     if self.decode and not first_call:
       cached = self.get_variable("cache", "cached_key")

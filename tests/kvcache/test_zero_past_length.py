@@ -99,3 +99,21 @@ def test_insert_refuses_one_slot_named_twice():
   state = LinearStateCache(2, 8, 1, 4)
   with pytest.raises(StepRejected, match="at most once"):
     state.insert([1, 1], LinearStateCache(2, 8, 1, 4), [0, 1])
+
+
+def test_insert_of_a_slot_into_itself_keeps_it():
+  """The source may be the cache itself: its entries are read before the slot is cleared."""
+  from meshattn.kvcache import KVCache, PagedKVCache
+  k = jnp.arange(2 * 5 * 4, dtype=jnp.float32).reshape(2, 5, 1, 4) + 1.0
+  positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  for cache in (KVCache(2, 8, 1, 4), PagedKVCache(2, 8, 1, 4, num_pages=8, tokens_per_page=4)):
+    if isinstance(cache, PagedKVCache):
+      cache.reserve_for_step(np.arange(2), 5)
+    cache.write(jnp.arange(2, dtype=jnp.int32), k, -k, positions,
+                jnp.array([[True] * 5, [True] * 3 + [False] * 2]), jnp.array([5, 3]))
+    before = [np.asarray(x) for x in cache.read_all(jnp.float32)]
+    cache.insert(1, cache, 1)
+    after = [np.asarray(x) for x in cache.read_all(jnp.float32)]
+    np.testing.assert_array_equal(cache.lengths[...], [5, 3])
+    for a, b in zip(after, before):
+      np.testing.assert_array_equal(a[:, :5], b[:, :5], err_msg=type(cache).__name__)
