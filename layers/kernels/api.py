@@ -260,9 +260,9 @@ def check_decode_operands(layout: str, query, key, value, *, key_scale=None, val
   if key.ndim != 4 or value.shape != key.shape:
     raise ValueError(f"key and value must be of one [.., .., K, H] shape, got {key.shape} and "
                      f"{value.shape}")
-  num_heads, kv_heads = query.shape[1], key.shape[2]
   if query.ndim != 3 or query.shape[2] != key.shape[3]:
     raise ValueError(f"query must be [B, N, H] with H = {key.shape[3]}, got {query.shape}")
+  num_heads, kv_heads = query.shape[1], key.shape[2]
   if num_heads % kv_heads:
     raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
   if sinks is not None and jnp.shape(sinks) != (num_heads,):
