@@ -110,7 +110,8 @@ class Engine:
     rid = self._next_id if id is None else int(id)
     if rid in self._arrival:
       raise ValueError(f"Engine.submit: request id {rid} was already submitted")
-    request = Request(rid, np.asarray(prompt), int(max_new_tokens),
+    # A copy: the caller may reuse its buffer while the request waits or runs.
+    request = Request(rid, np.array(prompt), int(max_new_tokens),
                       self.now() if arrival is None else float(arrival))
     self.scheduler.submit(request)
     self._arrival[rid] = request.arrival

@@ -103,7 +103,10 @@ def test_engine_refuses_bad_settings_and_requests_before_any_change():
     engine.submit(np.ones(30, np.int32), max_new_tokens=4)
   with pytest.raises(ValueError, match="integer token ids"):
     engine.submit(np.ones(3, np.float32), max_new_tokens=4)
-  engine.submit(np.ones(3, np.int32), max_new_tokens=2, id=5)
+  prompt = np.ones(3, np.int32)
+  engine.submit(prompt, max_new_tokens=2, id=5)
+  prompt[:] = 7  # the caller reuses its buffer: the queued request keeps what was submitted
   with pytest.raises(ValueError, match="id 5 was already submitted"):
     engine.submit(np.ones(3, np.int32), max_new_tokens=2, id=5)
   assert len(engine.scheduler.waiting) == 1 and engine.scheduler.running == {}
+  np.testing.assert_array_equal(engine.scheduler.waiting[0].prompt, [1, 1, 1])
