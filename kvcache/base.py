@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.step_checks import (
-    Rejection, StepRejected, explain, fold, is_concrete, raise_now)
+    Rejection, StepRejected, explain, fold, is_concrete, raise_now, repeated_slots)
 
 # Logical names of a cache's [batch, sequence, kv heads, head_dim] dimensions (the rules
 # in configs/base.yml map them to mesh axes).
@@ -107,13 +107,17 @@ class CacheBase(nnx.Module):
       if np.any((host < 0) | (host >= self.batch_size)):
         raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
 
-  def check_distinct_slots(self, rows) -> None:
-    """Raise StepRejected now if concrete slots name one slot twice (`insert`: two sequences
-    into one slot would leave the longer one's tail past the shorter one's length)."""
-    if is_concrete(rows):
-      host = np.asarray(rows).ravel()
-      if np.unique(host).size != host.size:
-        raise StepRejected(self.explain(int(Rejection.DUPLICATE_SLOT), rows))
+  def check_insert_rows(self, rows, source: "CacheBase", src_rows) -> None:
+    """What every kind's `insert` checks first, before any change: one source slot per slot,
+    both in range, and no slot named twice (two sequences into one slot would leave the
+    longer one's tail past the shorter one's length)."""
+    if np.shape(src_rows) != np.shape(rows):
+      raise ValueError(f"insert: {np.shape(rows)[0]} slots but {np.shape(src_rows)[0]} source "
+                       "slots")
+    self.check_slots(rows)
+    if is_concrete(rows) and np.any(repeated_slots(rows)):
+      raise StepRejected(self.explain(int(Rejection.DUPLICATE_SLOT), rows))
+    source.check_slots(src_rows)
 
   def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
     """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""

@@ -365,11 +365,7 @@ class KVCache(KVCacheBase):
                        f"this cache K={self.num_kv_heads}, H={self.head_dim}")
     rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
     src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    if src_rows.shape != rows.shape:
-      raise ValueError(f"insert: {rows.shape[0]} slots but {src_rows.shape[0]} source slots")
-    self.check_slots(rows)
-    self.check_distinct_slots(rows)
-    source.check_slots(src_rows)
+    self.check_insert_rows(rows, source, src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
     # Read before the reset: the source may be this cache (a slot copied onto itself).

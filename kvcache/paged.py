@@ -376,10 +376,7 @@ class PagedKVCache(KVCacheBase):
                        f"this cache K={self.num_kv_heads}, H={self.head_dim}")
     slots = self._host_slots(slot)
     src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    if src_rows.shape != slots.shape:
-      raise ValueError(f"insert: {slots.shape[0]} slots but {src_rows.shape[0]} source slots")
-    self.check_distinct_slots(slots)
-    source.check_slots(src_rows)
+    self.check_insert_rows(slots, source, src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     rows = jnp.asarray(slots, jnp.int32)
     raise_if(src_len > self.max_length,

@@ -106,11 +106,7 @@ class LinearStateCache(CacheBase):
                        f"{shape(self)}")
     rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
     src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    if rows.shape != src_rows.shape:
-      raise ValueError(f"insert: {rows.shape[0]} slots but {src_rows.shape[0]} source slots")
-    self.check_slots(rows)
-    self.check_distinct_slots(rows)
-    source.check_slots(src_rows)
+    self.check_insert_rows(rows, source, src_rows)
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
     kv, norm = source.read(src_rows)

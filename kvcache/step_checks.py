@@ -93,6 +93,14 @@ def fold(conditions: dict[Rejection, jax.Array]) -> jax.Array:
   return bits
 
 
+def repeated_slots(rows) -> jax.Array | np.ndarray:
+  """[b - 1] True where a slot of rows [b] is named again (compared sorted): a step or an
+  insert may name each slot once. Host (NumPy) rows stay on the host."""
+  xp = np if isinstance(rows, np.ndarray) else jnp
+  ordered = xp.sort(xp.ravel(rows))
+  return ordered[1:] == ordered[:-1]
+
+
 def raise_now(bits: jax.Array, message: Callable[[int], str]) -> None:
   """Eager: raise StepRejected(message(bits)) if any bit is set. Traced: do nothing here."""
   if is_concrete(bits):

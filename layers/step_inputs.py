@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.kvcache.step_checks import (
-    Rejection, StepRejected, fold, host_callbacks_available, is_concrete, raise_now)
+    Rejection, StepRejected, fold, host_callbacks_available, is_concrete, raise_now,
+    repeated_slots)
 from meshattn.layers.positions import flatten_positions
 
 
@@ -140,8 +141,8 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
     rows = jnp.arange(batch, dtype=jnp.int32)
   else:
     rows = jnp.atleast_1d(jnp.asarray(slots)).astype(jnp.int32)  # [b]
-  valid = (jnp.ones((batch, length), bool) if decoder_segment_ids is None
-           else jnp.asarray(decoder_segment_ids) != 0)  # [b, T] real tokens (right padding)
+  seg = None if decoder_segment_ids is None else jnp.asarray(decoder_segment_ids)  # [b, T]
+  valid = jnp.ones((batch, length), bool) if seg is None else seg != 0  # [b, T] real tokens
   safe_rows = jnp.clip(rows, 0, cache.batch_size - 1)
   start = cache.lengths[...][safe_rows]  # [b]
   if model_mode == "autoregressive":
@@ -149,14 +150,12 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
   new_lengths = start + jnp.sum(valid, axis=1, dtype=jnp.int32)  # [b]
   conditions = cache.step_conditions(rows, new_lengths)
   if slots is not None:
-    ordered = jnp.sort(rows)
-    conditions[Rejection.DUPLICATE_SLOT] = ordered[1:] == ordered[:-1]
+    conditions[Rejection.DUPLICATE_SLOT] = repeated_slots(rows)
   if decoder_segment_ids is not None and length > 1:
     # Tokens are appended at consecutive positions, so padding may only trail.
     conditions[Rejection.LEFT_PADDING] = valid[:, 1:] & ~valid[:, :-1]
     # A row continues one slot: a second id in it would be a second sequence attending to the
     # first (train mode packs rows; a cache cannot).
-    seg = jnp.asarray(decoder_segment_ids)  # [b, T]
     conditions[Rejection.PACKED_ROW] = valid & (seg != seg[:, :1])
   if not settings.mask.is_causal:
     conditions[Rejection.BIDIRECTIONAL_NOT_EMPTY] = start > 0

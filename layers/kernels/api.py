@@ -171,12 +171,16 @@ def check_no_empty_rows(spec: MaskSpec, q_len: int, kv_len: int, kernel: str) ->
                      "leaves queries with no visible key")
 
 
+def check_head_groups(num_heads: int, kv_heads: int) -> None:
+  """Query heads a multiple of the kv heads (n = k * G + g), for every kernel protocol."""
+  if num_heads % kv_heads:
+    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+
+
 def check_operands(query: jax.Array, key: jax.Array, call: TrainCall) -> None:
   """What every train kernel requires of its operands: query heads a multiple of the kv
   heads (n = k * G + g), and segment ids for queries and keys together or not at all."""
-  num_heads, kv_heads = query.shape[2], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  check_head_groups(query.shape[2], key.shape[2])
   if (call.q_segment_ids is None) != (call.kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
 
@@ -263,8 +267,7 @@ def check_decode_operands(layout: str, query, key, value, *, key_scale=None, val
   if query.ndim != 3 or query.shape[2] != key.shape[3]:
     raise ValueError(f"query must be [B, N, H] with H = {key.shape[3]}, got {query.shape}")
   num_heads, kv_heads = query.shape[1], key.shape[2]
-  if num_heads % kv_heads:
-    raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {kv_heads}")
+  check_head_groups(num_heads, kv_heads)
   if sinks is not None and jnp.shape(sinks) != (num_heads,):
     raise ValueError(f"sinks must be [N] = [{num_heads}], got {jnp.shape(sinks)}")
   if window is not None and window < 1:
