@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from meshattn.configs import vocabulary as vocab
 from meshattn.configs.validation import (  # noqa: F401  (re-exported)
   ATTENTION_TYPES,
   DECODE_KERNELS,
@@ -305,7 +306,13 @@ def _type_name(value: Any) -> str:
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
-  """Check ``value`` against the type of the schema default; int -> float is the only conversion."""
+  """Check ``value`` against the type of the schema default; int -> float is the only conversion.
+  A null default (vocabulary.NULLABLE_KEYS) takes null or a value of the key's declared type."""
+  if default is None:
+    kind = vocab.NULLABLE_KEYS[key]
+    if value is None or (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+      return value
+    raise ConfigError(f"{key}: expected {kind.__name__} or null, got {_type_name(value)} {value!r}")
   if isinstance(default, bool):
     ok = isinstance(value, bool)
   elif isinstance(default, int):

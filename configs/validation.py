@@ -236,7 +236,7 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
 
 def _validate_lengths(cfg: Mapping[str, Any]) -> None:
   """Sequence lengths, KV-cache quantization and layout (a paged decode cache has no axis
-  order)."""
+  order and no ring)."""
   prefill, target = cfg["max_prefill_predict_length"], cfg["max_target_length"]
   if not 1 <= prefill <= target:
     _fail(
@@ -254,6 +254,9 @@ def _validate_lengths(cfg: Mapping[str, Any]) -> None:
   if problem:
     _fail("ar_cache_axis_order",
           f"{problem} (paged_kv_cache is true), got {_thaw(cfg['ar_cache_axis_order'])!r}")
+  problem = vocab.paged_ring_problem(cfg["paged_kv_cache"], cfg["sliding_window_ring_buffer"])
+  if problem:
+    _fail("sliding_window_ring_buffer", f"true {problem} (paged_kv_cache is true)")
 
 
 def _validate_mesh(cfg: Mapping[str, Any], num_devices: int | None) -> None:

@@ -78,6 +78,13 @@ KEY_VALUES: Mapping[str, tuple[str, ...]] = {
     "lr_schedule": LR_SCHEDULES,
 }
 
+# Keys whose base.yml default is null (left to the other keys), and the type a set value has.
+NULLABLE_KEYS: Mapping[str, type] = {
+    # null: a ring on a contiguous cache's sliding-window layers; a paged cache keeps every
+    # token, so true with paged_kv_cache is refused (layers/cache_specs.py).
+    "sliding_window_ring_buffer": bool,
+}
+
 # ---- one-value rules -------------------------------------------------------------
 # Each returns what is wrong (a phrase without the key's name) or None.
 
@@ -137,6 +144,15 @@ def paged_axis_order_problem(order: Sequence[int]) -> str | None:
     return ("lays out the contiguous decode cache only; a paged cache keeps its pool [pages, "
             "tokens, kv heads, head_dim] in one layout: leave it [0, 1, 2, 3] "
             "(prefill_cache_axis_order still lays out a contiguous prefill cache)")
+  return None
+
+
+def paged_ring_problem(paged: bool, ring: bool | None) -> str | None:
+  """The ring buffer is the contiguous cache's; a page pool keeps every token. Unset (None)
+  means "a ring where the cache is contiguous", so only an explicit true contradicts pages."""
+  if paged and ring:
+    return ("is the contiguous cache's ring; a paged cache keeps every token in its pages: "
+            "leave it unset (null / None) or false with paged_kv_cache")
   return None
 
 

@@ -9,8 +9,10 @@
     StateCache       linear attention's recurrent state per slot, no K/V (layers/linear)
 
 Each kind holds only its own knobs, so a paged cache with a ring buffer or an axis
-order cannot be written (the flat keys refuse `ar_cache_axis_order` with
-`paged_kv_cache`; `prefill_cache_axis_order` stays, for a contiguous prefill cache). Field names are the config keys, so an error names the key
+order cannot be written. The flat keys refuse `ar_cache_axis_order` and
+`sliding_window_ring_buffer=True` with `paged_kv_cache` (the ring's key is unset by
+default: a ring where the cache is contiguous); `prefill_cache_axis_order` stays, for a
+contiguous prefill cache. Field names are the config keys, so an error names the key
 either way. `AttentionSettings(cache=PagedCache(...))` (or `Attention(..., cache=...)`)
 sets the KV kinds in one typed value; the flat keywords and config keys build the same
 spec (`settings.cache`, through `cache_spec` below). Chunked prefill is a prefill
@@ -131,15 +133,25 @@ def cache_spec(keywords: Mapping[str, Any], *, linear: bool, paged: bool | None 
   if problem:
     raise ValueError(f"ar_cache_axis_order={orders['ar_cache_axis_order']} with "
                      f"paged_kv_cache=True: {problem}")
+  ring_key = k["sliding_window_ring_buffer"]
+  if ring_key is not None and not isinstance(ring_key, bool):
+    raise ValueError(f"sliding_window_ring_buffer={ring_key!r}: must be True, False or None "
+                     "(unset: a ring where the cache is contiguous)")
+  # A ring asked for in so many words beside pages is the same kind of contradiction; unset
+  # (None) it means "a ring where the cache is contiguous".
+  problem = vocab.paged_ring_problem(k["paged_kv_cache"], ring_key)
+  if problem:
+    raise ValueError(f"sliding_window_ring_buffer=True with paged_kv_cache=True: {problem}")
   if k["paged_kv_cache"] if paged is None else paged:
-    # init_cache(paged=True) on a contiguous layer: its orders lay out the contiguous kind
-    # it builds otherwise; the page pool has none, so they do not apply here.
+    # init_cache(paged=True) on a contiguous layer: its orders and ring lay out the contiguous
+    # kind it builds otherwise; the page pool has none, so they do not apply here.
     source = "paged_kv_cache=True" if paged is None else "init_cache(paged=True)"
     if ring_buffer is not None:
       raise ValueError(f"init_cache(ring_buffer={ring_buffer}) with {source}: the ring buffer "
                        "is the contiguous cache's; a paged cache keeps every token in its pages")
     return PagedCache(k["num_pages"], k["tokens_per_page"], k["cache_axis_names"], k["kv_quant"])
-  ring = k["sliding_window_ring_buffer"] if ring_buffer is None else ring_buffer
+  ring = ring_key if ring_buffer is None else ring_buffer
+  ring = True if ring is None else ring  # unset: a sliding-window layer keeps a ring
   return ContiguousCache(orders["prefill_cache_axis_order"], orders["ar_cache_axis_order"], ring,
                          k["cache_axis_names"], k["kv_quant"])
 

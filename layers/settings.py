@@ -104,7 +104,8 @@ class AttentionSettings:
   ar_cache_axis_order: tuple[int, ...] = (0, 1, 2, 3)
   use_chunked_prefill: bool = False
   prefill_chunk_size: int = 256
-  sliding_window_ring_buffer: bool = True
+  # None: a ring on a contiguous cache (a paged one keeps every token; True with it raises).
+  sliding_window_ring_buffer: bool | None = None
   cache_axis_names: tuple[str, ...] = CACHE_AXIS_NAMES
   paged_kv_cache: bool = False
   num_pages: int = 64
@@ -173,6 +174,11 @@ class AttentionSettings:
       raise ValueError(f"dropout_rate={self.dropout_rate}: allowed {vocab.DROPOUT_RANGE}")
     # The cache's tagged kind; raises naming the keys a paged cache has no use for.
     set_("cache", self.cache_for())
+    # The ring's key in one spelling, so a config and its keywords give equal records: None
+    # (a ring where the cache is contiguous; True said the same) or False (no ring). A paged
+    # cache has no ring: None.
+    if self.sliding_window_ring_buffer is True or self.cache.kind == "paged":
+      set_("sliding_window_ring_buffer", None)
     if self.attention_output_gate not in vocab.OUTPUT_GATES:
       raise ValueError(f"attention_output_gate={self.attention_output_gate!r}: allowed "
                        f"{list(vocab.OUTPUT_GATES)}")

@@ -33,3 +33,17 @@ def test_a_value_outside_the_set_names_the_key_and_the_allowed_values(key):
   want = f"{key}: 'not_a_value' is not one of {list(allowed)}"
   with pytest.raises(ConfigError, match=re.escape(want)):
     load_config("base", f"{key}=not_a_value", num_devices=N)
+
+
+def test_null_defaults_are_declared_nullable_and_take_their_type():
+  """A base.yml key left null (decided by the other keys) is in vocabulary.NULLABLE_KEYS,
+  which says what a set value must be; null and a value of that type load, others do not."""
+  base = load_config("base", num_devices=N)
+  nulls = {key for key, value in base.items() if value is None}
+  assert nulls == set(vocab.NULLABLE_KEYS)
+  for key, kind in vocab.NULLABLE_KEYS.items():
+    value = kind(1)  # a value of the declared type (True for bool)
+    assert load_config("base", {key: value}, num_devices=N)[key] == value
+    assert load_config("base", {key: None}, num_devices=N)[key] is None
+    with pytest.raises(ConfigError, match=f"{key}: expected {kind.__name__} or null, got str"):
+      load_config("base", {key: "x"}, num_devices=N)

@@ -99,6 +99,18 @@ def test_paged_cache_has_no_contiguous_knobs():
     (lambda: load_config("tiny", "paged_kv_cache=true", "ar_cache_axis_order=[0, 2, 1, 3]"),
      ConfigError, r"ar_cache_axis_order: lays out the contiguous decode cache only; .*"
                   r"\(paged_kv_cache is true\)"),
+    # ... or for a ring: true said in so many words (unset means "a ring where contiguous").
+    (lambda: AttentionSettings(emb_dim=16, num_query_heads=2, paged_kv_cache=True,
+                               sliding_window_ring_buffer=True),
+     ValueError, r"sliding_window_ring_buffer=True with paged_kv_cache=True: is the contiguous "
+                 r"cache's ring"),
+    (lambda: load_config("tiny", "paged_kv_cache=true", "sliding_window_ring_buffer=true"),
+     ConfigError, r"sliding_window_ring_buffer: true is the contiguous cache's ring; .*"
+                  r"\(paged_kv_cache is true\)"),
+    (lambda: load_config("tiny", "sliding_window_ring_buffer=1"),
+     ConfigError, r"sliding_window_ring_buffer: expected bool or null, got int 1"),
+    (lambda: AttentionSettings(emb_dim=16, num_query_heads=2, sliding_window_ring_buffer="yes"),
+     ValueError, r"sliding_window_ring_buffer='yes': must be True, False or None"),
     # The typed spec and the flat keys it stands for, both given.
     (lambda: AttentionSettings(emb_dim=16, num_query_heads=2, cache=PagedCache(), num_pages=4),
      ValueError, r"give it or \['num_pages'\], not both"),
@@ -114,7 +126,8 @@ def test_paged_cache_has_no_contiguous_knobs():
     (lambda: ContiguousCache(cache_axis_names=("b", "s")), ValueError,
      r"cache_axis_names=\('b', 's'\): need 4 logical names"),
     (lambda: PagedCache(kv_quant="int8"), ValueError, r"kv_quant='int8': must be a KVQuant"),
-], ids=["paged-keywords-axis-order", "paged-config-axis-order", "spec-and-num_pages",
+], ids=["paged-keywords-axis-order", "paged-config-axis-order", "paged-keywords-ring",
+        "paged-config-ring", "config-ring-not-bool", "keywords-ring-not-bool", "spec-and-num_pages",
         "spec-and-config-paged_kv_cache", "state-cache-chosen", "paged-num_pages-0",
         "contiguous-axis-order", "contiguous-axis-names", "paged-kv_quant-str"])
 def test_impossible_cache_combinations_raise_naming_the_keys(build, error, match):
@@ -135,6 +148,13 @@ def test_init_cache_builds_the_tagged_kind():
   assert layer.init_cache(2, 16, for_prefill=True).axis_order == (1, 0, 2, 3)
   assert layer.init_cache(2, 16, ring_buffer=False).window is None
   assert _layer(sliding_window_ring_buffer=False, **window).init_cache(2, 16).capacity == 16
+  # Unset and true are one choice, in one spelling in the record; false is the other.
+  assert (_layer(sliding_window_ring_buffer=True, **window).settings
+          == _layer(sliding_window_ring_buffer=None, **window).settings)
+  assert _layer(sliding_window_ring_buffer=True, **window).settings.sliding_window_ring_buffer is None
+  # Unset beside pages: the pool keeps every token (no contradiction, nothing dropped).
+  assert type(_layer(paged_kv_cache=True, num_pages=6, tokens_per_page=4, **window)
+              .init_cache(2, 16)) is PagedKVCache
 
   quant = KVQuant("int4", "heads_and_dkv")
   quantized = _layer(kv_quant=quant).init_cache(2, 16)
