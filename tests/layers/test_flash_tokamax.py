@@ -18,12 +18,16 @@ import pytest
 
 from helpers.kernel_checks import rel_err, values_and_grads
 from meshattn.layers import KernelOptions, MaskSpec, dot_product_attention
-from meshattn.layers.kernels.train.flash_tokamax import tokamax_attention, tokamax_available
+from meshattn.configs.vocabulary import MASK_FEATURE
+from meshattn.layers.kernels import registry
+from meshattn.layers.kernels.train.flash_tokamax import (TOKAMAX_LENGTH_MULTIPLE,
+                                                         tokamax_attention, tokamax_available)
 
 B, N, H = 2, 4, 64
 
-# (id, kv heads, MaskSpec, soft cap, length). Lengths that are not a multiple
-# of 128 go to the fallback (cuDNN, or the Pallas kernel for soft cap).
+# (id, kv heads, MaskSpec, soft cap, length). Lengths that are not a multiple of 128 are
+# not tokamax's (TOKAMAX_LIMITS): the registry's `flash` choice for them is checked instead
+# (cuDNN, or the Pallas kernel for soft cap).
 CASES = [
     ("mha-causal", 4, MaskSpec("global"), None, 256),
     ("gqa-causal-softcap", 2, MaskSpec("global"), 30.0, 256),
@@ -48,7 +52,15 @@ def test_tokamax_matches_reference(kv_heads, spec, soft_cap, T):
   options = KernelOptions(mask=spec, scale=H**-0.5, soft_cap=soft_cap)
   kwargs = dict(q_positions=pos, kv_positions=pos)
 
-  got, got_grads = values_and_grads(tokamax_attention, q, k, v, cot, options=options, **kwargs)
+  kernel = tokamax_attention
+  if T % TOKAMAX_LENGTH_MULTIPLE:
+    features = {MASK_FEATURE[spec.attention_type], "gqa", "backward"} | (
+        {"soft_cap"} if soft_cap else set())
+    chosen = registry.select("flash", registry.Request(
+        "gpu", "train", frozenset(features), head_dim=H, dtype="bfloat16", q_len=T, kv_len=T))
+    assert chosen.description != "tokamax Mosaic GPU", chosen
+    kernel = chosen.load()
+  got, got_grads = values_and_grads(kernel, q, k, v, cot, options=options, **kwargs)
   f32 = lambda x: x.astype(jnp.float32)
   want, want_grads = values_and_grads(dot_product_attention, f32(q), f32(k), f32(v), f32(cot),
                                       options=options, **kwargs)
@@ -66,7 +78,6 @@ def test_tokamax_matches_reference(kv_heads, spec, soft_cap, T):
 @pytest.mark.skipif(not tokamax_available(), reason="needs tokamax and a Hopper+ GPU")
 def test_layer_with_soft_cap_uses_tokamax_on_gpu():
   """The layer's flash request with a soft cap lands on tokamax (cuDNN cannot express it)."""
-  from meshattn.layers.kernels import registry
   kernel = registry.select("flash", registry.Request(
       "gpu", "train", frozenset({"causal", "gqa", "soft_cap", "backward"})))
   assert kernel.description == "tokamax Mosaic GPU"

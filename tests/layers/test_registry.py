@@ -249,6 +249,30 @@ def test_gpu_flash_falls_back_cleanly_without_tokamax(monkeypatch):
   assert chosen.description == "Pallas GPU (Triton)"
 
 
+@pytest.mark.parametrize("length, features, expected", [
+    (256, {"causal", "soft_cap", "backward"}, "tokamax Mosaic GPU"),
+    (100, {"causal", "soft_cap", "backward"}, "Pallas GPU (Triton)"),  # cuDNN has no soft cap
+    (200, {"window", "gqa"}, "cuDNN"),  # forward-only: tokamax first where it tiles the length
+    (256, {"window", "gqa"}, "tokamax Mosaic GPU"),
+])
+def test_tokamax_is_skipped_for_lengths_it_cannot_tile(length, features, expected, monkeypatch):
+  """The registry decides: a length tokamax cannot tile goes to the next `flash` variant (no
+  fallback inside the kernel), and the kernel itself refuses it, naming the lengths."""
+  from meshattn.layers.kernels.api import KernelOptions
+  from meshattn.layers.kernels.train import flash_tokamax
+  monkeypatch.setattr(registry, "_REGISTRY", [  # as on a Hopper GPU with tokamax installed
+      registry.Kernel(**{**k.__dict__, "available": lambda: True})
+      if k.description == "tokamax Mosaic GPU" else k for k in registry._REGISTRY])
+  request = Request("gpu", "train", frozenset(features), head_dim=64, dtype="bfloat16",
+                    q_len=length, kv_len=length)
+  assert select("flash", request).description == expected
+  x = jnp.zeros((1, 100, 2, 16), jnp.bfloat16)
+  pos = jnp.arange(100)[None]
+  with pytest.raises(ValueError, match="q_len 100 and kv_len 100 not a multiple of 128"):
+    flash_tokamax.tokamax_attention(x, x, x, options=KernelOptions(scale=0.25),
+                                    q_positions=pos, kv_positions=pos)
+
+
 def test_tokamax_module_imports_and_refuses_without_tokamax():
   """The adapter imports anywhere; on a machine without tokamax / a Hopper GPU it is
   unavailable, and it names the features it lacks before any work."""

@@ -13,10 +13,10 @@ with the Pallas GPU kernel.
 What it serves: causal / full / left sliding window masks (index based, so
 positions must be token indices), GQA / MQA without repeating K/V, soft cap,
 gradients (tokamax's own Mosaic backward), fp16 / bf16 inputs, head_dim up to
-256 (TOKAMAX_LIMITS). Lengths that are not a multiple of
-TOKAMAX_LENGTH_MULTIPLE go to cuDNN (no soft cap) or the Pallas GPU kernel
-where their limits allow the head_dim, else to the blockwise kernel, so a
-registry choice never fails on shape.
+256, lengths that are multiples of TOKAMAX_LENGTH_MULTIPLE (TOKAMAX_LIMITS: the registry
+skips it for other lengths and tries the next `flash` variant, cuDNN or the Pallas GPU
+kernel, or under autoselect any kernel that serves the call, so a registry choice never
+fails on shape; called directly with such lengths it raises ValueError naming them).
 
 Compatibility: tokamax 0.0.12 still passes `out_shape=` / `scratch_shapes=`
 to `plgpu.kernel`, which JAX 0.11 renamed to `out_type=` / `scratch_types=`.
@@ -42,14 +42,24 @@ logger = logging.getLogger("meshattn.kernels")
 
 # Soft cap, no segments / sinks; fp16 / bf16 inputs only (no float32).
 TOKAMAX_FEATURES = frozenset({"gqa", "causal", "full", "window", "soft_cap", "backward"})
+# tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
+# and window masks unless the length is a multiple of its 128-row tile
+# (checked on the H100).
+TOKAMAX_LENGTH_MULTIPLE = 128
+
+
+def _length_problem(q_len: int | None, kv_len: int | None) -> str | None:
+  """Why tokamax cannot tile these lengths (None: it can, or they are not known)."""
+  bad = [f"{name} {n}" for name, n in (("q_len", q_len), ("kv_len", kv_len))
+         if n is not None and n % TOKAMAX_LENGTH_MULTIPLE]
+  return f"{' and '.join(bad)} not a multiple of {TOKAMAX_LENGTH_MULTIPLE}" if bad else None
+
+
 # tokamax pads head_dim to 64 itself; 256 is the widest its Mosaic kernel ran at (H200, forward
 # and backward, 2026-12-04).
 TOKAMAX_LIMITS = Limits(GPU, max_head_dim=256, dtypes=HALF_DTYPES,
+                        fits=lambda request: _length_problem(request.q_len, request.kv_len),
                         why="tokamax's Mosaic GPU kernel")
-# tokamax 0.0.12's Mosaic kernel refuses lengths that are not a multiple of 8,
-# and window masks unless the length is a multiple of its 128-row tile
-# (checked on the H100); other lengths go to `_fallback`.
-TOKAMAX_LENGTH_MULTIPLE = 128
 # tokamax modules that call plgpu.kernel for attention (forward and backward, sm90 and sm100).
 _KERNEL_MODULES = (
     "tokamax._src.ops.attention.pallas_mosaic_gpu_kernel_sm90",
@@ -152,17 +162,17 @@ def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
   """tokamax Mosaic GPU attention of query [B, T, N, H] over key/value [B, S, K, H].
 
   Same arguments and results as `dot_product_attention` (weights are always
-  None). Features outside TOKAMAX_FEATURES, float32 inputs, or a missing
-  tokamax raise ValueError naming them, before any GPU work.
+  None). Features outside TOKAMAX_FEATURES, float32 inputs, lengths it cannot tile
+  (TOKAMAX_LIMITS; the registry never sends them) or a missing tokamax raise
+  ValueError naming them, before any GPU work.
   """
-  num_heads, kv_heads = query.shape[2], key.shape[2]
-  q_len, kv_len = query.shape[1], key.shape[1]
+  problem = _length_problem(query.shape[1], key.shape[1])
+  if problem:
+    raise ValueError(f"tokamax_attention: {problem} (select 'flash' through the registry, "
+                     "which serves such lengths with another variant)")
   tokamax = _tokamax()
   if tokamax is None:
     raise ValueError("tokamax_attention needs the tokamax package (pip install meshattn[tokamax])")
-  if q_len % TOKAMAX_LENGTH_MULTIPLE or kv_len % TOKAMAX_LENGTH_MULTIPLE:
-    return _fallback(query, key, value, options=call.options, q_positions=call.q_positions,
-                     kv_positions=call.kv_positions)
 
   spec = call.options.mask
   window = (spec.window - 1, 0) if spec.window else None
@@ -172,19 +182,3 @@ def tokamax_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       implementation="mosaic")  # [B, T, N, H]
   return context, None
 
-
-def _fallback(query, key, value, **kwargs):
-  """Lengths tokamax cannot tile: cuDNN where it serves the call (no soft cap) and runs the
-  head_dim, else the project's Pallas GPU kernel where it runs it (registry limits), else the
-  blockwise kernel (every TOKAMAX_FEATURES case, any head_dim)."""
-  # pylint: disable=import-outside-toplevel
-  from meshattn.layers.kernels.train import blockwise, flash_gpu, flash_pallas_gpu
-  from meshattn.layers.kernels import registry
-  shape = registry.Request("gpu", "train", frozenset({"backward"}), head_dim=query.shape[-1],
-                           dtype=query.dtype)
-  if (not kwargs["options"].soft_cap and not flash_gpu.CUDNN_LIMITS.violations(shape)
-      and flash_gpu.cudnn_available()):
-    return flash_gpu.cudnn_attention(query, key, value, **kwargs)
-  if not flash_pallas_gpu.PALLAS_GPU_FLASH_LIMITS.violations(shape):
-    return flash_pallas_gpu.pallas_gpu_flash_attention(query, key, value, **kwargs)
-  return blockwise.blockwise_attention(query, key, value, **kwargs)
