@@ -281,35 +281,19 @@ class AttentionSettings:
         mode: ActivationAxes(*(tuple(c[f"{prefix}{part}_axis_names"])
                                for part in ("input", "query", "key", "value", "out")))
         for mode, prefix in _CONFIG_PREFIX.items()})
-    kwargs = dict(
-        emb_dim=c.emb_dim, num_query_heads=c.num_query_heads, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, dtype=DTYPES[c.dtype], weight_dtype=DTYPES[c.weight_dtype],
-        precision=PRECISIONS[c.matmul_precision], attention=c.attention,
-        decode_attention=c.decode_attention, pallas_interpret=c.pallas_interpret, mask=mask,
-        attn_logits_soft_cap=c.attn_logits_soft_cap,
-        query_pre_attn_scalar=c.query_pre_attn_scalar,
-        attention_sink=c.attention_sink, float32_qk_product=c.float32_qk_product,
-        float32_logits=c.float32_logits, dropout_rate=c.dropout_rate,
-        broadcast_dropout=c.broadcast_dropout, fused_qkv=c.fused_qkv,
-        share_kv_projections=c.share_kv_projections, use_bias=c.use_bias,
-        use_qk_norm=c.use_qk_norm and not nope, qk_norm_type=c.qk_norm_type,
-        normalization_layer_epsilon=c.normalization_layer_epsilon,
+    # Keys read into typed values (or changed by the layer's place in the pattern) ...
+    read = dict(
+        dtype=DTYPES[c.dtype], weight_dtype=DTYPES[c.weight_dtype],
+        precision=PRECISIONS[c.matmul_precision], mask=mask, rope=rope,
+        use_qk_norm=c.use_qk_norm and not nope,
         temperature_tuning=c.temperature_tuning and not rope.enabled,
-        temperature_tuning_scale=c.temperature_tuning_scale,
-        temperature_tuning_floor_scale=c.temperature_tuning_floor_scale,
-        quantization=c.quantization,
         position_streams=len(c.mrope_section) if c.use_mrope else None,
-        rope=rope, max_target_length=c.max_target_length,
-        max_prefill_predict_length=c.max_prefill_predict_length,
         kv_quant=KVQuant(c.kv_quant_dtype, c.kv_quant_axis) if c.quantize_kvcache else None,
-        prefill_cache_axis_order=tuple(c.prefill_cache_axis_order),
-        ar_cache_axis_order=tuple(c.ar_cache_axis_order),
-        use_chunked_prefill=c.use_chunked_prefill, prefill_chunk_size=c.prefill_chunk_size,
-        sliding_window_ring_buffer=c.sliding_window_ring_buffer,
-        cache_axis_names=tuple(c.cache_axis_names), paged_kv_cache=c.paged_kv_cache,
-        num_pages=c.num_pages, tokens_per_page=c.tokens_per_page,
-        logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes, linear=linear,
-        attention_output_gate=c.attention_output_gate)
+        logical_axis_rules=normalize_rules(c.logical_axis_rules), axes=axes, linear=linear)
+    # ... and every other field named after a config key takes the key's value as it is (a
+    # new key of that kind is its base.yml line and its field here, nothing in between).
+    kwargs = {**{f.name: c[f.name] for f in dataclasses.fields(cls)
+                 if f.name in c and f.name not in read}, **read}
     return cls.with_overrides(kwargs, overrides)
 
   @classmethod
