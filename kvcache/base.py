@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.kvcache.step_checks import (
     Rejection, StepRejected, explain, fold, is_concrete, raise_now, repeated_slots)
 
@@ -40,7 +41,7 @@ def rows_or_past_end(rows: jax.Array, size: int) -> jax.Array:
   return jnp.where((rows >= 0) & (rows < size), rows, size)
 
 
-class CacheBase(nnx.Module):
+class CacheBase(TracksGraph, nnx.Module):
   """Per-slot sequences for `batch_size` slots of up to `max_length` tokens."""
 
   window: int | None = None  # a ring buffer's size (KVCache); None: every position kept

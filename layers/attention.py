@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.configs.vocabulary import DECODE_KERNELS, TRAIN_KERNELS
 from meshattn.kvcache.base import CacheBase
+from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.kvcache.quant import from_cache_basis, to_cache_basis
 from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.cached_step import cached_attention, step_positions
@@ -45,7 +46,7 @@ from meshattn.sharding import constrain
 KNOWN_KERNELS: tuple[str, ...] = TRAIN_KERNELS
 
 
-class Attention(nnx.Module):
+class Attention(TracksGraph, nnx.Module):
   """Multi-head (MHA / GQA / MQA) attention for LLMs, config-driven and sharded."""
 
   def __init__(self, config=None, *, mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs,

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.validation import REMAT_POLICIES
+from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.decoder_block import DecoderBlock
 from meshattn.layers.mlp import model_norm
@@ -67,7 +68,7 @@ def remat_policy(name: str):
   return jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[name])
 
 
-class Decoder(nnx.Module):
+class Decoder(TracksGraph, nnx.Module):
   """Token ids [B, T] -> logits [B, T, vocab_size] (float32) through the Attention layer."""
 
   def __init__(self, config, *, mesh: jax.sharding.Mesh | None = None, rngs: nnx.Rngs):

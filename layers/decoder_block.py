@@ -12,13 +12,14 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.layers.attention import Attention
 from meshattn.layers.mlp import GatedMLP, model_norm
 from meshattn.layers.quantization import projection_dot_general
 from meshattn.sharding import constrain
 
 
-class DecoderBlock(nnx.Module):
+class DecoderBlock(TracksGraph, nnx.Module):
   """Pre-norm residual block [RMSNorm, Attention, RMSNorm, gated MLP]: [B, T, D] -> [B, T, D]."""
 
   def __init__(self, config, *, layer_idx: int, mesh: jax.sharding.Mesh | None, rngs: nnx.Rngs):

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from meshattn.configs.validation import MLP_ACTIVATIONS
+from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.layers.projections import DenseGeneral, RMSNorm
 from meshattn.sharding import constrain
 
@@ -27,7 +28,7 @@ _ACTIVATIONS: dict[str, Any] = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
 assert set(_ACTIVATIONS) == set(MLP_ACTIVATIONS)  # the allowed values live in configs
 
 
-class GatedMLP(nnx.Module):
+class GatedMLP(TracksGraph, nnx.Module):
   """act(x W0) * (x W1) -> W2: [B, T, D] -> [B, T, D] through F hidden features."""
 
   def __init__(self, emb_dim: int, mlp_dim: int, *, rngs: nnx.Rngs, activation: str = "silu",

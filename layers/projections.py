@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.vocabulary import QK_NORM_TYPES  # noqa: F401  (re-exported)
+from meshattn.kvcache.graph_epoch import TracksGraph
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 # jax.lax.dot_general's signature: (lhs, rhs, dimension_numbers, precision=None,
@@ -33,7 +34,7 @@ def _init_flat(init: Initializer, key, in_shape, out_shape, dtype) -> jax.Array:
   return flat.reshape(tuple(in_shape) + tuple(out_shape))
 
 
-class DenseGeneral(nnx.Module):
+class DenseGeneral(TracksGraph, nnx.Module):
   """y[..., *out] = sum over the last len(in_shape) axes of x[..., *in] * kernel[*in, *out].
 
   dot_general (default jax.lax.dot_general) computes that contraction; a
@@ -93,7 +94,7 @@ def _rms_normalize(x: jax.Array, epsilon: float) -> jax.Array:
   return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
 
 
-class _ScaledNorm(nnx.Module):
+class _ScaledNorm(TracksGraph, nnx.Module):
   """A norm over the last axis with a learned scale [features] (named by `scale_axes`)."""
 
   def __init__(self, features: int, *, epsilon: float = 1e-6, scale_axes=("kv_head_dim",),
@@ -111,7 +112,7 @@ class RMSNorm(_ScaledNorm):
     return out.astype(self.dtype or x.dtype)
 
 
-class L2Norm(nnx.Module):
+class L2Norm(TracksGraph, nnx.Module):
   """x / sqrt(mean(x^2) + eps) over the last axis, no parameters (Llama 4's QK norm)."""
 
   def __init__(self, *, epsilon: float = 1e-6, dtype: jnp.dtype | None = None):

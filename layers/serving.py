@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meshattn.kvcache import variable_arrays
+from meshattn.kvcache import graph_epoch, variable_arrays
 from meshattn.kvcache.base import CacheBase
+from meshattn.kvcache.graph_epoch import structure_changed  # noqa: F401  (re-exported)
 from meshattn.kvcache.step_checks import StepRejected
 from meshattn.layers.step_inputs import host_raises_after_step
 
@@ -82,14 +83,6 @@ def raise_if_rejected(*modules) -> None:
                        f"{len(messages)} caches rejected the step: " + " | ".join(messages))
 
 
-_structure_epoch = [0]
-
-
-def structure_changed() -> None:
-  """Invalidate bound serving steps (called when a layer builds a new cache)."""
-  _structure_epoch[0] += 1
-
-
 class _Binding:
   """A module split once: its graph definition and its live Variables in state order.
 
@@ -112,7 +105,7 @@ class _Binding:
     self.others = [v for v, p in zip(variables, self.is_param) if not p]
     self.ref_params = [variable_arrays.holds_ref(v) for v in self.params]
     self.ref_others = [variable_arrays.holds_ref(v) for v in self.others]
-    self.epoch = _structure_epoch[0]
+    self.epoch = graph_epoch.epoch()
 
   def arrays(self) -> tuple[list, list]:
     return _read(self.params, self.ref_params), _read(self.others, self.ref_others)
@@ -150,7 +143,9 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
   Variables' current arrays to one `jax.jit` (donated unless `donate=False`)
   and writes the new ones back, so host-side cache operations between steps
   (`reset`, `insert`, `reserve_for_step`) are seen by the next step. A new
-  cache (`init_cache`) rebinds automatically. Raises `StepRejected` when any
+  cache (`init_cache`), or a Variable or submodule assigned to a meshattn module,
+  rebinds automatically (kvcache/graph_epoch.py); after assigning into another
+  library's module call `structure_changed()`. Raises `StepRejected` when any
   cache of the module rejected the step; the cache is then unchanged.
 
   Reading the rejection bits waits for the step to finish. A loop that syncs
@@ -192,7 +187,7 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
   @functools.wraps(fn)
   def step(module, *args, **kwargs):
     binding = bindings.get(id(module))
-    if binding is None or binding.epoch != _structure_epoch[0] or binding.module() is not module:
+    if binding is None or binding.epoch != graph_epoch.epoch() or binding.module() is not module:
       binding = bindings[id(module)] = bind(module)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()

@@ -1,0 +1,91 @@
+"""jit_step splits a module once; a Variable or submodule assigned afterwards is seen.
+
+meshattn's modules move the graph epoch when a graph node is assigned to one of their
+attributes (kvcache/graph_epoch.py), and the bound step splits again; values changed in
+place need nothing; a foreign module's assignment is seen after `structure_changed()`.
+Each check compares the step with the eager call on the same module.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from meshattn.configs import load_config
+from meshattn.kvcache import graph_epoch
+from meshattn.layers import Attention
+from meshattn.layers.serving import jit_step, structure_changed
+
+
+def _prefill(module, x):
+  return module(x, model_mode="prefill")
+
+
+def _layer() -> Attention:
+  layer = Attention(load_config("tiny"), rngs=nnx.Rngs(0))
+  layer.init_cache(2, 16)
+  return layer
+
+
+def _x(seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(2, 3, 64)), jnp.float32)  # [B, T, D]
+
+
+def _step_and_eager(step, layer, x):
+  layer.cache.reset([0, 1])
+  got = np.asarray(step(layer, x))
+  layer.cache.reset([0, 1])
+  want = np.asarray(layer(x, model_mode="prefill"))
+  return got, want
+
+
+@pytest.mark.parametrize("change", ["parameter", "submodule", "in_place"])
+def test_a_step_sees_what_was_assigned_after_it_bound(change):
+  layer, x = _layer(), _x()
+  step = jit_step(_prefill)
+  before = np.asarray(step(layer, x))
+  kernel = layer.key.kernel[...]  # [D, K, H]
+  if change == "parameter":
+    layer.key.kernel = nnx.Param(kernel * 0.5)
+  elif change == "submodule":
+    layer.key = Attention(load_config("tiny"), rngs=nnx.Rngs(7)).key  # other weights
+  else:
+    layer.key.kernel[...] = kernel * 0.5
+  got, want = _step_and_eager(step, layer, x)
+  assert not np.allclose(want, before)  # the change matters ...
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # ... and the step sees it
+
+
+def test_steps_resets_and_calls_do_not_move_the_epoch():
+  """Otherwise every call would split the module again (the cost jit_step avoids)."""
+  layer, x = _layer(), _x()
+  step = jit_step(_prefill)
+  step(layer, x)
+  epoch = graph_epoch.epoch()
+  _step_and_eager(step, layer, x)
+  nnx.jit(_prefill)(layer, x)
+  assert graph_epoch.epoch() == epoch
+
+
+class _Wrapped(nnx.Module):
+  """A user's module around the layer: flax's own modules report nothing."""
+
+  def __init__(self):
+    self.attention = _layer()
+    self.head = nnx.Linear(64, 64, rngs=nnx.Rngs(1))
+
+  def __call__(self, x, model_mode):
+    return self.head(self.attention(x, model_mode=model_mode))
+
+
+def test_a_foreign_assignment_is_seen_after_structure_changed():
+  model, x = _Wrapped(), _x()
+  step = jit_step(_prefill)
+  step(model, x)
+  model.head.kernel = nnx.Param(model.head.kernel[...] * 0.5)
+  structure_changed()
+  model.attention.cache.reset([0, 1])
+  got = np.asarray(step(model, x))
+  model.attention.cache.reset([0, 1])
+  want = np.asarray(model(x, model_mode="prefill"))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
