@@ -23,6 +23,11 @@ def flatten_positions(positions: jax.Array | None, batch_shape: tuple[int, ...],
                      + (f" or [{streams}, batch..., length] (MRoPE streams)" if streams > 1
                         else " (position streams need use_mrope / mrope_section)"))
   length = positions.shape[-1]
+  given = positions.shape[len(lead):-1]  # its batch dims, which broadcast to batch_shape
+  if len(given) > len(batch_shape) or any(g not in (1, b) for g, b in
+                                           zip(given[::-1], tuple(batch_shape)[::-1])):
+    raise ValueError(f"{name} has shape {positions.shape}: its batch dims {given} must "
+                     f"broadcast to the inputs' batch dims {tuple(batch_shape)}")
   positions = jnp.broadcast_to(positions, lead + tuple(batch_shape) + (length,))
   return positions.reshape(lead + (batch, length))
 

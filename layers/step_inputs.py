@@ -103,13 +103,17 @@ def _check_static(settings, cache, inputs_q, decoder_segment_ids, slots, model_m
     # cache can only serve it as one whole-prompt prefill.
     raise ValueError("attention_type='full' (bidirectional) cannot decode or prefill in "
                      "chunks; use one prefill call per prompt or a causal attention_type")
+  if length == 0:
+    raise ValueError(f"model_mode={model_mode!r} needs at least one token per row, got "
+                     f"inputs_q of shape {inputs_q.shape}")
   if model_mode == "autoregressive" and length != 1:
     raise ValueError(f"model_mode='autoregressive' takes one token per sequence, got length {length}")
   longest = settings.lengths.max_prefill_predict_length
   if model_mode == "prefill" and length > longest:
     raise ValueError(f"prefill of {length} tokens: longer than max_prefill_predict_length="
-                     f"{longest}; split the prompt into several "
-                     "prefill calls (or set use_chunked_prefill) or raise that key")
+                     f"{longest}; split the prompt into several prefill calls (each continues "
+                     "the slot) or raise that key (use_chunked_prefill bounds the memory of one "
+                     "call, not its length)")
   if decoder_segment_ids is not None:
     seg = jnp.asarray(decoder_segment_ids)
     if seg.shape != (batch, length):

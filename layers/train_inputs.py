@@ -82,6 +82,12 @@ def flatten_train_inputs(inputs_q, inputs_kv, inputs_v, inputs_positions, inputs
   q_pos = q_idx if q_pos is None else q_pos  # [B, T] or MRoPE [n, B, T]
   kv_pos = flatten_positions(inputs_kv_positions, batch_shape, position_streams,
                              "inputs_kv_positions")
+  for name, pos, want in (("inputs_positions", q_pos, q_len), ("inputs_kv_positions", kv_pos,
+                                                                  kv_len)):
+    if pos is not None and pos.shape[-1] != want:
+      raise ValueError(f"{name} has its last axis of length {pos.shape[-1]}: it must be the "
+                       f"{'query' if name == 'inputs_positions' else 'key'} length {want} "
+                       f"([batch..., {want}])")
   if kv_pos is None:
     # Decided by shape, not identity: under jit the same array passed twice
     # arrives as two tracers.
@@ -100,17 +106,25 @@ def flatten_train_inputs(inputs_q, inputs_kv, inputs_v, inputs_positions, inputs
       batch_shape=batch_shape, self_attention=self_attention, x_q=x_q, x_kv=x_kv, x_v=x_v,
       q_idx=q_idx, kv_idx=kv_idx, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
       kv_segment_ids_given=kv_segment_ids is not None,
-      mask=flatten_pairwise(mask, batch_shape, batch), bias=flatten_pairwise(bias, batch_shape, batch))
+      mask=flatten_pairwise(mask, batch_shape, batch, (q_len, kv_len), "mask"),
+      bias=flatten_pairwise(bias, batch_shape, batch, (q_len, kv_len), "bias"))
 
 
-def flatten_pairwise(x: jax.Array | None, batch_shape: tuple[int, ...], batch: int):
-  """A mask/bias broadcastable to [batch..., heads, T, S] -> [B, heads|1, T|1, S|1]."""
+def flatten_pairwise(x: jax.Array | None, batch_shape: tuple[int, ...], batch: int,
+                     lengths: tuple[int, int] | None = None, name: str = "mask/bias"):
+  """A mask/bias broadcastable to [batch..., heads, T, S] -> [B, heads|1, T|1, S|1];
+  `lengths` (T, S), where known, are checked, and the batch dims are, naming `name`."""
   if x is None:
     return None
   rank = len(batch_shape) + 3
   if x.ndim > rank:
-    raise ValueError(f"mask/bias of shape {x.shape} has more dims than [batch..., heads, q_len, kv_len]")
+    raise ValueError(f"{name} of shape {x.shape} has more dims than [batch..., heads, q_len, kv_len]")
   x = x.reshape((1,) * (rank - x.ndim) + x.shape)
+  want = tuple(batch_shape) + (None,) + (tuple(lengths) if lengths else (None, None))
+  if any(w is not None and n not in (1, w) for n, w in zip(x.shape, want)):
+    shown = ", ".join("heads" if w is None else str(w) for w in want)
+    raise ValueError(f"{name} has shape {x.shape}: it must broadcast to [batch..., heads, q_len, "
+                     f"kv_len] = [{shown}] (each dim that size or 1)")
   x = jnp.broadcast_to(x, batch_shape + x.shape[len(batch_shape):])
   return x.reshape((batch,) + x.shape[len(batch_shape):])
 
