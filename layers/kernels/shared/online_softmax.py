@@ -49,5 +49,7 @@ def online_step(m, l, logits, allowed):
 
 
 def finish(l, acc):
-  """acc / l, and zeros where nothing (not even a sink) was visible; l broadcasts against acc."""
-  return jnp.where(l > 0, acc / jnp.maximum(l, 1e-30), 0.0)
+  """acc / l, and zeros where nothing (not even a sink) was visible; l broadcasts against acc.
+  `l != 0`, not `l > 0`: a NaN that reached a visible key stays NaN instead of reading as
+  "nothing visible" (zeros)."""
+  return jnp.where(l != 0, acc / jnp.maximum(l, 1e-30), 0.0)

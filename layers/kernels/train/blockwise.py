@@ -189,7 +189,9 @@ def _forward(cfg: _Config, q5, k, v, sinks, bias5, score_consts, q_pos, kv_pos, 
       return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry), None
 
     (m, l, acc), _ = jax.lax.scan(kv_step, (m0, l0, acc0), jnp.arange(num_kv))
-    visible = l > 0  # [B, K, G, t]: false only for rows with no key and no sink
+    # [B, K, G, t]: false only for rows with no key and no sink (a NaN that reached a visible
+    # key stays NaN: `l > 0` would read it as "nothing visible" and hide it as zeros)
+    visible = l != 0
     out = jnp.where(visible[..., None], acc / jnp.where(visible, l, 1.0)[..., None], 0.0)
     # For a row with nothing visible any finite lse works: the backward
     # zeroes every probability of a masked pair.

@@ -285,7 +285,7 @@ def _fwd_kernel(*refs, st: _Static, num_kv_blocks: int):
   acc, m, l = _tile_loops(ranges, body, (acc, m, l))
   # No visible key and no sink: l == 0, the row is zeros and lse = +inf makes
   # every recomputed probability exp(s - inf) = 0 in the backward.
-  has_mass = l > 0.0
+  has_mass = l != 0.0  # not `> 0`: a NaN that reached a visible key stays NaN
   safe_l = jnp.where(has_mass, l, 1.0)
   r["o"][...] = (acc / safe_l[:, None]).astype(r["o"].dtype)  # [bq, H]
   r["lse"][...] = jnp.where(has_mass, m * _LN2 + jnp.log(safe_l), jnp.inf)  # [bq] natural units

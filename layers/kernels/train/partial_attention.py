@@ -101,9 +101,10 @@ def reference_partial_attention(query: jax.Array, key: jax.Array, value: jax.Arr
   p = jnp.where(seen, jnp.exp(logits - peak[..., None]), 0.0)  # [B, K, G, T, S]
   total = jnp.sum(p, axis=-1)  # [B, K, G, T]
   out = jnp.einsum("BKGTS,BSKH->BTKGH", p, value.astype(jnp.float32), precision=precision)
-  norm = jnp.where(total > 0, total, 1.0)  # [B, K, G, T]
+  # `!= 0`, not `> 0`: a NaN that reached a visible key stays NaN (never "nothing seen").
+  norm = jnp.where(total != 0, total, 1.0)  # [B, K, G, T]
   out = out / jnp.moveaxis(norm, 3, 1)[..., None]  # [B, T, K, G, H]
-  lse = jnp.where(total > 0, peak + jnp.log(norm), -jnp.inf)  # [B, K, G, T]
+  lse = jnp.where(total != 0, peak + jnp.log(norm), -jnp.inf)  # [B, K, G, T]
   return out.reshape(b, t, n, h), jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
 
 
@@ -197,7 +198,9 @@ def merge_partials(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array, lse_b: 
   w_a = jnp.exp(lse_a - peak)  # [B, T, N], 0 where lse_a = -inf
   w_b = jnp.exp(lse_b - peak)
   total = w_a + w_b + (jnp.exp(sink - peak) if sinks is not None else 0.0)  # [B, T, N]
-  part_a = jnp.where((w_a > 0)[..., None], out_a.astype(jnp.float32) * w_a[..., None], 0.0)
-  part_b = jnp.where((w_b > 0)[..., None], out_b.astype(jnp.float32) * w_b[..., None], 0.0)
-  norm = jnp.where(total > 0, total, 1.0)[..., None]  # [B, T, N, 1]
+  # A part with no visible key (w == 0) is dropped whatever its output holds; a NaN weight
+  # (a NaN reached a visible key) is kept, so the NaN shows.
+  part_a = jnp.where((w_a != 0)[..., None], out_a.astype(jnp.float32) * w_a[..., None], 0.0)
+  part_b = jnp.where((w_b != 0)[..., None], out_b.astype(jnp.float32) * w_b[..., None], 0.0)
+  norm = jnp.where(total != 0, total, 1.0)[..., None]  # [B, T, N, 1]
   return (part_a + part_b) / norm  # [B, T, N, H]
