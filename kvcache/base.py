@@ -10,7 +10,8 @@ A kind calls `super().__init__(...)` first (it checks the sizes and creates `len
 and `rejected`), then creates its own arrays with `self.place(array, logical_names)`, and
 implements:
   write(rows, ...) / its reads            the step's writes and reads of its own arrays;
-  reset(slot), insert(slot, source, source_slot)   slot management (host side);
+  reset(slot), insert(slot, source, source_slot)   slot management (host side), every
+                                          slot argument read through `check_slots`;
   step_conditions(rows, new_lengths)      super()'s conditions plus its own (pages, ...);
   rejection_detail(rows, new_lengths)     optional: words for its own rejection bits;
 and, if decode kernels read it, `kernel_features` (the registry features its kind needs,
@@ -28,7 +29,7 @@ from flax import nnx
 
 from meshattn.kvcache.graph_epoch import TracksGraph
 from meshattn.kvcache.step_checks import (
-    Rejection, StepRejected, explain, fold, is_concrete, raise_now, repeated_slots)
+    Rejection, explain, fold, is_concrete, raise_now, slot_ids)
 
 # Logical names of a cache's [batch, sequence, kv heads, head_dim] dimensions (the rules
 # in configs/base.yml map them to mesh axes).
@@ -101,24 +102,26 @@ class CacheBase(TracksGraph, nnx.Module):
     return explain(bits, batch_size=self.batch_size, max_length=self.max_length,
                    kind=type(self).__name__, detail=self.rejection_detail(rows, new_lengths))
 
-  def check_slots(self, rows) -> None:
-    """Raise StepRejected now if a concrete slot index is out of range (host-side calls)."""
-    if is_concrete(rows):  # on the host: no device op, no wait
-      host = np.asarray(rows)
-      if np.any((host < 0) | (host >= self.batch_size)):
-        raise StepRejected(self.explain(int(Rejection.SLOT_OUT_OF_RANGE), rows))
+  def check_slots(self, slots, name: str = "slots", *, who: str | None = None,
+                  distinct: bool = False):
+    """`slots` (an int or ints) checked as slot ids of this cache and returned flat [n]
+    (step_checks.slot_ids: integers only, in [0, batch_size), with `distinct` none named
+    twice; NumPy when concrete, a traced array as is). Every host-side slot argument of
+    every kind comes through here; errors name `name` and `who` (default: the kind)."""
+    return slot_ids(slots, self.batch_size, name=name, who=who or type(self).__name__,
+                    distinct=distinct)
 
-  def check_insert_rows(self, rows, source: "CacheBase", src_rows) -> None:
+  def check_insert_rows(self, slot, source: "CacheBase", source_slot):
     """What every kind's `insert` checks first, before any change: one source slot per slot,
     both in range, and no slot named twice (two sequences into one slot would leave the
-    longer one's tail past the shorter one's length)."""
-    if np.shape(src_rows) != np.shape(rows):
-      raise ValueError(f"insert: {np.shape(rows)[0]} slots but {np.shape(src_rows)[0]} source "
-                       "slots")
-    self.check_slots(rows)
-    if is_concrete(rows) and np.any(repeated_slots(rows)):
-      raise StepRejected(self.explain(int(Rejection.DUPLICATE_SLOT), rows))
-    source.check_slots(src_rows)
+    longer one's tail past the shorter one's length). Returns the checked (rows, src_rows)."""
+    who = f"{type(self).__name__}.insert"
+    rows = self.check_slots(slot, "slot", who=who, distinct=True)
+    src_rows = source.check_slots(source_slot, "source_slot", who=who)
+    if src_rows.shape != rows.shape:
+      raise ValueError(f"{who}: {rows.shape[0]} slots but {src_rows.shape[0]} source slots; "
+                       "slot and source_slot must name as many")
+    return rows, src_rows
 
   def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
     """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""

@@ -339,10 +339,7 @@ class KVCache(KVCacheBase):
     # Host ints stay on the host for the check (a device array would make it wait for the
     # steps in flight) and travel with the one dispatch that clears the rows in place; the
     # arrays move in and out without the Variables' hooks (~0.1 ms of host time per call).
-    rows = np.atleast_1d(np.asarray(slot)) if is_concrete(slot) else jnp.atleast_1d(slot)
-    self.check_slots(rows)
-    if isinstance(rows, np.ndarray) and rows.size and not np.issubdtype(rows.dtype, np.integer):
-      raise ValueError(f"reset: slot must be integers, got {rows.dtype}")
+    rows = self.check_slots(slot, "slot", who="KVCache.reset")  # [b]: NumPy unless traced
     key = variable_arrays.read(self.key)
     by_slices = isinstance(rows, np.ndarray) and self._on_one_device(key)
     rows = rows.astype(np.int32) if isinstance(rows, np.ndarray) else rows.astype(jnp.int32)
@@ -363,9 +360,8 @@ class KVCache(KVCacheBase):
     if (source.num_kv_heads, source.head_dim) != (self.num_kv_heads, self.head_dim):
       raise ValueError(f"insert: source cache has K={source.num_kv_heads}, H={source.head_dim}; "
                        f"this cache K={self.num_kv_heads}, H={self.head_dim}")
-    rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
-    src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    self.check_insert_rows(rows, source, src_rows)
+    rows, src_rows = self.check_insert_rows(slot, source, source_slot)
+    rows, src_rows = jnp.asarray(rows, jnp.int32), jnp.asarray(src_rows, jnp.int32)  # [b]
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
     # Read before the reset: the source may be this cache (a slot copied onto itself).

@@ -1,4 +1,4 @@
-"""The page-allocation policy of a paged KV cache, on host tables (NumPy only, no JAX).
+"""The page-allocation policy of a paged KV cache, on host tables (NumPy arrays, no JAX ops).
 
 One policy, used by `PagedKVCache` (kvcache/paged.py: one cache's tables, read back
 from its devices) and by the serving engine's `EnginePages` (layers/engine_pages.py:
@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from meshattn.kvcache.step_checks import slot_ids
+
 FREE = -1  # owner / table entry of no page or no slot
 
 
-def as_slots(slot, num_slots: int, who: str) -> np.ndarray:
-  """`slot` (an int or ints) as a flat int64 array; ValueError naming the range if
-  one is outside [0, num_slots)."""
-  slots = np.atleast_1d(np.asarray(slot)).astype(np.int64).reshape(-1)
-  bad = slots[(slots < 0) | (slots >= num_slots)]
-  if bad.size:
-    raise ValueError(f"{who}: slot {bad.tolist()} out of range; slots must be in "
-                     f"[0, {num_slots})")
-  return slots
+def as_slots(slot, num_slots: int, who: str, name: str = "slot") -> np.ndarray:
+  """`slot` (an int or ints) as a flat int64 array, by the caches' one slot check
+  (step_checks.slot_ids): integers in [0, num_slots), else ValueError naming `name`."""
+  return slot_ids(slot, num_slots, name=name, who=who)
 
 
 def pages_for(tokens: int, tokens_per_page: int) -> int:

@@ -270,10 +270,13 @@ class PagedKVCache(KVCacheBase):
       return np.array(multihost_utils.process_allgather(value, tiled=True))
     return np.array(value)
 
-  def _host_slots(self, slot) -> np.ndarray:
+  def _host_slots(self, slot, name: str, method: str, *, distinct: bool = False) -> np.ndarray:
+    """Argument `name` of `method` as checked slot ids [n] (CacheBase.check_slots), which
+    must be concrete: pages are managed on the host."""
     if not is_concrete(slot):
-      raise ValueError("PagedKVCache: page management needs concrete slot ids (call it outside jit)")
-    return page_plan.as_slots(slot, self.batch_size, "PagedKVCache")
+      raise ValueError(f"PagedKVCache.{method}: page management needs concrete {name} (call it "
+                       "outside jit)")
+    return self.check_slots(slot, name, who=f"PagedKVCache.{method}", distinct=distinct)
 
   def _allocate(self, owner: np.ndarray, table: np.ndarray, slots: np.ndarray, totals) -> bool:
     """page_plan.allocate with this cache's sizes (in place, all-or-nothing)."""
@@ -291,21 +294,21 @@ class PagedKVCache(KVCacheBase):
     Free pages are taken lowest id first. Raises ValueError, with nothing
     changed, if the pool has too few free pages or num_tokens > max_length.
     """
-    self._reserve_many(slot, num_tokens)
+    self._reserve_many(self._host_slots(slot, "slot", "reserve"), num_tokens)
 
-  def reserve_for_step(self, rows, tokens_per_row) -> None:
-    """Reserve room for `tokens_per_row` (int or [b]) more tokens in each slot of `rows` [b].
+  def reserve_for_step(self, slots, tokens_per_row) -> None:
+    """Reserve room for `tokens_per_row` (int or [b]) more tokens in each of `slots` [b].
 
     What a serving loop calls before a prefill / decode step: each slot gets
-    pages for lengths[row] + tokens. All slots are reserved or none is.
+    pages for lengths[slot] + tokens. All slots are reserved or none is. A slot
+    named twice is refused, as the step would refuse it.
     """
-    slots = self._host_slots(rows)
+    slots = self._host_slots(slots, "slots", "reserve_for_step", distinct=True)
     lengths = self._host("lengths")
     tokens = np.broadcast_to(np.asarray(tokens_per_row, np.int64).reshape(-1), slots.shape)
     self._reserve_many(slots, lengths[slots] + tokens)
 
-  def _reserve_many(self, slot, totals) -> None:
-    slots = self._host_slots(slot)
+  def _reserve_many(self, slots: np.ndarray, totals) -> None:
     owner, table = self._host("page_owner"), self._host("page_table")
     if self._allocate(owner, table, slots, totals):
       self._store_tables(owner, table)
@@ -317,7 +320,9 @@ class PagedKVCache(KVCacheBase):
     the freed pages' K/V are zeroed (scales reset to 1) so the next owner
     cannot see them even if reads were not masked by ownership.
     """
-    slots = self._host_slots(slot)
+    self._free(self._host_slots(slot, "slot", "free"))
+
+  def _free(self, slots: np.ndarray) -> None:
     owner, table = self._host("page_owner"), self._host("page_table")
     freed = page_plan.release(owner, table, slots)  # [P]
     self._store_tables(owner, table)
@@ -353,7 +358,10 @@ class PagedKVCache(KVCacheBase):
 
   def pages_of(self, slot: int) -> list[int]:
     """Page ids owned by `slot`, in logical order (entry j of the slot is in pages_of[j // tpp])."""
-    (slot,) = self._host_slots(slot)
+    slots = self._host_slots(slot, "slot", "pages_of")
+    if slots.shape != (1,):
+      raise ValueError(f"PagedKVCache.pages_of: slot must be one slot id, got {slots.tolist()}")
+    (slot,) = slots
     row = self._host("page_table")[slot]
     return [int(p) for p in row if p >= 0]
 
@@ -361,7 +369,7 @@ class PagedKVCache(KVCacheBase):
 
   def reset(self, slot) -> None:
     """Forget the sequence in `slot`: same as `free` (pages back to the pool)."""
-    self.free(slot)
+    self._free(self._host_slots(slot, "slot", "reset"))
 
   def insert(self, slot, source, source_slot=0) -> None:
     """Copy the sequence in `source_slot` of `source` (KVCache or PagedKVCache) into `slot`.
@@ -374,9 +382,9 @@ class PagedKVCache(KVCacheBase):
     if (source.num_kv_heads, source.head_dim) != (self.num_kv_heads, self.head_dim):
       raise ValueError(f"insert: source cache has K={source.num_kv_heads}, H={source.head_dim}; "
                        f"this cache K={self.num_kv_heads}, H={self.head_dim}")
-    slots = self._host_slots(slot)
-    src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    self.check_insert_rows(slots, source, src_rows)
+    self._host_slots(slot, "slot", "insert")  # concrete, or refused naming the argument
+    slots, src_rows = self.check_insert_rows(slot, source, source_slot)
+    src_rows = jnp.asarray(src_rows, jnp.int32)  # [b]
     src_len = source.lengths[...][src_rows]  # [b]
     rows = jnp.asarray(slots, jnp.int32)
     raise_if(src_len > self.max_length,

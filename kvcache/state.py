@@ -31,11 +31,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.base import CACHE_AXIS_NAMES, CacheBase
-from meshattn.kvcache.step_checks import is_concrete
 
 
 class LinearStateCache(CacheBase):
@@ -87,9 +85,7 @@ class LinearStateCache(CacheBase):
 
   def reset(self, slot) -> None:
     """Forget the sequence in `slot` (int or int array): its state to zeros, length 0."""
-    rows = np.atleast_1d(np.asarray(slot)) if is_concrete(slot) else jnp.atleast_1d(slot)
-    self.check_slots(rows)
-    rows = jnp.asarray(rows, jnp.int32)
+    rows = jnp.asarray(self.check_slots(slot, "slot", who="LinearStateCache.reset"), jnp.int32)
     self.kv[...] = self.kv[...].at[rows].set(0.0, mode="drop")
     self.norm[...] = self.norm[...].at[rows].set(0.0, mode="drop")
     self.lengths[...] = self.lengths[...].at[rows].set(0, mode="drop")
@@ -104,9 +100,8 @@ class LinearStateCache(CacheBase):
     if shape(source) != shape(self):
       raise ValueError(f"insert: source state has (K, Hk, Hv)={shape(source)}; this cache "
                        f"{shape(self)}")
-    rows = jnp.atleast_1d(jnp.asarray(slot, jnp.int32))
-    src_rows = jnp.atleast_1d(jnp.asarray(source_slot, jnp.int32))
-    self.check_insert_rows(rows, source, src_rows)
+    rows, src_rows = self.check_insert_rows(slot, source, source_slot)
+    rows, src_rows = jnp.asarray(rows, jnp.int32), jnp.asarray(src_rows, jnp.int32)  # [b]
     src_len = source.lengths[...][src_rows]  # [b]
     self.check_room(rows, src_len)
     kv, norm = source.read(src_rows)

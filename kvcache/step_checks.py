@@ -101,6 +101,39 @@ def repeated_slots(rows) -> jax.Array | np.ndarray:
   return ordered[1:] == ordered[:-1]
 
 
+def slot_ids(value, num_slots: int, *, name: str, who: str, distinct: bool = False):
+  """The one check of a host-side slot argument (`reset`, `insert`, the page manager):
+  `value` (a Python int, a NumPy / JAX integer array, or a list of ints) as a flat array
+  of slot ids [n], NumPy int64 when concrete. Bools, floats, strings and other objects
+  raise ValueError naming `name` (a float would otherwise be truncated onto another slot);
+  a concrete id outside [0, num_slots), or (`distinct`) one named twice, raises
+  StepRejected. Traced ids (an operation compiled into a step) are returned flat with only
+  their dtype checked: their range is the step's gated check, and a write drops them."""
+  if not is_concrete(value):
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"{who}: {name} must be integers, got a traced {value.dtype} array")
+    return jnp.ravel(value)
+  try:
+    ids = np.asarray(value)
+  except (TypeError, ValueError) as e:  # a ragged list
+    raise ValueError(f"{who}: {name} must be an int or a flat list / array of ints; {e}") from e
+  ids = ids.reshape(-1)
+  if ids.size and not np.issubdtype(ids.dtype, np.integer):  # an empty list reads as float
+    got = repr(value) if ids.size <= 4 else f"dtype {ids.dtype}"
+    raise ValueError(f"{who}: {name} must be integers (a Python int, or a NumPy / JAX integer "
+                     f"array; not bool, float or str), got {got}")
+  bad = ids[(ids < 0) | (ids >= num_slots)]  # compared before the cast: a uint64 stays positive
+  if bad.size:
+    raise StepRejected(f"{who}: slot index out of range, nothing changed: {name} {bad.tolist()} "
+                       f"out of range; slots must be in [0, {num_slots})")
+  ids = ids.astype(np.int64)
+  if distinct and np.any(repeated := repeated_slots(ids)):
+    twice = sorted(set(np.sort(ids)[1:][repeated].tolist()))
+    raise StepRejected(f"{who}: {name} {twice} named twice, nothing changed; an operation may "
+                       "name each cache slot at most once per call")
+  return ids
+
+
 def raise_now(bits: jax.Array, message: Callable[[int], str]) -> None:
   """Eager: raise StepRejected(message(bits)) if any bit is set. Traced: do nothing here."""
   if is_concrete(bits):
