@@ -18,6 +18,7 @@ from flax import nnx
 from meshattn.kvcache import KVQuant
 from meshattn.kvcache.quant import from_cache_basis, rotation, to_cache_basis
 from meshattn.layers import Attention
+from meshattn.scripts import kv_quant_error
 
 BOUND = {"int8": 2e-2, "int4": 0.25}
 EMB, PROMPT, TOTAL = 64, 6, 10
@@ -60,6 +61,21 @@ def test_bounds_hold_with_an_outlier_input_feature(dtype, decode, paged, axis):
   x = outlier_inputs()
   want = model(x)  # train forward: no cache, no quantization
   assert rel(serve(model, x, paged), want) < BOUND[dtype]
+
+
+# RMS error over RMS reference, every seed; the max-error bound above for the median seed.
+RMS_BOUND = {"int8": 2e-2, "int4": 0.25}
+SEEDS = range(8)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_bounds_over_seeds(dtype):
+  """The stated bounds are about the distribution over models and inputs, not one draw: the
+  max-error ratio of one small output is noisy (over 64 draws, int8: median 0.008, worst
+  0.036; int4: median 0.15, worst 0.56; scripts/kv_quant_error.py), the RMS ratio is not."""
+  draws = np.array([kv_quant_error.errors(dtype, seed, "dkv") for seed in SEEDS])  # [8, 2]
+  assert (draws[:, 0] < RMS_BOUND[dtype]).all(), draws[:, 0]
+  assert np.median(draws[:, 1]) < BOUND[dtype], draws[:, 1]
 
 
 def test_an_outlier_key_channel():
