@@ -67,6 +67,13 @@ def build_cache(settings: AttentionSettings, mesh: jax.sharding.Mesh | None, bat
   if for_prefill and isinstance(spec, PagedCache):
     raise ValueError("init_cache(for_prefill=True) picks prefill_cache_axis_order, which only a "
                      f"contiguous cache has; this layer's cache is paged ({spec})")
+  # The paged decode kernel reads page pools only: a contiguous decode cache under it would
+  # be refused at the first decode step, so say it now, naming the key. (A prefill cache is
+  # never decoded: it is inserted into pages.)
+  if isinstance(spec, ContiguousCache) and not for_prefill and s.kernel.decode_attention == "paged":
+    raise ValueError("decode_attention='paged' reads a paged cache only, and this init_cache "
+                     "builds a contiguous one: set paged_kv_cache true (or init_cache(paged=True)),"
+                     " or choose another decode_attention")
   match spec:
     case StateCache():  # a linear-attention layer keeps a state per slot, not K/V
       return LinearStateCache(*sizes, **placement)

@@ -68,9 +68,16 @@ def select(settings, mode: str, features: frozenset[str],
     kv = dict(kv_dtype=cache.storage_dtype, group=shape.group_size,
               kv_quant_axis=None if quant is None else "dkv" if per_head else "heads_and_dkv")
     lengths = (lengths[0], cache.capacity)
-  return registry.select(name, registry.Request(platform(settings), mode, features,
-                                                head_dim=shape.head_dim, dtype=settings.dtype,
-                                                q_len=lengths[0], kv_len=lengths[1], **kv))
+  request = registry.Request(platform(settings), mode, features, head_dim=shape.head_dim,
+                             dtype=settings.dtype, q_len=lengths[0], kv_len=lengths[1], **kv)
+  try:
+    return registry.select(name, request)
+  except ValueError as error:
+    key = {"train": "attention", "autoregressive": "decode_attention"}.get(mode)
+    if key is None:
+      raise
+    # The registry speaks of kernels; the user chose a key: name it.
+    raise ValueError(f"{key}={name!r} ({mode} mode): {error}") from None
 
 
 def load(settings, kernel: registry.Kernel) -> Callable:

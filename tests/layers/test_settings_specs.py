@@ -264,3 +264,22 @@ def test_settings_stay_static_jit_arguments():
   assert float(scaled(x, paged)[0]) == pytest.approx(8 ** -0.5)
   scaled(x, again)
   assert len(traces) == 1
+
+
+def test_paged_decode_kernel_on_a_contiguous_cache_is_refused_at_init_cache():
+  """Named at init_cache, not at the first decode step; a prefill cache (never decoded, its
+  sequences go into pages) and a paged one stay allowed."""
+  layer = _layer(decode_attention="paged", num_pages=6, tokens_per_page=4)
+  with pytest.raises(ValueError, match=r"decode_attention='paged' reads a paged cache only.*"
+                                       r"set paged_kv_cache true"):
+    layer.init_cache(2, 16)
+  assert layer.cache is None  # nothing was built or kept
+  assert type(layer.init_cache(2, 16, paged=True)) is PagedKVCache
+  assert type(layer.init_cache(2, 16, paged=False, for_prefill=True)) is KVCache
+
+
+def test_a_kernel_refusal_names_the_config_key():
+  layer = Attention(emb_dim=16, num_query_heads=2, attention="blockwise", dropout_rate=0.1,
+                    rngs=nnx.Rngs(params=0, dropout=1))
+  with pytest.raises(ValueError, match=r"^attention='blockwise' \(train mode\): .*dropout"):
+    layer(jnp.ones((1, 4, 16)), deterministic=False)
