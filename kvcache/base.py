@@ -111,17 +111,28 @@ class CacheBase(TracksGraph, nnx.Module):
     return slot_ids(slots, self.batch_size, name=name, who=who or type(self).__name__,
                     distinct=distinct)
 
+  # What one slot's entry holds, named: an inserted sequence must come in the same shape.
+  entry_dims = ("num_kv_heads", "head_dim")
+
   def check_insert_rows(self, slot, source: "CacheBase", source_slot):
-    """What every kind's `insert` checks first, before any change: one source slot per slot,
-    both in range, and no slot named twice (two sequences into one slot would leave the
-    longer one's tail past the shorter one's length). Returns the checked (rows, src_rows)."""
+    """What every kind's `insert` checks first, before any change: a source whose entries
+    have this cache's shape, one source slot per slot, both in range, and no slot named
+    twice (two sequences into one slot would leave the longer one's tail past the shorter
+    one's length). Returns rows and src_rows (int32 [b], checked) and the source slots'
+    lengths [b]."""
     who = f"{type(self).__name__}.insert"
+    ours = {name: getattr(self, name) for name in self.entry_dims}
+    theirs = {name: getattr(source, name, None) for name in self.entry_dims}
+    if theirs != ours:
+      raise ValueError(f"{who}: the source {type(source).__name__} has {theirs}; this cache "
+                       f"{ours}")
     rows = self.check_slots(slot, "slot", who=who, distinct=True)
     src_rows = source.check_slots(source_slot, "source_slot", who=who)
     if src_rows.shape != rows.shape:
       raise ValueError(f"{who}: {rows.shape[0]} slots but {src_rows.shape[0]} source slots; "
                        "slot and source_slot must name as many")
-    return rows, src_rows
+    rows, src_rows = jnp.asarray(rows, jnp.int32), jnp.asarray(src_rows, jnp.int32)  # [b]
+    return rows, src_rows, source.lengths[...][src_rows]
 
   def check_room(self, rows: jax.Array, new_lengths: jax.Array) -> None:
     """Raise StepRejected now if concrete new_lengths [b] of slots rows [b] do not fit."""

@@ -357,12 +357,7 @@ class KVCache(KVCacheBase):
     Layout, quantization and ring capacity may differ (entries are moved by
     position and requantized if needed); the source must fit max_length.
     """
-    if (source.num_kv_heads, source.head_dim) != (self.num_kv_heads, self.head_dim):
-      raise ValueError(f"insert: source cache has K={source.num_kv_heads}, H={source.head_dim}; "
-                       f"this cache K={self.num_kv_heads}, H={self.head_dim}")
-    rows, src_rows = self.check_insert_rows(slot, source, source_slot)
-    rows, src_rows = jnp.asarray(rows, jnp.int32), jnp.asarray(src_rows, jnp.int32)  # [b]
-    src_len = source.lengths[...][src_rows]  # [b]
+    rows, src_rows, src_len = self.check_insert_rows(slot, source, source_slot)  # [b] each
     self.check_room(rows, src_len)
     # Read before the reset: the source may be this cache (a slot copied onto itself).
     key, value = source.read_block(src_rows, 0, source.capacity, self.dtype)  # [b, Cs, K, H]

@@ -379,14 +379,8 @@ class PagedKVCache(KVCacheBase):
     position (requantized if needed). Raises, with nothing changed, if the
     source is longer than max_length or the pool lacks the pages.
     """
-    if (source.num_kv_heads, source.head_dim) != (self.num_kv_heads, self.head_dim):
-      raise ValueError(f"insert: source cache has K={source.num_kv_heads}, H={source.head_dim}; "
-                       f"this cache K={self.num_kv_heads}, H={self.head_dim}")
-    self._host_slots(slot, "slot", "insert")  # concrete, or refused naming the argument
-    slots, src_rows = self.check_insert_rows(slot, source, source_slot)
-    src_rows = jnp.asarray(src_rows, jnp.int32)  # [b]
-    src_len = source.lengths[...][src_rows]  # [b]
-    rows = jnp.asarray(slots, jnp.int32)
+    slots = self._host_slots(slot, "slot", "insert")  # concrete, or refused naming the argument
+    rows, src_rows, src_len = self.check_insert_rows(slot, source, source_slot)  # [b] each
     raise_if(src_len > self.max_length,
              lambda: f"PagedKVCache: inserted sequence longer than max_length={self.max_length}")
     # Free the slots' pages and reserve the source length on host copies first: if the

@@ -43,6 +43,8 @@ class LinearStateCache(CacheBase):
   ring buffer (`window` None: the state covers the whole sequence) and no quantization
   (`quant` None: float32 running sums)."""
 
+  entry_dims = ("num_kv_heads", "head_dim", "value_dim")  # a state [K, Hk, Hv] per slot
+
   def __init__(self, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
                value_dim: int | None = None, *, mesh: jax.sharding.Mesh | None = None,
                rules=(), axis_names: Sequence[str] = CACHE_AXIS_NAMES):
@@ -96,13 +98,7 @@ class LinearStateCache(CacheBase):
     if not isinstance(source, LinearStateCache):
       raise ValueError(f"insert: a LinearStateCache takes its state from another "
                        f"LinearStateCache, got {type(source).__name__}")
-    shape = lambda c: (c.num_kv_heads, c.head_dim, c.value_dim)
-    if shape(source) != shape(self):
-      raise ValueError(f"insert: source state has (K, Hk, Hv)={shape(source)}; this cache "
-                       f"{shape(self)}")
-    rows, src_rows = self.check_insert_rows(slot, source, source_slot)
-    rows, src_rows = jnp.asarray(rows, jnp.int32), jnp.asarray(src_rows, jnp.int32)  # [b]
-    src_len = source.lengths[...][src_rows]  # [b]
+    rows, src_rows, src_len = self.check_insert_rows(slot, source, source_slot)  # [b] each
     self.check_room(rows, src_len)
     kv, norm = source.read(src_rows)
     self.write(rows, kv, norm, jnp.ones(rows.shape, bool), src_len)

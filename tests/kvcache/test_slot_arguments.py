@@ -121,3 +121,19 @@ def test_traced_slots_must_be_integers_too():
   cache, _ = _filled("contiguous")
   with pytest.raises(ValueError, match=r"KVCache\.reset: slot must be integers, got a traced"):
     nnx.jit(lambda c, rows: c.reset(rows))(cache, jnp.array([1.0]))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged", "state"])
+def test_insert_from_a_source_of_another_entry_shape_is_refused(kind):
+  """One check for every kind (CacheBase.check_insert_rows): the source's entries must have
+  this cache's shape, named, before any change."""
+  cache, _ = _filled(kind)
+  before = [np.asarray(v) for v in jax.tree.leaves(nnx.state(cache))]
+  wider = (LinearStateCache(B, MAX_LEN, K, 2 * H) if kind == "state"
+           else KVCache(B, MAX_LEN, K, 2 * H))
+  with pytest.raises(ValueError, match=rf"{type(cache).__name__}\.insert: the source "
+                                       rf"{type(wider).__name__} has \{{'num_kv_heads': {K}, "
+                                       rf"'head_dim': {2 * H}"):
+    cache.insert(0, wider, 0)
+  for a, b in zip(before, jax.tree.leaves(nnx.state(cache))):
+    np.testing.assert_array_equal(a, np.asarray(b))

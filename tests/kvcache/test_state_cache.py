@@ -46,7 +46,8 @@ def test_reset_insert_and_rejections():
     LinearStateCache(2, 2, K, H).insert(0, source, 1)
   with pytest.raises(ValueError, match="LinearStateCache"):
     cache.insert(0, object(), 0)
-  with pytest.raises(ValueError, match=r"\(K, Hk, Hv\)"):
+  with pytest.raises(ValueError, match=r"source LinearStateCache has \{'num_kv_heads': 2, "
+                                       r"'head_dim': 8, 'value_dim': 8\}; this cache"):
     cache.insert(0, LinearStateCache(2, 8, K, 2 * H), 0)
   # A write to a slot out of range is dropped, not wrapped onto another slot.
   kept = np.asarray(cache.kv[...])
