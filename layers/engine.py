@@ -22,7 +22,8 @@ engine_pages, the measurements engine_metrics.
 The model is anything with the decoder's serving interface:
 `model(tokens, positions, segment_ids, model_mode=..., slots=...)` ->
 logits [B, T, vocab], `model.init_cache(batch, max_length, paged=True)`,
-`model.caches()` (one PagedKVCache per layer).
+`model.caches()` (one PagedKVCache per layer), and `model.config.vocab_size` if it has
+one (submit then refuses prompt ids outside the vocabulary).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ class Engine:
     self.scheduler = Scheduler(num_slots=num_slots, max_length=first.max_length,
                                num_pages=first.num_pages, tokens_per_page=first.tokens_per_page,
                                chunk_size=chunk_size, prefill_rows=prefill_rows,
-                               end_token=end_token)
+                               end_token=end_token,
+                               vocab_size=getattr(getattr(model, "config", None), "vocab_size",
+                                                  None))
     self.pages = EnginePages(self.caches)  # the engine owns the caches' pages from here
     # specialize=False runs every step as the mixed kind (gated rows cost their shape): one
     # compile instead of three, for short runs where compiling is most of the time.
@@ -87,8 +90,12 @@ class Engine:
     self.overlap = overlap  # dispatch step n+1 before reading step n (see step)
     self._previous = first_previous(model, num_slots, prefill_rows)  # last step's tokens
     self._in_flight: _InFlight | None = None
+    # Internal times are seconds since the engine was built, on a clock that never restarts;
+    # records show them from `_clock_start` (when `run` last started or ended, 0 before) and
+    # keep it, so that summary can add up the runs without overlapping them.
     self._clock = clock
     self._t0 = clock()
+    self._clock_start = 0.0
     self._next_id = 0
     self._arrival: dict[int, float] = {}
     self._first_token: dict[int, float] = {}
@@ -98,23 +105,30 @@ class Engine:
   # ---- requests ---------------------------------------------------------------
 
   def now(self) -> float:
-    """Seconds on the engine's clock since it was built (or since `run` started)."""
+    """Seconds on the engine's clock since it was built (or since `run` last started or
+    ended: each run's records are timed from its start)."""
+    return self._elapsed() - self._clock_start
+
+  def _elapsed(self) -> float:
+    """Seconds since the engine was built (never restarts)."""
     return self._clock() - self._t0
 
   def submit(self, prompt, max_new_tokens: int, *, id: int | None = None,
              arrival: float | None = None) -> int:
     """Queue a request: greedy-decode up to max_new_tokens after prompt [P] (token ids).
 
-    Returns its id. Raises ValueError, with nothing queued, if it can never
-    fit (prompt empty, too long for the cache's max_length or page pool)."""
+    Returns its id. Raises ValueError naming the field, with nothing queued, if it can
+    never be served: prompt empty, not integer ids, or ids outside [0, vocab_size);
+    max_new_tokens not an integer >= 1; too long for the cache's max_length or page
+    pool. `arrival` is on `now()`'s clock (default: now)."""
     rid = self._next_id if id is None else int(id)
     if rid in self._arrival:
       raise ValueError(f"Engine.submit: request id {rid} was already submitted")
     # A copy: the caller may reuse its buffer while the request waits or runs.
-    request = Request(rid, np.array(prompt), int(max_new_tokens),
+    request = Request(rid, np.array(prompt), max_new_tokens,
                       self.now() if arrival is None else float(arrival))
-    self.scheduler.submit(request)
-    self._arrival[rid] = request.arrival
+    self.scheduler.submit(request)  # validates it (engine_schedule.Scheduler.validate)
+    self._arrival[rid] = self._clock_start + request.arrival
     self._next_id = max(self._next_id, rid + 1)
     return rid
 
@@ -198,7 +212,7 @@ class Engine:
     if not plan.empty:
       inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
       kind = inputs.kind if inputs.kind in self.kinds else "mixed"
-      started = self.now()
+      started = self._elapsed()
       tokens, bits = run_step(self._step, self.model, inputs, kind, self._previous)
       self._previous = tokens
       launched = _InFlight(plan, inputs.kind, tokens, bits, started, len(scheduler.running),
@@ -218,7 +232,7 @@ class Engine:
     tokens = np.asarray(step.tokens)  # [S + R]: waits for the step
     if int(np.asarray(step.bits)):
       raise_if_rejected(self.model)
-    done_at = self.now()
+    done_at = self._elapsed()
     plan, scheduler = step.plan, self.scheduler
     # Requests whose prompt ends in this step get their first token now.
     self._first_token.update({seq.request.id: done_at for seq, chunk
@@ -227,27 +241,31 @@ class Engine:
     for seq in finished:
       self.pages.release(seq.slot)
     self.pages.push(self.model)  # (only if something was released)
-    out = []
+    out, origin = [], self._clock_start
     for seq in finished:
       rid = seq.request.id
       result = RequestResult(rid, seq.request.prompt, list(seq.output), seq.finish_reason,
-                             self._arrival[rid], self._first_token.pop(rid), done_at)
+                             self._arrival[rid] - origin, self._first_token.pop(rid) - origin,
+                             done_at - origin, clock_start=origin)
       self._results[rid] = result
       out.append(result)
     self.steps.append(StepRecord(
-        start=step.started, time=done_at, kind=step.kind,
+        start=step.started - origin, time=done_at - origin, kind=step.kind,
         decode_rows=len(plan.decode_slots), chunk_rows=len(plan.chunks), tokens=plan.num_tokens,
         running=step.running, waiting=step.waiting, pages_reserved=step.pages_reserved,
-        pages_filled=step.pages_filled, idle_after=idle_after and scheduler.idle))
+        pages_filled=step.pages_filled, idle_after=idle_after and scheduler.idle,
+        clock_start=origin))
     return out
 
   def run(self, requests: Iterable[Request], *, realtime: bool = True) -> dict[int, RequestResult]:
     """Replay a trace: each request is submitted once the clock passes its arrival.
 
-    The clock restarts at 0. With realtime=False every request arrives at
-    once (a throughput run). Steps until every request has finished."""
+    The clock restarts at 0: the run's records show times from its start (a request
+    submitted before it gets a negative arrival), and again when it returns, so that
+    steps called later are a stretch of their own in summary(). With realtime=False every
+    request arrives at once (a throughput run). Steps until every request has finished."""
     pending = sorted(requests, key=lambda r: r.arrival)
-    self._t0 = self._clock()
+    self._clock_start = self._elapsed()
     i = 0
     while i < len(pending) or not self.idle:
       now = self.now()
@@ -259,9 +277,11 @@ class Engine:
         time.sleep(max(pending[i].arrival - self.now(), 0.0))
         continue
       self.step()
+    self._clock_start = self._elapsed()
     return {r.id: self._results[r.id] for r in pending}
 
   def summary(self) -> dict:
+    """Every finished request and step so far, over all runs (engine_metrics.summarize)."""
     return summarize(list(self._results.values()), self.steps)
 
 

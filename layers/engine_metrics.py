@@ -1,13 +1,20 @@
 """What the serving engine measures: per request and per step, summarised and plotted.
 
-Times are seconds on the engine's clock, from the start of a run. A token's
-time is when its step's result reached the host.
+Times are seconds on the engine's clock, from the start of a run (Engine.run
+restarts it when it starts and when it returns); each record keeps that
+start, `clock_start` (seconds since the engine was built), so that records of
+several runs lie on one timeline. A token's time is when its step's result
+reached the host.
 
 - time to first token (TTFT): first token time - arrival (queueing included);
 - time per output token (TPOT): (last token time - first token time) /
   (output tokens - 1), for requests with at least two output tokens;
-- throughput: output tokens / (last finish - first arrival); decode-only
-  steps' tokens / their periods (read-back to read-back: the loop's rate);
+- throughput: output tokens / (last finish - first arrival) of a run; over
+  several runs (several clocks), the union of the runs' such spans: the time
+  between runs is not counted, nor twice a stretch two runs share (a request
+  submitted before a run and finished in it);
+  decode-only steps' tokens / their periods (read-back to read-back: the
+  loop's rate);
 - per step: decode rows, chunk rows, tokens, running and waiting requests,
   cache pages reserved (each running request's worst case) and filled
   (holding its cached tokens), the same in every layer.
@@ -30,6 +37,7 @@ class RequestResult:
   arrival: float
   first_token_time: float
   finish_time: float
+  clock_start: float = 0.0  # when the times' clock read 0, seconds since the engine was built
 
   @property
   def ttft(self) -> float:
@@ -55,6 +63,7 @@ class StepRecord:
   pages_reserved: int  # pages the running requests hold (their worst case)
   pages_filled: int  # of those, pages holding cached tokens
   idle_after: bool  # nothing running or waiting once the step's finished requests left
+  clock_start: float = 0.0  # when start / time's clock read 0, s since the engine was built
 
 
 def percentile(values, q: float) -> float:
@@ -63,17 +72,24 @@ def percentile(values, q: float) -> float:
 
 
 def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
-  """Throughput, TTFT / TPOT p50 and p90, pages and occupancy of a run."""
+  """Throughput, TTFT / TPOT p50 and p90, pages and occupancy of one run or several."""
   if not results:
     return {"requests": 0}
-  start = min(r.arrival for r in results)
-  end = max(r.finish_time for r in results)
+  # One span per clock (a run, or the steps between runs): last finish - first arrival;
+  # their union, since a request submitted before a run finishes in it.
+  runs: dict[float, list[RequestResult]] = {}
+  for r in results:
+    runs.setdefault(r.clock_start, []).append(r)
+  seconds = covered_seconds([(c + min(r.arrival for r in rs), c + max(r.finish_time for r in rs))
+                             for c, rs in runs.items()])
   output_tokens = sum(len(r.tokens) for r in results)
   ttft = [r.ttft for r in results]
   # A step's period: from the previous read-back (or its dispatch, after an idle gap) to its
   # own; with overlap, steps run while the host handles the one before, so dispatch-to-read
-  # times overlap and would add up to more than the run.
-  periods = [s.time - max(s.start, steps[i - 1].time if i else s.start)
+  # times overlap and would add up to more than the run. On the one timeline (clock_start):
+  # each run restarts its records' clock.
+  done = [s.clock_start + s.time for s in steps]
+  periods = [done[i] - max(s.clock_start + s.start, done[i - 1] if i else -np.inf)
              for i, s in enumerate(steps)]
   decode = [(s, p) for s, p in zip(steps, periods) if s.kind == "decode"]
   decode_s = sum(p for _, p in decode)
@@ -82,8 +98,8 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
       "requests": len(results),
       "output_tokens": output_tokens,
       "prompt_tokens": int(sum(len(r.prompt) for r in results)),
-      "seconds": end - start,
-      "tokens_per_s": output_tokens / max(end - start, 1e-9),
+      "seconds": seconds,
+      "tokens_per_s": output_tokens / max(seconds, 1e-9),
       "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
       "tpot_p50_s": percentile(tpot, 50), "tpot_p90_s": percentile(tpot, 90),
       # decode-only steps: their rows over their periods (what the loop pays per step)
@@ -95,6 +111,16 @@ def summarize(results: list[RequestResult], steps: list[StepRecord]) -> dict:
       "max_pages_filled": max((s.pages_filled for s in steps), default=0),
       "mean_running": float(np.mean([s.running for s in steps])) if steps else 0.0,
   }
+
+
+def covered_seconds(spans) -> float:
+  """Length of the union of (start, end) intervals: time covered by at least one."""
+  total, reach = 0.0, -np.inf
+  for start, end in sorted(spans):
+    if end > reach:
+      total += end - max(start, reach)
+      reach = end
+  return float(total)
 
 
 def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pages: int,

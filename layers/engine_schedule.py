@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 
@@ -118,7 +119,8 @@ class Scheduler:
   """Slots, page budget and chunk planning for `num_slots` sequences (see module doc)."""
 
   def __init__(self, *, num_slots: int, max_length: int, num_pages: int, tokens_per_page: int,
-               chunk_size: int, prefill_rows: int = 1, end_token: int | None = None):
+               chunk_size: int, prefill_rows: int = 1, end_token: int | None = None,
+               vocab_size: int | None = None):
     for name, value in (("num_slots", num_slots), ("max_length", max_length),
                         ("num_pages", num_pages), ("tokens_per_page", tokens_per_page),
                         ("chunk_size", chunk_size), ("prefill_rows", prefill_rows)):
@@ -128,6 +130,7 @@ class Scheduler:
     self.num_pages, self.tokens_per_page = num_pages, tokens_per_page
     self.chunk_size, self.prefill_rows = chunk_size, prefill_rows
     self.end_token = end_token
+    self.vocab_size = vocab_size  # None: prompt ids are checked for >= 0 only
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: dict[int, Sequence] = {}  # slot -> sequence, in admission order
     self.committed_pages = 0  # worst-case pages of the running sequences
@@ -143,9 +146,18 @@ class Scheduler:
     if prompt.ndim != 1 or prompt.size < 1 or not np.issubdtype(prompt.dtype, np.integer):
       raise ValueError(f"request {request.id}: prompt must be a non-empty 1-D array of integer "
                        f"token ids, got shape {prompt.shape} dtype {prompt.dtype}")
-    if request.max_new_tokens < 1:
-      raise ValueError(f"request {request.id}: max_new_tokens must be >= 1, "
-                       f"got {request.max_new_tokens}")
+    # The decoder's own check (layers/decoder.py) cannot run inside the compiled step, where
+    # an id outside the vocabulary reads a NaN embedding row and decodes junk. Compared
+    # before any cast, so a uint64 stays positive.
+    low, high, vocab = prompt.min(), prompt.max(), self.vocab_size
+    if low < 0 or (vocab is not None and high >= vocab):
+      allowed = ">= 0" if vocab is None else f"in [0, vocab_size={vocab})"
+      raise ValueError(f"request {request.id}: prompt tokens must be ids {allowed}, got values "
+                       f"in [{low}, {high}]")
+    count = request.max_new_tokens
+    if not _is_int(count) or count < 1:
+      raise ValueError(f"request {request.id}: max_new_tokens must be an integer >= 1 (an int, "
+                       f"not a float or bool), got {count!r}")
     total = prompt.size + request.max_new_tokens - 1
     if total > self.max_length:
       raise ValueError(f"request {request.id}: prompt ({prompt.size}) + max_new_tokens "
@@ -249,3 +261,9 @@ class Scheduler:
   def pages_filled(self) -> int:
     """Pages holding cached tokens of the running requests once the planned steps ran."""
     return sum(self.pages_for(seq.cache_length) for seq in self.running.values())
+
+
+def _is_int(value) -> bool:
+  """A Python or NumPy integer; not a bool (an int subclass) and not a float (2.9 would
+  be truncated to 2)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
