@@ -121,6 +121,8 @@ class Engine:
     never be served: prompt empty, not integer ids, or ids outside [0, vocab_size);
     max_new_tokens not an integer >= 1; too long for the cache's max_length or page
     pool. `arrival` is on `now()`'s clock (default: now)."""
+    if id is not None and (isinstance(id, bool) or not isinstance(id, (int, np.integer))):
+      raise ValueError(f"Engine.submit: id must be an int (or None: the next free id), got {id!r}")
     rid = self._next_id if id is None else int(id)
     if rid in self._arrival:
       raise ValueError(f"Engine.submit: request id {rid} was already submitted")

@@ -96,3 +96,11 @@ def test_summary_adds_runs_up_on_one_timeline():
   assert summary["output_tokens"] == 2 + 12 + 4 * 3
   assert summary["tokens_per_s"] == pytest.approx(summary["output_tokens"] / want)
   assert summary["decode_step_s"] > 0
+
+
+@pytest.mark.parametrize("bad_id", [2.9, "3", True])
+def test_a_request_id_must_be_an_int(bad_id):
+  e = engine()
+  with pytest.raises(ValueError, match=r"Engine.submit: id must be an int"):
+    e.submit([1, 2], 2, id=bad_id)
+  assert e.submit([1, 2], 2, id=np.int64(3)) == 3  # an integer id, NumPy's too
