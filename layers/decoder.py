@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.validation import REMAT_POLICIES
-from meshattn.kvcache.graph_epoch import TracksGraph
+from meshattn.kvcache.graph_epoch import TrackedList, TracksGraph
 from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.decoder_block import DecoderBlock
 from meshattn.layers.mlp import model_norm
@@ -76,7 +76,7 @@ class Decoder(TracksGraph, nnx.Module):
     self.mesh = mesh
     self.remat = config.remat_policy
     remat_policy(self.remat)  # an unknown policy fails here, not in the first train step
-    self.blocks = nnx.List([DecoderBlock(config, layer_idx=i, mesh=mesh, rngs=rngs)
+    self.blocks = TrackedList([DecoderBlock(config, layer_idx=i, mesh=mesh, rngs=rngs)
                             for i in range(config.num_decoder_layers)])
     s = self.blocks[0].attention.settings
     self.rules = s.logical_axis_rules

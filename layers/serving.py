@@ -99,13 +99,20 @@ class _Binding:
     self.graphdef, state = nnx.split(module)
     _, self.treedef = jax.tree.flatten(state)
     live = {path: node for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Variable)}
-    variables = [live[path] for path, _ in nnx.to_flat_state(state)]
+    self.paths = tuple(path for path, _ in nnx.to_flat_state(state))
+    variables = [live[path] for path in self.paths]
     self.is_param = tuple(isinstance(v, nnx.Param) for v in variables)
     self.params = [v for v, p in zip(variables, self.is_param) if p]
     self.others = [v for v, p in zip(variables, self.is_param) if not p]
     self.ref_params = [variable_arrays.holds_ref(v) for v in self.params]
     self.ref_others = [variable_arrays.holds_ref(v) for v in self.others]
     self.epoch = graph_epoch.epoch()
+
+  def same_graph(self, other: "_Binding") -> bool:
+    """Whether `other`'s compiled step serves this split: the same graph (static attributes
+    included) and the same Variables in the same places."""
+    return (self.graphdef == other.graphdef and self.treedef == other.treedef
+            and self.paths == other.paths and self.is_param == other.is_param)
 
   def arrays(self) -> tuple[list, list]:
     return _read(self.params, self.ref_params), _read(self.others, self.ref_others)
@@ -143,9 +150,10 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
   Variables' current arrays to one `jax.jit` (donated unless `donate=False`)
   and writes the new ones back, so host-side cache operations between steps
   (`reset`, `insert`, `reserve_for_step`) are seen by the next step. A new
-  cache (`init_cache`), or a Variable or submodule assigned to a meshattn module,
-  rebinds automatically (kvcache/graph_epoch.py); after assigning into another
-  library's module call `structure_changed()`. Raises `StepRejected` when any
+  cache (`init_cache`), or any attribute assigned to a meshattn module, rebinds
+  automatically, keeping the compiled step where the graph is unchanged
+  (kvcache/graph_epoch.py); after changing another library's module call
+  `structure_changed()`. Variables the step adds (sown values) are not returned. Raises `StepRejected` when any
   cache of the module rejected the step; the cache is then unchanged.
 
   Reading the rejection bits waits for the step to finish. A loop that syncs
@@ -163,11 +171,14 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
   module_name = next(iter(signature.parameters))
   bindings: dict[int, _Binding] = {}
 
-  def pure(graphdef, treedef, is_param, params, others, dynamic, static):
+  def pure(graphdef, treedef, paths, is_param, params, others, dynamic, static):
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, _merge(is_param, params, others)))
     with host_raises_after_step():
       out = fn(module, **dynamic, **dict(static))
-    new = jax.tree.leaves(nnx.state(module))
+    # The bound Variables' new arrays, by path: a Variable the step added (a sown
+    # intermediate) is not returned, and does not shift the others.
+    current = dict(nnx.to_flat_state(nnx.state(module)))
+    new = [jax.tree.leaves(current[path])[0] for path in paths]
     # Unchanged arrays are not returned (an output is a copy) unless donated, where the
     # output aliases the input buffer and returning it is what keeps the buffer alive.
     new_params = [None if n is o else n for n, o in zip((n for n, p in zip(new, is_param) if p), params)]
@@ -175,20 +186,28 @@ def jit_step(fn: Callable | None = None, *, static_argnames=(), donate: bool = T
                   for n, o in zip((n for n, p in zip(new, is_param) if not p), others)]
     return out, new_params, new_others, rejected_bits(caches_of(module))
 
-  def bind(module) -> _Binding:
+  def bind(module, previous: _Binding | None) -> _Binding:
     binding = _Binding(module)
+    if previous is not None and binding.same_graph(previous):
+      # The epoch moved for another module (or for a change that left this graph as it
+      # was): keep the compiled step, with the Variables as they are now.
+      binding.compiled = previous.compiled
+      return binding
     # The graph is closed over, not a static argument: hashing it on every call would cost
     # more than the dispatch itself.
     binding.compiled = jax.jit(
-        functools.partial(pure, binding.graphdef, binding.treedef, binding.is_param),
+        functools.partial(pure, binding.graphdef, binding.treedef, binding.paths,
+                          binding.is_param),
         static_argnums=(3,), donate_argnums=(1,) if donate else ())
     return binding
 
   @functools.wraps(fn)
   def step(module, *args, **kwargs):
     binding = bindings.get(id(module))
-    if binding is None or binding.epoch != graph_epoch.epoch() or binding.module() is not module:
-      binding = bindings[id(module)] = bind(module)
+    if binding is None or binding.module() is not module:
+      binding = bindings[id(module)] = bind(module, None)
+    elif binding.epoch != graph_epoch.epoch():
+      binding = bindings[id(module)] = bind(module, binding)
     bound = signature.bind(module, *args, **kwargs)
     bound.apply_defaults()
     dynamic = dict(bound.arguments)
