@@ -175,9 +175,10 @@ class AttentionSettings:
     # The cache's tagged kind; raises naming the keys a paged cache has no use for.
     set_("cache", self.cache_for())
     # The ring's key in one spelling, so a config and its keywords give equal records: None
-    # (a ring where the cache is contiguous; True said the same) or False (no ring). A paged
-    # cache has no ring: None.
-    if self.sliding_window_ring_buffer is True or self.cache.kind == "paged":
+    # (a ring where the cache is contiguous; True said the same) or False (no ring). False
+    # is kept beside pages too: it still lays out a contiguous cache that init_cache(
+    # paged=False) builds from a paged layer.
+    if self.sliding_window_ring_buffer is True:
       set_("sliding_window_ring_buffer", None)
     if self.attention_output_gate not in vocab.OUTPUT_GATES:
       raise ValueError(f"attention_output_gate={self.attention_output_gate!r}: allowed "

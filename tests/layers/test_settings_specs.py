@@ -283,3 +283,17 @@ def test_a_kernel_refusal_names_the_config_key():
                     rngs=nnx.Rngs(params=0, dropout=1))
   with pytest.raises(ValueError, match=r"^attention='blockwise' \(train mode\): .*dropout"):
     layer(jnp.ones((1, 4, 16)), deterministic=False)
+
+
+def test_ring_off_beside_pages_still_lays_out_a_contiguous_cache():
+  """`sliding_window_ring_buffer: false` with paged_kv_cache is kept (review): the contiguous
+  caches init_cache(paged=False) builds from that layer keep every token."""
+  window = dict(mask=MaskSpec("local_sliding", window=4))
+  layer = _layer(paged_kv_cache=True, num_pages=6, tokens_per_page=4,
+                 sliding_window_ring_buffer=False, **window)
+  assert layer.settings.sliding_window_ring_buffer is False
+  assert layer.init_cache(2, 16, paged=False).window is None
+  assert layer.init_cache(2, 16, paged=False, for_prefill=True).window is None
+  config = load_config("tiny", "paged_kv_cache=true", "sliding_window_ring_buffer=false",
+                       "attention_type=local_sliding", "sliding_window_size=4")
+  assert Attention(config, rngs=nnx.Rngs(0)).init_cache(2, 16, paged=False).window is None
