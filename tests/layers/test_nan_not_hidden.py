@@ -64,3 +64,14 @@ def test_partial_attention_and_its_merge_show_a_seen_nan():
                                              causal=False, scale=H ** -0.5)
   np.testing.assert_allclose(np.asarray(merge_partials(out_e, lse_e, out_b, lse_b)),
                              np.asarray(out_b), rtol=1e-6)
+
+
+def test_decode_rows_that_see_a_nan_show_it():
+  """The decode reference (online_softmax.finish): a NaN key inside a row's length makes
+  that row NaN; a row whose length stops before it stays finite (selected away)."""
+  from meshattn.layers.kernels.decode.ragged import ragged_decode_reference
+  _, k, v = _qkv()
+  q = jnp.asarray(np.random.default_rng(1).normal(size=(B, N, H)), jnp.float32)  # [B, N, H]
+  lengths = jnp.array([NAN_AT + 1, NAN_AT], jnp.int32)  # row 0 sees the NaN, row 1 does not
+  out = np.asarray(ragged_decode_reference(q, k, v, lengths, scale=H ** -0.5))  # [B, N, H]
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
