@@ -88,9 +88,14 @@ class DenseGeneral(TracksGraph, nnx.Module):
     return y
 
 
+def _norm_dtype(x: jax.Array):
+  """Norms run in float32 at least: a float64 model keeps float64 (as Flax's norms do)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _rms_normalize(x: jax.Array, epsilon: float) -> jax.Array:
-  """x / sqrt(mean(x^2) + epsilon) over the last axis, in float32."""
-  xf = x.astype(jnp.float32)
+  """x / sqrt(mean(x^2) + epsilon) over the last axis, in float32 or wider."""
+  xf = x.astype(_norm_dtype(x))
   return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + epsilon)
 
 
@@ -108,7 +113,7 @@ class RMSNorm(_ScaledNorm):
   """RMSNorm over the last axis with a learned scale (the default QK norm)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    out = _rms_normalize(x, self.epsilon) * self.scale[...].astype(jnp.float32)
+    out = _rms_normalize(x, self.epsilon) * self.scale[...].astype(_norm_dtype(x))
     return out.astype(self.dtype or x.dtype)
 
 
@@ -127,9 +132,9 @@ class LayerNorm(_ScaledNorm):
   """LayerNorm over the last axis with a learned scale and no bias (Flax's normalize_qk)."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_norm_dtype(x))
     normed = _rms_normalize(xf - jnp.mean(xf, axis=-1, keepdims=True), self.epsilon)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype or x.dtype)
+    return (normed * self.scale[...].astype(xf.dtype)).astype(self.dtype or x.dtype)
 
 
 def make_qk_norm(norm_type: str, features: int, *, epsilon: float, dtype, weight_dtype):

@@ -370,3 +370,25 @@ def test_view_flags_like_flax():
       nnx.view(flax_layer, **bad)
     with pytest.raises(ValueError, match="Unused keys found in nnx.view"):
       nnx.view(ours, **bad)
+
+
+def test_float64_qk_norm_matches_flax_in_float64():
+  """Norms run in float32 or wider: a float64 model's normalize_qk keeps float64 (it was
+  computed in float32, ~1e-7 off Flax's float64 result)."""
+  import subprocess, sys, textwrap  # x64 is process-wide: a child process keeps it there
+  code = textwrap.dedent("""
+      import jax; jax.config.update("jax_enable_x64", True)
+      import jax.numpy as jnp, numpy as np
+      from flax import nnx
+      from meshattn.layers.flax_compat import MultiHeadAttention
+      kw = dict(num_heads=4, in_features=16, qkv_features=8, normalize_qk=True, decode=False,
+                dtype=jnp.float64, param_dtype=jnp.float64)
+      theirs = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+      ours = MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+      nnx.update(ours, nnx.state(theirs, nnx.Param))
+      x = jax.random.normal(jax.random.key(1), (2, 5, 16), jnp.float64)
+      print(float(jnp.max(jnp.abs(ours(x) - theirs(x)))))
+  """)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       check=True)
+  assert float(out.stdout.split()[-1]) < 1e-12, out.stdout + out.stderr
