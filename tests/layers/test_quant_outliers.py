@@ -72,8 +72,10 @@ SEEDS = range(8)
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_bounds_over_seeds(dtype):
   """The stated bounds are about the distribution over models and inputs, not one draw: the
-  max-error ratio of one small output is noisy (over 64 draws, int8: median 0.008, worst
-  0.036; int4: median 0.15, worst 0.56; scripts/kv_quant_error.py), the RMS ratio is not."""
+  max-error ratio of one small output is noisy (over 192 draws, int8: median 0.008, worst
+  0.044; int4: median 0.15, worst 1.10; scripts/kv_quant_error.py), the RMS ratio less so.
+  These 8 draws are checked draw by draw for the RMS ratio (int4's worst over 192 was 0.32:
+  the doc states int4 for the typical draw) and by their median for the max ratio."""
   draws = np.array([kv_quant_error.errors(dtype, seed, "dkv") for seed in SEEDS])  # [8, 2]
   assert (draws[:, 0] < RMS_BOUND[dtype]).all(), draws[:, 0]
   assert np.median(draws[:, 1]) < BOUND[dtype], draws[:, 1]
