@@ -21,16 +21,19 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import numbers
 import types
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import linen, nnx
+from flax.typing import Shape
 
+from meshattn.configs.validation import check_values
 from meshattn.layers.attention import Attention
 from meshattn.layers.kernels import dispatch
-from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn
+from meshattn.layers.kernels.train.flax_fn import call_flax_attention_fn, flax_call
 from meshattn.layers.linear.spec import LinearSpec
 from meshattn.layers.masks import MaskSpec
 from meshattn.layers.projections import _init_flat, default_bias_init, default_kernel_init
@@ -68,6 +71,34 @@ def key_input(inputs_q, inputs_k, inputs_v):
                      "`inputs_k` and `inputs_v` be the same value, pass in the value to "
                      "`inputs_k` and leave `inputs_v` as None.")
   return inputs_q
+
+
+def _check_extras(attention_type, block_size, chunk_size, score_mod, rope_base):
+  """attnax's extras, checked before anything is built; returns the AttentionType or None.
+  The sizes and RoPE base follow the config rules (configs/validation.py)."""
+  kind = None
+  if attention_type is not None:
+    try:
+      kind = AttentionType(attention_type)
+    except ValueError:
+      raise ValueError(f"attention_type={attention_type!r}: allowed "
+                       f"{[t.value for t in AttentionType]} (or an AttentionType), or None for "
+                       "the registry's choice") from None
+  # 0 is not "unset" here: None is (the config's POSITIVE_INTS rule).
+  if block_size is not None and (not isinstance(block_size, numbers.Integral)
+                                 or isinstance(block_size, bool) or block_size < 1):
+    raise ValueError(f"attention_block_size={block_size!r}: must be an integer >= 1, or None")
+  check_values([("linear_attention_chunk_size", chunk_size)])
+  if score_mod is not None and not callable(score_mod):
+    raise ValueError(f"score_mod={score_mod!r}: must be a callable (meshattn.layers.score_mods) "
+                     "or None")
+  # The config's rule for rope_max_timescale (> rope_min_timescale), which rope_base sets.
+  low = RopeSpec.min_timescale
+  if isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real) \
+      or not low < rope_base < math.inf:
+    raise ValueError(f"rope_base={rope_base!r}: must be a finite number > {low} "
+                     "(RopeSpec.min_timescale)")
+  return kind
 
 
 def _unsupported(**given: bool) -> None:
@@ -158,7 +189,8 @@ class MultiHeadAttention(Attention):
     if use_rope and head_dim % 2:
       raise ValueError(f"use_rope needs an even head_dim; got qkv_features // num_heads = "
                        f"{head_dim}")
-    kind = None if attention_type is None else AttentionType(attention_type)
+    kind = _check_extras(attention_type, attention_block_size, linear_attention_chunk_size,
+                         score_mod, rope_base)
     custom_fn = None if attention_fn in _FLAX_ATTENTION_FNS else attention_fn
     if kind is AttentionType.LITE and custom_fn is not None:
       raise ValueError("attention_fn and attention_type=LITE cannot both be given")
@@ -228,11 +260,17 @@ class MultiHeadAttention(Attention):
     self.cache_index: nnx.Cache | None = nnx.data(None)
 
   def set_view(self, deterministic: bool | None = None, decode: bool | None = None,
-               batch_size: int | tuple[int, ...] | None = None, max_length: int | None = None):
+               batch_size: int | Shape | None = None, max_length: int | None = None):
     """`nnx.view(layer, deterministic=..., decode=...)`: Flax's flags, and only those (nnx.view
-    reports any other key as unused). batch_size / max_length are taken as Flax takes them;
-    as in Flax 0.12, whose cache attributes always exist, they build no cache: `init_cache`
-    does."""
+    reports any other key as unused; nnx.view_info reads the Args below).
+
+    Args:
+      deterministic: if True, the module is set to deterministic mode.
+      decode: if True, the module is set to decode mode.
+      batch_size: taken as Flax takes it; builds no cache (`init_cache` does: as in Flax 0.12,
+        whose cache attributes always exist).
+      max_length: likewise.
+    """
     del batch_size, max_length
     if deterministic is not None:
       self.deterministic = deterministic
@@ -321,16 +359,39 @@ class MultiHeadAttention(Attention):
     # Attention draws dropout keys as `rngs.dropout()`; Flax hands over the stream itself.
     dropout = None if stream is None else types.SimpleNamespace(dropout=stream)
     values = None if inputs_v is None or inputs_v is inputs_k else inputs_v
-    if "model_mode" not in meshattn_kwargs and nnx.module.first_from(
-        decode, self.decode, error_msg="No `decode` argument was provided to MultiHeadAttention "
-        "as either a __call__ argument, class attribute, or nnx.flag."):
-      if meshattn_kwargs:
-        raise ValueError(f"decode=True takes Flax's arguments only, not {sorted(meshattn_kwargs)}")
-      return self._flax_decode(inputs_q, inputs_k, inputs_k if values is None else values, mask,
-                               deterministic, dropout, sow_weights)
-    return super().__call__(inputs_q, inputs_k, inputs_v=values, mask=mask,
-                            deterministic=deterministic, rngs=dropout, sow_weights=sow_weights,
-                            **meshattn_kwargs)
+    # A custom attention_fn gets Flax's module= and is_causal= (flax_fn.flax_call).
+    with flax_call(self if sow_weights else None, is_causal):
+      if "model_mode" not in meshattn_kwargs and nnx.module.first_from(
+          decode, self.decode, error_msg="No `decode` argument was provided to "
+          "MultiHeadAttention as either a __call__ argument, class attribute, or nnx.flag."):
+        if meshattn_kwargs:
+          raise ValueError(f"decode=True takes Flax's arguments only, not "
+                           f"{sorted(meshattn_kwargs)}")
+        return self._flax_decode(inputs_q, inputs_k, inputs_k if values is None else values,
+                                 mask, deterministic, dropout, sow_weights)
+      if not meshattn_kwargs and inputs_q.ndim == inputs_k.ndim == 2 and (
+          values is None or values.ndim == 2):
+        return self._unbatched(inputs_q, inputs_k, values, mask, deterministic, dropout,
+                               sow_weights)
+      return super().__call__(inputs_q, inputs_k, inputs_v=values, mask=mask,
+                              deterministic=deterministic, rngs=dropout, sow_weights=sow_weights,
+                              **meshattn_kwargs)
+
+  def _unbatched(self, inputs_q, inputs_k, values, mask, deterministic, dropout, sow_weights):
+    """Flax's unbatched call: inputs_q [T, D], inputs_k / values [S, D_kv], mask broadcastable
+    to [N, T, S]; runs as a batch of one and returns [T, D_out] (sown weights [N, T, S])."""
+    batched = lambda x: None if x is None else x[None]  # [1, T|S, D]
+    if mask is not None:
+      mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [1, 1|N, 1|T, 1|S]
+    sown = lambda: getattr(self, "attention_weights", None)
+    before = len(sown()) if sown() is not None else 0
+    out = super().__call__(batched(inputs_q), batched(inputs_k), inputs_v=batched(values),
+                           mask=mask, deterministic=deterministic, rngs=dropout,
+                           sow_weights=sow_weights)  # [1, T, D_out]
+    if sown() is not None and len(sown()) > before:  # this call's [1, N, T, S]: Flax's [N, T, S]
+      weights = sown().get_value()
+      sown().set_value(weights[:-1] + (weights[-1][0],))
+    return out[0]
 
   def _flax_decode(self, inputs_q, inputs_k, inputs_v, mask, deterministic, dropout, sow_weights):
     """One token per call against Flax's cache: write K/V at cache_index, attend over

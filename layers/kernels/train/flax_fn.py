@@ -1,9 +1,14 @@
 """Adapter for a user `attention_fn` with Flax's `dot_product_attention` signature.
 
-Flax parity: `attention_fn(query, key, value, bias=, mask=, broadcast_dropout=,
-dropout_rng=, dropout_rate=, deterministic=, dtype=, precision=, module=)`
-with query/key/value [batch, length, heads, head_dim] and the same number of
-heads in all three. The adapter therefore repeats K/V heads for GQA/MQA,
+Flax parity: the keywords flax.nnx.MultiHeadAttention passes, and only those:
+`attention_fn(query, key, value, mask=, dropout_rng=, dropout_rate=,
+broadcast_dropout=, deterministic=, dtype=, precision=, module=, is_causal=)`
+(`module` is the layer when the call sows weights, else None), plus `bias=`
+only when the call has one; with query/key/value [batch, length, heads,
+head_dim] and the same number of heads in all three. Called by the Flax
+drop-in (within `flax_call`), its output is used as is, as in Flax (a query
+that sees no key gets whatever the function gives it); called by meshattn's
+own Attention, such a query outputs zeros, that layer's contract. The adapter therefore repeats K/V heads for GQA/MQA,
 folds every mask (causal / window / chunk, segments, the user's) into the
 boolean `mask`, and pre-scales the query so that Flax's own 1/sqrt(head_dim)
 turns into the layer's softmax scale. Soft cap and sinks have no place in that
@@ -12,14 +17,41 @@ signature, so asking for them with an attention_fn is an error.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 
 from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.train.dot_product import visible_mask
+
+
+# (module, is_causal) of the Flax drop-in's call in progress, None outside one: the train
+# path reaches call_flax_attention_fn through Attention, which knows neither.
+_FLAX_CALL: contextvars.ContextVar[tuple[Any, bool] | None] = contextvars.ContextVar(
+    "flax_call", default=None)
+
+
+@contextlib.contextmanager
+def flax_call(module: Any, is_causal: bool) -> Iterator[None]:
+  """Within it, attention_fn gets `module=module, is_causal=is_causal` (Flax's call values)."""
+  token = _FLAX_CALL.set((module, is_causal))
+  try:
+    yield
+  finally:
+    _FLAX_CALL.reset(token)
+
+
+def _takes_bias(fn: Callable) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return True
+  return any(p.name == "bias" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def call_flax_attention_fn(
@@ -36,6 +68,12 @@ def call_flax_attention_fn(
   if sinks is not None:
     raise ValueError("attention_fn cannot apply attention_sink (not in the Flax signature); "
                      "use the built-in kernels")
+  extra = {}
+  if bias is not None:  # Flax's layer never passes bias; meshattn's does when the call has one
+    if not _takes_bias(attention_fn):
+      raise ValueError(f"bias= was given, but attention_fn {attention_fn!r} takes no `bias` "
+                       "keyword (Flax's dot_product_attention does); drop bias or accept it")
+    extra["bias"] = bias
   batch, q_len, num_heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
   group = num_heads // kv_heads
@@ -50,11 +88,13 @@ def call_flax_attention_fn(
   if user is not None:
     allowed = allowed & user.astype(bool)  # [B, 1 or N, T, S]
   query = query * jnp.asarray(options.scale * math.sqrt(head_dim), query.dtype)
+  flax = _FLAX_CALL.get()
+  module, is_causal = (None, False) if flax is None else flax
   context = attention_fn(
-      query, key, value, bias=bias, mask=allowed, broadcast_dropout=options.broadcast_dropout,
-      dropout_rng=dropout_rng, dropout_rate=options.dropout_rate, deterministic=deterministic,
-      dtype=dtype, precision=precision)
-  # Flax spreads a row with no visible key uniformly; the layer's contract is zeros.
-  has_key = jnp.any(allowed, axis=-1)  # [B, 1 or N, T]
-  context = context * jnp.swapaxes(has_key, 1, 2)[..., None].astype(context.dtype)  # [B, T, N, H]
+      query, key, value, mask=allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
+      broadcast_dropout=options.broadcast_dropout, deterministic=deterministic, dtype=dtype,
+      precision=precision, module=module, is_causal=is_causal, **extra)  # [B, T, N, H]
+  if flax is None:  # meshattn's Attention: a query that sees no key outputs zeros
+    has_key = jnp.any(allowed, axis=-1)  # [B, 1 or N, T]
+    context = context * jnp.swapaxes(has_key, 1, 2)[..., None].astype(context.dtype)
   return context, None
