@@ -357,6 +357,9 @@ def _typed(merged: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
   axes = _mesh_axes_from(merged, schema)
   out: dict[str, Any] = {}
   for key, value in merged.items():
+    if not isinstance(key, str):
+      raise ConfigError(f"{key!r}: config keys are strings (key names such as 'num_kv_heads'), "
+                        f"got {type(key).__name__} {key!r}")
     mesh_key = _MESH_KEY.match(key)
     if mesh_key:
       if mesh_key.group(2) not in axes:

@@ -130,13 +130,12 @@ def _validate_shape(cfg: Mapping[str, Any]) -> None:
     _fail("quantization", f"{cfg['quantization']!r} runs integer matmuls and takes no "
           f"matmul_precision (got {cfg['matmul_precision']!r}): use matmul_precision default")
   _at_least(cfg, "nope_layer_interval", 0)
-  _positive(cfg, "temperature_tuning_floor_scale")
+  for key in vocab.POSITIVE_FLOATS:
+    _positive(cfg, key)
   if cfg["temperature_tuning"] and not (cfg["nope_layer_interval"] > 0
                                         or cfg["rope_type"] == "none"):
     _fail("temperature_tuning", "applies to layers without RoPE: set nope_layer_interval > 0 "
           "(Llama 4) or rope_type none")
-  if not cfg["normalization_layer_epsilon"] > 0:
-    _fail("normalization_layer_epsilon", f"must be > 0, got {cfg['normalization_layer_epsilon']}")
 
 
 def _validate_attention(cfg: Mapping[str, Any]) -> None:
@@ -212,41 +211,24 @@ def _validate_rope(cfg: Mapping[str, Any]) -> None:
               f"{rotary // 2} rotated frequencies (rotary dims // 2)")
   elif cfg["use_mrope"]:
     _fail("use_mrope", "needs RoPE: rope_type is 'none'")
-  _positive(cfg, "rope_min_timescale")
-  if not cfg["rope_max_timescale"] > cfg["rope_min_timescale"]:
-    _fail(
-      "rope_max_timescale",
-      f"must be > rope_min_timescale={cfg['rope_min_timescale']}, got {cfg['rope_max_timescale']}",
-    )
-  if rope_type in ("llama3.1", "yarn"):
-    _at_least(cfg, "rope_factor", 1)
-  if rope_type == "llama3.1":
-    _positive(cfg, "rope_low_freq_factor")
-    # Equal factors (Llama 4) leave no blended band between the two cut-offs.
-    if not cfg["rope_high_freq_factor"] >= cfg["rope_low_freq_factor"]:
-      _fail(
-        "rope_high_freq_factor",
-        f"must be >= rope_low_freq_factor={cfg['rope_low_freq_factor']} for llama3.1, "
-        f"got {cfg['rope_high_freq_factor']}",
-      )
-  if rope_type == "yarn" and not cfg["beta_fast"] > cfg["beta_slow"]:
-    _fail("beta_fast", f"must be > beta_slow={cfg['beta_slow']} for yarn, got {cfg['beta_fast']}")
-  _at_least(cfg, "rope_attention_factor", 0)
+  keys = vocab.ROPE_CONFIG_KEYS
+  problem = vocab.rope_problem(rope_type, {field: cfg[key] for field, key in keys.items()}, keys)
+  if problem:
+    _fail(keys[problem[0]], problem[1])
 
 
 def _validate_lengths(cfg: Mapping[str, Any]) -> None:
   """Sequence lengths, KV-cache quantization and layout (a paged decode cache has no axis
   order and no ring)."""
-  prefill, target = cfg["max_prefill_predict_length"], cfg["max_target_length"]
-  if not 1 <= prefill <= target:
-    _fail(
-      "max_prefill_predict_length", f"must be in [1, max_target_length={target}], got {prefill}"
-    )
+  problem = vocab.prefill_length_problem(cfg["max_prefill_predict_length"],
+                                         cfg["max_target_length"])
+  if problem:
+    _fail("max_prefill_predict_length", problem)
   for key in ("prefill_cache_axis_order", "ar_cache_axis_order"):
     if not vocab.is_axis_permutation(cfg[key]):
       _fail(
         key,
-        f"must be a permutation of [0, 1, 2, 3] ({', '.join(vocab.CACHE_DIMS)}), "
+        f"must be a permutation of [0, 1, 2, 3] ({', '.join(vocab.CACHE_DIMS)}) given as ints, "
         f"got {_thaw(cfg[key])!r}",
       )
   # A paged decode cache has no axis order; a prefill cache is contiguous whatever the kind.
@@ -309,18 +291,13 @@ def _validate_rules(cfg: Mapping[str, Any]) -> None:
   """logical_axis_rules entries are [name, axes] and only name mesh axes that exist."""
   axes = list(cfg["mesh_axes"])
   for rule in cfg["logical_axis_rules"]:
-    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
-      _fail(
-        "logical_axis_rules",
-        f"rule {rule!r} must be [logical_name, mesh_axis | [mesh_axes] | null]",
-      )
+    problem = vocab.logical_rule_problem(rule)
+    if problem:
+      _fail("logical_axis_rules", problem)
     name, target = rule
     if target is None:
       continue
-    targets = [target] if isinstance(target, str) else target
-    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-      _fail("logical_axis_rules", f"rule {list(rule)!r}: axes must be a str, a list of str or null")
-    for mesh_axis in targets:
+    for mesh_axis in [target] if isinstance(target, str) else target:
       if mesh_axis not in axes:
         _fail(
           "logical_axis_rules",

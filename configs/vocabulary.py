@@ -123,13 +123,69 @@ def linear_normalize_problem(normalize: bool, feature_map: str) -> str | None:
   return None
 
 
+# Floats that are > 0 whenever given (a 0 or negative one gives NaN or a division by 0).
+# Checked by name: validation._validate_shape (the keys), AttentionSettings (the keywords).
+POSITIVE_FLOATS: tuple[str, ...] = ("normalization_layer_epsilon", "temperature_tuning_floor_scale")
+
+
+def prefill_length_problem(prefill: int, target: int) -> str | None:
+  """A prompt is prefilled into the cache of max_target_length tokens, so it fits there."""
+  if not 1 <= prefill <= target:
+    return f"must be in [1, max_target_length={target}], got {prefill}"
+  return None
+
+
+# RoPE's numeric fields (RopeSpec's names) -> their config keys.
+ROPE_CONFIG_KEYS: Mapping[str, str] = {
+    "min_timescale": "rope_min_timescale", "max_timescale": "rope_max_timescale",
+    "factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor", "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow", "attention_factor": "rope_attention_factor"}
+
+
+def rope_problem(rope_type: str, values: Mapping[str, float],
+                 names: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+  """RoPE's timescales and scaling factors: None, or (field, what is wrong) for the first
+  field that breaks a rule. `values` is keyed by RopeSpec's field names; `names` gives the
+  wording of the other fields a phrase mentions (the config keys; default the field names)."""
+  v = values
+  name = lambda field: (names or {}).get(field, field)
+  if not v["min_timescale"] > 0:
+    return "min_timescale", f"must be > 0, got {v['min_timescale']}"
+  if not v["max_timescale"] > v["min_timescale"]:
+    return "max_timescale", (f"must be > {name('min_timescale')}={v['min_timescale']}, "
+                             f"got {v['max_timescale']}")
+  if rope_type in ("llama3.1", "yarn") and not v["factor"] >= 1:
+    return "factor", f"must be >= 1 for {rope_type}, got {v['factor']}"
+  if rope_type == "llama3.1":
+    if not v["low_freq_factor"] > 0:
+      return "low_freq_factor", f"must be > 0 for llama3.1, got {v['low_freq_factor']}"
+    # Equal factors (Llama 4) leave no blended band between the two cut-offs.
+    if not v["high_freq_factor"] >= v["low_freq_factor"]:
+      return "high_freq_factor", (f"must be >= {name('low_freq_factor')}={v['low_freq_factor']} "
+                                  f"for llama3.1, got {v['high_freq_factor']}")
+  if rope_type == "yarn":
+    # The ramp's ends are log(original_max_position_embeddings / (2 pi beta)): beta > 0.
+    if not v["beta_slow"] > 0:
+      return "beta_slow", f"must be > 0 for yarn (a number of rotations), got {v['beta_slow']}"
+    if not v["beta_fast"] > v["beta_slow"]:
+      return "beta_fast", (f"must be > {name('beta_slow')}={v['beta_slow']} for yarn, "
+                           f"got {v['beta_fast']}")
+  if not v["attention_factor"] >= 0:
+    return "attention_factor", f"must be >= 0 (0 = 0.1*ln(factor)+1), got {v['attention_factor']}"
+  return None
+
+
 def dropout_in_range(rate: float) -> bool:
   """Dropout keeps each weight with probability 1 - rate: rate in DROPOUT_RANGE."""
   return 0.0 <= rate < 1.0
 
 
 def is_axis_permutation(order: Sequence[int]) -> bool:
-  """A cache axis order names each of the CACHE_DIMS once."""
+  """A cache axis order names each of the CACHE_DIMS once, as ints (not bools, floats or
+  strings: 1.0 or '3' is a typo, never an axis)."""
+  if not all(isinstance(a, int) and not isinstance(a, bool) for a in order):
+    return False
   return sorted(order) == list(range(len(CACHE_DIMS)))
 
 
@@ -153,6 +209,17 @@ def paged_ring_problem(paged: bool, ring: bool | None) -> str | None:
   if paged and ring:
     return ("is the contiguous cache's ring; a paged cache keeps every token in its pages: "
             "leave it unset (null / None) or false with paged_kv_cache")
+  return None
+
+
+def logical_rule_problem(rule) -> str | None:
+  """A logical axis rule is [logical_name, mesh_axis | [mesh_axes] | null]."""
+  if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+    return f"rule {rule!r} must be [logical_name, mesh_axis | [mesh_axes] | null]"
+  target = rule[1]
+  targets = [] if target is None else [target] if isinstance(target, str) else target
+  if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+    return f"rule {list(rule)!r}: axes must be a str, a list of str or null"
   return None
 
 

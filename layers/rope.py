@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.configs.validation import check_values
+from meshattn.configs.vocabulary import ROPE_CONFIG_KEYS, rope_problem
 from meshattn.configs.vocabulary import ROPE_TYPES  # noqa: F401  (re-exported)
 
 RopeType = Literal["default", "llama3.1", "yarn", "none"]
@@ -64,6 +65,11 @@ class RopeSpec:
     if not 0.0 < self.partial_rotary_factor <= 1.0:
       raise ValueError(
           f"partial_rotary_factor={self.partial_rotary_factor}: allowed (0, 1]")
+    # The timescale and scaling rules the config checks too (vocabulary.rope_problem).
+    problem = rope_problem(self.rope_type, {f: getattr(self, f) for f in ROPE_CONFIG_KEYS})
+    if problem:
+      field, message = problem
+      raise ValueError(f"RopeSpec {field}={getattr(self, field)!r}: {message}")
 
   @property
   def enabled(self) -> bool:

@@ -40,6 +40,21 @@ PRECISIONS: Mapping[str, jax.lax.Precision | None] = {
     name: None if name == "default" else jax.lax.Precision[name.upper()]
     for name in vocab.MATMUL_PRECISIONS}
 
+def _check_dtype(name: str, value: Any) -> Any:
+  """A dtype keyword: a dtype object (kept as given), or one of vocabulary.DTYPE_NAMES (read
+  as the jnp dtype, so keywords and a config give equal records); ValueError otherwise."""
+  allowed = f"a jnp dtype (jnp.bfloat16) or one of {list(vocab.DTYPE_NAMES)}"
+  if isinstance(value, str):
+    if value not in DTYPES:
+      raise ValueError(f"{name}={value!r}: allowed {allowed}")
+    return DTYPES[value]
+  try:
+    jnp.dtype(value)
+  except TypeError:
+    raise ValueError(f"{name}={value!r}: allowed {allowed}") from None
+  return value
+
+
 _CONFIG_PREFIX = {"train": "", "prefill": "prefill_", "autoregressive": "decode_"}
 
 
@@ -128,6 +143,12 @@ class AttentionSettings:
     set_ = lambda name, value: object.__setattr__(self, name, value)
     # The config's one-value rules (finite floats, sizes >= 1, > 0 or unset), by field name.
     check_values((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+    for name in ("dtype", "weight_dtype"):
+      set_(name, _check_dtype(name, getattr(self, name)))
+    for rule in self.logical_axis_rules:
+      problem = vocab.logical_rule_problem(rule)
+      if problem:
+        raise ValueError(f"logical_axis_rules: {problem}")
     for name in POSITIVE_OR_UNSET:
       if getattr(self, name) == 0:
         set_(name, None)  # one spelling of "unset" for the layer and the kernels
@@ -156,9 +177,13 @@ class AttentionSettings:
                        "NoPE layers): this layer has rope_type="
                        f"{self.rope.rope_type!r}; use rope_type 'none' (in a config: "
                        "nope_layer_interval)")
-    if not self.temperature_tuning_floor_scale > 0:
-      raise ValueError(f"temperature_tuning_floor_scale={self.temperature_tuning_floor_scale}: "
-                       "must be > 0")
+    for name in vocab.POSITIVE_FLOATS:
+      if not getattr(self, name) > 0:
+        raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+    problem = vocab.prefill_length_problem(self.max_prefill_predict_length,
+                                           self.max_target_length)
+    if problem:
+      raise ValueError(f"max_prefill_predict_length={self.max_prefill_predict_length}: {problem}")
     check_quantization(self.quantization)
     if self.quantization and self.precision is not None:
       raise ValueError(f"quantization={self.quantization!r} runs integer matmuls and takes no "
