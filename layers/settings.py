@@ -112,7 +112,8 @@ class AttentionSettings:
   # an MRoPE model, so its NoPE layers take the same positions.
   position_streams: int | None = None
   max_target_length: int = 2048
-  max_prefill_predict_length: int = 1024
+  # None: min(1024, max_target_length), so a short max_target_length alone is enough.
+  max_prefill_predict_length: int | None = None
   # KV cache (prefill / autoregressive modes).
   kv_quant: KVQuant | None = None  # None = full-precision cache
   prefill_cache_axis_order: tuple[int, ...] = (0, 1, 2, 3)
@@ -180,6 +181,8 @@ class AttentionSettings:
     for name in vocab.POSITIVE_FLOATS:
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+    if self.max_prefill_predict_length is None:
+      set_("max_prefill_predict_length", min(1024, self.max_target_length))
     problem = vocab.prefill_length_problem(self.max_prefill_predict_length,
                                            self.max_target_length)
     if problem:

@@ -297,3 +297,15 @@ def test_ring_off_beside_pages_still_lays_out_a_contiguous_cache():
   config = load_config("tiny", "paged_kv_cache=true", "sliding_window_ring_buffer=false",
                        "attention_type=local_sliding", "sliding_window_size=4")
   assert Attention(config, rngs=nnx.Rngs(0)).init_cache(2, 16, paged=False).window is None
+
+
+def test_a_short_max_target_length_alone_is_enough_as_keywords():
+  """The prefill limit's keyword default follows the target (min(1024, max_target_length));
+  one given beyond it is refused, naming it."""
+  assert AttentionSettings(emb_dim=16, num_query_heads=2,
+                           max_target_length=64).max_prefill_predict_length == 64
+  assert AttentionSettings(emb_dim=16, num_query_heads=2).max_prefill_predict_length == 1024
+  with pytest.raises(ValueError, match=r"max_prefill_predict_length=100: must be in \[1, "
+                                       r"max_target_length=64\]"):
+    AttentionSettings(emb_dim=16, num_query_heads=2, max_target_length=64,
+                      max_prefill_predict_length=100)
