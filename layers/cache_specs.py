@@ -35,7 +35,7 @@ _IDENTITY = vocab.DEFAULT_CACHE_AXIS_ORDER
 def _axis_order(name: str, order: Sequence[int]) -> tuple[int, ...]:
   """The order as a hashable tuple, or ValueError naming `name` (a config key)."""
   if not vocab.is_axis_permutation(order):
-    raise ValueError(f"{name}={order}: must be a permutation of (0, 1, 2, 3)")
+    raise ValueError(f"{name}={order}: must be a permutation of the ints (0, 1, 2, 3)")
   return tuple(int(a) for a in order)
 
 
