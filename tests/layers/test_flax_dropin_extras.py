@@ -105,3 +105,17 @@ def test_extras_refuse_bad_values_at_construction(kw, name):
 def test_attention_type_error_lists_allowed():
   with pytest.raises(ValueError, match="memory_efficient"):
     MultiHeadAttention(num_heads=4, in_features=D, rngs=nnx.Rngs(0), attention_type="flsh")
+
+
+def test_an_attention_fn_written_for_linen_keywords_runs():
+  """Linen passes only the keywords a function takes: one without module / is_causal runs."""
+  from meshattn.layers.flax_compat import MultiHeadAttention
+  def linen_style(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
+                  broadcast_dropout=True, deterministic=False, dtype=None, precision=None):
+    return nnx.dot_product_attention(query, key, value, mask=mask, dtype=dtype,
+                                     precision=precision)
+  kw = dict(num_heads=2, in_features=8, decode=False)
+  ours = MultiHeadAttention(**kw, attention_fn=linen_style, rngs=nnx.Rngs(0))
+  theirs = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 8)), jnp.float32)  # [B, T, D]
+  np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@
 Flax parity: the keywords flax.nnx.MultiHeadAttention passes, and only those:
 `attention_fn(query, key, value, mask=, dropout_rng=, dropout_rate=,
 broadcast_dropout=, deterministic=, dtype=, precision=, module=, is_causal=)`
-(`module` is the layer when the call sows weights, else None), plus `bias=`
+(`module` is the layer when the call sows weights, else None; a keyword the
+function does not take is left out, as Linen's layer does), plus `bias=`
 only when the call has one; with query/key/value [batch, length, heads,
 head_dim] and the same number of heads in all three. Called by the Flax
 drop-in (within `flax_call`), its output is used as is, as in Flax (a query
@@ -46,12 +47,20 @@ def flax_call(module: Any, is_causal: bool) -> Iterator[None]:
     _FLAX_CALL.reset(token)
 
 
-def _takes_bias(fn: Callable) -> bool:
+def _accepted(fn: Callable) -> Callable[[str], bool]:
+  """Which keywords fn takes (all where it has **kwargs or no readable signature)."""
   try:
     params = inspect.signature(fn).parameters.values()
   except (TypeError, ValueError):  # no signature to read: let the call decide
-    return True
-  return any(p.name == "bias" or p.kind is p.VAR_KEYWORD for p in params)
+    return lambda name: True
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    return lambda name: True
+  names = {p.name for p in params}
+  return names.__contains__
+
+
+def _takes_bias(fn: Callable) -> bool:
+  return _accepted(fn)("bias")
 
 
 def call_flax_attention_fn(
@@ -90,11 +99,17 @@ def call_flax_attention_fn(
   query = query * jnp.asarray(options.scale * math.sqrt(head_dim), query.dtype)
   flax = _FLAX_CALL.get()
   module, is_causal = (None, False) if flax is None else flax
-  context = attention_fn(
-      query, key, value, mask=allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
+  flax_keywords = dict(
+      mask=allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
       broadcast_dropout=options.broadcast_dropout, deterministic=deterministic, dtype=dtype,
-      precision=precision, module=module, is_causal=is_causal, **extra)  # [B, T, N, H]
-  if flax is None:  # meshattn's Attention: a query that sees no key outputs zeros
+      precision=precision, module=module, is_causal=is_causal)
+  # A function written for Linen's layer, which passes only the keywords a function takes,
+  # may lack some of NNX's (module, is_causal): leave those out rather than fail.
+  takes = _accepted(attention_fn)
+  flax_keywords = {name: value for name, value in flax_keywords.items() if takes(name)}
+  context = attention_fn(query, key, value, **flax_keywords, **extra)  # [B, T, N, H]
+  if flax is None:  # meshattn's Attention: a query that sees no key outputs zeros (selected)
     has_key = jnp.any(allowed, axis=-1)  # [B, 1 or N, T]
-    context = context * jnp.swapaxes(has_key, 1, 2)[..., None].astype(context.dtype)
+    context = jnp.where(jnp.swapaxes(has_key, 1, 2)[..., None], context, 0.0).astype(
+        context.dtype)
   return context, None
