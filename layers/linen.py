@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -56,6 +57,30 @@ def _logical_boxes(mesh, rules):
     return nn.LogicallyPartitioned(value, tuple(names), mesh=mesh, rules=rules)
 
   return box
+
+
+def _check_cache_mutable(module, stored):
+  """Flax's errors for a decode call whose `cache` collection is immutable (the layer would
+  otherwise run and drop the update, so a loop decodes position 0 forever): no cache yet
+  -> ScopeCollectionNotFound, as Flax reading it; a cache -> ModifyScopeVariableError."""
+  if module.is_mutable_collection("cache"):
+    return
+  path = module.scope.path_text
+  if not stored:
+    raise flax.errors.ScopeCollectionNotFound("cache", "cached_key", path)
+  name = "cached_key" if "cached_key" in stored else next(iter(stored))
+  raise flax.errors.ModifyScopeVariableError("cache", name, path)
+
+
+def _stored_cache_shape(stored):
+  """`_LinenBacked`'s cache_shape / cache_dtype from the stored cache: Flax's cached_key
+  [batch..., L, kv_heads, head_dim], or a linear layer's state (`cache`: kv [B, K, Hk, Hv],
+  one slot per row). The state keeps no length, so later calls bound it by int32 only."""
+  if "cached_key" in stored:
+    return dict(cache_shape=stored["cached_key"].shape, cache_dtype=stored["cached_key"].dtype)
+  kv = stored["cache"]["kv"]  # [B, K, Hk, Hv]
+  return dict(cache_shape=(kv.shape[0], jnp.iinfo(jnp.int32).max, *kv.shape[1:3]),
+              cache_dtype=kv.dtype)
 
 
 def _attend(module, inputs_q, inputs_k, inputs_v, *, decode, first_call, **kwargs):
@@ -133,10 +158,14 @@ class MultiHeadDotProductAttention(nn.Module):
         out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
     if self.force_fp32_for_softmax:  # also when `settings` names float32_logits itself
       kwargs["float32_logits"] = True
-    first_call = not self.has_variable("cache", "cached_key")
+    # "Is there a cache yet" is whatever the layer stored (K/V arrays, or a linear layer's
+    # state): Linen's first decode call makes it and attends normally.
+    stored = self.variables.get("cache", {})
+    first_call = not stored
+    if self.decode:
+      _check_cache_mutable(self, stored)
     if self.decode and not first_call:
-      cached = self.get_variable("cache", "cached_key")
-      kwargs.update(cache_shape=cached.shape, cache_dtype=cached.dtype)
+      kwargs.update(_stored_cache_shape(stored))
     elif self.decode:  # Linen makes the cache as long as this (first) input, in K's dtype
       heads = self.num_heads
       head_dim = (self.qkv_features or inputs_q.shape[-1]) // heads
@@ -147,7 +176,10 @@ class MultiHeadDotProductAttention(nn.Module):
     if self.dropout_rate > 0.0:
       deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
       if not deterministic:
-        rngs = nnx.Rngs(dropout=self.make_rng("dropout") if dropout_rng is None else dropout_rng)
+        key = self.make_rng("dropout") if dropout_rng is None else dropout_rng
+        # Flax's dropout mask is drawn from this key itself; an nnx.Rngs(dropout=key) would
+        # hand the layer fold_in(key, 0). The layer calls its stream once per call.
+        rngs = lambda: key  # noqa: E731
     # Raw arrays in Linen's collections (metadata_fn=None): Flax's variable trees exactly;
     # with a mesh, parameters boxed by logical axes so Linen's sharding tools place them.
     mesh = self.settings.get("mesh")
