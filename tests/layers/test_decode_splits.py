@@ -7,6 +7,7 @@ Shapes, inputs and the NumPy attention are shared with test_decode_kernels.py
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,7 +190,11 @@ INT4_CASES = [("dkv", jnp.float32, 1), ("heads_and_dkv", jnp.float32, 2), ("dkv"
 @pytest.mark.parametrize("axis, dtype, num_splits", INT4_CASES,
                          ids=[f"{a}-{jnp.dtype(d).name}-p{p}" for a, d, p in INT4_CASES])
 def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
-  """int4 K/V (GPU kernel only): the same scale placement, against the reference."""
+  """int4 K/V (GPU kernel only): the same scale placement, against the reference.
+
+  On a GPU the compiled Triton kernel runs (what the layer dispatches to). Interpret mode on
+  the GPU backend read int4 V's odd head-dim elements as zero (jax 0.11.2, H200): a
+  discrepancy of the interpreter's int4 slicing there, not of the kernel."""
   q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
   quant = KVQuant("int4", axis)
   k4, ks = quantize(k, quant)
@@ -198,7 +203,8 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   kwargs = dict(scale=SCALE, soft_cap=2.0, window=20, key_scale=scales_by_head(ks),
                 value_scale=scales_by_head(vs))
   ref = ragged_decode_reference(q, k4, v4, lengths, **kwargs)
-  out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, interpret=True,
+  on_gpu = jax.default_backend() == "gpu"
+  out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, interpret=not on_gpu,
                              num_splits=num_splits)
   tol = TOL if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
