@@ -44,8 +44,8 @@ All accumulation is float32; bf16 inputs feed bf16 tensor-core dots.
 T and S are padded to the block sizes: padded keys get position -1 (never
 attended) and padded query rows are dropped (their zero cotangent makes them
 contribute no gradient).
-Invisible tokens (segment 0, key position -1) may hold NaN / inf: their q, k,
-v are zeroed by a select before the kernels and padding rows' outputs after.
+Invisible tokens (segment 0, key position -1) may hold NaN / inf: v is selected
+away before the forward kernel, q, k and the cotangent before the backward ones.
 """
 
 from __future__ import annotations
@@ -367,8 +367,8 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, sinks_t
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges):
-  return _flash_fwd(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[0]
+def _flash(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k):
+  return _flash_fwd(st, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k)[0]
 
 
 def _sinks_tile(st: _Static, sinks):
@@ -377,16 +377,24 @@ def _sinks_tile(st: _Static, sinks):
   return jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (sinks.shape[0], _SINK_LANES))
 
 
-def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges):
+def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k):
+  # live_q / live_k [B, T' | S', 1, 1] (None: all live). Only V meets a zeroed p here (p @ V); a
+  # NaN k or dead q meets the mask's select (logit NEG, p 0), and a dead row's output is 0 / l.
+  v = v if live_k is None else hide(v, live_k)  # [B, S', K, H]
   o, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, _sinks_tile(st, sinks))
-  return o, (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse)
+  return o, (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k, o, lse)
 
 
 def _flash_bwd(st: _Static, res, do):
   # The backward file imports this one's tile helpers, so it is imported here, not on top.
   # pylint: disable-next=import-outside-toplevel
   from meshattn.layers.kernels.train.flash_pallas_gpu_bwd import backward_kernels
-  q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, o, lse = res
+  q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k, o, lse = res
+  # Zeroed p / dLogits meet dO, K and Q here (0 * NaN = NaN): dead rows' q, dO and dead k go.
+  if live_q is not None:
+    q, do = hide(q, live_q), hide(do, live_q)  # [B, T', N, H]
+  if live_k is not None:
+    k = hide(k, live_k)  # [B, S', K, H]
   dq, dk, dv, delta = backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o,
                                        lse, do)
   dsinks = None
@@ -396,7 +404,7 @@ def _flash_bwd(st: _Static, res, do):
     dsinks = (-(p_sink * delta).sum(axis=(0, 2))).astype(sinks.dtype)  # [N]
   int_zero = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
   return (dq, dk, dv, dsinks, int_zero(q_pos), int_zero(kv_pos), int_zero(q_seg),
-          int_zero(kv_seg), jax.tree.map(int_zero, ranges))
+          int_zero(kv_seg), jax.tree.map(int_zero, ranges), int_zero(live_q), int_zero(live_k))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -471,8 +479,8 @@ def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Arra
       [q_pos, jnp.broadcast_to(jnp.arange(q_len, t_pad, dtype=jnp.int32), (batch, t_pad - q_len))],
       axis=1)  # [B, T']
   kv_pos = _pad_to(kv_pos, s_pad, 1, -1)  # [B, S']
-  # The kernels multiply a zeroed p / dLogits into V, dO, K and Q (0 * NaN = NaN): the q, k, v
-  # no real pair uses (padding, empty slots) are zeroed by a select first (online_softmax.py).
+  # The kernels multiply zeroed p / dLogits into V, dO, K and Q (0 * NaN = NaN): what no real
+  # pair uses (padding, empty slots) is selected away where a product needs it (_flash_fwd/bwd).
   q_seg = kv_seg = ranges = live_q = live_k = None
   if st.has_segments:
     q_seg = _pad_to(call.q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
@@ -480,15 +488,16 @@ def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Arra
     # Token-level segment ranges, once for forward and backward (O(S log S)).
     same = call.q_segment_ids is call.kv_segment_ids and t_pad == s_pad
     ranges = fb.segment_ranges(q_seg, kv_seg, same=same)
-    live_q = rows_with_keys(call.options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len], call.q_segment_ids,
-                            call.kv_segment_ids)[:, :, None, None]  # [B, T, 1, 1]
+    live_q = rows_with_keys(call.options.mask, q_pos[:, :q_len], kv_pos[:, :kv_len],
+                            call.q_segment_ids, call.kv_segment_ids)  # [B, T]
     live_k = keys_with_rows(call.q_segment_ids, call.kv_segment_ids)  # [B, S]
   if not call.options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
     live_k = kv_pos[:, :kv_len] >= 0 if live_k is None else live_k & (kv_pos[:, :kv_len] >= 0)
-  q = _pad_to(query if live_q is None else hide(query, live_q), t_pad, 1, 0)  # [B, T', N, H]
-  k, v = (_pad_to(x if live_k is None else hide(x, live_k[:, :, None, None]), s_pad, 1, 0)
-          for x in (key, value))  # [B, S', K, H]
-  context = _flash(st, q, k, v, call.sinks, q_pos, kv_pos, q_seg, kv_seg, ranges)[:, :q_len]
-  if live_q is not None:  # also zeroes a padding query's (maybe NaN) cotangent: p^T @ dO, delta
-    context = hide(context, live_q)  # [B, T, N, H]
-  return context, None
+  # Padding rows / keys are zeros (never NaN): dead either way.
+  live_q, live_k = (None if live is None else _pad_to(live, n, 1, False)[:, :, None, None]
+                    for live, n in ((live_q, t_pad), (live_k, s_pad)))  # [B, T' | S', 1, 1]
+  q = _pad_to(query, t_pad, 1, 0)  # [B, T', N, H]
+  k, v = (_pad_to(x, s_pad, 1, 0) for x in (key, value))  # [B, S', K, H]
+  context = _flash(st, q, k, v, call.sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q,
+                   live_k)  # [B, T', N, H]
+  return context[:, :q_len], None
