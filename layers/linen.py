@@ -21,6 +21,7 @@ the variables are plain arrays, Flax's trees exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -70,6 +71,39 @@ def _check_cache_mutable(module, stored):
     raise flax.errors.ScopeCollectionNotFound("cache", "cached_key", path)
   name = "cached_key" if "cached_key" in stored else next(iter(stored))
   raise flax.errors.ModifyScopeVariableError("cache", name, path)
+
+
+def _expected_param_shapes(kwargs: FrozenDict) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Path -> shape of every parameter the layer builds from `kwargs` (abstractly: no arrays)."""
+  build = dict(kwargs)
+  build.pop("cache_shape", None)
+  abstract = nnx.eval_shape(lambda: _LinenBacked(**build, rngs=nnx.Rngs(0)))
+  return {tuple(str(k) for k in path): tuple(v.shape)
+          for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def _check_param_shapes(module, kwargs: FrozenDict):
+  """Flax's ScopeParamShapeError (naming the parameter and both shapes) for a stored
+  parameter of another shape, e.g. a checkpoint of another configuration; the layer would
+  otherwise fail inside a projection with an error that names neither."""
+  stored = module.variables.get("params")
+  if not stored:
+    return
+  try:
+    expected = _cached_param_shapes(kwargs)
+  except TypeError:  # unhashable settings: build the abstract layer every call
+    expected = _expected_param_shapes(kwargs)
+  for path, shape in expected.items():
+    value = stored
+    for name in path:
+      value = value.get(name) if hasattr(value, "get") else None
+    value = getattr(value, "value", value)  # nn.LogicallyPartitioned with a mesh
+    if value is not None and tuple(value.shape) != shape:
+      scope = "/".join((module.scope.path_text.rstrip("/"),) + path[:-1])
+      raise flax.errors.ScopeParamShapeError(path[-1], scope, tuple(value.shape), shape)
+
+
+_cached_param_shapes = functools.lru_cache(maxsize=64)(_expected_param_shapes)
 
 
 def _stored_cache_shape(stored):
@@ -187,7 +221,9 @@ class MultiHeadDotProductAttention(nn.Module):
     if mesh is not None:
       rules = normalize_rules(self.settings.get("logical_axis_rules", DEFAULT_LOGICAL_AXIS_RULES))
       metadata_fn = _logical_boxes(mesh, rules)
-    layer = nnx.bridge.ToLinen(_LinenBacked, kwargs=FrozenDict(kwargs), skip_rng=False,
+    kwargs = FrozenDict(kwargs)
+    _check_param_shapes(self, kwargs)
+    layer = nnx.bridge.ToLinen(_LinenBacked, kwargs=kwargs, skip_rng=False,
                                metadata_fn=metadata_fn)
     nn.share_scope(self, layer)
     return layer(inputs_q, inputs_k, inputs_v, nnx_method=_attend, decode=self.decode,

@@ -84,3 +84,24 @@ def test_dropout_key_gives_flax_mask(cls):
                              want, **TOL)
   np.testing.assert_allclose(ours.apply(v, X, deterministic=False, dropout_rng=key),
                              flaxs.apply(v, X, deterministic=False, dropout_rng=key), **TOL)
+
+
+def test_wrong_shaped_params_raise_as_flax():
+  """A parameter of another shape (a checkpoint of another config) raises Flax's
+  ScopeParamShapeError naming it, nested scopes included, before the layer runs."""
+  class Outer(nn.Module):
+    cls: type
+
+    @nn.compact
+    def __call__(self, x):
+      return self.cls(num_heads=2, qkv_features=8, name="attn")(x)
+
+  for cls in (nn.MultiHeadDotProductAttention, ml.MultiHeadDotProductAttention):
+    model = Outer(cls)
+    v = model.init(jax.random.key(0), X)
+    bad = jax.tree.map(lambda a: a, v)
+    bad = flax.core.unfreeze(bad)
+    bad["params"]["attn"]["value"]["kernel"] = jnp.zeros((16, 2, 2))
+    with pytest.raises(flax.errors.ScopeParamShapeError,
+                       match=r'"kernel" in "/attn/value".*\(16, 2, 4\).*\(16, 2, 2\)'):
+      model.apply(bad, X)
