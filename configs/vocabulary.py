@@ -244,3 +244,13 @@ def mesh_product_problem(degrees: Mapping[str, int], devices: int) -> str | None
     return (f"-1 fill impossible: device count {devices} is not divisible by the product of the "
             f"other ici_*/dcn_* parallelism ({shown}) = {product}")
   return None
+
+
+def token_range_problem(low: int, high: int, vocab_size: int | None) -> str | None:
+  """Token ids spanning [low, high] against [0, vocab_size) (None: >= 0 only): what is
+  allowed and what was given, or None. The decoder (eager calls) and the serving engine
+  (every request, before its compiled steps) both ask."""
+  if low >= 0 and (vocab_size is None or high < vocab_size):
+    return None
+  allowed = ">= 0" if vocab_size is None else f"in [0, vocab_size={vocab_size})"
+  return f"ids {allowed}, got values in [{low}, {high}]"

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meshattn.configs.validation import REMAT_POLICIES
+from meshattn.configs.vocabulary import token_range_problem
 from meshattn.kvcache.graph_epoch import TrackedList, TracksGraph
 from meshattn.layers.cache_builder import init_caches
 from meshattn.layers.decoder_block import DecoderBlock
@@ -196,7 +197,6 @@ def _check_token_range(tokens: jax.Array, vocab_size: int) -> None:
   cannot be read, and the embedding lookup returns NaN rows for them."""
   if isinstance(tokens, jax.core.Tracer):
     return
-  low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
-  if low < 0 or high >= vocab_size:
-    raise ValueError(f"tokens must be ids in [0, vocab_size={vocab_size}), got values in "
-                     f"[{low}, {high}]")
+  problem = token_range_problem(int(jnp.min(tokens)), int(jnp.max(tokens)), vocab_size)
+  if problem:
+    raise ValueError(f"tokens must be {problem}")

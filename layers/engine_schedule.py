@@ -35,6 +35,8 @@ import numbers
 
 import numpy as np
 
+from meshattn.configs.vocabulary import token_range_problem
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -149,11 +151,9 @@ class Scheduler:
     # The decoder's own check (layers/decoder.py) cannot run inside the compiled step, where
     # an id outside the vocabulary reads a NaN embedding row and decodes junk. Compared
     # before any cast, so a uint64 stays positive.
-    low, high, vocab = prompt.min(), prompt.max(), self.vocab_size
-    if low < 0 or (vocab is not None and high >= vocab):
-      allowed = ">= 0" if vocab is None else f"in [0, vocab_size={vocab})"
-      raise ValueError(f"request {request.id}: prompt tokens must be ids {allowed}, got values "
-                       f"in [{low}, {high}]")
+    problem = token_range_problem(prompt.min(), prompt.max(), self.vocab_size)
+    if problem:
+      raise ValueError(f"request {request.id}: prompt tokens must be {problem}")
     count = request.max_new_tokens
     if not _is_int(count) or count < 1:
       raise ValueError(f"request {request.id}: max_new_tokens must be an integer >= 1 (an int, "
