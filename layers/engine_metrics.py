@@ -140,7 +140,7 @@ def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pag
   bottom.plot(*_segments(steps, "pages_filled"), color="tab:olive", label="holding tokens")
   bottom.axhline(num_pages, color="gray", linestyle=":", label=f"pool ({num_pages})")
   bottom.set_ylabel("cache pages in use")
-  bottom.set_xlabel("seconds")
+  bottom.set_xlabel("seconds (from the first run's start)")
   bottom.legend(loc="upper right", fontsize=7)
   if title:
     top.set_title(title)
@@ -151,15 +151,21 @@ def plot_timeline(steps: list[StepRecord], path: str, *, num_slots: int, num_pag
 
 def _segments(steps: list[StepRecord], field: str) -> tuple[list[float], list[float]]:
   """A step plot of `field`: its value from each step's start to the next one's, or 0
-  from the step's end when it left the engine idle (waiting for arrivals)."""
+  from the step's end when it left the engine idle (waiting for arrivals) or the next step
+  belongs to another run. One timeline: seconds from the first step's clock start (each run
+  restarts its records' clock, so several runs would otherwise be drawn over each other)."""
   xs, ys = [], []
+  origin = steps[0].clock_start if steps else 0.0
+  on_line = lambda step, t: step.clock_start - origin + t  # noqa: E731
   for i, step in enumerate(steps):
     value = getattr(step, field)
-    end = steps[i + 1].start if i + 1 < len(steps) else step.time
-    if step.idle_after:
-      xs += [step.start, step.time, step.time, end]
+    start, done = on_line(step, step.start), on_line(step, step.time)
+    nxt = steps[i + 1] if i + 1 < len(steps) else None
+    if nxt is None or nxt.clock_start != step.clock_start or step.idle_after:
+      end = done if nxt is None else on_line(nxt, nxt.start)
+      xs += [start, done, done, end]
       ys += [value, value, 0, 0]
     else:
-      xs += [step.start, end]
+      xs += [start, on_line(nxt, nxt.start)]
       ys += [value, value]
   return xs, ys
