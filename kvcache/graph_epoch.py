@@ -34,10 +34,14 @@ def epoch() -> int:
 
 
 class TracksGraph:
-  """Mixin for meshattn's modules: assigning an attribute moves the epoch."""
+  """Mixin for meshattn's modules: assigning or deleting an attribute moves the epoch."""
 
   def __setattr__(self, name: str, value) -> None:
     super().__setattr__(name, value)
+    _epoch[0] += 1
+
+  def __delattr__(self, name: str) -> None:
+    super().__delattr__(name)
     _epoch[0] += 1
 
 

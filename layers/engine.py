@@ -29,6 +29,8 @@ one (submit then refuses prompt ids outside the vocabulary).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 
@@ -120,19 +122,36 @@ class Engine:
     Returns its id. Raises ValueError naming the field, with nothing queued, if it can
     never be served: prompt empty, not integer ids, or ids outside [0, vocab_size);
     max_new_tokens not an integer >= 1; too long for the cache's max_length or page
-    pool. `arrival` is on `now()`'s clock (default: now)."""
+    pool; an id already taken. `arrival` is on `now()`'s clock (default: now), finite
+    and not after now."""
+    now = self.now()
+    request = self._checked_request(prompt, max_new_tokens, id, now if arrival is None else arrival,
+                                    latest_arrival=now)
+    self.scheduler.submit(request)
+    self._arrival[request.id] = self._clock_start + request.arrival
+    self._next_id = max(self._next_id, request.id + 1)
+    return request.id
+
+  def _checked_request(self, prompt, max_new_tokens, id, arrival, *,
+                       latest_arrival: float | None) -> Request:
+    """The Request `submit` would queue, or ValueError naming the field (nothing changes)."""
     if id is not None and (isinstance(id, bool) or not isinstance(id, (int, np.integer))):
       raise ValueError(f"Engine.submit: id must be an int (or None: the next free id), got {id!r}")
     rid = self._next_id if id is None else int(id)
     if rid in self._arrival:
       raise ValueError(f"Engine.submit: request id {rid} was already submitted")
+    if isinstance(arrival, bool) or not isinstance(arrival, numbers.Real) \
+        or not math.isfinite(arrival):
+      raise ValueError(f"request {rid}: arrival must be a finite number of seconds on the "
+                       f"engine's clock (now()), got {arrival!r}")
+    if latest_arrival is not None and arrival > latest_arrival:
+      # A request cannot arrive after it is queued: its waiting time would be negative.
+      raise ValueError(f"request {rid}: arrival={arrival} is after now()={latest_arrival}; "
+                       "submit a request once it has arrived (Engine.run replays a trace)")
     # A copy: the caller may reuse its buffer while the request waits or runs.
-    request = Request(rid, np.array(prompt), max_new_tokens,
-                      self.now() if arrival is None else float(arrival))
-    self.scheduler.submit(request)  # validates it (engine_schedule.Scheduler.validate)
-    self._arrival[rid] = self._clock_start + request.arrival
-    self._next_id = max(self._next_id, rid + 1)
-    return rid
+    request = Request(rid, np.array(prompt), max_new_tokens, float(arrival))
+    self.scheduler.validate(request)
+    return request
 
   @property
   def idle(self) -> bool:
@@ -265,8 +284,19 @@ class Engine:
     The clock restarts at 0: the run's records show times from its start (a request
     submitted before it gets a negative arrival), and again when it returns, so that
     steps called later are a stretch of their own in summary(). With realtime=False every
-    request arrives at once (a throughput run). Steps until every request has finished."""
-    pending = sorted(requests, key=lambda r: r.arrival)
+    request arrives at once (a throughput run). Steps until every request has finished.
+    Every request is checked first (as `submit` checks; ids unique): a ValueError naming
+    the request and field leaves nothing queued."""
+    pending = list(requests)
+    # The whole trace is checked before anything is queued: a bad request late in it would
+    # otherwise fail the run halfway, with earlier ones queued and their ids taken.
+    ids = [r.id for r in pending]
+    if len(set(ids)) != len(ids):
+      twice = sorted({i for i in ids if ids.count(i) > 1})
+      raise ValueError(f"Engine.run: request ids must be unique, {twice} appear more than once")
+    for r in pending:
+      self._checked_request(r.prompt, r.max_new_tokens, r.id, r.arrival, latest_arrival=None)
+    pending.sort(key=lambda r: r.arrival)
     self._clock_start = self._elapsed()
     i = 0
     while i < len(pending) or not self.idle:

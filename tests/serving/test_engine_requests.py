@@ -104,3 +104,25 @@ def test_a_request_id_must_be_an_int(bad_id):
   with pytest.raises(ValueError, match=r"Engine.submit: id must be an int"):
     e.submit([1, 2], 2, id=bad_id)
   assert e.submit([1, 2], 2, id=np.int64(3)) == 3  # an integer id, NumPy's too
+
+
+@pytest.mark.parametrize("arrival", [float("nan"), float("inf"), "0.5", True, 1e9])
+def test_arrival_must_be_finite_and_not_after_now(arrival):
+  e = engine()
+  with pytest.raises(ValueError, match=r"arrival"):
+    e.submit([1, 2], 2, arrival=arrival)
+  assert e.idle and not e.scheduler.waiting
+  assert e.submit([1, 2], 2, arrival=e.now() - 1.0) == 0  # arrived a second ago: fine
+
+
+def test_run_checks_the_whole_trace_before_queueing_anything():
+  e = engine()
+  good = Request(1, np.array([5, 17], np.int32), 2)
+  bad = Request(2, np.array([5, 1000], np.int32), 2)  # an id outside vocab_size=40
+  with pytest.raises(ValueError, match=r"request 2: prompt tokens must be ids"):
+    e.run([good, bad], realtime=False)
+  with pytest.raises(ValueError, match=r"request ids must be unique, \[1\]"):
+    e.run([good, good], realtime=False)
+  assert e.idle and not e.scheduler.waiting and not e.results()
+  fixed = e.run([good, Request(2, np.array([5, 10], np.int32), 2)], realtime=False)
+  assert set(fixed) == {1, 2}  # the ids were not used up by the failed runs

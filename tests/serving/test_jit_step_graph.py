@@ -146,3 +146,18 @@ def test_a_step_that_sows_leaves_the_parameters_alone():
   assert before.keys() == after.keys()
   for path in before:
     np.testing.assert_array_equal(before[path], after[path])
+
+
+def test_a_deleted_cache_is_not_served_from_the_bound_step():
+  """Deleting an attribute moves the epoch like assigning one: the step splits again and
+  fails as the eager call does, instead of running on the deleted cache's arrays."""
+  layer, x = _layer(), _x()
+  step = jit_step(_prefill)
+  step(layer, x)
+  epoch = graph_epoch.epoch()
+  del layer.cache
+  assert graph_epoch.epoch() != epoch
+  with pytest.raises(Exception) as eager:
+    layer(x, model_mode="prefill")
+  with pytest.raises(type(eager.value)):
+    step(layer, x)
