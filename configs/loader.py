@@ -378,6 +378,9 @@ def _typed(merged: Mapping[str, Any], explicit: set[str]) -> dict[str, Any]:
   for prefix in ("ici", "dcn"):
     for axis in axes:
       out.setdefault(f"{prefix}_{axis}_parallelism", 1)
+  for key, derive in vocab.NULL_RESOLVED.items():
+    if out.get(key) is None:
+      out[key] = derive(out)
   return out
 
 

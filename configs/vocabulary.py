@@ -11,7 +11,8 @@ sets and the predicates are these.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 # ---- enumerated values -----------------------------------------------------------
 
@@ -83,6 +84,24 @@ NULLABLE_KEYS: Mapping[str, type] = {
     # null: a ring on a contiguous cache's sliding-window layers; a paged cache keeps every
     # token, so true with paged_kv_cache is refused (layers/cache_specs.py).
     "sliding_window_ring_buffer": bool,
+    # null: default_prefill_length(max_target_length), resolved by the loader (NULL_RESOLVED).
+    "max_prefill_predict_length": int,
+}
+
+# The longest prompt one prefill call takes when none is set, capped by the cache length: a
+# config and the keywords (AttentionSettings) both take it, so a short max_target_length
+# alone builds either way.
+DEFAULT_PREFILL_LENGTH = 1024
+
+
+def default_prefill_length(max_target_length: int) -> int:
+  return min(DEFAULT_PREFILL_LENGTH, max_target_length)
+
+
+# Nullable keys whose null the loader replaces by a value derived from other keys (the loaded
+# config then holds the value): key -> function of the typed config.
+NULL_RESOLVED: Mapping[str, Callable[[Mapping[str, Any]], Any]] = {
+    "max_prefill_predict_length": lambda cfg: default_prefill_length(cfg["max_target_length"]),
 }
 
 # ---- one-value rules -------------------------------------------------------------

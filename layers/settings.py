@@ -182,7 +182,7 @@ class AttentionSettings:
       if not getattr(self, name) > 0:
         raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
     if self.max_prefill_predict_length is None:
-      set_("max_prefill_predict_length", min(1024, self.max_target_length))
+      set_("max_prefill_predict_length", vocab.default_prefill_length(self.max_target_length))
     problem = vocab.prefill_length_problem(self.max_prefill_predict_length,
                                            self.max_target_length)
     if problem:

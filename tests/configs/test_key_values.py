@@ -11,6 +11,7 @@ import pytest
 
 from meshattn.configs import ConfigError, load_config
 from meshattn.configs import vocabulary as vocab
+from meshattn.layers.settings import AttentionSettings
 
 N = 8  # device count the mesh checks use
 # String keys whose value is not one of a fixed set: paths, and the train kernel, whose
@@ -40,10 +41,24 @@ def test_null_defaults_are_declared_nullable_and_take_their_type():
   which says what a set value must be; null and a value of that type load, others do not."""
   base = load_config("base", num_devices=N)
   nulls = {key for key, value in base.items() if value is None}
-  assert nulls == set(vocab.NULLABLE_KEYS)
+  assert nulls | set(vocab.NULL_RESOLVED) == set(vocab.NULLABLE_KEYS)
   for key, kind in vocab.NULLABLE_KEYS.items():
     value = kind(1)  # a value of the declared type (True for bool)
     assert load_config("base", {key: value}, num_devices=N)[key] == value
-    assert load_config("base", {key: None}, num_devices=N)[key] is None
+    loaded = load_config("base", {key: None}, num_devices=N)
+    derive = vocab.NULL_RESOLVED.get(key)
+    assert loaded[key] == (None if derive is None else derive(loaded))
     with pytest.raises(ConfigError, match=f"{key}: expected {kind.__name__} or null, got str"):
       load_config("base", {key: "x"}, num_devices=N)
+
+
+@pytest.mark.parametrize("target", [256, 1024, 4096])
+def test_prefill_length_default_is_the_same_through_config_and_keywords(target):
+  """max_prefill_predict_length unset: min(1024, max_target_length) either way, so a short
+  max_target_length alone loads (it raised through a config, built through keywords)."""
+  cfg = load_config("base", {"max_target_length": target}, num_devices=N)
+  assert cfg["max_prefill_predict_length"] == min(1024, target)
+  settings = AttentionSettings.from_config(cfg)
+  keywords = AttentionSettings(emb_dim=cfg["emb_dim"], num_query_heads=cfg["num_query_heads"],
+                               max_target_length=target)
+  assert settings.max_prefill_predict_length == keywords.max_prefill_predict_length
