@@ -119,6 +119,8 @@ class MultiHeadAttention(Attention):
   rope_max_positions. meshattn extras: mesh, and any `AttentionSettings` field as a
   keyword (attn_logits_soft_cap, logical_axis_rules, pallas_interpret, ...).
   """
+  # Keywords a custom attention_fn also gets (where it takes them): Flax NNX passes none.
+  _flax_fn_keywords: dict = {}
 
   def __init__(
       self,
@@ -360,7 +362,7 @@ class MultiHeadAttention(Attention):
     dropout = None if stream is None else types.SimpleNamespace(dropout=stream)
     values = None if inputs_v is None or inputs_v is inputs_k else inputs_v
     # A custom attention_fn gets Flax's module= and is_causal= (flax_fn.flax_call).
-    with flax_call(self if sow_weights else None, is_causal):
+    with flax_call(self if sow_weights else None, is_causal, **self._flax_fn_keywords):
       if "model_mode" not in meshattn_kwargs and nnx.module.first_from(
           decode, self.decode, error_msg="No `decode` argument was provided to "
           "MultiHeadAttention as either a __call__ argument, class attribute, or nnx.flag."):

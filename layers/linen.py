@@ -40,8 +40,11 @@ class _LinenBacked(MultiHeadAttention):
   """The NNX drop-in, rebuilt at each Linen call; `cache_shape` recreates the decode cache
   that Linen keeps in its `cache` collection, so the bridge can load it."""
 
-  def __init__(self, *args, cache_shape=None, cache_dtype=jnp.float32, **kwargs):
+  def __init__(self, *args, cache_shape=None, cache_dtype=jnp.float32,
+               force_fp32_for_softmax=False, **kwargs):
     super().__init__(*args, **kwargs)
+    # Linen's layer passes this to a custom attention_fn that takes it (NNX's does not).
+    self._flax_fn_keywords = {"force_fp32_for_softmax": force_fp32_for_softmax}
     if cache_shape is not None:  # [batch..., L, kv_heads, head_dim] -> init_cache's input shape
       self.init_cache((*cache_shape[:-2], 0), cache_dtype)
 
@@ -192,6 +195,7 @@ class MultiHeadDotProductAttention(nn.Module):
         out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
     if self.force_fp32_for_softmax:  # also when `settings` names float32_logits itself
       kwargs["float32_logits"] = True
+    kwargs["force_fp32_for_softmax"] = self.force_fp32_for_softmax
     # "Is there a cache yet" is whatever the layer stored (K/V arrays, or a linear layer's
     # state): Linen's first decode call makes it and attends normally.
     stored = self.variables.get("cache", {})

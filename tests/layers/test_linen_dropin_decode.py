@@ -105,3 +105,21 @@ def test_wrong_shaped_params_raise_as_flax():
     with pytest.raises(flax.errors.ScopeParamShapeError,
                        match=r'"kernel" in "/attn/value".*\(16, 2, 4\).*\(16, 2, 2\)'):
       model.apply(bad, X)
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_custom_attention_fn_gets_force_fp32_for_softmax_as_from_flax(force):
+  """Linen's layer passes force_fp32_for_softmax to an attention_fn that takes it."""
+  def make_fn(seen):
+    def fn(q, k, v, mask=None, force_fp32_for_softmax=None, **kw):
+      seen.append(force_fp32_for_softmax)
+      return nn.dot_product_attention(q, k, v, mask=mask)
+    return fn
+
+  got = {}
+  for cls in (nn.MultiHeadDotProductAttention, ml.MultiHeadDotProductAttention):
+    seen = got.setdefault(cls.__module__, [])
+    m = cls(num_heads=2, attention_fn=make_fn(seen), force_fp32_for_softmax=force)
+    m.apply(m.init(jax.random.key(0), X), X)
+  assert got["meshattn.layers.linen"] == got["flax.linen.attention"] and got["flax.linen.attention"]
+  assert set(got["meshattn.layers.linen"]) == {force}

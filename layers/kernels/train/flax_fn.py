@@ -31,16 +31,17 @@ from meshattn.layers.kernels.api import KernelOptions
 from meshattn.layers.kernels.train.dot_product import visible_mask
 
 
-# (module, is_causal) of the Flax drop-in's call in progress, None outside one: the train
-# path reaches call_flax_attention_fn through Attention, which knows neither.
-_FLAX_CALL: contextvars.ContextVar[tuple[Any, bool] | None] = contextvars.ContextVar(
+# (module, is_causal, extra keywords) of the Flax drop-in's call in progress, None outside
+# one: the train path reaches call_flax_attention_fn through Attention, which knows none.
+_FLAX_CALL: contextvars.ContextVar[tuple[Any, bool, dict] | None] = contextvars.ContextVar(
     "flax_call", default=None)
 
 
 @contextlib.contextmanager
-def flax_call(module: Any, is_causal: bool) -> Iterator[None]:
-  """Within it, attention_fn gets `module=module, is_causal=is_causal` (Flax's call values)."""
-  token = _FLAX_CALL.set((module, is_causal))
+def flax_call(module: Any, is_causal: bool, **extra: Any) -> Iterator[None]:
+  """Within it, attention_fn gets `module=module, is_causal=is_causal` (Flax's call values)
+  and `extra` (Linen's layer also passes force_fp32_for_softmax), each where it takes it."""
+  token = _FLAX_CALL.set((module, is_causal, extra))
   try:
     yield
   finally:
@@ -98,11 +99,11 @@ def call_flax_attention_fn(
     allowed = allowed & user.astype(bool)  # [B, 1 or N, T, S]
   query = query * jnp.asarray(options.scale * math.sqrt(head_dim), query.dtype)
   flax = _FLAX_CALL.get()
-  module, is_causal = (None, False) if flax is None else flax
+  module, is_causal, extra_flax = (None, False, {}) if flax is None else flax
   flax_keywords = dict(
       mask=allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
       broadcast_dropout=options.broadcast_dropout, deterministic=deterministic, dtype=dtype,
-      precision=precision, module=module, is_causal=is_causal)
+      precision=precision, module=module, is_causal=is_causal, **extra_flax)
   # A function written for Linen's layer, which passes only the keywords a function takes,
   # may lack some of NNX's (module, is_causal): leave those out rather than fail.
   takes = _accepted(attention_fn)
