@@ -112,16 +112,17 @@ def test_unsupported_decode_requests_are_refused():
     contiguous.init_cache(1, 8)
 
 
-@pytest.mark.parametrize("platform, dtype, paged, want", [
-    ("gpu", jnp.bfloat16, False, "Triton (GPU)"),
-    ("gpu", jnp.int8, True, "Triton (GPU)"),
-    ("gpu", jnp.int4, False, "Triton (GPU)"),  # the ragged GPU kernel reads int4
-    ("gpu", jnp.int4, True, "JAX reference"),  # the paged kernel does not
-    ("tpu", jnp.int8, False, "Mosaic TPU"),
-    ("tpu", jnp.int4, False, "JAX reference"),
-    ("cpu", jnp.bfloat16, False, "JAX reference"),
+@pytest.mark.parametrize("platform, dtype, paged, want, query_dtype", [
+    ("gpu", jnp.bfloat16, False, "Triton (GPU)", jnp.bfloat16),
+    ("gpu", jnp.int8, True, "Triton (GPU)", jnp.bfloat16),
+    ("gpu", jnp.int4, False, "Triton (GPU)", jnp.float32),  # the ragged GPU kernel reads int4
+    ("gpu", jnp.int4, False, "JAX reference", jnp.bfloat16),  # ... not under a 16-bit query
+    ("gpu", jnp.int4, True, "JAX reference", jnp.float32),  # the paged kernel does not
+    ("tpu", jnp.int8, False, "Mosaic TPU", jnp.bfloat16),
+    ("tpu", jnp.int4, False, "JAX reference", jnp.bfloat16),
+    ("cpu", jnp.bfloat16, False, "JAX reference", jnp.bfloat16),
 ])
-def test_decode_implementation_per_platform(platform, dtype, paged, want):
+def test_decode_implementation_per_platform(platform, dtype, paged, want, query_dtype):
   """The registry's decode rows (each registered in its kernel's module): the Pallas kernel on
   GPU and TPU, the reference where no Pallas kernel reads the cache and on CPU (the Mosaic GPU
   int8 kernel only where it was measured faster: not on this host)."""
@@ -129,6 +130,6 @@ def test_decode_implementation_per_platform(platform, dtype, paged, want):
   features = frozenset({"causal", "gqa"} | ({"quantized_kv"} if dtype != jnp.bfloat16 else set())
                        | ({"paged_kv"} if paged else set()))
   request = registry.Request(platform, "autoregressive", features, head_dim=64,
-                             dtype=jnp.bfloat16, kv_len=256, kv_dtype=dtype,
+                             dtype=query_dtype, kv_len=256, kv_dtype=dtype,
                              kv_quant_axis=None if dtype == jnp.bfloat16 else "dkv", group=4)
   assert registry.select(name, request).description == want

@@ -192,7 +192,8 @@ INT4_CASES = [("dkv", jnp.float32, 1), ("heads_and_dkv", jnp.float32, 2), ("dkv"
 def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   """int4 K/V (GPU kernel only): the same scale placement, against the reference.
 
-  On a GPU the compiled Triton kernel runs (what the layer dispatches to). Interpret mode on
+  On a GPU the compiled Triton kernel runs (what the layer dispatches to); its bfloat16 case
+  gave twice the reference there, so it is refused (ragged.py). Interpret mode on
   the GPU backend read int4 V's odd head-dim elements as zero (jax 0.11.2, H200): a
   discrepancy of the interpreter's int4 slicing there, not of the kernel."""
   q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
@@ -204,6 +205,10 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
                 value_scale=scales_by_head(vs))
   ref = ragged_decode_reference(q, k4, v4, lengths, **kwargs)
   on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and dtype != jnp.float32:  # twice the reference on the H200: refused (ragged.py)
+    with pytest.raises(NotImplementedError, match="int4 cache under a 16-bit query"):
+      ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, num_splits=num_splits)
+    return
   out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, interpret=not on_gpu,
                              num_splits=num_splits)
   tol = TOL if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
