@@ -378,8 +378,7 @@ def _sinks_tile(st: _Static, sinks):
 
 
 def _flash_fwd(st: _Static, q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k):
-  # live_q / live_k [B, T' | S', 1, 1] (None: all live). Only V meets a zeroed p here (p @ V); a
-  # NaN k or dead q meets the mask's select (logit NEG, p 0), and a dead row's output is 0 / l.
+  # live_q / live_k [B, T' | S', 1, 1] or None. Only V meets a zeroed p; NaN q / k meet the mask.
   v = v if live_k is None else hide(v, live_k)  # [B, S', K, H]
   o, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, _sinks_tile(st, sinks))
   return o, (q, k, v, sinks, q_pos, kv_pos, q_seg, kv_seg, ranges, live_q, live_k, o, lse)
@@ -393,8 +392,7 @@ def _flash_bwd(st: _Static, res, do):
   # Zeroed p / dLogits meet dO, K and Q here (0 * NaN = NaN): dead rows' q, dO and dead k go.
   if live_q is not None:
     q, do = hide(q, live_q), hide(do, live_q)  # [B, T', N, H]
-  if live_k is not None:
-    k = hide(k, live_k)  # [B, S', K, H]
+  k = k if live_k is None else hide(k, live_k)  # [B, S', K, H]
   dq, dk, dv, delta = backward_kernels(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, ranges, o,
                                        lse, do)
   dsinks = None
@@ -480,7 +478,7 @@ def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Arra
       axis=1)  # [B, T']
   kv_pos = _pad_to(kv_pos, s_pad, 1, -1)  # [B, S']
   # The kernels multiply zeroed p / dLogits into V, dO, K and Q (0 * NaN = NaN): what no real
-  # pair uses (padding, empty slots) is selected away where a product needs it (_flash_fwd/bwd).
+  # pair uses (padding, empty slots; padding is zeros) is selected away where a product needs it.
   q_seg = kv_seg = ranges = live_q = live_k = None
   if st.has_segments:
     q_seg = _pad_to(call.q_segment_ids.astype(jnp.int32), t_pad, 1, 0)  # [B, T']
@@ -493,7 +491,6 @@ def pallas_gpu_flash_attention(query: jax.Array, key: jax.Array, value: jax.Arra
     live_k = keys_with_rows(call.q_segment_ids, call.kv_segment_ids)  # [B, S]
   if not call.options.mask.is_causal:  # only the full mask takes position -1 (an empty slot)
     live_k = kv_pos[:, :kv_len] >= 0 if live_k is None else live_k & (kv_pos[:, :kv_len] >= 0)
-  # Padding rows / keys are zeros (never NaN): dead either way.
   live_q, live_k = (None if live is None else _pad_to(live, n, 1, False)[:, :, None, None]
                     for live, n in ((live_q, t_pad), (live_k, s_pad)))  # [B, T' | S', 1, 1]
   q = _pad_to(query, t_pad, 1, 0)  # [B, T', N, H]
