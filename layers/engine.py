@@ -126,15 +126,16 @@ class Engine:
     and not after now."""
     now = self.now()
     request = self._checked_request(prompt, max_new_tokens, id, now if arrival is None else arrival,
-                                    latest_arrival=now)
-    self.scheduler.submit(request)
+                                    latest_arrival=now, fields=False)
+    self.scheduler.submit(request)  # checks the fields (Scheduler.validate)
     self._arrival[request.id] = self._clock_start + request.arrival
     self._next_id = max(self._next_id, request.id + 1)
     return request.id
 
   def _checked_request(self, prompt, max_new_tokens, id, arrival, *,
-                       latest_arrival: float | None) -> Request:
-    """The Request `submit` would queue, or ValueError naming the field (nothing changes)."""
+                       latest_arrival: float | None, fields: bool = True) -> Request:
+    """The Request `submit` would queue, or ValueError naming the field (nothing changes).
+    fields=False leaves the prompt / length checks to Scheduler.submit, which runs them."""
     if id is not None and (isinstance(id, bool) or not isinstance(id, (int, np.integer))):
       raise ValueError(f"Engine.submit: id must be an int (or None: the next free id), got {id!r}")
     rid = self._next_id if id is None else int(id)
@@ -150,7 +151,8 @@ class Engine:
                        "submit a request once it has arrived (Engine.run replays a trace)")
     # A copy: the caller may reuse its buffer while the request waits or runs.
     request = Request(rid, np.array(prompt), max_new_tokens, float(arrival))
-    self.scheduler.validate(request)
+    if fields:
+      self.scheduler.validate(request)
     return request
 
   @property

@@ -108,10 +108,14 @@ _REGISTERED = RAGGED_FEATURES | FLOAT32
 INT4_16BIT_PROBLEM = "an int4 cache under a 16-bit query (its int4 cast was wrong on the H200)"
 
 
+def _int4_under_16bit(kv_dtype, query_dtype) -> bool:
+  return (kv_dtype is not None and jnp.dtype(kv_dtype) == jnp.int4
+          and query_dtype is not None and jnp.dtype(query_dtype) != jnp.float32)
+
+
 def _int4_needs_float32(request) -> str | None:
-  if request.kv_dtype == "int4" and request.input_dtype not in (None, "float32"):
-    return INT4_16BIT_PROBLEM
-  return None
+  under_16bit = _int4_under_16bit(request.kv_dtype, request.input_dtype)
+  return INT4_16BIT_PROBLEM if under_16bit else None
 
 
 _GPU_LIMITS = dataclasses.replace(TRITON_DECODE_LIMITS, fits=_int4_needs_float32,
@@ -389,8 +393,7 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
   # int4 on GPU: the Triton lowering loads a contiguous int4 row as bytes and
   # splits the nibbles; the paged kernel's gathered rows have no such path.
   check_kernel_kv(key, value, allow_int4=backend == "gpu")
-  if (backend == "gpu" and not interpret and jnp.dtype(key.dtype) == jnp.int4
-      and jnp.dtype(query.dtype) != jnp.float32):
+  if backend == "gpu" and not interpret and _int4_under_16bit(key.dtype, query.dtype):
     raise NotImplementedError(f"ragged_decode_pallas(backend='gpu'): {INT4_16BIT_PROBLEM}; "
                               "use a float32 query or the JAX reference")
   check_tunables(num_warps, num_stages)
