@@ -193,7 +193,8 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   """int4 K/V (GPU kernel only): the same scale placement, against the reference.
 
   On a GPU the compiled Triton kernel runs (what the layer dispatches to); its bfloat16 case
-  gave twice the reference there, so it is refused (ragged.py). Interpret mode on
+  gave twice the reference there (a direct int4 -> bf16 cast, now widened through int8: see
+  the test below), so it is refused (ragged.py) until a GPU run shows it right. Interpret mode on
   the GPU backend read int4 V's odd head-dim elements as zero (jax 0.11.2, H200): a
   discrepancy of the interpreter's int4 slicing there, not of the kernel."""
   q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
@@ -208,11 +209,44 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   if on_gpu and dtype != jnp.float32:  # twice the reference on the H200: refused (ragged.py)
     with pytest.raises(NotImplementedError, match="int4 cache under a 16-bit query"):
       ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, num_splits=num_splits)
-    return
-  out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, interpret=not on_gpu,
-                             num_splits=num_splits)
+    # The kernel itself, past the refusal: with the int8 widening it should now match.
+    out = ragged_mod._ragged_gpu(q, k4, v4, lengths, **kwargs, sinks=None, block_kv=BLOCK,
+                                 interpret=False, num_splits=num_splits)
+  else:
+    out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK,
+                               interpret=not on_gpu, num_splits=num_splits)
   tol = TOL if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
+def test_ragged_int4_triton_module_casts_through_int8(dtype, monkeypatch):
+  """The Triton module the GPU kernel lowers to (lowered for CUDA on any machine) widens the
+  unpacked int4 tiles to int8 and never casts int4 straight to a float: that direct
+  `sitofp i4 -> bf16` gave twice the reference on the H200, where int8's casts and dots
+  are verified. Fails if the widening is removed."""
+  registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+  lower = registration.lowering.lower_jaxpr_to_triton_module
+  modules = []
+
+  def keep_text(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    modules.append(result.module.operation.get_asm())
+    return result
+
+  monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", keep_text)
+  q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
+  k4, ks = quantize(k, KVQuant("int4"))
+  v4, vs = quantize(v, KVQuant("int4"))
+  call = lambda *a: ragged_mod._ragged_gpu(  # noqa: E731 (past the 16-bit refusal)
+      *a[:4], scale=SCALE, soft_cap=None, window=None, sinks=None, key_scale=a[4],
+      value_scale=a[5], block_kv=16, interpret=False, num_splits=1)
+  operands = (q, k4, v4, jnp.asarray(LENGTHS), scales_by_head(ks), scales_by_head(vs))
+  jax.jit(call).trace(*operands).lower(lowering_platforms=("cuda",))
+  (text,) = modules
+  assert "arith.trunci" in text and "xi4>" in text  # the nibbles are unpacked in the kernel
+  assert text.count("arith.extsi") >= 2 and "xi4> to tensor<16x16xi8>" in text  # K and V
+  assert not any("sitofp" in line and "xi4> to" in line for line in text.splitlines())
 
 
 def test_int4_refused_where_no_kernel_path():

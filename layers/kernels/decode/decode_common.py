@@ -121,8 +121,11 @@ def gpu_tile_update(carry, q, k, v, valid_col, valid_row, k_scale, v_scale, *, s
   re-staged as bfloat16 for it (speed: the same as the bfloat16 path on
   the H100, docs/benchmarks.md).
 
+  int4 tiles arrive here widened to int8 (gpu_load_tile_update), so they take
+  these same paths.
+
   Otherwise a value tile that needs a cast (int8 under a float32 query,
-  int4, or bfloat16 under a float32 query) goes through a select on
+  or bfloat16 under a float32 query) goes through a select on
   valid_col after it (a no-op on values):
   without it Triton folds the cast into the dot operand's layout and reads
   the tile from shared memory one byte per instruction; with it the tile is
@@ -168,6 +171,10 @@ def gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, kv_index, scale
   from jax.experimental.pallas import triton as plgpu
   k = plgpu.load(k_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
   v = plgpu.load(v_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
+  if k.dtype == jnp.int4:
+    # Unpacked nibbles widen to int8 (exact), so int4 tiles take the int8 path's casts and
+    # dots: the direct int4 -> bfloat16 cast gave twice the reference on the H200.
+    k, v = k.astype(jnp.int8), v.astype(jnp.int8)  # [bk, H] x2
   k_scale = v_scale = None
   if ks_ref is not None:
     k_scale = plgpu.load(ks_ref.at[scale_index], mask=valid, other=0.0)[None, :]  # [1, bk]

@@ -103,8 +103,10 @@ _REGISTERED = RAGGED_FEATURES | FLOAT32
 
 # The compiled Triton kernel's int4 tiles under a 16-bit query gave twice the reference's
 # output on the H200 (jax 0.11.2, tests/layers/test_decode_splits.py int4 bf16); under a
-# float32 query they matched. Until a GPU run shows a fixed cast, the 16-bit case is left
-# to the JAX reference (autoselect) and refused when asked for directly.
+# float32 query they matched. The cause is the Triton module's direct `sitofp i4 -> bf16`;
+# the kernel now widens the tiles to int8 first (gpu_load_tile_update; the lowered module
+# is checked on CPU), but until a GPU run shows the 16-bit case right, it is left to the
+# JAX reference (autoselect) and refused when asked for directly.
 INT4_16BIT_PROBLEM = "an int4 cache under a 16-bit query (its int4 cast was wrong on the H200)"
 
 
