@@ -201,9 +201,11 @@ class MultiHeadAttention(Attention):
     linear = None
     if kind is AttentionType.LINEAR:
       linear = LinearSpec(chunk_size=linear_attention_chunk_size or LinearSpec.chunk_size)
-    if qkv_dot_general is None and qkv_dot_general_cls is not None:
-      qkv_dot_general = qkv_dot_general_cls()  # Flax instantiates the class per layer
-    if out_dot_general is None and out_dot_general_cls is not None:
+    # Flax's LinearGeneral instantiates the class (which wins over the function) per call;
+    # a stateless op behaves the same made once here.
+    if qkv_dot_general_cls is not None:
+      qkv_dot_general = qkv_dot_general_cls()
+    if out_dot_general_cls is not None:
       out_dot_general = out_dot_general_cls()
     if attention_window is not None:
       mask = MaskSpec("local_sliding", window=attention_window)

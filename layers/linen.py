@@ -32,6 +32,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from meshattn.layers.flax_compat import MultiHeadAttention, key_input
+from meshattn.layers.linen_ops import attach_linen_dot_generals, is_linen_module_class
 from meshattn.layers.projections import default_bias_init, default_kernel_init
 from meshattn.layers.settings import DEFAULT_LOGICAL_AXIS_RULES, normalize_rules
 
@@ -41,8 +42,10 @@ class _LinenBacked(MultiHeadAttention):
   that Linen keeps in its `cache` collection, so the bridge can load it."""
 
   def __init__(self, *args, cache_shape=None, cache_dtype=jnp.float32,
-               force_fp32_for_softmax=False, **kwargs):
+               force_fp32_for_softmax=False, linen_op_classes=(None, None), **kwargs):
     super().__init__(*args, **kwargs)
+    if any(linen_op_classes):  # Linen dot_general classes: one op per projection, as in Flax
+      attach_linen_dot_generals(self, *linen_op_classes, key=kwargs["rngs"].params())
     # Linen's layer passes this to a custom attention_fn that takes it (NNX's does not).
     self._flax_fn_keywords = {"force_fp32_for_softmax": force_fp32_for_softmax}
     if cache_shape is not None:  # [batch..., L, kv_heads, head_dim] -> init_cache's input shape
@@ -120,6 +123,24 @@ def _stored_cache_shape(stored):
               cache_dtype=kv.dtype)
 
 
+def _dot_general_keywords(module) -> dict:
+  """The dot_general hooks for the NNX layer. A class wins over a function, as in Flax's
+  DenseGeneral; a Linen Module class (fp8_ops) goes to `linen_op_classes`, which gives each
+  projection its own op with Flax's variable paths (layers/linen_ops.py)."""
+  hooks = dict(qkv_dot_general=module.qkv_dot_general, out_dot_general=module.out_dot_general,
+               qkv_dot_general_cls=module.qkv_dot_general_cls,
+               out_dot_general_cls=module.out_dot_general_cls)
+  linen_classes = []
+  for part in ("qkv", "out"):
+    cls = hooks[f"{part}_dot_general_cls"]
+    linen_classes.append(cls if is_linen_module_class(cls) else None)
+    if cls is not None:
+      hooks[f"{part}_dot_general"] = None
+    if is_linen_module_class(cls):
+      hooks[f"{part}_dot_general_cls"] = None
+  return dict(hooks, linen_op_classes=tuple(linen_classes))
+
+
 def _attend(module, inputs_q, inputs_k, inputs_v, *, decode, first_call, **kwargs):
   # Linen's decode: the call that makes the cache attends normally (not one token at a time).
   return module(inputs_q, inputs_k, inputs_v, decode=decode and not first_call, **kwargs)
@@ -190,9 +211,7 @@ class MultiHeadDotProductAttention(nn.Module):
         out_kernel_init=self.out_kernel_init, bias_init=self.bias_init,
         out_bias_init=self.out_bias_init, use_bias=self.use_bias, attention_fn=self.attention_fn,
         decode=self.decode, normalize_qk=self.normalize_qk,
-        qkv_dot_general=self.qkv_dot_general, out_dot_general=self.out_dot_general,
-        qkv_dot_general_cls=self.qkv_dot_general_cls,
-        out_dot_general_cls=self.out_dot_general_cls, keep_rngs=False, **self.settings)
+        keep_rngs=False, **_dot_general_keywords(self), **self.settings)
     if self.force_fp32_for_softmax:  # also when `settings` names float32_logits itself
       kwargs["float32_logits"] = True
     kwargs["force_fp32_for_softmax"] = self.force_fp32_for_softmax

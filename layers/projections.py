@@ -65,6 +65,7 @@ class DenseGeneral(TracksGraph, nnx.Module):
     self.dtype = dtype
     self.precision = precision
     self.dot_general = dot_general or jax.lax.dot_general
+    self.dot_general_name: str | None = None  # set by use_dot_general_module
     kernel = _init_flat(kernel_init, rngs.params(), self.in_shape, self.out_shape, weight_dtype)
     self.kernel = nnx.Param(kernel, logical_axes=tuple(kernel_axes))
     if use_bias:
@@ -74,6 +75,12 @@ class DenseGeneral(TracksGraph, nnx.Module):
     else:
       self.bias = None
 
+  def use_dot_general_module(self, name: str, module: nnx.Module) -> None:
+    """Contract with `module`, a stateful op kept as attribute `name` so that its variables
+    sit under this projection (as a Linen `dot_general_cls` op's do in Flax's tree)."""
+    setattr(self, name, module)
+    self.dot_general_name = name
+
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
     if x.shape[-n_in:] != self.in_shape:
@@ -82,7 +89,9 @@ class DenseGeneral(TracksGraph, nnx.Module):
     kernel = self.kernel[...].astype(dtype)
     x = jnp.asarray(x, dtype)  # also a NumPy input (AQT takes jax arrays only)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = self.dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
+    dot_general = (self.dot_general if self.dot_general_name is None
+                   else getattr(self, self.dot_general_name))
+    y = dot_general(x, kernel, (contract, ((), ())), precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
