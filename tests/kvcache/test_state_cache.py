@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers.kernel_checks import rel_err
 from helpers.linear_np import linear_attention_np
@@ -27,6 +28,17 @@ def _filled(cache, rows, seed):
               jnp.asarray([3] * b, jnp.int32))
 
 
+def _refused_unchanged(cache, error, match, call):
+  """call() raises error (matching match) and leaves every array of cache as it was."""
+  before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(cache))]
+  with pytest.raises(error, match=match):
+    call()
+  after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(cache))]
+  assert len(after) == len(before)
+  for a, b in zip(after, before):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_reset_insert_and_rejections():
   cache = LinearStateCache(4, 8, K, H)
   _filled(cache, [1, 2], seed=0)
@@ -40,15 +52,17 @@ def test_reset_insert_and_rejections():
   cache.insert(0, source, 1)
   np.testing.assert_array_equal(np.asarray(cache.kv[...])[0], np.asarray(source.kv[...])[1])
   assert np.asarray(cache.lengths[...]).tolist() == [3, 0, 3, 0]
-  with pytest.raises(StepRejected, match=r"slots must be in \[0, 4\)"):
-    cache.reset(4)
-  with pytest.raises(StepRejected, match="max_length=2"):
-    LinearStateCache(2, 2, K, H).insert(0, source, 1)
-  with pytest.raises(ValueError, match="LinearStateCache"):
-    cache.insert(0, object(), 0)
-  with pytest.raises(ValueError, match=r"source LinearStateCache has \{'num_kv_heads': 2, "
-                                       r"'head_dim': 8, 'value_dim': 8\}; this cache"):
-    cache.insert(0, LinearStateCache(2, 8, K, 2 * H), 0)
+  # Each refusal leaves the (filled) cache as it was.
+  _refused_unchanged(cache, StepRejected, r"slots must be in \[0, 4\)", lambda: cache.reset(4))
+  short = LinearStateCache(2, 2, K, H)
+  _filled(short, [0, 1], seed=2)
+  _refused_unchanged(short, StepRejected, "max_length=2", lambda: short.insert(0, source, 1))
+  _refused_unchanged(cache, ValueError, "LinearStateCache", lambda: cache.insert(0, object(), 0))
+  _refused_unchanged(cache, ValueError, r"source LinearStateCache has \{'num_kv_heads': 2, "
+                     r"'head_dim': 8, 'value_dim': 8\}; this cache",
+                     lambda: cache.insert(0, LinearStateCache(2, 8, K, 2 * H), 0))
+  _refused_unchanged(cache, StepRejected, "at most once", lambda: cache.insert([2, 2], source,
+                                                                             [0, 1]))
   # A write to a slot out of range is dropped, not wrapped onto another slot.
   kept = np.asarray(cache.kv[...])
   cache.write(jnp.asarray([7]), jnp.ones((1, K, H, H)), jnp.ones((1, K, H)), jnp.ones((1,), bool),
