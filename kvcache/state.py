@@ -92,6 +92,16 @@ class LinearStateCache(CacheBase):
     self.norm[...] = self.norm[...].at[rows].set(0.0, mode="drop")
     self.lengths[...] = self.lengths[...].at[rows].set(0, mode="drop")
 
+  def clear_freed(self, freed: jax.Array, released: jax.Array) -> None:
+    """Forget the slots in `released` [S] bool (state to zeros, length 0): the serving
+    engine's release of a finished request, traced with the paged caches' `clear_freed` in
+    one compiled call. A state has no pages, so `freed` [P] is not read."""
+    del freed
+    keep = ~jnp.asarray(released, bool)  # [S]
+    self.kv[...] = jnp.where(keep[:, None, None, None], self.kv[...], 0.0)  # [S, K, Hk, Hv]
+    self.norm[...] = jnp.where(keep[:, None, None], self.norm[...], 0.0)  # [S, K, Hk]
+    self.lengths[...] = jnp.where(keep, self.lengths[...], 0)  # [S]
+
   def insert(self, slot, source: "LinearStateCache", source_slot=0) -> None:
     """Copy the sequence in `source_slot` of `source` (a LinearStateCache, e.g. one
     prefilled apart) into `slot` of this cache; the slot's previous sequence is dropped."""

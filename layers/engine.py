@@ -22,8 +22,10 @@ engine_pages, the measurements engine_metrics.
 The model is anything with the decoder's serving interface:
 `model(tokens, positions, segment_ids, model_mode=..., slots=...)` ->
 logits [B, T, vocab], `model.init_cache(batch, max_length, paged=True)`,
-`model.caches()` (one PagedKVCache per layer), and `model.config.vocab_size` if it has
-one (submit then refuses prompt ids outside the vocabulary).
+`model.caches()` (one PagedKVCache per layer; a hybrid model's linear layers keep a
+LinearStateCache, a state per slot, and are served in the same steps), and
+`model.config.vocab_size` if it has one (submit then refuses prompt ids outside the
+vocabulary).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from meshattn.kvcache.paged import PagedKVCache
+from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.attention import Attention
 from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
 from meshattn.layers.engine_pages import EnginePages
@@ -68,14 +71,19 @@ class Engine:
     model.init_cache(num_slots, max_length, paged=True)
     self.caches = list(model.caches())
     kinds = {type(c) for c in self.caches}
-    if not self.caches or kinds != {PagedKVCache}:
-      raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches, "
-                       f"got {sorted(k.__name__ for k in kinds)}")
-    first = self.caches[0]
+    # Softmax layers keep paged K/V; a hybrid model's linear layers a state per slot.
+    if PagedKVCache not in kinds or not kinds <= {PagedKVCache, LinearStateCache}:
+      raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches "
+                       f"(and LinearStateCaches for linear layers; at least one paged), got "
+                       f"{sorted(k.__name__ for k in kinds)}")
+    paged = [c for c in self.caches if isinstance(c, PagedKVCache)]
+    first = paged[0]
     shape = lambda c: (c.max_length, c.num_pages, c.tokens_per_page)
-    if any(shape(c) != shape(first) for c in self.caches):
+    if any(shape(c) != shape(first) for c in paged):
       raise ValueError("Engine: every layer's paged cache must have the same max_length, "
                        "num_pages and tokens_per_page")
+    if any(c.max_length != first.max_length for c in self.caches):
+      raise ValueError("Engine: every layer's cache must have the same max_length")
     self.num_slots, self.chunk_size, self.prefill_rows = num_slots, chunk_size, prefill_rows
     self.max_length, self.num_pages = first.max_length, first.num_pages
     self.scheduler = Scheduler(num_slots=num_slots, max_length=first.max_length,

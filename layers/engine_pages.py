@@ -16,7 +16,9 @@ replaced, then each cache's `clear_freed` (freed pages' K/V zeroed, scales
 reset to 1, released slots' lengths 0, as `free` does), so a reused page
 never holds its previous owner's data. The device tables stay the truth that
 the step checks (`PAGES_NOT_RESERVED`), and they stay readable by the
-cache's own API (`num_free_pages`, `pages_of`).
+cache's own API (`num_free_pages`, `pages_of`). A hybrid model's linear layers
+keep a LinearStateCache (a fixed state per slot, no pages): it takes no
+tables, and its `clear_freed` forgets the released slots' states.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ import jax
 import numpy as np
 
 from meshattn.kvcache import page_plan
+from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.serving import caches_of, jit_step
 
 
 def _apply_pages(model, table, owner, freed, released):
-  """Every paged cache of `model`: tables <- table [S, M], owner [P]; then the pages in
-  `freed` [P] cleared and the slots in `released` [S] emptied (PagedKVCache.clear_freed)."""
+  """Every paged cache of `model`: tables <- table [S, M], owner [P]; then, in every cache,
+  the pages in `freed` [P] cleared and the slots in `released` [S] emptied (`clear_freed`:
+  a linear layer's state cache has no pages and forgets its released slots)."""
   for cache in caches_of(model):
-    cache.page_table[...] = table  # [S, M]
-    cache.page_owner[...] = owner  # [P]
+    if isinstance(cache, PagedKVCache):
+      cache.page_table[...] = table  # [S, M]
+      cache.page_owner[...] = owner  # [P]
     cache.clear_freed(freed, released)
 
 
@@ -41,12 +46,15 @@ class EnginePages:
   """Host page tables for the caches of one model (see module doc)."""
 
   def __init__(self, caches):
-    first = caches[0]
+    """caches: the model's caches, paged ones first or not (a hybrid model's linear
+    layers keep LinearStateCaches, which have slots but no pages)."""
+    first = next(c for c in caches if isinstance(c, PagedKVCache))
     self.num_slots, self.num_pages = first.batch_size, first.num_pages
     self.tokens_per_page, self.max_length = first.tokens_per_page, first.max_length
     self.max_pages_per_sequence = first.max_pages_per_sequence
     for cache in caches:
-      if (np.asarray(cache.page_owner[...]) != -1).any() or (np.asarray(cache.lengths[...]) > 0).any():
+      owned = isinstance(cache, PagedKVCache) and (np.asarray(cache.page_owner[...]) != -1).any()
+      if owned or (np.asarray(cache.lengths[...]) > 0).any():
         raise ValueError("EnginePages needs empty caches (a fresh init_cache)")
     self.owner = np.full((self.num_pages,), page_plan.FREE, np.int32)  # [P] slot owning each page
     self.table = np.full((self.num_slots, self.max_pages_per_sequence), page_plan.FREE,

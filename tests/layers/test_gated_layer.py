@@ -3,7 +3,7 @@ float64 NumPy with sinks, soft cap and a sliding window, outputs and gradients (
 differences of the float64 layer); prefill + decode == train on the ring-buffer, contiguous,
 paged, int8 and int4 caches; attention_fn composes with it; the attnax drop-in keeps attnax's
 error and builds LITE and LINEAR layers; a hybrid decoder (linear + gated softmax layers) serves
-through jit_step, and the paged-only Engine refuses it. (Sharded == unsharded:
+through jit_step (and the Engine: tests/serving/test_engine_hybrid.py). (Sharded == unsharded:
 test_gated_sharded for softmax layers, test_linear_layer for linear ones.)"""
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from meshattn.configs import load_config
 from meshattn.kvcache import KVCache, KVQuant, LinearStateCache
 from meshattn.layers import Attention, AttentionType, MaskSpec, MultiHeadAttention
 from meshattn.layers.decoder import Decoder
-from meshattn.layers.engine import Engine
 from meshattn.layers.serving import jit_step
 
 EMB, N, K, H, T = 16, 4, 2, 8, 8
@@ -164,17 +163,15 @@ def test_attention_fn_composes_and_attnax_lite_keeps_its_error():
   np.testing.assert_allclose(steps, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_hybrid_decoder_serves_through_jit_step_not_the_engine():
-  """The hybrid-linear preset, shrunk: the Engine refuses it (its linear layers keep a
-  LinearStateCache, not pages); the layers' own steps serve it: prefill 5 tokens + decode 3
-  under jit_step give the train logits."""
+def test_hybrid_decoder_serves_through_jit_step():
+  """The hybrid-linear preset, shrunk: the layers' own steps serve it (prefill 5 tokens +
+  decode 3 under jit_step give the train logits); the Engine serves it too
+  (tests/serving/test_engine_hybrid.py)."""
   cfg = load_config("hybrid-linear", "emb_dim=16", "mlp_dim=32", "num_query_heads=4",
                     "num_kv_heads=2", "head_dim=8", "num_decoder_layers=4", "vocab_size=40",
                     "max_target_length=32", "max_prefill_predict_length=32",
                     "paged_kv_cache=true", num_devices=1)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="LinearStateCache"):
-    Engine(model, num_slots=2, chunk_size=4)
   ids = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)  # [B, T]
   want = nnx.jit(lambda m, ids: m(ids, model_mode="train"))(model, ids)  # [B, T, V]
   caches = model.init_cache(2, 16, paged=False)
