@@ -12,7 +12,9 @@ Requests arrive at any time (`submit`, or `run` replaying a trace of
 arrival times), get a slot and cache pages, have their prompt prefilled in
 chunks interleaved with the decode steps of the running requests, and free
 their slot and pages when they finish (max_new_tokens or `end_token`).
-Sampling is greedy. Each step is one compiled function of fixed shapes
+Sampling is greedy unless a request asks otherwise (`sampling=SamplingParams(temperature,
+top_k, top_p, seed)`, layers/sampling.py, reproducible whatever the schedule). Each
+step is one compiled function of fixed shapes
 (engine_step): a decode row per slot plus `prefill_rows` chunks of
 `chunk_size` tokens. The host dispatches step n+1 before reading step n's
 tokens (`overlap`), so its own work hides behind the device's. The host
@@ -48,13 +50,15 @@ from meshattn.layers.engine_pages import EnginePages
 from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
 from meshattn.layers.engine_step import (KINDS, first_previous, make_engine_step, run_step,
                                          step_inputs)
+from meshattn.layers.sampling import SamplingParams
 from meshattn.layers.serving import raise_if_rejected
 
-__all__ = ["Engine", "Request", "RequestResult", "StepRecord", "summarize", "plot_timeline"]
+__all__ = ["Engine", "Request", "RequestResult", "SamplingParams", "StepRecord", "summarize",
+           "plot_timeline"]
 
 
 class Engine:
-  """Continuous batching of greedy generation requests over `num_slots` cache slots."""
+  """Continuous batching of generation requests over `num_slots` cache slots."""
 
   def __init__(self, model, *, num_slots: int, chunk_size: int, prefill_rows: int = 1,
                max_length: int | None = None, end_token: int | None = None,
@@ -124,24 +128,27 @@ class Engine:
     return self._clock() - self._t0
 
   def submit(self, prompt, max_new_tokens: int, *, id: int | None = None,
-             arrival: float | None = None) -> int:
-    """Queue a request: greedy-decode up to max_new_tokens after prompt [P] (token ids).
+             arrival: float | None = None, sampling: SamplingParams | None = None) -> int:
+    """Queue a request: up to max_new_tokens after prompt [P] (token ids), greedy or as
+    `sampling` says (SamplingParams: temperature, top_k, top_p, seed; a seed of None
+    becomes the request id, so a run is reproducible).
 
     Returns its id. Raises ValueError naming the field, with nothing queued, if it can
     never be served: prompt empty, not integer ids, or ids outside [0, vocab_size);
     max_new_tokens not an integer >= 1; too long for the cache's max_length or page
-    pool; an id already taken. `arrival` is on `now()`'s clock (default: now), finite
-    and not after now."""
+    pool; an id already taken; sampling not a SamplingParams. `arrival` is on `now()`'s
+    clock (default: now), finite and not after now."""
     now = self.now()
     request = self._checked_request(prompt, max_new_tokens, id, now if arrival is None else arrival,
-                                    latest_arrival=now, fields=False)
+                                    latest_arrival=now, fields=False, sampling=sampling)
     self.scheduler.submit(request)  # checks the fields (Scheduler.validate)
     self._arrival[request.id] = self._clock_start + request.arrival
     self._next_id = max(self._next_id, request.id + 1)
     return request.id
 
   def _checked_request(self, prompt, max_new_tokens, id, arrival, *,
-                       latest_arrival: float | None, fields: bool = True) -> Request:
+                       latest_arrival: float | None, fields: bool = True,
+                       sampling: SamplingParams | None = None) -> Request:
     """The Request `submit` would queue, or ValueError naming the field (nothing changes).
     fields=False leaves the prompt / length checks to Scheduler.submit, which runs them."""
     if id is not None and (isinstance(id, bool) or not isinstance(id, (int, np.integer))):
@@ -157,8 +164,14 @@ class Engine:
       # A request cannot arrive after it is queued: its waiting time would be negative.
       raise ValueError(f"request {rid}: arrival={arrival} is after now()={latest_arrival}; "
                        "submit a request once it has arrived (Engine.run replays a trace)")
+    sampling = SamplingParams() if sampling is None else sampling
+    if not isinstance(sampling, SamplingParams):
+      raise ValueError(f"request {rid}: sampling must be a SamplingParams (or None: greedy), "
+                       f"got {type(sampling).__name__}")
+    if sampling.seed is None:  # reproducible by default: the request's own stream
+      sampling = dataclasses.replace(sampling, seed=rid % 2**32)
     # A copy: the caller may reuse its buffer while the request waits or runs.
-    request = Request(rid, np.array(prompt), max_new_tokens, float(arrival))
+    request = Request(rid, np.array(prompt), max_new_tokens, float(arrival), sampling)
     if fields:
       self.scheduler.validate(request)
     return request
@@ -174,8 +187,10 @@ class Engine:
 
   # ---- steps ------------------------------------------------------------------
 
-  def warmup(self) -> int:
+  def warmup(self, *, sampling: bool = False) -> int:
     """Compile every step kind, then run each kernel once, so the first requests pay neither.
+    sampling=True also compiles the kinds that sample (the first step with a sampled row
+    compiles them otherwise; greedy-only steps never need them).
 
     Compiling (every row gated off, no page changed) leaves the caches unchanged. Some
     GPU kernels are built when they first *run* (Mosaic GPU: tokamax's flash attention,
@@ -188,7 +203,8 @@ class Engine:
     plan = StepPlan((), (), (), (), {})
     inputs = step_inputs(plan, self.num_slots, self.prefill_rows, self.chunk_size)
     for kind in self.kinds:
-      np.asarray(run_step(self._step, self.model, inputs, kind, self._previous)[0])
+      for sampled in (False, True) if sampling else (False,):
+        np.asarray(run_step(self._step, self.model, inputs, kind, self._previous, sampled)[0])
     self.pages.push(self.model, force=True)
     if self.idle and not self._arrival:
       return self._run_scratch_requests()
@@ -305,7 +321,8 @@ class Engine:
       twice = sorted({i for i in ids if ids.count(i) > 1})
       raise ValueError(f"Engine.run: request ids must be unique, {twice} appear more than once")
     for r in pending:
-      self._checked_request(r.prompt, r.max_new_tokens, r.id, r.arrival, latest_arrival=None)
+      self._checked_request(r.prompt, r.max_new_tokens, r.id, r.arrival, latest_arrival=None,
+                            sampling=r.sampling)
     pending.sort(key=lambda r: r.arrival)
     self._clock_start = self._elapsed()
     i = 0
@@ -313,7 +330,8 @@ class Engine:
       now = self.now()
       while i < len(pending) and (not realtime or pending[i].arrival <= now):
         r = pending[i]
-        self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=r.arrival if realtime else 0.0)
+        self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=r.arrival if realtime else 0.0,
+                    sampling=r.sampling)
         i += 1
       if self.idle and i < len(pending):
         time.sleep(max(pending[i].arrival - self.now(), 0.0))

@@ -1,6 +1,6 @@
 """The serving engine's host-side scheduler: requests, slots, pages and chunks.
 
-Pure Python and NumPy, no JAX: it decides, the compiled step (engine_step)
+Pure Python and NumPy, no JAX computation: it decides, the compiled step (engine_step)
 computes. Each engine step runs, in one compiled function, a decode row for
 every slot (rows that are not decoding are gated off) and up to
 `prefill_rows` prompt chunks of `chunk_size` tokens. The scheduler picks
@@ -36,15 +36,18 @@ import numbers
 import numpy as np
 
 from meshattn.configs.vocabulary import token_range_problem
+from meshattn.layers.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One generation request: greedy-decode up to `max_new_tokens` after `prompt`."""
+  """One generation request: up to `max_new_tokens` after `prompt`, picked as `sampling`
+  says (default greedy; layers/sampling.py)."""
   id: int
   prompt: np.ndarray  # [P] int32 token ids
   max_new_tokens: int
   arrival: float = 0.0  # seconds after the trace starts (Engine.run)
+  sampling: SamplingParams = SamplingParams()
 
 
 @dataclasses.dataclass(eq=False)
@@ -154,6 +157,9 @@ class Scheduler:
     problem = token_range_problem(prompt.min(), prompt.max(), self.vocab_size)
     if problem:
       raise ValueError(f"request {request.id}: prompt tokens must be {problem}")
+    if not isinstance(request.sampling, SamplingParams):
+      raise ValueError(f"request {request.id}: sampling must be a SamplingParams "
+                       f"(layers/sampling.py), got {type(request.sampling).__name__}")
     count = request.max_new_tokens
     if not _is_int(count) or count < 1:
       raise ValueError(f"request {request.id}: max_new_tokens must be an integer >= 1 (an int, "

@@ -14,7 +14,8 @@ step costs about its decode part plus its chunk part, not S x C). A step
 with no chunk (or no decoding slot) runs the decode-only (chunk-only)
 variant: three compiled variants at most, each of fixed shapes.
 
-Sampling is greedy, inside the step: only S + R int32 tokens come back,
+Sampling runs inside the step (greedy, or temperature / top-k / top-p per request:
+layers/sampling.py): only S + R int32 tokens come back,
 [S] by slot then [R] by chunk row, with the OR of the caches' rejection
 bits. A decode row may take its token from the previous step's outputs on
 the device (`decode_sources`), so the host can dispatch step n+1 before
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meshattn.layers.engine_schedule import StepPlan
+from meshattn.layers.sampling import sample
 from meshattn.layers.serving import caches_of, jit_step, rejected_bits
 
 KINDS = ("decode", "chunk", "mixed")
@@ -47,11 +49,22 @@ class StepInputs:
   chunk_segments: np.ndarray  # [R, C] int32, 0 = right padding
   chunk_slots: np.ndarray  # [R] int32, distinct
   chunk_last: np.ndarray  # [R] int32, index of each row's last real token
+  # Each output row's sampling (decode rows by slot, then chunk rows; layers/sampling.py):
+  temperature: np.ndarray  # [S + R] float32, 0 = greedy
+  top_k: np.ndarray  # [S + R] int32, 0 = off
+  top_p: np.ndarray  # [S + R] float32, 1 = off
+  seed: np.ndarray  # [S + R] uint32
+  sample_position: np.ndarray  # [S + R] int32: where the sampled token goes in its sequence
 
   @property
   def kind(self) -> str:
     decode, chunk = self.decode_segments.any(), self.chunk_segments.any()
     return "mixed" if decode and chunk else "chunk" if chunk else "decode"
+
+  @property
+  def sampled(self) -> bool:
+    """Some row samples (else the step's argmax variant runs: no sort over the vocabulary)."""
+    return bool((self.temperature > 0).any())
 
 
 def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: int) -> StepInputs:
@@ -80,8 +93,28 @@ def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: i
     chunk_positions[row] = chunk.start + np.arange(chunk_size)
     chunk_segments[row, :n] = 1
     chunk_last[row] = n - 1
+  sampling = _sampling_rows(plan, num_slots, prefill_rows)
   return StepInputs(decode_tokens, decode_sources, decode_positions, decode_segments,
-                    chunk_tokens, chunk_positions, chunk_segments, chunk_slots, chunk_last)
+                    chunk_tokens, chunk_positions, chunk_segments, chunk_slots, chunk_last,
+                    **sampling)
+
+
+def _sampling_rows(plan: StepPlan, num_slots: int, prefill_rows: int) -> dict:
+  """The sampling arrays [S + R] of a plan's output rows (unused rows: greedy)."""
+  rows = num_slots + prefill_rows
+  out = dict(temperature=np.zeros((rows,), np.float32), top_k=np.zeros((rows,), np.int32),
+             top_p=np.ones((rows,), np.float32), seed=np.zeros((rows,), np.uint32),
+             sample_position=np.zeros((rows,), np.int32))
+  decode = [(seq.slot, seq, position + 1) for seq, position in
+            zip(plan.decode_sequences, plan.decode_positions)]
+  chunks = [(num_slots + row, seq, chunk.start + len(chunk.tokens))
+            for row, (seq, chunk) in enumerate(zip(plan.chunk_sequences, plan.chunks))]
+  for row, seq, position in decode + chunks:
+    params = seq.request.sampling
+    out["temperature"][row], out["top_k"][row] = params.temperature, params.top_k
+    out["top_p"][row], out["seed"][row] = params.top_p, params.seed or 0
+    out["sample_position"][row] = position
+  return out
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -91,10 +124,18 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 def _engine_step(model, decode_tokens, decode_sources, decode_positions, decode_segments,
                  chunk_tokens, chunk_positions, chunk_segments, chunk_slots, chunk_last,
-                 previous, kind):
+                 temperature, top_k, top_p, seed, sample_position, previous, kind, sampled):
   """(next tokens [S + R]: by slot, then by chunk row; rejection bits); a part not run
-  gives zeros. previous [S + R]: the last step's outputs, read where decode_sources >= 0."""
+  gives zeros. previous [S + R]: the last step's outputs, read where decode_sources >= 0.
+  sampled (static): pick with layers/sampling.sample, else argmax (every row greedy)."""
   num_slots, rows = decode_tokens.shape[0], chunk_tokens.shape[0]
+  params = (temperature, top_k, top_p, seed, sample_position)  # [S + R] each
+
+  def pick(logits, part):  # logits [n, vocab] of the output rows `part`
+    if not sampled:
+      return greedy(logits)
+    return sample(logits, *(x[part] for x in params))  # [n]
+
   next_decode = jnp.zeros((num_slots,), jnp.int32)  # [S]
   next_chunk = jnp.zeros((rows,), jnp.int32)  # [R]
   if kind in ("decode", "mixed"):
@@ -102,12 +143,12 @@ def _engine_step(model, decode_tokens, decode_sources, decode_positions, decode_
                     decode_tokens)  # [S, 1]
     logits = model(fed, decode_positions, decode_segments,
                    model_mode="autoregressive")  # [S, 1, vocab]
-    next_decode = greedy(logits[:, 0])  # [S]
+    next_decode = pick(logits[:, 0], slice(0, num_slots))  # [S]
   if kind in ("chunk", "mixed"):
     logits = model(chunk_tokens, chunk_positions, chunk_segments, model_mode="prefill",
                    slots=chunk_slots)  # [R, C, vocab]
     last = jnp.take_along_axis(logits, chunk_last[:, None, None], axis=1)[:, 0]  # [R, vocab]
-    next_chunk = greedy(last)  # [R]
+    next_chunk = pick(last, slice(num_slots, num_slots + rows))  # [R]
   tokens = jnp.concatenate([next_decode, next_chunk])  # [S + R]
   if getattr(model, "mesh", None) is not None:  # replicated, like `previous` is placed
     tokens = jax.lax.with_sharding_constraint(tokens, replicated(model.mesh))
@@ -129,12 +170,14 @@ def make_engine_step():
   """A fresh compiled step (its own compile cache): step(model, **StepInputs fields,
   previous=, kind=) -> (tokens [S + R], rejection bits). It does not wait for the step:
   the caller reads the bits with the tokens (`raise_if_rejected` names the reason)."""
-  return jit_step(_engine_step, static_argnames="kind", check=False)
+  return jit_step(_engine_step, static_argnames=("kind", "sampled"), check=False)
 
 
-def run_step(step, model, inputs: StepInputs, kind: str | None = None, previous=None):
+def run_step(step, model, inputs: StepInputs, kind: str | None = None, previous=None,
+             sampled: bool | None = None):
   """Dispatch one step; returns device arrays (tokens [S + R], rejection bits), at once."""
   fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(StepInputs)}
   if previous is None:
     previous = first_previous(model, inputs.decode_tokens.shape[0], inputs.chunk_tokens.shape[0])
-  return step(model, **fields, previous=previous, kind=kind or inputs.kind)
+  sampled = inputs.sampled if sampled is None else sampled
+  return step(model, **fields, previous=previous, kind=kind or inputs.kind, sampled=sampled)

@@ -14,8 +14,9 @@ A trace of recall prompts from the training task (held-out stream) arrives
 as a Poisson process of `--rate` requests per second (inf = all at once);
 each prompt ends at a query, and the answer is the first output token. The
 engine (layers/engine.py) serves it: slots, pages, chunked prefill mixed
-with decode steps, greedy sampling, up to `--new-tokens` tokens per request (a
-fixed count, or LOW:HIGH drawn per request by the trace).
+with decode steps, greedy sampling (or `--temperature T [--top-k K --top-p P]`,
+every request with its own reproducible stream), up to `--new-tokens` tokens per
+request (a fixed count, or LOW:HIGH drawn per request by the trace).
 Each variant (`--variants`, default base,int8_kv,int4_kv,int8_proj) is the
 checkpoint restored with its overrides on top of yours and the same trace
 replayed. Printed: one table of throughput, time to first token and time per
@@ -37,7 +38,7 @@ import time
 import jax
 import numpy as np
 
-from meshattn.layers.engine import Engine, plot_timeline
+from meshattn.layers.engine import Engine, SamplingParams, plot_timeline
 from meshattn.layers.engine_trace import poisson_trace
 from meshattn.scripts.checkpointing import load_checkpoint_config, restore_params
 from meshattn.scripts.serve_trace import recall_prompts
@@ -86,6 +87,9 @@ def parse(argv):
                  help=f"comma-separated, from {list(VARIANTS)}")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--seed", type=int, default=0, help="trace seed (prompts, arrivals, lengths)")
+  p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+  p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
   p.add_argument("--out", default="runs/serve", help="folder for serve.json and the plots")
   args = p.parse_args(argv)
   unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -94,6 +98,10 @@ def parse(argv):
   bad = [o for o in args.overrides if "=" not in o]
   if bad:
     p.error(f"overrides must be key=value, got {bad}")
+  try:  # each request's seed is its id (Engine.submit)
+    args.sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    p.error(f"--temperature / --top-k / --top-p: {e}")
   return args
 
 
@@ -111,7 +119,7 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
                   prefill_rows=args.prefill_rows, max_length=max_length,
                   end_token=args.end_token, specialize=not args.single_kind)
   started = time.perf_counter()
-  engine.warmup()
+  engine.warmup(sampling=not args.sampling.greedy)
   compile_s = time.perf_counter() - started
   results = engine.run(trace, realtime=math.isfinite(args.rate))
   correct = [results[rid].tokens[0] == answer for rid, answer in answers.items()]
@@ -150,6 +158,7 @@ def main(argv=None) -> int:
   cfg = load_checkpoint_config(args.checkpoint, *args.overrides)
   prompts, answers = recall_prompts(cfg, args.requests, seed=args.seed)
   trace = poisson_trace(prompts, rate=args.rate, max_new_tokens=args.new_tokens, seed=args.seed)
+  trace = [dataclasses.replace(r, sampling=args.sampling) for r in trace]
   max_length = max(len(p) for p in prompts) + args.new_tokens[1] - 1  # the longest a request grows
   runs = {}
   for name in args.variants.split(","):
@@ -161,7 +170,8 @@ def main(argv=None) -> int:
         f"{args.slots} slots, chunk {args.chunk} x {args.prefill_rows}, "
         f"{summaries[0]['mesh']}, {jax.devices()[0].platform}")
   print_table(summaries)
-  (out / "serve.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+  settings = {k: v for k, v in vars(args).items() if k != "sampling"}  # its fields are there
+  (out / "serve.json").write_text(json.dumps({"args": settings, "runs": runs}, indent=1))
   print(f"\nwrote {out / 'serve.json'} and {', '.join(str(out / f'serve_{n}.png') for n in runs)}")
   return 0
 

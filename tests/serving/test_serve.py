@@ -67,3 +67,14 @@ def test_new_tokens_takes_a_count_or_a_range():
   for bad in ("0", "9:3", "two"):
     with pytest.raises(SystemExit):
       serve.parse(["ckpt", "--new-tokens", bad])
+
+
+def test_sampling_flags():
+  """--temperature / --top-k / --top-p become every request's SamplingParams; bad values
+  stop the script naming the flags (the engine checks them again per request)."""
+  args = serve.parse(["ckpt", "--temperature", "0.7", "--top-k", "20", "--top-p", "0.9"])
+  assert (args.sampling.temperature, args.sampling.top_k, args.sampling.top_p) == (0.7, 20, 0.9)
+  assert serve.parse(["ckpt"]).sampling.greedy
+  for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "-2"]):
+    with pytest.raises(SystemExit):
+      serve.parse(["ckpt", *bad])
