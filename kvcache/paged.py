@@ -64,6 +64,7 @@ from meshattn.kvcache.cache import raise_if
 from meshattn.kvcache.step_checks import Rejection, is_concrete
 from meshattn.kvcache.quant import KVQuant, dequantize, from_cache_basis, quantize, to_cache_basis
 from meshattn.kvcache.views import PagedView
+from meshattn.sharding.multihost import host_copy
 
 
 class PagedKVCache(KVCacheBase):
@@ -265,10 +266,7 @@ class PagedKVCache(KVCacheBase):
     if not is_concrete(value):
       raise ValueError(f"PagedKVCache.{name} is traced: reserve / free / insert manage pages on the "
                        "host and must be called outside jit, between steps")
-    if not value.is_fully_addressable:
-      from jax.experimental import multihost_utils
-      return np.array(multihost_utils.process_allgather(value, tiled=True))
-    return np.array(value)
+    return host_copy(value)
 
   def _host_slots(self, slot, name: str, method: str, *, distinct: bool = False) -> np.ndarray:
     """Argument `name` of `method` as checked slot ids [n] (CacheBase.check_slots), which

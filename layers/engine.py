@@ -21,6 +21,12 @@ tokens (`overlap`), so its own work hides behind the device's. The host
 side (admission, chunks) is engine_schedule, the page tables of every layer
 engine_pages, the measurements engine_metrics.
 
+Several processes (multi-host): every process builds the same Engine over the same
+global model and makes the same calls in the same order (submit, step, run, with the
+same requests); the host side is deterministic, so each plans the same steps, feeds the
+same host arrays (placed as replicated global arrays) and reads back the same
+replicated tokens. `run` takes process 0's arrivals, so real-time traces agree too.
+
 The model is anything with the decoder's serving interface:
 `model(tokens, positions, segment_ids, model_mode=..., slots=...)` ->
 logits [B, T, vocab], `model.init_cache(batch, max_length, paged=True)`,
@@ -312,7 +318,9 @@ class Engine:
     steps called later are a stretch of their own in summary(). With realtime=False every
     request arrives at once (a throughput run). Steps until every request has finished.
     Every request is checked first (as `submit` checks; ids unique): a ValueError naming
-    the request and field leaves nothing queued."""
+    the request and field leaves nothing queued. On several processes each runs `run`
+    with the same trace; the arrivals each step takes are process 0's (one broadcast per
+    loop), so every process plans the same steps."""
     pending = list(requests)
     # The whole trace is checked before anything is queued: a bad request late in it would
     # otherwise fail the run halfway, with earlier ones queued and their ids taken.
@@ -328,10 +336,14 @@ class Engine:
     i = 0
     while i < len(pending) or not self.idle:
       now = self.now()
-      while i < len(pending) and (not realtime or pending[i].arrival <= now):
-        r = pending[i]
-        self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=r.arrival if realtime else 0.0,
-                    sampling=r.sampling)
+      arrived = i
+      while arrived < len(pending) and (not realtime or pending[arrived].arrival <= now):
+        arrived += 1
+      # Several processes run this loop on their own clocks: all take process 0's count,
+      # so they submit the same requests before the same step (identical schedules).
+      for r in pending[i:_agreed(arrived)]:
+        arrival = min(r.arrival, self.now()) if realtime else 0.0  # a later local clock
+        self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=arrival, sampling=r.sampling)
         i += 1
       if self.idle and i < len(pending):
         time.sleep(max(pending[i].arrival - self.now(), 0.0))
@@ -343,6 +355,14 @@ class Engine:
   def summary(self) -> dict:
     """Every finished request and step so far, over all runs (engine_metrics.summarize)."""
     return summarize(list(self._results.values()), self.steps)
+
+
+def _agreed(count: int) -> int:
+  """Process 0's `count` on every process (a broadcast when there are several)."""
+  if jax.process_count() == 1:
+    return count
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(count, np.int32)))
 
 
 def _check_layers(model, chunk_size: int) -> None:

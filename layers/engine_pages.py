@@ -29,6 +29,7 @@ import numpy as np
 from meshattn.kvcache import page_plan
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.layers.serving import caches_of, jit_step
+from meshattn.sharding.multihost import host_copy
 
 
 def _apply_pages(model, table, owner, freed, released):
@@ -52,9 +53,9 @@ class EnginePages:
     self.num_slots, self.num_pages = first.batch_size, first.num_pages
     self.tokens_per_page, self.max_length = first.tokens_per_page, first.max_length
     self.max_pages_per_sequence = first.max_pages_per_sequence
-    for cache in caches:
-      owned = isinstance(cache, PagedKVCache) and (np.asarray(cache.page_owner[...]) != -1).any()
-      if owned or (np.asarray(cache.lengths[...]) > 0).any():
+    for cache in caches:  # host_copy: on several processes, every one reads the whole table
+      owned = isinstance(cache, PagedKVCache) and (host_copy(cache.page_owner[...]) != -1).any()
+      if owned or (host_copy(cache.lengths[...]) > 0).any():
         raise ValueError("EnginePages needs empty caches (a fresh init_cache)")
     self.owner = np.full((self.num_pages,), page_plan.FREE, np.int32)  # [P] slot owning each page
     self.table = np.full((self.num_slots, self.max_pages_per_sequence), page_plan.FREE,

@@ -18,6 +18,7 @@ from .logical import (
 from .mesh import create_mesh, device_groups, mesh_shape_string
 from .multihost import (
   distributed_env,
+  host_copy,
   initialize_from_env,
   make_global_array,
   process_local_data,
@@ -33,6 +34,7 @@ __all__ = [
   "distributed_env",
   "get_param_shardings",
   "get_param_specs",
+  "host_copy",
   "initialize_from_env",
   "logical_to_sharding",
   "logical_to_spec",

@@ -192,3 +192,17 @@ def process_local_data(x: jax.Array) -> np.ndarray:
     # The process's shards do not tile a block (an exotic device order): no local array exists.
     raise ValueError(f"this process's shards of {x.sharding} do not form one block")
   return out
+
+
+def host_copy(x: jax.Array) -> np.ndarray:
+  """All of global `x` as NumPy, the same on every process.
+
+  Where other processes hold parts of it, they are gathered: a collective, so every
+  process must call this at the same point of the program (as the serving engine and
+  the page manager do: all processes run the same host loop). A replicated or
+  process-local array is read without one.
+  """
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.array(x)
+  from jax.experimental import multihost_utils
+  return np.array(multihost_utils.process_allgather(x, tiled=True))

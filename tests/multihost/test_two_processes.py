@@ -11,6 +11,8 @@ other, and the test then runs every part's `check` here, on 8 fake devices:
                  on another mesh and in 1;
   serving        part_serving.py: prefill + decode on a contiguous and a paged
                  int8 cache, a rejected step on every process, the cache kept;
+  engine         part_engine.py: the serving engine (a real-time trace, chunked
+                 prompts, slot reuse, sampling) gives the tokens of 1 process;
   training loop  part_train_loop.py: `train` on 2 processes logs the losses of
                  1, its checkpoint restores here onto another mesh.
 
@@ -34,13 +36,14 @@ pytest.register_assert_rewrite("multihost")  # plain asserts in the parts say wh
 from helpers.multiprocess import run_in_processes  # noqa: E402
 from multihost import (  # noqa: E402
   part_checkpoint,
+  part_engine,
   part_serving,
   part_train_loop,
   part_train_step,
 )
 
 PARTS = {"train step": part_train_step, "checkpoint": part_checkpoint,
-         "serving": part_serving, "training loop": part_train_loop}
+         "serving": part_serving, "engine": part_engine, "training loop": part_train_loop}
 TIMEOUT = 300  # seconds for the whole launch: ~25 s on an idle 2-core machine
 
 
