@@ -23,6 +23,13 @@ replayed. Printed: one table of throughput, time to first token and time per
 output token (p50 / p90), cache pages and recall accuracy per variant.
 Written to --out: serve.json (summaries, per-request and per-step records)
 and serve_<variant>.png (batch occupancy and pages in use over time).
+
+Several processes: `python scripts/launch_local.py -n 2 --cpu-devices 4 --
+scripts/serve.py CHECKPOINT ...` (or any launcher that sets the MESHATTN_*
+variables): every process restores its part of the parameters and runs the same
+engine loop (docs/serving.md), the data axis spans the processes
+(`dcn_data_parallelism` = their count unless a `dcn_*` key is given), and process 0
+prints and writes.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from meshattn.layers.engine import Engine, SamplingParams, plot_timeline
 from meshattn.layers.engine_trace import poisson_trace
 from meshattn.scripts.checkpointing import load_checkpoint_config, restore_params
 from meshattn.scripts.serve_trace import recall_prompts
-from meshattn.sharding import create_mesh, mesh_shape_string
+from meshattn.sharding import create_mesh, initialize_from_env, mesh_shape_string
 
 # name -> (label, config overrides on top of the user's)
 VARIANTS = {
@@ -127,9 +134,10 @@ def serve_variant(args, name: str, trace, answers: dict[int, int], max_length: i
                  recall_accuracy=float(np.mean(correct)), compile_s=compile_s,
                  mesh=mesh_shape_string(mesh), num_pages=pages, tokens_per_page=tpp)
   out = pathlib.Path(args.out)
-  plot_timeline(engine.steps, str(out / f"serve_{name}.png"), num_slots=args.slots,
-                num_pages=pages, title=f"{summary['label']}: {len(trace)} requests, "
-                f"{args.slots} slots, chunk {args.chunk}")
+  if jax.process_index() == 0:
+    plot_timeline(engine.steps, str(out / f"serve_{name}.png"), num_slots=args.slots,
+                  num_pages=pages, title=f"{summary['label']}: {len(trace)} requests, "
+                  f"{args.slots} slots, chunk {args.chunk}")
   return {"summary": summary,
           "requests": [dict(id=r.id, arrival=r.arrival, prompt_length=len(r.prompt),
                             tokens=r.tokens, ttft=r.ttft, tpot=r.tpot,
@@ -153,8 +161,13 @@ def print_table(summaries: list[dict]) -> None:
 
 def main(argv=None) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
+  initialize_from_env()  # under scripts/launch_local.py: join the other processes first
+  if jax.process_count() > 1 and not any(o.startswith("dcn_") for o in args.overrides):
+    args.overrides = ["dcn_data_parallelism=-1", *args.overrides]  # one slice per process
+  lead = jax.process_index() == 0  # every process serves; the first one reports
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  if lead:
+    out.mkdir(parents=True, exist_ok=True)
   cfg = load_checkpoint_config(args.checkpoint, *args.overrides)
   prompts, answers = recall_prompts(cfg, args.requests, seed=args.seed)
   trace = poisson_trace(prompts, rate=args.rate, max_new_tokens=args.new_tokens, seed=args.seed)
@@ -162,9 +175,12 @@ def main(argv=None) -> int:
   max_length = max(len(p) for p in prompts) + args.new_tokens[1] - 1  # the longest a request grows
   runs = {}
   for name in args.variants.split(","):
-    print(f"[serve] {name}: restoring {args.checkpoint} and replaying {len(trace)} requests",
-          flush=True)
+    if lead:
+      print(f"[serve] {name}: restoring {args.checkpoint} and replaying {len(trace)} requests",
+            flush=True)
     runs[name] = serve_variant(args, name, trace, dict(enumerate(answers)), max_length)
+  if not lead:
+    return 0
   summaries = [r["summary"] for r in runs.values()]
   print(f"\nserving {args.checkpoint}: {len(trace)} requests at {args.rate}/s, "
         f"{args.slots} slots, chunk {args.chunk} x {args.prefill_rows}, "
