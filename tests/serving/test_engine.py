@@ -15,11 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import greedy_reference
-from meshattn.configs import load_config
-from meshattn.layers.decoder import Decoder
+from helpers.greedy import build_decoder, greedy_case
 from meshattn.layers.engine import Engine
-from meshattn.sharding import create_mesh, shard_module
 
 OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
              "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
@@ -36,21 +33,12 @@ MESH = ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallel
 
 
 def build(sharded: bool):
-  cfg = load_config("tiny-lm", *OVERRIDES, *(MESH if sharded else ()))
-  mesh = create_mesh(cfg) if sharded else None
-  model = Decoder(cfg, mesh=mesh, rngs=nnx.Rngs(3))
-  if sharded:
-    shard_module(model, mesh, model.rules)
-  return cfg, model
+  return build_decoder(OVERRIDES, sharded=sharded, mesh_overrides=MESH, seed=3)
 
 
 def test_engine_equals_uncached_greedy_decode():
-  cfg, reference = build(sharded=False)
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in PROMPTS]
-  want = [greedy_reference(reference, p, m) for p, m in zip(prompts, MAX_NEW)]
-
-  _, model = build(sharded=True)
+  _, reference, model, prompts, want = greedy_case(OVERRIDES, MESH, PROMPTS, MAX_NEW, seed=3,
+                                                   prompt_seed=0)
   same = jax.tree.map(np.array_equal, nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param))
   assert all(jax.tree.leaves(same))
   assert len(model.embedding[...].sharding.device_set) == 8

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import greedy_reference
+from helpers.greedy import greedy_case
 from meshattn.configs import load_config
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine
-from meshattn.sharding import create_mesh, shard_module
 
 OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
              "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
@@ -31,22 +30,9 @@ PROMPTS = [11, 3, 9, 6, 13]  # lengths; chunk 5: 13 -> 5 + 5 + 3
 MAX_NEW = [4, 6, 3, 5, 4]
 
 
-def build(sharded: bool):
-  cfg = load_config("tiny-lm", *OVERRIDES, *(MESH if sharded else ()))
-  mesh = create_mesh(cfg) if sharded else None
-  model = Decoder(cfg, mesh=mesh, rngs=nnx.Rngs(5))
-  if sharded:
-    shard_module(model, mesh, model.rules)
-  return cfg, model
-
-
 def test_hybrid_engine_equals_uncached_greedy_decode():
-  cfg, reference = build(sharded=False)
-  rng = np.random.default_rng(1)
-  prompts = [rng.integers(1, cfg.vocab_size, n).astype(np.int32) for n in PROMPTS]
-  want = [greedy_reference(reference, p, m) for p, m in zip(prompts, MAX_NEW)]
-
-  _, model = build(sharded=True)
+  _, _, model, prompts, want = greedy_case(OVERRIDES, MESH, PROMPTS, MAX_NEW, seed=5,
+                                           prompt_seed=1)
   engine = Engine(model, num_slots=2, chunk_size=5, prefill_rows=1, specialize=False)
   assert [type(c) for c in engine.caches] == [LinearStateCache, PagedKVCache]
   assert engine.warmup() > 0  # scratch requests through both cache kinds, then forgotten

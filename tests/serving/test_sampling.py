@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import greedy_reference
+from helpers.greedy import greedy_reference, uncached_decode
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine, SamplingParams
@@ -89,22 +89,14 @@ SAMPLING = [SamplingParams(temperature=1.5, seed=11), SamplingParams(),  # greed
             SamplingParams(temperature=2.0, top_p=0.95)]  # seed None: the request id
 
 
-def sampled_reference(model, prompt, max_new, params, width=32):
+def sampled_reference(model, prompt, max_new, params):
   """Uncached: the train forward over the growing sequence, each token sampled with the
   request's key for its position."""
-  forward = nnx.jit(lambda m, t, s: m(t, segment_ids=s, model_mode="train"))
-  sequence = list(prompt)
-  for _ in range(max_new):
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, :len(sequence)] = sequence
-    segments = (np.arange(width) < len(sequence)).astype(np.int32)[None]
-    logits = forward(model, jnp.asarray(tokens), jnp.asarray(segments))[0, len(sequence) - 1]
-    sequence.append(int(sample(logits[None], jnp.asarray([params.temperature], jnp.float32),
-                               jnp.asarray([params.top_k], jnp.int32),
-                               jnp.asarray([params.top_p], jnp.float32),
-                               jnp.asarray([params.seed], jnp.uint32),
-                               jnp.asarray([len(sequence)], jnp.int32))[0]))
-  return sequence[len(prompt):]
+  def pick(logits, position):
+    return sample(logits[None], jnp.asarray([params.temperature], jnp.float32),
+                  jnp.asarray([params.top_k], jnp.int32), jnp.asarray([params.top_p], jnp.float32),
+                  jnp.asarray([params.seed], jnp.uint32), jnp.asarray([position], jnp.int32))[0]
+  return uncached_decode(model, prompt, max_new, pick)
 
 
 def serve(model, prompts, *, num_slots, chunk_size, order):
