@@ -116,7 +116,7 @@ def test_unsupported_decode_requests_are_refused():
     ("gpu", jnp.bfloat16, False, "Triton (GPU)", jnp.bfloat16),
     ("gpu", jnp.int8, True, "Triton (GPU)", jnp.bfloat16),
     ("gpu", jnp.int4, False, "Triton (GPU)", jnp.float32),  # the ragged GPU kernel reads int4
-    ("gpu", jnp.int4, False, "JAX reference", jnp.bfloat16),  # ... not under a 16-bit query
+    ("gpu", jnp.int4, False, "Triton (GPU)", jnp.bfloat16),  # ... under a 16-bit query too
     ("gpu", jnp.int4, True, "JAX reference", jnp.float32),  # the paged kernel does not
     ("tpu", jnp.int8, False, "Mosaic TPU", jnp.bfloat16),
     ("tpu", jnp.int4, False, "JAX reference", jnp.bfloat16),

@@ -15,7 +15,8 @@ import pytest
 from meshattn.kvcache.quant import KVQuant, quantize, scales_by_head
 from meshattn.layers.kernels.decode import decode_common, decode_splits
 from meshattn.layers.kernels.decode import ragged as ragged_mod
-from meshattn.layers.kernels.decode.paged import paged_decode_pallas, paged_decode_reference
+from meshattn.layers.kernels.decode.paged import (auto_pages_per_block, paged_decode_pallas,
+                                                   paged_decode_reference)
 from meshattn.layers.kernels.decode.ragged import ragged_decode_pallas, ragged_decode_reference
 
 from helpers.decode_inputs import (
@@ -192,11 +193,10 @@ INT4_CASES = [("dkv", jnp.float32, 1), ("heads_and_dkv", jnp.float32, 2), ("dkv"
 def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
   """int4 K/V (GPU kernel only): the same scale placement, against the reference.
 
-  On a GPU the compiled Triton kernel runs (what the layer dispatches to); its bfloat16 case
-  gave twice the reference there (a direct int4 -> bf16 cast, now widened through int8: see
-  the test below), so it is refused (ragged.py) until a GPU run shows it right. Interpret mode on
-  the GPU backend read int4 V's odd head-dim elements as zero (jax 0.11.2, H200): a
-  discrepancy of the interpreter's int4 slicing there, not of the kernel."""
+  On a GPU the compiled Triton kernel runs (what the layer dispatches to), in tiles of 16 keys
+  under a 16-bit query (8-key tiles are refused there: see test_small_16bit_tiles_refused).
+  Interpret mode on the GPU backend read int4 V's odd head-dim elements as zero (jax 0.11.2,
+  H200): a discrepancy of the interpreter's int4 slicing there, not of the kernel."""
   q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
   quant = KVQuant("int4", axis)
   k4, ks = quantize(k, quant)
@@ -206,26 +206,44 @@ def test_ragged_int4_gpu_kernel(axis, dtype, num_splits):
                 value_scale=scales_by_head(vs))
   ref = ragged_decode_reference(q, k4, v4, lengths, **kwargs)
   on_gpu = jax.default_backend() == "gpu"
-  if on_gpu and dtype != jnp.float32:  # twice the reference on the H200: refused (ragged.py)
-    with pytest.raises(NotImplementedError, match="int4 cache under a 16-bit query"):
-      ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK, num_splits=num_splits)
-    # The kernel itself, past the refusal: with the int8 widening it should now match.
-    out = ragged_mod._ragged_gpu(q, k4, v4, lengths, **kwargs, sinks=None, block_kv=BLOCK,
-                                 interpret=False, num_splits=num_splits)
-  else:
-    out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=BLOCK,
-                               interpret=not on_gpu, num_splits=num_splits)
+  block = 16 if on_gpu else BLOCK
+  out = ragged_decode_pallas(q, k4, v4, lengths, **kwargs, block_kv=block,
+                             interpret=not on_gpu, num_splits=num_splits)
   tol = TOL if dtype == jnp.float32 else dict(atol=3e-2, rtol=3e-2)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
+
+
+@pytest.mark.parametrize("query_dtype, kv_dtype, refused", [
+    (jnp.bfloat16, jnp.bfloat16, True), (jnp.float16, jnp.int8, True),
+    (jnp.bfloat16, jnp.int4, True), (jnp.float32, jnp.int4, False),
+    (jnp.bfloat16, jnp.float32, False)])  # float32 dots
+def test_small_16bit_tiles_refused(query_dtype, kv_dtype, refused):
+  """Compiled GPU tiles of 8 keys under 16-bit dots gave exactly twice the reference on the
+  H200 (any K/V dtype): refused naming the tile, before anything is lowered; the automatic
+  tiles never go below 16 keys (the paged kernel's too, when its pages are small)."""
+  problem = decode_common.tile_keys_problem(8, query_dtype, kv_dtype)
+  assert (problem is not None) == refused
+  assert decode_common.tile_keys_problem(16, query_dtype, kv_dtype) is None
+  if not refused:
+    return
+  assert auto_pages_per_block(128, 8, 1, query_dtype, kv_dtype) * 8 == 16  # one 8-token page
+  assert auto_pages_per_block(128, 4, 2, query_dtype, kv_dtype) * 4 == 16
+  q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=jnp.float32)
+  q, k, v = q.astype(query_dtype), k.astype(kv_dtype), v.astype(kv_dtype)  # values unused
+  with pytest.raises(ValueError, match=r"block_kv=8: 8 keys per tile under 16-bit dots"):
+    ragged_mod._ragged_gpu(q, k, v, jnp.asarray(LENGTHS), scale=SCALE, soft_cap=None,
+                           window=None, sinks=None, key_scale=None, value_scale=None, block_kv=8,
+                           interpret=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
 def test_ragged_int4_triton_module_casts_through_int8(dtype, monkeypatch):
   """The Triton module the GPU kernel lowers to (lowered for CUDA on any machine) widens the
-  unpacked int4 tiles to int8 and never casts int4 straight to a float: that direct
-  `sitofp i4 -> bf16` gave twice the reference on the H200, where int8's casts and dots
-  are verified. Fails if the widening is removed."""
+  unpacked int4 tiles to int8 and never casts int4 straight to a float (int8's casts and
+  dots are the ones verified on the H200). Fails if the widening is removed."""
   registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
+  if not hasattr(getattr(registration, "lowering", None), "lower_jaxpr_to_triton_module"):
+    pytest.skip("this jax lowers Pallas Triton kernels through another (private) function")
   lower = registration.lowering.lower_jaxpr_to_triton_module
   modules = []
 
@@ -238,7 +256,7 @@ def test_ragged_int4_triton_module_casts_through_int8(dtype, monkeypatch):
   q, k, v, _, _ = ragged_inputs("plain", 2, seed=31, dtype=dtype)
   k4, ks = quantize(k, KVQuant("int4"))
   v4, vs = quantize(v, KVQuant("int4"))
-  call = lambda *a: ragged_mod._ragged_gpu(  # noqa: E731 (past the 16-bit refusal)
+  call = lambda *a: ragged_mod._ragged_gpu(  # noqa: E731
       *a[:4], scale=SCALE, soft_cap=None, window=None, sinks=None, key_scale=a[4],
       value_scale=a[5], block_kv=16, interpret=False, num_splits=1)
   operands = (q, k4, v4, jnp.asarray(LENGTHS), scales_by_head(ks), scales_by_head(vs))

@@ -172,8 +172,8 @@ def gpu_load_tile_update(carry, q, k_ref, v_ref, ks_ref, vs_ref, kv_index, scale
   k = plgpu.load(k_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
   v = plgpu.load(v_ref.at[kv_index], mask=valid[:, None], other=0)  # [bk, H]
   if k.dtype == jnp.int4:
-    # Unpacked nibbles widen to int8 (exact), so int4 tiles take the int8 path's casts and
-    # dots: the direct int4 -> bfloat16 cast gave twice the reference on the H200.
+    # Unpacked nibbles widen to int8 (exact), so int4 tiles take the int8 path's verified
+    # casts and dots (the Triton module never casts int4 straight to a float).
     k, v = k.astype(jnp.int8), v.astype(jnp.int8)  # [bk, H] x2
   k_scale = v_scale = None
   if ks_ref is not None:
@@ -287,6 +287,22 @@ def auto_tile_keys(head_dim: int, itemsize: int) -> int:
   """Keys per GPU loop step for GPU_TILE_BYTES of `itemsize` (compute dtype): a power of two in
   [16, 512]."""
   return int(min(512, max(16, prev_pow2(GPU_TILE_BYTES // max(head_dim * itemsize, 1)))))
+
+
+# Triton's 16-bit tensor-core dot needs at least 16 keys of contraction: p.v over tiles of
+# 8 keys under a bfloat16 / float16 query gave exactly twice the reference on the H200
+# (jax 0.11.2, every K/V dtype and cast tried; float32 dots were right; docs/benchmarks.md
+# 2026-12-05). `auto_tile_keys` never goes below it; an explicit smaller tile is refused.
+MIN_16BIT_TILE_KEYS = 16
+
+
+def tile_keys_problem(tile_keys: int, query_dtype, kv_dtype) -> str | None:
+  """Why a compiled GPU decode tile of `tile_keys` keys cannot run these dtypes, or None."""
+  if compute_itemsize(query_dtype, kv_dtype) == 2 and tile_keys < MIN_16BIT_TILE_KEYS:
+    return (f"{tile_keys} keys per tile under 16-bit dots (a {jnp.dtype(query_dtype).name} "
+            f"query): Triton's 16-bit dot needs >= {MIN_16BIT_TILE_KEYS} (8-key tiles gave "
+            "twice the reference on the H200)")
+  return None
 
 
 def compute_itemsize(query_dtype, kv_dtype) -> int:

@@ -59,10 +59,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from meshattn.layers.kernels.decode.decode_common import (
-    TRITON_DECODE_LIMITS, auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize,
-    dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2,
+    MIN_16BIT_TILE_KEYS, TRITON_DECODE_LIMITS, auto_tile_keys, check_kernel_kv, check_tunables,
+    compute_itemsize, dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2,
     masked_decode_attention, init_tpu_scratch, next_pow2, no_int4_load, online_block_update,
-    pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
+    pallas_decode_variants, tile_keys_problem, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import call_gpu_decode, split_layout, split_nonempty
 from meshattn.layers.kernels.api import decode_kernel
 from meshattn.layers.kernels.registry import ALL, FLOAT32, decode_variant
@@ -194,6 +194,14 @@ def _gpu_kernel(*refs, tpp, block_kv, blocks_per_split, capacity, group, scale, 
                      blocks_per_split=blocks_per_split)
 
 
+def auto_pages_per_block(head_dim: int, tpp: int, max_pages: int, query_dtype, kv_dtype) -> int:
+  """Pages per GPU loop step: `auto_tile_keys` tokens, at most the table's width rounded up to
+  a power of two, and at least MIN_16BIT_TILE_KEYS tokens even where the table is narrower
+  (a step's tokens past a row's length are never looked up)."""
+  keys = auto_tile_keys(head_dim, compute_itemsize(query_dtype, kv_dtype))
+  return max(min(max(1, keys // tpp), next_pow2(max_pages)), -(-MIN_16BIT_TILE_KEYS // tpp))
+
+
 def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, soft_cap, sinks,
                key_scale, value_scale, pages_per_block, interpret, num_splits=None,
                blocks_per_split=None, num_warps=None, num_stages=None):
@@ -203,13 +211,16 @@ def _paged_gpu(query, key_pages, value_pages, page_table, lengths, *, scale, sof
   max_pages = page_table.shape[1]
   group = num_heads // kv_heads
   if pages_per_block is None:
-    keys = auto_tile_keys(head_dim, compute_itemsize(query.dtype, key_pages.dtype))
-    pages_per_block = min(max(1, keys // tpp), next_pow2(max_pages))
+    pages_per_block = auto_pages_per_block(head_dim, tpp, max_pages, query.dtype, key_pages.dtype)
   block_kv = pages_per_block * tpp  # tokens per loop step
   if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
     raise ValueError(f"GPU paged decode kernel: pages_per_block * tokens_per_page = "
                      f"{pages_per_block} * {tpp} and head_dim={head_dim} must be powers of two "
                      "(Triton tensor shapes)")
+  problem = None if interpret else tile_keys_problem(block_kv, query.dtype, key_pages.dtype)
+  if problem:
+    raise ValueError(f"GPU paged decode kernel: pages_per_block * tokens_per_page = "
+                     f"{pages_per_block} * {tpp}: {problem}")
   capacity = max_pages * tpp
   bps, splits = split_layout(pl.cdiv(capacity, block_kv), programs=batch * kv_heads,
                              num_splits=num_splits, blocks_per_split=blocks_per_split,

@@ -75,7 +75,6 @@ been run in interpret mode.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -86,7 +85,7 @@ from jax.experimental import pallas as pl
 from meshattn.kvcache.quant import scales_by_token
 from meshattn.layers.kernels.decode.decode_common import (
     TRITON_DECODE_LIMITS, auto_tile_keys, check_kernel_kv, check_tunables, compute_itemsize,
-    dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2,
+    dequantize_or_cast, gpu_decode_program, gpu_load_tile_update, is_pow2, tile_keys_problem,
     masked_decode_attention, init_tpu_scratch, next_pow2, online_block_update,
     pallas_decode_variants, tpu_decode_call, unpack_gpu_refs)
 from meshattn.layers.kernels.decode.decode_splits import (
@@ -100,29 +99,6 @@ RAGGED_FEATURES = frozenset({"gqa", "causal", "window", "soft_cap", "sinks", "qu
 # The registry's rows (the reference below, the Pallas pair at the entry point) also take
 # float32 queries.
 _REGISTERED = RAGGED_FEATURES | FLOAT32
-
-# The compiled Triton kernel's int4 tiles under a 16-bit query gave twice the reference's
-# output on the H200 (jax 0.11.2, tests/layers/test_decode_splits.py int4 bf16); under a
-# float32 query they matched. The cause is the Triton module's direct `sitofp i4 -> bf16`;
-# the kernel now widens the tiles to int8 first (gpu_load_tile_update; the lowered module
-# is checked on CPU), but until a GPU run shows the 16-bit case right, it is left to the
-# JAX reference (autoselect) and refused when asked for directly.
-INT4_16BIT_PROBLEM = "an int4 cache under a 16-bit query (its int4 cast was wrong on the H200)"
-
-
-def _int4_under_16bit(kv_dtype, query_dtype) -> bool:
-  return (kv_dtype is not None and jnp.dtype(kv_dtype) == jnp.int4
-          and query_dtype is not None and jnp.dtype(query_dtype) != jnp.float32)
-
-
-def _int4_needs_float32(request) -> str | None:
-  under_16bit = _int4_under_16bit(request.kv_dtype, request.input_dtype)
-  return INT4_16BIT_PROBLEM if under_16bit else None
-
-
-_GPU_LIMITS = dataclasses.replace(TRITON_DECODE_LIMITS, fits=_int4_needs_float32,
-                                  why=TRITON_DECODE_LIMITS.why + "; int4 under a float32 query")
-
 
 # ---- the specification -----------------------------------------------------------
 
@@ -227,6 +203,9 @@ def _ragged_gpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
   if not interpret and not (is_pow2(block_kv) and is_pow2(head_dim)):
     raise ValueError(f"GPU decode kernel: block_kv={block_kv} and head_dim={head_dim} must be "
                      "powers of two (Triton tensor shapes)")
+  problem = None if interpret else tile_keys_problem(block_kv, query.dtype, key.dtype)
+  if problem:
+    raise ValueError(f"GPU decode kernel: block_kv={block_kv}: {problem}")
   bps, splits = split_layout(ragged_max_blocks(kv_len, block_kv, window),
                              programs=batch * kv_heads, num_splits=num_splits,
                              blocks_per_split=blocks_per_split, interpret=interpret)
@@ -365,7 +344,7 @@ def _ragged_tpu(query, key, value, lengths, *, scale, soft_cap, window, sinks, k
 # ---- public entry point -------------------------------------------------------------
 
 
-@pallas_decode_variants("ragged", _REGISTERED, _GPU_LIMITS)
+@pallas_decode_variants("ragged", _REGISTERED, TRITON_DECODE_LIMITS)
 @decode_kernel("contiguous")
 def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, window=None,
                          sinks=None, key_scale=None, value_scale=None,
@@ -395,9 +374,6 @@ def ragged_decode_pallas(query, key, value, lengths, *, scale, soft_cap=None, wi
   # int4 on GPU: the Triton lowering loads a contiguous int4 row as bytes and
   # splits the nibbles; the paged kernel's gathered rows have no such path.
   check_kernel_kv(key, value, allow_int4=backend == "gpu")
-  if backend == "gpu" and not interpret and _int4_under_16bit(key.dtype, query.dtype):
-    raise NotImplementedError(f"ragged_decode_pallas(backend='gpu'): {INT4_16BIT_PROBLEM}; "
-                              "use a float32 query or the JAX reference")
   check_tunables(num_warps, num_stages)
   args = dict(scale=scale, soft_cap=soft_cap, window=window, sinks=sinks, key_scale=key_scale,
               value_scale=value_scale, interpret=interpret)
