@@ -51,6 +51,7 @@ from flax import nnx
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.attention import Attention
+from meshattn.layers.cache_specs import PagedCache, StateCache
 from meshattn.layers.engine_metrics import RequestResult, StepRecord, plot_timeline, summarize
 from meshattn.layers.engine_pages import EnginePages
 from meshattn.layers.engine_schedule import Request, Scheduler, StepPlan
@@ -58,6 +59,7 @@ from meshattn.layers.engine_step import (KINDS, first_previous, make_engine_step
                                          step_inputs)
 from meshattn.layers.sampling import SamplingParams
 from meshattn.layers.serving import raise_if_rejected
+from meshattn.sharding import process0_value
 
 __all__ = ["Engine", "Request", "RequestResult", "SamplingParams", "StepRecord", "summarize",
            "plot_timeline"]
@@ -80,12 +82,6 @@ class Engine:
     self.model = model
     model.init_cache(num_slots, max_length, paged=True)
     self.caches = list(model.caches())
-    kinds = {type(c) for c in self.caches}
-    # Softmax layers keep paged K/V; a hybrid model's linear layers a state per slot.
-    if PagedKVCache not in kinds or not kinds <= {PagedKVCache, LinearStateCache}:
-      raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches "
-                       f"(and LinearStateCaches for linear layers; at least one paged), got "
-                       f"{sorted(k.__name__ for k in kinds)}")
     paged = [c for c in self.caches if isinstance(c, PagedKVCache)]
     first = paged[0]
     shape = lambda c: (c.max_length, c.num_pages, c.tokens_per_page)
@@ -341,7 +337,7 @@ class Engine:
         arrived += 1
       # Several processes run this loop on their own clocks: all take process 0's count,
       # so they submit the same requests before the same step (identical schedules).
-      for r in pending[i:_agreed(arrived)]:
+      for r in pending[i:process0_value(arrived)]:
         arrival = min(r.arrival, self.now()) if realtime else 0.0  # a later local clock
         self.submit(r.prompt, r.max_new_tokens, id=r.id, arrival=arrival, sampling=r.sampling)
         i += 1
@@ -357,25 +353,26 @@ class Engine:
     return summarize(list(self._results.values()), self.steps)
 
 
-def _agreed(count: int) -> int:
-  """Process 0's `count` on every process (a broadcast when there are several)."""
-  if jax.process_count() == 1:
-    return count
-  from jax.experimental import multihost_utils
-  return int(multihost_utils.broadcast_one_to_all(np.asarray(count, np.int32)))
-
-
 def _check_layers(model, chunk_size: int) -> None:
-  """Refuse settings the step cannot serve, before any cache is built."""
+  """Refuse settings the step cannot serve, before any cache is built (so a refused model
+  keeps its caches)."""
+  kinds = set()
   for _, node in nnx.iter_graph(model):
     if isinstance(node, Attention):
       s = node.settings
+      kinds.add(type(s.cache_for(paged=True)))
       if chunk_size > s.max_prefill_predict_length:
         raise ValueError(f"Engine: chunk_size={chunk_size} exceeds the layers' "
                          f"max_prefill_predict_length={s.max_prefill_predict_length}")
       if not s.mask.is_causal:
         raise ValueError("Engine: a bidirectional (attention_type='full') layer cannot be "
                          "served in chunks and decode steps; use a causal attention_type")
+  # Softmax layers keep paged K/V; a hybrid model's linear layers a state per slot.
+  if PagedCache not in kinds or not kinds <= {PagedCache, StateCache}:
+    names = {PagedCache: "PagedKVCache", StateCache: "LinearStateCache"}
+    raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches "
+                     f"(and LinearStateCaches for linear layers; at least one paged), got "
+                     f"{sorted(names.get(k, k.__name__) for k in kinds)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ import numbers
 import numpy as np
 
 from meshattn.configs.vocabulary import token_range_problem
-from meshattn.layers.sampling import SamplingParams
+from meshattn.layers.sampling import SamplingParams, params_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +160,9 @@ class Scheduler:
     if not isinstance(request.sampling, SamplingParams):
       raise ValueError(f"request {request.id}: sampling must be a SamplingParams "
                        f"(layers/sampling.py), got {type(request.sampling).__name__}")
+    problem = params_problem(request.sampling)  # a frozen dataclass can still be forced
+    if problem:
+      raise ValueError(f"request {request.id}: sampling: {problem}")
     count = request.max_new_tokens
     if not _is_int(count) or count < 1:
       raise ValueError(f"request {request.id}: max_new_tokens must be an integer >= 1 (an int, "

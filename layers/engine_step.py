@@ -100,7 +100,8 @@ def step_inputs(plan: StepPlan, num_slots: int, prefill_rows: int, chunk_size: i
 
 
 def _sampling_rows(plan: StepPlan, num_slots: int, prefill_rows: int) -> dict:
-  """The sampling arrays [S + R] of a plan's output rows (unused rows: greedy)."""
+  """The sampling arrays [S + R] of a plan's output rows (unused rows, and chunks that do
+  not end their prompt, whose token is dropped: greedy, so such a step needs no sort)."""
   rows = num_slots + prefill_rows
   out = dict(temperature=np.zeros((rows,), np.float32), top_k=np.zeros((rows,), np.int32),
              top_p=np.ones((rows,), np.float32), seed=np.zeros((rows,), np.uint32),
@@ -108,7 +109,8 @@ def _sampling_rows(plan: StepPlan, num_slots: int, prefill_rows: int) -> dict:
   decode = [(seq.slot, seq, position + 1) for seq, position in
             zip(plan.decode_sequences, plan.decode_positions)]
   chunks = [(num_slots + row, seq, chunk.start + len(chunk.tokens))
-            for row, (seq, chunk) in enumerate(zip(plan.chunk_sequences, plan.chunks))]
+            for row, (seq, chunk) in enumerate(zip(plan.chunk_sequences, plan.chunks))
+            if chunk.last]
   for row, seq, position in decode + chunks:
     params = seq.request.sampling
     out["temperature"][row], out["top_k"][row] = params.temperature, params.top_k

@@ -10,13 +10,15 @@ sampled requests.
 
 Reproducible whatever the schedule: the random key of the token at position p of a
 request is fold_in(fold_in(key(0), seed), p), so a request's tokens depend on its
-prompt, its parameters and its seed only, not on which slot, step or neighbours it
-had. `seed=None` in `Engine.submit` uses the request id.
+prompt, its parameters, its seed and the bits of its logits only, not on which slot,
+step or neighbours it had (the logits themselves may differ in their last bits between
+batch shapes on an accelerator). `seed=None` in `Engine.submit` uses the request id.
 
 Order of the filters (as in vLLM / Hugging Face): logits / temperature, then top-k
-(the k largest), then top-p (the smallest set of the most likely tokens whose
-probability reaches p; the most likely token always stays), then one draw from the
-renormalized distribution. temperature 0 is greedy (argmax of the raw logits, the
+(the tokens reaching the k-th largest value, ties with it included), then top-p (the
+shortest prefix of the ranking, ties broken by lower token id, whose probability
+reaches p; the most likely token always stays), then one draw from the renormalized
+distribution. temperature 0 is greedy (argmax of the raw logits, the
 first maximum), whatever top-k / top-p say.
 """
 
@@ -57,8 +59,9 @@ def params_problem(params: SamplingParams) -> str | None:
   t, k, p, seed = params.temperature, params.top_k, params.top_p, params.seed
   if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
     return f"temperature must be a finite number >= 0 (0: greedy), got {t!r}"
-  if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 0:
-    return f"top_k must be an integer >= 0 (0: off), got {k!r}"
+  if (isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral)
+      or not 0 <= k < 2**31):  # it travels as int32
+    return f"top_k must be an integer in [0, 2**31) (0: off), got {k!r}"
   if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
     return f"top_p must be a number in (0, 1] (1: off), got {p!r}"
   if seed is not None and (isinstance(seed, (bool, np.bool_))
@@ -78,22 +81,31 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
   [R] float32 (0: greedy), top_k [R] int32 (0: off), top_p [R] float32 (1: off), seed [R]
   uint32 and position [R] int32 (the position the token will take in its sequence)."""
   logits = logits.astype(jnp.float32)  # [R, V]
+  rows, vocab = logits.shape
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [R]
-  vocab = logits.shape[-1]
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [R, V]
-  ranked = jnp.sort(scaled, axis=-1)[:, ::-1]  # [R, V] descending
-  # top-k: keep what reaches the k-th largest value (ties at the boundary are kept).
+  # Shift by the row's max before dividing: a tiny temperature then sends every other
+  # logit to -inf and keeps the max at 0 (dividing first overflows to inf, and the
+  # softmax of several infs is NaN). The shift changes no probability.
+  top = jnp.max(logits, axis=-1, keepdims=True)  # [R, 1]
+  shifted = logits - jnp.where(jnp.isfinite(top), top, 0.0)  # [R, V]
+  scaled = shifted / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [R, V]
+  order = jnp.argsort(-scaled, axis=-1, stable=True)  # [R, V] ranks -> ids; ties: lower id first
+  ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [R, V] descending
+  # top-k by value, as vLLM and Hugging Face: what reaches the k-th largest value stays
+  # (tokens tied with it included).
   k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # [R]
-  ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, _NEG)  # [R, V]
-  # top-p over what top-k kept: the mass strictly before each ranked token must be < p.
+  kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)  # [R, 1]
+  ranked = jnp.where(ranked >= kth, ranked, _NEG)  # [R, V]
+  # top-p by rank over what top-k kept: a token stays while the mass ranked strictly
+  # before it is < p (the smallest prefix reaching p; rank 0 always stays). Ties are cut
+  # by rank, so a tied token outside the prefix is not let back in.
   probs = jax.nn.softmax(ranked, axis=-1)  # [R, V]
   before = jnp.cumsum(probs, axis=-1) - probs  # [R, V]
   # (top_p 1 keeps all: float32 sums may reach 1 before the tail.)
   within = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)  # [R, V]
-  kept = within & (ranked > _NEG)  # [R, V]: a prefix of the ranking; rank 0 always kept
-  count = jnp.maximum(jnp.sum(kept, axis=-1), 1)  # [R]
-  floor = jnp.take_along_axis(ranked, (count - 1)[:, None], axis=-1)  # [R, 1] smallest kept
-  filtered = jnp.where(scaled >= floor, scaled, _NEG)  # [R, V]
+  kept_by_rank = within & (ranked > _NEG)  # [R, V]
+  kept = jnp.zeros((rows, vocab), bool).at[jnp.arange(rows)[:, None], order].set(kept_by_rank)
+  filtered = jnp.where(kept, scaled, _NEG)  # [R, V]
   keys = jax.vmap(token_key)(seed, position)  # [R]
   drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)  # [R]
   return jnp.where(temperature > 0, drawn, greedy)  # [R]

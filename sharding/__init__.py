@@ -19,6 +19,7 @@ from .mesh import create_mesh, device_groups, mesh_shape_string
 from .multihost import (
   distributed_env,
   host_copy,
+  process0_value,
   initialize_from_env,
   make_global_array,
   process_local_data,
@@ -35,6 +36,7 @@ __all__ = [
   "get_param_shardings",
   "get_param_specs",
   "host_copy",
+  "process0_value",
   "initialize_from_env",
   "logical_to_sharding",
   "logical_to_spec",

@@ -206,3 +206,15 @@ def host_copy(x: jax.Array) -> np.ndarray:
     return np.array(x)
   from jax.experimental import multihost_utils
   return np.array(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process0_value(value: int) -> int:
+  """Process 0's integer `value`, on every process (one broadcast where there are several).
+
+  A collective like `host_copy`: every process calls it at the same point. The serving
+  engine agrees through it on how many requests of a real-time trace have arrived, since
+  each process reads its own clock."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))

@@ -4,6 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# The serving tests' model: tiny-lm at 2 layers of width 32, a paged cache of 24 pages of 4.
+ENGINE_MODEL = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2",
+                "head_dim=8", "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
+                "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
+                "num_pages=24")
+# Their 8-device mesh (data x fsdp x tensor).
+ENGINE_MESH = ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2")
+
 
 def uncached_decode(model, prompt, max_new, pick, width=32):
   """The whole sequence through the train forward for each token; pick(logits [V],

@@ -14,31 +14,19 @@ import pathlib
 
 import jax
 import numpy as np
-from flax import nnx
 
-from helpers.greedy import greedy_reference
-from meshattn.configs import load_config
-from meshattn.layers.decoder import Decoder
+from helpers.greedy import ENGINE_MESH, ENGINE_MODEL, build_decoder, greedy_reference
 from meshattn.layers.engine import Engine, Request, SamplingParams
-from meshattn.sharding import create_mesh, shard_module
 
-MODEL = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
-         "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
-         "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
-         "num_pages=24")
 MESH = {2: ("dcn_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"),
-        1: ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2")}
+        1: ENGINE_MESH}
 PROMPTS = [7, 3, 12, 5, 9]
 MAX_NEW = [4, 5, 3, 4, 3]
 SAMPLED = {2: SamplingParams(temperature=5.0, top_k=20, seed=5)}  # far from greedy
 
 
 def _model(processes):
-  cfg = load_config("tiny-lm", *MODEL, *MESH[processes])
-  mesh = create_mesh(cfg)
-  model = Decoder(cfg, mesh=mesh, rngs=nnx.Rngs(3))
-  shard_module(model, mesh, model.rules)
-  return cfg, model
+  return build_decoder(ENGINE_MODEL, sharded=True, mesh_overrides=MESH[processes])
 
 
 def _prompts(cfg):

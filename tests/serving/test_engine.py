@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import build_decoder, greedy_case
+from helpers.greedy import ENGINE_MESH, ENGINE_MODEL, build_decoder, greedy_case
 from meshattn.layers.engine import Engine
 
-OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
-             "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
-             "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
-             "num_pages=24",
+OVERRIDES = (*ENGINE_MODEL,
              # Gemma-2-style alternation: layer 0 sees the last 5 keys (shorter than the longer
              # prompts and their chunks), layer 1 everything
              "attention_layer_pattern=[local_sliding,global]", "sliding_window_size=5")
@@ -29,7 +26,7 @@ PROMPTS = [11, 3, 17, 6, 9, 14]  # lengths; chunk 6: 17 -> 6 + 6 + 5
 MAX_NEW = [5, 7, 3, 6, 4, 5]
 
 
-MESH = ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2")
+MESH = ENGINE_MESH
 
 
 def build(sharded: bool):

@@ -12,20 +12,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import greedy_case
+from helpers.greedy import ENGINE_MESH, ENGINE_MODEL, greedy_case
 from meshattn.configs import load_config
 from meshattn.kvcache.paged import PagedKVCache
 from meshattn.kvcache.state import LinearStateCache
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine
 
-OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
-             "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
-             "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
-             "num_pages=24", "attention_layer_pattern=[linear,global]",
+OVERRIDES = (*ENGINE_MODEL, "attention_layer_pattern=[linear,global]",
              "linear_decay_per_head=[0.9,0.8]", "linear_attention_chunk_size=4",
              "attention_output_gate=elementwise")
-MESH = ("ici_data_parallelism=2", "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2")
+MESH = ENGINE_MESH
 PROMPTS = [11, 3, 9, 6, 13]  # lengths; chunk 5: 13 -> 5 + 5 + 3
 MAX_NEW = [4, 6, 3, 5, 4]
 
@@ -62,9 +59,12 @@ def test_hybrid_engine_equals_uncached_greedy_decode():
 
 def test_engine_needs_a_paged_layer():
   """The scheduler's page budget comes from the softmax layers' pools: a model of linear
-  layers only is refused, naming the cache kinds, before any step."""
+  layers only is refused, naming the cache kinds, before any cache is built (the model
+  keeps the caches it had)."""
   cfg = load_config("tiny-lm", *OVERRIDES[:-4], "attention_layer_pattern=[linear]",
                     num_devices=1)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
+  kept = model.init_cache(3, 16)
   with pytest.raises(ValueError, match=r"at least one paged\), got \['LinearStateCache'\]"):
     Engine(model, num_slots=2, chunk_size=4)
+  assert all(a is b for a, b in zip(model.caches(), kept, strict=True))

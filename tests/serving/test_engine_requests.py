@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers.greedy import ENGINE_MODEL
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine
 from meshattn.layers.engine_schedule import Request
 
-OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
-             "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
-             "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
-             "num_pages=24")
+OVERRIDES = ENGINE_MODEL
 
 
 class TickClock:

@@ -13,21 +13,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers.greedy import greedy_reference, uncached_decode
+from helpers.greedy import ENGINE_MODEL, greedy_reference, uncached_decode
 from meshattn.configs import load_config
 from meshattn.layers.decoder import Decoder
 from meshattn.layers.engine import Engine, SamplingParams
+from meshattn.layers.engine_schedule import Request, Scheduler
+from meshattn.layers.engine_step import step_inputs
 from meshattn.layers.sampling import sample
 
 LOGITS = np.array([2.0, 1.5, 1.4, 0.3, -0.5, 1.0], np.float32)
 
 
 def kept_distribution(logits, temperature, top_k, top_p):
-  """float64 NumPy: probabilities after temperature, top-k and top-p (0 where dropped)."""
+  """float64 NumPy: probabilities after temperature, top-k (by value: ties with the k-th
+  largest stay) and top-p (by rank, ties broken by lower id), 0 where dropped."""
   scaled = logits.astype(np.float64) / temperature
   order = np.argsort(-scaled, kind="stable")
-  keep = np.zeros(len(logits), bool)
-  keep[order[:top_k or len(logits)]] = True
+  keep = np.ones(len(logits), bool)
+  if top_k:
+    keep = scaled >= scaled[order[min(top_k, len(logits)) - 1]]
   probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
   probs /= probs.sum()
   mass_before = np.cumsum(probs[order]) - probs[order]
@@ -45,12 +49,19 @@ def draws(params, n=4000, logits=LOGITS):
       jnp.arange(n, dtype=jnp.int32)))  # a key per position
 
 
-@pytest.mark.parametrize("params", [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.8), (0.7, 4, 0.9),
-                                    (2.0, 3, 0.99)])
-def test_sample_matches_numpy_distribution(params):
-  want = kept_distribution(LOGITS, *params)
-  tokens = draws(params)
-  freq = np.bincount(tokens, minlength=len(LOGITS)) / len(tokens)
+TIES = np.array([3.0, 2.0, 2.0, 2.0, 0.5], np.float32)
+
+
+@pytest.mark.parametrize("params, logits", [
+    ((1.0, 0, 1.0), LOGITS), ((0.7, 4, 1.0), LOGITS), ((1.3, 0, 0.8), LOGITS),
+    ((0.7, 4, 0.9), LOGITS), ((2.0, 3, 0.99), LOGITS),
+    ((1.0, 2, 1.0), TIES),  # top-k by value: the three tied 2.0s all stay
+    ((1.0, 0, 0.5), TIES),  # top-p by rank: 3.0 and the first 2.0 only
+    ((1.0, 2, 0.6), TIES)])
+def test_sample_matches_numpy_distribution(params, logits):
+  want = kept_distribution(logits, *params)
+  tokens = draws(params, logits=logits)
+  freq = np.bincount(tokens, minlength=len(logits)) / len(tokens)
   assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want))  # exactly the kept set
   noise = np.sqrt(want * (1 - want) / len(tokens))
   assert np.all(np.abs(freq - want) <= 4.5 * noise + 1e-9), (freq, want)
@@ -62,13 +73,19 @@ def test_greedy_cases():
     assert set(draws(params, n=64)) == {argmax}, params
   tie = np.array([1.0, 3.0, 3.0, 0.0], np.float32)  # greedy takes the first maximum
   assert set(draws((0.0, 0, 1.0), n=8, logits=tie)) == {1}
+  # A tiny temperature is near-greedy: dividing before shifting by the max overflowed to
+  # inf, and the softmax of several infs drew the first of them (token 0 here).
+  big = np.array([40.0, 50.0, 1.0, -1.0], np.float32)
+  for temperature in (1e-37, 1e-30, 1e-6):
+    assert set(draws((temperature, 0, 1.0), n=64, logits=big)) == {1}, temperature
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", -0.1, "temperature must be a finite number >= 0"),
     ("temperature", float("nan"), "temperature must be a finite number >= 0"),
-    ("top_k", 2.5, "top_k must be an integer >= 0"),
-    ("top_k", -1, "top_k must be an integer >= 0"),
+    ("top_k", 2.5, r"top_k must be an integer in \[0, 2\*\*31\)"),
+    ("top_k", -1, r"top_k must be an integer in \[0, 2\*\*31\)"),
+    ("top_k", 2**40, r"top_k must be an integer in \[0, 2\*\*31\)"),  # travels as int32
     ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
     ("top_p", 1.5, r"top_p must be a number in \(0, 1\]"),
     ("seed", -3, r"seed must be an integer in \[0, 2\*\*32\)"),
@@ -78,10 +95,7 @@ def test_bad_params_are_named(field, value, message):
     SamplingParams(**{field: value})
 
 
-OVERRIDES = ("emb_dim=32", "mlp_dim=64", "num_query_heads=4", "num_kv_heads=2", "head_dim=8",
-             "num_decoder_layers=2", "vocab_size=40", "max_target_length=32",
-             "max_prefill_predict_length=32", "paged_kv_cache=true", "tokens_per_page=4",
-             "num_pages=24")
+OVERRIDES = ENGINE_MODEL
 PROMPTS = [9, 3, 12, 5]
 MAX_NEW = [6, 5, 4, 6]
 SAMPLING = [SamplingParams(temperature=1.5, seed=11), SamplingParams(),  # greedy
@@ -127,5 +141,32 @@ def test_engine_sampling_is_the_requests_own_and_schedule_free():
   greedy = [greedy_reference(model, prompts[r], MAX_NEW[r]) for r in (0, 2, 3)]
   assert any(g != want[r] for g, r in zip(greedy, (0, 2, 3)))
   assert want[1] == greedy_reference(model, prompts[1], MAX_NEW[1])
+  engine = Engine(model, num_slots=2, chunk_size=4)
   with pytest.raises(ValueError, match="sampling must be a SamplingParams"):
-    Engine(model, num_slots=2, chunk_size=4).submit(prompts[0], 2, sampling={"temperature": 1})
+    engine.submit(prompts[0], 2, sampling={"temperature": 1})
+  forced = SamplingParams(temperature=1.0, seed=1)
+  object.__setattr__(forced, "top_k", 2**40)  # past the dataclass's own check
+  with pytest.raises(ValueError, match=r"request 0: sampling: top_k must be an integer"):
+    engine.submit(prompts[0], 2, sampling=forced)
+  assert engine.idle and engine.step() == []  # nothing queued: the engine still serves
+  engine.submit(prompts[0], 2, sampling=SAMPLING[0])
+  while not engine.idle:
+    engine.step()
+  assert engine.results()[0].tokens == want[0][:2]  # the refused requests took no id
+
+
+def test_only_a_prompts_last_chunk_samples():
+  """A chunk that does not end its prompt drops its token, so its row stays greedy: a step
+  whose only sampled request is mid-prompt runs the argmax variant (no vocabulary sort)."""
+  scheduler = Scheduler(num_slots=2, max_length=32, num_pages=16, tokens_per_page=4,
+                        chunk_size=4, prefill_rows=1, end_token=None, vocab_size=40)
+  scheduler.submit(Request(0, np.arange(1, 10, dtype=np.int32), 3, 0.0,
+                           SamplingParams(temperature=1.0, seed=5)))
+  seen = []
+  for _ in range(3):  # chunks of 4, 4 and 1 prompt tokens
+    scheduler.admit()
+    plan = scheduler.plan()
+    inputs = step_inputs(plan, 2, 1, 4)
+    seen.append((plan.chunks[0].last, inputs.sampled, float(inputs.temperature[2])))
+    scheduler.commit(plan, np.zeros((3,), np.int32))
+  assert seen == [(False, False, 0.0), (False, False, 0.0), (True, True, 1.0)]
