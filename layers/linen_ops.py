@@ -38,6 +38,8 @@ def _store(holder: nnx.Module, collection: str, tree: dict) -> None:
       child = getattr(holder, name, None) or _Subtree()
       _store(child, collection, value)
       setattr(holder, name, child)
+    elif isinstance(existing := getattr(holder, name, None), nnx.Variable):
+      existing[...] = value  # in place: the Variable (and its metadata) stays the same
     else:
       setattr(holder, name, variable_type(value))
 
@@ -70,15 +72,24 @@ class LinenDotGeneral(nnx.Module):
     keywords = dict(precision=precision)
     if preferred_element_type is not None:
       keywords["preferred_element_type"] = preferred_element_type
-    out, updated = self.op_class(parent=None).apply(variables, lhs, rhs, dimension_numbers,
-                                                     mutable=True, **keywords)
+    # The op's own state may change in its forward; its params never do (Flax's rule).
+    mutable = [collection for collection in self.layout if collection != "params"]
+    op = self.op_class(parent=None)
+    if not mutable:
+      return op.apply(variables, lhs, rhs, dimension_numbers, **keywords)
+    out, updated = op.apply(variables, lhs, rhs, dimension_numbers, mutable=mutable, **keywords)
     for collection, tree in unfreeze(updated).items():
       _store(self, collection, tree)
     return out
 
 
 def attach_linen_dot_generals(layer: nnx.Module, qkv_class, out_class, key) -> None:
-  """Give each projection of `layer` its own op, named as Flax names it ({class}_0)."""
+  """Give each projection of `layer` its own op, named as Flax names it ({class}_0).
+
+  Each op is initialized on a one-token input [1, *in] (the layer is built before any
+  input is seen); Flax initializes it on the first call's input. The fp8 ops' variables
+  (scales, amax histories) do not depend on the input's shape, so they are the same; an op
+  whose variables did would get those of the one-token input."""
   names = [(name, qkv_class) for name in ("query", "key", "value", "qkv_proj", "gate")]
   names.append(("out", out_class))
   for name, op_class in names:
