@@ -369,7 +369,7 @@ def _check_layers(model, chunk_size: int) -> None:
                          "served in chunks and decode steps; use a causal attention_type")
   # Softmax layers keep paged K/V; a hybrid model's linear layers a state per slot.
   if PagedCache not in kinds or not kinds <= {PagedCache, StateCache}:
-    names = {PagedCache: "PagedKVCache", StateCache: "LinearStateCache"}
+    names = {PagedCache: PagedKVCache.__name__, StateCache: LinearStateCache.__name__}
     raise ValueError(f"Engine needs a model whose init_cache(paged=True) builds PagedKVCaches "
                      f"(and LinearStateCaches for linear layers; at least one paged), got "
                      f"{sorted(names.get(k, k.__name__) for k in kinds)}")
