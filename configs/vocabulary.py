@@ -11,6 +11,7 @@ sets and the predicates are these.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -115,7 +116,13 @@ DROPOUT_RANGE = "[0, 1)"
 
 def mask_size_problem(attention_type: str, size: int | None) -> str | None:
   """A sliding window or a chunk needs a size > 0 (the other kinds take none)."""
-  if attention_type in MASK_SIZE_KEYS and (size is None or size <= 0):
+  if attention_type not in MASK_SIZE_KEYS:
+    return None
+  # A float window would round inside the mask (2.5 saw 3 keys) and break the
+  # cache shapes built from it; a bool is not a size.
+  if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+    return f"must be an integer > 0 when attention_type uses {attention_type!r}, got {size!r}"
+  if size <= 0:
     return f"must be > 0 when attention_type uses {attention_type!r}, got {size}"
   return None
 

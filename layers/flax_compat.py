@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import linen, nnx
 from flax.typing import Shape
 
+from meshattn.configs import vocabulary as vocab
 from meshattn.configs.validation import check_values
 from meshattn.layers.attention import Attention
 from meshattn.layers.kernels import dispatch
@@ -73,7 +74,7 @@ def key_input(inputs_q, inputs_k, inputs_v):
   return inputs_q
 
 
-def _check_extras(attention_type, block_size, chunk_size, score_mod, rope_base):
+def _check_extras(attention_type, block_size, chunk_size, score_mod, rope_base, window):
   """attnax's extras, checked before anything is built; returns the AttentionType or None.
   The sizes and RoPE base follow the config rules (configs/validation.py)."""
   kind = None
@@ -89,6 +90,9 @@ def _check_extras(attention_type, block_size, chunk_size, score_mod, rope_base):
                                  or isinstance(block_size, bool) or block_size < 1):
     raise ValueError(f"attention_block_size={block_size!r}: must be an integer >= 1, or None")
   check_values([("linear_attention_chunk_size", chunk_size)])
+  if window is not None and vocab.mask_size_problem("local_sliding", window):  # config's rule
+    raise ValueError(f"attention_window={window!r}: must be an integer >= 1 (the keys each "
+                     "query sees, itself included), or None")
   if score_mod is not None and not callable(score_mod):
     raise ValueError(f"score_mod={score_mod!r}: must be a callable (meshattn.layers.score_mods) "
                      "or None")
@@ -192,7 +196,7 @@ class MultiHeadAttention(Attention):
       raise ValueError(f"use_rope needs an even head_dim; got qkv_features // num_heads = "
                        f"{head_dim}")
     kind = _check_extras(attention_type, attention_block_size, linear_attention_chunk_size,
-                         score_mod, rope_base)
+                         score_mod, rope_base, attention_window)
     custom_fn = None if attention_fn in _FLAX_ATTENTION_FNS else attention_fn
     if kind is AttentionType.LITE and custom_fn is not None:
       raise ValueError("attention_fn and attention_type=LITE cannot both be given")

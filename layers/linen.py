@@ -31,13 +31,14 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 
-from meshattn.layers.flax_compat import MultiHeadAttention, key_input
+from meshattn.layers import flax_compat
+from meshattn.layers.flax_compat import key_input
 from meshattn.layers.linen_ops import attach_linen_dot_generals, is_linen_module_class
 from meshattn.layers.projections import default_bias_init, default_kernel_init
 from meshattn.layers.settings import DEFAULT_LOGICAL_AXIS_RULES, normalize_rules
 
 
-class _LinenBacked(MultiHeadAttention):
+class _LinenBacked(flax_compat.MultiHeadAttention):
   """The NNX drop-in, rebuilt at each Linen call; `cache_shape` recreates the decode cache
   that Linen keeps in its `cache` collection, so the bridge can load it."""
 
@@ -263,3 +264,8 @@ class SelfAttention(MultiHeadDotProductAttention):
                sow_weights: bool = False) -> jax.Array:
     return super().__call__(inputs_q, mask=mask, deterministic=deterministic,
                             dropout_rng=dropout_rng, sow_weights=sow_weights)
+
+
+class MultiHeadAttention(MultiHeadDotProductAttention):
+  """flax.linen.MultiHeadAttention: MultiHeadDotProductAttention under another class name, so
+  an auto-named submodule is `MultiHeadAttention_0` in the parameter tree, as in Flax."""

@@ -52,10 +52,10 @@ class MaskSpec:
       raise ValueError(
           f"attention_type={self.attention_type!r}: allowed {ATTENTION_TYPES}")
     size = self.chunk if self.attention_type == "chunk" else self.window
-    if vocab.mask_size_problem(self.attention_type, size):
-      raise ValueError(
-          f"attention_type={self.attention_type!r} needs "
-          f"{vocab.MASK_SIZE_KEYS[self.attention_type]} > 0, got {size}")
+    problem = vocab.mask_size_problem(self.attention_type, size)
+    if problem:
+      raise ValueError(f"{'chunk' if self.attention_type == 'chunk' else 'window'} "
+                       f"({vocab.MASK_SIZE_KEYS[self.attention_type]}) {problem}")
     if self.attention_type != "local_sliding":
       object.__setattr__(self, "window", None)  # a size the kind does not use is not kept
     if self.attention_type != "chunk":

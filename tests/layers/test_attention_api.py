@@ -103,6 +103,17 @@ def test_unknown_keyword_and_bad_mode():
     MaskSpec("local_sliding")
 
 
+@pytest.mark.parametrize("kind, size", [("local_sliding", 2.5), ("local_sliding", 3.0),
+                                         ("local_sliding", True), ("chunk", 4.0),
+                                         ("chunk", 0), ("local_sliding", -1)])
+def test_mask_spec_refuses_a_size_that_is_not_a_positive_integer(kind, size):
+  """The config's rule (sliding_window_size / chunk_attn_window_size: int > 0) holds for the
+  keyword path too: a float window of 2.5 saw 3 keys and broke the cache built from it."""
+  key = "window" if kind == "local_sliding" else "chunk"
+  with pytest.raises(ValueError, match=rf"{key} \(\w+\) must be"):
+    MaskSpec(kind, **{key: size})
+
+
 def test_mask_spec_keeps_only_the_size_its_kind_uses():
   """Readers test spec.window / spec.chunk / spec.is_causal, never the kind's name: a size
   given to a kind that does not use it is dropped, so equal patterns give equal specs."""

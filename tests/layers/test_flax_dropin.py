@@ -291,6 +291,29 @@ def test_linen_fields_are_flax_s_in_order():
           jax.random.key(0), x)
 
 
+def test_linen_module_names_match_flax_linen():
+  """`meshattn.layers.linen` offers flax.linen's names: MultiHeadAttention is Linen's
+  MultiHeadDotProductAttention under its own class name (it was the NNX class, which wants
+  in_features), so an auto-named submodule gets Flax's parameter path."""
+  from flax import linen as nn
+  from meshattn.layers import linen as mlinen
+  assert issubclass(mlinen.MultiHeadAttention, mlinen.MultiHeadDotProductAttention)
+
+  def parent(attention_cls):
+    class Parent(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return attention_cls(num_heads=8, qkv_features=16)(x)
+    return Parent()
+
+  x = _x((2, 3, 16), 19)
+  flax_layer, ours = parent(nn.MultiHeadAttention), parent(mlinen.MultiHeadAttention)
+  variables = jax.jit(flax_layer.init)(jax.random.key(0), x)
+  assert list(variables["params"]) == ["MultiHeadAttention_0"]
+  np.testing.assert_allclose(jax.jit(ours.apply)(variables, x),
+                             jax.jit(flax_layer.apply)(variables, x), **TOL)
+
+
 def test_linen_self_attention_decode():
   from flax import linen as nn
   from meshattn.layers import linen as mlinen

@@ -43,6 +43,27 @@ def test_attention_fn_called_with_flax_keywords_and_sows(is_causal):
   _close(ours.attention_weights.get_value()[0], flax_layer.attention_weights.get_value()[0])
 
 
+def test_attention_fn_gets_flax_s_mask_argument():
+  """No mask: the function is handed mask=None, as by Flax (a function may take a faster path
+  then); a mask: the broadcast array Flax hands it."""
+  seen = {}
+  def recording(tag):
+    def fn(q, k, v, mask=None, **kw):
+      seen[tag] = mask
+      return nnx.dot_product_attention(q, k, v, mask=mask, **kw)
+    return fn
+  x = jax.random.normal(jax.random.key(1), (2, 4, D))
+  valid = jnp.array([[True, True, True, False], [True, True, False, False]])
+  for mask in (None, nnx.make_attention_mask(valid, valid)):  # [2, 1, T, S]
+    (flax_layer, _), (_, ours) = _pair(attention_fn=recording("flax")), _pair(
+        attention_fn=recording("ours"))
+    _close(ours(x, mask=mask), flax_layer(x, mask=mask))
+    if mask is None:
+      assert seen["ours"] is None and seen["flax"] is None
+    else:
+      np.testing.assert_array_equal(seen["ours"], jnp.broadcast_to(seen["flax"], (2, 1, 4, 4)))
+
+
 def test_attention_fn_output_not_post_processed_for_padded_query():
   x = jax.random.normal(jax.random.key(1), (1, 4, D))
   valid = jnp.array([[True, True, True, False]])  # the padded query sees no key
@@ -96,6 +117,9 @@ def test_view_info_as_for_flax():
     (dict(attention_type="linear", linear_attention_chunk_size=2.5),
      "linear_attention_chunk_size"),
     (dict(score_mod=3), "score_mod"),
+    (dict(attention_window=2.5), "attention_window"),
+    (dict(attention_window=True), "attention_window"),
+    (dict(attention_window=0), "attention_window"),
 ])
 def test_extras_refuse_bad_values_at_construction(kw, name):
   with pytest.raises(ValueError, match=name):

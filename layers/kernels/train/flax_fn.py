@@ -100,8 +100,12 @@ def call_flax_attention_fn(
   query = query * jnp.asarray(options.scale * math.sqrt(head_dim), query.dtype)
   flax = _FLAX_CALL.get()
   module, is_causal, extra_flax = (None, False, {}) if flax is None else flax
+  # Flax's layer hands its function mask=None when nothing is masked (a function may take a
+  # faster path then); meshattn's own calls pass the mask they computed.
+  nothing_masked = (flax is not None and mask is None and q_segment_ids is None
+                    and not options.mask.is_causal and options.mask_mod is None)
   flax_keywords = dict(
-      mask=allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
+      mask=None if nothing_masked else allowed, dropout_rng=dropout_rng, dropout_rate=options.dropout_rate,
       broadcast_dropout=options.broadcast_dropout, deterministic=deterministic, dtype=dtype,
       precision=precision, module=module, is_causal=is_causal, **extra_flax)
   # A function written for Linen's layer, which passes only the keywords a function takes,
