@@ -16,6 +16,7 @@ layer's cache as it was.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -60,7 +61,17 @@ def build_cache(settings: AttentionSettings, mesh: jax.sharding.Mesh | None, bat
   `for_prefill` the contiguous cache's prefill axis order."""
   s = settings
   spec = s.cache_for(paged=paged, ring_buffer=ring_buffer)
-  max_length = max_length or s.lengths.max_target_length
+  # Checked here, naming init_cache's arguments: a float would reach an array shape, and 0
+  # is not "the default" (None is).
+  for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+    if value is None and name == "max_length":
+      continue
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"init_cache: {name} must be an integer >= 1"
+                       f"{' or None (max_target_length)' if name == 'max_length' else ''}, "
+                       f"got {value!r}")
+  max_length = s.lengths.max_target_length if max_length is None else int(max_length)
+  batch_size = int(batch_size)
   sizes = (batch_size, max_length, s.shape.num_kv_heads, s.shape.head_dim)
   placement = dict(mesh=mesh, rules=s.sharding.logical_axis_rules,
                    axis_names=spec.cache_axis_names)

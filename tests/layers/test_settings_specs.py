@@ -139,6 +139,20 @@ def _layer(**keywords) -> Attention:
   return Attention(emb_dim=16, num_query_heads=2, num_kv_heads=1, rngs=nnx.Rngs(0), **keywords)
 
 
+@pytest.mark.parametrize("args, name", [((2, 8.5), "max_length"), ((2, 0), "max_length"),
+                                         ((2.0, 8), "batch_size"), ((True, 8), "batch_size"),
+                                         ((0, 8), "batch_size")])
+def test_init_cache_refuses_sizes_that_are_not_positive_integers(args, name):
+  """Named before anything is built (a float reached an array shape; max_length=0 silently
+  meant max_target_length); the layer keeps the cache it had."""
+  layer = _layer()
+  kept = layer.init_cache(2, 16)
+  with pytest.raises(ValueError, match=rf"init_cache: {name} must be an integer >= 1"):
+    layer.init_cache(*args)
+  assert layer.cache is kept
+  assert layer.init_cache(2, None).max_length == layer.settings.lengths.max_target_length
+
+
 def test_init_cache_builds_the_tagged_kind():
   window = dict(mask=MaskSpec("local_sliding", window=4))
   layer = _layer(ar_cache_axis_order=(0, 2, 1, 3), prefill_cache_axis_order=(1, 0, 2, 3), **window)
