@@ -33,6 +33,7 @@ The parameter tree (`nnx.state(model, nnx.Param)`) is the checkpoint format:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -47,6 +48,7 @@ from meshattn.layers.decoder_block import DecoderBlock
 from meshattn.layers.mlp import model_norm
 from meshattn.layers.projections import DenseGeneral
 from meshattn.layers.settings import MODEL_MODES
+from meshattn.layers.step_inputs import joint_verdict, plan_model_step
 from meshattn.sharding import constrain
 
 # What each remat policy saves for the backward pass (everything else in the block is
@@ -146,8 +148,14 @@ class Decoder(TracksGraph, nnx.Module):
       run = _rematerialized(run, remat_policy(self.remat))
     # One dropout key per block, drawn here: an Rngs stream cannot advance inside remat.
     keys = [None if rngs is None else rngs.dropout() for _ in self.blocks]
-    for block, key in zip(self.blocks, keys):
-      x = run(block, x, positions, segment_ids, key)  # [B, T, D]
+    verdict = contextlib.nullcontext()
+    if model_mode != "train":
+      # Every layer's cache is checked first: a step one layer refuses writes in none.
+      layers = [block.attention for block in self.blocks]
+      verdict = joint_verdict(plan_model_step(layers, x, segment_ids, slots, model_mode))
+    with verdict:
+      for block, key in zip(self.blocks, keys):
+        x = run(block, x, positions, segment_ids, key)  # [B, T, D]
     y = self.final_norm(x)  # [B, T, D]
     if self.logits is None:
       d = y.shape[-1]

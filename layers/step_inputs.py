@@ -34,6 +34,30 @@ class StepPlan:
 
 
 _host_raises = threading.local()
+_joint = threading.local()
+
+
+@contextlib.contextmanager
+def joint_verdict(ok):
+  """Inside: every plan_step also needs `ok` (bool scalar), the verdict of a model's whole
+  step, so a step one layer refuses leaves every layer's cache as it was."""
+  previous = getattr(_joint, "ok", None)
+  _joint.ok = ok
+  try:
+    yield
+  finally:
+    _joint.ok = previous
+
+
+def plan_model_step(layers, inputs_q, decoder_segment_ids, slots, model_mode) -> jax.Array:
+  """Check a model step against every layer's cache before any layer runs: raises at once
+  where the verdict is concrete (eager), else returns the joint `ok` (bool scalar) for
+  `joint_verdict`; each layer still records its own rejection bits when it runs."""
+  ok = jnp.asarray(True)
+  for layer in layers:
+    ok = ok & plan_step(layer.settings, layer.cache, inputs_q, decoder_segment_ids, slots,
+                        model_mode).ok
+  return ok
 
 
 @contextlib.contextmanager
@@ -166,6 +190,9 @@ def plan_step(settings, cache, inputs_q, decoder_segment_ids, slots, model_mode)
   bits = fold(conditions)
   raise_now(bits, lambda b: cache.explain(b, rows, new_lengths))
   ok = bits == 0
+  joint = getattr(_joint, "ok", None)
+  if joint is not None:  # another layer of the same model step refuses: write nothing either
+    ok = ok & joint
   return StepPlan(rows=rows, all_slots=slots is None, valid=valid & ok, bits=bits, ok=ok)
 
 
