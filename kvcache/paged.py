@@ -292,7 +292,8 @@ class PagedKVCache(KVCacheBase):
     Free pages are taken lowest id first. Raises ValueError, with nothing
     changed, if the pool has too few free pages or num_tokens > max_length.
     """
-    self._reserve_many(self._host_slots(slot, "slot", "reserve"), num_tokens)
+    slots = self._host_slots(slot, "slot", "reserve")
+    self._reserve_many(slots, _token_counts(num_tokens, "num_tokens", "reserve", len(slots)))
 
   def reserve_for_step(self, slots, tokens_per_row) -> None:
     """Reserve room for `tokens_per_row` (int or [b]) more tokens in each of `slots` [b].
@@ -303,7 +304,7 @@ class PagedKVCache(KVCacheBase):
     """
     slots = self._host_slots(slots, "slots", "reserve_for_step", distinct=True)
     lengths = self._host("lengths")
-    tokens = np.broadcast_to(np.asarray(tokens_per_row, np.int64).reshape(-1), slots.shape)
+    tokens = _token_counts(tokens_per_row, "tokens_per_row", "reserve_for_step", len(slots))
     self._reserve_many(slots, lengths[slots] + tokens)
 
   def _reserve_many(self, slots: np.ndarray, totals) -> None:
@@ -405,3 +406,14 @@ def _cleared(pools, scales, lengths, freed, released):
   scales = tuple(jnp.where(freed[:, None, None], jnp.ones((), scale.dtype), scale)
                  for scale in scales)  # [P, tpp, K or 1]
   return pools, scales, jnp.where(released, 0, lengths)  # [S]
+
+
+def _token_counts(value, name: str, where: str, rows: int) -> np.ndarray:
+  """[rows] int64 from an int or `rows` ints >= 0, refused naming `name` otherwise (a float
+  was truncated, a string or bool read as a count)."""
+  counts = np.asarray(value)
+  if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer) or counts.ndim > 1 \
+      or counts.size not in (1, rows) or np.any(counts < 0):
+    raise ValueError(f"{where}: {name} must be an integer >= 0 (or one per slot, {rows}), "
+                     f"got {value!r}")
+  return np.broadcast_to(counts.astype(np.int64).reshape(-1), (rows,))

@@ -72,9 +72,16 @@ class Engine:
                max_length: int | None = None, end_token: int | None = None,
                specialize: bool = True, overlap: bool = True,
                clock: Callable[[], float] = time.perf_counter):
-    if num_slots < 1 or chunk_size < 1 or prefill_rows < 1:
-      raise ValueError(f"Engine: num_slots, chunk_size and prefill_rows must be >= 1, got "
-                       f"{num_slots}, {chunk_size}, {prefill_rows}")
+    for name, value in (("num_slots", num_slots), ("chunk_size", chunk_size),
+                        ("prefill_rows", prefill_rows)):
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Engine: {name} must be an integer >= 1, got {value!r}")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if end_token is not None and (isinstance(end_token, bool)
+                                  or not isinstance(end_token, numbers.Integral)
+                                  or end_token < 0 or (vocab_size and end_token >= vocab_size)):
+      raise ValueError(f"Engine: end_token must be None or a token id in [0, "
+                       f"{vocab_size or 'vocab_size'}), got {end_token!r}")
     if prefill_rows > num_slots:
       raise ValueError(f"Engine: prefill_rows={prefill_rows} must be <= num_slots={num_slots} "
                        "(each chunk row fills its own slot)")
@@ -95,9 +102,7 @@ class Engine:
     self.scheduler = Scheduler(num_slots=num_slots, max_length=first.max_length,
                                num_pages=first.num_pages, tokens_per_page=first.tokens_per_page,
                                chunk_size=chunk_size, prefill_rows=prefill_rows,
-                               end_token=end_token,
-                               vocab_size=getattr(getattr(model, "config", None), "vocab_size",
-                                                  None))
+                               end_token=end_token, vocab_size=vocab_size)
     self.pages = EnginePages(self.caches)  # the engine owns the caches' pages from here
     # specialize=False runs every step as the mixed kind (gated rows cost their shape): one
     # compile instead of three, for short runs where compiling is most of the time.
@@ -173,7 +178,12 @@ class Engine:
     if sampling.seed is None:  # reproducible by default: the request's own stream
       sampling = dataclasses.replace(sampling, seed=rid % 2**32)
     # A copy: the caller may reuse its buffer while the request waits or runs.
-    request = Request(rid, np.array(prompt), max_new_tokens, float(arrival), sampling)
+    try:
+      prompt = np.array(prompt)
+    except (TypeError, ValueError):  # a ragged nested list: not one sequence of ids
+      raise ValueError(f"request {rid}: prompt must be a non-empty 1-D array of integer token "
+                       f"ids, got {prompt!r}") from None
+    request = Request(rid, prompt, max_new_tokens, float(arrival), sampling)
     if fields:
       self.scheduler.validate(request)
     return request
@@ -318,6 +328,10 @@ class Engine:
     with the same trace; the arrivals each step takes are process 0's (one broadcast per
     loop), so every process plans the same steps."""
     pending = list(requests)
+    strays = [r for r in pending if not isinstance(r, Request)]
+    if strays:
+      raise ValueError(f"Engine.run takes Request objects (meshattn.layers.engine.Request), "
+                       f"got {type(strays[0]).__name__}: {strays[0]!r}"[:300])
     # The whole trace is checked before anything is queued: a bad request late in it would
     # otherwise fail the run halfway, with earlier ones queued and their ids taken.
     ids = [r.id for r in pending]

@@ -137,3 +137,22 @@ def test_insert_from_a_source_of_another_entry_shape_is_refused(kind):
     cache.insert(0, wider, 0)
   for a, b in zip(before, jax.tree.leaves(nnx.state(cache))):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda c: c.reserve(0, 4.9), "num_tokens"), (lambda c: c.reserve(0, "5"), "num_tokens"),
+    (lambda c: c.reserve(0, True), "num_tokens"), (lambda c: c.reserve(0, None), "num_tokens"),
+    (lambda c: c.reserve(0, -1), "num_tokens"),
+    (lambda c: c.reserve_for_step([0, 1], 1.5), "tokens_per_row"),
+    (lambda c: c.reserve_for_step([0, 1], [1, 2, 3]), "tokens_per_row"),
+])
+def test_token_counts_of_reserve_are_integers_named(call, name):
+  """A float count is not truncated (4.9 reserved for 4 tokens), nor a str / bool read as one."""
+  cache = PagedKVCache(B, MAX_LEN, K, H, num_pages=12, tokens_per_page=4)
+  before = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(cache))]
+  with pytest.raises(ValueError, match=name):
+    call(cache)
+  after = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(cache))]
+  assert all(np.array_equal(b, a) for b, a in zip(before, after))
+  cache.reserve_for_step([0, 1], np.array([5, 1]))  # ints, one per slot: served
+  assert (np.asarray(cache.page_owner[...]) >= 0).sum() == 3

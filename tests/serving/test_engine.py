@@ -83,11 +83,23 @@ def test_engine_refuses_bad_settings_and_requests_before_any_change():
     Engine(model, num_slots=2, chunk_size=64)
   with pytest.raises(ValueError, match="prefill_rows=3 must be <= num_slots=2"):
     Engine(model, num_slots=2, chunk_size=8, prefill_rows=3)
+  # Named before the model's caches are rebuilt (2.5 failed at the first step, "2" raw).
+  for kw, name in ((dict(chunk_size=2.5), "chunk_size"), (dict(num_slots="2"), "num_slots"),
+                   (dict(num_slots=2.5), "num_slots"), (dict(prefill_rows=True), "prefill_rows"),
+                   (dict(end_token=1.5), "end_token"), (dict(end_token=-7), "end_token"),
+                   (dict(end_token=cfg.vocab_size), "end_token")):
+    with pytest.raises(ValueError, match=f"Engine: {name} must be"):
+      Engine(model, **{"num_slots": 2, "chunk_size": 8, **kw})
+  assert list(model.caches()) == [None, None]  # no cache was built
   engine = Engine(model, num_slots=2, chunk_size=8)
   with pytest.raises(ValueError, match="exceed the cache's max_length=32"):
     engine.submit(np.ones(30, np.int32), max_new_tokens=4)
   with pytest.raises(ValueError, match="integer token ids"):
     engine.submit(np.ones(3, np.float32), max_new_tokens=4)
+  with pytest.raises(ValueError, match="request 0: prompt must be .* integer token ids"):
+    engine.submit([[1, 2], [3]], max_new_tokens=4)  # ragged: not one sequence
+  with pytest.raises(ValueError, match="Engine.run takes Request objects"):
+    engine.run([(np.ones(3, np.int32), 2)])
   prompt = np.ones(3, np.int32)
   engine.submit(prompt, max_new_tokens=2, id=5)
   prompt[:] = 7  # the caller reuses its buffer: the queued request keeps what was submitted
