@@ -111,6 +111,18 @@ class CacheBase(TracksGraph, nnx.Module):
     return slot_ids(slots, self.batch_size, name=name, who=who or type(self).__name__,
                     distinct=distinct)
 
+  def gate_traced_rows(self, rows):
+    """Rows [b] from check_slots. Traced (a reset inside a compiled step), they cannot raise:
+    a row out of range makes the call change nothing (every row moved past the end, where
+    the scatters drop it) and records SLOT_OUT_OF_RANGE, which the host raises after the
+    step as for a refused step. Concrete rows were checked already and pass through."""
+    if isinstance(rows, np.ndarray):
+      return rows
+    bad = jnp.any((rows < 0) | (rows >= self.batch_size))
+    self.rejected[...] = self.rejected[...] | jnp.where(
+        bad, int(Rejection.SLOT_OUT_OF_RANGE), 0).astype(jnp.int32)
+    return jnp.where(bad, self.batch_size, rows)
+
   # What one slot's entry holds, named: an inserted sequence must come in the same shape.
   entry_dims = ("num_kv_heads", "head_dim")
 

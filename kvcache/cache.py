@@ -339,7 +339,7 @@ class KVCache(KVCacheBase):
     # Host ints stay on the host for the check (a device array would make it wait for the
     # steps in flight) and travel with the one dispatch that clears the rows in place; the
     # arrays move in and out without the Variables' hooks (~0.1 ms of host time per call).
-    rows = self.check_slots(slot, "slot", who="KVCache.reset")  # [b]: NumPy unless traced
+    rows = self.gate_traced_rows(self.check_slots(slot, "slot", who="KVCache.reset"))  # [b]
     key = variable_arrays.read(self.key)
     by_slices = isinstance(rows, np.ndarray) and self._on_one_device(key)
     rows = rows.astype(np.int32) if isinstance(rows, np.ndarray) else rows.astype(jnp.int32)

@@ -87,7 +87,8 @@ class LinearStateCache(CacheBase):
 
   def reset(self, slot) -> None:
     """Forget the sequence in `slot` (int or int array): its state to zeros, length 0."""
-    rows = jnp.asarray(self.check_slots(slot, "slot", who="LinearStateCache.reset"), jnp.int32)
+    rows = jnp.asarray(self.gate_traced_rows(
+        self.check_slots(slot, "slot", who="LinearStateCache.reset")), jnp.int32)
     self.kv[...] = self.kv[...].at[rows].set(0.0, mode="drop")
     self.norm[...] = self.norm[...].at[rows].set(0.0, mode="drop")
     self.lengths[...] = self.lengths[...].at[rows].set(0, mode="drop")

@@ -123,6 +123,26 @@ def test_traced_slots_must_be_integers_too():
     nnx.jit(lambda c, rows: c.reset(rows))(cache, jnp.array([1.0]))
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "state"])
+@pytest.mark.parametrize("rows", [[9], [-1], [4, 1]])
+def test_a_traced_reset_with_a_slot_out_of_range_changes_nothing_and_is_reported(kind, rows):
+  """Inside a compiled step a reset cannot raise: it records the rejection (the host raises
+  after the step) and clears no row, not even the valid ones beside the bad one."""
+  from meshattn.layers.serving import jit_step
+
+  class Holder(nnx.Module):
+    def __init__(self, cache):
+      self.cache = cache
+
+  cache, _ = _filled(kind)
+  holder = Holder(cache)
+  before = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(cache))]
+  with pytest.raises(StepRejected, match="slot index out of range"):
+    jit_step(lambda m, r: m.cache.reset(r))(holder, jnp.asarray(rows, jnp.int32))
+  after = [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(cache))]
+  assert all(np.array_equal(b, a) for b, a in zip(before, after))
+
+
 @pytest.mark.parametrize("kind", ["contiguous", "paged", "state"])
 def test_insert_from_a_source_of_another_entry_shape_is_refused(kind):
   """One check for every kind (CacheBase.check_insert_rows): the source's entries must have
