@@ -409,11 +409,12 @@ def _cleared(pools, scales, lengths, freed, released):
 
 
 def _token_counts(value, name: str, where: str, rows: int) -> np.ndarray:
-  """[rows] int64 from an int or `rows` ints >= 0, refused naming `name` otherwise (a float
-  was truncated, a string or bool read as a count)."""
+  """[rows] int64 from an int or `rows` ints, refused naming `name` otherwise (a float was
+  truncated, a string or bool read as a count). A count below what a slot holds reserves
+  nothing (reserve never shrinks)."""
   counts = np.asarray(value)
   if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer) or counts.ndim > 1 \
-      or counts.size not in (1, rows) or np.any(counts < 0):
-    raise ValueError(f"{where}: {name} must be an integer >= 0 (or one per slot, {rows}), "
+      or counts.size not in (1, rows):
+    raise ValueError(f"{where}: {name} must be an integer (or one per slot, {rows}), "
                      f"got {value!r}")
   return np.broadcast_to(counts.astype(np.int64).reshape(-1), (rows,))

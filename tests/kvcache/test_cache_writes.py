@@ -12,6 +12,7 @@ from flax import nnx
 import meshattn.kvcache.cache as cache_module
 from meshattn.kvcache.cache import KVCache
 from meshattn.kvcache.quant import KVQuant
+from meshattn.kvcache.step_checks import Rejection
 
 B, C, K, H = 4, 8, 2, 3
 ORDERS = [(0, 1, 2, 3), (0, 2, 1, 3), (2, 0, 1, 3), (1, 2, 0, 3)]
@@ -145,10 +146,12 @@ def test_reset_refuses_bad_slots_before_any_change():
   with pytest.raises(ValueError, match="integers"):
     cache.reset([1.9])
   cache.reset([])  # no finished slot: nothing to do
-  # Traced, a slot out of range (a negative one too) is dropped, never wrapped onto a slot.
+  # Traced, a slot out of range (a negative one too) is dropped, never wrapped onto a slot,
+  # and recorded for the host to raise (jit_step does: tests/kvcache/test_slot_arguments.py).
   nnx.jit(lambda cache, rows: cache.reset(rows), donate_argnums=0)(cache, jnp.asarray([-1, B]))
   after = _state(cache)
-  for name in before:
+  assert int(after.pop("rejected")) == Rejection.SLOT_OUT_OF_RANGE
+  for name in after:
     np.testing.assert_array_equal(after[name], before[name])
 
 

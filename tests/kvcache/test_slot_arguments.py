@@ -162,7 +162,6 @@ def test_insert_from_a_source_of_another_entry_shape_is_refused(kind):
 @pytest.mark.parametrize("call, name", [
     (lambda c: c.reserve(0, 4.9), "num_tokens"), (lambda c: c.reserve(0, "5"), "num_tokens"),
     (lambda c: c.reserve(0, True), "num_tokens"), (lambda c: c.reserve(0, None), "num_tokens"),
-    (lambda c: c.reserve(0, -1), "num_tokens"),
     (lambda c: c.reserve_for_step([0, 1], 1.5), "tokens_per_row"),
     (lambda c: c.reserve_for_step([0, 1], [1, 2, 3]), "tokens_per_row"),
 ])
