@@ -38,15 +38,20 @@ _joint = threading.local()
 
 
 @contextlib.contextmanager
-def joint_verdict(ok):
-  """Inside: every plan_step also needs `ok` (bool scalar), the verdict of a model's whole
-  step, so a step one layer refuses leaves every layer's cache as it was."""
-  previous = getattr(_joint, "ok", None)
-  _joint.ok = ok
+def _scoped(store: threading.local, name: str, value):
+  """`store.name = value` while inside, the previous value (None if unset) after."""
+  previous = getattr(store, name, None)
+  setattr(store, name, value)
   try:
     yield
   finally:
-    _joint.ok = previous
+    setattr(store, name, previous)
+
+
+def joint_verdict(ok):
+  """Inside: every plan_step also needs `ok` (bool scalar), the verdict of a model's whole
+  step, so a step one layer refuses leaves every layer's cache as it was."""
+  return _scoped(_joint, "ok", ok)
 
 
 def plan_model_step(layers, inputs_q, decoder_segment_ids, slots, model_mode) -> jax.Array:
@@ -60,16 +65,10 @@ def plan_model_step(layers, inputs_q, decoder_segment_ids, slots, model_mode) ->
   return ok
 
 
-@contextlib.contextmanager
 def host_raises_after_step():
   """While tracing inside `serving.jit_step`: the host turns rejection bits into
   the exception after the step, so the step needs no host callback."""
-  previous = getattr(_host_raises, "on", False)
-  _host_raises.on = True
-  try:
-    yield
-  finally:
-    _host_raises.on = previous
+  return _scoped(_host_raises, "on", True)
 
 
 def refuse_train_arguments(settings, model_mode: str, *, inputs_q, inputs_kv, inputs_v,
